@@ -1,0 +1,437 @@
+//! Command-line interface: clap arguments, validated into configs, and the four commands.
+
+use std::io::{IsTerminal, Write};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+use crate::client::{run_batch, BatchReport, Client, ClientConfig, Direction, Job};
+use crate::endpoint::{self, TransportOpts};
+use crate::paths::join_remote;
+use crate::progress::{summary, Progress};
+use crate::protocol::{Entry, EntryKind};
+use crate::server::{self, ServeConfig};
+use crate::tls::{Fingerprint, Identity};
+use crate::transfer::to_system_time;
+
+/// Secure, fast file transfer over QUIC.
+#[derive(Debug, Parser)]
+#[command(name = "qxfer", version, about, propagate_version = true)]
+pub struct Cli {
+    /// More log output (-v: info, -vv: debug). RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+    /// Only errors: no progress bars, no summary.
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    pub quiet: bool,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve a directory to qxfer clients.
+    Serve(ServeArgs),
+    /// Upload files to a server.
+    Put(PutArgs),
+    /// Download files from a server.
+    Get(GetArgs),
+    /// List a directory on a server.
+    Ls(LsArgs),
+}
+
+/// Options of `qxfer serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// UDP address to listen on, e.g. 0.0.0.0:65432 or [::]:65432.
+    #[arg(long, default_value = "127.0.0.1:65432")]
+    pub listen: SocketAddr,
+    /// Directory to serve; created if missing.
+    #[arg(long, default_value = "qxfer-files")]
+    pub root: PathBuf,
+    /// Where the server's certificate and key live; generated on first start.
+    #[arg(long, default_value = "certs")]
+    pub certs: PathBuf,
+    #[command(flatten)]
+    pub transport: TransportOpts,
+}
+
+/// Options every client command takes.
+#[derive(Debug, Args)]
+pub struct ClientArgs {
+    /// Server address, HOST:PORT.
+    #[arg(long, env = "QXFER_SERVER", default_value = "127.0.0.1:65432")]
+    pub server: String,
+    /// Accept only a server with this fingerprint (SHA256:..., as `qxfer serve` prints).
+    #[arg(long, value_name = "SHA256:...")]
+    pub pin: Option<Fingerprint>,
+    #[command(flatten)]
+    pub transport: TransportOpts,
+}
+
+/// Options of `qxfer put`.
+#[derive(Debug, Args)]
+pub struct PutArgs {
+    /// Files to upload; each lands under its base name.
+    #[arg(required = true, value_name = "FILE")]
+    pub files: Vec<PathBuf>,
+    /// Remote directory to place the files in (created as needed).
+    #[arg(long, value_name = "DIR")]
+    pub to: Option<String>,
+    /// Files in flight at once, each on its own stream.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub parallel: u16,
+    /// Overwrite existing remote files.
+    #[arg(long)]
+    pub force: bool,
+    /// Print a JSON report on stdout.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+/// Options of `qxfer get`.
+#[derive(Debug, Args)]
+pub struct GetArgs {
+    /// Remote files (paths relative to the server root).
+    #[arg(required = true, value_name = "NAME")]
+    pub names: Vec<String>,
+    /// Local directory to save into [default: your Downloads folder].
+    #[arg(short, long, value_name = "DIR")]
+    pub output: Option<PathBuf>,
+    /// Files in flight at once, each on its own stream.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub parallel: u16,
+    /// Overwrite existing local files.
+    #[arg(long)]
+    pub force: bool,
+    /// Print a JSON report on stdout.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+/// Options of `qxfer ls`.
+#[derive(Debug, Args)]
+pub struct LsArgs {
+    /// Remote directory [default: the root].
+    #[arg(default_value = "")]
+    pub dir: String,
+    /// Print JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+/// Parses the command line, runs the command and turns the outcome into an exit code.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("qxfer: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("qxfer: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs a parsed command line.
+pub async fn run(cli: Cli) -> Result<ExitCode> {
+    let progress = Progress::new(cli.quiet);
+    let default_level = match (cli.quiet, cli.verbose, &cli.command) {
+        (true, _, _) => "error",
+        (_, 0, Command::Serve(_)) => "info",
+        (_, 0, _) => "warn",
+        (_, 1, _) => "info",
+        _ => "debug",
+    };
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(format!("qxfer={default_level},warn")));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(progress.log_writer())
+        .with_target(false)
+        .with_ansi(std::io::stderr().is_terminal())
+        .try_init();
+
+    match cli.command {
+        Command::Serve(args) => serve(args).await,
+        Command::Put(args) => put(args, cli.quiet, &progress).await,
+        Command::Get(args) => get(args, cli.quiet, &progress).await,
+        Command::Ls(args) => ls(args).await,
+    }
+}
+
+async fn serve(args: ServeArgs) -> Result<ExitCode> {
+    let config = ServeConfig::prepare(&args.root)?;
+    let identity = Identity::load_or_generate(&args.certs, "server")
+        .with_context(|| format!("server identity in {}", args.certs.display()))?;
+    let endpoint = endpoint::server_endpoint(args.listen, &identity, &args.transport)?;
+    let addr = endpoint.local_addr().context("reading the bound address")?;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "qxfer {} serving {}", env!("CARGO_PKG_VERSION"), config.root.display())?;
+    writeln!(out, "listening on udp {addr}")?;
+    writeln!(out, "fingerprint {}", identity.fingerprint())?;
+    out.flush()?;
+    drop(out);
+    server::run(endpoint, config, shutdown_signal()).await;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Completes on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// The client's config directory: `QXFER_CONFIG_DIR`, else the platform's config dir plus `qxfer`.
+pub fn config_dir() -> Result<PathBuf> {
+    if let Some(dir) = std::env::var_os("QXFER_CONFIG_DIR").filter(|d| !d.is_empty()) {
+        return Ok(PathBuf::from(dir));
+    }
+    dirs::config_dir()
+        .map(|d| d.join("qxfer"))
+        .context("cannot find a config directory; set QXFER_CONFIG_DIR")
+}
+
+/// Where downloads go by default: the platform's download dir, else `~/Downloads`.
+pub fn downloads_dir() -> Result<PathBuf> {
+    dirs::download_dir()
+        .or_else(|| dirs::home_dir().map(|h| h.join("Downloads")))
+        .context("cannot find a Downloads folder; pass -o DIR")
+}
+
+async fn connect(args: &ClientArgs, quiet: bool, progress: &Progress) -> Result<Client> {
+    let config = ClientConfig {
+        server: args.server.clone(),
+        pin: args.pin,
+        config_dir: config_dir()?,
+        transport: args.transport.clone(),
+    };
+    let client = Client::connect(&config).await?;
+    if let (Some((fp, file)), false) = (&client.first_contact, quiet) {
+        progress.suspend(|| {
+            eprintln!(
+                "qxfer: first contact with {}: trusting its fingerprint {fp} from now on (saved in {})",
+                args.server,
+                file.display()
+            )
+        });
+    }
+    Ok(client)
+}
+
+async fn put(args: PutArgs, quiet: bool, progress: &Progress) -> Result<ExitCode> {
+    let mut jobs = Vec::new();
+    let mut bad = Vec::new();
+    for file in &args.files {
+        match file.file_name().and_then(|n| n.to_str()) {
+            Some(name) => jobs.push(Job {
+                label: file.display().to_string(),
+                local: file.clone(),
+                remote: join_remote(args.to.as_deref(), name),
+            }),
+            None => bad.push(format!(
+                "{}: has no usable file name (it must end in a UTF-8 name)",
+                file.display()
+            )),
+        }
+    }
+    let client = connect(&args.client, quiet, progress).await?;
+    let report = run_batch(
+        &client,
+        Direction::Put,
+        jobs,
+        usize::from(args.parallel),
+        args.force,
+        progress,
+    )
+    .await;
+    client.close().await;
+    finish_batch("put", report, bad, args.json, quiet, progress)
+}
+
+async fn get(args: GetArgs, quiet: bool, progress: &Progress) -> Result<ExitCode> {
+    let out_dir = match args.output {
+        Some(dir) => dir,
+        None => downloads_dir()?,
+    };
+    std::fs::create_dir_all(&out_dir)
+        .with_context(|| format!("cannot create the download folder {}", out_dir.display()))?;
+    let mut jobs = Vec::new();
+    let mut bad = Vec::new();
+    for name in &args.names {
+        match local_name(name) {
+            Some(base) => jobs.push(Job {
+                label: name.clone(),
+                local: out_dir.join(base),
+                remote: name.clone(),
+            }),
+            None => bad.push(format!("{name}: does not name a file")),
+        }
+    }
+    let client = connect(&args.client, quiet, progress).await?;
+    let report = run_batch(
+        &client,
+        Direction::Get,
+        jobs,
+        usize::from(args.parallel),
+        args.force,
+        progress,
+    )
+    .await;
+    client.close().await;
+    finish_batch("got", report, bad, args.json, quiet, progress)
+}
+
+/// The local file name for a remote path: its last component, if that is a
+/// plain name (never `..`, so a download stays in the output folder).
+fn local_name(remote: &str) -> Option<&str> {
+    let base = remote.trim_end_matches('/').rsplit('/').next()?;
+    match base {
+        "" | "." | ".." => None,
+        b if b.contains('\\') || b.contains('\0') => None,
+        b => Some(b),
+    }
+}
+
+fn finish_batch(
+    verb: &str,
+    report: BatchReport,
+    mut errors: Vec<String>,
+    json: bool,
+    quiet: bool,
+    progress: &Progress,
+) -> Result<ExitCode> {
+    progress.finish();
+    errors.extend(report.failed.iter().map(|(label, e)| format!("{label}: {e}")));
+    let bytes: u64 = report.done.iter().map(|r| r.bytes).sum();
+    if json {
+        let doc = serde_json::json!({
+            "files": report.done,
+            "errors": errors,
+            "bytes": bytes,
+            "seconds": report.elapsed.as_secs_f64(),
+        });
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+    }
+    if !quiet {
+        eprintln!(
+            "{}",
+            summary(verb, report.done.len(), bytes, report.elapsed.as_secs_f64())
+        );
+    }
+    if errors.is_empty() {
+        return Ok(ExitCode::SUCCESS);
+    }
+    for e in &errors {
+        eprintln!("qxfer: error: {e}");
+    }
+    eprintln!(
+        "qxfer: {} of {} files failed",
+        errors.len(),
+        errors.len() + report.done.len()
+    );
+    Ok(ExitCode::FAILURE)
+}
+
+async fn ls(args: LsArgs) -> Result<ExitCode> {
+    let progress = Progress::hidden();
+    let client = connect(&args.client, false, &progress).await?;
+    let listed = client.list(&args.dir).await;
+    client.close().await;
+    let entries = match listed {
+        Ok(e) => e,
+        Err(e) => bail!("{}: {e}", if args.dir.is_empty() { "/" } else { &args.dir }),
+    };
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        writeln!(out, "{}", serde_json::to_string_pretty(&entries)?)?;
+    } else {
+        for e in &entries {
+            writeln!(out, "{}", format_entry(e))?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// One `ls` line: kind, size, modification time (UTC), name (`/` after directories).
+pub fn format_entry(e: &Entry) -> String {
+    let kind = match e.kind {
+        EntryKind::File => '-',
+        EntryKind::Dir => 'd',
+        EntryKind::Symlink => 'l',
+        EntryKind::Other => '?',
+    };
+    let mtime = e
+        .mtime
+        .and_then(to_system_time)
+        .map(|t| humantime::format_rfc3339_seconds(t).to_string())
+        .unwrap_or_else(|| "-".repeat(20));
+    let slash = if e.kind == EntryKind::Dir { "/" } else { "" };
+    format!("{kind} {:>14} {mtime} {}{slash}", e.size, e.name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn local_names_stay_in_the_output_folder() {
+        assert_eq!(local_name("a/b.txt"), Some("b.txt"));
+        assert_eq!(local_name("b.txt"), Some("b.txt"));
+        assert_eq!(local_name("a/.."), None);
+        assert_eq!(local_name(""), None);
+        assert_eq!(local_name("dir/"), Some("dir"));
+    }
+
+    #[test]
+    fn entries_format_like_ls() {
+        let e = Entry {
+            name: "x".into(),
+            kind: EntryKind::Dir,
+            size: 4096,
+            mtime: Some(crate::protocol::Timestamp { secs: 0, nanos: 0 }),
+        };
+        assert_eq!(format_entry(&e), "d           4096 1970-01-01T00:00:00Z x/");
+    }
+}

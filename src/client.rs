@@ -1,0 +1,721 @@
+//! The client: connects with server pinning, and runs puts, gets and listings over one connection.
+//!
+//! Each file moves on its own bidirectional stream; [`run_batch`] keeps up to
+//! `parallel` of them in flight and records every file's outcome, so one
+//! failure never stops the others.
+
+use std::fs::File;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use quinn::{ConnectionError, RecvStream, SendStream, TransportErrorCode, VarInt};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+
+use crate::endpoint::{self, EndpointError, TransportOpts};
+use crate::protocol::{
+    read_frame, write_frame, Digest, Entry, ErrorCode, FileMeta, FrameError, GetRequest,
+    ListBatch, ListRequest, PutRequest, Receipt, RemoteError, Request, Response, Trailer, ALPN,
+};
+use crate::server::{RESET_SOURCE_FAILED, STOP_REFUSED};
+use crate::tls::{Fingerprint, KnownHosts, PinnedServerVerifier, TrustError};
+use crate::transfer::{self, file_meta, Advance, CommitError, IncomingFile, TransferError};
+use crate::progress::Progress;
+
+/// Port used when `--server` names only a host.
+pub const DEFAULT_PORT: u16 = 65432;
+
+/// How long to wait for a server to answer before calling it unreachable.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The TLS alert QUIC carries when no ALPN protocol is shared (RFC 8446 no_application_protocol).
+const ALERT_NO_APPLICATION_PROTOCOL: u8 = 120;
+
+/// Where and how to connect.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// `HOST:PORT`, `HOST`, `IPv4:PORT` or `[IPv6]:PORT`.
+    pub server: String,
+    /// Accept only this server fingerprint (and do not consult known_hosts).
+    pub pin: Option<Fingerprint>,
+    /// Holds known_hosts.
+    pub config_dir: PathBuf,
+    /// QUIC transport options.
+    pub transport: TransportOpts,
+}
+
+/// Why no connection was made.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// `--server` is not of the form HOST[:PORT].
+    #[error("invalid server address {0:?}: expected HOST:PORT, e.g. example.com:65432 or [::1]:65432")]
+    BadAddress(String),
+    /// Name resolution failed.
+    #[error("cannot resolve {server}: {source}")]
+    Resolve {
+        /// As given.
+        server: String,
+        /// The resolver's error.
+        source: std::io::Error,
+    },
+    /// No answer in time.
+    #[error("no answer from {server} ({addr}) within {} s; check that `qxfer serve` runs there and that UDP port {} is reachable", CONNECT_TIMEOUT.as_secs(), addr.port())]
+    Unreachable {
+        /// As given.
+        server: String,
+        /// As resolved.
+        addr: SocketAddr,
+    },
+    /// The peer speaks QUIC but not qxfer.
+    #[error("{server} ({addr}) is not a qxfer server: it does not speak the {} protocol", String::from_utf8_lossy(ALPN))]
+    NotQxfer {
+        /// As given.
+        server: String,
+        /// As resolved.
+        addr: SocketAddr,
+    },
+    /// The server's fingerprint differs from the stored one.
+    #[error("SERVER IDENTITY CHANGED for {server}: it presented {got}, but {} line {line} says {want}. Someone may be intercepting the connection. If the server's certificate was deliberately replaced, delete that line and connect again.", file.display())]
+    HostKeyChanged {
+        /// As given.
+        server: String,
+        /// Fingerprint presented.
+        got: Fingerprint,
+        /// Fingerprint on record.
+        want: Fingerprint,
+        /// The known_hosts file.
+        file: PathBuf,
+        /// The line with the old entry.
+        line: usize,
+    },
+    /// The server's fingerprint differs from `--pin`.
+    #[error("{server} presented {got}, not the pinned {want}; refusing to connect")]
+    PinMismatch {
+        /// As given.
+        server: String,
+        /// Fingerprint presented.
+        got: Fingerprint,
+        /// Fingerprint pinned.
+        want: Fingerprint,
+    },
+    /// Any other handshake or transport failure.
+    #[error("connecting to {server} ({addr}): {source}")]
+    Connection {
+        /// As given.
+        server: String,
+        /// As resolved.
+        addr: SocketAddr,
+        /// quinn's error.
+        source: ConnectionError,
+    },
+    /// quinn refused to start the connection (bad address family, ...).
+    #[error("cannot connect to {server}: {source}")]
+    Setup {
+        /// As given.
+        server: String,
+        /// quinn's error.
+        source: quinn::ConnectError,
+    },
+    /// Setting up the local endpoint failed.
+    #[error(transparent)]
+    Endpoint(#[from] EndpointError),
+    /// known_hosts could not be read or written.
+    #[error(transparent)]
+    Trust(#[from] TrustError),
+}
+
+/// Why one file's transfer failed.
+#[derive(Debug, thiserror::Error)]
+pub enum FileError {
+    /// The server refused or failed the request.
+    #[error("{0}")]
+    Remote(#[from] RemoteError),
+    /// A local file problem.
+    #[error("{path}: {source}")]
+    Local {
+        /// The local file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The local destination exists.
+    #[error("{0} already exists; use --force to overwrite it")]
+    LocalExists(PathBuf),
+    /// Moving the bytes failed.
+    #[error("{path}: {source}")]
+    Transfer {
+        /// The local file.
+        path: PathBuf,
+        /// What failed.
+        source: TransferError,
+    },
+    /// The data arrived but did not match what the sender hashed.
+    #[error("{0}: data corrupted in transit (BLAKE3 mismatch); nothing was saved, try again")]
+    Corrupt(PathBuf),
+    /// The server broke the protocol or the stream failed.
+    #[error("{0}")]
+    Protocol(String),
+}
+
+impl FileError {
+    fn local(path: &Path) -> impl FnOnce(std::io::Error) -> Self + '_ {
+        move |source| {
+            if transfer::is_disk_full(&source) {
+                Self::Local {
+                    path: path.to_owned(),
+                    source: std::io::Error::new(
+                        source.kind(),
+                        format!("{source}; the local disk is full, free space and retry"),
+                    ),
+                }
+            } else {
+                Self::Local {
+                    path: path.to_owned(),
+                    source,
+                }
+            }
+        }
+    }
+}
+
+impl From<FrameError> for FileError {
+    fn from(e: FrameError) -> Self {
+        Self::Protocol(format!("talking to the server: {e}"))
+    }
+}
+
+/// A finished transfer, as reported in summaries and `--json`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TransferReport {
+    /// The name the user gave.
+    pub name: String,
+    /// Where it ended up (remote path for put, local path for get).
+    pub dest: String,
+    /// Bytes moved.
+    pub bytes: u64,
+    /// BLAKE3 of the contents (hex in JSON).
+    #[serde(serialize_with = "serialize_hex")]
+    pub blake3: Digest,
+}
+
+/// A connection to one qxfer server.
+#[derive(Debug, Clone)]
+pub struct Client {
+    endpoint: quinn::Endpoint,
+    conn: quinn::Connection,
+    /// Set when this connection was the first contact and the fingerprint was
+    /// added to known_hosts.
+    pub first_contact: Option<(Fingerprint, PathBuf)>,
+}
+
+/// Splits `server` into host and port; the host keeps no brackets.
+pub fn split_server(server: &str) -> Result<(String, u16), ConnectError> {
+    let bad = || ConnectError::BadAddress(server.to_owned());
+    if let Ok(addr) = server.parse::<SocketAddr>() {
+        return Ok((addr.ip().to_string(), addr.port()));
+    }
+    if let Some(rest) = server.strip_prefix('[') {
+        let (host, tail) = rest.split_once(']').ok_or_else(bad)?;
+        let port = match tail {
+            "" => DEFAULT_PORT,
+            _ => tail.strip_prefix(':').and_then(|p| p.parse().ok()).ok_or_else(bad)?,
+        };
+        return Ok((host.to_owned(), port));
+    }
+    if server.parse::<std::net::Ipv6Addr>().is_ok() {
+        return Ok((server.to_owned(), DEFAULT_PORT));
+    }
+    let (host, port) = match server.rsplit_once(':') {
+        Some((h, p)) => (h, p.parse().map_err(|_| bad())?),
+        None => (server, DEFAULT_PORT),
+    };
+    if host.is_empty() || host.contains(':') || host.contains(char::is_whitespace) {
+        return Err(bad());
+    }
+    Ok((host.to_owned(), port))
+}
+
+/// The key a server is filed under in known_hosts: `host:port`, lower case,
+/// IPv6 in brackets.
+fn known_hosts_key(host: &str, port: u16) -> String {
+    let host = host.to_ascii_lowercase();
+    if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
+impl Client {
+    /// Connects to `config.server`, verifying it against `--pin` or
+    /// known_hosts, and recording it on first contact.
+    pub async fn connect(config: &ClientConfig) -> Result<Self, ConnectError> {
+        let server = config.server.as_str();
+        let (host, port) = split_server(server)?;
+        let addr = tokio::net::lookup_host((host.as_str(), port))
+            .await
+            .map_err(|source| ConnectError::Resolve {
+                server: server.to_owned(),
+                source,
+            })?
+            .next()
+            .ok_or_else(|| ConnectError::Resolve {
+                server: server.to_owned(),
+                source: std::io::Error::other("no addresses found"),
+            })?;
+
+        let key = known_hosts_key(&host, port);
+        let mut known = KnownHosts::load(&config.config_dir.join("known_hosts"))?;
+        let on_record = known.lookup(&key);
+        let expected = config.pin.or(on_record.map(|(fp, _)| fp));
+        let verifier = PinnedServerVerifier::new(expected);
+        let endpoint = endpoint::client_endpoint(addr, verifier.clone(), &config.transport)?;
+
+        // SNI carries the host name when there is one; the verifier ignores it.
+        let sni = if host.parse::<std::net::IpAddr>().is_ok() { "qxfer" } else { host.as_str() };
+        let connecting = endpoint
+            .connect(addr, sni)
+            .or_else(|_| endpoint.connect(addr, "qxfer"))
+            .map_err(|e| ConnectError::Setup {
+                server: server.to_owned(),
+                source: e,
+            })?;
+        let conn = match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
+            Err(_) => {
+                endpoint.close(VarInt::from_u32(0), b"timeout");
+                return Err(ConnectError::Unreachable {
+                    server: server.to_owned(),
+                    addr,
+                });
+            }
+            Ok(Ok(conn)) => conn,
+            Ok(Err(source)) => {
+                if let Some(got) = verifier.mismatch() {
+                    let want = expected.expect("a mismatch implies an expected fingerprint");
+                    return Err(match (config.pin, on_record) {
+                        (None, Some((_, line))) => ConnectError::HostKeyChanged {
+                            server: server.to_owned(),
+                            got,
+                            want,
+                            file: known.path().to_owned(),
+                            line,
+                        },
+                        _ => ConnectError::PinMismatch {
+                            server: server.to_owned(),
+                            got,
+                            want,
+                        },
+                    });
+                }
+                if is_alpn_refusal(&source) {
+                    return Err(ConnectError::NotQxfer {
+                        server: server.to_owned(),
+                        addr,
+                    });
+                }
+                return Err(ConnectError::Connection {
+                    server: server.to_owned(),
+                    addr,
+                    source,
+                });
+            }
+        };
+
+        let mut first_contact = None;
+        if expected.is_none() {
+            let fp = verifier
+                .seen()
+                .expect("a completed handshake has verified a certificate");
+            known.add(&key, fp)?;
+            first_contact = Some((fp, known.path().to_owned()));
+        }
+        Ok(Self {
+            endpoint,
+            conn,
+            first_contact,
+        })
+    }
+
+    /// Closes the connection politely and waits for the close to be sent.
+    pub async fn close(self) {
+        self.conn.close(VarInt::from_u32(0), b"done");
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+    }
+
+    async fn open(&self) -> Result<(SendStream, RecvStream), FileError> {
+        self.conn
+            .open_bi()
+            .await
+            .map_err(|e| FileError::Protocol(format!("connection lost: {e}")))
+    }
+
+    /// Uploads `local` to the remote path `remote`. Returns once the server
+    /// has committed the file under its final name.
+    pub async fn put(
+        &self,
+        local: &Path,
+        remote: &str,
+        force: bool,
+        progress: &Advance<'_>,
+    ) -> Result<TransferReport, FileError> {
+        let (file, meta) = open_source(local)?;
+        let (mut send, mut recv) = self.open().await?;
+        let request = Request::Put(PutRequest {
+            path: remote.to_owned(),
+            meta,
+            force,
+        });
+        write_frame(&mut send, &request).await?;
+        // The data follows the header at once rather than after the server's
+        // answer: that saves a round trip per file. A refusal stops the stream.
+        let sending = async {
+            let digest = transfer::send_file(file, meta.size, &mut send, progress).await?;
+            write_frame(&mut send, &Trailer { digest })
+                .await
+                .map_err(|e| match e {
+                    FrameError::Io(io) => TransferError::Network(io),
+                    other => TransferError::Network(std::io::Error::other(other)),
+                })?;
+            let _ = send.finish();
+            Ok::<_, TransferError>(digest)
+        };
+        let (sent, response) = tokio::join!(sending, read_frame::<_, Response>(&mut recv));
+        match response {
+            Ok(Response::PutAccepted) => {}
+            Ok(Response::Refused(e)) => return Err(e.into()),
+            Ok(other) => return Err(unexpected(&other)),
+            Err(e) => {
+                return Err(match sent {
+                    Err(source) => FileError::Transfer {
+                        path: local.to_owned(),
+                        source,
+                    },
+                    Ok(_) => e.into(),
+                })
+            }
+        }
+        // Even when sending failed, the receipt usually says why (full disk...).
+        let receipt = read_frame::<_, Receipt>(&mut recv).await;
+        match (receipt, sent) {
+            (Ok(Receipt::Failed(e)), _) => Err(e.into()),
+            (_, Err(source)) => Err(FileError::Transfer {
+                path: local.to_owned(),
+                source,
+            }),
+            (Ok(Receipt::Committed { size, digest }), Ok(ours)) => {
+                if digest != ours || size != meta.size {
+                    return Err(FileError::Corrupt(local.to_owned()));
+                }
+                Ok(TransferReport {
+                    name: local.display().to_string(),
+                    dest: remote.to_owned(),
+                    bytes: size,
+                    blake3: digest,
+                })
+            }
+            (Err(e), Ok(_)) => Err(e.into()),
+        }
+    }
+
+    /// Downloads the remote file `remote` to the local path `dest`. Returns
+    /// once the file is complete, synced and under its final name.
+    pub async fn get(
+        &self,
+        remote: &str,
+        dest: &Path,
+        force: bool,
+        on_start: &Advance<'_>,
+        progress: &Advance<'_>,
+    ) -> Result<TransferReport, FileError> {
+        check_local_dest(dest, force)?;
+        let (mut send, mut recv) = self.open().await?;
+        let request = Request::Get(GetRequest {
+            path: remote.to_owned(),
+        });
+        write_frame(&mut send, &request).await?;
+        let meta = match read_frame::<_, Response>(&mut recv).await? {
+            Response::GetAccepted(meta) => meta,
+            Response::Refused(e) => return Err(e.into()),
+            other => return Err(unexpected(&other)),
+        };
+        on_start(meta.size);
+        let result = receive_get(&mut recv, dest, &meta, force, progress).await;
+        let receipt = match &result {
+            Ok(r) => Receipt::Committed {
+                size: r.bytes,
+                digest: r.blake3,
+            },
+            Err(e) => {
+                let _ = recv.stop(VarInt::from_u32(STOP_REFUSED));
+                Receipt::Failed(RemoteError::new(ErrorCode::Internal, e.to_string()))
+            }
+        };
+        // The receipt only informs the server's log; the file is already safe.
+        // Wait briefly for it to be acknowledged, so closing the connection
+        // right after does not discard it.
+        if write_frame(&mut send, &receipt).await.is_ok() && send.finish().is_ok() {
+            let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
+        }
+        result.map(|mut r| {
+            r.name = remote.to_owned();
+            r
+        })
+    }
+
+    /// Lists the remote directory `path` ("" for the root).
+    pub async fn list(&self, path: &str) -> Result<Vec<Entry>, FileError> {
+        let (mut send, mut recv) = self.open().await?;
+        write_frame(
+            &mut send,
+            &Request::List(ListRequest {
+                path: path.to_owned(),
+            }),
+        )
+        .await?;
+        let _ = send.finish();
+        match read_frame::<_, Response>(&mut recv).await? {
+            Response::ListAccepted => {}
+            Response::Refused(e) => return Err(e.into()),
+            other => return Err(unexpected(&other)),
+        }
+        let mut entries = Vec::new();
+        loop {
+            let batch: ListBatch = read_frame(&mut recv).await?;
+            entries.extend(batch.entries);
+            if !batch.more {
+                return Ok(entries);
+            }
+        }
+    }
+}
+
+/// Whether the handshake failed because the server does not offer our ALPN.
+fn is_alpn_refusal(e: &ConnectionError) -> bool {
+    let want = TransportErrorCode::crypto(ALERT_NO_APPLICATION_PROTOCOL);
+    match e {
+        ConnectionError::ConnectionClosed(close) => close.error_code == want,
+        ConnectionError::TransportError(t) => t.code == want,
+        _ => false,
+    }
+}
+
+fn unexpected(msg: &Response) -> FileError {
+    FileError::Protocol(format!("the server sent an unexpected message: {msg:?}"))
+}
+
+/// Hex of a digest, for reports.
+pub fn hex(d: &Digest) -> String {
+    d.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn serialize_hex<S: serde::Serializer>(d: &Digest, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&hex(d))
+}
+
+/// Opens a local file to send and reads its metadata.
+fn open_source(local: &Path) -> Result<(File, FileMeta), FileError> {
+    let file = File::open(local).map_err(FileError::local(local))?;
+    let md = file.metadata().map_err(FileError::local(local))?;
+    if !md.is_file() {
+        let why = if md.is_dir() { "is a directory" } else { "is not a regular file" };
+        return Err(FileError::Local {
+            path: local.to_owned(),
+            source: std::io::Error::other(format!("{why}; only regular files can be sent")),
+        });
+    }
+    Ok((file, file_meta(&md)))
+}
+
+/// Refuses early when the local destination exists (the commit re-checks atomically).
+fn check_local_dest(dest: &Path, force: bool) -> Result<(), FileError> {
+    match std::fs::symlink_metadata(dest) {
+        Ok(md) if md.is_dir() => Err(FileError::Local {
+            path: dest.to_owned(),
+            source: std::io::Error::other("is a directory; choose another -o or name"),
+        }),
+        Ok(_) if !force => Err(FileError::LocalExists(dest.to_owned())),
+        _ => Ok(()),
+    }
+}
+
+async fn receive_get(
+    recv: &mut RecvStream,
+    dest: &Path,
+    meta: &FileMeta,
+    force: bool,
+    progress: &Advance<'_>,
+) -> Result<TransferReport, FileError> {
+    let incoming = IncomingFile::create(dest).map_err(FileError::local(dest))?;
+    let file = incoming.file().map_err(FileError::local(dest))?;
+    let digest = transfer::receive_file(recv, meta.size, file, progress)
+        .await
+        .map_err(|e| match e {
+            TransferError::Write(io) => FileError::local(dest)(io),
+            TransferError::Network(ref io) if is_source_reset(io) => FileError::Protocol(
+                "the server could not read the file to the end (it may have changed); try again"
+                    .into(),
+            ),
+            other => FileError::Transfer {
+                path: dest.to_owned(),
+                source: other,
+            },
+        })?;
+    let trailer: Trailer = read_frame(recv).await?;
+    if trailer.digest != digest {
+        return Err(FileError::Corrupt(dest.to_owned()));
+    }
+    let meta = *meta;
+    let d = dest.to_owned();
+    tokio::task::spawn_blocking(move || incoming.commit(&meta, force))
+        .await
+        .expect("commit task panicked")
+        .map_err(|e| match e {
+            CommitError::Exists(p) => FileError::LocalExists(p),
+            CommitError::Io { source, .. } => FileError::local(&d)(source),
+        })?;
+    Ok(TransferReport {
+        name: String::new(),
+        dest: dest.display().to_string(),
+        bytes: meta.size,
+        blake3: digest,
+    })
+}
+
+fn is_source_reset(e: &std::io::Error) -> bool {
+    matches!(
+        e.get_ref().and_then(|inner| inner.downcast_ref::<quinn::ReadError>()),
+        Some(quinn::ReadError::Reset(code)) if *code == VarInt::from_u32(RESET_SOURCE_FAILED)
+    )
+}
+
+/// One file to move: its label for messages and both ends.
+#[derive(Debug, Clone)]
+pub struct Job {
+    /// What the user typed (for messages).
+    pub label: String,
+    /// The local path (source for put, destination for get).
+    pub local: PathBuf,
+    /// The remote path (destination for put, source for get).
+    pub remote: String,
+}
+
+/// Which way files move.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// Local to server.
+    Put,
+    /// Server to local.
+    Get,
+}
+
+/// The outcome of a batch: what succeeded and what failed, and how long it took.
+#[derive(Debug)]
+pub struct BatchReport {
+    /// Completed transfers, in completion order.
+    pub done: Vec<TransferReport>,
+    /// Failed transfers: the label and the error.
+    pub failed: Vec<(String, FileError)>,
+    /// Wall time for the whole batch.
+    pub elapsed: Duration,
+}
+
+/// Runs `jobs` over `client` with at most `parallel` in flight, each with its
+/// own progress bar. Every job runs to its own end, whatever the others do.
+pub async fn run_batch(
+    client: &Client,
+    direction: Direction,
+    jobs: Vec<Job>,
+    parallel: usize,
+    force: bool,
+    progress: &Progress,
+) -> BatchReport {
+    let start = Instant::now();
+    let limit = Arc::new(Semaphore::new(parallel.max(1)));
+    let queued = jobs.len();
+    if direction == Direction::Put {
+        for job in &jobs {
+            progress.add_total(std::fs::metadata(&job.local).map(|m| m.len()).unwrap_or(0));
+        }
+    }
+    let mut tasks = JoinSet::new();
+    for job in jobs {
+        let (client, limit, progress) = (client.clone(), limit.clone(), progress.clone());
+        tasks.spawn(async move {
+            let _permit = limit.acquire_owned().await.expect("semaphore never closed");
+            let result = match direction {
+                Direction::Put => {
+                    let size = std::fs::metadata(&job.local).map(|m| m.len()).unwrap_or(0);
+                    let bar = progress.file_bar(&job.label, size);
+                    let r = client.put(&job.local, &job.remote, force, &|n| bar.inc(n)).await;
+                    bar.finish();
+                    r
+                }
+                Direction::Get => {
+                    let bar = progress.file_bar(&job.label, 0);
+                    let r = client
+                        .get(
+                            &job.remote,
+                            &job.local,
+                            force,
+                            &|size| {
+                                bar.set_length(size);
+                                progress.add_total(size);
+                            },
+                            &|n| bar.inc(n),
+                        )
+                        .await;
+                    bar.finish();
+                    r
+                }
+            };
+            (job.label, result)
+        });
+    }
+    let mut report = BatchReport {
+        done: Vec::new(),
+        failed: Vec::new(),
+        elapsed: Duration::ZERO,
+    };
+    while let Some(joined) = tasks.join_next().await {
+        let (label, result) = joined.expect("transfer task panicked");
+        match result {
+            Ok(r) => report.done.push(r),
+            Err(e) => {
+                tracing::debug!("{label}: {e}");
+                report.failed.push((label, e));
+            }
+        }
+        progress.set_status(format!(
+            "{}/{queued} files",
+            report.done.len() + report.failed.len()
+        ));
+    }
+    report.elapsed = start.elapsed();
+    report
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_addresses_parse() {
+        assert_eq!(split_server("h:1").unwrap(), ("h".into(), 1));
+        assert_eq!(split_server("h").unwrap(), ("h".into(), DEFAULT_PORT));
+        assert_eq!(split_server("[::1]:9").unwrap(), ("::1".into(), 9));
+        assert_eq!(split_server("[::1]").unwrap(), ("::1".into(), DEFAULT_PORT));
+        assert_eq!(split_server("::1").unwrap(), ("::1".into(), DEFAULT_PORT));
+        assert_eq!(split_server("10.0.0.1:5").unwrap(), ("10.0.0.1".into(), 5));
+        assert!(split_server("h:notaport").is_err());
+        assert!(split_server(":5").is_err());
+        assert_eq!(known_hosts_key("::1", 9), "[::1]:9");
+        assert_eq!(known_hosts_key("Host", 9), "host:9");
+    }
+
+    #[test]
+    fn digests_print_as_hex() {
+        assert_eq!(hex(&[0xab; 32]), "ab".repeat(32));
+    }
+}

@@ -1,0 +1,177 @@
+//! QUIC endpoints and the transport knobs both sides share.
+//!
+//! Every transport setting lives in [`TransportOpts::transport_config`], as in
+//! quinn's perf tool, so the client and server cannot drift apart.
+
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::Arc;
+use std::time::Duration;
+
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use quinn::{congestion, EndpointConfig, IdleTimeout, TransportConfig, VarInt};
+use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::tls::{self, Identity, PinnedServerVerifier, TrustError};
+
+/// Most streams a peer may have open at once on one connection. Bounds the
+/// server's per-connection work; the flow-control windows below bound memory.
+pub const MAX_CONCURRENT_STREAMS: u32 = 64;
+
+/// Per-stream receive window. 8 MiB covers the bandwidth-delay product of a
+/// 500 Mbit/s, 100 ms path (6.25 MB), so one stream can fill such a link.
+const STREAM_RECEIVE_WINDOW: u32 = 8 * 1024 * 1024;
+
+/// Connection-wide receive window: caps the unread data a peer can make us
+/// buffer, however many streams it opens (64 streams x 8 MiB would be 512 MiB).
+const CONNECTION_RECEIVE_WINDOW: u32 = 16 * 1024 * 1024;
+
+/// Unacknowledged data a sender may buffer per connection.
+const SEND_WINDOW: u64 = 16 * 1024 * 1024;
+
+/// UDP socket buffers asked of the kernel (it may grant less): small default
+/// buffers drop bursts at high rates, and every drop costs a loss recovery.
+const SOCKET_BUFFER: usize = 4 * 1024 * 1024;
+
+/// A connection with no traffic for this long is closed.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Clients ping this often so an idle-looking connection (a server busy
+/// syncing a large file, say) is not closed under them.
+const KEEP_ALIVE: Duration = Duration::from_secs(10);
+
+/// Congestion controller choice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Congestion {
+    /// BBR: keeps its rate under random loss, where Cubic collapses.
+    Bbr,
+    /// Cubic: quinn's default; backs off on every loss.
+    Cubic,
+    /// NewReno: the classic loss-based controller.
+    NewReno,
+}
+
+/// Transport options shared by `serve` and the client commands.
+#[derive(Debug, Clone, clap::Args)]
+pub struct TransportOpts {
+    /// Congestion controller. BBR is the default because loss-based
+    /// controllers slow to a crawl on lossy long-distance paths.
+    #[arg(long, value_enum, default_value_t = Congestion::Bbr, global = true)]
+    pub congestion: Congestion,
+}
+
+impl Default for TransportOpts {
+    fn default() -> Self {
+        Self {
+            congestion: Congestion::Bbr,
+        }
+    }
+}
+
+impl TransportOpts {
+    /// The quinn transport configuration for these options.
+    pub fn transport_config(&self, keep_alive: bool) -> TransportConfig {
+        let mut t = TransportConfig::default();
+        t.max_concurrent_bidi_streams(VarInt::from_u32(MAX_CONCURRENT_STREAMS))
+            .max_concurrent_uni_streams(VarInt::from_u32(0))
+            .stream_receive_window(VarInt::from_u32(STREAM_RECEIVE_WINDOW))
+            .receive_window(VarInt::from_u32(CONNECTION_RECEIVE_WINDOW))
+            .send_window(SEND_WINDOW)
+            .max_idle_timeout(Some(
+                IdleTimeout::try_from(IDLE_TIMEOUT).expect("30 s fits a VarInt"),
+            ))
+            .keep_alive_interval(keep_alive.then_some(KEEP_ALIVE));
+        match self.congestion {
+            Congestion::Bbr => {
+                t.congestion_controller_factory(Arc::new(congestion::BbrConfig::default()))
+            }
+            Congestion::Cubic => {
+                t.congestion_controller_factory(Arc::new(congestion::CubicConfig::default()))
+            }
+            Congestion::NewReno => {
+                t.congestion_controller_factory(Arc::new(congestion::NewRenoConfig::default()))
+            }
+        };
+        t
+    }
+}
+
+/// Binds a UDP socket with enlarged buffers. An IPv6 wildcard also accepts
+/// IPv4 where the OS allows it.
+fn bind_udp(addr: SocketAddr) -> std::io::Result<UdpSocket> {
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() && addr.ip().is_unspecified() {
+        let _ = socket.set_only_v6(false);
+    }
+    // Best effort: the kernel caps these at net.core.[rw]mem_max.
+    let _ = socket.set_recv_buffer_size(SOCKET_BUFFER);
+    let _ = socket.set_send_buffer_size(SOCKET_BUFFER);
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
+}
+
+/// Errors setting up an endpoint.
+#[derive(Debug, thiserror::Error)]
+pub enum EndpointError {
+    /// The UDP socket could not be bound.
+    #[error("cannot listen on UDP {addr}: {source}")]
+    Bind {
+        /// The address asked for.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// TLS setup failed.
+    #[error(transparent)]
+    Trust(#[from] TrustError),
+    /// The TLS configuration is not usable for QUIC.
+    #[error("TLS configuration unusable for QUIC: {0}")]
+    Quic(String),
+}
+
+/// A server endpoint on `addr` presenting `identity`.
+pub fn server_endpoint(
+    addr: SocketAddr,
+    identity: &Identity,
+    opts: &TransportOpts,
+) -> Result<quinn::Endpoint, EndpointError> {
+    let crypto = QuicServerConfig::try_from(tls::server_crypto(identity)?)
+        .map_err(|e| EndpointError::Quic(e.to_string()))?;
+    let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    cfg.transport_config(Arc::new(opts.transport_config(false)));
+    let socket = bind_udp(addr).map_err(|source| EndpointError::Bind { addr, source })?;
+    quinn::Endpoint::new(
+        EndpointConfig::default(),
+        Some(cfg),
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(|source| EndpointError::Bind { addr, source })
+}
+
+/// A client endpoint able to reach `server` (bound to the wildcard address of
+/// the same family), trusting servers through `verifier`.
+pub fn client_endpoint(
+    server: SocketAddr,
+    verifier: Arc<PinnedServerVerifier>,
+    opts: &TransportOpts,
+) -> Result<quinn::Endpoint, EndpointError> {
+    let crypto = QuicClientConfig::try_from(tls::client_crypto(verifier)?)
+        .map_err(|e| EndpointError::Quic(e.to_string()))?;
+    let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
+    cfg.transport_config(Arc::new(opts.transport_config(true)));
+    let bind: SocketAddr = if server.is_ipv6() {
+        "[::]:0".parse().expect("valid address")
+    } else {
+        "0.0.0.0:0".parse().expect("valid address")
+    };
+    let socket = bind_udp(bind).map_err(|source| EndpointError::Bind { addr: bind, source })?;
+    let mut endpoint = quinn::Endpoint::new(
+        EndpointConfig::default(),
+        None,
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(|source| EndpointError::Bind { addr: bind, source })?;
+    endpoint.set_default_client_config(cfg);
+    Ok(endpoint)
+}

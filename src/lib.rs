@@ -1,0 +1,24 @@
+//! qxfer: secure, fast file transfer over QUIC.
+//!
+//! The pieces, from the wire up:
+//! - [`protocol`]: request/response messages and their length-prefixed bincode
+//!   framing, generic over `AsyncRead`/`AsyncWrite` (see docs/PROTOCOL.md);
+//! - [`paths`]: validation of remote paths, the gate every name from the wire passes;
+//! - [`tls`]: self-signed identities, fingerprints, known_hosts and the pinning verifier;
+//! - [`endpoint`]: QUIC endpoints and the transport settings both sides share;
+//! - [`transfer`]: file bytes to stream and back, with hashing and atomic commit,
+//!   used by both the server and the client;
+//! - [`server`]: accepts connections and serves each stream's request;
+//! - [`client`]: connects, pins, and runs batches of transfers over one connection;
+//! - [`progress`]: progress bars and a log writer that does not tear them;
+//! - [`cli`]: the command line, a thin layer over the rest.
+
+pub mod cli;
+pub mod client;
+pub mod endpoint;
+pub mod paths;
+pub mod progress;
+pub mod protocol;
+pub mod server;
+pub mod tls;
+pub mod transfer;

@@ -1,0 +1,395 @@
+//! The qxfer wire protocol: typed messages and their length-prefixed bincode framing.
+//!
+//! Every frame is a 4-byte big-endian length followed by that many bytes of
+//! bincode (v2, standard config) encoding one message. Frames are capped at
+//! [`MAX_FRAME`] and must decode exactly, with no trailing bytes. The functions
+//! here are generic over `AsyncRead`/`AsyncWrite`, so they run unchanged over a
+//! QUIC stream or an in-memory pipe. See docs/PROTOCOL.md for the exchange.
+
+use std::fmt;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// ALPN protocol id; the version lives here so an incompatible change gets a new id.
+pub const ALPN: &[u8] = b"qxfer/1";
+
+/// Largest frame either side accepts. Headers are small; the cap stops a peer
+/// from making us allocate on the strength of a length prefix.
+pub const MAX_FRAME: usize = 64 * 1024;
+
+/// Longest remote path accepted, in bytes (Linux PATH_MAX).
+pub const MAX_PATH_LEN: usize = 4096;
+
+/// A BLAKE3 digest of a file's contents.
+pub type Digest = [u8; 32];
+
+/// Decoding config: the limit bounds what a hostile length field inside the
+/// payload (a string's or vector's) can make the decoder allocate.
+const DECODE: bincode::config::Configuration<
+    bincode::config::BigEndian,
+    bincode::config::Varint,
+    bincode::config::Limit<MAX_FRAME>,
+> = bincode::config::standard()
+    .with_big_endian()
+    .with_limit::<MAX_FRAME>();
+
+/// Encoding config: the same format without the limit, so an oversized
+/// message is measured and reported as [`FrameError::TooLarge`].
+const ENCODE: bincode::config::Configuration<bincode::config::BigEndian, bincode::config::Varint> =
+    bincode::config::standard().with_big_endian();
+
+/// The first frame on every stream, sent by the client. New kinds of request
+/// are added as new variants at the end, so existing ones keep their tags.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    /// Upload a file; its bytes follow this frame on the same stream.
+    Put(PutRequest),
+    /// Download a file.
+    Get(GetRequest),
+    /// List a directory.
+    List(ListRequest),
+}
+
+/// Upload one file to `path` (relative to the server root, `/`-separated).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PutRequest {
+    /// Destination, relative to the server root.
+    pub path: String,
+    /// Source metadata; `meta.size` is the exact number of data bytes that
+    /// follow the header.
+    pub meta: FileMeta,
+    /// Replace an existing file instead of refusing.
+    pub force: bool,
+}
+
+/// Download the file at `path` (relative to the server root).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GetRequest {
+    /// Source, relative to the server root.
+    pub path: String,
+}
+
+/// List the directory at `path` (relative to the server root; empty means the root).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListRequest {
+    /// Directory (or single file) to list.
+    pub path: String,
+}
+
+/// Modification time as seconds and nanoseconds since the Unix epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Timestamp {
+    /// Whole seconds since 1970-01-01T00:00:00Z (negative before).
+    pub secs: i64,
+    /// Nanoseconds within the second.
+    pub nanos: u32,
+}
+
+/// Metadata that travels with a file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileMeta {
+    /// Size in bytes.
+    pub size: u64,
+    /// Last modification time, if the platform reports one.
+    pub mtime: Option<Timestamp>,
+    /// Unix permission bits (`st_mode & 0o7777`), if known.
+    pub mode: Option<u32>,
+}
+
+/// The server's first frame on a stream: the request is accepted or refused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Response {
+    /// The upload is accepted; the server is reading the data.
+    PutAccepted,
+    /// The file exists; its bytes follow this frame.
+    GetAccepted(FileMeta),
+    /// The listing follows as [`ListBatch`] frames.
+    ListAccepted,
+    /// The request was refused; nothing follows.
+    Refused(RemoteError),
+}
+
+/// Sent by the sender after exactly `size` data bytes: what the receiver must
+/// have seen. A mismatch means the data was corrupted and is not committed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Trailer {
+    /// BLAKE3 of the data bytes.
+    pub digest: Digest,
+}
+
+/// The receiver's final word on a transfer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Receipt {
+    /// The file is complete, synced and under its final name.
+    Committed {
+        /// Bytes written.
+        size: u64,
+        /// BLAKE3 of what was written.
+        digest: Digest,
+    },
+    /// The transfer failed and nothing was committed.
+    Failed(RemoteError),
+}
+
+/// One frame of a directory listing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListBatch {
+    /// Entries in this batch, sorted by name across the whole listing.
+    pub entries: Vec<Entry>,
+    /// Whether more batches follow.
+    pub more: bool,
+}
+
+/// Kind of a directory entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EntryKind {
+    /// A regular file.
+    File,
+    /// A directory.
+    Dir,
+    /// A symbolic link (not followed).
+    Symlink,
+    /// Anything else: socket, device, FIFO.
+    Other,
+}
+
+/// One entry of a directory listing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    /// File name (one path component).
+    pub name: String,
+    /// What the entry is.
+    pub kind: EntryKind,
+    /// Size in bytes (as `lstat` reports it).
+    pub size: u64,
+    /// Last modification time.
+    pub mtime: Option<Timestamp>,
+}
+
+/// Why a request failed, as a code a program can match plus a message for people.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorCode {
+    /// No such file or directory.
+    NotFound,
+    /// A file was expected but this is a directory.
+    IsDirectory,
+    /// A directory was expected but this is not one.
+    NotDirectory,
+    /// The server's OS refused access.
+    PermissionDenied,
+    /// The path is not a safe relative path.
+    InvalidPath,
+    /// The destination exists and `force` was not set.
+    AlreadyExists,
+    /// The disk (or quota) is full.
+    NoSpace,
+    /// The data did not match the declared size or digest.
+    Corrupt,
+    /// The peer broke the protocol (bad frame, wrong order, timeout).
+    Protocol,
+    /// Anything else on the server's side.
+    Internal,
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = match self {
+            Self::NotFound => "not found",
+            Self::IsDirectory => "is a directory",
+            Self::NotDirectory => "not a directory",
+            Self::PermissionDenied => "permission denied",
+            Self::InvalidPath => "invalid path",
+            Self::AlreadyExists => "already exists",
+            Self::NoSpace => "no space left",
+            Self::Corrupt => "data corrupted",
+            Self::Protocol => "protocol error",
+            Self::Internal => "internal error",
+        };
+        f.write_str(s)
+    }
+}
+
+/// An error reported by the peer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{message}")]
+pub struct RemoteError {
+    /// Machine-readable reason.
+    pub code: ErrorCode,
+    /// Human-readable explanation, naming the file and what to do.
+    pub message: String,
+}
+
+impl RemoteError {
+    /// Builds an error from a code and message.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// What can go wrong reading or writing a frame.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    /// The stream ended before a complete frame arrived.
+    #[error("stream ended in the middle of a message")]
+    Truncated,
+    /// The length prefix exceeds [`MAX_FRAME`].
+    #[error("message of {0} bytes exceeds the {MAX_FRAME}-byte limit")]
+    TooLarge(usize),
+    /// The payload is not a valid encoding of the expected message.
+    #[error("malformed message: {0}")]
+    Malformed(String),
+    /// The payload decoded but left bytes unread.
+    #[error("malformed message: {0} trailing bytes")]
+    Trailing(usize),
+    /// The underlying stream failed.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+/// Encodes `msg` as a complete frame (length prefix plus payload).
+pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, FrameError> {
+    let payload = bincode::serde::encode_to_vec(msg, ENCODE)
+        .map_err(|e| FrameError::Malformed(e.to_string()))?;
+    if payload.len() > MAX_FRAME {
+        return Err(FrameError::TooLarge(payload.len()));
+    }
+    let mut frame = Vec::with_capacity(4 + payload.len());
+    frame.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&payload);
+    Ok(frame)
+}
+
+/// Decodes one frame's payload (without the length prefix), rejecting trailing bytes.
+pub fn decode<T: DeserializeOwned>(payload: &[u8]) -> Result<T, FrameError> {
+    let (msg, used) = bincode::serde::decode_from_slice(payload, DECODE)
+        .map_err(|e| FrameError::Malformed(e.to_string()))?;
+    if used != payload.len() {
+        return Err(FrameError::Trailing(payload.len() - used));
+    }
+    Ok(msg)
+}
+
+/// Writes `msg` as one frame.
+pub async fn write_frame<W, T>(w: &mut W, msg: &T) -> Result<(), FrameError>
+where
+    W: AsyncWrite + Unpin,
+    T: Serialize,
+{
+    let frame = encode(msg)?;
+    w.write_all(&frame).await?;
+    Ok(())
+}
+
+/// Reads one frame and decodes it as `T`.
+pub async fn read_frame<R, T>(r: &mut R) -> Result<T, FrameError>
+where
+    R: AsyncRead + Unpin,
+    T: DeserializeOwned,
+{
+    let mut len = [0u8; 4];
+    r.read_exact(&mut len).await.map_err(eof_is_truncated)?;
+    let len = u32::from_be_bytes(len) as usize;
+    if len > MAX_FRAME {
+        return Err(FrameError::TooLarge(len));
+    }
+    let mut payload = vec![0u8; len];
+    r.read_exact(&mut payload)
+        .await
+        .map_err(eof_is_truncated)?;
+    decode(&payload)
+}
+
+fn eof_is_truncated(e: std::io::Error) -> FrameError {
+    if e.kind() == std::io::ErrorKind::UnexpectedEof {
+        FrameError::Truncated
+    } else {
+        FrameError::Io(e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn put() -> Request {
+        Request::Put(PutRequest {
+            path: "dir/ä file.txt".into(),
+            meta: FileMeta {
+                size: 42,
+                mtime: Some(Timestamp {
+                    secs: 1_700_000_000,
+                    nanos: 5,
+                }),
+                mode: Some(0o644),
+            },
+            force: false,
+        })
+    }
+
+    #[tokio::test]
+    async fn round_trip_over_pipe() {
+        let (mut a, mut b) = tokio::io::duplex(1024);
+        write_frame(&mut a, &put()).await.unwrap();
+        write_frame(&mut a, &Response::GetAccepted(FileMeta { size: 1, mtime: None, mode: None }))
+            .await
+            .unwrap();
+        let got: Request = read_frame(&mut b).await.unwrap();
+        assert_eq!(got, put());
+        let got: Response = read_frame(&mut b).await.unwrap();
+        assert_eq!(got, Response::GetAccepted(FileMeta { size: 1, mtime: None, mode: None }));
+    }
+
+    #[tokio::test]
+    async fn truncated_frames_are_reported() {
+        let frame = encode(&put()).unwrap();
+        for cut in [0, 2, 4, frame.len() - 1] {
+            let mut r = &frame[..cut];
+            let err = read_frame::<_, Request>(&mut r).await.unwrap_err();
+            assert!(matches!(err, FrameError::Truncated), "cut {cut}: {err:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn oversized_length_is_refused_before_allocating() {
+        let mut frame = ((MAX_FRAME + 1) as u32).to_be_bytes().to_vec();
+        frame.extend_from_slice(&[0; 16]);
+        let err = read_frame::<_, Request>(&mut &frame[..]).await.unwrap_err();
+        assert!(matches!(err, FrameError::TooLarge(n) if n == MAX_FRAME + 1));
+    }
+
+    #[tokio::test]
+    async fn garbage_and_trailing_bytes_are_refused() {
+        let mut garbage = 3u32.to_be_bytes().to_vec();
+        garbage.extend_from_slice(&[0xff, 0xff, 0xff]);
+        let err = read_frame::<_, Request>(&mut &garbage[..]).await.unwrap_err();
+        assert!(matches!(err, FrameError::Malformed(_)), "{err:?}");
+
+        let mut payload = encode(&put()).unwrap()[4..].to_vec();
+        payload.push(0);
+        let mut frame = (payload.len() as u32).to_be_bytes().to_vec();
+        frame.extend_from_slice(&payload);
+        let err = read_frame::<_, Request>(&mut &frame[..]).await.unwrap_err();
+        assert!(matches!(err, FrameError::Trailing(1)), "{err:?}");
+    }
+
+    #[test]
+    fn oversized_message_is_not_encoded() {
+        let req = Request::Get(GetRequest {
+            path: "x".repeat(MAX_FRAME + 1),
+        });
+        assert!(matches!(encode(&req), Err(FrameError::TooLarge(_))));
+    }
+
+    #[test]
+    fn unknown_variant_is_malformed() {
+        // Tag 9 names no Request variant.
+        let err = decode::<Request>(&[9]).unwrap_err();
+        assert!(matches!(err, FrameError::Malformed(_)));
+    }
+}

@@ -1,0 +1,446 @@
+//! The server: accepts connections and answers each stream's request against its root directory.
+//!
+//! Every connection runs in its own task and every stream in its own task
+//! within it, so one client's failure (a bad header, a full disk, a dropped
+//! link) ends only that stream and the server keeps serving everyone else.
+
+use std::future::Future;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use quinn::{ConnectionError, RecvStream, SendStream, VarInt};
+use tracing::{debug, info, info_span, warn, Instrument};
+
+use crate::paths::{RemotePath, RESERVED_PREFIX};
+use crate::protocol::{
+    read_frame, write_frame, Entry, EntryKind, ErrorCode, FrameError, GetRequest, ListBatch,
+    ListRequest, PutRequest, Receipt, RemoteError, Request, Response, Trailer,
+};
+use crate::transfer::{self, file_meta, to_timestamp, IncomingFile, TransferError};
+
+/// How long a client has to send its request header after opening a stream.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long to wait for a trailer or receipt that should follow the data at once.
+/// The client's receipt for a get comes after it fsyncs a possibly large file.
+const RECEIPT_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Entries per listing frame: 128 names of at most 255 bytes, plus metadata,
+/// stay well under the 64 KiB frame limit.
+const LIST_BATCH: usize = 128;
+
+/// Stream reset / stop code: the server could not finish sending the file.
+pub const RESET_SOURCE_FAILED: u32 = 1;
+
+/// Stream stop code: the receiver will not take more data (refused or failed).
+pub const STOP_REFUSED: u32 = 2;
+
+/// What the server serves.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    /// The directory all remote paths are resolved beneath.
+    pub root: PathBuf,
+}
+
+/// Errors that stop the server from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    /// The root exists but is not a directory.
+    #[error("root {0} exists but is not a directory; pass --root with a directory")]
+    RootNotDir(PathBuf),
+    /// The root could not be created or written to.
+    #[error("root {path} is not usable: {source}; pass --root with a writable directory")]
+    RootUnusable {
+        /// The root.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
+}
+
+impl ServeConfig {
+    /// Prepares `root`: creates it if missing, checks it is a writable
+    /// directory, and resolves it to an absolute path.
+    pub fn prepare(root: &Path) -> Result<Self, StartupError> {
+        let unusable = |source| StartupError::RootUnusable {
+            path: root.to_owned(),
+            source,
+        };
+        match std::fs::metadata(root) {
+            Ok(md) if !md.is_dir() => return Err(StartupError::RootNotDir(root.to_owned())),
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                std::fs::create_dir_all(root).map_err(unusable)?
+            }
+            Err(e) => return Err(unusable(e)),
+        }
+        // An unnamed temporary file proves we can create files here and leaves nothing behind.
+        tempfile::tempfile_in(root).map_err(unusable)?;
+        let root = std::fs::canonicalize(root).map_err(unusable)?;
+        Ok(Self { root })
+    }
+}
+
+/// Serves `endpoint` until `shutdown` completes, then closes every connection.
+pub async fn run(endpoint: quinn::Endpoint, config: ServeConfig, shutdown: impl Future<Output = ()>) {
+    let config = Arc::new(config);
+    tokio::pin!(shutdown);
+    loop {
+        let incoming = tokio::select! {
+            _ = &mut shutdown => break,
+            incoming = endpoint.accept() => incoming,
+        };
+        let Some(incoming) = incoming else { break };
+        let span = info_span!("conn", remote = %incoming.remote_address());
+        tokio::spawn(handle_connection(incoming, config.clone()).instrument(span));
+    }
+    info!("shutting down");
+    endpoint.close(VarInt::from_u32(0), b"server shutting down");
+    // Let the close frames go out; never hang on a peer that vanished.
+    let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+}
+
+async fn handle_connection(incoming: quinn::Incoming, config: Arc<ServeConfig>) {
+    let conn = match incoming.await {
+        Ok(conn) => conn,
+        Err(e) => {
+            info!("handshake failed: {e}");
+            return;
+        }
+    };
+    info!("connected");
+    loop {
+        match conn.accept_bi().await {
+            Ok((send, recv)) => {
+                let span = info_span!("stream", id = %send.id());
+                tokio::spawn(handle_stream(send, recv, config.clone()).instrument(span));
+            }
+            Err(ConnectionError::ApplicationClosed(_)) => {
+                info!("disconnected");
+                break;
+            }
+            Err(e) => {
+                info!("connection ended: {e}");
+                break;
+            }
+        }
+    }
+}
+
+async fn handle_stream(mut send: SendStream, mut recv: RecvStream, config: Arc<ServeConfig>) {
+    let request = match tokio::time::timeout(HEADER_TIMEOUT, read_frame::<_, Request>(&mut recv)).await
+    {
+        Ok(Ok(req)) => req,
+        Ok(Err(e)) => {
+            warn!("bad request header: {e}");
+            return refuse(&mut send, &mut recv, protocol_error(&e)).await;
+        }
+        Err(_) => {
+            warn!("no request header within {HEADER_TIMEOUT:?}");
+            let err = RemoteError::new(
+                ErrorCode::Protocol,
+                "no request arrived within 10 s of opening the stream",
+            );
+            return refuse(&mut send, &mut recv, err).await;
+        }
+    };
+    debug!(?request, "request");
+    let root = &config.root;
+    let result = match request {
+        Request::Put(req) => serve_put(req, root, &mut send, &mut recv).await,
+        Request::Get(req) => serve_get(req, root, &mut send, &mut recv).await,
+        Request::List(req) => serve_list(req, root, &mut send).await,
+    };
+    if let Err(err) = result {
+        info!("refused: {}", err.message);
+        refuse(&mut send, &mut recv, err).await;
+    }
+}
+
+/// Sends a refusal as the response header and stops the client's data.
+async fn refuse(send: &mut SendStream, recv: &mut RecvStream, err: RemoteError) {
+    let _ = write_frame(send, &Response::Refused(err)).await;
+    let _ = send.finish();
+    let _ = recv.stop(VarInt::from_u32(STOP_REFUSED));
+}
+
+fn protocol_error(e: &FrameError) -> RemoteError {
+    RemoteError::new(ErrorCode::Protocol, format!("bad request: {e}"))
+}
+
+/// Turns a filesystem error on `path` into what the client is told.
+fn fs_error(e: &io::Error, path: &RemotePath, doing: &str) -> RemoteError {
+    let (code, advice) = match e.kind() {
+        io::ErrorKind::NotFound => (ErrorCode::NotFound, "check the name with `qxfer ls`"),
+        io::ErrorKind::PermissionDenied => (
+            ErrorCode::PermissionDenied,
+            "the server's user may not access it; ask its operator",
+        ),
+        io::ErrorKind::IsADirectory => (ErrorCode::IsDirectory, "name a file, not a directory"),
+        io::ErrorKind::NotADirectory => (
+            ErrorCode::NotDirectory,
+            "a parent of this path is a file, not a directory",
+        ),
+        io::ErrorKind::AlreadyExists => (ErrorCode::AlreadyExists, "use --force to overwrite"),
+        _ if transfer::is_disk_full(e) => (
+            ErrorCode::NoSpace,
+            "the server's disk is full; free space there and retry",
+        ),
+        _ => (ErrorCode::Internal, "see the server's log"),
+    };
+    RemoteError::new(code, format!("{doing} '{path}' on the server: {e}; {advice}"))
+}
+
+/// Runs blocking filesystem work off the async threads.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f)
+        .await
+        .expect("filesystem task panicked")
+}
+
+async fn serve_put(
+    req: PutRequest,
+    root: &Path,
+    send: &mut SendStream,
+    recv: &mut RecvStream,
+) -> Result<(), RemoteError> {
+    let path = RemotePath::parse(&req.path, false)?;
+    let dest = path.under(root);
+    let force = req.force;
+    let (p, d) = (path.clone(), dest.clone());
+    let incoming = blocking(move || prepare_put(&p, &d, force)).await?;
+    write_frame(send, &Response::PutAccepted)
+        .await
+        .map_err(|e| protocol_error(&e))?;
+
+    let receipt = match receive_put(&req, &path, incoming, recv).await {
+        Ok(receipt) => {
+            info!(path = %path, bytes = req.meta.size, "put committed");
+            receipt
+        }
+        Err(err) => {
+            info!(path = %path, "put failed: {}", err.message);
+            let _ = recv.stop(VarInt::from_u32(STOP_REFUSED));
+            Receipt::Failed(err)
+        }
+    };
+    let _ = write_frame(send, &receipt).await;
+    let _ = send.finish();
+    Ok(())
+}
+
+/// Checks the destination and creates the temporary file for a put.
+fn prepare_put(path: &RemotePath, dest: &Path, force: bool) -> Result<IncomingFile, RemoteError> {
+    if let Some(parent) = dest.parent() {
+        std::fs::create_dir_all(parent)
+            .map_err(|e| fs_error(&e, path, "cannot create the directory for"))?;
+    }
+    match std::fs::symlink_metadata(dest) {
+        Ok(md) if md.is_dir() => {
+            return Err(RemoteError::new(
+                ErrorCode::IsDirectory,
+                format!("'{path}' is a directory on the server; choose another name or --to"),
+            ))
+        }
+        Ok(_) if !force => {
+            return Err(RemoteError::new(
+                ErrorCode::AlreadyExists,
+                format!("'{path}' already exists on the server; use --force to overwrite it"),
+            ))
+        }
+        _ => {}
+    }
+    IncomingFile::create(dest).map_err(|e| fs_error(&e, path, "cannot create"))
+}
+
+async fn receive_put(
+    req: &PutRequest,
+    path: &RemotePath,
+    incoming: IncomingFile,
+    recv: &mut RecvStream,
+) -> Result<Receipt, RemoteError> {
+    let file = incoming
+        .file()
+        .map_err(|e| fs_error(&e, path, "cannot write"))?;
+    let digest = transfer::receive_file(recv, req.meta.size, file, &|_| {})
+        .await
+        .map_err(|e| match e {
+            TransferError::Write(ref io) => fs_error(io, path, "cannot write"),
+            other => RemoteError::new(
+                ErrorCode::Protocol,
+                format!("receiving '{path}': {other}"),
+            ),
+        })?;
+    let trailer: Trailer = read_trailer(recv, path).await?;
+    if trailer.digest != digest {
+        return Err(RemoteError::new(
+            ErrorCode::Corrupt,
+            format!("'{path}' arrived corrupted (BLAKE3 mismatch) and was discarded; send it again"),
+        ));
+    }
+    let meta = req.meta;
+    let force = req.force;
+    let p = path.clone();
+    blocking(move || incoming.commit(&meta, force))
+        .await
+        .map_err(|e| match e {
+            transfer::CommitError::Exists(_) => RemoteError::new(
+                ErrorCode::AlreadyExists,
+                format!("'{p}' was created on the server during the upload; use --force to overwrite it"),
+            ),
+            transfer::CommitError::Io { source, .. } => fs_error(&source, &p, "cannot commit"),
+        })?;
+    Ok(Receipt::Committed {
+        size: req.meta.size,
+        digest,
+    })
+}
+
+/// Reads the trailer and checks the stream ends right after it: bytes beyond
+/// the declared size are an error, not silently dropped.
+async fn read_trailer(recv: &mut RecvStream, path: &RemotePath) -> Result<Trailer, RemoteError> {
+    let mismatch = |e: FrameError| {
+        RemoteError::new(
+            ErrorCode::Corrupt,
+            format!("'{path}': the data did not match its declared size ({e}); nothing was saved"),
+        )
+    };
+    let trailer = tokio::time::timeout(RECEIPT_TIMEOUT, read_frame::<_, Trailer>(recv))
+        .await
+        .map_err(|_| RemoteError::new(ErrorCode::Protocol, "no trailer after the data"))?
+        .map_err(mismatch)?;
+    let mut extra = [0u8; 1];
+    match recv.read(&mut extra).await {
+        Ok(None) | Ok(Some(0)) => Ok(trailer),
+        Ok(Some(_)) => Err(RemoteError::new(
+            ErrorCode::Corrupt,
+            format!("'{path}': more data arrived than declared; nothing was saved"),
+        )),
+        Err(e) => Err(RemoteError::new(ErrorCode::Protocol, e.to_string())),
+    }
+}
+
+async fn serve_get(
+    req: GetRequest,
+    root: &Path,
+    send: &mut SendStream,
+    recv: &mut RecvStream,
+) -> Result<(), RemoteError> {
+    let path = RemotePath::parse(&req.path, false)?;
+    let src = path.under(root);
+    let p = path.clone();
+    let (file, meta) = blocking(move || -> Result<_, RemoteError> {
+        let file = std::fs::File::open(&src).map_err(|e| fs_error(&e, &p, "cannot open"))?;
+        let md = file
+            .metadata()
+            .map_err(|e| fs_error(&e, &p, "cannot read"))?;
+        if md.is_dir() {
+            return Err(RemoteError::new(
+                ErrorCode::IsDirectory,
+                format!("'{p}' is a directory on the server; name a file (see `qxfer ls {p}`)"),
+            ));
+        }
+        if !md.is_file() {
+            return Err(RemoteError::new(
+                ErrorCode::NotFound,
+                format!("'{p}' is not a regular file on the server"),
+            ));
+        }
+        Ok((file, file_meta(&md)))
+    })
+    .await?;
+    write_frame(send, &Response::GetAccepted(meta))
+        .await
+        .map_err(|e| protocol_error(&e))?;
+    let digest = match transfer::send_file(file, meta.size, send, &|_| {}).await {
+        Ok(d) => d,
+        Err(e) => {
+            // The client sees the reset and reports the transfer failed.
+            warn!(path = %path, "get failed: {e}");
+            let _ = send.reset(VarInt::from_u32(RESET_SOURCE_FAILED));
+            return Ok(());
+        }
+    };
+    if write_frame(send, &Trailer { digest }).await.is_err() || send.finish().is_err() {
+        info!(path = %path, "get aborted by the client");
+        return Ok(());
+    }
+    match tokio::time::timeout(RECEIPT_TIMEOUT, read_frame::<_, Receipt>(recv)).await {
+        Ok(Ok(Receipt::Committed { .. })) => info!(path = %path, bytes = meta.size, "get completed"),
+        Ok(Ok(Receipt::Failed(e))) => info!(path = %path, "get failed on the client: {}", e.message),
+        Ok(Err(e)) => info!(path = %path, "get: no receipt from the client: {e}"),
+        Err(_) => info!(path = %path, "get: no receipt from the client in time"),
+    }
+    Ok(())
+}
+
+async fn serve_list(req: ListRequest, root: &Path, send: &mut SendStream) -> Result<(), RemoteError> {
+    let path = RemotePath::parse(&req.path, true)?;
+    let dir = path.under(root);
+    let p = path.clone();
+    let entries = blocking(move || list_dir(&dir, &p)).await?;
+    let send_all = async {
+        write_frame(send, &Response::ListAccepted).await?;
+        let mut batches = entries.chunks(LIST_BATCH).peekable();
+        if batches.peek().is_none() {
+            write_frame(send, &ListBatch { entries: Vec::new(), more: false }).await?;
+        }
+        while let Some(batch) = batches.next() {
+            let more = batches.peek().is_some();
+            write_frame(send, &ListBatch { entries: batch.to_vec(), more }).await?;
+        }
+        Ok::<_, FrameError>(())
+    };
+    match send_all.await {
+        Ok(()) => {
+            let _ = send.finish();
+            info!(path = %path, "listed");
+        }
+        Err(e) => info!(path = %path, "listing aborted: {e}"),
+    }
+    Ok(())
+}
+
+/// Lists `dir` (or the single file it names), hiding qxfer's temporaries.
+fn list_dir(dir: &Path, path: &RemotePath) -> Result<Vec<Entry>, RemoteError> {
+    let md = std::fs::symlink_metadata(dir).map_err(|e| fs_error(&e, path, "cannot list"))?;
+    if !md.is_dir() {
+        let name = path.file_name().unwrap_or_default().to_owned();
+        return Ok(vec![entry(name, &md)]);
+    }
+    let mut entries = Vec::new();
+    for item in std::fs::read_dir(dir).map_err(|e| fs_error(&e, path, "cannot list"))? {
+        let item = item.map_err(|e| fs_error(&e, path, "cannot list"))?;
+        let name = item.file_name().to_string_lossy().into_owned();
+        if name.starts_with(RESERVED_PREFIX) {
+            continue;
+        }
+        // An entry removed between readdir and lstat is simply skipped.
+        if let Ok(md) = item.metadata() {
+            entries.push(entry(name, &md));
+        }
+    }
+    entries.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(entries)
+}
+
+fn entry(name: String, md: &std::fs::Metadata) -> Entry {
+    let ft = md.file_type();
+    let kind = if ft.is_symlink() {
+        EntryKind::Symlink
+    } else if ft.is_dir() {
+        EntryKind::Dir
+    } else if ft.is_file() {
+        EntryKind::File
+    } else {
+        EntryKind::Other
+    };
+    Entry {
+        name,
+        kind,
+        size: md.len(),
+        mtime: md.modified().ok().and_then(to_timestamp),
+    }
+}

@@ -1,0 +1,440 @@
+//! TLS identities and trust: self-signed certificates, fingerprints, known_hosts, and pinning.
+//!
+//! qxfer does not use certificate authorities. A peer is identified by the
+//! SHA-256 fingerprint of its self-signed certificate, as ssh identifies hosts
+//! by their key. The client's [`PinnedServerVerifier`] accepts exactly one
+//! fingerprint (from `--pin` or known_hosts) or, on first contact, records the
+//! one it saw so the caller can store it. Either way it still verifies the
+//! TLS 1.3 handshake signature, which proves the server holds the private key.
+
+use std::fmt;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::{Arc, Mutex};
+
+use base64::engine::general_purpose::STANDARD_NO_PAD;
+use base64::Engine as _;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+
+use crate::protocol::ALPN;
+
+/// The SHA-256 digest of a certificate's DER encoding, shown as `SHA256:<base64>`
+/// like OpenSSH's key fingerprints.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Fingerprint([u8; 32]);
+
+impl Fingerprint {
+    /// Fingerprint of a DER-encoded certificate.
+    pub fn of(cert: &CertificateDer<'_>) -> Self {
+        let d = ring::digest::digest(&ring::digest::SHA256, cert.as_ref());
+        let mut out = [0u8; 32];
+        out.copy_from_slice(d.as_ref());
+        Self(out)
+    }
+}
+
+impl fmt::Display for Fingerprint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SHA256:{}", STANDARD_NO_PAD.encode(self.0))
+    }
+}
+
+impl fmt::Debug for Fingerprint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+/// Why a fingerprint string was not accepted.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid fingerprint {0:?}: expected SHA256: followed by 43 base64 characters, as `qxfer serve` prints")]
+pub struct BadFingerprint(String);
+
+impl FromStr for Fingerprint {
+    type Err = BadFingerprint;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || BadFingerprint(s.to_owned());
+        let b64 = s.trim().strip_prefix("SHA256:").ok_or_else(bad)?;
+        let bytes = STANDARD_NO_PAD
+            .decode(b64.trim_end_matches('='))
+            .map_err(|_| bad())?;
+        Ok(Self(bytes.try_into().map_err(|_| bad())?))
+    }
+}
+
+/// Errors loading or creating an identity or a trust file.
+#[derive(Debug, thiserror::Error)]
+pub enum TrustError {
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file concerned.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// A certificate or key file exists but cannot be used.
+    #[error("{path}: {why}; move it away to generate a new identity")]
+    BadFile {
+        /// The file concerned.
+        path: PathBuf,
+        /// What is wrong with it.
+        why: String,
+    },
+    /// rcgen failed to generate a certificate.
+    #[error("generating a certificate: {0}")]
+    Generate(#[from] rcgen::Error),
+    /// rustls refused the configuration.
+    #[error("TLS configuration: {0}")]
+    Tls(#[from] rustls::Error),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TrustError + '_ {
+    move |source| TrustError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// A certificate and its private key: who this endpoint is.
+#[derive(Debug)]
+pub struct Identity {
+    /// The self-signed certificate, DER.
+    pub cert: CertificateDer<'static>,
+    /// Its private key.
+    pub key: PrivateKeyDer<'static>,
+}
+
+impl Identity {
+    /// Loads `<dir>/<name>.crt` and `<dir>/<name>.key`, or generates both with
+    /// rcgen if neither exists. The key is written with mode 0600 and both
+    /// files appear atomically, so a crash never leaves half an identity.
+    pub fn load_or_generate(dir: &Path, name: &str) -> Result<Self, TrustError> {
+        let cert_path = dir.join(format!("{name}.crt"));
+        let key_path = dir.join(format!("{name}.key"));
+        match (cert_path.exists(), key_path.exists()) {
+            (true, true) => Self::load(&cert_path, &key_path),
+            (false, false) => Self::generate(dir, &cert_path, &key_path),
+            (true, false) => Err(TrustError::BadFile {
+                path: cert_path,
+                why: format!("its key {} is missing", key_path.display()),
+            }),
+            (false, true) => Err(TrustError::BadFile {
+                path: key_path,
+                why: format!("its certificate {} is missing", cert_path.display()),
+            }),
+        }
+    }
+
+    fn load(cert_path: &Path, key_path: &Path) -> Result<Self, TrustError> {
+        let cert = CertificateDer::from_pem_file(cert_path).map_err(|e| TrustError::BadFile {
+            path: cert_path.to_owned(),
+            why: format!("not a PEM certificate ({e})"),
+        })?;
+        let key = PrivateKeyDer::from_pem_file(key_path).map_err(|e| TrustError::BadFile {
+            path: key_path.to_owned(),
+            why: format!("not a PEM private key ({e})"),
+        })?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = fs::metadata(key_path)
+                .map_err(io_err(key_path))?
+                .permissions()
+                .mode();
+            if mode & 0o077 != 0 {
+                tracing::warn!(
+                    "private key {} is readable by other users (mode {:o}); run chmod 600 on it",
+                    key_path.display(),
+                    mode & 0o777
+                );
+            }
+        }
+        Ok(Self { cert, key })
+    }
+
+    fn generate(dir: &Path, cert_path: &Path, key_path: &Path) -> Result<Self, TrustError> {
+        create_private_dir(dir)?;
+        let rcgen::CertifiedKey { cert, signing_key } =
+            rcgen::generate_simple_self_signed(vec!["qxfer".to_owned(), "localhost".to_owned()])?;
+        // Key first: a certificate without its key would be unusable.
+        write_new_file(key_path, signing_key.serialize_pem().as_bytes())?;
+        write_new_file(cert_path, cert.pem().as_bytes())?;
+        Ok(Self {
+            cert: cert.der().clone(),
+            key: PrivateKeyDer::Pkcs8(signing_key.serialize_der().into()),
+        })
+    }
+
+    /// This identity's fingerprint.
+    pub fn fingerprint(&self) -> Fingerprint {
+        Fingerprint::of(&self.cert)
+    }
+}
+
+/// Creates `dir` (and parents) if missing; new directories get mode 0700.
+pub fn create_private_dir(dir: &Path) -> Result<(), TrustError> {
+    let mut b = fs::DirBuilder::new();
+    b.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut b, 0o700);
+    b.create(dir).map_err(io_err(dir))
+}
+
+/// Writes a new file atomically with mode 0600; fails if `path` already exists
+/// (another process generated an identity first).
+fn write_new_file(path: &Path, contents: &[u8]) -> Result<(), TrustError> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".qxfer-new-")
+        .tempfile_in(dir)
+        .map_err(io_err(dir))?;
+    tmp.write_all(contents).map_err(io_err(path))?;
+    tmp.as_file().sync_all().map_err(io_err(path))?;
+    tmp.persist_noclobber(path)
+        .map_err(|e| io_err(path)(e.error))?;
+    Ok(())
+}
+
+/// The client's record of server fingerprints, one `HOST:PORT SHA256:...` per
+/// line, like ssh's known_hosts. Lines starting with `#` are comments.
+#[derive(Debug)]
+pub struct KnownHosts {
+    path: PathBuf,
+    entries: Vec<(String, Fingerprint, usize)>,
+}
+
+impl KnownHosts {
+    /// Reads the file at `path`; a missing file is an empty list.
+    pub fn load(path: &Path) -> Result<Self, TrustError> {
+        let text = match fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(io_err(path)(e)),
+        };
+        let mut entries = Vec::new();
+        for (i, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let mut parts = line.split_whitespace();
+            let (Some(host), Some(fp)) = (parts.next(), parts.next()) else {
+                return Err(TrustError::BadFile {
+                    path: path.to_owned(),
+                    why: format!("line {} is not `HOST:PORT SHA256:...`", i + 1),
+                });
+            };
+            let fp = fp.parse().map_err(|e: BadFingerprint| TrustError::BadFile {
+                path: path.to_owned(),
+                why: format!("line {}: {e}", i + 1),
+            })?;
+            entries.push((host.to_owned(), fp, i + 1));
+        }
+        Ok(Self {
+            path: path.to_owned(),
+            entries,
+        })
+    }
+
+    /// The file this list lives in.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The fingerprint stored for `host` and the line it is on.
+    pub fn lookup(&self, host: &str) -> Option<(Fingerprint, usize)> {
+        self.entries
+            .iter()
+            .find(|(h, _, _)| h == host)
+            .map(|(_, fp, line)| (*fp, *line))
+    }
+
+    /// Appends `host fp` to the file, creating it (and its directory) if needed.
+    pub fn add(&mut self, host: &str, fp: Fingerprint) -> Result<(), TrustError> {
+        if let Some(dir) = self.path.parent() {
+            create_private_dir(dir)?;
+        }
+        let mut f = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)
+            .map_err(io_err(&self.path))?;
+        writeln!(f, "{host} {fp}").map_err(io_err(&self.path))?;
+        self.entries.push((host.to_owned(), fp, 0));
+        Ok(())
+    }
+}
+
+/// The rustls crypto provider qxfer uses everywhere (ring).
+pub fn crypto_provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Verifies a server by fingerprint instead of a CA chain.
+///
+/// With `expected` set, any other certificate fails the handshake. Without it
+/// (first contact) any certificate is accepted, and [`Self::seen`] tells the
+/// caller what to store. In both cases the handshake signature is checked.
+#[derive(Debug)]
+pub struct PinnedServerVerifier {
+    expected: Option<Fingerprint>,
+    seen: Mutex<Option<Fingerprint>>,
+    provider: Arc<CryptoProvider>,
+}
+
+impl PinnedServerVerifier {
+    /// A verifier that accepts only `expected`, or anything if `None`.
+    pub fn new(expected: Option<Fingerprint>) -> Arc<Self> {
+        Arc::new(Self {
+            expected,
+            seen: Mutex::new(None),
+            provider: crypto_provider(),
+        })
+    }
+
+    /// The fingerprint the server presented, once a handshake got that far.
+    pub fn seen(&self) -> Option<Fingerprint> {
+        *self.seen.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether the server presented a fingerprint other than the expected one.
+    pub fn mismatch(&self) -> Option<Fingerprint> {
+        match (self.expected, self.seen()) {
+            (Some(want), Some(got)) if want != got => Some(got),
+            _ => None,
+        }
+    }
+}
+
+impl ServerCertVerifier for PinnedServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let got = Fingerprint::of(end_entity);
+        *self.seen.lock().unwrap_or_else(|e| e.into_inner()) = Some(got);
+        match self.expected {
+            Some(want) if want != got => Err(rustls::Error::General(format!(
+                "server certificate fingerprint {got} does not match the expected {want}"
+            ))),
+            _ => Ok(ServerCertVerified::assertion()),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        // QUIC is TLS 1.3 only; a TLS 1.2 handshake here is an attack or a bug.
+        Err(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls12NotOffered,
+        ))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// rustls configuration for a server presenting `identity`, TLS 1.3 only.
+pub fn server_crypto(identity: &Identity) -> Result<rustls::ServerConfig, TrustError> {
+    let mut cfg = rustls::ServerConfig::builder_with_provider(crypto_provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_single_cert(vec![identity.cert.clone()], identity.key.clone_key())?;
+    cfg.alpn_protocols = vec![ALPN.to_vec()];
+    Ok(cfg)
+}
+
+/// rustls configuration for a client that trusts servers through `verifier`.
+pub fn client_crypto(
+    verifier: Arc<PinnedServerVerifier>,
+) -> Result<rustls::ClientConfig, TrustError> {
+    let mut cfg = rustls::ClientConfig::builder_with_provider(crypto_provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![ALPN.to_vec()];
+    Ok(cfg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fingerprint_round_trips_through_text() {
+        let fp = Fingerprint([7; 32]);
+        let s = fp.to_string();
+        assert!(s.starts_with("SHA256:") && s.len() == 7 + 43, "{s}");
+        assert_eq!(s.parse::<Fingerprint>().unwrap(), fp);
+        assert!("SHA256:abc".parse::<Fingerprint>().is_err());
+        assert!("MD5:xyz".parse::<Fingerprint>().is_err());
+    }
+
+    #[test]
+    fn identity_is_generated_once_and_reloaded() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Identity::load_or_generate(dir.path(), "server").unwrap();
+        let b = Identity::load_or_generate(dir.path(), "server").unwrap();
+        assert_eq!(a.fingerprint(), b.fingerprint());
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = fs::metadata(dir.path().join("server.key"))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        fs::remove_file(dir.path().join("server.key")).unwrap();
+        let err = Identity::load_or_generate(dir.path(), "server").unwrap_err();
+        assert!(err.to_string().contains("server.key is missing"), "{err}");
+    }
+
+    #[test]
+    fn known_hosts_add_and_lookup() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/known_hosts");
+        let mut kh = KnownHosts::load(&path).unwrap();
+        assert!(kh.lookup("h:1").is_none());
+        kh.add("h:1", Fingerprint([1; 32])).unwrap();
+        kh.add("h:2", Fingerprint([2; 32])).unwrap();
+        let kh = KnownHosts::load(&path).unwrap();
+        assert_eq!(kh.lookup("h:2"), Some((Fingerprint([2; 32]), 2)));
+        fs::write(&path, "# c\nh:1 nonsense\n").unwrap();
+        let err = KnownHosts::load(&path).unwrap_err().to_string();
+        assert!(err.contains("line 2"), "{err}");
+    }
+}

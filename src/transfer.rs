@@ -1,0 +1,419 @@
+//! File bytes to stream and back, written once and used by both the server and the client.
+//!
+//! Disk I/O runs on a blocking thread and network I/O on the async side, with
+//! a small bounded queue of chunks between them, so the disk and the network
+//! overlap and memory stays at a few chunks per transfer whatever the file
+//! size. Both sides hash with BLAKE3 on the disk thread as the bytes pass.
+//! A received file is written under a hidden temporary name beside its
+//! destination, synced, and only then renamed into place ([`IncomingFile`]).
+
+use std::fs::{File, Metadata};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tempfile::NamedTempFile;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
+
+use crate::paths::RESERVED_PREFIX;
+use crate::protocol::{Digest, FileMeta, Timestamp};
+
+/// Called with the number of bytes each time data moves (drives progress bars).
+pub type Advance<'a> = dyn Fn(u64) + Send + Sync + 'a;
+
+/// Size of one chunk passed between the disk thread and the network.
+const CHUNK: usize = 1024 * 1024;
+
+/// Chunks queued between disk and network: enough to ride out a slow
+/// `write` or a burst of packets, small enough to keep memory flat.
+const QUEUE: usize = 4;
+
+/// What went wrong moving one file's bytes.
+#[derive(Debug, thiserror::Error)]
+pub enum TransferError {
+    /// Reading the source file failed.
+    #[error("cannot read the file: {0}")]
+    Read(#[source] std::io::Error),
+    /// Writing the destination file failed.
+    #[error("cannot write the file: {0}")]
+    Write(#[source] std::io::Error),
+    /// The source became shorter than announced while it was being sent.
+    #[error("the file shrank from {expected} to {found} bytes while being sent; send it again once it stops changing")]
+    SourceChanged {
+        /// Size announced to the peer.
+        expected: u64,
+        /// Bytes actually read.
+        found: u64,
+    },
+    /// The peer stopped sending before all the data arrived.
+    #[error("the connection ended after {got} of {expected} bytes")]
+    Truncated {
+        /// Bytes received.
+        got: u64,
+        /// Bytes announced.
+        expected: u64,
+    },
+    /// The stream failed.
+    #[error("network error: {0}")]
+    Network(#[source] std::io::Error),
+}
+
+impl TransferError {
+    /// Whether this is a full disk or exhausted quota on the writing side.
+    pub fn is_disk_full(&self) -> bool {
+        matches!(self, Self::Write(e) if is_disk_full(e))
+    }
+}
+
+/// Whether an I/O error means "no space left" (ENOSPC or EDQUOT).
+pub fn is_disk_full(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::StorageFull
+        || e.kind() == std::io::ErrorKind::QuotaExceeded
+        || matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
+}
+
+/// Sends exactly `size` bytes of `file` to `out`, returning their BLAKE3 digest.
+pub async fn send_file<W>(
+    file: File,
+    size: u64,
+    out: &mut W,
+    progress: &Advance<'_>,
+) -> Result<Digest, TransferError>
+where
+    W: AsyncWrite + Unpin,
+{
+    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(QUEUE);
+    let reader = tokio::task::spawn_blocking(move || read_chunks(file, size, tx));
+    let mut net = Ok(());
+    while let Some(chunk) = rx.recv().await {
+        if let Err(e) = out.write_all(&chunk).await {
+            net = Err(TransferError::Network(e));
+            break;
+        }
+        progress(chunk.len() as u64);
+    }
+    drop(rx); // unblocks the reader if the network side gave up
+    let disk = reader.await.expect("disk reader panicked");
+    // A read error explains an early end of the queue better than the network.
+    let digest = disk?;
+    net?;
+    Ok(digest)
+}
+
+fn read_chunks(mut file: File, size: u64, tx: mpsc::Sender<Vec<u8>>) -> Result<Digest, TransferError> {
+    let mut hasher = blake3::Hasher::new();
+    let mut sent = 0u64;
+    while sent < size {
+        let want = (size - sent).min(CHUNK as u64) as usize;
+        let mut buf = vec![0u8; want];
+        let mut filled = 0;
+        while filled < want {
+            match file.read(&mut buf[filled..]) {
+                Ok(0) => {
+                    return Err(TransferError::SourceChanged {
+                        expected: size,
+                        found: sent + filled as u64,
+                    })
+                }
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(TransferError::Read(e)),
+            }
+        }
+        hasher.update(&buf);
+        sent += want as u64;
+        if tx.blocking_send(buf).is_err() {
+            break; // the network side failed and reports why
+        }
+    }
+    Ok(*hasher.finalize().as_bytes())
+}
+
+/// Receives exactly `size` bytes from `input` into `file`, fsyncs it, and
+/// returns the BLAKE3 digest of what was written.
+pub async fn receive_file<R>(
+    input: &mut R,
+    size: u64,
+    file: File,
+    progress: &Advance<'_>,
+) -> Result<Digest, TransferError>
+where
+    R: AsyncRead + Unpin,
+{
+    let (tx, rx) = mpsc::channel::<Vec<u8>>(QUEUE);
+    let writer = tokio::task::spawn_blocking(move || write_chunks(file, rx));
+    let net = async {
+        let mut got = 0u64;
+        while got < size {
+            let want = (size - got).min(CHUNK as u64) as usize;
+            let mut buf = vec![0u8; want];
+            let mut filled = 0;
+            while filled < want {
+                let n = input
+                    .read(&mut buf[filled..])
+                    .await
+                    .map_err(TransferError::Network)?;
+                if n == 0 {
+                    return Err(TransferError::Truncated {
+                        got: got + filled as u64,
+                        expected: size,
+                    });
+                }
+                filled += n;
+                progress(n as u64);
+            }
+            got += want as u64;
+            if tx.send(buf).await.is_err() {
+                break; // the writer failed and reports why
+            }
+        }
+        Ok(())
+    }
+    .await;
+    drop(tx);
+    let disk = writer.await.expect("disk writer panicked");
+    // A disk error (say, a full disk) is the real cause when both failed.
+    let digest = disk?;
+    net?;
+    Ok(digest)
+}
+
+fn write_chunks(mut file: File, mut rx: mpsc::Receiver<Vec<u8>>) -> Result<Digest, TransferError> {
+    let mut hasher = blake3::Hasher::new();
+    while let Some(buf) = rx.blocking_recv() {
+        file.write_all(&buf).map_err(TransferError::Write)?;
+        hasher.update(&buf);
+    }
+    file.sync_all().map_err(TransferError::Write)?;
+    Ok(*hasher.finalize().as_bytes())
+}
+
+/// A file being received: a hidden temporary beside `dest` that becomes
+/// `dest` only through [`IncomingFile::commit`]. Dropped uncommitted, the
+/// temporary is deleted, so a failed transfer leaves nothing behind.
+#[derive(Debug)]
+pub struct IncomingFile {
+    tmp: NamedTempFile,
+    dest: PathBuf,
+}
+
+/// Why a received file could not be put under its final name.
+#[derive(Debug, thiserror::Error)]
+pub enum CommitError {
+    /// Something now exists under the final name and overwriting was not asked for.
+    #[error("{0} already exists")]
+    Exists(PathBuf),
+    /// The rename or metadata update failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The destination.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+impl IncomingFile {
+    /// Creates the temporary (mode 0600, name starting with `.qxfer-tmp-`)
+    /// in the directory of `dest`, which must exist.
+    pub fn create(dest: &Path) -> std::io::Result<Self> {
+        let dir = match dest.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        let tmp = tempfile::Builder::new()
+            .prefix(&format!("{RESERVED_PREFIX}tmp-"))
+            .tempfile_in(dir)?;
+        Ok(Self {
+            tmp,
+            dest: dest.to_owned(),
+        })
+    }
+
+    /// A handle for writing the data.
+    pub fn file(&self) -> std::io::Result<File> {
+        self.tmp.as_file().try_clone()
+    }
+
+    /// Applies `meta` (mode without group/other write and set-id bits; mtime)
+    /// and renames the temporary to the destination: atomically replacing it
+    /// if `overwrite`, else failing if it exists (no check-then-rename race).
+    pub fn commit(self, meta: &FileMeta, overwrite: bool) -> Result<(), CommitError> {
+        let dest = self.dest;
+        let io = |source| CommitError::Io {
+            path: dest.clone(),
+            source,
+        };
+        let f = self.tmp.as_file();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = meta.mode.unwrap_or(0o644) & 0o755;
+            f.set_permissions(std::fs::Permissions::from_mode(mode))
+                .map_err(io)?;
+        }
+        if let Some(t) = meta.mtime.and_then(to_system_time) {
+            f.set_modified(t).map_err(io)?;
+        }
+        f.sync_all().map_err(io)?;
+        let persisted = if overwrite {
+            self.tmp.persist(&dest)
+        } else {
+            self.tmp.persist_noclobber(&dest)
+        };
+        if let Err(e) = persisted {
+            // e.file is dropped here, which deletes the temporary.
+            return Err(if e.error.kind() == std::io::ErrorKind::AlreadyExists {
+                CommitError::Exists(dest)
+            } else {
+                io(e.error)
+            });
+        }
+        // Make the rename itself durable.
+        if let Some(dir) = dest.parent().filter(|d| !d.as_os_str().is_empty()) {
+            File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
+        }
+        Ok(())
+    }
+}
+
+/// The metadata qxfer carries for a local file.
+pub fn file_meta(md: &Metadata) -> FileMeta {
+    #[cfg(unix)]
+    let mode = {
+        use std::os::unix::fs::PermissionsExt;
+        Some(md.permissions().mode() & 0o7777)
+    };
+    #[cfg(not(unix))]
+    let mode = None;
+    FileMeta {
+        size: md.len(),
+        mtime: md.modified().ok().and_then(to_timestamp),
+        mode,
+    }
+}
+
+/// Converts a `SystemTime` to the wire timestamp.
+pub fn to_timestamp(t: SystemTime) -> Option<Timestamp> {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => Some(Timestamp {
+            secs: i64::try_from(d.as_secs()).ok()?,
+            nanos: d.subsec_nanos(),
+        }),
+        Err(e) => {
+            let d = e.duration();
+            let mut secs = -i64::try_from(d.as_secs()).ok()?;
+            let mut nanos = d.subsec_nanos();
+            if nanos > 0 {
+                secs -= 1;
+                nanos = 1_000_000_000 - nanos;
+            }
+            Some(Timestamp { secs, nanos })
+        }
+    }
+}
+
+/// Converts a wire timestamp to a `SystemTime`, if it is representable.
+pub fn to_system_time(t: Timestamp) -> Option<SystemTime> {
+    if t.nanos >= 1_000_000_000 {
+        return None;
+    }
+    if t.secs >= 0 {
+        UNIX_EPOCH.checked_add(Duration::new(t.secs as u64, t.nanos))
+    } else {
+        UNIX_EPOCH
+            .checked_sub(Duration::from_secs(t.secs.unsigned_abs()))?
+            .checked_add(Duration::from_nanos(u64::from(t.nanos)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn file_round_trips_through_a_pipe_with_matching_digests() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        let data: Vec<u8> = (0..3 * CHUNK + 17).map(|i| (i * 31 % 251) as u8).collect();
+        std::fs::write(&src, &data).unwrap();
+        let dest = dir.path().join("dest");
+        let incoming = IncomingFile::create(&dest).unwrap();
+        let (mut a, mut b) = tokio::io::duplex(64 * 1024);
+        let size = data.len() as u64;
+        let out = incoming.file().unwrap();
+        let bar = |_: u64| {};
+        let (sent, got) = tokio::join!(
+            async {
+                let d = send_file(File::open(&src).unwrap(), size, &mut a, &bar).await;
+                drop(a);
+                d
+            },
+            receive_file(&mut b, size, out, &bar)
+        );
+        assert_eq!(sent.unwrap(), got.unwrap());
+        assert!(!dest.exists(), "nothing under the final name before commit");
+        let meta = file_meta(&std::fs::metadata(&src).unwrap());
+        incoming.commit(&meta, false).unwrap();
+        assert_eq!(std::fs::read(&dest).unwrap(), data);
+        assert_eq!(
+            std::fs::metadata(&dest).unwrap().modified().unwrap(),
+            std::fs::metadata(&src).unwrap().modified().unwrap()
+        );
+    }
+
+    #[tokio::test]
+    async fn truncated_stream_is_an_error_and_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("dest");
+        let incoming = IncomingFile::create(&dest).unwrap();
+        let mut short: &[u8] = &[1, 2, 3];
+        let err = receive_file(&mut short, 10, incoming.file().unwrap(), &|_| {})
+            .await
+            .unwrap_err();
+        assert!(matches!(err, TransferError::Truncated { got: 3, expected: 10 }), "{err:?}");
+        drop(incoming);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    #[tokio::test]
+    async fn shrunken_source_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        std::fs::write(&src, b"abc").unwrap();
+        let mut sink = tokio::io::sink();
+        let err = send_file(File::open(&src).unwrap(), 10, &mut sink, &|_| {})
+            .await
+            .unwrap_err();
+        assert!(matches!(err, TransferError::SourceChanged { expected: 10, found: 3 }));
+    }
+
+    #[test]
+    fn commit_without_overwrite_refuses_existing() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("dest");
+        std::fs::write(&dest, b"old").unwrap();
+        let incoming = IncomingFile::create(&dest).unwrap();
+        incoming.file().unwrap().write_all(b"new").unwrap();
+        let meta = FileMeta { size: 3, mtime: None, mode: None };
+        assert!(matches!(incoming.commit(&meta, false), Err(CommitError::Exists(_))));
+        assert_eq!(std::fs::read(&dest).unwrap(), b"old");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "temporary removed");
+        let incoming = IncomingFile::create(&dest).unwrap();
+        incoming.file().unwrap().write_all(b"new").unwrap();
+        incoming.commit(&meta, true).unwrap();
+        assert_eq!(std::fs::read(&dest).unwrap(), b"new");
+    }
+
+    #[test]
+    fn timestamps_convert_both_ways() {
+        for t in [
+            UNIX_EPOCH + Duration::new(1_700_000_000, 123),
+            UNIX_EPOCH - Duration::new(5, 250),
+            UNIX_EPOCH,
+        ] {
+            assert_eq!(to_system_time(to_timestamp(t).unwrap()), Some(t));
+        }
+    }
+}
