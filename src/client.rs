@@ -338,6 +338,12 @@ impl Client {
         })
     }
 
+    /// The underlying QUIC connection, for callers that speak the protocol
+    /// directly (tests of the server's handling of malformed streams).
+    pub fn connection(&self) -> &quinn::Connection {
+        &self.conn
+    }
+
     /// Closes the connection politely and waits for the close to be sent.
     pub async fn close(self) {
         self.conn.close(VarInt::from_u32(0), b"done");

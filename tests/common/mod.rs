@@ -1,0 +1,212 @@
+//! Test helpers: an in-process server on a loopback port, clients for it, and the real binary.
+#![allow(dead_code, unreachable_pub)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use qxfer::client::{Client, ClientConfig};
+use qxfer::endpoint::{server_endpoint, TransportOpts};
+use qxfer::server::{self, ServeConfig};
+use qxfer::tls::{Fingerprint, Identity};
+use tempfile::TempDir;
+use tokio::sync::oneshot;
+
+/// A real server running in this process over a temp root, stopped on drop.
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub fingerprint: Fingerprint,
+    pub root: PathBuf,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+    _dirs: TempDir,
+}
+
+impl TestServer {
+    /// Starts a server on 127.0.0.1:0 with a fresh root and identity.
+    pub async fn start() -> Self {
+        let dirs = tempfile::tempdir().unwrap();
+        let root = dirs.path().join("root");
+        Self::start_in(dirs, &root).await
+    }
+
+    /// Starts a server over `root` (created if missing), keeping `dirs` alive.
+    pub async fn start_in(dirs: TempDir, root: &Path) -> Self {
+        let config = ServeConfig::prepare(root).unwrap();
+        let identity = Identity::load_or_generate(&dirs.path().join("certs"), "server").unwrap();
+        let endpoint = server_endpoint(
+            "127.0.0.1:0".parse().unwrap(),
+            &identity,
+            &TransportOpts::default(),
+        )
+        .unwrap();
+        let addr = endpoint.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let root = config.root.clone();
+        let task = tokio::spawn(server::run(endpoint, config, async {
+            let _ = stopped.await;
+        }));
+        Self {
+            addr,
+            fingerprint: identity.fingerprint(),
+            root,
+            stop: Some(stop),
+            task: Some(task),
+            _dirs: dirs,
+        }
+    }
+
+    /// A client config for this server with its own temp config dir.
+    pub fn client_config(&self, config_dir: &Path) -> ClientConfig {
+        ClientConfig {
+            server: self.addr.to_string(),
+            pin: None,
+            config_dir: config_dir.to_owned(),
+            transport: TransportOpts::default(),
+        }
+    }
+
+    /// Connects a fresh client (first contact, known_hosts in a temp dir).
+    pub async fn client(&self) -> (Client, TempDir) {
+        let cfg = tempfile::tempdir().unwrap();
+        let client = Client::connect(&self.client_config(cfg.path())).await.unwrap();
+        (client, cfg)
+    }
+
+    /// Stops the server and waits for it to finish.
+    pub async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        self.task.take().unwrap().await.unwrap();
+    }
+
+    /// Proves the server still serves a well-behaved client: a put, a get and a list.
+    pub async fn assert_healthy(&self) {
+        let (client, _cfg) = self.client().await;
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("probe");
+        std::fs::write(&src, b"still serving").unwrap();
+        let name = format!("probe-{}", rand_suffix());
+        client.put(&src, &name, false, &|_| {}).await.unwrap();
+        let back = dir.path().join("back");
+        client.get(&name, &back, false, &|_| {}, &|_| {}).await.unwrap();
+        assert_eq!(std::fs::read(&back).unwrap(), b"still serving");
+        assert!(client.list("").await.unwrap().iter().any(|e| e.name == name));
+        std::fs::remove_file(self.root.join(&name)).unwrap();
+        client.close().await;
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+fn rand_suffix() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so files do not compress or repeat.
+pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// Names of every entry under `dir`, recursively, relative to it.
+pub fn tree(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    fn walk(base: &Path, dir: &Path, out: &mut Vec<String>) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let e = e.unwrap();
+            let p = e.path();
+            out.push(p.strip_prefix(base).unwrap().display().to_string());
+            if e.file_type().unwrap().is_dir() {
+                walk(base, &p, out);
+            }
+        }
+    }
+    walk(dir, dir, &mut out);
+    out.sort();
+    out
+}
+
+/// Whether this process runs as root (root bypasses file permissions, so
+/// permission tests must drop to another user).
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// The `qxfer` binary, with HOME and the config dir pointed at `home` so a
+/// test never touches the real ones.
+pub fn qxfer(home: &Path) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_qxfer"));
+    cmd.env("HOME", home)
+        .env("XDG_CONFIG_HOME", home.join(".config"))
+        .env("QXFER_CONFIG_DIR", home.join("qxfer-config"))
+        .env_remove("XDG_DOWNLOAD_DIR")
+        .env_remove("QXFER_SERVER")
+        .env_remove("RUST_LOG");
+    cmd
+}
+
+/// The real `qxfer serve` binary on an ephemeral port; killed on drop.
+pub struct ServeProcess {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub fingerprint: String,
+    pub banner: Vec<String>,
+}
+
+impl ServeProcess {
+    /// Starts `cmd` (a `qxfer serve` command line) and waits for its banner.
+    pub fn spawn(mut cmd: Command) -> Self {
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut banner = Vec::new();
+        for _ in 0..3 {
+            banner.push(lines.next().expect("serve printed its banner").unwrap());
+        }
+        let addr = banner[1]
+            .strip_prefix("listening on udp ")
+            .expect("listen line")
+            .parse()
+            .unwrap();
+        let fingerprint = banner[2]
+            .strip_prefix("fingerprint ")
+            .expect("fingerprint line")
+            .to_owned();
+        // Keep draining stdout so the server never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        Self {
+            child,
+            addr,
+            fingerprint,
+            banner,
+        }
+    }
+}
+
+impl Drop for ServeProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
