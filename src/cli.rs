@@ -185,7 +185,12 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
     let endpoint = endpoint::server_endpoint(args.listen, &identity, &args.transport)?;
     let addr = endpoint.local_addr().context("reading the bound address")?;
     let mut out = std::io::stdout().lock();
-    writeln!(out, "qxfer {} serving {}", env!("CARGO_PKG_VERSION"), config.root.display())?;
+    writeln!(
+        out,
+        "qxfer {} serving {}",
+        env!("CARGO_PKG_VERSION"),
+        config.root.display()
+    )?;
     writeln!(out, "listening on udp {addr}")?;
     writeln!(out, "fingerprint {}", identity.fingerprint())?;
     out.flush()?;
@@ -337,7 +342,12 @@ fn finish_batch(
     progress: &Progress,
 ) -> Result<ExitCode> {
     progress.finish();
-    errors.extend(report.failed.iter().map(|(label, e)| format!("{label}: {e}")));
+    errors.extend(
+        report
+            .failed
+            .iter()
+            .map(|(label, e)| format!("{label}: {e}")),
+    );
     let bytes: u64 = report.done.iter().map(|r| r.bytes).sum();
     if json {
         let doc = serde_json::json!({

@@ -15,14 +15,14 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 use crate::endpoint::{self, EndpointError, TransportOpts};
+use crate::progress::Progress;
 use crate::protocol::{
-    read_frame, write_frame, Digest, Entry, ErrorCode, FileMeta, FrameError, GetRequest,
-    ListBatch, ListRequest, PutRequest, Receipt, RemoteError, Request, Response, Trailer, ALPN,
+    read_frame, write_frame, Digest, Entry, ErrorCode, FileMeta, FrameError, GetRequest, ListBatch,
+    ListRequest, PutRequest, Receipt, RemoteError, Request, Response, Trailer, ALPN,
 };
 use crate::server::{RESET_SOURCE_FAILED, STOP_REFUSED};
 use crate::tls::{Fingerprint, KnownHosts, PinnedServerVerifier, TrustError};
 use crate::transfer::{self, file_meta, Advance, CommitError, IncomingFile, TransferError};
-use crate::progress::Progress;
 
 /// Port used when `--server` names only a host.
 pub const DEFAULT_PORT: u16 = 65432;
@@ -50,7 +50,9 @@ pub struct ClientConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
     /// `--server` is not of the form HOST[:PORT].
-    #[error("invalid server address {0:?}: expected HOST:PORT, e.g. example.com:65432 or [::1]:65432")]
+    #[error(
+        "invalid server address {0:?}: expected HOST:PORT, e.g. example.com:65432 or [::1]:65432"
+    )]
     BadAddress(String),
     /// Name resolution failed.
     #[error("cannot resolve {server}: {source}")]
@@ -69,7 +71,10 @@ pub enum ConnectError {
         addr: SocketAddr,
     },
     /// The peer speaks QUIC but not qxfer.
-    #[error("{server} ({addr}) is not a qxfer server: it does not speak the {} protocol", String::from_utf8_lossy(ALPN))]
+    #[error(
+        "{server} ({addr}) is not a qxfer server: it does not speak the {} protocol",
+        String::from_utf8_lossy(ALPN)
+    )]
     NotQxfer {
         /// As given.
         server: String,
@@ -220,7 +225,10 @@ pub fn split_server(server: &str) -> Result<(String, u16), ConnectError> {
         let (host, tail) = rest.split_once(']').ok_or_else(bad)?;
         let port = match tail {
             "" => DEFAULT_PORT,
-            _ => tail.strip_prefix(':').and_then(|p| p.parse().ok()).ok_or_else(bad)?,
+            _ => tail
+                .strip_prefix(':')
+                .and_then(|p| p.parse().ok())
+                .ok_or_else(bad)?,
         };
         return Ok((host.to_owned(), port));
     }
@@ -254,45 +262,53 @@ impl Client {
     pub async fn connect(config: &ClientConfig) -> Result<Self, ConnectError> {
         let server = config.server.as_str();
         let (host, port) = split_server(server)?;
-        let addr = tokio::net::lookup_host((host.as_str(), port))
+        let resolved: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), port))
             .await
             .map_err(|source| ConnectError::Resolve {
                 server: server.to_owned(),
                 source,
             })?
-            .next()
-            .ok_or_else(|| ConnectError::Resolve {
+            .collect();
+        // IPv4 first, then IPv6, one address of each: `localhost` often
+        // resolves to ::1 first while servers listen on 127.0.0.1 by default.
+        let mut candidates: Vec<SocketAddr> = Vec::new();
+        for v4 in [true, false] {
+            if let Some(a) = resolved.iter().find(|a| a.is_ipv4() == v4) {
+                candidates.push(*a);
+            }
+        }
+        if candidates.is_empty() {
+            return Err(ConnectError::Resolve {
                 server: server.to_owned(),
                 source: std::io::Error::other("no addresses found"),
-            })?;
+            });
+        }
 
         let key = known_hosts_key(&host, port);
         let mut known = KnownHosts::load(&config.config_dir.join("known_hosts"))?;
         let on_record = known.lookup(&key);
         let expected = config.pin.or(on_record.map(|(fp, _)| fp));
-        let verifier = PinnedServerVerifier::new(expected);
-        let endpoint = endpoint::client_endpoint(addr, verifier.clone(), &config.transport)?;
-
         // SNI carries the host name when there is one; the verifier ignores it.
-        let sni = if host.parse::<std::net::IpAddr>().is_ok() { "qxfer" } else { host.as_str() };
-        let connecting = endpoint
-            .connect(addr, sni)
-            .or_else(|_| endpoint.connect(addr, "qxfer"))
-            .map_err(|e| ConnectError::Setup {
-                server: server.to_owned(),
-                source: e,
-            })?;
-        let conn = match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
-            Err(_) => {
-                endpoint.close(VarInt::from_u32(0), b"timeout");
-                return Err(ConnectError::Unreachable {
-                    server: server.to_owned(),
-                    addr,
-                });
-            }
-            Ok(Ok(conn)) => conn,
-            Ok(Err(source)) => {
-                if let Some(got) = verifier.mismatch() {
+        let sni = if host.parse::<std::net::IpAddr>().is_ok() {
+            "qxfer"
+        } else {
+            host.as_str()
+        };
+
+        let mut last = None;
+        let mut established = None;
+        for addr in candidates {
+            let verifier = PinnedServerVerifier::new(expected);
+            match attempt(config, server, addr, sni, verifier.clone()).await {
+                Ok((endpoint, conn)) => {
+                    established = Some((endpoint, conn, verifier));
+                    break;
+                }
+                Err(e @ ConnectError::Unreachable { .. }) => last = Some(e),
+                Err(e) => {
+                    let Some(got) = verifier.mismatch() else {
+                        return Err(e);
+                    };
                     let want = expected.expect("a mismatch implies an expected fingerprint");
                     return Err(match (config.pin, on_record) {
                         (None, Some((_, line))) => ConnectError::HostKeyChanged {
@@ -309,18 +325,10 @@ impl Client {
                         },
                     });
                 }
-                if is_alpn_refusal(&source) {
-                    return Err(ConnectError::NotQxfer {
-                        server: server.to_owned(),
-                        addr,
-                    });
-                }
-                return Err(ConnectError::Connection {
-                    server: server.to_owned(),
-                    addr,
-                    source,
-                });
             }
+        }
+        let Some((endpoint, conn, verifier)) = established else {
+            return Err(last.expect("at least one address was tried"));
         };
 
         let mut first_contact = None;
@@ -497,6 +505,43 @@ impl Client {
     }
 }
 
+/// One connection attempt to one address, with the unreachable timeout.
+async fn attempt(
+    config: &ClientConfig,
+    server: &str,
+    addr: SocketAddr,
+    sni: &str,
+    verifier: Arc<PinnedServerVerifier>,
+) -> Result<(quinn::Endpoint, quinn::Connection), ConnectError> {
+    let endpoint = endpoint::client_endpoint(addr, verifier, &config.transport)?;
+    let connecting = endpoint
+        .connect(addr, sni)
+        .or_else(|_| endpoint.connect(addr, "qxfer"))
+        .map_err(|source| ConnectError::Setup {
+            server: server.to_owned(),
+            source,
+        })?;
+    match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
+        Ok(Ok(conn)) => Ok((endpoint, conn)),
+        Err(_) => {
+            endpoint.close(VarInt::from_u32(0), b"timeout");
+            Err(ConnectError::Unreachable {
+                server: server.to_owned(),
+                addr,
+            })
+        }
+        Ok(Err(source)) if is_alpn_refusal(&source) => Err(ConnectError::NotQxfer {
+            server: server.to_owned(),
+            addr,
+        }),
+        Ok(Err(source)) => Err(ConnectError::Connection {
+            server: server.to_owned(),
+            addr,
+            source,
+        }),
+    }
+}
+
 /// Whether the handshake failed because the server does not offer our ALPN.
 fn is_alpn_refusal(e: &ConnectionError) -> bool {
     let want = TransportErrorCode::crypto(ALERT_NO_APPLICATION_PROTOCOL);
@@ -525,7 +570,11 @@ fn open_source(local: &Path) -> Result<(File, FileMeta), FileError> {
     let file = File::open(local).map_err(FileError::local(local))?;
     let md = file.metadata().map_err(FileError::local(local))?;
     if !md.is_file() {
-        let why = if md.is_dir() { "is a directory" } else { "is not a regular file" };
+        let why = if md.is_dir() {
+            "is a directory"
+        } else {
+            "is not a regular file"
+        };
         return Err(FileError::Local {
             path: local.to_owned(),
             source: std::io::Error::other(format!("{why}; only regular files can be sent")),
@@ -654,7 +703,9 @@ pub async fn run_batch(
                 Direction::Put => {
                     let size = std::fs::metadata(&job.local).map(|m| m.len()).unwrap_or(0);
                     let bar = progress.file_bar(&job.label, size);
-                    let r = client.put(&job.local, &job.remote, force, &|n| bar.inc(n)).await;
+                    let r = client
+                        .put(&job.local, &job.remote, force, &|n| bar.inc(n))
+                        .await;
                     bar.finish();
                     r
                 }

@@ -41,10 +41,14 @@ impl RemotePath {
             return Err(invalid("contains a NUL byte"));
         }
         if raw.contains('\\') {
-            return Err(invalid("contains a backslash; use / to separate directories"));
+            return Err(invalid(
+                "contains a backslash; use / to separate directories",
+            ));
         }
         if raw.starts_with('/') {
-            return Err(invalid("absolute paths are not allowed; give a path relative to the server root"));
+            return Err(invalid(
+                "absolute paths are not allowed; give a path relative to the server root",
+            ));
         }
         let bytes = raw.as_bytes();
         if bytes.len() >= 2 && bytes[0].is_ascii_alphabetic() && bytes[1] == b':' {
@@ -127,9 +131,15 @@ mod tests {
         let p = RemotePath::parse("a/b c/ü.txt", false).unwrap();
         assert_eq!(p.to_string(), "a/b c/ü.txt");
         assert_eq!(p.under(Path::new("/r")), PathBuf::from("/r/a/b c/ü.txt"));
-        assert_eq!(RemotePath::parse("a//./b/", false).unwrap().to_string(), "a/b");
+        assert_eq!(
+            RemotePath::parse("a//./b/", false).unwrap().to_string(),
+            "a/b"
+        );
         assert!(RemotePath::parse("", true).unwrap().is_root());
-        assert!(RemotePath::parse("x:y", false).is_ok(), "colons are fine past the first letter");
+        assert!(
+            RemotePath::parse("x:y", false).is_ok(),
+            "colons are fine past the first letter"
+        );
     }
 
     #[test]

@@ -57,7 +57,9 @@ impl Progress {
     /// A new bar for one file, shown above the total bar. Its progress also
     /// advances the total.
     pub fn file_bar(&self, name: &str, size: u64) -> FileBar {
-        let bar = self.multi.insert_before(&self.total, ProgressBar::new(size));
+        let bar = self
+            .multi
+            .insert_before(&self.total, ProgressBar::new(size));
         bar.set_style(
             ProgressStyle::with_template(FILE_TEMPLATE)
                 .expect("valid template")

@@ -299,9 +299,7 @@ where
         return Err(FrameError::TooLarge(len));
     }
     let mut payload = vec![0u8; len];
-    r.read_exact(&mut payload)
-        .await
-        .map_err(eof_is_truncated)?;
+    r.read_exact(&mut payload).await.map_err(eof_is_truncated)?;
     decode(&payload)
 }
 
@@ -336,13 +334,27 @@ mod tests {
     async fn round_trip_over_pipe() {
         let (mut a, mut b) = tokio::io::duplex(1024);
         write_frame(&mut a, &put()).await.unwrap();
-        write_frame(&mut a, &Response::GetAccepted(FileMeta { size: 1, mtime: None, mode: None }))
-            .await
-            .unwrap();
+        write_frame(
+            &mut a,
+            &Response::GetAccepted(FileMeta {
+                size: 1,
+                mtime: None,
+                mode: None,
+            }),
+        )
+        .await
+        .unwrap();
         let got: Request = read_frame(&mut b).await.unwrap();
         assert_eq!(got, put());
         let got: Response = read_frame(&mut b).await.unwrap();
-        assert_eq!(got, Response::GetAccepted(FileMeta { size: 1, mtime: None, mode: None }));
+        assert_eq!(
+            got,
+            Response::GetAccepted(FileMeta {
+                size: 1,
+                mtime: None,
+                mode: None
+            })
+        );
     }
 
     #[tokio::test]
@@ -367,7 +379,9 @@ mod tests {
     async fn garbage_and_trailing_bytes_are_refused() {
         let mut garbage = 3u32.to_be_bytes().to_vec();
         garbage.extend_from_slice(&[0xff, 0xff, 0xff]);
-        let err = read_frame::<_, Request>(&mut &garbage[..]).await.unwrap_err();
+        let err = read_frame::<_, Request>(&mut &garbage[..])
+            .await
+            .unwrap_err();
         assert!(matches!(err, FrameError::Malformed(_)), "{err:?}");
 
         let mut payload = encode(&put()).unwrap()[4..].to_vec();

@@ -84,7 +84,11 @@ impl ServeConfig {
 }
 
 /// Serves `endpoint` until `shutdown` completes, then closes every connection.
-pub async fn run(endpoint: quinn::Endpoint, config: ServeConfig, shutdown: impl Future<Output = ()>) {
+pub async fn run(
+    endpoint: quinn::Endpoint,
+    config: ServeConfig,
+    shutdown: impl Future<Output = ()>,
+) {
     let config = Arc::new(config);
     tokio::pin!(shutdown);
     loop {
@@ -130,22 +134,22 @@ async fn handle_connection(incoming: quinn::Incoming, config: Arc<ServeConfig>) 
 }
 
 async fn handle_stream(mut send: SendStream, mut recv: RecvStream, config: Arc<ServeConfig>) {
-    let request = match tokio::time::timeout(HEADER_TIMEOUT, read_frame::<_, Request>(&mut recv)).await
-    {
-        Ok(Ok(req)) => req,
-        Ok(Err(e)) => {
-            warn!("bad request header: {e}");
-            return refuse(&mut send, &mut recv, protocol_error(&e)).await;
-        }
-        Err(_) => {
-            warn!("no request header within {HEADER_TIMEOUT:?}");
-            let err = RemoteError::new(
-                ErrorCode::Protocol,
-                "no request arrived within 10 s of opening the stream",
-            );
-            return refuse(&mut send, &mut recv, err).await;
-        }
-    };
+    let request =
+        match tokio::time::timeout(HEADER_TIMEOUT, read_frame::<_, Request>(&mut recv)).await {
+            Ok(Ok(req)) => req,
+            Ok(Err(e)) => {
+                warn!("bad request header: {e}");
+                return refuse(&mut send, &mut recv, protocol_error(&e)).await;
+            }
+            Err(_) => {
+                warn!("no request header within {HEADER_TIMEOUT:?}");
+                let err = RemoteError::new(
+                    ErrorCode::Protocol,
+                    "no request arrived within 10 s of opening the stream",
+                );
+                return refuse(&mut send, &mut recv, err).await;
+            }
+        };
     debug!(?request, "request");
     let root = &config.root;
     let result = match request {
@@ -190,7 +194,10 @@ fn fs_error(e: &io::Error, path: &RemotePath, doing: &str) -> RemoteError {
         ),
         _ => (ErrorCode::Internal, "see the server's log"),
     };
-    RemoteError::new(code, format!("{doing} '{path}' on the server: {e}; {advice}"))
+    RemoteError::new(
+        code,
+        format!("{doing} '{path}' on the server: {e}; {advice}"),
+    )
 }
 
 /// Runs blocking filesystem work off the async threads.
@@ -268,16 +275,15 @@ async fn receive_put(
         .await
         .map_err(|e| match e {
             TransferError::Write(ref io) => fs_error(io, path, "cannot write"),
-            other => RemoteError::new(
-                ErrorCode::Protocol,
-                format!("receiving '{path}': {other}"),
-            ),
+            other => RemoteError::new(ErrorCode::Protocol, format!("receiving '{path}': {other}")),
         })?;
     let trailer: Trailer = read_trailer(recv, path).await?;
     if trailer.digest != digest {
         return Err(RemoteError::new(
             ErrorCode::Corrupt,
-            format!("'{path}' arrived corrupted (BLAKE3 mismatch) and was discarded; send it again"),
+            format!(
+                "'{path}' arrived corrupted (BLAKE3 mismatch) and was discarded; send it again"
+            ),
         ));
     }
     let meta = req.meta;
@@ -368,15 +374,23 @@ async fn serve_get(
         return Ok(());
     }
     match tokio::time::timeout(RECEIPT_TIMEOUT, read_frame::<_, Receipt>(recv)).await {
-        Ok(Ok(Receipt::Committed { .. })) => info!(path = %path, bytes = meta.size, "get completed"),
-        Ok(Ok(Receipt::Failed(e))) => info!(path = %path, "get failed on the client: {}", e.message),
+        Ok(Ok(Receipt::Committed { .. })) => {
+            info!(path = %path, bytes = meta.size, "get completed")
+        }
+        Ok(Ok(Receipt::Failed(e))) => {
+            info!(path = %path, "get failed on the client: {}", e.message)
+        }
         Ok(Err(e)) => info!(path = %path, "get: no receipt from the client: {e}"),
         Err(_) => info!(path = %path, "get: no receipt from the client in time"),
     }
     Ok(())
 }
 
-async fn serve_list(req: ListRequest, root: &Path, send: &mut SendStream) -> Result<(), RemoteError> {
+async fn serve_list(
+    req: ListRequest,
+    root: &Path,
+    send: &mut SendStream,
+) -> Result<(), RemoteError> {
     let path = RemotePath::parse(&req.path, true)?;
     let dir = path.under(root);
     let p = path.clone();
@@ -385,11 +399,25 @@ async fn serve_list(req: ListRequest, root: &Path, send: &mut SendStream) -> Res
         write_frame(send, &Response::ListAccepted).await?;
         let mut batches = entries.chunks(LIST_BATCH).peekable();
         if batches.peek().is_none() {
-            write_frame(send, &ListBatch { entries: Vec::new(), more: false }).await?;
+            write_frame(
+                send,
+                &ListBatch {
+                    entries: Vec::new(),
+                    more: false,
+                },
+            )
+            .await?;
         }
         while let Some(batch) = batches.next() {
             let more = batches.peek().is_some();
-            write_frame(send, &ListBatch { entries: batch.to_vec(), more }).await?;
+            write_frame(
+                send,
+                &ListBatch {
+                    entries: batch.to_vec(),
+                    more,
+                },
+            )
+            .await?;
         }
         Ok::<_, FrameError>(())
     };

@@ -232,10 +232,12 @@ impl KnownHosts {
                     why: format!("line {} is not `HOST:PORT SHA256:...`", i + 1),
                 });
             };
-            let fp = fp.parse().map_err(|e: BadFingerprint| TrustError::BadFile {
-                path: path.to_owned(),
-                why: format!("line {}: {e}", i + 1),
-            })?;
+            let fp = fp
+                .parse()
+                .map_err(|e: BadFingerprint| TrustError::BadFile {
+                    path: path.to_owned(),
+                    why: format!("line {}: {e}", i + 1),
+                })?;
             entries.push((host.to_owned(), fp, i + 1));
         }
         Ok(Self {

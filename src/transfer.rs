@@ -101,7 +101,11 @@ where
     Ok(digest)
 }
 
-fn read_chunks(mut file: File, size: u64, tx: mpsc::Sender<Vec<u8>>) -> Result<Digest, TransferError> {
+fn read_chunks(
+    mut file: File,
+    size: u64,
+    tx: mpsc::Sender<Vec<u8>>,
+) -> Result<Digest, TransferError> {
     let mut hasher = blake3::Hasher::new();
     let mut sent = 0u64;
     while sent < size {
@@ -372,7 +376,16 @@ mod tests {
         let err = receive_file(&mut short, 10, incoming.file().unwrap(), &|_| {})
             .await
             .unwrap_err();
-        assert!(matches!(err, TransferError::Truncated { got: 3, expected: 10 }), "{err:?}");
+        assert!(
+            matches!(
+                err,
+                TransferError::Truncated {
+                    got: 3,
+                    expected: 10
+                }
+            ),
+            "{err:?}"
+        );
         drop(incoming);
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     }
@@ -386,7 +399,13 @@ mod tests {
         let err = send_file(File::open(&src).unwrap(), 10, &mut sink, &|_| {})
             .await
             .unwrap_err();
-        assert!(matches!(err, TransferError::SourceChanged { expected: 10, found: 3 }));
+        assert!(matches!(
+            err,
+            TransferError::SourceChanged {
+                expected: 10,
+                found: 3
+            }
+        ));
     }
 
     #[test]
@@ -396,10 +415,21 @@ mod tests {
         std::fs::write(&dest, b"old").unwrap();
         let incoming = IncomingFile::create(&dest).unwrap();
         incoming.file().unwrap().write_all(b"new").unwrap();
-        let meta = FileMeta { size: 3, mtime: None, mode: None };
-        assert!(matches!(incoming.commit(&meta, false), Err(CommitError::Exists(_))));
+        let meta = FileMeta {
+            size: 3,
+            mtime: None,
+            mode: None,
+        };
+        assert!(matches!(
+            incoming.commit(&meta, false),
+            Err(CommitError::Exists(_))
+        ));
         assert_eq!(std::fs::read(&dest).unwrap(), b"old");
-        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "temporary removed");
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            1,
+            "temporary removed"
+        );
         let incoming = IncomingFile::create(&dest).unwrap();
         incoming.file().unwrap().write_all(b"new").unwrap();
         incoming.commit(&meta, true).unwrap();

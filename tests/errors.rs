@@ -28,7 +28,10 @@ async fn missing_file_and_directory_are_clear_errors() {
 
     let (code, msg) = remote_code(client.get("nope.txt", &dest, false, &|_| {}, &|_| {}).await);
     assert_eq!(code, ErrorCode::NotFound);
-    assert!(msg.contains("'nope.txt'") && msg.contains("qxfer ls"), "{msg}");
+    assert!(
+        msg.contains("'nope.txt'") && msg.contains("qxfer ls"),
+        "{msg}"
+    );
     assert!(!dest.exists());
 
     std::fs::create_dir(server.root.join("adir")).unwrap();
@@ -44,9 +47,15 @@ async fn missing_file_and_directory_are_clear_errors() {
     assert_eq!(code, ErrorCode::NotFound, "{msg}");
 
     // Putting a directory is refused locally, naming it.
-    let err = client.put(dir.path(), "d", false, &|_| {}).await.unwrap_err();
+    let err = client
+        .put(dir.path(), "d", false, &|_| {})
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains("is a directory"), "{err}");
-    let err = client.put(&dir.path().join("missing"), "m", false, &|_| {}).await.unwrap_err();
+    let err = client
+        .put(&dir.path().join("missing"), "m", false, &|_| {})
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains("missing"), "{err}");
     server.assert_healthy().await;
 }
@@ -112,7 +121,10 @@ async fn existing_files_are_not_overwritten_without_force() {
 
     let local = dir.path().join("local");
     std::fs::write(&local, b"mine").unwrap();
-    let err = client.get("f", &local, false, &|_| {}, &|_| {}).await.unwrap_err();
+    let err = client
+        .get("f", &local, false, &|_| {}, &|_| {})
+        .await
+        .unwrap_err();
     assert!(matches!(err, FileError::LocalExists(_)), "{err:?}");
     assert!(err.to_string().contains("--force"), "{err}");
     assert_eq!(std::fs::read(&local).unwrap(), b"mine");
@@ -197,15 +209,25 @@ async fn changed_server_identity_is_a_hard_error_naming_known_hosts() {
     client.close().await;
 
     // Same address, different recorded key: as if the server's key changed.
-    let other: Fingerprint = "SHA256:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA".parse().unwrap();
+    let other: Fingerprint = "SHA256:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"
+        .parse()
+        .unwrap();
     std::fs::write(&file, format!("# comment\n{} {other}\n", config.server)).unwrap();
     let err = Client::connect(&config).await.unwrap_err();
     let msg = err.to_string();
-    assert!(matches!(err, ConnectError::HostKeyChanged { line: 2, .. }), "{err:?}");
-    assert!(msg.contains(&file.display().to_string()) && msg.contains("line 2"), "{msg}");
+    assert!(
+        matches!(err, ConnectError::HostKeyChanged { line: 2, .. }),
+        "{err:?}"
+    );
+    assert!(
+        msg.contains(&file.display().to_string()) && msg.contains("line 2"),
+        "{msg}"
+    );
     assert!(msg.contains(&server.fingerprint.to_string()), "{msg}");
     // The file is left for the user to fix, not silently rewritten.
-    assert!(std::fs::read_to_string(&file).unwrap().contains(&other.to_string()));
+    assert!(std::fs::read_to_string(&file)
+        .unwrap()
+        .contains(&other.to_string()));
     server.assert_healthy().await;
 }
 
@@ -214,7 +236,11 @@ async fn pins_are_enforced_and_not_recorded() {
     let server = TestServer::start().await;
     let cfg = tempfile::tempdir().unwrap();
     let mut config = server.client_config(cfg.path());
-    config.pin = Some("SHA256:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA".parse().unwrap());
+    config.pin = Some(
+        "SHA256:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"
+            .parse()
+            .unwrap(),
+    );
     let err = Client::connect(&config).await.unwrap_err();
     assert!(matches!(err, ConnectError::PinMismatch { .. }), "{err:?}");
     assert!(err.to_string().contains("pinned"), "{err}");
@@ -259,7 +285,10 @@ async fn malformed_headers_get_protocol_errors_and_the_server_carries_on() {
     let msg = refused(raw_exchange(&client, &(1u32 << 30).to_be_bytes(), true).await);
     assert!(msg.contains("limit"), "{msg}");
     // Truncated: half a header, then the stream ends.
-    let frame = encode(&Request::List(qxfer::protocol::ListRequest { path: String::new() })).unwrap();
+    let frame = encode(&Request::List(qxfer::protocol::ListRequest {
+        path: String::new(),
+    }))
+    .unwrap();
     let msg = refused(raw_exchange(&client, &frame[..frame.len() / 2], true).await);
     assert!(msg.contains("ended"), "{msg}");
     // Silence: the header never comes; the server gives up after 10 s.
@@ -275,7 +304,11 @@ async fn raw_put(client: &Client, name: &str, declared: u64, data: &[u8]) -> Rec
     let (mut send, mut recv) = client.connection().open_bi().await.unwrap();
     let req = Request::Put(PutRequest {
         path: name.into(),
-        meta: FileMeta { size: declared, mtime: None, mode: None },
+        meta: FileMeta {
+            size: declared,
+            mtime: None,
+            mode: None,
+        },
         force: false,
     });
     send.write_all(&encode(&req).unwrap()).await.unwrap();
@@ -283,7 +316,10 @@ async fn raw_put(client: &Client, name: &str, declared: u64, data: &[u8]) -> Rec
     let digest = *blake3::hash(data).as_bytes();
     let _ = send.write_all(&encode(&Trailer { digest }).unwrap()).await;
     let _ = send.finish();
-    assert_eq!(read_frame::<_, Response>(&mut recv).await.unwrap(), Response::PutAccepted);
+    assert_eq!(
+        read_frame::<_, Response>(&mut recv).await.unwrap(),
+        Response::PutAccepted
+    );
     read_frame(&mut recv).await.unwrap()
 }
 
@@ -306,12 +342,18 @@ async fn declared_size_must_match_the_data() {
     let (mut send, mut recv) = client.connection().open_bi().await.unwrap();
     let req = Request::Put(PutRequest {
         path: "bad-digest".into(),
-        meta: FileMeta { size: 3, mtime: None, mode: None },
+        meta: FileMeta {
+            size: 3,
+            mtime: None,
+            mode: None,
+        },
         force: false,
     });
     send.write_all(&encode(&req).unwrap()).await.unwrap();
     send.write_all(b"abc").await.unwrap();
-    send.write_all(&encode(&Trailer { digest: [0; 32] }).unwrap()).await.unwrap();
+    send.write_all(&encode(&Trailer { digest: [0; 32] }).unwrap())
+        .await
+        .unwrap();
     send.finish().unwrap();
     let _: Response = read_frame(&mut recv).await.unwrap();
     match read_frame::<_, Receipt>(&mut recv).await.unwrap() {
@@ -334,12 +376,16 @@ async fn permission_denied_on_the_server_is_reported() {
     let (client, _cfg) = server.client().await;
     let locked = server.root.join("locked");
     std::fs::write(&locked, b"x").unwrap();
-    std::fs::set_permissions(&locked, std::fs::Permissions::from_mode(0)).unwrap();
+    std::fs::set_permissions(&locked, std::fs::Permissions::from_mode(0o000)).unwrap();
     let ro = server.root.join("ro");
     std::fs::create_dir(&ro).unwrap();
     std::fs::set_permissions(&ro, std::fs::Permissions::from_mode(0o555)).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let (code, _) = remote_code(client.get("locked", &dir.path().join("l"), false, &|_| {}, &|_| {}).await);
+    let (code, _) = remote_code(
+        client
+            .get("locked", &dir.path().join("l"), false, &|_| {}, &|_| {})
+            .await,
+    );
     assert_eq!(code, ErrorCode::PermissionDenied);
     let src = dir.path().join("f");
     std::fs::write(&src, b"x").unwrap();
@@ -350,7 +396,10 @@ async fn permission_denied_on_the_server_is_reported() {
     std::fs::create_dir(&local_ro).unwrap();
     std::fs::set_permissions(&local_ro, std::fs::Permissions::from_mode(0o555)).unwrap();
     std::fs::write(server.root.join("ok"), b"ok").unwrap();
-    let err = client.get("ok", &local_ro.join("ok"), false, &|_| {}, &|_| {}).await.unwrap_err();
+    let err = client
+        .get("ok", &local_ro.join("ok"), false, &|_| {}, &|_| {})
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains("ermission denied"), "{err}");
     std::fs::set_permissions(&ro, std::fs::Permissions::from_mode(0o755)).unwrap();
     server.assert_healthy().await;
@@ -385,13 +434,17 @@ impl TinyDisk {
 
 impl Drop for TinyDisk {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("umount").arg(self.dir.path()).status();
+        let _ = std::process::Command::new("umount")
+            .arg(self.dir.path())
+            .status();
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_disks_are_reported_on_either_side() {
-    let Some(disk) = TinyDisk::mount("1m") else { return };
+    let Some(disk) = TinyDisk::mount("1m") else {
+        return;
+    };
     let root = disk.dir.path().join("root");
     let server = TestServer::start_in(tempfile::tempdir().unwrap(), &root).await;
     let (client, _cfg) = server.client().await;
@@ -401,8 +454,15 @@ async fn full_disks_are_reported_on_either_side() {
 
     let (code, msg) = remote_code(client.put(&src, "big", false, &|_| {}).await);
     assert_eq!(code, ErrorCode::NoSpace, "{msg}");
-    assert!(msg.contains("'big'") && msg.contains("disk is full"), "{msg}");
-    assert!(tree(&server.root).is_empty(), "partial upload removed: {:?}", tree(&server.root));
+    assert!(
+        msg.contains("'big'") && msg.contains("disk is full"),
+        "{msg}"
+    );
+    assert!(
+        tree(&server.root).is_empty(),
+        "partial upload removed: {:?}",
+        tree(&server.root)
+    );
     server.assert_healthy().await;
 
     // The client's disk: download a file bigger than the tiny disk into it.
@@ -411,10 +471,17 @@ async fn full_disks_are_reported_on_either_side() {
     let (client2, _cfg2) = other.client().await;
     let out = disk.dir.path().join("downloads");
     std::fs::create_dir(&out).unwrap();
-    let err = client2.get("big", &out.join("big"), false, &|_| {}, &|_| {}).await.unwrap_err();
+    let err = client2
+        .get("big", &out.join("big"), false, &|_| {}, &|_| {})
+        .await
+        .unwrap_err();
     let msg = err.to_string();
     assert!(msg.contains("disk is full") && msg.contains("big"), "{msg}");
-    assert!(tree(&out).is_empty(), "partial download removed: {:?}", tree(&out));
+    assert!(
+        tree(&out).is_empty(),
+        "partial download removed: {:?}",
+        tree(&out)
+    );
     other.assert_healthy().await;
     client.close().await;
     client2.close().await;

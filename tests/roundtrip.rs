@@ -20,7 +20,10 @@ async fn empty_file_round_trips() {
     assert_eq!(std::fs::read(server.root.join("empty")).unwrap(), b"");
 
     let back = dir.path().join("back");
-    let got = client.get("empty", &back, false, &|_| {}, &|_| {}).await.unwrap();
+    let got = client
+        .get("empty", &back, false, &|_| {}, &|_| {})
+        .await
+        .unwrap();
     assert_eq!(got.bytes, 0);
     assert_eq!(got.blake3, put.blake3);
     assert_eq!(std::fs::read(&back).unwrap(), b"");
@@ -48,12 +51,18 @@ async fn hundred_mib_file_round_trips() {
     };
     let put = client.put(&src, "big.bin", false, &advance).await.unwrap();
     assert_eq!(put.bytes, data.len() as u64);
-    assert_eq!(moved.load(std::sync::atomic::Ordering::Relaxed), data.len() as u64);
+    assert_eq!(
+        moved.load(std::sync::atomic::Ordering::Relaxed),
+        data.len() as u64
+    );
     assert_eq!(put.blake3, *blake3::hash(&data).as_bytes());
     assert!(std::fs::read(server.root.join("big.bin")).unwrap() == data);
 
     let back = dir.path().join("back.bin");
-    let got = client.get("big.bin", &back, false, &|_| {}, &|_| {}).await.unwrap();
+    let got = client
+        .get("big.bin", &back, false, &|_| {}, &|_| {})
+        .await
+        .unwrap();
     assert_eq!(got.blake3, put.blake3);
     assert!(std::fs::read(&back).unwrap() == data);
     // Only the final names exist: no temporaries left on either side.
@@ -116,27 +125,49 @@ async fn names_with_spaces_and_non_ascii_round_trip() {
     let server = TestServer::start().await;
     let (client, _cfg) = server.client().await;
     let dir = tempfile::tempdir().unwrap();
-    for (i, name) in ["with space.txt", "naïve café.txt", "日本語 ファイル", "emoji 🚀.bin"]
-        .iter()
-        .enumerate()
+    for (i, name) in [
+        "with space.txt",
+        "naïve café.txt",
+        "日本語 ファイル",
+        "emoji 🚀.bin",
+    ]
+    .iter()
+    .enumerate()
     {
         let src = dir.path().join(name);
         let data = pattern(1000 + i, i as u64);
         std::fs::write(&src, &data).unwrap();
         let remote = format!("sub dir/ü/{name}");
         client.put(&src, &remote, false, &|_| {}).await.unwrap();
-        assert_eq!(std::fs::read(server.root.join("sub dir/ü").join(name)).unwrap(), data);
+        assert_eq!(
+            std::fs::read(server.root.join("sub dir/ü").join(name)).unwrap(),
+            data
+        );
         let back = dir.path().join(format!("back {name}"));
-        client.get(&remote, &back, false, &|_| {}, &|_| {}).await.unwrap();
+        client
+            .get(&remote, &back, false, &|_| {}, &|_| {})
+            .await
+            .unwrap();
         assert_eq!(std::fs::read(&back).unwrap(), data);
     }
     let listing = client.list("sub dir/ü").await.unwrap();
     let mut names: Vec<_> = listing.iter().map(|e| e.name.as_str()).collect();
     names.sort();
-    assert_eq!(names, ["emoji 🚀.bin", "naïve café.txt", "with space.txt", "日本語 ファイル"]);
+    assert_eq!(
+        names,
+        [
+            "emoji 🚀.bin",
+            "naïve café.txt",
+            "with space.txt",
+            "日本語 ファイル"
+        ]
+    );
     let top = client.list("").await.unwrap();
     assert_eq!(top.len(), 1);
-    assert_eq!((top[0].name.as_str(), top[0].kind), ("sub dir", EntryKind::Dir));
+    assert_eq!(
+        (top[0].name.as_str(), top[0].kind),
+        ("sub dir", EntryKind::Dir)
+    );
     client.close().await;
 }
 
@@ -150,22 +181,37 @@ async fn metadata_travels_and_force_overwrites() {
     std::fs::write(&src, b"#!/bin/sh\n").unwrap();
     std::fs::set_permissions(&src, std::fs::Permissions::from_mode(0o777)).unwrap();
     let old = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_600_000_000);
-    std::fs::File::options().write(true).open(&src).unwrap().set_modified(old).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&src)
+        .unwrap()
+        .set_modified(old)
+        .unwrap();
 
     client.put(&src, "script.sh", false, &|_| {}).await.unwrap();
     let md = std::fs::metadata(server.root.join("script.sh")).unwrap();
     assert_eq!(md.modified().unwrap(), old);
-    assert_eq!(md.permissions().mode() & 0o7777, 0o755, "group/other write stripped");
+    assert_eq!(
+        md.permissions().mode() & 0o7777,
+        0o755,
+        "group/other write stripped"
+    );
     let listing = client.list("script.sh").await.unwrap();
     assert_eq!(listing.len(), 1, "listing a file lists that file");
 
     std::fs::write(&src, b"new contents").unwrap();
     client.put(&src, "script.sh", true, &|_| {}).await.unwrap();
-    assert_eq!(std::fs::read(server.root.join("script.sh")).unwrap(), b"new contents");
+    assert_eq!(
+        std::fs::read(server.root.join("script.sh")).unwrap(),
+        b"new contents"
+    );
 
     let back = dir.path().join("back");
     std::fs::write(&back, b"local").unwrap();
-    client.get("script.sh", &back, true, &|_| {}, &|_| {}).await.unwrap();
+    client
+        .get("script.sh", &back, true, &|_| {}, &|_| {})
+        .await
+        .unwrap();
     assert_eq!(std::fs::read(&back).unwrap(), b"new contents");
     client.close().await;
 }

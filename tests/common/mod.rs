@@ -70,7 +70,9 @@ impl TestServer {
     /// Connects a fresh client (first contact, known_hosts in a temp dir).
     pub async fn client(&self) -> (Client, TempDir) {
         let cfg = tempfile::tempdir().unwrap();
-        let client = Client::connect(&self.client_config(cfg.path())).await.unwrap();
+        let client = Client::connect(&self.client_config(cfg.path()))
+            .await
+            .unwrap();
         (client, cfg)
     }
 
@@ -89,9 +91,17 @@ impl TestServer {
         let name = format!("probe-{}", rand_suffix());
         client.put(&src, &name, false, &|_| {}).await.unwrap();
         let back = dir.path().join("back");
-        client.get(&name, &back, false, &|_| {}, &|_| {}).await.unwrap();
+        client
+            .get(&name, &back, false, &|_| {}, &|_| {})
+            .await
+            .unwrap();
         assert_eq!(std::fs::read(&back).unwrap(), b"still serving");
-        assert!(client.list("").await.unwrap().iter().any(|e| e.name == name));
+        assert!(client
+            .list("")
+            .await
+            .unwrap()
+            .iter()
+            .any(|e| e.name == name));
         std::fs::remove_file(self.root.join(&name)).unwrap();
         client.close().await;
     }

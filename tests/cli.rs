@@ -1,0 +1,417 @@
+//! The real binary end to end: `qxfer serve` in a child process, client commands through assert_cmd.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use assert_cmd::assert::OutputAssertExt;
+use common::{is_root, pattern, qxfer, ServeProcess};
+use predicates::prelude::*;
+
+/// A `qxfer serve` over `<home>/root` with certs in `<home>/certs`.
+fn serve(home: &Path, listen: &str) -> ServeProcess {
+    let mut cmd = qxfer(home);
+    cmd.args(["serve", "--listen", listen, "--root"])
+        .arg(home.join("root"))
+        .arg("--certs")
+        .arg(home.join("certs"));
+    ServeProcess::spawn(cmd)
+}
+
+fn client(home: &Path, server: &ServeProcess) -> Command {
+    let mut cmd = qxfer(home);
+    cmd.env("QXFER_SERVER", server.addr.to_string());
+    cmd
+}
+
+#[test]
+fn help_and_version() {
+    let home = tempfile::tempdir().unwrap();
+    qxfer(home.path()).arg("--help").assert().success().stdout(
+        predicate::str::contains("serve")
+            .and(predicate::str::contains("put"))
+            .and(predicate::str::contains("get"))
+            .and(predicate::str::contains("ls")),
+    );
+    for sub in ["serve", "put", "get", "ls"] {
+        qxfer(home.path()).args([sub, "--help"]).assert().success();
+    }
+    qxfer(home.path())
+        .args(["put", "--help"])
+        .assert()
+        .stdout(predicate::str::contains("--parallel").and(predicate::str::contains("--to")));
+    qxfer(home.path())
+        .arg("--version")
+        .assert()
+        .success()
+        .stdout(predicate::str::contains(env!("CARGO_PKG_VERSION")));
+    qxfer(home.path()).arg("put").assert().failure();
+}
+
+#[test]
+fn serve_put_ls_get_end_to_end() {
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    let server = serve(h, "127.0.0.1:0");
+    assert!(server.banner[0].contains(&h.join("root").display().to_string()));
+    assert!(server.fingerprint.starts_with("SHA256:"));
+    let key_mode = std::fs::metadata(h.join("certs/server.key"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(key_mode & 0o777, 0o600);
+
+    let src = h.join("src");
+    std::fs::create_dir(&src).unwrap();
+    for (i, name) in ["a", "b", "c d", "é"].iter().enumerate() {
+        std::fs::write(src.join(name), pattern(100_000 * (i + 1), i as u64)).unwrap();
+    }
+    client(h, &server)
+        .current_dir(&src)
+        .args(["put", "a", "b", "c d", "é", "--to", "up/load"])
+        .assert()
+        .success()
+        .stderr(
+            predicate::str::contains("first contact")
+                .and(predicate::str::contains(server.fingerprint.as_str()))
+                .and(predicate::str::contains("put 4 files")),
+        );
+    let known = std::fs::read_to_string(h.join("qxfer-config/known_hosts")).unwrap();
+    assert!(known.contains(&server.fingerprint), "{known}");
+
+    client(h, &server)
+        .args(["ls", "up/load"])
+        .assert()
+        .success()
+        .stdout(
+            predicate::str::contains(" a\n")
+                .and(predicate::str::contains("c d"))
+                .and(predicate::str::contains("400000")),
+        );
+    let out = client(h, &server)
+        .args(["ls", "--json", "up"])
+        .output()
+        .unwrap();
+    let entries: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(entries[0]["name"], "load");
+    assert_eq!(entries[0]["kind"], "dir");
+
+    let dl = h.join("dl");
+    let out = client(h, &server)
+        .args([
+            "get",
+            "up/load/a",
+            "up/load/c d",
+            "up/load/é",
+            "--json",
+            "-o",
+        ])
+        .arg(&dl)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["files"].as_array().unwrap().len(), 3);
+    let a_hash = blake3::hash(&std::fs::read(src.join("a")).unwrap())
+        .to_hex()
+        .to_string();
+    assert!(report["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|f| f["blake3"] == a_hash.as_str()));
+    for name in ["a", "c d", "é"] {
+        assert_eq!(
+            std::fs::read(dl.join(name)).unwrap(),
+            std::fs::read(src.join(name)).unwrap()
+        );
+    }
+
+    // Again without --force: refused, file untouched; with --force: fine.
+    client(h, &server)
+        .args(["get", "up/load/a", "-o"])
+        .arg(&dl)
+        .assert()
+        .failure()
+        .stderr(
+            predicate::str::contains("already exists").and(predicate::str::contains("--force")),
+        );
+    client(h, &server)
+        .args(["get", "up/load/a", "--force", "-q", "-o"])
+        .arg(&dl)
+        .assert()
+        .success()
+        .stderr("");
+}
+
+#[test]
+fn one_failure_does_not_stop_the_others_and_sets_the_exit_code() {
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    let server = serve(h, "127.0.0.1:0");
+    std::fs::write(h.join("good"), b"good").unwrap();
+    std::fs::write(h.join("taken"), b"new").unwrap();
+    std::fs::write(h.join("root/taken"), b"old").unwrap();
+    client(h, &server)
+        .current_dir(h)
+        .args(["put", "taken", "missing", "good"])
+        .assert()
+        .failure()
+        .stderr(
+            predicate::str::contains("taken: 'taken' already exists on the server")
+                .and(predicate::str::contains("missing:"))
+                .and(predicate::str::contains("2 of 3 files failed")),
+        );
+    assert_eq!(std::fs::read(h.join("root/good")).unwrap(), b"good");
+    assert_eq!(std::fs::read(h.join("root/taken")).unwrap(), b"old");
+}
+
+#[test]
+fn get_defaults_to_the_downloads_folder_under_home() {
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    let server = serve(h, "127.0.0.1:0");
+    std::fs::write(h.join("root/report.pdf"), b"%PDF").unwrap();
+    client(h, &server)
+        .args(["get", "report.pdf"])
+        .assert()
+        .success();
+    assert_eq!(
+        std::fs::read(h.join("Downloads/report.pdf")).unwrap(),
+        b"%PDF"
+    );
+}
+
+#[test]
+fn server_flag_and_host_names_work() {
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    let server = serve(h, "127.0.0.1:0");
+    std::fs::write(h.join("root/x"), b"x").unwrap();
+    // `localhost` resolves (often to ::1 first); the client still finds the IPv4 listener.
+    qxfer(h)
+        .args([
+            "ls",
+            "--server",
+            &format!("localhost:{}", server.addr.port()),
+        ])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains(" x"));
+}
+
+#[test]
+fn ipv6_listen_and_connect() {
+    if std::net::UdpSocket::bind("[::1]:0").is_err() {
+        println!("skipped: no IPv6 loopback on this machine");
+        return;
+    }
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    let server = serve(h, "[::1]:0");
+    assert!(server.addr.is_ipv6());
+    std::fs::write(h.join("f"), b"six").unwrap();
+    qxfer(h)
+        .current_dir(h)
+        .args(["put", "f", "--server", &server.addr.to_string()])
+        .assert()
+        .success();
+    assert_eq!(std::fs::read(h.join("root/f")).unwrap(), b"six");
+}
+
+#[test]
+fn unreachable_server_fails_fast_naming_it() {
+    let home = tempfile::tempdir().unwrap();
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = silent.local_addr().unwrap().to_string();
+    let start = Instant::now();
+    qxfer(home.path())
+        .args(["ls", "--server", &addr])
+        .assert()
+        .failure()
+        .stderr(predicate::str::contains(addr.as_str()).and(predicate::str::contains("no answer")));
+    assert!(start.elapsed() < Duration::from_secs(8));
+}
+
+#[test]
+fn bad_roots_are_clear_startup_errors_and_missing_roots_are_created() {
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    std::fs::write(h.join("afile"), b"").unwrap();
+    qxfer(h)
+        .args(["serve", "--listen", "127.0.0.1:0", "--root"])
+        .arg(h.join("afile"))
+        .arg("--certs")
+        .arg(h.join("certs"))
+        .assert()
+        .failure()
+        .stderr(predicate::str::contains("not a directory").and(predicate::str::contains("afile")));
+    let server = serve(h, "127.0.0.1:0");
+    assert!(h.join("root").is_dir(), "root created");
+    drop(server);
+}
+
+#[test]
+fn identity_survives_restarts_and_a_changed_one_is_refused() {
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    let first = serve(h, "127.0.0.1:0");
+    let addr = first.addr;
+    let fp = first.fingerprint.clone();
+    client(h, &first).arg("ls").assert().success();
+    drop(first);
+    let again = serve(h, &addr.to_string());
+    assert_eq!(again.fingerprint, fp, "same identity after restart");
+    client(h, &again)
+        .arg("ls")
+        .assert()
+        .success()
+        .stderr(predicate::str::contains("first contact").not());
+    drop(again);
+
+    // New certificate at the same address: the client refuses and says where to look.
+    std::fs::remove_dir_all(h.join("certs")).unwrap();
+    let changed = serve(h, &addr.to_string());
+    assert_ne!(changed.fingerprint, fp);
+    client(h, &changed).arg("ls").assert().failure().stderr(
+        predicate::str::contains("SERVER IDENTITY CHANGED")
+            .and(predicate::str::contains("known_hosts"))
+            .and(predicate::str::contains(changed.fingerprint.as_str())),
+    );
+    // An explicit pin to the new key connects; a wrong pin does not.
+    client(h, &changed)
+        .args(["ls", "--pin", &changed.fingerprint])
+        .assert()
+        .success();
+    client(h, &changed)
+        .args(["ls", "--pin", &fp])
+        .assert()
+        .failure()
+        .stderr(predicate::str::contains("pinned"));
+    client(h, &changed)
+        .args(["ls", "--pin", "SHA256:nonsense"])
+        .assert()
+        .failure()
+        .stderr(predicate::str::contains("invalid fingerprint"));
+}
+
+#[test]
+fn ctrl_c_stops_the_server_cleanly() {
+    let home = tempfile::tempdir().unwrap();
+    let mut server = serve(home.path(), "127.0.0.1:0");
+    // SAFETY: kill(2) on our own child's pid has no memory-safety preconditions.
+    unsafe { libc::kill(server.child.id() as i32, libc::SIGINT) };
+    let start = Instant::now();
+    loop {
+        if let Some(status) = server.child.try_wait().unwrap() {
+            assert!(status.success(), "{status:?}");
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "server did not stop on SIGINT"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Permission errors need a user that file permissions apply to: as root,
+/// run both binaries as `nobody`.
+#[test]
+fn permission_denied_on_either_side() {
+    use std::os::unix::process::CommandExt;
+    if !is_root() {
+        println!("skipped here: tests/errors.rs covers permissions for non-root users");
+        return;
+    }
+    const NOBODY: u32 = 65534;
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    std::fs::set_permissions(h, std::fs::Permissions::from_mode(0o755)).unwrap();
+    for d in ["root", "certs", "qxfer-config", "mine"] {
+        std::fs::create_dir(h.join(d)).unwrap();
+        std::os::unix::fs::chown(h.join(d), Some(NOBODY), Some(NOBODY)).unwrap();
+    }
+    // Owned by root inside the served root: unreadable file, unwritable directory.
+    std::fs::write(h.join("root/secret"), b"s").unwrap();
+    std::fs::set_permissions(
+        h.join("root/secret"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
+    std::fs::create_dir(h.join("root/locked")).unwrap();
+    std::fs::write(h.join("root/public"), b"p").unwrap();
+    std::fs::set_permissions(
+        h.join("root/public"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    std::os::unix::fs::chown(h.join("root/public"), Some(NOBODY), Some(NOBODY)).unwrap();
+    // Local side: a root-owned unreadable file and a root-owned folder.
+    std::fs::write(h.join("private"), b"x").unwrap();
+    std::fs::set_permissions(h.join("private"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::fs::create_dir(h.join("rootdir")).unwrap();
+    std::fs::write(h.join("mine/ok"), b"ok").unwrap();
+    std::os::unix::fs::chown(h.join("mine/ok"), Some(NOBODY), Some(NOBODY)).unwrap();
+
+    let mut cmd = qxfer(h);
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--root"])
+        .arg(h.join("root"))
+        .arg("--certs")
+        .arg(h.join("certs"))
+        .uid(NOBODY)
+        .gid(NOBODY);
+    let server = ServeProcess::spawn(cmd);
+    let as_nobody = || {
+        let mut c = client(h, &server);
+        c.uid(NOBODY).gid(NOBODY);
+        c
+    };
+    as_nobody()
+        .args(["get", "secret", "-o"])
+        .arg(h.join("mine"))
+        .assert()
+        .failure()
+        .stderr(
+            predicate::str::contains("ermission denied").and(predicate::str::contains("'secret'")),
+        );
+    as_nobody()
+        .arg("put")
+        .arg(h.join("mine/ok"))
+        .args(["--to", "locked"])
+        .assert()
+        .failure()
+        .stderr(
+            predicate::str::contains("ermission denied").and(predicate::str::contains("locked/ok")),
+        );
+    as_nobody()
+        .arg("put")
+        .arg(h.join("private"))
+        .assert()
+        .failure()
+        .stderr(
+            predicate::str::contains("private").and(predicate::str::contains("ermission denied")),
+        );
+    as_nobody()
+        .args(["get", "public", "-o"])
+        .arg(h.join("rootdir"))
+        .assert()
+        .failure()
+        .stderr(
+            predicate::str::contains("rootdir").and(predicate::str::contains("ermission denied")),
+        );
+    // And the server still serves.
+    as_nobody()
+        .args(["get", "public", "-o"])
+        .arg(h.join("mine"))
+        .assert()
+        .success();
+    assert!(!h.join("root/private").exists() && !h.join("root/locked/ok").exists());
+}
