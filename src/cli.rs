@@ -153,7 +153,9 @@ pub fn main() -> ExitCode {
 
 /// Runs a parsed command line.
 pub async fn run(cli: Cli) -> Result<ExitCode> {
-    let progress = Progress::new(cli.quiet);
+    // Only put and get draw bars; the server and ls log or print plainly.
+    let bars = matches!(cli.command, Command::Put(_) | Command::Get(_));
+    let progress = Progress::new(cli.quiet || !bars);
     let default_level = match (cli.quiet, cli.verbose, &cli.command) {
         (true, _, _) => "error",
         (_, 0, Command::Serve(_)) => "info",
@@ -184,6 +186,7 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
         .with_context(|| format!("server identity in {}", args.certs.display()))?;
     let endpoint = endpoint::server_endpoint(args.listen, &identity, &args.transport)?;
     let addr = endpoint.local_addr().context("reading the bound address")?;
+    let shutdown = shutdown_signal()?;
     let mut out = std::io::stdout().lock();
     writeln!(
         out,
@@ -195,30 +198,31 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
     writeln!(out, "fingerprint {}", identity.fingerprint())?;
     out.flush()?;
     drop(out);
-    server::run(endpoint, config, shutdown_signal()).await;
+    server::run(endpoint, config, shutdown).await;
     Ok(ExitCode::SUCCESS)
 }
 
-/// Completes on Ctrl-C or SIGTERM.
-async fn shutdown_signal() {
+/// Installs the Ctrl-C and SIGTERM handlers now (so a signal that arrives
+/// right after the banner is not lost to the default action) and returns a
+/// future that completes on either.
+fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
-                }
+        let mut int = signal(SignalKind::interrupt()).context("installing the Ctrl-C handler")?;
+        let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+        Ok(async move {
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
             }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
+        })
     }
     #[cfg(not(unix))]
     {
-        let _ = tokio::signal::ctrl_c().await;
+        Ok(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
     }
 }
 

@@ -694,6 +694,7 @@ pub async fn run_batch(
             progress.add_total(std::fs::metadata(&job.local).map(|m| m.len()).unwrap_or(0));
         }
     }
+    progress.set_status(format!("0/{queued} files"));
     let mut tasks = JoinSet::new();
     for job in jobs {
         let (client, limit, progress) = (client.clone(), limit.clone(), progress.clone());

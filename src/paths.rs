@@ -137,8 +137,8 @@ mod tests {
         );
         assert!(RemotePath::parse("", true).unwrap().is_root());
         assert!(
-            RemotePath::parse("x:y", false).is_ok(),
-            "colons are fine past the first letter"
+            RemotePath::parse("notes 10:30.txt", false).is_ok(),
+            "colons are fine outside a drive prefix"
         );
     }
 
