@@ -58,6 +58,12 @@ pub struct ServeArgs {
     /// Where the server's certificate and key live; generated on first start.
     #[arg(long, default_value = "certs")]
     pub certs: PathBuf,
+    /// Serve downloads and listings only; refuse every upload.
+    #[arg(long)]
+    pub read_only: bool,
+    /// Refuse uploads larger than this many bytes.
+    #[arg(long, value_name = "BYTES")]
+    pub max_file_size: Option<u64>,
     #[command(flatten)]
     pub transport: TransportOpts,
 }
@@ -181,7 +187,9 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
 }
 
 async fn serve(args: ServeArgs) -> Result<ExitCode> {
-    let config = ServeConfig::prepare(&args.root)?;
+    let mut config = ServeConfig::prepare(&args.root)?;
+    config.read_only = args.read_only;
+    config.max_file_size = args.max_file_size;
     let identity = Identity::load_or_generate(&args.certs, "server")
         .with_context(|| format!("server identity in {}", args.certs.display()))?;
     let endpoint = endpoint::server_endpoint(args.listen, &identity, &args.transport)?;

@@ -192,6 +192,10 @@ pub enum ErrorCode {
     Protocol,
     /// Anything else on the server's side.
     Internal,
+    /// The server accepts no uploads (`serve --read-only`).
+    ReadOnly,
+    /// The file exceeds the server's `--max-file-size`.
+    TooLarge,
 }
 
 impl fmt::Display for ErrorCode {
@@ -207,6 +211,8 @@ impl fmt::Display for ErrorCode {
             Self::Corrupt => "data corrupted",
             Self::Protocol => "protocol error",
             Self::Internal => "internal error",
+            Self::ReadOnly => "read-only server",
+            Self::TooLarge => "file too large",
         };
         f.write_str(s)
     }

@@ -42,6 +42,10 @@ pub const STOP_REFUSED: u32 = 2;
 pub struct ServeConfig {
     /// The directory all remote paths are resolved beneath.
     pub root: PathBuf,
+    /// Refuse every put.
+    pub read_only: bool,
+    /// Refuse puts that declare more bytes than this.
+    pub max_file_size: Option<u64>,
 }
 
 /// Errors that stop the server from starting.
@@ -79,7 +83,11 @@ impl ServeConfig {
         // An unnamed temporary file proves we can create files here and leaves nothing behind.
         tempfile::tempfile_in(root).map_err(unusable)?;
         let root = std::fs::canonicalize(root).map_err(unusable)?;
-        Ok(Self { root })
+        Ok(Self {
+            root,
+            read_only: false,
+            max_file_size: None,
+        })
     }
 }
 
@@ -153,13 +161,36 @@ async fn handle_stream(mut send: SendStream, mut recv: RecvStream, config: Arc<S
     debug!(?request, "request");
     let root = &config.root;
     let result = match request {
-        Request::Put(req) => serve_put(req, root, &mut send, &mut recv).await,
+        Request::Put(req) => match check_put_allowed(&req, &config) {
+            Ok(()) => serve_put(req, root, &mut send, &mut recv).await,
+            Err(e) => Err(e),
+        },
         Request::Get(req) => serve_get(req, root, &mut send, &mut recv).await,
         Request::List(req) => serve_list(req, root, &mut send).await,
     };
     if let Err(err) = result {
         info!("refused: {}", err.message);
         refuse(&mut send, &mut recv, err).await;
+    }
+}
+
+/// Applies the server's policy to a put before anything is touched.
+fn check_put_allowed(req: &PutRequest, config: &ServeConfig) -> Result<(), RemoteError> {
+    if config.read_only {
+        return Err(RemoteError::new(
+            ErrorCode::ReadOnly,
+            format!("'{}' was not uploaded: this server is read-only", req.path),
+        ));
+    }
+    match config.max_file_size {
+        Some(max) if req.meta.size > max => Err(RemoteError::new(
+            ErrorCode::TooLarge,
+            format!(
+                "'{}' is {} bytes; this server accepts files of at most {max} bytes",
+                req.path, req.meta.size
+            ),
+        )),
+        _ => Ok(()),
     }
 }
 

@@ -415,3 +415,23 @@ fn permission_denied_on_either_side() {
         .success();
     assert!(!h.join("root/private").exists() && !h.join("root/locked/ok").exists());
 }
+
+#[test]
+fn read_only_flag_refuses_uploads() {
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    let mut cmd = qxfer(h);
+    cmd.args(["serve", "--read-only", "--listen", "127.0.0.1:0", "--root"])
+        .arg(h.join("root"))
+        .arg("--certs")
+        .arg(h.join("certs"));
+    let server = ServeProcess::spawn(cmd);
+    std::fs::write(h.join("f"), b"x").unwrap();
+    client(h, &server)
+        .current_dir(h)
+        .args(["put", "f"])
+        .assert()
+        .failure()
+        .stderr(predicate::str::contains("read-only"));
+    assert!(!h.join("root/f").exists());
+}

@@ -487,3 +487,38 @@ async fn full_disks_are_reported_on_either_side() {
     client2.close().await;
     drop(server);
 }
+
+#[tokio::test]
+async fn read_only_servers_and_size_limits_refuse_puts_clearly() {
+    let dirs = tempfile::tempdir().unwrap();
+    let root = dirs.path().join("root");
+    let server = TestServer::start_with(dirs, &root, |c| c.read_only = true).await;
+    std::fs::write(server.root.join("shared"), b"read me").unwrap();
+    let (client, _cfg) = server.client().await;
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("up");
+    std::fs::write(&src, pattern(2 << 20, 5)).unwrap();
+    let (code, msg) = remote_code(client.put(&src, "up", false, &|_| {}).await);
+    assert_eq!(code, ErrorCode::ReadOnly);
+    assert!(msg.contains("'up'") && msg.contains("read-only"), "{msg}");
+    // Reads still work.
+    let back = dir.path().join("shared");
+    client
+        .get("shared", &back, false, &|_| {}, &|_| {})
+        .await
+        .unwrap();
+    assert_eq!(std::fs::read(&back).unwrap(), b"read me");
+    assert_eq!(tree(&server.root), ["shared"]);
+    client.close().await;
+
+    let dirs = tempfile::tempdir().unwrap();
+    let root = dirs.path().join("root");
+    let server = TestServer::start_with(dirs, &root, |c| c.max_file_size = Some(1 << 20)).await;
+    let (client, _cfg) = server.client().await;
+    let (code, msg) = remote_code(client.put(&src, "up", false, &|_| {}).await);
+    assert_eq!(code, ErrorCode::TooLarge);
+    assert!(msg.contains("at most 1048576 bytes"), "{msg}");
+    assert!(tree(&server.root).is_empty());
+    client.close().await;
+    server.assert_healthy().await;
+}

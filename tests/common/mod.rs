@@ -33,7 +33,17 @@ impl TestServer {
 
     /// Starts a server over `root` (created if missing), keeping `dirs` alive.
     pub async fn start_in(dirs: TempDir, root: &Path) -> Self {
-        let config = ServeConfig::prepare(root).unwrap();
+        Self::start_with(dirs, root, |_| {}).await
+    }
+
+    /// Like `start_in`, with the server's policy adjusted by `configure`.
+    pub async fn start_with(
+        dirs: TempDir,
+        root: &Path,
+        configure: impl FnOnce(&mut ServeConfig),
+    ) -> Self {
+        let mut config = ServeConfig::prepare(root).unwrap();
+        configure(&mut config);
         let identity = Identity::load_or_generate(&dirs.path().join("certs"), "server").unwrap();
         let endpoint = server_endpoint(
             "127.0.0.1:0".parse().unwrap(),
