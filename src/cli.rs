@@ -64,6 +64,9 @@ pub struct ServeArgs {
     /// Refuse uploads larger than this many bytes.
     #[arg(long, value_name = "BYTES")]
     pub max_file_size: Option<u64>,
+    /// Most clients connected at once; more are refused.
+    #[arg(long, default_value_t = server::DEFAULT_MAX_CONNECTIONS as u32, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
     #[command(flatten)]
     pub transport: TransportOpts,
 }
@@ -190,6 +193,7 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
     let mut config = ServeConfig::prepare(&args.root)?;
     config.read_only = args.read_only;
     config.max_file_size = args.max_file_size;
+    config.max_connections = args.max_connections as usize;
     let identity = Identity::load_or_generate(&args.certs, "server")
         .with_context(|| format!("server identity in {}", args.certs.display()))?;
     let endpoint = endpoint::server_endpoint(args.listen, &identity, &args.transport)?;

@@ -81,6 +81,14 @@ pub enum ConnectError {
         /// As resolved.
         addr: SocketAddr,
     },
+    /// The server is at its connection limit.
+    #[error("{server} ({addr}) refused the connection: it is serving as many clients as it allows (--max-connections); try again later")]
+    Busy {
+        /// As given.
+        server: String,
+        /// As resolved.
+        addr: SocketAddr,
+    },
     /// The server's fingerprint differs from the stored one.
     #[error("SERVER IDENTITY CHANGED for {server}: it presented {got}, but {} line {line} says {want}. Someone may be intercepting the connection. If the server's certificate was deliberately replaced, delete that line and connect again.", file.display())]
     HostKeyChanged {
@@ -534,6 +542,14 @@ async fn attempt(
             server: server.to_owned(),
             addr,
         }),
+        Ok(Err(ConnectionError::ConnectionClosed(close)))
+            if close.error_code == TransportErrorCode::CONNECTION_REFUSED =>
+        {
+            Err(ConnectError::Busy {
+                server: server.to_owned(),
+                addr,
+            })
+        }
         Ok(Err(source)) => Err(ConnectError::Connection {
             server: server.to_owned(),
             addr,

@@ -46,7 +46,12 @@ pub struct ServeConfig {
     pub read_only: bool,
     /// Refuse puts that declare more bytes than this.
     pub max_file_size: Option<u64>,
+    /// Most connections served at once; more are refused at the handshake.
+    pub max_connections: usize,
 }
+
+/// Default for [`ServeConfig::max_connections`].
+pub const DEFAULT_MAX_CONNECTIONS: usize = 256;
 
 /// Errors that stop the server from starting.
 #[derive(Debug, thiserror::Error)]
@@ -87,6 +92,7 @@ impl ServeConfig {
             root,
             read_only: false,
             max_file_size: None,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
         })
     }
 }
@@ -97,6 +103,7 @@ pub async fn run(
     config: ServeConfig,
     shutdown: impl Future<Output = ()>,
 ) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(config.max_connections));
     let config = Arc::new(config);
     tokio::pin!(shutdown);
     loop {
@@ -105,8 +112,27 @@ pub async fn run(
             incoming = endpoint.accept() => incoming,
         };
         let Some(incoming) = incoming else { break };
+        // Stateless retry: an address that has not proven it can receive
+        // our packets gets a token first, so spoofed sources cannot make us
+        // do handshake work or amplify traffic toward a victim.
+        if !incoming.remote_address_validated() {
+            let _ = incoming.retry();
+            continue;
+        }
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            warn!(remote = %incoming.remote_address(), "connection refused: {} connections already open (--max-connections)", config.max_connections);
+            incoming.refuse();
+            continue;
+        };
         let span = info_span!("conn", remote = %incoming.remote_address());
-        tokio::spawn(handle_connection(incoming, config.clone()).instrument(span));
+        let config = config.clone();
+        tokio::spawn(
+            async move {
+                handle_connection(incoming, config).await;
+                drop(slot);
+            }
+            .instrument(span),
+        );
     }
     info!("shutting down");
     endpoint.close(VarInt::from_u32(0), b"server shutting down");

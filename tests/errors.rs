@@ -522,3 +522,33 @@ async fn read_only_servers_and_size_limits_refuse_puts_clearly() {
     client.close().await;
     server.assert_healthy().await;
 }
+
+#[tokio::test]
+async fn connections_beyond_the_limit_are_refused_clearly() {
+    let dirs = tempfile::tempdir().unwrap();
+    let root = dirs.path().join("root");
+    let server = TestServer::start_with(dirs, &root, |c| c.max_connections = 1).await;
+    let (first, _cfg) = server.client().await;
+    let cfg = tempfile::tempdir().unwrap();
+    let err = Client::connect(&server.client_config(cfg.path()))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ConnectError::Busy { .. }), "{err:?}");
+    assert!(err.to_string().contains("--max-connections"), "{err}");
+    // The admitted client is unaffected, and its slot frees when it leaves.
+    assert!(first.list("").await.unwrap().is_empty());
+    first.close().await;
+    let start = Instant::now();
+    loop {
+        match Client::connect(&server.client_config(cfg.path())).await {
+            Ok(c) => {
+                c.close().await;
+                break;
+            }
+            Err(ConnectError::Busy { .. }) if start.elapsed() < Duration::from_secs(5) => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Err(e) => panic!("slot never freed: {e}"),
+        }
+    }
+}
