@@ -88,11 +88,6 @@ impl RemotePath {
     pub fn file_name(&self) -> Option<&str> {
         self.components.last().map(String::as_str)
     }
-
-    /// Whether this is the root itself.
-    pub fn is_root(&self) -> bool {
-        self.components.is_empty()
-    }
 }
 
 impl std::fmt::Display for RemotePath {
@@ -135,7 +130,7 @@ mod tests {
             RemotePath::parse("a//./b/", false).unwrap().to_string(),
             "a/b"
         );
-        assert!(RemotePath::parse("", true).unwrap().is_root());
+        assert_eq!(RemotePath::parse("", true).unwrap().to_string(), "");
         assert!(
             RemotePath::parse("notes 10:30.txt", false).is_ok(),
             "colons are fine outside a drive prefix"

@@ -59,13 +59,6 @@ pub enum TransferError {
     Network(#[source] std::io::Error),
 }
 
-impl TransferError {
-    /// Whether this is a full disk or exhausted quota on the writing side.
-    pub fn is_disk_full(&self) -> bool {
-        matches!(self, Self::Write(e) if is_disk_full(e))
-    }
-}
-
 /// Whether an I/O error means "no space left" (ENOSPC or EDQUOT).
 pub fn is_disk_full(e: &std::io::Error) -> bool {
     e.kind() == std::io::ErrorKind::StorageFull
