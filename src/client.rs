@@ -705,20 +705,21 @@ pub async fn run_batch(
     let start = Instant::now();
     let limit = Arc::new(Semaphore::new(parallel.max(1)));
     let queued = jobs.len();
-    if direction == Direction::Put {
-        for job in &jobs {
-            progress.add_total(std::fs::metadata(&job.local).map(|m| m.len()).unwrap_or(0));
-        }
-    }
     progress.set_status(format!("0/{queued} files"));
     let mut tasks = JoinSet::new();
     for job in jobs {
+        // A put's size is known up front, so the total bar is right from the
+        // start; a get learns its size from the server's answer.
+        let size = match direction {
+            Direction::Put => std::fs::metadata(&job.local).map(|m| m.len()).unwrap_or(0),
+            Direction::Get => 0,
+        };
+        progress.add_total(size);
         let (client, limit, progress) = (client.clone(), limit.clone(), progress.clone());
         tasks.spawn(async move {
             let _permit = limit.acquire_owned().await.expect("semaphore never closed");
             let result = match direction {
                 Direction::Put => {
-                    let size = std::fs::metadata(&job.local).map(|m| m.len()).unwrap_or(0);
                     let bar = progress.file_bar(&job.label, size);
                     let r = client
                         .put(&job.local, &job.remote, force, &|n| bar.inc(n))

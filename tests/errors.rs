@@ -137,12 +137,7 @@ async fn unreachable_server_fails_within_seconds_naming_the_address() {
     let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     let addr = silent.local_addr().unwrap();
     let cfg = tempfile::tempdir().unwrap();
-    let config = qxfer::client::ClientConfig {
-        server: addr.to_string(),
-        pin: None,
-        config_dir: cfg.path().to_owned(),
-        transport: Default::default(),
-    };
+    let config = common::client_config(addr, cfg.path());
     let start = Instant::now();
     let err = Client::connect(&config).await.unwrap_err();
     let took = start.elapsed();
@@ -177,12 +172,7 @@ async fn a_quic_server_of_another_protocol_is_named_as_such() {
         }
     });
     let cfg = tempfile::tempdir().unwrap();
-    let config = qxfer::client::ClientConfig {
-        server: addr.to_string(),
-        pin: None,
-        config_dir: cfg.path().to_owned(),
-        transport: Default::default(),
-    };
+    let config = common::client_config(addr, cfg.path());
     let err = Client::connect(&config).await.unwrap_err();
     assert!(matches!(err, ConnectError::NotQxfer { .. }), "{err:?}");
     assert!(err.to_string().contains("is not a qxfer server"), "{err}");

@@ -69,12 +69,7 @@ impl TestServer {
 
     /// A client config for this server with its own temp config dir.
     pub fn client_config(&self, config_dir: &Path) -> ClientConfig {
-        ClientConfig {
-            server: self.addr.to_string(),
-            pin: None,
-            config_dir: config_dir.to_owned(),
-            transport: TransportOpts::default(),
-        }
+        client_config(self.addr, config_dir)
     }
 
     /// Connects a fresh client (first contact, known_hosts in a temp dir).
@@ -122,6 +117,16 @@ impl Drop for TestServer {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
+    }
+}
+
+/// A client config for any address, with known_hosts in `config_dir`.
+pub fn client_config(addr: SocketAddr, config_dir: &Path) -> ClientConfig {
+    ClientConfig {
+        server: addr.to_string(),
+        pin: None,
+        config_dir: config_dir.to_owned(),
+        transport: TransportOpts::default(),
     }
 }
 
