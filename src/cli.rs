@@ -4,18 +4,22 @@ use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
-use crate::client::{run_batch, BatchReport, Client, ClientConfig, Direction, Job};
-use crate::endpoint::{self, TransportOpts};
+use crate::client::{
+    run_batch, BatchReport, Client, ClientConfig, Direction, Job, CLIENT_IDENTITY,
+};
+use crate::endpoint::{self, ServerLimits, TransportOpts};
 use crate::paths::join_remote;
 use crate::progress::{summary, Progress};
-use crate::protocol::{Entry, EntryKind};
+use crate::protocol::{Entry, EntryKind, MAX_FRAME};
 use crate::server::{self, ServeConfig};
-use crate::tls::{Fingerprint, Identity};
+use crate::tls::{AuthorizedClients, ClientVerifier, Fingerprint, Identity, AUTHORIZED_CLIENTS};
 use crate::transfer::to_system_time;
 
 /// Secure, fast file transfer over QUIC.
@@ -44,6 +48,11 @@ pub enum Command {
     Get(GetArgs),
     /// List a directory on a server.
     Ls(LsArgs),
+    /// Print this client's identity fingerprint (generating the identity on first use).
+    ///
+    /// Give it to a server's operator, who admits you with
+    /// `qxfer serve --allow SHA256:...`.
+    Id,
 }
 
 /// Options of `qxfer serve`.
@@ -67,8 +76,40 @@ pub struct ServeArgs {
     /// Most clients connected at once; more are refused.
     #[arg(long, default_value_t = server::DEFAULT_MAX_CONNECTIONS as u32, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections: u32,
+    /// Most connections one client identity may hold at once.
+    #[arg(long, default_value_t = server::DEFAULT_MAX_CONNECTIONS_PER_CLIENT as u32, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections_per_client: u32,
+    /// Most streams (files in flight) per connection.
+    #[arg(long, default_value_t = endpoint::DEFAULT_MAX_STREAMS, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub max_streams: u32,
+    /// Close connections silent for this long (keep-alives count as traffic).
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub idle_timeout: Duration,
+    /// Time a client has to send its request after opening a stream.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub header_timeout: Duration,
+    /// Largest request header accepted, in bytes.
+    #[arg(long, default_value_t = MAX_FRAME as u32, value_parser = clap::value_parser!(u32).range(1024..=MAX_FRAME as i64))]
+    pub max_header_size: u32,
+    /// Admit this client fingerprint: append it to <CERTS>/authorized_clients
+    /// (repeatable) and start serving.
+    #[arg(long, value_name = "SHA256:...")]
+    pub allow: Vec<Fingerprint>,
+    /// Admit ANY client, authorized or not. Anyone who can reach the port can
+    /// then read and write the root. Only for trusted networks.
+    #[arg(long)]
+    pub open: bool,
     #[command(flatten)]
     pub transport: TransportOpts,
+}
+
+/// Parses `30s`, `2m`, `500ms`... into a duration.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 30s, 2m, 500ms)"))?;
+    if d.is_zero() {
+        return Err("must be more than zero".into());
+    }
+    Ok(d)
 }
 
 /// Options every client command takes.
@@ -186,7 +227,16 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Put(args) => put(args, cli.quiet, &progress).await,
         Command::Get(args) => get(args, cli.quiet, &progress).await,
         Command::Ls(args) => ls(args).await,
+        Command::Id => id(),
     }
+}
+
+fn id() -> Result<ExitCode> {
+    let dir = config_dir()?;
+    let identity = Identity::load_or_generate(&dir, CLIENT_IDENTITY)
+        .with_context(|| format!("client identity in {}", dir.display()))?;
+    println!("{}", identity.fingerprint());
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn serve(args: ServeArgs) -> Result<ExitCode> {
@@ -194,9 +244,19 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
     config.read_only = args.read_only;
     config.max_file_size = args.max_file_size;
     config.max_connections = args.max_connections as usize;
+    config.max_connections_per_client = args.max_connections_per_client as usize;
+    config.header_timeout = args.header_timeout;
+    config.max_header_size = args.max_header_size as usize;
+    let limits = ServerLimits {
+        max_streams: args.max_streams,
+        idle_timeout: args.idle_timeout,
+    };
     let identity = Identity::load_or_generate(&args.certs, "server")
         .with_context(|| format!("server identity in {}", args.certs.display()))?;
-    let endpoint = endpoint::server_endpoint(args.listen, &identity, &args.transport)?;
+    let clients = authorized_clients(&args)?;
+    let verifier = ClientVerifier::new(clients.clone());
+    let endpoint =
+        endpoint::server_endpoint(args.listen, &identity, verifier, &args.transport, &limits)?;
     let addr = endpoint.local_addr().context("reading the bound address")?;
     let shutdown = shutdown_signal()?;
     let mut out = std::io::stdout().lock();
@@ -212,6 +272,48 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
     drop(out);
     server::run(endpoint, config, shutdown).await;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Builds the server's allowlist: `<certs>/authorized_clients` (after adding
+/// any `--allow`), plus this user's own client identity so that `qxfer serve`
+/// and `qxfer put` work together on one machine with no setup; or everyone
+/// with `--open`.
+fn authorized_clients(args: &ServeArgs) -> Result<Arc<AuthorizedClients>> {
+    let file = args.certs.join(AUTHORIZED_CLIENTS);
+    for fp in &args.allow {
+        let added = AuthorizedClients::append(&file, *fp, "added by qxfer serve --allow")?;
+        if added {
+            tracing::info!("authorized client {fp} (added to {})", file.display());
+        } else {
+            tracing::info!("client {fp} was already authorized in {}", file.display());
+        }
+    }
+    if args.open {
+        tracing::warn!("*** --open: ANY client that can reach this port may read, write and overwrite files in the root. Use only on a network you trust. ***");
+        return Ok(Arc::new(AuthorizedClients::new(&file, Vec::new(), true)));
+    }
+    // The server user's own client identity, created now if needed, so the
+    // quick start works whichever command runs first.
+    let own = match config_dir().and_then(|dir| {
+        Identity::load_or_generate(&dir, CLIENT_IDENTITY)
+            .with_context(|| format!("client identity in {}", dir.display()))
+    }) {
+        Ok(id) => vec![id.fingerprint()],
+        Err(e) => {
+            tracing::warn!("not admitting this user's own client identity: {e:#}");
+            Vec::new()
+        }
+    };
+    let list = AuthorizedClients::new(&file, own.clone(), false);
+    tracing::info!(
+        "admitting {} client(s) listed in {} (re-read when it changes){}",
+        list.len(),
+        file.display(),
+        own.first()
+            .map(|fp| format!(" and this user's own client identity {fp}"))
+            .unwrap_or_default()
+    );
+    Ok(Arc::new(list))
 }
 
 /// Installs the Ctrl-C and SIGTERM handlers now (so a signal that arrives
@@ -301,6 +403,10 @@ async fn put(args: PutArgs, quiet: bool, progress: &Progress) -> Result<ExitCode
         progress,
     )
     .await;
+    if let Some(refused) = client.refusal() {
+        progress.finish();
+        return Err(refused.into());
+    }
     client.close().await;
     finish_batch("put", report, bad, args.json, quiet, progress)
 }
@@ -334,6 +440,10 @@ async fn get(args: GetArgs, quiet: bool, progress: &Progress) -> Result<ExitCode
         progress,
     )
     .await;
+    if let Some(refused) = client.refusal() {
+        progress.finish();
+        return Err(refused.into());
+    }
     client.close().await;
     finish_batch("got", report, bad, args.json, quiet, progress)
 }
@@ -398,6 +508,9 @@ async fn ls(args: LsArgs) -> Result<ExitCode> {
     let progress = Progress::hidden();
     let client = connect(&args.client, false, &progress).await?;
     let listed = client.list(&args.dir).await;
+    if let Some(refused) = client.refusal() {
+        return Err(refused.into());
+    }
     client.close().await;
     let entries = match listed {
         Ok(e) => e,

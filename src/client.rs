@@ -17,11 +17,11 @@ use tokio::task::JoinSet;
 use crate::endpoint::{self, EndpointError, TransportOpts};
 use crate::progress::Progress;
 use crate::protocol::{
-    read_frame, write_frame, Digest, Entry, ErrorCode, FileMeta, FrameError, GetRequest, ListBatch,
-    ListRequest, PutRequest, Receipt, RemoteError, Request, Response, Trailer, ALPN,
+    close, read_frame, write_frame, Digest, Entry, ErrorCode, FileMeta, FrameError, GetRequest,
+    ListBatch, ListRequest, PutRequest, Receipt, RemoteError, Request, Response, Trailer, ALPN,
 };
 use crate::server::{RESET_SOURCE_FAILED, STOP_REFUSED};
-use crate::tls::{Fingerprint, KnownHosts, PinnedServerVerifier, TrustError};
+use crate::tls::{Fingerprint, Identity, KnownHosts, PinnedServerVerifier, TrustError};
 use crate::transfer::{self, file_meta, Advance, CommitError, IncomingFile, TransferError};
 
 /// Port used when `--server` names only a host.
@@ -33,6 +33,15 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// The TLS alert QUIC carries when no ALPN protocol is shared (RFC 8446 no_application_protocol).
 const ALERT_NO_APPLICATION_PROTOCOL: u8 = 120;
 
+/// The TLS alert a qxfer server sends for a client it does not admit (access_denied).
+const ALERT_ACCESS_DENIED: u8 = 49;
+
+/// The TLS alert for a client that presented no certificate (certificate_required).
+const ALERT_CERTIFICATE_REQUIRED: u8 = 116;
+
+/// Name of the client identity's files (`client.crt`, `client.key`) in the config directory.
+pub const CLIENT_IDENTITY: &str = "client";
+
 /// Where and how to connect.
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
@@ -40,7 +49,7 @@ pub struct ClientConfig {
     pub server: String,
     /// Accept only this server fingerprint (and do not consult known_hosts).
     pub pin: Option<Fingerprint>,
-    /// Holds known_hosts.
+    /// Holds known_hosts and this client's identity (generated on first use).
     pub config_dir: PathBuf,
     /// QUIC transport options.
     pub transport: TransportOpts,
@@ -88,6 +97,20 @@ pub enum ConnectError {
         server: String,
         /// As resolved.
         addr: SocketAddr,
+    },
+    /// The server does not admit this client's identity.
+    #[error("the server {server} refused this client: it does not know this client's identity.\nGive the server's operator your fingerprint, which `qxfer id` prints:\n    {fingerprint}\nand ask them to run `qxfer serve --allow {fingerprint}` (or add it to certs/authorized_clients).")]
+    Refused {
+        /// As given.
+        server: String,
+        /// This client's fingerprint.
+        fingerprint: Fingerprint,
+    },
+    /// The server closed the connection because this identity holds too many.
+    #[error("the server {server} closed the connection: this client already has as many connections open as it allows (--max-connections-per-client); close some and try again")]
+    TooManyFromClient {
+        /// As given.
+        server: String,
     },
     /// The server's fingerprint differs from the stored one.
     #[error("SERVER IDENTITY CHANGED for {server}: it presented {got}, but {} line {line} says {want}. Someone may be intercepting the connection. If the server's certificate was deliberately replaced, delete that line and connect again.", file.display())]
@@ -218,6 +241,8 @@ pub struct TransferReport {
 pub struct Client {
     endpoint: quinn::Endpoint,
     conn: quinn::Connection,
+    server: String,
+    fingerprint: Fingerprint,
     /// Set when this connection was the first contact and the fingerprint was
     /// added to known_hosts.
     pub first_contact: Option<(Fingerprint, PathBuf)>,
@@ -292,6 +317,7 @@ impl Client {
             });
         }
 
+        let identity = Identity::load_or_generate(&config.config_dir, CLIENT_IDENTITY)?;
         let key = known_hosts_key(&host, port);
         let mut known = KnownHosts::load(&config.config_dir.join("known_hosts"))?;
         let on_record = known.lookup(&key);
@@ -307,7 +333,7 @@ impl Client {
         let mut established = None;
         for addr in candidates {
             let verifier = PinnedServerVerifier::new(expected);
-            match attempt(config, server, addr, sni, verifier.clone()).await {
+            match attempt(config, &identity, server, addr, sni, verifier.clone()).await {
                 Ok((endpoint, conn)) => {
                     established = Some((endpoint, conn, verifier));
                     break;
@@ -350,8 +376,22 @@ impl Client {
         Ok(Self {
             endpoint,
             conn,
+            server: server.to_owned(),
+            fingerprint: identity.fingerprint(),
             first_contact,
         })
+    }
+
+    /// If the server has closed this connection because it refused this
+    /// client (unknown identity, or too many connections from it), the error
+    /// to report instead of the per-file failures that followed.
+    ///
+    /// In TLS 1.3 the client finishes its handshake before the server has
+    /// checked the client certificate, so a refusal can arrive after
+    /// [`Client::connect`] returned; callers check this when requests fail.
+    pub fn refusal(&self) -> Option<ConnectError> {
+        let reason = self.conn.close_reason()?;
+        refusal(&reason, &self.server, self.fingerprint)
     }
 
     /// The underlying QUIC connection, for callers that speak the protocol
@@ -513,15 +553,40 @@ impl Client {
     }
 }
 
+/// The refusal a connection error stands for, if it is one.
+fn refusal(e: &ConnectionError, server: &str, fingerprint: Fingerprint) -> Option<ConnectError> {
+    let denied = [
+        TransportErrorCode::crypto(ALERT_ACCESS_DENIED),
+        TransportErrorCode::crypto(ALERT_CERTIFICATE_REQUIRED),
+    ];
+    match e {
+        ConnectionError::ConnectionClosed(c) if denied.contains(&c.error_code) => {
+            Some(ConnectError::Refused {
+                server: server.to_owned(),
+                fingerprint,
+            })
+        }
+        ConnectionError::ApplicationClosed(c)
+            if c.error_code == VarInt::from_u32(close::TOO_MANY_FROM_CLIENT) =>
+        {
+            Some(ConnectError::TooManyFromClient {
+                server: server.to_owned(),
+            })
+        }
+        _ => None,
+    }
+}
+
 /// One connection attempt to one address, with the unreachable timeout.
 async fn attempt(
     config: &ClientConfig,
+    identity: &Identity,
     server: &str,
     addr: SocketAddr,
     sni: &str,
     verifier: Arc<PinnedServerVerifier>,
 ) -> Result<(quinn::Endpoint, quinn::Connection), ConnectError> {
-    let endpoint = endpoint::client_endpoint(addr, verifier, &config.transport)?;
+    let endpoint = endpoint::client_endpoint(addr, verifier, Some(identity), &config.transport)?;
     let connecting = endpoint
         .connect(addr, sni)
         .or_else(|_| endpoint.connect(addr, "qxfer"))
@@ -538,23 +603,38 @@ async fn attempt(
                 addr,
             })
         }
-        Ok(Err(source)) if is_alpn_refusal(&source) => Err(ConnectError::NotQxfer {
-            server: server.to_owned(),
+        Ok(Err(source)) => Err(connect_failure(
+            source,
+            server,
             addr,
-        }),
-        Ok(Err(ConnectionError::ConnectionClosed(close)))
+            identity.fingerprint(),
+        )),
+    }
+}
+
+/// Names why a handshake failed.
+fn connect_failure(
+    source: ConnectionError,
+    server: &str,
+    addr: SocketAddr,
+    fingerprint: Fingerprint,
+) -> ConnectError {
+    if let Some(refused) = refusal(&source, server, fingerprint) {
+        return refused;
+    }
+    let server = server.to_owned();
+    match source {
+        e if is_alpn_refusal(&e) => ConnectError::NotQxfer { server, addr },
+        ConnectionError::ConnectionClosed(close)
             if close.error_code == TransportErrorCode::CONNECTION_REFUSED =>
         {
-            Err(ConnectError::Busy {
-                server: server.to_owned(),
-                addr,
-            })
+            ConnectError::Busy { server, addr }
         }
-        Ok(Err(source)) => Err(ConnectError::Connection {
-            server: server.to_owned(),
+        source => ConnectError::Connection {
+            server,
             addr,
             source,
-        }),
+        },
     }
 }
 

@@ -11,11 +11,12 @@ use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{congestion, EndpointConfig, IdleTimeout, TransportConfig, VarInt};
 use socket2::{Domain, Protocol, Socket, Type};
 
-use crate::tls::{self, Identity, PinnedServerVerifier, TrustError};
+use crate::tls::{self, ClientVerifier, Identity, PinnedServerVerifier, TrustError};
 
-/// Most streams a peer may have open at once on one connection. Bounds the
-/// server's per-connection work; the flow-control windows below bound memory.
-pub const MAX_CONCURRENT_STREAMS: u32 = 64;
+/// Default for [`ServerLimits::max_streams`]: most streams a client may have
+/// open at once on one connection. Bounds the server's per-connection work;
+/// the flow-control windows below bound its memory whatever this is.
+pub const DEFAULT_MAX_STREAMS: u32 = 64;
 
 /// Per-stream receive window. 8 MiB covers the bandwidth-delay product of a
 /// 500 Mbit/s, 100 ms path (6.25 MB), so one stream can fill such a link.
@@ -32,8 +33,9 @@ const SEND_WINDOW: u64 = 16 * 1024 * 1024;
 /// buffers drop bursts at high rates, and every drop costs a loss recovery.
 const SOCKET_BUFFER: usize = 4 * 1024 * 1024;
 
-/// A connection with no traffic for this long is closed.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default for [`ServerLimits::idle_timeout`]: a connection with no traffic
+/// for this long is closed. Clients ask for the same.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Clients ping this often so an idle-looking connection (a server busy
 /// syncing a large file, say) is not closed under them.
@@ -67,18 +69,47 @@ impl Default for TransportOpts {
     }
 }
 
+/// The server's transport limits (`serve --max-streams`, `--idle-timeout`).
+#[derive(Debug, Clone, Copy)]
+pub struct ServerLimits {
+    /// Streams a client may have open at once on one connection.
+    pub max_streams: u32,
+    /// Close a connection silent for this long.
+    pub idle_timeout: Duration,
+}
+
+impl Default for ServerLimits {
+    fn default() -> Self {
+        Self {
+            max_streams: DEFAULT_MAX_STREAMS,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+        }
+    }
+}
+
 impl TransportOpts {
-    /// The quinn transport configuration for these options.
-    pub fn transport_config(&self, keep_alive: bool) -> TransportConfig {
+    /// The quinn transport configuration for these options: `max_streams`
+    /// is how many streams the peer may open, `idle` the idle timeout, and
+    /// `keep_alive` whether we ping while otherwise silent (clients do).
+    ///
+    /// Memory stays bounded at any stream count: each stream may have at most
+    /// 8 MiB unread and the whole connection at most 16 MiB, so a server
+    /// buffers at most 16 MiB per connection times `--max-connections`.
+    pub fn transport_config(
+        &self,
+        max_streams: u32,
+        idle: Duration,
+        keep_alive: bool,
+    ) -> TransportConfig {
         let mut t = TransportConfig::default();
-        t.max_concurrent_bidi_streams(VarInt::from_u32(MAX_CONCURRENT_STREAMS))
+        let idle = IdleTimeout::try_from(idle)
+            .unwrap_or_else(|_| IdleTimeout::try_from(DEFAULT_IDLE_TIMEOUT).expect("fits"));
+        t.max_concurrent_bidi_streams(VarInt::from_u32(max_streams))
             .max_concurrent_uni_streams(VarInt::from_u32(0))
             .stream_receive_window(VarInt::from_u32(STREAM_RECEIVE_WINDOW))
             .receive_window(VarInt::from_u32(CONNECTION_RECEIVE_WINDOW))
             .send_window(SEND_WINDOW)
-            .max_idle_timeout(Some(
-                IdleTimeout::try_from(IDLE_TIMEOUT).expect("30 s fits a VarInt"),
-            ))
+            .max_idle_timeout(Some(idle))
             .keep_alive_interval(keep_alive.then_some(KEEP_ALIVE));
         match self.congestion {
             Congestion::Bbr => {
@@ -128,16 +159,23 @@ pub enum EndpointError {
     Quic(String),
 }
 
-/// A server endpoint on `addr` presenting `identity`.
+/// A server endpoint on `addr` presenting `identity` and admitting clients
+/// through `clients`.
 pub fn server_endpoint(
     addr: SocketAddr,
     identity: &Identity,
+    clients: Arc<ClientVerifier>,
     opts: &TransportOpts,
+    limits: &ServerLimits,
 ) -> Result<quinn::Endpoint, EndpointError> {
-    let crypto = QuicServerConfig::try_from(tls::server_crypto(identity)?)
+    let crypto = QuicServerConfig::try_from(tls::server_crypto(identity, clients)?)
         .map_err(|e| EndpointError::Quic(e.to_string()))?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    cfg.transport_config(Arc::new(opts.transport_config(false)));
+    cfg.transport_config(Arc::new(opts.transport_config(
+        limits.max_streams,
+        limits.idle_timeout,
+        false,
+    )));
     let socket = bind_udp(addr).map_err(|source| EndpointError::Bind { addr, source })?;
     quinn::Endpoint::new(
         EndpointConfig::default(),
@@ -149,16 +187,23 @@ pub fn server_endpoint(
 }
 
 /// A client endpoint able to reach `server` (bound to the wildcard address of
-/// the same family), trusting servers through `verifier`.
+/// the same family), presenting `identity` and trusting servers through
+/// `verifier`.
 pub fn client_endpoint(
     server: SocketAddr,
     verifier: Arc<PinnedServerVerifier>,
+    identity: Option<&Identity>,
     opts: &TransportOpts,
 ) -> Result<quinn::Endpoint, EndpointError> {
-    let crypto = QuicClientConfig::try_from(tls::client_crypto(verifier)?)
+    let crypto = QuicClientConfig::try_from(tls::client_crypto(verifier, identity)?)
         .map_err(|e| EndpointError::Quic(e.to_string()))?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
-    cfg.transport_config(Arc::new(opts.transport_config(true)));
+    // The server never opens streams toward a client.
+    cfg.transport_config(Arc::new(opts.transport_config(
+        0,
+        DEFAULT_IDLE_TIMEOUT,
+        true,
+    )));
     let bind: SocketAddr = if server.is_ipv6() {
         "[::]:0".parse().expect("valid address")
     } else {

@@ -7,7 +7,7 @@
 //! Names starting with [`RESERVED_PREFIX`] belong to qxfer's temporary files
 //! and are refused too, so a client can neither read nor clobber them.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use crate::protocol::{ErrorCode, RemoteError, MAX_PATH_LEN};
 
@@ -77,11 +77,21 @@ impl RemotePath {
         Ok(Self { components })
     }
 
-    /// Joins this path beneath `root`.
-    pub fn under(&self, root: &Path) -> PathBuf {
-        let mut p = root.to_path_buf();
-        p.extend(&self.components);
-        p
+    /// This path relative to the root, for cap-std's root-confined calls
+    /// (`.` for the root itself).
+    pub fn relative(&self) -> PathBuf {
+        if self.components.is_empty() {
+            return PathBuf::from(".");
+        }
+        self.components.iter().collect()
+    }
+
+    /// The directory part, relative to the root; `None` for a name in the root.
+    pub fn parent(&self) -> Option<PathBuf> {
+        match self.components.len() {
+            0 | 1 => None,
+            n => Some(self.components[..n - 1].iter().collect()),
+        }
     }
 
     /// The last component, if any.
@@ -125,7 +135,13 @@ mod tests {
     fn plain_paths_pass() {
         let p = RemotePath::parse("a/b c/ü.txt", false).unwrap();
         assert_eq!(p.to_string(), "a/b c/ü.txt");
-        assert_eq!(p.under(Path::new("/r")), PathBuf::from("/r/a/b c/ü.txt"));
+        assert_eq!(p.relative(), PathBuf::from("a/b c/ü.txt"));
+        assert_eq!(p.parent(), Some(PathBuf::from("a/b c")));
+        assert_eq!(RemotePath::parse("x", false).unwrap().parent(), None);
+        assert_eq!(
+            RemotePath::parse("", true).unwrap().relative(),
+            PathBuf::from(".")
+        );
         assert_eq!(
             RemotePath::parse("a//./b/", false).unwrap().to_string(),
             "a/b"

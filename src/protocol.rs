@@ -196,6 +196,18 @@ pub enum ErrorCode {
     ReadOnly,
     /// The file exceeds the server's `--max-file-size`.
     TooLarge,
+    /// The path leads outside the served directory (through a symbolic link).
+    OutsideRoot,
+    /// The name is a symbolic link, which a put never replaces or writes through.
+    Symlink,
+}
+
+/// Application close codes a server may end a connection with.
+pub mod close {
+    /// Normal end: the client is done or the server shuts down.
+    pub const DONE: u32 = 0;
+    /// This client identity already has `--max-connections-per-client` open.
+    pub const TOO_MANY_FROM_CLIENT: u32 = 2;
 }
 
 impl fmt::Display for ErrorCode {
@@ -213,6 +225,8 @@ impl fmt::Display for ErrorCode {
             Self::Internal => "internal error",
             Self::ReadOnly => "read-only server",
             Self::TooLarge => "file too large",
+            Self::OutsideRoot => "outside the served directory",
+            Self::Symlink => "symbolic link",
         };
         f.write_str(s)
     }
@@ -244,9 +258,9 @@ pub enum FrameError {
     /// The stream ended before a complete frame arrived.
     #[error("stream ended in the middle of a message")]
     Truncated,
-    /// The length prefix exceeds [`MAX_FRAME`].
-    #[error("message of {0} bytes exceeds the {MAX_FRAME}-byte limit")]
-    TooLarge(usize),
+    /// The length prefix exceeds the limit (at most [`MAX_FRAME`]).
+    #[error("message of {0} bytes exceeds the {1}-byte limit")]
+    TooLarge(usize, usize),
     /// The payload is not a valid encoding of the expected message.
     #[error("malformed message: {0}")]
     Malformed(String),
@@ -263,7 +277,7 @@ pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, FrameError> {
     let payload = bincode::serde::encode_to_vec(msg, ENCODE)
         .map_err(|e| FrameError::Malformed(e.to_string()))?;
     if payload.len() > MAX_FRAME {
-        return Err(FrameError::TooLarge(payload.len()));
+        return Err(FrameError::TooLarge(payload.len(), MAX_FRAME));
     }
     let mut frame = Vec::with_capacity(4 + payload.len());
     frame.extend_from_slice(&(payload.len() as u32).to_be_bytes());
@@ -298,11 +312,23 @@ where
     R: AsyncRead + Unpin,
     T: DeserializeOwned,
 {
+    read_frame_limited(r, MAX_FRAME).await
+}
+
+/// Reads one frame of at most `limit` bytes (capped at [`MAX_FRAME`]) and
+/// decodes it as `T`. The server reads request headers with its configured
+/// `--max-header-size`.
+pub async fn read_frame_limited<R, T>(r: &mut R, limit: usize) -> Result<T, FrameError>
+where
+    R: AsyncRead + Unpin,
+    T: DeserializeOwned,
+{
+    let limit = limit.min(MAX_FRAME);
     let mut len = [0u8; 4];
     r.read_exact(&mut len).await.map_err(eof_is_truncated)?;
     let len = u32::from_be_bytes(len) as usize;
-    if len > MAX_FRAME {
-        return Err(FrameError::TooLarge(len));
+    if len > limit {
+        return Err(FrameError::TooLarge(len, limit));
     }
     let mut payload = vec![0u8; len];
     r.read_exact(&mut payload).await.map_err(eof_is_truncated)?;
@@ -378,7 +404,7 @@ mod tests {
         let mut frame = ((MAX_FRAME + 1) as u32).to_be_bytes().to_vec();
         frame.extend_from_slice(&[0; 16]);
         let err = read_frame::<_, Request>(&mut &frame[..]).await.unwrap_err();
-        assert!(matches!(err, FrameError::TooLarge(n) if n == MAX_FRAME + 1));
+        assert!(matches!(err, FrameError::TooLarge(n, MAX_FRAME) if n == MAX_FRAME + 1));
     }
 
     #[tokio::test]
@@ -403,7 +429,7 @@ mod tests {
         let req = Request::Get(GetRequest {
             path: "x".repeat(MAX_FRAME + 1),
         });
-        assert!(matches!(encode(&req), Err(FrameError::TooLarge(_))));
+        assert!(matches!(encode(&req), Err(FrameError::TooLarge(..))));
     }
 
     #[test]

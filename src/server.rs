@@ -3,25 +3,52 @@
 //! Every connection runs in its own task and every stream in its own task
 //! within it, so one client's failure (a bad header, a full disk, a dropped
 //! link) ends only that stream and the server keeps serving everyone else.
+//!
+//! The filesystem sandbox: the root is opened once as a cap-std [`Dir`], and
+//! every path a client names is resolved beneath it by cap-std (openat2 with
+//! RESOLVE_BENEATH on Linux, or its own component-by-component walk with
+//! O_NOFOLLOW), so neither `..` nor a symlink can lead out of the root, and
+//! there is no window between checking a path and using it. Paths are also
+//! validated as strings first ([`RemotePath`]) to give clear errors early.
+//! Symlinks that stay inside the root are followed for get and ls; a put
+//! never replaces or writes through a symlink at its destination name.
+//!
+//! Uploads are written into the partial store `<root>/.qxfer-partial/` under
+//! random hidden names and renamed into their directory only once complete
+//! and verified. Names starting with `.qxfer-` are refused by path validation
+//! and hidden from listings, so temporaries are never listed, never
+//! downloadable and never mistaken for (or clobbered by) user files.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use cap_fs_ext::DirExt;
+use cap_std::ambient_authority;
+use cap_std::fs::{Dir, OpenOptions, OpenOptionsExt};
 use quinn::{ConnectionError, RecvStream, SendStream, VarInt};
 use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::paths::{RemotePath, RESERVED_PREFIX};
 use crate::protocol::{
-    read_frame, write_frame, Entry, EntryKind, ErrorCode, FrameError, GetRequest, ListBatch,
-    ListRequest, PutRequest, Receipt, RemoteError, Request, Response, Trailer,
+    close, read_frame, read_frame_limited, write_frame, Entry, EntryKind, ErrorCode, FrameError,
+    GetRequest, ListBatch, ListRequest, PutRequest, Receipt, RemoteError, Request, Response,
+    Trailer, MAX_FRAME,
 };
+use crate::tls::{peer_fingerprint, Fingerprint};
 use crate::transfer::{self, file_meta, to_timestamp, IncomingFile, TransferError};
 
-/// How long a client has to send its request header after opening a stream.
-const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default for [`ServeConfig::header_timeout`].
+pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Default for [`ServeConfig::max_connections_per_client`].
+pub const DEFAULT_MAX_CONNECTIONS_PER_CLIENT: usize = 32;
+
+/// The partial store: a hidden directory in the root holding uploads in progress.
+pub const PARTIAL_DIR: &str = ".qxfer-partial";
 
 /// How long to wait for a trailer or receipt that should follow the data at once.
 /// The client's receipt for a get comes after it fsyncs a possibly large file.
@@ -37,17 +64,26 @@ pub const RESET_SOURCE_FAILED: u32 = 1;
 /// Stream stop code: the receiver will not take more data (refused or failed).
 pub const STOP_REFUSED: u32 = 2;
 
-/// What the server serves.
+/// What the server serves, and its limits.
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
-    /// The directory all remote paths are resolved beneath.
+    /// The root, as an absolute path (for messages).
     pub root: PathBuf,
+    /// The root, opened: every remote path is resolved beneath this handle.
+    pub root_dir: Arc<Dir>,
     /// Refuse every put.
     pub read_only: bool,
     /// Refuse puts that declare more bytes than this.
     pub max_file_size: Option<u64>,
     /// Most connections served at once; more are refused at the handshake.
     pub max_connections: usize,
+    /// Most connections one client identity may hold at once, so one client
+    /// cannot take every slot from the others.
+    pub max_connections_per_client: usize,
+    /// How long a client has to send its request header after opening a stream.
+    pub header_timeout: Duration,
+    /// Largest request header accepted, in bytes (at most 64 KiB).
+    pub max_header_size: usize,
 }
 
 /// Default for [`ServeConfig::max_connections`].
@@ -88,11 +124,16 @@ impl ServeConfig {
         // An unnamed temporary file proves we can create files here and leaves nothing behind.
         tempfile::tempfile_in(root).map_err(unusable)?;
         let root = std::fs::canonicalize(root).map_err(unusable)?;
+        let root_dir = Dir::open_ambient_dir(&root, ambient_authority()).map_err(unusable)?;
         Ok(Self {
             root,
+            root_dir: Arc::new(root_dir),
             read_only: false,
             max_file_size: None,
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_connections_per_client: DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
+            header_timeout: DEFAULT_HEADER_TIMEOUT,
+            max_header_size: MAX_FRAME,
         })
     }
 }
@@ -104,6 +145,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) {
     let slots = Arc::new(tokio::sync::Semaphore::new(config.max_connections));
+    let per_client: PerClient = Arc::default();
     let config = Arc::new(config);
     tokio::pin!(shutdown);
     loop {
@@ -125,10 +167,10 @@ pub async fn run(
             continue;
         };
         let span = info_span!("conn", remote = %incoming.remote_address());
-        let config = config.clone();
+        let (config, per_client) = (config.clone(), per_client.clone());
         tokio::spawn(
             async move {
-                handle_connection(incoming, config).await;
+                handle_connection(incoming, config, per_client).await;
                 drop(slot);
             }
             .instrument(span),
@@ -140,7 +182,50 @@ pub async fn run(
     let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
 }
 
-async fn handle_connection(incoming: quinn::Incoming, config: Arc<ServeConfig>) {
+/// Open connections per client identity.
+type PerClient = Arc<Mutex<HashMap<Fingerprint, usize>>>;
+
+/// Holds one of a client's connection slots; frees it when dropped.
+struct ClientSlot {
+    fp: Fingerprint,
+    counts: PerClient,
+}
+
+impl ClientSlot {
+    /// Takes a slot for `fp`, or `None` if it already holds `max`.
+    fn take(counts: &PerClient, fp: Fingerprint, max: usize) -> Option<Self> {
+        let mut map = counts.lock().unwrap_or_else(|e| e.into_inner());
+        let n = map.entry(fp).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(Self {
+            fp,
+            counts: counts.clone(),
+        })
+    }
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        let mut map = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = map.get_mut(&self.fp) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.fp);
+            }
+        }
+    }
+}
+
+async fn handle_connection(
+    incoming: quinn::Incoming,
+    config: Arc<ServeConfig>,
+    per_client: PerClient,
+) {
+    // Awaiting the full handshake (never `into_0rtt`) means no request is
+    // read before the client has proven its identity: 0-RTT never starts a put.
     let conn = match incoming.await {
         Ok(conn) => conn,
         Err(e) => {
@@ -148,7 +233,24 @@ async fn handle_connection(incoming: quinn::Incoming, config: Arc<ServeConfig>) 
             return;
         }
     };
-    info!("connected");
+    let Some(fp) = peer_fingerprint(&conn) else {
+        // The verifier makes a certificate mandatory; this is defence in depth.
+        warn!("connection without a client certificate; closing");
+        conn.close(
+            VarInt::from_u32(close::DONE),
+            b"client certificate required",
+        );
+        return;
+    };
+    let Some(_slot) = ClientSlot::take(&per_client, fp, config.max_connections_per_client) else {
+        warn!(client = %fp, "connection refused: this client already has {} connections open (--max-connections-per-client)", config.max_connections_per_client);
+        conn.close(
+            VarInt::from_u32(close::TOO_MANY_FROM_CLIENT),
+            b"too many connections from this client",
+        );
+        return;
+    };
+    info!(client = %fp, "connected");
     loop {
         match conn.accept_bi().await {
             Ok((send, recv)) => {
@@ -168,24 +270,31 @@ async fn handle_connection(incoming: quinn::Incoming, config: Arc<ServeConfig>) 
 }
 
 async fn handle_stream(mut send: SendStream, mut recv: RecvStream, config: Arc<ServeConfig>) {
+    let limit = config.max_header_size;
+    let timeout = config.header_timeout;
     let request =
-        match tokio::time::timeout(HEADER_TIMEOUT, read_frame::<_, Request>(&mut recv)).await {
+        match tokio::time::timeout(timeout, read_frame_limited::<_, Request>(&mut recv, limit))
+            .await
+        {
             Ok(Ok(req)) => req,
             Ok(Err(e)) => {
                 warn!("bad request header: {e}");
                 return refuse(&mut send, &mut recv, protocol_error(&e)).await;
             }
             Err(_) => {
-                warn!("no request header within {HEADER_TIMEOUT:?}");
+                warn!("no request header within {timeout:?}");
                 let err = RemoteError::new(
                     ErrorCode::Protocol,
-                    "no request arrived within 10 s of opening the stream",
+                    format!(
+                        "no request arrived within {} s of opening the stream",
+                        timeout.as_secs_f64()
+                    ),
                 );
                 return refuse(&mut send, &mut recv, err).await;
             }
         };
     debug!(?request, "request");
-    let root = &config.root;
+    let root = config.root_dir.clone();
     let result = match request {
         Request::Put(req) => match check_put_allowed(&req, &config) {
             Ok(()) => serve_put(req, root, &mut send, &mut recv).await,
@@ -231,8 +340,27 @@ fn protocol_error(e: &FrameError) -> RemoteError {
     RemoteError::new(ErrorCode::Protocol, format!("bad request: {e}"))
 }
 
+/// Whether cap-std refused to resolve a path because it would leave the
+/// root. It reports that as PermissionDenied without an OS error number,
+/// which a real EACCES always has.
+fn is_escape(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::PermissionDenied && e.raw_os_error().is_none()
+}
+
 /// Turns a filesystem error on `path` into what the client is told.
 fn fs_error(e: &io::Error, path: &RemotePath, doing: &str) -> RemoteError {
+    if is_escape(e) {
+        return RemoteError::new(
+            ErrorCode::OutsideRoot,
+            format!("{doing} '{path}' on the server: it leads outside the served directory (through a symbolic link), which the server never follows"),
+        );
+    }
+    if e.raw_os_error() == Some(libc::ELOOP) {
+        return RemoteError::new(
+            ErrorCode::Symlink,
+            format!("{doing} '{path}' on the server: too many levels of symbolic links"),
+        );
+    }
     let (code, advice) = match e.kind() {
         io::ErrorKind::NotFound => (ErrorCode::NotFound, "check the name with `qxfer ls`"),
         io::ErrorKind::PermissionDenied => (
@@ -266,15 +394,13 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 
 async fn serve_put(
     req: PutRequest,
-    root: &Path,
+    root: Arc<Dir>,
     send: &mut SendStream,
     recv: &mut RecvStream,
 ) -> Result<(), RemoteError> {
     let path = RemotePath::parse(&req.path, false)?;
-    let dest = path.under(root);
-    let force = req.force;
-    let (p, d) = (path.clone(), dest.clone());
-    let incoming = blocking(move || prepare_put(&p, &d, force)).await?;
+    let (p, force, size) = (path.clone(), req.force, req.meta.size);
+    let incoming = blocking(move || prepare_put(&root, &p, force, size)).await?;
     write_frame(send, &Response::PutAccepted)
         .await
         .map_err(|e| protocol_error(&e))?;
@@ -295,17 +421,39 @@ async fn serve_put(
     Ok(())
 }
 
-/// Checks the destination and creates the temporary file for a put.
-fn prepare_put(path: &RemotePath, dest: &Path, force: bool) -> Result<IncomingFile, RemoteError> {
-    if let Some(parent) = dest.parent() {
-        std::fs::create_dir_all(parent)
-            .map_err(|e| fs_error(&e, path, "cannot create the directory for"))?;
-    }
-    match std::fs::symlink_metadata(dest) {
+/// Checks the destination, the free space, and creates the temporary for a
+/// put. The destination's directory is opened here, beneath the root, and
+/// the commit renames into that handle: swapping a directory on the path for
+/// a symlink while the upload runs cannot move where the file lands.
+fn prepare_put(
+    root: &Dir,
+    path: &RemotePath,
+    force: bool,
+    size: u64,
+) -> Result<IncomingFile, RemoteError> {
+    let name = path.file_name().expect("a put path is never the root");
+    let dest_dir = match path.parent() {
+        Some(parent) => {
+            root.create_dir_all(&parent)
+                .map_err(|e| fs_error(&e, path, "cannot create the directory for"))?;
+            root.open_dir(&parent)
+                .map_err(|e| fs_error(&e, path, "cannot open the directory for"))?
+        }
+        None => root
+            .try_clone()
+            .map_err(|e| fs_error(&e, path, "cannot open the directory for"))?,
+    };
+    match dest_dir.symlink_metadata(name) {
         Ok(md) if md.is_dir() => {
             return Err(RemoteError::new(
                 ErrorCode::IsDirectory,
                 format!("'{path}' is a directory on the server; choose another name or --to"),
+            ))
+        }
+        Ok(md) if md.file_type().is_symlink() => {
+            return Err(RemoteError::new(
+                ErrorCode::Symlink,
+                format!("'{path}' is a symbolic link on the server; uploads never replace or write through links, so choose another name"),
             ))
         }
         Ok(_) if !force => {
@@ -314,9 +462,44 @@ fn prepare_put(path: &RemotePath, dest: &Path, force: bool) -> Result<IncomingFi
                 format!("'{path}' already exists on the server; use --force to overwrite it"),
             ))
         }
-        _ => {}
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(fs_error(&e, path, "cannot check")),
     }
-    IncomingFile::create(dest).map_err(|e| fs_error(&e, path, "cannot create"))
+    let store =
+        partial_store(root).map_err(|e| fs_error(&e, path, "cannot create the upload of"))?;
+    check_free_space(&store, size, path)?;
+    IncomingFile::create_in(store, dest_dir, name, PathBuf::from(path.to_string()))
+        .map_err(|e| fs_error(&e, path, "cannot create"))
+}
+
+/// Opens (creating it, mode 0700, if needed) the partial store in the root.
+/// It must be a real directory: a symlink there is refused, not followed.
+fn partial_store(root: &Dir) -> io::Result<Dir> {
+    let mut builder = cap_std::fs::DirBuilder::new();
+    cap_std::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    match root.create_dir_with(PARTIAL_DIR, &builder) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e),
+    }
+    root.open_dir_nofollow(PARTIAL_DIR)
+}
+
+/// Refuses a put that cannot fit, before any byte is written: the space
+/// available to the server's user (statvfs f_bavail) must hold the file.
+fn check_free_space(dir: &Dir, size: u64, path: &RemotePath) -> Result<(), RemoteError> {
+    #[cfg(unix)]
+    if let Ok(st) = rustix::fs::fstatvfs(dir) {
+        let free = st.f_bavail.saturating_mul(st.f_frsize);
+        if size > free {
+            return Err(RemoteError::new(
+                ErrorCode::NoSpace,
+                format!("'{path}' needs {size} bytes but the server has only {free} bytes free; free space there and retry"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 async fn receive_put(
@@ -387,15 +570,22 @@ async fn read_trailer(recv: &mut RecvStream, path: &RemotePath) -> Result<Traile
 
 async fn serve_get(
     req: GetRequest,
-    root: &Path,
+    root: Arc<Dir>,
     send: &mut SendStream,
     recv: &mut RecvStream,
 ) -> Result<(), RemoteError> {
     let path = RemotePath::parse(&req.path, false)?;
-    let src = path.under(root);
     let p = path.clone();
     let (file, meta) = blocking(move || -> Result<_, RemoteError> {
-        let file = std::fs::File::open(&src).map_err(|e| fs_error(&e, &p, "cannot open"))?;
+        // O_NONBLOCK: opening a FIFO someone left in the root must not hang
+        // this task; it is refused below as not a regular file.
+        let mut opts = OpenOptions::new();
+        opts.read(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY);
+        let file = root
+            .open_with(p.relative(), &opts)
+            .map_err(|e| fs_error(&e, &p, "cannot open"))?
+            .into_std();
         let md = file
             .metadata()
             .map_err(|e| fs_error(&e, &p, "cannot read"))?;
@@ -445,13 +635,12 @@ async fn serve_get(
 
 async fn serve_list(
     req: ListRequest,
-    root: &Path,
+    root: Arc<Dir>,
     send: &mut SendStream,
 ) -> Result<(), RemoteError> {
     let path = RemotePath::parse(&req.path, true)?;
-    let dir = path.under(root);
     let p = path.clone();
-    let entries = blocking(move || list_dir(&dir, &p)).await?;
+    let entries = blocking(move || list_dir(&root, &p)).await?;
     let send_all = async {
         write_frame(send, &Response::ListAccepted).await?;
         let mut batches = entries.chunks(LIST_BATCH).peekable();
@@ -488,22 +677,38 @@ async fn serve_list(
     Ok(())
 }
 
-/// Lists `dir` (or the single file it names), hiding qxfer's temporaries.
-fn list_dir(dir: &Path, path: &RemotePath) -> Result<Vec<Entry>, RemoteError> {
-    let md = std::fs::symlink_metadata(dir).map_err(|e| fs_error(&e, path, "cannot list"))?;
-    if !md.is_dir() {
+/// Lists the directory `path` names (or the single entry, if it is not a
+/// directory), hiding qxfer's temporaries. Symlinks inside the listed
+/// directory are shown as links, not followed.
+fn list_dir(root: &Dir, path: &RemotePath) -> Result<Vec<Entry>, RemoteError> {
+    let rel = path.relative();
+    // Resolve (following links only while they stay inside the root) to see
+    // what the name is; a link out of the root fails here.
+    let target = root
+        .metadata(&rel)
+        .map_err(|e| fs_error(&e, path, "cannot list"))?;
+    if !target.is_dir() {
+        let md = root
+            .symlink_metadata(&rel)
+            .map_err(|e| fs_error(&e, path, "cannot list"))?;
         let name = path.file_name().unwrap_or_default().to_owned();
         return Ok(vec![entry(name, &md)]);
     }
+    let dir = root
+        .open_dir(&rel)
+        .map_err(|e| fs_error(&e, path, "cannot list"))?;
     let mut entries = Vec::new();
-    for item in std::fs::read_dir(dir).map_err(|e| fs_error(&e, path, "cannot list"))? {
+    for item in dir
+        .entries()
+        .map_err(|e| fs_error(&e, path, "cannot list"))?
+    {
         let item = item.map_err(|e| fs_error(&e, path, "cannot list"))?;
         let name = item.file_name().to_string_lossy().into_owned();
         if name.starts_with(RESERVED_PREFIX) {
             continue;
         }
         // An entry removed between readdir and lstat is simply skipped.
-        if let Ok(md) = item.metadata() {
+        if let Ok(md) = dir.symlink_metadata(item.file_name()) {
             entries.push(entry(name, &md));
         }
     }
@@ -511,7 +716,7 @@ fn list_dir(dir: &Path, path: &RemotePath) -> Result<Vec<Entry>, RemoteError> {
     Ok(entries)
 }
 
-fn entry(name: String, md: &std::fs::Metadata) -> Entry {
+fn entry(name: String, md: &cap_std::fs::Metadata) -> Entry {
     let ft = md.file_type();
     let kind = if ft.is_symlink() {
         EntryKind::Symlink
@@ -526,6 +731,6 @@ fn entry(name: String, md: &std::fs::Metadata) -> Entry {
         name,
         kind,
         size: md.len(),
-        mtime: md.modified().ok().and_then(to_timestamp),
+        mtime: md.modified().ok().and_then(|t| to_timestamp(t.into_std())),
     }
 }

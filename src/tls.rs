@@ -6,13 +6,20 @@
 //! fingerprint (from `--pin` or known_hosts) or, on first contact, records the
 //! one it saw so the caller can store it. Either way it still verifies the
 //! TLS 1.3 handshake signature, which proves the server holds the private key.
+//!
+//! Clients are identified the same way. The server's [`ClientVerifier`]
+//! requires a client certificate and admits only the fingerprints in
+//! [`AuthorizedClients`] (`<certs>/authorized_clients`, like ssh's
+//! authorized_keys), again after checking the handshake signature.
 
+use std::collections::HashSet;
 use std::fmt;
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
 
 use base64::engine::general_purpose::STANDARD_NO_PAD;
 use base64::Engine as _;
@@ -20,7 +27,9 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use rustls::{DigitallySignedStruct, SignatureScheme};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme};
+use tracing::{info, warn};
 
 use crate::protocol::ALPN;
 
@@ -368,26 +377,316 @@ impl ServerCertVerifier for PinnedServerVerifier {
     }
 }
 
-/// rustls configuration for a server presenting `identity`, TLS 1.3 only.
-pub fn server_crypto(identity: &Identity) -> Result<rustls::ServerConfig, TrustError> {
+/// The allowlist of client fingerprints a server admits.
+///
+/// The file holds one `SHA256:...` per line, optionally followed by a comment;
+/// blank lines and lines starting with `#` are ignored. It is re-read whenever
+/// its size, modification time or inode changes, so an operator can add or
+/// remove a client without restarting the server. A line that does not parse
+/// is skipped with a warning naming the file and line (as sshd does with
+/// authorized_keys): one typo must not lock every client out.
+#[derive(Debug)]
+pub struct AuthorizedClients {
+    path: PathBuf,
+    /// Admitted whatever the file says (the server user's own client identity).
+    extra: Vec<Fingerprint>,
+    /// Admit every client (`serve --open`).
+    open: bool,
+    cache: Mutex<Cache>,
+}
+
+#[derive(Debug, Default)]
+struct Cache {
+    /// (mtime, size, inode) of the file when last read; None if it was missing.
+    stamp: Option<(Option<SystemTime>, u64, u64)>,
+    loaded: bool,
+    entries: HashSet<Fingerprint>,
+}
+
+/// The file name of the allowlist inside the server's certificate directory.
+pub const AUTHORIZED_CLIENTS: &str = "authorized_clients";
+
+impl AuthorizedClients {
+    /// An allowlist backed by `path`, also admitting `extra`. With `open`,
+    /// every client is admitted (their fingerprints are still logged).
+    pub fn new(path: &Path, extra: Vec<Fingerprint>, open: bool) -> Self {
+        let list = Self {
+            path: path.to_owned(),
+            extra,
+            open,
+            cache: Mutex::new(Cache::default()),
+        };
+        list.refresh();
+        list
+    }
+
+    /// The file this list is read from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Whether every client is admitted.
+    pub fn is_open(&self) -> bool {
+        self.open
+    }
+
+    /// How many fingerprints the file lists now.
+    pub fn len(&self) -> usize {
+        self.refresh();
+        self.cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entries
+            .len()
+    }
+
+    /// Whether the file lists no fingerprints.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Whether `fp` may connect, re-reading the file first if it changed.
+    pub fn admits(&self, fp: &Fingerprint) -> bool {
+        if self.open || self.extra.contains(fp) {
+            return true;
+        }
+        self.refresh();
+        self.cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entries
+            .contains(fp)
+    }
+
+    /// Re-reads the file if its size, mtime or inode changed since last time.
+    fn refresh(&self) {
+        let stamp = match fs::metadata(&self.path) {
+            Ok(md) => Some((md.modified().ok(), md.len(), inode(&md))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => {
+                warn!(
+                    "cannot read {}: {e}; admitting only the clients already loaded",
+                    self.path.display()
+                );
+                return;
+            }
+        };
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        if cache.loaded && cache.stamp == stamp {
+            return;
+        }
+        let text = match fs::read_to_string(&self.path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => {
+                warn!(
+                    "cannot read {}: {e}; admitting only the clients already loaded",
+                    self.path.display()
+                );
+                return;
+            }
+        };
+        let mut entries = HashSet::new();
+        for (i, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let first = line.split_whitespace().next().unwrap_or_default();
+            match first.parse::<Fingerprint>() {
+                Ok(fp) => {
+                    entries.insert(fp);
+                }
+                Err(e) => warn!("{} line {}: {e}; line ignored", self.path.display(), i + 1),
+            }
+        }
+        if cache.loaded {
+            info!(
+                "{} changed: {} client fingerprints now authorized",
+                self.path.display(),
+                entries.len()
+            );
+        }
+        *cache = Cache {
+            stamp,
+            loaded: true,
+            entries,
+        };
+    }
+
+    /// Appends `fp` to the allowlist file at `path` (creating it, mode 0600)
+    /// unless it is already listed. Returns whether it was added.
+    pub fn append(path: &Path, fp: Fingerprint, comment: &str) -> Result<bool, TrustError> {
+        let current = match fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(io_err(path)(e)),
+        };
+        let listed = current.lines().any(|l| {
+            l.split_whitespace()
+                .next()
+                .and_then(|w| w.parse::<Fingerprint>().ok())
+                == Some(fp)
+        });
+        if listed {
+            return Ok(false);
+        }
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            create_private_dir(dir)?;
+        }
+        let mut opts = fs::OpenOptions::new();
+        opts.create(true).append(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+        let mut f = opts.open(path).map_err(io_err(path))?;
+        // Never glue the new entry onto a last line that lacks its newline.
+        let sep = if current.is_empty() || current.ends_with('\n') {
+            ""
+        } else {
+            "\n"
+        };
+        writeln!(f, "{sep}{fp} {comment}").map_err(io_err(path))?;
+        f.sync_all().map_err(io_err(path))?;
+        Ok(true)
+    }
+}
+
+#[cfg(unix)]
+fn inode(md: &fs::Metadata) -> u64 {
+    std::os::unix::fs::MetadataExt::ino(md)
+}
+
+#[cfg(not(unix))]
+fn inode(_md: &fs::Metadata) -> u64 {
+    0
+}
+
+/// Verifies clients by fingerprint against [`AuthorizedClients`].
+///
+/// A client certificate is mandatory. An unlisted fingerprint fails the
+/// handshake with the TLS `access_denied` alert, which the client turns into
+/// "the server refused this client". The handshake signature is verified as
+/// for servers, so presenting someone else's certificate is not enough.
+#[derive(Debug)]
+pub struct ClientVerifier {
+    allowed: Arc<AuthorizedClients>,
+    provider: Arc<CryptoProvider>,
+}
+
+impl ClientVerifier {
+    /// A verifier admitting what `allowed` admits.
+    pub fn new(allowed: Arc<AuthorizedClients>) -> Arc<Self> {
+        Arc::new(Self {
+            allowed,
+            provider: crypto_provider(),
+        })
+    }
+}
+
+impl ClientCertVerifier for ClientVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        // No CA: clients present their one self-signed certificate.
+        &[]
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        true
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let fp = Fingerprint::of(end_entity);
+        if self.allowed.admits(&fp) {
+            Ok(ClientCertVerified::assertion())
+        } else {
+            warn!(
+                "refused client {fp}: not in {}; to admit it run `qxfer serve --allow {fp}` or add it to that file",
+                self.allowed.path().display()
+            );
+            Err(rustls::Error::InvalidCertificate(
+                CertificateError::ApplicationVerificationFailure,
+            ))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls12NotOffered,
+        ))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// The fingerprint of the client certificate a connection was admitted with.
+pub fn peer_fingerprint(conn: &quinn::Connection) -> Option<Fingerprint> {
+    let certs = conn
+        .peer_identity()?
+        .downcast::<Vec<CertificateDer<'static>>>()
+        .ok()?;
+    certs.first().map(Fingerprint::of)
+}
+
+/// rustls configuration for a server presenting `identity` and admitting
+/// clients through `clients`; TLS 1.3 only, never 0-RTT.
+pub fn server_crypto(
+    identity: &Identity,
+    clients: Arc<ClientVerifier>,
+) -> Result<rustls::ServerConfig, TrustError> {
     let mut cfg = rustls::ServerConfig::builder_with_provider(crypto_provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_no_client_auth()
+        .with_client_cert_verifier(clients)
         .with_single_cert(vec![identity.cert.clone()], identity.key.clone_key())?;
     cfg.alpn_protocols = vec![ALPN.to_vec()];
+    // No 0-RTT: early data can be replayed by an attacker, and a replayed put
+    // would write a file twice. Zero is rustls' default; stated here on purpose.
+    cfg.max_early_data_size = 0;
     Ok(cfg)
 }
 
-/// rustls configuration for a client that trusts servers through `verifier`.
+/// rustls configuration for a client presenting `identity` (none only in
+/// tests of the server's refusal) and trusting servers through `verifier`.
 pub fn client_crypto(
     verifier: Arc<PinnedServerVerifier>,
+    identity: Option<&Identity>,
 ) -> Result<rustls::ClientConfig, TrustError> {
-    let mut cfg = rustls::ClientConfig::builder_with_provider(crypto_provider())
+    let builder = rustls::ClientConfig::builder_with_provider(crypto_provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
-        .with_custom_certificate_verifier(verifier)
-        .with_no_client_auth();
+        .with_custom_certificate_verifier(verifier);
+    let mut cfg = match identity {
+        Some(id) => builder.with_client_auth_cert(vec![id.cert.clone()], id.key.clone_key())?,
+        None => builder.with_no_client_auth(),
+    };
     cfg.alpn_protocols = vec![ALPN.to_vec()];
+    cfg.enable_early_data = false;
     Ok(cfg)
 }
 
@@ -438,5 +737,44 @@ mod tests {
         fs::write(&path, "# c\nh:1 nonsense\n").unwrap();
         let err = KnownHosts::load(&path).unwrap_err().to_string();
         assert!(err.contains("line 2"), "{err}");
+    }
+
+    #[test]
+    fn authorized_clients_reload_on_change_and_skip_bad_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(AUTHORIZED_CLIENTS);
+        let (a, b, own) = (
+            Fingerprint([1; 32]),
+            Fingerprint([2; 32]),
+            Fingerprint([3; 32]),
+        );
+        let list = AuthorizedClients::new(&path, vec![own], false);
+        assert!(list.admits(&own), "the extra identity needs no file");
+        assert!(!list.admits(&a));
+        assert!(AuthorizedClients::append(&path, a, "alice").unwrap());
+        assert!(!AuthorizedClients::append(&path, a, "again").unwrap());
+        assert!(list.admits(&a), "re-read after the file changed");
+        assert!(!list.admits(&b));
+        fs::write(
+            &path,
+            format!("# team\n\nnot-a-fingerprint\n{b} bob laptop\n"),
+        )
+        .unwrap();
+        assert!(list.admits(&b), "the good line counts despite the bad one");
+        assert!(!list.admits(&a), "a removed line no longer admits");
+        assert_eq!(list.len(), 1);
+        let open = AuthorizedClients::new(&path, Vec::new(), true);
+        assert!(open.admits(&Fingerprint([9; 32])));
+    }
+
+    #[test]
+    fn no_early_data_on_either_side() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = Identity::load_or_generate(dir.path(), "server").unwrap();
+        let list = Arc::new(AuthorizedClients::new(&dir.path().join("a"), vec![], false));
+        let server = server_crypto(&id, ClientVerifier::new(list)).unwrap();
+        assert_eq!(server.max_early_data_size, 0);
+        let client = client_crypto(PinnedServerVerifier::new(None), Some(&id)).unwrap();
+        assert!(!client.enable_early_data);
     }
 }

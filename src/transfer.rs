@@ -4,19 +4,19 @@
 //! a small bounded queue of chunks between them, so the disk and the network
 //! overlap and memory stays at a few chunks per transfer whatever the file
 //! size. Both sides hash with BLAKE3 on the disk thread as the bytes pass.
-//! A received file is written under a hidden temporary name beside its
-//! destination, synced, and only then renamed into place ([`IncomingFile`]).
+//! A received file is written under a hidden temporary name, synced, and only
+//! then renamed into place ([`IncomingFile`]).
 
 use std::fs::{File, Metadata};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use tempfile::NamedTempFile;
+use cap_std::ambient_authority;
+use cap_std::fs::{Dir, OpenOptions, OpenOptionsExt};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 
-use crate::paths::RESERVED_PREFIX;
 use crate::protocol::{Digest, FileMeta, Timestamp};
 
 /// Called with the number of bytes each time data moves (drives progress bars).
@@ -211,13 +211,24 @@ fn start_writeback(file: &File, offset: u64, len: u64) {
 #[cfg(not(target_os = "linux"))]
 fn start_writeback(_file: &File, _offset: u64, _len: u64) {}
 
-/// A file being received: a hidden temporary beside `dest` that becomes
-/// `dest` only through [`IncomingFile::commit`]. Dropped uncommitted, the
-/// temporary is deleted, so a failed transfer leaves nothing behind.
+/// A file being received: a hidden temporary that becomes the destination
+/// only through [`IncomingFile::commit`]. Dropped uncommitted, the temporary
+/// is deleted, so a failed transfer leaves nothing behind.
+///
+/// Both places are held as open directory handles, never re-resolved by
+/// path: the server opens them beneath its root with cap-std, so a directory
+/// swapped for a symlink mid-transfer cannot redirect the commit. The
+/// destination is always a single name inside `dest_dir`.
 #[derive(Debug)]
 pub struct IncomingFile {
-    tmp: NamedTempFile,
-    dest: PathBuf,
+    tmp_dir: Dir,
+    tmp_name: String,
+    file: File,
+    dest_dir: Dir,
+    dest_name: String,
+    /// The destination as shown in messages.
+    label: PathBuf,
+    done: bool,
 }
 
 /// Why a received file could not be put under its final name.
@@ -236,68 +247,159 @@ pub enum CommitError {
     },
 }
 
+/// Prefix of the temporaries [`IncomingFile`] creates.
+pub const TMP_PREFIX: &str = ".qxfer-tmp-";
+
 impl IncomingFile {
-    /// Creates the temporary (mode 0600, name starting with `.qxfer-tmp-`)
-    /// in the directory of `dest`, which must exist.
+    /// Creates the temporary beside the local path `dest`, whose directory
+    /// must exist (the client's downloads).
     pub fn create(dest: &Path) -> std::io::Result<Self> {
         let dir = match dest.parent() {
             Some(d) if !d.as_os_str().is_empty() => d,
             _ => Path::new("."),
         };
-        let tmp = tempfile::Builder::new()
-            .prefix(&format!("{RESERVED_PREFIX}tmp-"))
-            .tempfile_in(dir)?;
-        Ok(Self {
-            tmp,
-            dest: dest.to_owned(),
-        })
+        let name = dest
+            .file_name()
+            .and_then(|n| n.to_str())
+            .ok_or_else(|| std::io::Error::other("destination has no UTF-8 file name"))?;
+        let dir = Dir::open_ambient_dir(dir, ambient_authority())?;
+        Self::create_in(dir.try_clone()?, dir, name, dest.to_owned())
+    }
+
+    /// Creates the temporary (mode 0600, a random name starting with
+    /// [`TMP_PREFIX`]) in `tmp_dir`, to become `dest_name` in `dest_dir`
+    /// (which must be on the same filesystem). `label` names it in errors.
+    pub fn create_in(
+        tmp_dir: Dir,
+        dest_dir: Dir,
+        dest_name: &str,
+        label: PathBuf,
+    ) -> std::io::Result<Self> {
+        debug_assert!(!dest_name.contains('/') && !dest_name.is_empty());
+        let mut opts = OpenOptions::new();
+        opts.read(true).write(true).create_new(true).mode(0o600);
+        let mut attempt = 0;
+        loop {
+            let tmp_name = format!("{TMP_PREFIX}{:016x}", random_u64());
+            match tmp_dir.open_with(&tmp_name, &opts) {
+                Ok(f) => {
+                    return Ok(Self {
+                        tmp_dir,
+                        tmp_name,
+                        file: f.into_std(),
+                        dest_dir,
+                        dest_name: dest_name.to_owned(),
+                        label,
+                        done: false,
+                    })
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && attempt < 8 => {
+                    attempt += 1
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// A handle for writing the data.
     pub fn file(&self) -> std::io::Result<File> {
-        self.tmp.as_file().try_clone()
+        self.file.try_clone()
     }
 
-    /// Applies `meta` (mode without group/other write and set-id bits; mtime)
-    /// and renames the temporary to the destination: atomically replacing it
-    /// if `overwrite`, else failing if it exists (no check-then-rename race).
-    pub fn commit(self, meta: &FileMeta, overwrite: bool) -> Result<(), CommitError> {
-        let dest = self.dest;
+    /// Applies `meta` (mode without group/other write and set-id bits; mtime),
+    /// syncs, and renames the temporary to the destination: atomically
+    /// replacing it if `overwrite`, else failing if it exists (renameat2 with
+    /// RENAME_NOREPLACE, so there is no check-then-rename race).
+    pub fn commit(mut self, meta: &FileMeta, overwrite: bool) -> Result<(), CommitError> {
+        let label = self.label.clone();
         let io = |source| CommitError::Io {
-            path: dest.clone(),
+            path: label.clone(),
             source,
         };
-        let f = self.tmp.as_file();
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
             let mode = meta.mode.unwrap_or(0o644) & 0o755;
-            f.set_permissions(std::fs::Permissions::from_mode(mode))
+            self.file
+                .set_permissions(std::fs::Permissions::from_mode(mode))
                 .map_err(io)?;
         }
         if let Some(t) = meta.mtime.and_then(to_system_time) {
-            f.set_modified(t).map_err(io)?;
+            self.file.set_modified(t).map_err(io)?;
         }
-        f.sync_all().map_err(io)?;
-        let persisted = if overwrite {
-            self.tmp.persist(&dest)
+        self.file.sync_all().map_err(io)?;
+        if overwrite {
+            self.tmp_dir
+                .rename(&self.tmp_name, &self.dest_dir, &self.dest_name)
+                .map_err(io)?;
         } else {
-            self.tmp.persist_noclobber(&dest)
-        };
-        if let Err(e) = persisted {
-            // e.file is dropped here, which deletes the temporary.
-            return Err(if e.error.kind() == std::io::ErrorKind::AlreadyExists {
-                CommitError::Exists(dest)
-            } else {
-                io(e.error)
-            });
+            match rename_noreplace(
+                &self.tmp_dir,
+                &self.tmp_name,
+                &self.dest_dir,
+                &self.dest_name,
+            ) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    return Err(CommitError::Exists(self.label.clone()))
+                }
+                Err(e) => return Err(io(e)),
+            }
         }
-        // Make the rename itself durable.
-        if let Some(dir) = dest.parent().filter(|d| !d.as_os_str().is_empty()) {
-            File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
-        }
+        self.done = true;
+        // Make the rename itself durable. cap-std holds directories as O_PATH
+        // handles, which cannot be synced, so open "." beneath it for reading.
+        sync_dir(&self.dest_dir).map_err(io)?;
         Ok(())
     }
+}
+
+impl Drop for IncomingFile {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = self.tmp_dir.remove_file(&self.tmp_name);
+        }
+    }
+}
+
+/// fsyncs the directory `dir` refers to.
+fn sync_dir(dir: &Dir) -> std::io::Result<()> {
+    use rustix::fs::{openat, Mode, OFlags};
+    let fd = openat(
+        dir,
+        ".",
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    rustix::fs::fsync(&fd)?;
+    Ok(())
+}
+
+/// Renames `from` in `from_dir` to `to` in `to_dir` unless `to` exists.
+/// Where the filesystem lacks RENAME_NOREPLACE, a hard link (which never
+/// replaces) followed by removing the old name does the same.
+fn rename_noreplace(from_dir: &Dir, from: &str, to_dir: &Dir, to: &str) -> std::io::Result<()> {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    {
+        use rustix::fs::{renameat_with, RenameFlags};
+        match renameat_with(from_dir, from, to_dir, to, RenameFlags::NOREPLACE) {
+            Ok(()) => return Ok(()),
+            Err(e) if e == rustix::io::Errno::INVAL || e == rustix::io::Errno::NOSYS => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    from_dir.hard_link(from, to_dir, to)?;
+    from_dir.remove_file(from)
+}
+
+/// A random number for temporary names (from the OS, via ring).
+fn random_u64() -> u64 {
+    use ring::rand::SecureRandom;
+    let mut b = [0u8; 8];
+    ring::rand::SystemRandom::new()
+        .fill(&mut b)
+        .expect("the OS random source works");
+    u64::from_le_bytes(b)
 }
 
 /// The metadata qxfer carries for a local file.

@@ -442,17 +442,53 @@ async fn full_disks_are_reported_on_either_side() {
     let src = dir.path().join("big");
     std::fs::write(&src, pattern(4 << 20, 4)).unwrap();
 
+    // Refused up front: the declared size does not fit in the free space.
     let (code, msg) = remote_code(client.put(&src, "big", false, &|_| {}).await);
     assert_eq!(code, ErrorCode::NoSpace, "{msg}");
+    assert!(msg.contains("'big'") && msg.contains("free"), "{msg}");
+    assert!(tree(&server.root).is_empty(), "{:?}", tree(&server.root));
+
+    // Running out mid-write: a raw put of 700 KiB passes the free-space
+    // check while the disk is empty, then a regular 700 KiB put fills it,
+    // and only then does the first one send its data.
+    let (mut send, mut recv) = client.connection().open_bi().await.unwrap();
+    let req = Request::Put(PutRequest {
+        path: "late".into(),
+        meta: FileMeta {
+            size: 700 << 10,
+            mtime: None,
+            mode: None,
+        },
+        force: false,
+    });
+    send.write_all(&encode(&req).unwrap()).await.unwrap();
+    assert!(matches!(
+        read_frame::<_, Response>(&mut recv).await.unwrap(),
+        Response::PutAccepted
+    ));
+    let first = dir.path().join("first");
+    std::fs::write(&first, pattern(700 << 10, 5)).unwrap();
+    client.put(&first, "first", false, &|_| {}).await.unwrap();
+    let data = pattern(700 << 10, 6);
+    let _ = send.write_all(&data).await;
+    let _ = send.finish();
+    let msg = match read_frame::<_, Receipt>(&mut recv).await.unwrap() {
+        Receipt::Failed(e) => {
+            assert_eq!(e.code, ErrorCode::NoSpace, "{}", e.message);
+            e.message
+        }
+        other => panic!("{other:?}"),
+    };
     assert!(
-        msg.contains("'big'") && msg.contains("disk is full"),
+        msg.contains("'late'") && msg.contains("disk is full"),
         "{msg}"
     );
-    assert!(
-        tree(&server.root).is_empty(),
-        "partial upload removed: {:?}",
-        tree(&server.root)
+    assert_eq!(
+        tree(&server.root),
+        vec!["first".to_owned()],
+        "partial upload removed"
     );
+    std::fs::remove_file(server.root.join("first")).unwrap();
     server.assert_healthy().await;
 
     // The client's disk: download a file bigger than the tiny disk into it.

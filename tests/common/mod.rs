@@ -6,10 +6,12 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
-use qxfer::client::{Client, ClientConfig};
-use qxfer::endpoint::{server_endpoint, TransportOpts};
+use std::sync::Arc;
+
+use qxfer::client::{Client, ClientConfig, CLIENT_IDENTITY};
+use qxfer::endpoint::{server_endpoint, ServerLimits, TransportOpts};
 use qxfer::server::{self, ServeConfig};
-use qxfer::tls::{Fingerprint, Identity};
+use qxfer::tls::{AuthorizedClients, ClientVerifier, Fingerprint, Identity, AUTHORIZED_CLIENTS};
 use tempfile::TempDir;
 use tokio::sync::oneshot;
 
@@ -18,6 +20,8 @@ pub struct TestServer {
     pub addr: SocketAddr,
     pub fingerprint: Fingerprint,
     pub root: PathBuf,
+    /// The server's authorized_clients file.
+    pub allowlist: PathBuf,
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
     _dirs: TempDir,
@@ -42,13 +46,28 @@ impl TestServer {
         root: &Path,
         configure: impl FnOnce(&mut ServeConfig),
     ) -> Self {
+        Self::start_full(dirs, root, configure, ServerLimits::default()).await
+    }
+
+    /// Like `start_with`, with transport limits too.
+    pub async fn start_full(
+        dirs: TempDir,
+        root: &Path,
+        configure: impl FnOnce(&mut ServeConfig),
+        limits: ServerLimits,
+    ) -> Self {
         let mut config = ServeConfig::prepare(root).unwrap();
         configure(&mut config);
-        let identity = Identity::load_or_generate(&dirs.path().join("certs"), "server").unwrap();
+        let certs = dirs.path().join("certs");
+        let identity = Identity::load_or_generate(&certs, "server").unwrap();
+        let allowlist = certs.join(AUTHORIZED_CLIENTS);
+        let clients = Arc::new(AuthorizedClients::new(&allowlist, Vec::new(), false));
         let endpoint = server_endpoint(
             "127.0.0.1:0".parse().unwrap(),
             &identity,
+            ClientVerifier::new(clients),
             &TransportOpts::default(),
+            &limits,
         )
         .unwrap();
         let addr = endpoint.local_addr().unwrap();
@@ -61,15 +80,25 @@ impl TestServer {
             addr,
             fingerprint: identity.fingerprint(),
             root,
+            allowlist,
             stop: Some(stop),
             task: Some(task),
             _dirs: dirs,
         }
     }
 
-    /// A client config for this server with its own temp config dir.
+    /// A client config for this server using `config_dir`, whose client
+    /// identity (generated if needed) is added to the server's allowlist.
     pub fn client_config(&self, config_dir: &Path) -> ClientConfig {
+        self.authorize(config_dir);
         client_config(self.addr, config_dir)
+    }
+
+    /// Adds the client identity in `config_dir` (generating it) to the allowlist.
+    pub fn authorize(&self, config_dir: &Path) -> Fingerprint {
+        let fp = client_identity(config_dir);
+        AuthorizedClients::append(&self.allowlist, fp, "test client").unwrap();
+        fp
     }
 
     /// Connects a fresh client (first contact, known_hosts in a temp dir).
@@ -130,6 +159,13 @@ pub fn client_config(addr: SocketAddr, config_dir: &Path) -> ClientConfig {
     }
 }
 
+/// The fingerprint of the client identity in `config_dir`, generated if needed.
+pub fn client_identity(config_dir: &Path) -> Fingerprint {
+    Identity::load_or_generate(config_dir, CLIENT_IDENTITY)
+        .unwrap()
+        .fingerprint()
+}
+
 fn rand_suffix() -> u64 {
     use std::sync::atomic::{AtomicU64, Ordering};
     static N: AtomicU64 = AtomicU64::new(0);
@@ -150,14 +186,18 @@ pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
     out
 }
 
-/// Names of every entry under `dir`, recursively, relative to it.
+/// Names of every entry under `dir`, recursively, relative to it. The
+/// server's partial store directory itself is left out (it is created on the
+/// first put), but anything inside it is listed: a leftover temporary shows.
 pub fn tree(dir: &Path) -> Vec<String> {
     let mut out = Vec::new();
     fn walk(base: &Path, dir: &Path, out: &mut Vec<String>) {
         for e in std::fs::read_dir(dir).unwrap() {
             let e = e.unwrap();
             let p = e.path();
-            out.push(p.strip_prefix(base).unwrap().display().to_string());
+            if e.file_name() != server::PARTIAL_DIR || dir != base {
+                out.push(p.strip_prefix(base).unwrap().display().to_string());
+            }
             if e.file_type().unwrap().is_dir() {
                 walk(base, &p, out);
             }
