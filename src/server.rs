@@ -433,12 +433,7 @@ fn prepare_put(
 ) -> Result<IncomingFile, RemoteError> {
     let name = path.file_name().expect("a put path is never the root");
     let dest_dir = match path.parent() {
-        Some(parent) => {
-            root.create_dir_all(&parent)
-                .map_err(|e| fs_error(&e, path, "cannot create the directory for"))?;
-            root.open_dir(&parent)
-                .map_err(|e| fs_error(&e, path, "cannot open the directory for"))?
-        }
+        Some(parent) => open_or_create_dir(root, &parent, path)?,
         None => root
             .try_clone()
             .map_err(|e| fs_error(&e, path, "cannot open the directory for"))?,
@@ -471,6 +466,30 @@ fn prepare_put(
     check_free_space(&store, size, path)?;
     IncomingFile::create_in(store, dest_dir, name, PathBuf::from(path.to_string()))
         .map_err(|e| fs_error(&e, path, "cannot create"))
+}
+
+/// Opens the directory `dir` beneath the root, creating it and its parents
+/// if missing. Errors name the real reason: a link out of the root, or a
+/// file where a directory should be.
+fn open_or_create_dir(root: &Dir, dir: &Path, path: &RemotePath) -> Result<Dir, RemoteError> {
+    let open_error = |e: io::Error| fs_error(&e, path, "cannot open the directory for");
+    match root.open_dir(dir) {
+        Ok(d) => return Ok(d),
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(open_error(e)),
+        Err(_) => {}
+    }
+    if let Err(e) = root.create_dir_all(dir) {
+        // Creating failed: opening again says why (an escape, a file in the way).
+        return Err(match root.open_dir(dir) {
+            Err(open) if is_escape(&open) => open_error(open),
+            _ if e.kind() == io::ErrorKind::AlreadyExists => RemoteError::new(
+                ErrorCode::NotDirectory,
+                format!("cannot create the directory for '{path}' on the server: a parent of this path is a file or a link, not a directory"),
+            ),
+            _ => fs_error(&e, path, "cannot create the directory for"),
+        });
+    }
+    root.open_dir(dir).map_err(open_error)
 }
 
 /// Opens (creating it, mode 0700, if needed) the partial store in the root.

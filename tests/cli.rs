@@ -28,6 +28,79 @@ fn client(home: &Path, server: &ServeProcess) -> Command {
 }
 
 #[test]
+fn unknown_clients_are_refused_until_allowed_and_open_admits_anyone() {
+    let ops = tempfile::tempdir().unwrap();
+    let server = serve(ops.path(), "127.0.0.1:0");
+    let user = tempfile::tempdir().unwrap();
+    let u = user.path();
+    std::fs::write(u.join("f.txt"), b"hello").unwrap();
+
+    // `qxfer id` makes the identity once and prints its fingerprint.
+    let id = |home: &Path| {
+        let out = qxfer(home).arg("id").output().unwrap();
+        assert!(out.status.success());
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    };
+    let fp = id(u);
+    assert!(fp.starts_with("SHA256:") && fp.len() == 50, "{fp}");
+    assert_eq!(id(u), fp, "stable across runs");
+    let key = u.join("qxfer-config/client.key");
+    assert_eq!(
+        std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+
+    // A stranger is refused, told why, and shown its fingerprint.
+    client(u, &server)
+        .current_dir(u)
+        .args(["put", "f.txt"])
+        .assert()
+        .failure()
+        .stderr(
+            predicate::str::contains("refused this client")
+                .and(predicate::str::contains(fp.as_str()))
+                .and(predicate::str::contains("qxfer id")),
+        );
+    client(u, &server)
+        .arg("ls")
+        .assert()
+        .failure()
+        .stderr(predicate::str::contains("refused this client"));
+    assert!(!ops.path().join("root/f.txt").exists());
+
+    // The operator allows it (a second `serve` with --allow, as they would
+    // run it; the running server picks the change up without a restart).
+    let mut allow = qxfer(ops.path());
+    allow
+        .args(["serve", "--listen", "127.0.0.1:0", "--allow", &fp, "--root"])
+        .arg(ops.path().join("root"))
+        .arg("--certs")
+        .arg(ops.path().join("certs"));
+    drop(ServeProcess::spawn(allow));
+    let list = std::fs::read_to_string(ops.path().join("certs/authorized_clients")).unwrap();
+    assert_eq!(list.matches(&fp).count(), 1, "{list}");
+    client(u, &server)
+        .current_dir(u)
+        .args(["put", "f.txt"])
+        .assert()
+        .success();
+    assert_eq!(std::fs::read(ops.path().join("root/f.txt")).unwrap(), b"hello");
+
+    // --open admits a client nobody listed, and says so loudly.
+    let open_home = tempfile::tempdir().unwrap();
+    let log = std::fs::File::create(open_home.path().join("log")).unwrap();
+    let mut cmd = qxfer(open_home.path());
+    cmd.args(["serve", "--open", "--listen", "127.0.0.1:0", "--root"])
+        .arg(open_home.path().join("root"))
+        .arg("--certs")
+        .arg(open_home.path().join("certs"));
+    let open = ServeProcess::spawn_logging(cmd, log);
+    client(u, &open).arg("ls").assert().success();
+    let log = std::fs::read_to_string(open_home.path().join("log")).unwrap();
+    assert!(log.contains("--open: ANY client"), "{log}");
+}
+
+#[test]
 fn help_and_version() {
     let home = tempfile::tempdir().unwrap();
     qxfer(home.path()).arg("--help").assert().success().stdout(

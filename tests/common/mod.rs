@@ -238,10 +238,15 @@ pub struct ServeProcess {
 
 impl ServeProcess {
     /// Starts `cmd` (a `qxfer serve` command line) and waits for its banner.
-    pub fn spawn(mut cmd: Command) -> Self {
+    pub fn spawn(cmd: Command) -> Self {
+        Self::spawn_logging(cmd, Stdio::null())
+    }
+
+    /// Like `spawn`, sending the server's log (stderr) to `log`.
+    pub fn spawn_logging(mut cmd: Command, log: impl Into<Stdio>) -> Self {
         let mut child = cmd
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(log)
             .spawn()
             .unwrap();
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
