@@ -181,6 +181,15 @@ mod tests {
     }
 
     #[test]
+    fn qxfers_own_names_are_all_reserved() {
+        for own in [crate::transfer::TMP_PREFIX, crate::server::PARTIAL_DIR] {
+            assert!(own.starts_with(RESERVED_PREFIX), "{own}");
+            assert!(RemotePath::parse(own, true).is_err());
+            assert!(RemotePath::parse(&format!("{own}/x"), true).is_err());
+        }
+    }
+
+    #[test]
     fn join_remote_handles_trailing_slash() {
         assert_eq!(join_remote(None, "f"), "f");
         assert_eq!(join_remote(Some("d/"), "f"), "d/f");

@@ -438,4 +438,42 @@ mod tests {
         let err = decode::<Request>(&[9]).unwrap_err();
         assert!(matches!(err, FrameError::Malformed(_)));
     }
+
+    /// Decodes `payload` as `T`; whatever decodes must re-encode to a frame
+    /// that decodes to the same message.
+    fn decodes_consistently<T>(payload: &[u8])
+    where
+        T: DeserializeOwned + Serialize + PartialEq + fmt::Debug,
+    {
+        if let Ok(msg) = decode::<T>(payload) {
+            let frame = encode(&msg).unwrap();
+            assert_eq!(decode::<T>(&frame[4..]).unwrap(), msg);
+        }
+    }
+
+    // The long run is the cargo-fuzz target in tests/fuzz; this keeps the
+    // same properties checked on every `cargo test`.
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic_the_decoders(
+            bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..512)
+        ) {
+            decodes_consistently::<Request>(&bytes);
+            decodes_consistently::<Response>(&bytes);
+            decodes_consistently::<Receipt>(&bytes);
+            decodes_consistently::<Trailer>(&bytes);
+            decodes_consistently::<ListBatch>(&bytes);
+        }
+
+        #[test]
+        fn corrupted_valid_frames_never_panic_the_decoders(
+            at in 0usize..64, value in proptest::num::u8::ANY, cut in 0usize..64
+        ) {
+            let mut frame = encode(&put()).unwrap()[4..].to_vec();
+            let i = at % frame.len();
+            frame[i] = value;
+            frame.truncate(frame.len() - cut % frame.len());
+            decodes_consistently::<Request>(&frame);
+        }
+    }
 }

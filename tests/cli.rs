@@ -84,7 +84,10 @@ fn unknown_clients_are_refused_until_allowed_and_open_admits_anyone() {
         .args(["put", "f.txt"])
         .assert()
         .success();
-    assert_eq!(std::fs::read(ops.path().join("root/f.txt")).unwrap(), b"hello");
+    assert_eq!(
+        std::fs::read(ops.path().join("root/f.txt")).unwrap(),
+        b"hello"
+    );
 
     // --open admits a client nobody listed, and says so loudly.
     let open_home = tempfile::tempdir().unwrap();

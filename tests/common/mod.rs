@@ -244,11 +244,7 @@ impl ServeProcess {
 
     /// Like `spawn`, sending the server's log (stderr) to `log`.
     pub fn spawn_logging(mut cmd: Command, log: impl Into<Stdio>) -> Self {
-        let mut child = cmd
-            .stdout(Stdio::piped())
-            .stderr(log)
-            .spawn()
-            .unwrap();
+        let mut child = cmd.stdout(Stdio::piped()).stderr(log).spawn().unwrap();
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
         let mut banner = Vec::new();
         for _ in 0..3 {
