@@ -957,3 +957,42 @@ async fn a_read_only_server_refuses_every_put() {
     client.close().await;
     arena.check(&["shared"]).await;
 }
+
+#[tokio::test]
+async fn special_files_and_a_hijacked_partial_store_cannot_hang_or_escape_the_server() {
+    let arena = Arena::new().await;
+    let root = arena.root().to_owned();
+    // A FIFO: opening it for reading would block forever without O_NONBLOCK.
+    let fifo = std::ffi::CString::new(root.join("pipe").as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: mkfifo reads a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
+    // Someone on the server replaced the partial store with a link out.
+    std::os::unix::fs::symlink(&arena.outside, root.join(PARTIAL_DIR)).unwrap();
+    let (client, _cfg) = arena.client().await;
+    let src = arena.local("x", b"x");
+    let hostile = async {
+        let dest = arena.work.path().join("pipe");
+        let start = Instant::now();
+        let (code, msg) = remote(client.get("pipe", &dest, false, &|_| {}, &|_| {}).await);
+        assert_eq!(code, ErrorCode::NotFound, "{msg}");
+        assert!(msg.contains("not a regular file"), "{msg}");
+        assert!(start.elapsed() < Duration::from_secs(5));
+        let listed = client.list("").await.unwrap();
+        let pipe = listed.iter().find(|e| e.name == "pipe").unwrap();
+        assert_eq!(pipe.kind, EntryKind::Other);
+        assert!(
+            !listed.iter().any(|e| e.name.starts_with(".qxfer-")),
+            "the partial store is never listed"
+        );
+        // With the store hijacked, puts fail clearly instead of writing outside.
+        let err = client.put(&src, "x", false, &|_| {}).await.unwrap_err();
+        assert!(err.to_string().contains("'x'"), "{err}");
+    };
+    // The well-behaved client's puts need the store too: restore it once the
+    // hostile part is over, then run the usual checks.
+    hostile.await;
+    std::fs::remove_file(root.join(PARTIAL_DIR)).unwrap();
+    arena.during(async {}).await;
+    client.close().await;
+    arena.check(&["pipe"]).await;
+}

@@ -55,12 +55,15 @@ SSH_OPTS=(-P "$SSH_PORT" -i "$work/userkey" -o StrictHostKeyChecking=no -o UserK
 echo "making a ${SIZE_MIB} MiB random file..." >&2
 head -c $((SIZE_MIB * 1024 * 1024)) /dev/urandom > "$work/src/big.bin"
 
+# Server and client share a private config dir: the server admits that
+# user's client identity, and nothing touches the real ~/.config.
+export QXFER_CONFIG_DIR=$work/cfg
 "$QX" serve --listen 127.0.0.1:0 --root "$work/root" --certs "$work/certs" > "$work/serve.out" 2>/dev/null &
 server_pid=$!
 pids+=($server_pid)
 for _ in $(seq 50); do grep -q '^listening' "$work/serve.out" 2>/dev/null && break; sleep 0.1; done
 addr=$(sed -n 's/^listening on udp //p' "$work/serve.out")
-export QXFER_CONFIG_DIR=$work/cfg QXFER_SERVER=$addr
+export QXFER_SERVER=$addr
 # Wait for sshd to accept.
 for _ in $(seq 50); do scp "${SSH_OPTS[@]}" -q "$work/authorized_keys" "root@127.0.0.1:$work/scp-dst/probe" 2>/dev/null && break; sleep 0.1; done
 rm -f "$work/scp-dst/probe"
