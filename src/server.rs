@@ -355,6 +355,12 @@ fn fs_error(e: &io::Error, path: &RemotePath, doing: &str) -> RemoteError {
             format!("{doing} '{path}' on the server: it leads outside the served directory (through a symbolic link), which the server never follows"),
         );
     }
+    if e.raw_os_error() == Some(libc::EXDEV) {
+        return RemoteError::new(
+            ErrorCode::Internal,
+            format!("{doing} '{path}' on the server: its directory is on another filesystem than the served root (a mount point inside the root), where uploads cannot be placed; choose another directory"),
+        );
+    }
     if e.raw_os_error() == Some(libc::ELOOP) {
         return RemoteError::new(
             ErrorCode::Symlink,

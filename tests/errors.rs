@@ -313,3 +313,47 @@ async fn connections_beyond_the_limit_are_refused_clearly() {
         }
     }
 }
+
+#[tokio::test]
+async fn a_mount_point_inside_the_root_is_a_clear_error() {
+    let Some(disk) = TinyDisk::mount("1m") else {
+        return;
+    };
+    // The served root contains a separate filesystem at "mnt"; uploads are
+    // assembled in the root's partial store and cannot be renamed across.
+    let dirs = tempfile::tempdir().unwrap();
+    let root = dirs.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    let status = std::process::Command::new("mount")
+        .args(["--bind"])
+        .arg(disk.dir.path())
+        .arg({
+            std::fs::create_dir(root.join("mnt")).unwrap();
+            root.join("mnt")
+        })
+        .status()
+        .unwrap();
+    assert!(status.success());
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let unmount = Unmount(root.join("mnt"));
+    let server = TestServer::start_in(dirs, &root).await;
+    let (client, _cfg) = server.client().await;
+    let src = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(src.path(), b"data").unwrap();
+    let (code, msg) = remote_code(client.put(src.path(), "mnt/f", false, &|_| {}).await);
+    assert_eq!(code, ErrorCode::Internal, "{msg}");
+    assert!(
+        msg.contains("'mnt/f'") && msg.contains("another filesystem"),
+        "{msg}"
+    );
+    assert!(tree(&root.join("mnt")).is_empty());
+    client.close().await;
+    server.assert_healthy().await;
+    // Unmount before the server's temp dir is removed.
+    drop(unmount);
+}
