@@ -125,6 +125,42 @@ pub struct ClientArgs {
     pub transport: TransportOpts,
 }
 
+/// Options put and get share.
+#[derive(Debug, Args)]
+pub struct TransferArgs {
+    /// Start interrupted transfers over instead of continuing them.
+    #[arg(long)]
+    pub no_resume: bool,
+    /// Cap the total rate, in bytes per second (K, M, G suffixes: powers of 1024).
+    #[arg(long, value_name = "RATE", value_parser = parse_rate)]
+    pub limit_rate: Option<u64>,
+}
+
+/// Parses `800K`, `50M`, `1.5G` or a plain number of bytes per second.
+fn parse_rate(s: &str) -> Result<u64, String> {
+    let (num, mult) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let mult = match c.to_ascii_uppercase() {
+                'K' => 1u64 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                _ => return Err(format!("unknown suffix {c:?}: use K, M or G")),
+            };
+            (&s[..i], mult)
+        }
+        _ => (s, 1),
+    };
+    let n: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a rate such as 50M"))?;
+    let rate = (n * mult as f64) as u64;
+    if !n.is_finite() || rate == 0 {
+        return Err("the rate must be more than zero".into());
+    }
+    Ok(rate)
+}
+
 /// Options of `qxfer put`.
 #[derive(Debug, Args)]
 pub struct PutArgs {
@@ -143,6 +179,8 @@ pub struct PutArgs {
     /// Print a JSON report on stdout.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub transfer: TransferArgs,
     #[command(flatten)]
     pub client: ClientArgs,
 }
@@ -165,6 +203,8 @@ pub struct GetArgs {
     /// Print a JSON report on stdout.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub transfer: TransferArgs,
     #[command(flatten)]
     pub client: ClientArgs,
 }
@@ -357,12 +397,19 @@ pub fn downloads_dir() -> Result<PathBuf> {
         .context("cannot find a Downloads folder; pass -o DIR")
 }
 
-async fn connect(args: &ClientArgs, quiet: bool, progress: &Progress) -> Result<Client> {
+async fn connect(
+    args: &ClientArgs,
+    transfer: Option<&TransferArgs>,
+    quiet: bool,
+    progress: &Progress,
+) -> Result<Client> {
     let config = ClientConfig {
         server: args.server.clone(),
         pin: args.pin,
         config_dir: config_dir()?,
         transport: args.transport.clone(),
+        resume: !transfer.is_some_and(|t| t.no_resume),
+        limit_rate: transfer.and_then(|t| t.limit_rate),
     };
     let client = Client::connect(&config).await?;
     if let (Some((fp, file)), false) = (&client.first_contact, quiet) {
@@ -393,7 +440,7 @@ async fn put(args: PutArgs, quiet: bool, progress: &Progress) -> Result<ExitCode
             )),
         }
     }
-    let client = connect(&args.client, quiet, progress).await?;
+    let client = connect(&args.client, Some(&args.transfer), quiet, progress).await?;
     let report = run_batch(
         &client,
         Direction::Put,
@@ -430,7 +477,7 @@ async fn get(args: GetArgs, quiet: bool, progress: &Progress) -> Result<ExitCode
             None => bad.push(format!("{name}: does not name a file")),
         }
     }
-    let client = connect(&args.client, quiet, progress).await?;
+    let client = connect(&args.client, Some(&args.transfer), quiet, progress).await?;
     let report = run_batch(
         &client,
         Direction::Get,
@@ -474,6 +521,17 @@ fn finish_batch(
             .iter()
             .map(|(label, e)| format!("{label}: {e}")),
     );
+    if !quiet {
+        for note in report.done.iter().flat_map(|r| &r.notes) {
+            eprintln!("qxfer: note: {note}");
+        }
+        for r in report.done.iter().filter(|r| r.resumed_from > 0) {
+            eprintln!(
+                "qxfer: {}: resumed, {} of {} bytes were already there",
+                r.name, r.resumed_from, r.bytes
+            );
+        }
+    }
     let bytes: u64 = report.done.iter().map(|r| r.bytes).sum();
     if json {
         let doc = serde_json::json!({
@@ -506,7 +564,7 @@ fn finish_batch(
 
 async fn ls(args: LsArgs) -> Result<ExitCode> {
     let progress = Progress::hidden();
-    let client = connect(&args.client, false, &progress).await?;
+    let client = connect(&args.client, None, false, &progress).await?;
     let listed = client.list(&args.dir).await;
     if let Some(refused) = client.refusal() {
         return Err(refused.into());
@@ -552,6 +610,17 @@ mod tests {
     #[test]
     fn cli_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn rates_parse_with_suffixes() {
+        assert_eq!(parse_rate("800K"), Ok(800 << 10));
+        assert_eq!(parse_rate("50M"), Ok(50 << 20));
+        assert_eq!(parse_rate("1.5G"), Ok(3 << 29));
+        assert_eq!(parse_rate("1000"), Ok(1000));
+        assert!(parse_rate("0").is_err());
+        assert!(parse_rate("fast").is_err());
+        assert!(parse_rate("5X").is_err());
     }
 
     #[test]

@@ -17,12 +17,15 @@ use tokio::task::JoinSet;
 use crate::endpoint::{self, EndpointError, TransportOpts};
 use crate::progress::Progress;
 use crate::protocol::{
-    close, read_frame, write_frame, Digest, Entry, ErrorCode, FileMeta, FrameError, GetRequest,
-    ListBatch, ListRequest, PutRequest, Receipt, RemoteError, Request, Response, Trailer, ALPN,
+    close, read_frame, write_frame, Continue, Digest, Entry, ErrorCode, FileMeta, FrameError,
+    GetRequest, ListBatch, ListRequest, Prefix, PutRequest, Receipt, RemoteError, Request,
+    Response, Trailer, ALPN, RESUME_MIN,
 };
 use crate::server::{RESET_SOURCE_FAILED, STOP_REFUSED};
 use crate::tls::{Fingerprint, Identity, KnownHosts, PinnedServerVerifier, TrustError};
-use crate::transfer::{self, file_meta, Advance, CommitError, IncomingFile, TransferError};
+use crate::transfer::{
+    self, file_meta, Advance, CommitError, IncomingFile, Pacer, Start, TransferError,
+};
 
 /// Port used when `--server` names only a host.
 pub const DEFAULT_PORT: u16 = 65432;
@@ -53,6 +56,10 @@ pub struct ClientConfig {
     pub config_dir: PathBuf,
     /// QUIC transport options.
     pub transport: TransportOpts,
+    /// Continue interrupted transfers (`--no-resume` clears it).
+    pub resume: bool,
+    /// Cap on the bytes per second of all transfers together (`--limit-rate`).
+    pub limit_rate: Option<u64>,
 }
 
 /// Why no connection was made.
@@ -234,6 +241,13 @@ pub struct TransferReport {
     /// BLAKE3 of the contents (hex in JSON).
     #[serde(serialize_with = "serialize_hex")]
     pub blake3: Digest,
+    /// Bytes that were already at the receiver from an interrupted
+    /// transfer and were not sent again.
+    pub resumed_from: u64,
+    /// Bytes that crossed the network for this file this time.
+    pub bytes_sent: u64,
+    /// Things the user should know (a resume that had to start over...).
+    pub notes: Vec<String>,
 }
 
 /// A connection to one qxfer server.
@@ -243,6 +257,8 @@ pub struct Client {
     conn: quinn::Connection,
     server: String,
     fingerprint: Fingerprint,
+    resume: bool,
+    pace: Option<Arc<Pacer>>,
     /// Set when this connection was the first contact and the fingerprint was
     /// added to known_hosts.
     pub first_contact: Option<(Fingerprint, PathBuf)>,
@@ -378,6 +394,8 @@ impl Client {
             conn,
             server: server.to_owned(),
             fingerprint: identity.fingerprint(),
+            resume: config.resume,
+            pace: config.limit_rate.map(|r| Arc::new(Pacer::new(r))),
             first_contact,
         })
     }
@@ -415,6 +433,12 @@ impl Client {
 
     /// Uploads `local` to the remote path `remote`. Returns once the server
     /// has committed the file under its final name.
+    ///
+    /// Files of [`RESUME_MIN`] bytes or more go in resume mode: the server
+    /// offers what it holds of an interrupted upload of this very file, the
+    /// client checks that prefix against its own and sends only the rest.
+    /// Smaller files are pipelined: the data follows the header at once,
+    /// which saves a round trip per file.
     pub async fn put(
         &self,
         local: &Path,
@@ -423,17 +447,54 @@ impl Client {
         progress: &Advance<'_>,
     ) -> Result<TransferReport, FileError> {
         let (file, meta) = open_source(local)?;
+        let resume = self.resume && meta.size >= RESUME_MIN;
         let (mut send, mut recv) = self.open().await?;
         let request = Request::Put(PutRequest {
             path: remote.to_owned(),
             meta,
             force,
+            resume,
         });
         write_frame(&mut send, &request).await?;
-        // The data follows the header at once rather than after the server's
-        // answer: that saves a round trip per file. A refusal stops the stream.
+        let mut notes = Vec::new();
+        let (file, start) = if resume {
+            let offer = match read_frame::<_, Response>(&mut recv).await? {
+                Response::PutAccepted(offer) => offer,
+                Response::Refused(e) => return Err(e.into()),
+                other => return Err(unexpected(&other)),
+            };
+            if offer.discarded_stale {
+                notes.push(format!(
+                    "{}: the file changed since an earlier interrupted upload; starting over",
+                    local.display()
+                ));
+            }
+            let (file, start) = check_offer(file, meta.size, offer.offset, offer.prefix)
+                .await
+                .map_err(FileError::local(local))?;
+            if offer.offset > 0 && start.offset == 0 {
+                notes.push(format!(
+                    "{}: what the server kept of an earlier upload does not match this file; starting over",
+                    local.display()
+                ));
+            }
+            write_frame(
+                &mut send,
+                &Continue {
+                    offset: start.offset,
+                },
+            )
+            .await?;
+            progress(start.offset);
+            (file, start)
+        } else {
+            (file, Start::default())
+        };
+        let resumed_from = start.offset;
+        let pace = self.pace.clone();
         let sending = async {
-            let digest = transfer::send_file(file, meta.size, &mut send, progress).await?;
+            let digest =
+                transfer::send_file(file, meta.size, start, pace, &mut send, progress).await?;
             write_frame(&mut send, &Trailer { digest })
                 .await
                 .map_err(|e| match e {
@@ -443,11 +504,17 @@ impl Client {
             let _ = send.finish();
             Ok::<_, TransferError>(digest)
         };
-        let (sent, response) = tokio::join!(sending, read_frame::<_, Response>(&mut recv));
+        // Pipelined, the response arrives while the data goes out.
+        let (sent, response) = if resume {
+            (sending.await, Ok(None))
+        } else {
+            let (sent, response) = tokio::join!(sending, read_frame::<_, Response>(&mut recv));
+            (sent, response.map(Some))
+        };
         match response {
-            Ok(Response::PutAccepted) => {}
-            Ok(Response::Refused(e)) => return Err(e.into()),
-            Ok(other) => return Err(unexpected(&other)),
+            Ok(None | Some(Response::PutAccepted(_))) => {}
+            Ok(Some(Response::Refused(e))) => return Err(e.into()),
+            Ok(Some(other)) => return Err(unexpected(&other)),
             Err(e) => {
                 return Err(match sent {
                     Err(source) => FileError::Transfer {
@@ -475,6 +542,9 @@ impl Client {
                     dest: remote.to_owned(),
                     bytes: size,
                     blake3: digest,
+                    resumed_from,
+                    bytes_sent: size - resumed_from,
+                    notes,
                 })
             }
             (Err(e), Ok(_)) => Err(e.into()),
@@ -483,6 +553,11 @@ impl Client {
 
     /// Downloads the remote file `remote` to the local path `dest`. Returns
     /// once the file is complete, synced and under its final name.
+    ///
+    /// The data goes to `DEST.qxfer-part` first. If an earlier download was
+    /// interrupted, that file holds its bytes: the client sends their length
+    /// and BLAKE3, and the server sends only the rest if its own file has
+    /// the same prefix (else everything, and the part is rewritten).
     pub async fn get(
         &self,
         remote: &str,
@@ -492,18 +567,50 @@ impl Client {
         progress: &Advance<'_>,
     ) -> Result<TransferReport, FileError> {
         check_local_dest(dest, force)?;
+        let (incoming, start) = open_download(dest, self.resume).await?;
         let (mut send, mut recv) = self.open().await?;
         let request = Request::Get(GetRequest {
             path: remote.to_owned(),
+            resume: (start.offset > 0).then(|| Prefix {
+                offset: start.offset,
+                digest: start.prefix_digest(),
+            }),
         });
         write_frame(&mut send, &request).await?;
-        let meta = match read_frame::<_, Response>(&mut recv).await? {
-            Response::GetAccepted(meta) => meta,
+        let offer = match read_frame::<_, Response>(&mut recv).await? {
+            Response::GetAccepted(offer) => offer,
             Response::Refused(e) => return Err(e.into()),
             other => return Err(unexpected(&other)),
         };
-        on_start(meta.size);
-        let result = receive_get(&mut recv, dest, &meta, force, progress).await;
+        let mut notes = Vec::new();
+        let start = if offer.offset == start.offset {
+            start
+        } else if offer.offset == 0 {
+            notes.push(format!(
+                "{remote}: changed on the server since the interrupted download (or the partial file {} was damaged); starting over",
+                part_path(dest).display()
+            ));
+            incoming.restart().map_err(FileError::local(dest))?
+        } else {
+            return Err(FileError::Protocol(format!(
+                "the server offered to continue {remote} at byte {} but we hold {}",
+                offer.offset, start.offset
+            )));
+        };
+        on_start(offer.meta.size);
+        progress(start.offset);
+        let resumed_from = start.offset;
+        let result = receive_get(
+            &mut recv,
+            dest,
+            incoming,
+            start,
+            &offer.meta,
+            force,
+            self.pace.clone(),
+            progress,
+        )
+        .await;
         let receipt = match &result {
             Ok(r) => Receipt::Committed {
                 size: r.bytes,
@@ -522,6 +629,9 @@ impl Client {
         }
         result.map(|mut r| {
             r.name = remote.to_owned();
+            r.resumed_from = resumed_from;
+            r.bytes_sent = r.bytes - resumed_from;
+            r.notes = notes;
             r
         })
     }
@@ -691,30 +801,100 @@ fn check_local_dest(dest: &Path, force: bool) -> Result<(), FileError> {
     }
 }
 
+/// Where a download to `dest` keeps its bytes until it is complete.
+pub fn part_path(dest: &Path) -> PathBuf {
+    let mut name = dest.file_name().unwrap_or_default().to_os_string();
+    name.push(PART_SUFFIX);
+    dest.with_file_name(name)
+}
+
+/// Suffix of partial downloads beside their destination.
+pub const PART_SUFFIX: &str = ".qxfer-part";
+
+/// Opens `DEST.qxfer-part` and, if `resume` and it holds bytes, hashes them.
+async fn open_download(dest: &Path, resume: bool) -> Result<(IncomingFile, Start), FileError> {
+    let d = dest.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let local = FileError::local(&d);
+        let dir = match d.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        let name = d
+            .file_name()
+            .and_then(|n| n.to_str())
+            .ok_or_else(|| FileError::Local {
+                path: d.clone(),
+                source: std::io::Error::other("has no UTF-8 file name"),
+            })?;
+        let part = part_path(&d);
+        let part_name = part.file_name().and_then(|n| n.to_str()).expect("UTF-8");
+        let open = || -> std::io::Result<(IncomingFile, Start)> {
+            let dir = cap_std::fs::Dir::open_ambient_dir(dir, cap_std::ambient_authority())?;
+            let incoming =
+                IncomingFile::open_partial(dir.try_clone()?, part_name, dir, name, d.clone())?;
+            let held = incoming.len()?;
+            let start = if resume && held > 0 {
+                incoming.prefix(held)?
+            } else {
+                incoming.restart()?
+            };
+            Ok((incoming, start))
+        };
+        open().map_err(|e| {
+            if e.kind() == std::io::ErrorKind::ResourceBusy {
+                FileError::Local {
+                    path: part.clone(),
+                    source: std::io::Error::new(
+                        e.kind(),
+                        "another qxfer is downloading to this file right now",
+                    ),
+                }
+            } else {
+                local(e)
+            }
+        })
+    })
+    .await
+    .expect("open task panicked")
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn receive_get(
     recv: &mut RecvStream,
     dest: &Path,
+    incoming: IncomingFile,
+    start: Start,
     meta: &FileMeta,
     force: bool,
+    pace: Option<Arc<Pacer>>,
     progress: &Advance<'_>,
 ) -> Result<TransferReport, FileError> {
-    let incoming = IncomingFile::create(dest).map_err(FileError::local(dest))?;
     let file = incoming.file().map_err(FileError::local(dest))?;
-    let digest = transfer::receive_file(recv, meta.size, file, progress)
-        .await
-        .map_err(|e| match e {
-            TransferError::Write(io) => FileError::local(dest)(io),
-            TransferError::Network(ref io) if is_source_reset(io) => FileError::Protocol(
-                "the server could not read the file to the end (it may have changed); try again"
-                    .into(),
-            ),
-            other => FileError::Transfer {
-                path: dest.to_owned(),
-                source: other,
-            },
-        })?;
+    let received = transfer::receive_file(
+        recv,
+        meta.size,
+        file,
+        start,
+        pace,
+        progress,
+        std::future::pending(),
+    )
+    .await;
+    let digest = received.map_err(|e| match e {
+        TransferError::Write(io) => FileError::local(dest)(io),
+        TransferError::Network(ref io) if is_source_reset(io) => FileError::Protocol(
+            "the server could not read the file to the end (it may have changed); try again".into(),
+        ),
+        other => FileError::Transfer {
+            path: dest.to_owned(),
+            source: other,
+        },
+    })?;
     let trailer: Trailer = read_frame(recv).await?;
     if trailer.digest != digest {
+        // Never resume from bytes known to be bad.
+        incoming.discard();
         return Err(FileError::Corrupt(dest.to_owned()));
     }
     let meta = *meta;
@@ -731,7 +911,35 @@ async fn receive_get(
         dest: dest.display().to_string(),
         bytes: meta.size,
         blake3: digest,
+        resumed_from: 0,
+        bytes_sent: meta.size,
+        notes: Vec::new(),
     })
+}
+
+/// Compares the server's offer (`offset` bytes hashing to `prefix`) with
+/// the local file: the start to send from, and the file positioned there.
+async fn check_offer(
+    file: File,
+    size: u64,
+    offset: u64,
+    prefix: Digest,
+) -> std::io::Result<(File, Start)> {
+    tokio::task::spawn_blocking(move || {
+        use std::io::Seek;
+        let mut file = file;
+        if offset > 0 && offset <= size {
+            if let Ok(start) = transfer::hash_prefix(&mut file, offset) {
+                if start.prefix_digest() == prefix {
+                    return Ok((file, start));
+                }
+            }
+        }
+        file.seek(std::io::SeekFrom::Start(0))?;
+        Ok((file, Start::default()))
+    })
+    .await
+    .expect("hash task panicked")
 }
 
 fn is_source_reset(e: &std::io::Error) -> bool {

@@ -62,6 +62,36 @@ pub struct PutRequest {
     pub meta: FileMeta,
     /// Replace an existing file instead of refusing.
     pub force: bool,
+    /// Resume mode: the client waits for the server's [`PutOffer`], answers
+    /// with [`Continue`], and only then sends the data (from the agreed
+    /// offset). Without it the data follows the header at once, from 0.
+    pub resume: bool,
+}
+
+/// Files at least this large are uploaded in resume mode and kept as
+/// resumable partials when interrupted; smaller ones are cheaper to send
+/// again than to wait a round trip for an offer.
+pub const RESUME_MIN: u64 = 4 * 1024 * 1024;
+
+/// What the server already holds of an upload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PutOffer {
+    /// Bytes of this file (same client, path, size and mtime) the server
+    /// holds from an interrupted upload; 0 if none.
+    pub offset: u64,
+    /// BLAKE3 of those bytes, for the client to compare with its own.
+    pub prefix: Digest,
+    /// A partial of a different version of the file (another size or
+    /// mtime) was found and thrown away.
+    pub discarded_stale: bool,
+}
+
+/// The client's answer to a [`PutOffer`] in resume mode: where its data
+/// starts. Either the offered offset (the prefixes matched) or 0.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Continue {
+    /// First byte that follows.
+    pub offset: u64,
 }
 
 /// Download the file at `path` (relative to the server root).
@@ -69,6 +99,27 @@ pub struct PutRequest {
 pub struct GetRequest {
     /// Source, relative to the server root.
     pub path: String,
+    /// What the client already holds from an interrupted download.
+    pub resume: Option<Prefix>,
+}
+
+/// The first `offset` bytes of a file and their BLAKE3.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Prefix {
+    /// Length of the prefix.
+    pub offset: u64,
+    /// BLAKE3 of it.
+    pub digest: Digest,
+}
+
+/// The server's answer to a get: the file's metadata and where its data starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GetOffer {
+    /// The file's metadata.
+    pub meta: FileMeta,
+    /// First byte that follows: the client's prefix length if the server's
+    /// own prefix hashes the same, else 0 (start over).
+    pub offset: u64,
 }
 
 /// List the directory at `path` (relative to the server root; empty means the root).
@@ -102,20 +153,20 @@ pub struct FileMeta {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Response {
     /// The upload is accepted; the server is reading the data.
-    PutAccepted,
-    /// The file exists; its bytes follow this frame.
-    GetAccepted(FileMeta),
+    PutAccepted(PutOffer),
+    /// The file exists; its bytes from `offset` follow this frame.
+    GetAccepted(GetOffer),
     /// The listing follows as [`ListBatch`] frames.
     ListAccepted,
     /// The request was refused; nothing follows.
     Refused(RemoteError),
 }
 
-/// Sent by the sender after exactly `size` data bytes: what the receiver must
-/// have seen. A mismatch means the data was corrupted and is not committed.
+/// Sent by the sender after the data: what the receiver must have. A
+/// mismatch means the data was corrupted and is not committed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Trailer {
-    /// BLAKE3 of the data bytes.
+    /// BLAKE3 of the whole file (including any resumed prefix).
     pub digest: Digest,
 }
 
@@ -359,6 +410,7 @@ mod tests {
                 mode: Some(0o644),
             },
             force: false,
+            resume: true,
         })
     }
 
@@ -368,10 +420,13 @@ mod tests {
         write_frame(&mut a, &put()).await.unwrap();
         write_frame(
             &mut a,
-            &Response::GetAccepted(FileMeta {
-                size: 1,
-                mtime: None,
-                mode: None,
+            &Response::GetAccepted(GetOffer {
+                meta: FileMeta {
+                    size: 1,
+                    mtime: None,
+                    mode: None,
+                },
+                offset: 0,
             }),
         )
         .await
@@ -381,10 +436,13 @@ mod tests {
         let got: Response = read_frame(&mut b).await.unwrap();
         assert_eq!(
             got,
-            Response::GetAccepted(FileMeta {
-                size: 1,
-                mtime: None,
-                mode: None
+            Response::GetAccepted(GetOffer {
+                meta: FileMeta {
+                    size: 1,
+                    mtime: None,
+                    mode: None
+                },
+                offset: 0,
             })
         );
     }
@@ -427,6 +485,7 @@ mod tests {
     #[test]
     fn oversized_message_is_not_encoded() {
         let req = Request::Get(GetRequest {
+            resume: None,
             path: "x".repeat(MAX_FRAME + 1),
         });
         assert!(matches!(encode(&req), Err(FrameError::TooLarge(..))));

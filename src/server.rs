@@ -23,8 +23,9 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use cap_fs_ext::DirExt;
 use cap_std::ambient_authority;
@@ -34,12 +35,12 @@ use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::paths::{RemotePath, RESERVED_PREFIX};
 use crate::protocol::{
-    close, read_frame, read_frame_limited, write_frame, Entry, EntryKind, ErrorCode, FrameError,
-    GetRequest, ListBatch, ListRequest, PutRequest, Receipt, RemoteError, Request, Response,
-    Trailer, MAX_FRAME,
+    close, read_frame, read_frame_limited, write_frame, Continue, Entry, EntryKind, ErrorCode,
+    FileMeta, FrameError, GetOffer, GetRequest, ListBatch, ListRequest, PutOffer, PutRequest,
+    Receipt, RemoteError, Request, Response, Trailer, MAX_FRAME, RESUME_MIN,
 };
 use crate::tls::{peer_fingerprint, Fingerprint};
-use crate::transfer::{self, file_meta, to_timestamp, IncomingFile, TransferError};
+use crate::transfer::{self, file_meta, to_timestamp, IncomingFile, Start, TransferError};
 
 /// Default for [`ServeConfig::header_timeout`].
 pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -84,6 +85,22 @@ pub struct ServeConfig {
     pub header_timeout: Duration,
     /// Largest request header accepted, in bytes (at most 64 KiB).
     pub max_header_size: usize,
+    /// Interrupted uploads untouched for this long are deleted.
+    pub partial_ttl: Duration,
+    /// Byte counters, for logs and tests.
+    pub stats: Arc<ServeStats>,
+}
+
+/// Default for [`ServeConfig::partial_ttl`].
+pub const DEFAULT_PARTIAL_TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// What the server has moved since it started.
+#[derive(Debug, Default)]
+pub struct ServeStats {
+    /// File bytes received from clients (puts).
+    pub bytes_received: AtomicU64,
+    /// File bytes sent to clients (gets).
+    pub bytes_sent: AtomicU64,
 }
 
 /// Default for [`ServeConfig::max_connections`].
@@ -134,6 +151,8 @@ impl ServeConfig {
             max_connections_per_client: DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
             header_timeout: DEFAULT_HEADER_TIMEOUT,
             max_header_size: MAX_FRAME,
+            partial_ttl: DEFAULT_PARTIAL_TTL,
+            stats: Arc::default(),
         })
     }
 }
@@ -146,7 +165,9 @@ pub async fn run(
 ) {
     let slots = Arc::new(tokio::sync::Semaphore::new(config.max_connections));
     let per_client: PerClient = Arc::default();
+    let partials: Arc<Partials> = Arc::default();
     let config = Arc::new(config);
+    let sweeper = tokio::spawn(sweep_partials_forever(config.clone(), partials.clone()));
     tokio::pin!(shutdown);
     loop {
         let incoming = tokio::select! {
@@ -167,16 +188,21 @@ pub async fn run(
             continue;
         };
         let span = info_span!("conn", remote = %incoming.remote_address());
-        let (config, per_client) = (config.clone(), per_client.clone());
+        let (config, per_client, partials) = (config.clone(), per_client.clone(), partials.clone());
         tokio::spawn(
             async move {
-                handle_connection(incoming, config, per_client).await;
+                handle_connection(incoming, config, per_client, partials).await;
                 drop(slot);
             }
             .instrument(span),
         );
     }
-    info!("shutting down");
+    info!(
+        received = config.stats.bytes_received.load(Ordering::Relaxed),
+        sent = config.stats.bytes_sent.load(Ordering::Relaxed),
+        "shutting down"
+    );
+    sweeper.abort();
     endpoint.close(VarInt::from_u32(0), b"server shutting down");
     // Let the close frames go out; never hang on a peer that vanished.
     let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
@@ -223,6 +249,7 @@ async fn handle_connection(
     incoming: quinn::Incoming,
     config: Arc<ServeConfig>,
     per_client: PerClient,
+    partials: Arc<Partials>,
 ) {
     // Awaiting the full handshake (never `into_0rtt`) means no request is
     // read before the client has proven its identity: 0-RTT never starts a put.
@@ -255,7 +282,12 @@ async fn handle_connection(
         match conn.accept_bi().await {
             Ok((send, recv)) => {
                 let span = info_span!("stream", id = %send.id());
-                tokio::spawn(handle_stream(send, recv, config.clone()).instrument(span));
+                let ctx = Ctx {
+                    config: config.clone(),
+                    client: fp,
+                    partials: partials.clone(),
+                };
+                tokio::spawn(handle_stream(send, recv, ctx).instrument(span));
             }
             Err(ConnectionError::ApplicationClosed(_)) => {
                 info!("disconnected");
@@ -269,7 +301,16 @@ async fn handle_connection(
     }
 }
 
-async fn handle_stream(mut send: SendStream, mut recv: RecvStream, config: Arc<ServeConfig>) {
+/// What a stream's handler needs besides the stream.
+struct Ctx {
+    config: Arc<ServeConfig>,
+    /// The client identity this connection was admitted with.
+    client: Fingerprint,
+    partials: Arc<Partials>,
+}
+
+async fn handle_stream(mut send: SendStream, mut recv: RecvStream, ctx: Ctx) {
+    let config = ctx.config.clone();
     let limit = config.max_header_size;
     let timeout = config.header_timeout;
     let request =
@@ -297,10 +338,10 @@ async fn handle_stream(mut send: SendStream, mut recv: RecvStream, config: Arc<S
     let root = config.root_dir.clone();
     let result = match request {
         Request::Put(req) => match check_put_allowed(&req, &config) {
-            Ok(()) => serve_put(req, root, &mut send, &mut recv).await,
+            Ok(()) => serve_put(req, &ctx, &mut send, &mut recv).await,
             Err(e) => Err(e),
         },
-        Request::Get(req) => serve_get(req, root, &mut send, &mut recv).await,
+        Request::Get(req) => serve_get(req, root, &config.stats, &mut send, &mut recv).await,
         Request::List(req) => serve_list(req, root, &mut send).await,
     };
     if let Err(err) = result {
@@ -338,6 +379,144 @@ async fn refuse(send: &mut SendStream, recv: &mut RecvStream, err: RemoteError) 
 
 fn protocol_error(e: &FrameError) -> RemoteError {
     RemoteError::new(ErrorCode::Protocol, format!("bad request: {e}"))
+}
+
+/// Which resumable partials are being written, so that only one upload
+/// writes a partial at a time, and a newer one takes over from an older one
+/// (a client that was killed and reruns the same put before the server has
+/// noticed the old connection is gone).
+#[derive(Debug, Default)]
+struct Partials {
+    slots: Mutex<HashMap<String, Arc<PartialSlot>>>,
+}
+
+#[derive(Debug)]
+struct PartialSlot {
+    lock: Arc<tokio::sync::Mutex<()>>,
+    /// Bumped by each new claimant; the holder stops when it changes.
+    generation: tokio::sync::watch::Sender<u64>,
+}
+
+/// The right to write one partial, until dropped.
+struct PartialLease {
+    _guard: tokio::sync::OwnedMutexGuard<()>,
+    slot: Arc<PartialSlot>,
+    generation: u64,
+    watch: tokio::sync::watch::Receiver<u64>,
+    name: String,
+    partials: Arc<Partials>,
+}
+
+/// How long a newer upload waits for an older one of the same partial to stop.
+const TAKEOVER_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl Partials {
+    /// Claims `name`, telling any current holder to stop and waiting for it.
+    async fn acquire(self: &Arc<Self>, name: &str) -> Option<PartialLease> {
+        let slot = {
+            let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+            slots
+                .entry(name.to_owned())
+                .or_insert_with(|| {
+                    Arc::new(PartialSlot {
+                        lock: Arc::default(),
+                        generation: tokio::sync::watch::Sender::new(0),
+                    })
+                })
+                .clone()
+        };
+        let mut generation = 0;
+        slot.generation.send_modify(|g| {
+            *g += 1;
+            generation = *g;
+        });
+        let watch = slot.generation.subscribe();
+        let guard = tokio::time::timeout(TAKEOVER_TIMEOUT, slot.lock.clone().lock_owned())
+            .await
+            .ok()?;
+        Some(PartialLease {
+            _guard: guard,
+            slot,
+            generation,
+            watch,
+            name: name.to_owned(),
+            partials: self.clone(),
+        })
+    }
+
+    /// Whether an upload is writing `name` now.
+    fn in_use(&self, name: &str) -> bool {
+        let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        slots
+            .get(name)
+            .is_some_and(|slot| slot.lock.try_lock().is_err())
+    }
+}
+
+impl PartialLease {
+    /// Completes when a newer upload of the same partial wants it.
+    async fn superseded(&mut self) {
+        let mine = self.generation;
+        let _ = self.watch.wait_for(|g| *g != mine).await;
+    }
+}
+
+impl Drop for PartialLease {
+    fn drop(&mut self) {
+        let mut slots = self
+            .partials
+            .slots
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        // Only the map and this lease hold the slot: nobody is waiting.
+        if Arc::strong_count(&self.slot) == 2 {
+            slots.remove(&self.name);
+        }
+    }
+}
+
+/// Deletes what interrupted uploads left in the partial store once it is
+/// older than `--partial-ttl`: at start, then every hour (or every TTL, if shorter).
+async fn sweep_partials_forever(config: Arc<ServeConfig>, partials: Arc<Partials>) {
+    let every = config.partial_ttl.min(Duration::from_secs(3600));
+    loop {
+        let (c, p) = (config.clone(), partials.clone());
+        match blocking(move || sweep_partials(&c.root_dir, c.partial_ttl, &p)).await {
+            Ok(0) => {}
+            Ok(n) => info!(
+                "removed {n} stale partial upload(s) older than {:?}",
+                config.partial_ttl
+            ),
+            Err(e) => warn!("cannot clean the partial store: {e}"),
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
+fn sweep_partials(root: &Dir, ttl: Duration, partials: &Partials) -> io::Result<usize> {
+    let store = match root.open_dir_nofollow(PARTIAL_DIR) {
+        Ok(d) => d,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e),
+    };
+    let now = SystemTime::now();
+    let mut removed = 0;
+    for entry in store.entries()?.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        let Ok(md) = store.symlink_metadata(&*name) else {
+            continue;
+        };
+        let age = md
+            .modified()
+            .ok()
+            .and_then(|m| now.duration_since(m.into_std()).ok())
+            .unwrap_or_default();
+        if age > ttl && !partials.in_use(&name) && store.remove_file(&*name).is_ok() {
+            removed += 1;
+        }
+    }
+    Ok(removed)
 }
 
 /// Whether cap-std refused to resolve a path because it would leave the
@@ -400,18 +579,51 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 
 async fn serve_put(
     req: PutRequest,
-    root: Arc<Dir>,
+    ctx: &Ctx,
     send: &mut SendStream,
     recv: &mut RecvStream,
 ) -> Result<(), RemoteError> {
     let path = RemotePath::parse(&req.path, false)?;
-    let (p, force, size) = (path.clone(), req.force, req.meta.size);
-    let incoming = blocking(move || prepare_put(&root, &p, force, size)).await?;
-    write_frame(send, &Response::PutAccepted)
+    // Large files go to a partial keyed by who sends which version of what,
+    // kept if the upload is interrupted; only one upload may write it at a
+    // time, and a newer one (the client retrying) takes over from an older.
+    let keyed = req.meta.size >= RESUME_MIN;
+    let mut lease = None;
+    let partial = if keyed {
+        let name = partial_name(&ctx.client, &path, &req.meta);
+        lease = Some(ctx.partials.acquire(&name).await.ok_or_else(|| {
+            RemoteError::new(
+                ErrorCode::Protocol,
+                format!("'{path}' is already being uploaded by this client and that upload did not stop; try again shortly"),
+            )
+        })?);
+        Some(name)
+    } else {
+        None
+    };
+    let root = ctx.config.root_dir.clone();
+    let (p, force, size, resume) = (path.clone(), req.force, req.meta.size, req.resume);
+    let (incoming, start, discarded_stale) =
+        blocking(move || prepare_put(&root, &p, force, size, partial.as_deref(), resume)).await?;
+    let offer = PutOffer {
+        offset: start.offset,
+        prefix: start.prefix_digest(),
+        discarded_stale,
+    };
+    write_frame(send, &Response::PutAccepted(offer))
         .await
         .map_err(|e| protocol_error(&e))?;
+    if start.offset > 0 {
+        info!(path = %path, offset = start.offset, "offering to resume");
+    }
 
-    let receipt = match receive_put(&req, &path, incoming, recv).await {
+    let stop = async {
+        match lease.as_mut() {
+            Some(l) => l.superseded().await,
+            None => std::future::pending().await,
+        }
+    };
+    let receipt = match receive_put(&req, &path, incoming, start, recv, ctx, stop).await {
         Ok(receipt) => {
             info!(path = %path, bytes = req.meta.size, "put committed");
             receipt
@@ -422,10 +634,35 @@ async fn serve_put(
             Receipt::Failed(err)
         }
     };
+    drop(lease);
     let _ = write_frame(send, &receipt).await;
     let _ = send.finish();
     Ok(())
 }
+
+/// The partial store name for an upload: a digest of the client identity
+/// and remote path, then one of the source's size and mtime. The first part
+/// finds earlier versions of the same upload; the second tells them apart.
+fn partial_name(client: &Fingerprint, path: &RemotePath, meta: &FileMeta) -> String {
+    let mut who = blake3::Hasher::new();
+    who.update(client.as_bytes());
+    who.update(path.to_string().as_bytes());
+    let mut version = blake3::Hasher::new();
+    version.update(&meta.size.to_le_bytes());
+    if let Some(t) = meta.mtime {
+        version.update(&t.secs.to_le_bytes());
+        version.update(&t.nanos.to_le_bytes());
+    }
+    format!(
+        "{}{}-{}",
+        PART_PREFIX,
+        &who.finalize().to_hex()[..32],
+        &version.finalize().to_hex()[..16]
+    )
+}
+
+/// Prefix of resumable partials in the partial store.
+const PART_PREFIX: &str = "part-";
 
 /// Checks the destination, the free space, and creates the temporary for a
 /// put. The destination's directory is opened here, beneath the root, and
@@ -436,7 +673,9 @@ fn prepare_put(
     path: &RemotePath,
     force: bool,
     size: u64,
-) -> Result<IncomingFile, RemoteError> {
+    partial: Option<&str>,
+    resume: bool,
+) -> Result<(IncomingFile, Start, bool), RemoteError> {
     let name = path.file_name().expect("a put path is never the root");
     let dest_dir = match path.parent() {
         Some(parent) => open_or_create_dir(root, &parent, path)?,
@@ -467,11 +706,39 @@ fn prepare_put(
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(fs_error(&e, path, "cannot check")),
     }
-    let store =
-        partial_store(root).map_err(|e| fs_error(&e, path, "cannot create the upload of"))?;
-    check_free_space(&store, size, path)?;
-    IncomingFile::create_in(store, dest_dir, name, PathBuf::from(path.to_string()))
-        .map_err(|e| fs_error(&e, path, "cannot create"))
+    let creating = |e: io::Error| fs_error(&e, path, "cannot create the upload of");
+    let store = partial_store(root).map_err(creating)?;
+    let label = PathBuf::from(path.to_string());
+    let Some(partial) = partial else {
+        check_free_space(&store, size, path)?;
+        let incoming = IncomingFile::create_in(store, dest_dir, name, label)
+            .map_err(|e| fs_error(&e, path, "cannot create"))?;
+        return Ok((incoming, Start::default(), false));
+    };
+    // Partials of other versions of this upload (the source changed) go.
+    let (same_upload, _) = partial
+        .rsplit_once('-')
+        .expect("partial names have a version");
+    let mut discarded_stale = false;
+    for entry in store.entries().map_err(creating)?.flatten() {
+        let other = entry.file_name();
+        let other = other.to_string_lossy();
+        if other.starts_with(same_upload) && other != partial {
+            discarded_stale |= store.remove_file(&*other).is_ok();
+        }
+    }
+    let incoming = IncomingFile::open_partial(store, partial, dest_dir, name, label)
+        .map_err(|e| fs_error(&e, path, "cannot open the partial upload of"))?;
+    let held = incoming.len().map_err(creating)?;
+    let start = if resume && held > 0 && held <= size {
+        incoming.prefix(held)
+    } else {
+        incoming.restart()
+    }
+    .map_err(creating)?;
+    let store = partial_store(root).map_err(creating)?;
+    check_free_space(&store, size - start.offset, path)?;
+    Ok((incoming, start, discarded_stale))
 }
 
 /// Opens the directory `dir` beneath the root, creating it and its parents
@@ -531,19 +798,57 @@ async fn receive_put(
     req: &PutRequest,
     path: &RemotePath,
     incoming: IncomingFile,
+    mut start: Start,
     recv: &mut RecvStream,
+    ctx: &Ctx,
+    stop: impl Future<Output = ()>,
 ) -> Result<Receipt, RemoteError> {
-    let file = incoming
-        .file()
-        .map_err(|e| fs_error(&e, path, "cannot write"))?;
-    let digest = transfer::receive_file(recv, req.meta.size, file, &|_| {})
-        .await
-        .map_err(|e| match e {
-            TransferError::Write(ref io) => fs_error(io, path, "cannot write"),
-            other => RemoteError::new(ErrorCode::Protocol, format!("receiving '{path}': {other}")),
-        })?;
+    let writing = |e: io::Error| fs_error(&e, path, "cannot write");
+    if req.resume {
+        // The client has compared prefixes and says where its data starts.
+        let answer =
+            tokio::time::timeout(ctx.config.header_timeout, read_frame::<_, Continue>(recv))
+                .await
+                .map_err(|_| {
+                    RemoteError::new(ErrorCode::Protocol, "no answer to the resume offer")
+                })?
+                .map_err(|e| protocol_error(&e))?;
+        if answer.offset != start.offset {
+            if answer.offset != 0 {
+                return Err(RemoteError::new(
+                    ErrorCode::Protocol,
+                    format!(
+                        "'{path}': the client continued at {} instead of {} or 0",
+                        answer.offset, start.offset
+                    ),
+                ));
+            }
+            info!(path = %path, "the client's data differs from the partial upload; starting over");
+            start = incoming.restart().map_err(writing)?;
+        }
+    }
+    let file = incoming.file().map_err(writing)?;
+    let stats = &ctx.config.stats;
+    let received = transfer::receive_file(
+        recv,
+        req.meta.size,
+        file,
+        start,
+        None,
+        &|n| {
+            stats.bytes_received.fetch_add(n, Ordering::Relaxed);
+        },
+        stop,
+    )
+    .await;
+    let digest = received.map_err(|e| match e {
+        TransferError::Write(ref io) => fs_error(io, path, "cannot write"),
+        other => RemoteError::new(ErrorCode::Protocol, format!("receiving '{path}': {other}")),
+    })?;
     let trailer: Trailer = read_trailer(recv, path).await?;
     if trailer.digest != digest {
+        // Never resume from bytes known to be bad.
+        incoming.discard();
         return Err(RemoteError::new(
             ErrorCode::Corrupt,
             format!(
@@ -596,12 +901,13 @@ async fn read_trailer(recv: &mut RecvStream, path: &RemotePath) -> Result<Traile
 async fn serve_get(
     req: GetRequest,
     root: Arc<Dir>,
+    stats: &ServeStats,
     send: &mut SendStream,
     recv: &mut RecvStream,
 ) -> Result<(), RemoteError> {
     let path = RemotePath::parse(&req.path, false)?;
     let p = path.clone();
-    let (file, meta) = blocking(move || -> Result<_, RemoteError> {
+    let (file, meta, start) = blocking(move || -> Result<_, RemoteError> {
         // O_NONBLOCK: opening a FIFO someone left in the root must not hang
         // this task; it is refused below as not a regular file.
         let mut opts = OpenOptions::new();
@@ -626,13 +932,38 @@ async fn serve_get(
                 format!("'{p}' is not a regular file on the server"),
             ));
         }
-        Ok((file, file_meta(&md)))
+        let meta = file_meta(&md);
+        // The client holds a prefix: continue after it if ours hashes the
+        // same (the file is unchanged there), else start over.
+        let mut file = file;
+        let start = match req.resume {
+            Some(prefix) if prefix.offset > 0 && prefix.offset <= meta.size => {
+                match transfer::hash_prefix(&mut file, prefix.offset) {
+                    Ok(start) if start.prefix_digest() == prefix.digest => start,
+                    _ => {
+                        use std::io::Seek;
+                        file.seek(io::SeekFrom::Start(0))
+                            .map_err(|e| fs_error(&e, &p, "cannot read"))?;
+                        Start::default()
+                    }
+                }
+            }
+            _ => Start::default(),
+        };
+        Ok((file, meta, start))
     })
     .await?;
-    write_frame(send, &Response::GetAccepted(meta))
+    let offer = GetOffer {
+        meta,
+        offset: start.offset,
+    };
+    write_frame(send, &Response::GetAccepted(offer))
         .await
         .map_err(|e| protocol_error(&e))?;
-    let digest = match transfer::send_file(file, meta.size, send, &|_| {}).await {
+    let counted = |n| {
+        stats.bytes_sent.fetch_add(n, Ordering::Relaxed);
+    };
+    let digest = match transfer::send_file(file, meta.size, start, None, send, &counted).await {
         Ok(d) => d,
         Err(e) => {
             // The client sees the reset and reports the transfer failed.

@@ -39,6 +39,11 @@ use crate::protocol::ALPN;
 pub struct Fingerprint([u8; 32]);
 
 impl Fingerprint {
+    /// The 32 digest bytes.
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
     /// Fingerprint of a DER-encoded certificate.
     pub fn of(cert: &CertificateDer<'_>) -> Self {
         let d = ring::digest::digest(&ring::digest::SHA256, cert.as_ref());

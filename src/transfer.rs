@@ -10,6 +10,7 @@
 use std::fs::{File, Metadata};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use cap_std::ambient_authority;
@@ -57,6 +58,9 @@ pub enum TransferError {
     /// The stream failed.
     #[error("network error: {0}")]
     Network(#[source] std::io::Error),
+    /// The receiver was told to stop (a newer transfer of the same file took over).
+    #[error("stopped: a newer transfer of the same file took over")]
+    Stopped,
 }
 
 /// Whether an I/O error means "no space left" (ENOSPC or EDQUOT).
@@ -66,10 +70,85 @@ pub fn is_disk_full(e: &std::io::Error) -> bool {
         || matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
 }
 
-/// Sends exactly `size` bytes of `file` to `out`, returning their BLAKE3 digest.
+/// A shared rate limit (`--limit-rate`): every transfer using the same
+/// pacer together moves at most `rate` bytes per second. It paces the disk
+/// side, so a limited download reads slowly and flow control slows the
+/// sender.
+#[derive(Debug)]
+pub struct Pacer {
+    rate: u64,
+    next: std::sync::Mutex<std::time::Instant>,
+}
+
+impl Pacer {
+    /// A pacer for `rate` bytes per second.
+    pub fn new(rate: u64) -> Self {
+        Self {
+            rate: rate.max(1),
+            next: std::sync::Mutex::new(std::time::Instant::now()),
+        }
+    }
+
+    /// Books `n` bytes and sleeps until they are due. Blocking.
+    fn take(&self, n: usize) {
+        let due = {
+            let mut next = self.next.lock().unwrap_or_else(|e| e.into_inner());
+            let now = std::time::Instant::now();
+            let begin = (*next).max(now);
+            *next = begin + Duration::from_secs_f64(n as f64 / self.rate as f64);
+            *next
+        };
+        let now = std::time::Instant::now();
+        if due > now {
+            std::thread::sleep(due - now);
+        }
+    }
+}
+
+/// Where a transfer starts: `offset` bytes already at the receiver, and the
+/// BLAKE3 state after hashing them, so the final digest covers the whole file.
+#[derive(Debug, Clone, Default)]
+pub struct Start {
+    /// Bytes already in place.
+    pub offset: u64,
+    /// BLAKE3 of those bytes, not finalized.
+    pub hasher: blake3::Hasher,
+}
+
+impl Start {
+    /// The digest of the prefix, for comparing with the peer's.
+    pub fn prefix_digest(&self) -> Digest {
+        *self.hasher.finalize().as_bytes()
+    }
+}
+
+/// Hashes the first `len` bytes of `file` from its start, leaving the file
+/// positioned at `len`. Fails if the file is shorter. Blocking.
+pub fn hash_prefix(file: &mut File, len: u64) -> std::io::Result<Start> {
+    use std::io::Seek;
+    file.seek(std::io::SeekFrom::Start(0))?;
+    let mut hasher = blake3::Hasher::new();
+    let copied = std::io::copy(&mut (&mut *file).take(len), &mut hasher)?;
+    if copied != len {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            format!("expected {len} bytes, found {copied}"),
+        ));
+    }
+    Ok(Start {
+        offset: len,
+        hasher,
+    })
+}
+
+/// Sends the bytes of `file` from `start.offset` up to `size` to `out`
+/// (`file` must be positioned at the offset), returning the BLAKE3 digest of
+/// the whole file.
 pub async fn send_file<W>(
     file: File,
     size: u64,
+    start: Start,
+    pace: Option<Arc<Pacer>>,
     out: &mut W,
     progress: &Advance<'_>,
 ) -> Result<Digest, TransferError>
@@ -77,7 +156,7 @@ where
     W: AsyncWrite + Unpin,
 {
     let (tx, mut rx) = mpsc::channel::<Vec<u8>>(QUEUE);
-    let reader = tokio::task::spawn_blocking(move || read_chunks(file, size, tx));
+    let reader = tokio::task::spawn_blocking(move || read_chunks(file, size, start, pace, tx));
     let mut net = Ok(());
     while let Some(chunk) = rx.recv().await {
         if let Err(e) = out.write_all(&chunk).await {
@@ -97,10 +176,12 @@ where
 fn read_chunks(
     mut file: File,
     size: u64,
+    start: Start,
+    pace: Option<Arc<Pacer>>,
     tx: mpsc::Sender<Vec<u8>>,
 ) -> Result<Digest, TransferError> {
-    let mut hasher = blake3::Hasher::new();
-    let mut sent = 0u64;
+    let mut hasher = start.hasher;
+    let mut sent = start.offset;
     while sent < size {
         let want = (size - sent).min(CHUNK as u64) as usize;
         let mut buf = vec![0u8; want];
@@ -120,6 +201,9 @@ fn read_chunks(
         }
         hasher.update(&buf);
         sent += want as u64;
+        if let Some(p) = &pace {
+            p.take(want);
+        }
         if tx.blocking_send(buf).is_err() {
             break; // the network side failed and reports why
         }
@@ -127,30 +211,43 @@ fn read_chunks(
     Ok(*hasher.finalize().as_bytes())
 }
 
-/// Receives exactly `size` bytes from `input` into `file`, fsyncs it, and
-/// returns the BLAKE3 digest of what was written.
+/// Receives the bytes from `start.offset` up to `size` from `input` into
+/// `file` (positioned at the offset), fsyncs it, and returns the BLAKE3
+/// digest of the whole file. If `stop` completes first, the bytes already
+/// received are written and synced, and the result is
+/// [`TransferError::Stopped`]: the partial file is consistent for a resume.
 pub async fn receive_file<R>(
     input: &mut R,
     size: u64,
     file: File,
+    start: Start,
+    pace: Option<Arc<Pacer>>,
     progress: &Advance<'_>,
+    stop: impl std::future::Future<Output = ()>,
 ) -> Result<Digest, TransferError>
 where
     R: AsyncRead + Unpin,
 {
     let (tx, rx) = mpsc::channel::<Vec<u8>>(QUEUE);
-    let writer = tokio::task::spawn_blocking(move || write_chunks(file, rx));
+    let offset = start.offset;
+    let writer = tokio::task::spawn_blocking(move || write_chunks(file, start, pace, rx));
+    tokio::pin!(stop);
     let net = async {
-        let mut got = 0u64;
+        let mut got = offset;
         while got < size {
             let want = (size - got).min(CHUNK as u64) as usize;
             let mut buf = vec![0u8; want];
             let mut filled = 0;
             while filled < want {
-                let n = input
-                    .read(&mut buf[filled..])
-                    .await
-                    .map_err(TransferError::Network)?;
+                let n = tokio::select! {
+                    r = input.read(&mut buf[filled..]) => r.map_err(TransferError::Network)?,
+                    _ = &mut stop => {
+                        // Keep what arrived: a resume continues after it.
+                        buf.truncate(filled);
+                        let _ = tx.send(buf).await;
+                        return Err(TransferError::Stopped);
+                    }
+                };
                 if n == 0 {
                     return Err(TransferError::Truncated {
                         got: got + filled as u64,
@@ -176,10 +273,18 @@ where
     Ok(digest)
 }
 
-fn write_chunks(mut file: File, mut rx: mpsc::Receiver<Vec<u8>>) -> Result<Digest, TransferError> {
-    let mut hasher = blake3::Hasher::new();
-    let mut written = 0u64;
+fn write_chunks(
+    mut file: File,
+    start: Start,
+    pace: Option<Arc<Pacer>>,
+    mut rx: mpsc::Receiver<Vec<u8>>,
+) -> Result<Digest, TransferError> {
+    let mut hasher = start.hasher;
+    let mut written = start.offset;
     while let Some(buf) = rx.blocking_recv() {
+        if let Some(p) = &pace {
+            p.take(buf.len());
+        }
         file.write_all(&buf).map_err(TransferError::Write)?;
         start_writeback(&file, written, buf.len() as u64);
         written += buf.len() as u64;
@@ -229,6 +334,8 @@ pub struct IncomingFile {
     /// The destination as shown in messages.
     label: PathBuf,
     done: bool,
+    /// A resumable partial: kept when dropped uncommitted.
+    keep: bool,
 }
 
 /// Why a received file could not be put under its final name.
@@ -291,6 +398,7 @@ impl IncomingFile {
                         dest_name: dest_name.to_owned(),
                         label,
                         done: false,
+                        keep: false,
                     })
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && attempt < 8 => {
@@ -301,7 +409,80 @@ impl IncomingFile {
         }
     }
 
-    /// A handle for writing the data.
+    /// Opens the resumable partial `name` in `tmp_dir` (creating it, mode
+    /// 0600, if missing), to become `dest_name` in `dest_dir`. Unlike a
+    /// temporary it survives a failed transfer, for the next attempt to
+    /// continue; [`Self::discard`] removes it. An exclusive advisory lock
+    /// keeps two transfers from writing the same partial at once.
+    pub fn open_partial(
+        tmp_dir: Dir,
+        name: &str,
+        dest_dir: Dir,
+        dest_name: &str,
+        label: PathBuf,
+    ) -> std::io::Result<Self> {
+        let mut opts = OpenOptions::new();
+        opts.read(true).write(true).create(true).mode(0o600);
+        let file = tmp_dir.open_with(name, &opts)?.into_std();
+        #[cfg(unix)]
+        rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive).map_err(
+            |e| {
+                if e == rustix::io::Errno::WOULDBLOCK {
+                    std::io::Error::new(
+                        std::io::ErrorKind::ResourceBusy,
+                        "another transfer of this file is in progress",
+                    )
+                } else {
+                    e.into()
+                }
+            },
+        )?;
+        Ok(Self {
+            tmp_dir,
+            tmp_name: name.to_owned(),
+            file,
+            dest_dir,
+            dest_name: dest_name.to_owned(),
+            label,
+            done: false,
+            keep: true,
+        })
+    }
+
+    /// Bytes already in the partial.
+    pub fn len(&self) -> std::io::Result<u64> {
+        Ok(self.file.metadata()?.len())
+    }
+
+    /// Whether the partial holds no bytes.
+    pub fn is_empty(&self) -> std::io::Result<bool> {
+        Ok(self.len()? == 0)
+    }
+
+    /// Hashes the first `len` bytes and positions the file after them, ready
+    /// to continue there. Blocking.
+    pub fn prefix(&self, len: u64) -> std::io::Result<Start> {
+        let mut f = self.file.try_clone()?;
+        let start = hash_prefix(&mut f, len)?;
+        // Drop anything after the proven prefix.
+        self.file.set_len(len)?;
+        Ok(start)
+    }
+
+    /// Throws away the contents: the transfer starts from zero.
+    pub fn restart(&self) -> std::io::Result<Start> {
+        use std::io::Seek;
+        self.file.set_len(0)?;
+        (&self.file).seek(std::io::SeekFrom::Start(0))?;
+        Ok(Start::default())
+    }
+
+    /// Deletes the partial (its data is known to be bad).
+    pub fn discard(mut self) {
+        self.keep = false;
+    }
+
+    /// A handle for writing the data (it shares the file position).
     pub fn file(&self) -> std::io::Result<File> {
         self.file.try_clone()
     }
@@ -356,7 +537,9 @@ impl IncomingFile {
 
 impl Drop for IncomingFile {
     fn drop(&mut self) {
-        if !self.done {
+        // An empty partial is not worth keeping (the transfer never started).
+        let empty = || self.file.metadata().map(|m| m.len() == 0).unwrap_or(true);
+        if !self.done && (!self.keep || empty()) {
             let _ = self.tmp_dir.remove_file(&self.tmp_name);
         }
     }
@@ -470,11 +653,27 @@ mod tests {
         let bar = |_: u64| {};
         let (sent, got) = tokio::join!(
             async {
-                let d = send_file(File::open(&src).unwrap(), size, &mut a, &bar).await;
+                let d = send_file(
+                    File::open(&src).unwrap(),
+                    size,
+                    Start::default(),
+                    None,
+                    &mut a,
+                    &bar,
+                )
+                .await;
                 drop(a);
                 d
             },
-            receive_file(&mut b, size, out, &bar)
+            receive_file(
+                &mut b,
+                size,
+                out,
+                Start::default(),
+                None,
+                &bar,
+                std::future::pending()
+            )
         );
         assert_eq!(sent.unwrap(), got.unwrap());
         assert!(!dest.exists(), "nothing under the final name before commit");
@@ -493,9 +692,17 @@ mod tests {
         let dest = dir.path().join("dest");
         let incoming = IncomingFile::create(&dest).unwrap();
         let mut short: &[u8] = &[1, 2, 3];
-        let err = receive_file(&mut short, 10, incoming.file().unwrap(), &|_| {})
-            .await
-            .unwrap_err();
+        let err = receive_file(
+            &mut short,
+            10,
+            incoming.file().unwrap(),
+            Start::default(),
+            None,
+            &|_| {},
+            std::future::pending(),
+        )
+        .await
+        .unwrap_err();
         assert!(
             matches!(
                 err,
@@ -516,9 +723,16 @@ mod tests {
         let src = dir.path().join("src");
         std::fs::write(&src, b"abc").unwrap();
         let mut sink = tokio::io::sink();
-        let err = send_file(File::open(&src).unwrap(), 10, &mut sink, &|_| {})
-            .await
-            .unwrap_err();
+        let err = send_file(
+            File::open(&src).unwrap(),
+            10,
+            Start::default(),
+            None,
+            &mut sink,
+            &|_| {},
+        )
+        .await
+        .unwrap_err();
         assert!(matches!(
             err,
             TransferError::SourceChanged {

@@ -422,10 +422,11 @@ async fn start_raw_put(
             mode: None,
         },
         force,
+        resume: false,
     });
     send.write_all(&encode(&req).unwrap()).await.unwrap();
     match read_frame::<_, Response>(&mut recv).await.unwrap() {
-        Response::PutAccepted => (send, recv),
+        Response::PutAccepted(_) => (send, recv),
         other => panic!("put of {path} not accepted: {other:?}"),
     }
 }
@@ -521,6 +522,7 @@ async fn oversized_garbage_truncated_and_silent_headers_are_refused() {
         // Truncated: half a header, then the stream ends.
         let frame = encode(&Request::Get(GetRequest {
             path: "some/file".into(),
+            resume: None,
         }))
         .unwrap();
         let msg = raw_refusal(&client, &frame[..frame.len() / 2], true).await;
@@ -564,16 +566,17 @@ async fn raw_put(client: &Client, name: &str, declared: u64, data: &[u8]) -> Rec
             mode: None,
         },
         force: false,
+        resume: false,
     });
     send.write_all(&encode(&req).unwrap()).await.unwrap();
     let _ = send.write_all(data).await;
     let digest = *blake3::hash(data).as_bytes();
     let _ = send.write_all(&encode(&Trailer { digest }).unwrap()).await;
     let _ = send.finish();
-    assert_eq!(
+    assert!(matches!(
         read_frame::<_, Response>(&mut recv).await.unwrap(),
-        Response::PutAccepted
-    );
+        Response::PutAccepted(_)
+    ));
     read_frame(&mut recv).await.unwrap()
 }
 
@@ -644,6 +647,7 @@ async fn a_thousand_streams_at_once_are_all_served_within_the_stream_limit() {
                 let req = if i % 2 == 0 {
                     Request::Get(GetRequest {
                         path: "small.txt".into(),
+                        resume: None,
                     })
                 } else {
                     Request::List(ListRequest {
@@ -653,8 +657,8 @@ async fn a_thousand_streams_at_once_are_all_served_within_the_stream_limit() {
                 send.write_all(&encode(&req).unwrap()).await.unwrap();
                 send.finish().unwrap();
                 match read_frame::<_, Response>(&mut recv).await.unwrap() {
-                    Response::GetAccepted(meta) => {
-                        let mut data = vec![0; meta.size as usize];
+                    Response::GetAccepted(offer) => {
+                        let mut data = vec![0; offer.meta.size as usize];
                         recv.read_exact(&mut data).await.unwrap();
                         assert_eq!(data, b"small file");
                         let _: Trailer = read_frame(&mut recv).await.unwrap();
@@ -915,6 +919,7 @@ async fn a_put_to_an_existing_name_needs_force() {
                 mode: None,
             },
             force: false,
+            resume: false,
         });
         send.write_all(&encode(&req).unwrap()).await.unwrap();
         let _ = send.write_all(b"evil!").await;

@@ -156,6 +156,8 @@ pub fn client_config(addr: SocketAddr, config_dir: &Path) -> ClientConfig {
         pin: None,
         config_dir: config_dir.to_owned(),
         transport: TransportOpts::default(),
+        resume: true,
+        limit_rate: None,
     }
 }
 
