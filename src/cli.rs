@@ -88,6 +88,9 @@ pub struct ServeArgs {
     /// Time a client has to send its request after opening a stream.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub header_timeout: Duration,
+    /// Delete interrupted uploads (kept for resuming) untouched for this long.
+    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    pub partial_ttl: Duration,
     /// Largest request header accepted, in bytes.
     #[arg(long, default_value_t = MAX_FRAME as u32, value_parser = clap::value_parser!(u32).range(1024..=MAX_FRAME as i64))]
     pub max_header_size: u32,
@@ -287,6 +290,7 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
     config.max_connections_per_client = args.max_connections_per_client as usize;
     config.header_timeout = args.header_timeout;
     config.max_header_size = args.max_header_size as usize;
+    config.partial_ttl = args.partial_ttl;
     let limits = ServerLimits {
         max_streams: args.max_streams,
         idle_timeout: args.idle_timeout,

@@ -628,6 +628,17 @@ async fn declared_sizes_shorter_or_longer_than_the_data_are_refused() {
         }
     };
     arena.during(hostile).await;
+    // The upload that ended early was interrupted like any dropped
+    // connection: its bytes wait, hidden in the partial store, for a
+    // resume (or for --partial-ttl). Nothing is visible under a user name.
+    let store = arena.root().join(PARTIAL_DIR);
+    let kept: Vec<_> = std::fs::read_dir(&store)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    assert!(kept[0].starts_with("part-"), "{kept:?}");
+    std::fs::remove_file(store.join(&kept[0])).unwrap();
     client.close().await;
     arena.check(&[]).await;
 }

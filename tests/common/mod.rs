@@ -22,6 +22,8 @@ pub struct TestServer {
     pub root: PathBuf,
     /// The server's authorized_clients file.
     pub allowlist: PathBuf,
+    /// The server's byte counters.
+    pub stats: Arc<server::ServeStats>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
     _dirs: TempDir,
@@ -73,6 +75,7 @@ impl TestServer {
         let addr = endpoint.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
         let root = config.root.clone();
+        let stats = config.stats.clone();
         let task = tokio::spawn(server::run(endpoint, config, async {
             let _ = stopped.await;
         }));
@@ -81,6 +84,7 @@ impl TestServer {
             fingerprint: identity.fingerprint(),
             root,
             allowlist,
+            stats,
             stop: Some(stop),
             task: Some(task),
             _dirs: dirs,
