@@ -375,3 +375,33 @@ async fn stale_partials_are_removed_after_the_ttl() {
     assert!(fresh.exists(), "a partial younger than 24 h stays");
     server.assert_healthy().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_get_stopped_with_ctrl_c_resumes() {
+    let server = TestServer::start().await;
+    let size = 64 * MIB;
+    let data = pattern(size, 48);
+    std::fs::write(server.root.join("f"), &data).unwrap();
+    let home = home_for(&server);
+    let out = home.path().join("out");
+    let part = out.join(format!("f{PART_SUFFIX}"));
+    let get = |extra: &[&str]| {
+        let mut cmd = qxfer(home.path());
+        cmd.env("QXFER_SERVER", server.addr.to_string())
+            .args(["get", "f", "-q", "-o"])
+            .arg(&out)
+            .args(extra);
+        cmd
+    };
+    let mut child = get(&["--limit-rate", "20M"]).spawn().unwrap();
+    wait_for_bytes("the partial download", 8 * MIB as u64, || file_len(&part)).await;
+    // SAFETY: kill(2) with a pid we own and a valid signal number.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+    let status = child.wait().unwrap();
+    assert!(!status.success());
+    let held = file_len(&part);
+    assert!(held >= 8 * MIB as u64 && held < size as u64);
+    let r = report(&output(get(&["--json"])).await);
+    assert_eq!(r["resumed_from"], held);
+    assert_eq!(std::fs::read(out.join("f")).unwrap(), data);
+}

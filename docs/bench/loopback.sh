@@ -108,3 +108,9 @@ printf '  put: %.2f (vs scp+sync: %.2f)   get: %.2f\n' \
     "$(echo "$(med_t qxfer-put) / $(med_t scp-put)" | bc -l)" \
     "$(echo "$(med_t qxfer-put) / $(med_t scp-put-sync)" | bc -l)" \
     "$(echo "$(med_t qxfer-get) / $(med_t scp-get)" | bc -l)"
+
+# Hashing next to transferring: the same file read once plainly and once
+# through BLAKE3 on one thread, as qxfer's disk thread does during put/get.
+printf '\nhashing the same file (cargo run --release --example hashbench):\n\n'
+(cd "$repo" && cargo run -q --release --example hashbench -- "$work/src/big.bin" "$RUNS")
+printf 'qxfer put %.2f s and get %.2f s include hashing on both sides.\n' "$(med_t qxfer-put)" "$(med_t qxfer-get)"
