@@ -2,7 +2,7 @@
 
 use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,10 +17,11 @@ use crate::client::{
 use crate::endpoint::{self, ServerLimits, TransportOpts};
 use crate::paths::join_remote;
 use crate::progress::{summary, Progress};
-use crate::protocol::{Entry, EntryKind, MAX_FRAME};
+use crate::protocol::{DirMeta, Entry, EntryKind, MAX_FRAME};
 use crate::server::{self, ServeConfig};
 use crate::tls::{AuthorizedClients, ClientVerifier, Fingerprint, Identity, AUTHORIZED_CLIENTS};
 use crate::transfer::to_system_time;
+use crate::tree::{self, Tree};
 
 /// Secure, fast file transfer over QUIC.
 #[derive(Debug, Parser)]
@@ -170,6 +171,10 @@ pub struct PutArgs {
     /// Files to upload; each lands under its base name.
     #[arg(required = true, value_name = "FILE")]
     pub files: Vec<PathBuf>,
+    /// Upload directories and everything in them (symlinks and special
+    /// files are skipped, never followed).
+    #[arg(short, long)]
+    pub recursive: bool,
     /// Remote directory to place the files in (created as needed).
     #[arg(long, value_name = "DIR")]
     pub to: Option<String>,
@@ -194,6 +199,10 @@ pub struct GetArgs {
     /// Remote files (paths relative to the server root).
     #[arg(required = true, value_name = "NAME")]
     pub names: Vec<String>,
+    /// Download directories and everything in them (symlinks and special
+    /// files are skipped).
+    #[arg(short, long)]
+    pub recursive: bool,
     /// Local directory to save into [default: your Downloads folder].
     #[arg(short, long, value_name = "DIR")]
     pub output: Option<PathBuf>,
@@ -218,6 +227,9 @@ pub struct LsArgs {
     /// Remote directory [default: the root].
     #[arg(default_value = "")]
     pub dir: String,
+    /// List the whole tree, with paths relative to DIR.
+    #[arg(short, long)]
+    pub recursive: bool,
     /// Print JSON on stdout.
     #[arg(long)]
     pub json: bool,
@@ -429,37 +441,80 @@ async fn connect(
 }
 
 async fn put(args: PutArgs, quiet: bool, progress: &Progress) -> Result<ExitCode> {
-    let mut jobs = Vec::new();
+    let mut tree = Tree::default();
     let mut bad = Vec::new();
     for file in &args.files {
-        match file.file_name().and_then(|n| n.to_str()) {
-            Some(name) => jobs.push(Job {
-                label: file.display().to_string(),
-                local: file.clone(),
-                remote: join_remote(args.to.as_deref(), name),
-            }),
-            None => bad.push(format!(
+        let Some(name) = file_name(file) else {
+            bad.push(format!(
                 "{}: has no usable file name (it must end in a UTF-8 name)",
                 file.display()
-            )),
+            ));
+            continue;
+        };
+        let remote = join_remote(args.to.as_deref(), &name);
+        let is_dir = std::fs::symlink_metadata(file).is_ok_and(|m| m.is_dir());
+        if is_dir && !args.recursive {
+            bad.push(format!(
+                "{}: is a directory; use -r to upload it and everything in it",
+                file.display()
+            ));
+        } else if is_dir {
+            match tree::walk_local(file, &remote) {
+                Ok(t) => tree.extend(t),
+                Err(e) => bad.push(e.to_string()),
+            }
+        } else {
+            tree.jobs.push(Job {
+                label: file.display().to_string(),
+                local: file.clone(),
+                remote,
+            });
         }
     }
+    report_skipped(&tree.skipped, quiet, progress);
     let client = connect(&args.client, Some(&args.transfer), quiet, progress).await?;
-    let report = run_batch(
+    let mut report = run_batch(
         &client,
         Direction::Put,
-        jobs,
+        tree.jobs,
         usize::from(args.parallel),
         args.force,
         progress,
     )
     .await;
+    if !tree.dirs.is_empty() {
+        report
+            .failed
+            .extend(tree::finish_remote_dirs(&client, &tree.dirs).await);
+    }
     if let Some(refused) = client.refusal() {
         progress.finish();
         return Err(refused.into());
     }
     client.close().await;
     finish_batch("put", report, bad, args.json, quiet, progress)
+}
+
+/// The last component of a local path as UTF-8 (`.` and `..` resolved, so
+/// `put -r .` uploads the current directory under its own name).
+fn file_name(path: &Path) -> Option<String> {
+    if let Some(n) = path.file_name() {
+        return n.to_str().map(str::to_owned);
+    }
+    let abs = std::fs::canonicalize(path).ok()?;
+    abs.file_name()?.to_str().map(str::to_owned)
+}
+
+/// Tells the user what a tree walk left out (symlinks, special files).
+fn report_skipped(skipped: &[String], quiet: bool, progress: &Progress) {
+    if quiet || skipped.is_empty() {
+        return;
+    }
+    progress.suspend(|| {
+        for s in skipped {
+            eprintln!("qxfer: {s}");
+        }
+    });
 }
 
 async fn get(args: GetArgs, quiet: bool, progress: &Progress) -> Result<ExitCode> {
@@ -469,34 +524,77 @@ async fn get(args: GetArgs, quiet: bool, progress: &Progress) -> Result<ExitCode
     };
     std::fs::create_dir_all(&out_dir)
         .with_context(|| format!("cannot create the download folder {}", out_dir.display()))?;
-    let mut jobs = Vec::new();
+    let client = connect(&args.client, Some(&args.transfer), quiet, progress).await?;
+    let mut tree = Tree::default();
     let mut bad = Vec::new();
     for name in &args.names {
-        match local_name(name) {
-            Some(base) => jobs.push(Job {
-                label: name.clone(),
-                local: out_dir.join(base),
-                remote: name.clone(),
-            }),
-            None => bad.push(format!("{name}: does not name a file")),
+        let Some(base) = local_name(name) else {
+            bad.push(format!("{name}: does not name a file"));
+            continue;
+        };
+        let local = out_dir.join(base);
+        if args.recursive {
+            match remote_dir_meta(&client, name).await {
+                Ok(Some(meta)) => match client.list_tree(name).await {
+                    Ok(entries) => {
+                        tree.extend(tree::from_listing(&entries, name, &local, meta));
+                        continue;
+                    }
+                    Err(e) => {
+                        bad.push(format!("{name}: {e}"));
+                        continue;
+                    }
+                },
+                Ok(None) => {}
+                Err(e) => {
+                    bad.push(format!("{name}: {e}"));
+                    continue;
+                }
+            }
         }
+        tree.jobs.push(Job {
+            label: name.clone(),
+            local,
+            remote: name.clone(),
+        });
     }
-    let client = connect(&args.client, Some(&args.transfer), quiet, progress).await?;
-    let report = run_batch(
+    report_skipped(&tree.skipped, quiet, progress);
+    let mut failed_dirs = tree::create_local_dirs(&tree.dirs);
+    let mut report = run_batch(
         &client,
         Direction::Get,
-        jobs,
+        tree.jobs,
         usize::from(args.parallel),
         args.force,
         progress,
     )
     .await;
+    failed_dirs.extend(tree::finish_local_dirs(&tree.dirs));
+    report.failed.extend(failed_dirs);
     if let Some(refused) = client.refusal() {
         progress.finish();
         return Err(refused.into());
     }
     client.close().await;
     finish_batch("got", report, bad, args.json, quiet, progress)
+}
+
+/// If the remote `name` is a directory, its metadata (from a listing of
+/// its parent); `None` if it is anything else.
+async fn remote_dir_meta(client: &Client, name: &str) -> Result<Option<DirMeta>> {
+    let trimmed = name.trim_end_matches('/');
+    let (parent, base) = match trimmed.rsplit_once('/') {
+        Some((p, b)) => (p, b),
+        None => ("", trimmed),
+    };
+    let entries = client.list(parent).await?;
+    Ok(entries
+        .iter()
+        .find(|e| e.name == base && e.kind == EntryKind::Dir)
+        .map(|e| DirMeta {
+            mode: e.mode,
+            mtime: e.mtime,
+        }))
 }
 
 /// The local file name for a remote path: its last component, if that is a
@@ -569,7 +667,11 @@ fn finish_batch(
 async fn ls(args: LsArgs) -> Result<ExitCode> {
     let progress = Progress::hidden();
     let client = connect(&args.client, None, false, &progress).await?;
-    let listed = client.list(&args.dir).await;
+    let listed = if args.recursive {
+        client.list_tree(&args.dir).await
+    } else {
+        client.list(&args.dir).await
+    };
     if let Some(refused) = client.refusal() {
         return Err(refused.into());
     }
@@ -641,6 +743,7 @@ mod tests {
         let e = Entry {
             name: "x".into(),
             kind: EntryKind::Dir,
+            mode: Some(0o755),
             size: 4096,
             mtime: Some(crate::protocol::Timestamp { secs: 0, nanos: 0 }),
         };

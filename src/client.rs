@@ -17,9 +17,9 @@ use tokio::task::JoinSet;
 use crate::endpoint::{self, EndpointError, TransportOpts};
 use crate::progress::Progress;
 use crate::protocol::{
-    close, read_frame, write_frame, Continue, Digest, Entry, ErrorCode, FileMeta, FrameError,
-    GetRequest, ListBatch, ListRequest, Prefix, PutRequest, Receipt, RemoteError, Request,
-    Response, Trailer, ALPN, RESUME_MIN,
+    close, read_frame, write_frame, Continue, Digest, DirMeta, Entry, ErrorCode, FileMeta,
+    FrameError, GetRequest, ListBatch, ListRequest, MkdirRequest, Prefix, PutRequest, Receipt,
+    RemoteError, Request, Response, Trailer, ALPN, RESUME_MIN,
 };
 use crate::server::{RESET_SOURCE_FAILED, STOP_REFUSED};
 use crate::tls::{Fingerprint, Identity, KnownHosts, PinnedServerVerifier, TrustError};
@@ -638,11 +638,38 @@ impl Client {
 
     /// Lists the remote directory `path` ("" for the root).
     pub async fn list(&self, path: &str) -> Result<Vec<Entry>, FileError> {
+        self.list_with(path, false).await
+    }
+
+    /// Lists everything beneath the remote directory `path`; names are
+    /// relative to it. Links are listed, never followed.
+    pub async fn list_tree(&self, path: &str) -> Result<Vec<Entry>, FileError> {
+        self.list_with(path, true).await
+    }
+
+    /// Creates the remote directory `path` (and parents) and applies `meta`.
+    pub async fn mkdir(&self, path: &str, meta: Option<DirMeta>) -> Result<(), FileError> {
+        let (mut send, mut recv) = self.open().await?;
+        let request = Request::Mkdir(MkdirRequest {
+            path: path.to_owned(),
+            meta,
+        });
+        write_frame(&mut send, &request).await?;
+        let _ = send.finish();
+        match read_frame::<_, Response>(&mut recv).await? {
+            Response::MkdirDone => Ok(()),
+            Response::Refused(e) => Err(e.into()),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    async fn list_with(&self, path: &str, recursive: bool) -> Result<Vec<Entry>, FileError> {
         let (mut send, mut recv) = self.open().await?;
         write_frame(
             &mut send,
             &Request::List(ListRequest {
                 path: path.to_owned(),
+                recursive,
             }),
         )
         .await?;

@@ -10,6 +10,7 @@
 //!   used by both the server and the client;
 //! - [`server`]: accepts connections and serves each stream's request;
 //! - [`client`]: connects, pins, and runs batches of transfers over one connection;
+//! - [`tree`]: directory trees for `put -r` / `get -r` (walking, mapping, directory metadata);
 //! - [`progress`]: progress bars and a log writer that does not tear them;
 //! - [`cli`]: the command line, a thin layer over the rest.
 
@@ -22,3 +23,4 @@ pub mod protocol;
 pub mod server;
 pub mod tls;
 pub mod transfer;
+pub mod tree;

@@ -50,6 +50,28 @@ pub enum Request {
     Get(GetRequest),
     /// List a directory.
     List(ListRequest),
+    /// Create a directory (and its parents) and optionally set its metadata.
+    Mkdir(MkdirRequest),
+}
+
+/// Create the directory `path` if missing; then apply `meta` if given.
+/// Tree uploads send this for every directory, deepest first, once the
+/// files are in, so empty directories exist and mtimes stick.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MkdirRequest {
+    /// The directory, relative to the server root.
+    pub path: String,
+    /// Permission bits and mtime to apply.
+    pub meta: Option<DirMeta>,
+}
+
+/// Metadata a directory carries in a tree transfer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirMeta {
+    /// Unix permission bits, if known.
+    pub mode: Option<u32>,
+    /// Last modification time.
+    pub mtime: Option<Timestamp>,
 }
 
 /// Upload one file to `path` (relative to the server root, `/`-separated).
@@ -127,6 +149,9 @@ pub struct GetOffer {
 pub struct ListRequest {
     /// Directory (or single file) to list.
     pub path: String,
+    /// List the whole tree beneath it: entry names are then relative paths.
+    /// Symlinks are listed, never followed.
+    pub recursive: bool,
 }
 
 /// Modification time as seconds and nanoseconds since the Unix epoch.
@@ -160,6 +185,8 @@ pub enum Response {
     ListAccepted,
     /// The request was refused; nothing follows.
     Refused(RemoteError),
+    /// The directory exists and has the requested metadata.
+    MkdirDone,
 }
 
 /// Sent by the sender after the data: what the receiver must have. A
@@ -210,7 +237,8 @@ pub enum EntryKind {
 /// One entry of a directory listing.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Entry {
-    /// File name (one path component).
+    /// File name (one path component), or the path relative to the listed
+    /// directory in a recursive listing.
     pub name: String,
     /// What the entry is.
     pub kind: EntryKind,
@@ -218,6 +246,8 @@ pub struct Entry {
     pub size: u64,
     /// Last modification time.
     pub mtime: Option<Timestamp>,
+    /// Unix permission bits, if known.
+    pub mode: Option<u32>,
 }
 
 /// Why a request failed, as a code a program can match plus a message for people.

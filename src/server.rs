@@ -36,8 +36,8 @@ use tracing::{debug, info, info_span, warn, Instrument};
 use crate::paths::{RemotePath, RESERVED_PREFIX};
 use crate::protocol::{
     close, read_frame, read_frame_limited, write_frame, Continue, Entry, EntryKind, ErrorCode,
-    FileMeta, FrameError, GetOffer, GetRequest, ListBatch, ListRequest, PutOffer, PutRequest,
-    Receipt, RemoteError, Request, Response, Trailer, MAX_FRAME, RESUME_MIN,
+    FileMeta, FrameError, GetOffer, GetRequest, ListBatch, ListRequest, MkdirRequest, PutOffer,
+    PutRequest, Receipt, RemoteError, Request, Response, Trailer, MAX_FRAME, RESUME_MIN,
 };
 use crate::tls::{peer_fingerprint, Fingerprint};
 use crate::transfer::{self, file_meta, to_timestamp, IncomingFile, Start, TransferError};
@@ -343,6 +343,7 @@ async fn handle_stream(mut send: SendStream, mut recv: RecvStream, ctx: Ctx) {
         },
         Request::Get(req) => serve_get(req, root, &config.stats, &mut send, &mut recv).await,
         Request::List(req) => serve_list(req, root, &mut send).await,
+        Request::Mkdir(req) => serve_mkdir(req, &config, &mut send).await,
     };
     if let Err(err) = result {
         info!("refused: {}", err.message);
@@ -923,7 +924,7 @@ async fn serve_get(
         if md.is_dir() {
             return Err(RemoteError::new(
                 ErrorCode::IsDirectory,
-                format!("'{p}' is a directory on the server; name a file (see `qxfer ls {p}`)"),
+                format!("'{p}' is a directory on the server; use `qxfer get -r {p}` to download it and its contents"),
             ));
         }
         if !md.is_file() {
@@ -996,30 +997,21 @@ async fn serve_list(
 ) -> Result<(), RemoteError> {
     let path = RemotePath::parse(&req.path, true)?;
     let p = path.clone();
-    let entries = blocking(move || list_dir(&root, &p)).await?;
+    let recursive = req.recursive;
+    let entries = blocking(move || {
+        if recursive {
+            list_tree(&root, &p)
+        } else {
+            list_dir(&root, &p)
+        }
+    })
+    .await?;
     let send_all = async {
         write_frame(send, &Response::ListAccepted).await?;
-        let mut batches = entries.chunks(LIST_BATCH).peekable();
-        if batches.peek().is_none() {
-            write_frame(
-                send,
-                &ListBatch {
-                    entries: Vec::new(),
-                    more: false,
-                },
-            )
-            .await?;
-        }
-        while let Some(batch) = batches.next() {
+        let mut batches = batches(entries).into_iter().peekable();
+        while let Some(entries) = batches.next() {
             let more = batches.peek().is_some();
-            write_frame(
-                send,
-                &ListBatch {
-                    entries: batch.to_vec(),
-                    more,
-                },
-            )
-            .await?;
+            write_frame(send, &ListBatch { entries, more }).await?;
         }
         Ok::<_, FrameError>(())
     };
@@ -1030,6 +1022,119 @@ async fn serve_list(
         }
         Err(e) => info!(path = %path, "listing aborted: {e}"),
     }
+    Ok(())
+}
+
+/// Splits a listing into frames: at most [`LIST_BATCH`] entries and
+/// [`LIST_BATCH_BYTES`] of names each (a recursive listing's names are whole
+/// paths of up to 4 KiB), and always at least one frame.
+fn batches(entries: Vec<Entry>) -> Vec<Vec<Entry>> {
+    let mut out = vec![Vec::new()];
+    let mut bytes = 0;
+    for e in entries {
+        let last = out.last_mut().expect("never empty");
+        if last.len() == LIST_BATCH || bytes + e.name.len() > LIST_BATCH_BYTES {
+            out.push(Vec::new());
+            bytes = 0;
+        }
+        bytes += e.name.len();
+        out.last_mut().expect("never empty").push(e);
+    }
+    out
+}
+
+/// Name bytes per listing frame, leaving room under the 64 KiB frame limit
+/// for the other fields (at most ~40 bytes per entry, 128 entries).
+const LIST_BATCH_BYTES: usize = 48 * 1024;
+
+/// Most entries a recursive listing returns; a bigger tree is an error
+/// rather than an unbounded amount of server memory.
+const MAX_TREE_ENTRIES: usize = 1_000_000;
+
+/// Lists everything beneath the directory `path`, depth first, with names
+/// relative to it. Symlinks and special files are listed as such and never
+/// followed; qxfer's own names are hidden.
+fn list_tree(root: &Dir, path: &RemotePath) -> Result<Vec<Entry>, RemoteError> {
+    let rel = path.relative();
+    let top = root
+        .metadata(&rel)
+        .map_err(|e| fs_error(&e, path, "cannot list"))?;
+    if !top.is_dir() {
+        return list_dir(root, path);
+    }
+    let dir = root
+        .open_dir(&rel)
+        .map_err(|e| fs_error(&e, path, "cannot list"))?;
+    let mut out = Vec::new();
+    // (directory handle, its path relative to the listed one)
+    let mut stack = vec![(dir, String::new())];
+    while let Some((dir, prefix)) = stack.pop() {
+        for item in dir
+            .entries()
+            .map_err(|e| fs_error(&e, path, "cannot list"))?
+        {
+            let item = item.map_err(|e| fs_error(&e, path, "cannot list"))?;
+            let name = item.file_name().to_string_lossy().into_owned();
+            if name.starts_with(RESERVED_PREFIX) {
+                continue;
+            }
+            let Ok(md) = dir.symlink_metadata(item.file_name()) else {
+                continue;
+            };
+            let full = if prefix.is_empty() {
+                name.clone()
+            } else {
+                format!("{prefix}/{name}")
+            };
+            if md.is_dir() {
+                // open_dir_nofollow: a directory swapped for a link since
+                // the lstat is refused, not followed.
+                if let Ok(sub) = dir.open_dir_nofollow(&name) {
+                    stack.push((sub, full.clone()));
+                }
+            }
+            out.push(entry(full, &md));
+            if out.len() > MAX_TREE_ENTRIES {
+                return Err(RemoteError::new(
+                    ErrorCode::TooLarge,
+                    format!("'{path}' holds more than {MAX_TREE_ENTRIES} entries; list or fetch a smaller part of it"),
+                ));
+            }
+        }
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(out)
+}
+
+/// Creates a directory beneath the root and applies its metadata.
+async fn serve_mkdir(
+    req: MkdirRequest,
+    config: &ServeConfig,
+    send: &mut SendStream,
+) -> Result<(), RemoteError> {
+    let path = RemotePath::parse(&req.path, false)?;
+    if config.read_only {
+        return Err(RemoteError::new(
+            ErrorCode::ReadOnly,
+            format!("'{path}' was not created: this server is read-only"),
+        ));
+    }
+    let root = config.root_dir.clone();
+    let p = path.clone();
+    blocking(move || -> Result<(), RemoteError> {
+        let dir = open_or_create_dir(&root, &p.relative(), &p)?;
+        if let Some(meta) = req.meta {
+            transfer::apply_dir_meta(&dir, &meta)
+                .map_err(|e| fs_error(&e, &p, "cannot set the metadata of"))?;
+        }
+        Ok(())
+    })
+    .await?;
+    write_frame(send, &Response::MkdirDone)
+        .await
+        .map_err(|e| protocol_error(&e))?;
+    let _ = send.finish();
+    info!(path = %path, "directory ready");
     Ok(())
 }
 
@@ -1086,6 +1191,7 @@ fn entry(name: String, md: &cap_std::fs::Metadata) -> Entry {
     Entry {
         name,
         kind,
+        mode: Some(cap_std::fs::PermissionsExt::mode(&md.permissions()) & 0o7777),
         size: md.len(),
         mtime: md.modified().ok().and_then(|t| to_timestamp(t.into_std())),
     }

@@ -545,6 +545,27 @@ impl Drop for IncomingFile {
     }
 }
 
+/// Applies a tree transfer's directory metadata to `dir`: permission bits
+/// (without group/other write and set-id bits, as for files) and mtime.
+pub fn apply_dir_meta(dir: &Dir, meta: &crate::protocol::DirMeta) -> std::io::Result<()> {
+    use rustix::fs::{openat, Mode, OFlags};
+    let fd = openat(
+        dir,
+        ".",
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    let f = File::from(fd);
+    if let Some(mode) = meta.mode {
+        use std::os::unix::fs::PermissionsExt;
+        f.set_permissions(std::fs::Permissions::from_mode(mode & 0o755))?;
+    }
+    if let Some(t) = meta.mtime.and_then(to_system_time) {
+        f.set_modified(t)?;
+    }
+    Ok(())
+}
+
 /// fsyncs the directory `dir` refers to.
 fn sync_dir(dir: &Dir) -> std::io::Result<()> {
     use rustix::fs::{openat, Mode, OFlags};

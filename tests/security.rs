@@ -512,6 +512,7 @@ async fn oversized_garbage_truncated_and_silent_headers_are_refused() {
         // A valid frame with bytes left over inside it.
         let mut frame = encode(&Request::List(ListRequest {
             path: String::new(),
+            recursive: false,
         }))
         .unwrap();
         frame.push(0);
@@ -663,6 +664,7 @@ async fn a_thousand_streams_at_once_are_all_served_within_the_stream_limit() {
                 } else {
                     Request::List(ListRequest {
                         path: String::new(),
+                        recursive: false,
                     })
                 };
                 send.write_all(&encode(&req).unwrap()).await.unwrap();
@@ -820,6 +822,7 @@ async fn unknown_and_missing_client_certificates_are_refused() {
                     let (mut send, mut recv) = conn.open_bi().await?;
                     let list = Request::List(ListRequest {
                         path: String::new(),
+                        recursive: false,
                     });
                     send.write_all(&encode(&list).unwrap()).await?;
                     read_frame::<_, Response>(&mut recv).await?;

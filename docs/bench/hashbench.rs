@@ -44,7 +44,10 @@ fn main() {
     println!("| pass (page cache, 1 thread) | seconds | GB/s |");
     println!("|---|---|---|");
     println!("| read only | {read:.3} | {:.2} |", size / read / 1e9);
-    println!("| read + BLAKE3 | {hashed:.3} | {:.2} |", size / hashed / 1e9);
+    println!(
+        "| read + BLAKE3 | {hashed:.3} | {:.2} |",
+        size / hashed / 1e9
+    );
     println!(
         "BLAKE3 alone: {:.3} s for {:.0} MiB",
         hashed - read,

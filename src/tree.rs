@@ -1,0 +1,315 @@
+//! Directory trees for `put -r` and `get -r`: walking a local tree, mapping a remote listing to local paths, and directory metadata applied deepest first.
+//!
+//! Symlink policy: links are never followed and never recreated. A tree
+//! upload skips every symlink it meets (with a message), so nothing outside
+//! the tree is ever read; a tree download skips the links the server lists.
+//! Sockets, FIFOs and devices are skipped the same way. Files keep their
+//! permission bits (without group/other write and set-id bits) and mtimes;
+//! directories too, applied after their contents so the mtimes stick.
+
+use std::path::{Path, PathBuf};
+
+use crate::client::{Client, FileError, Job};
+use crate::paths::{join_remote, RemotePath};
+use crate::protocol::{DirMeta, Entry, EntryKind};
+use crate::transfer::{to_system_time, to_timestamp};
+
+/// What a tree transfer moves.
+#[derive(Debug, Default)]
+pub struct Tree {
+    /// One job per regular file.
+    pub jobs: Vec<Job>,
+    /// Every directory, the top one included, empty or not.
+    pub dirs: Vec<TreeDir>,
+    /// What was left out, and why (for the user).
+    pub skipped: Vec<String>,
+}
+
+/// One directory of a tree, at both ends.
+#[derive(Debug, Clone)]
+pub struct TreeDir {
+    /// Its path on the server.
+    pub remote: String,
+    /// Its local path.
+    pub local: PathBuf,
+    /// Mode and mtime to give it.
+    pub meta: DirMeta,
+    /// Components below the top of the tree (the top is 0).
+    pub depth: usize,
+}
+
+impl Tree {
+    /// Adds `other` to this tree.
+    pub fn extend(&mut self, other: Self) {
+        self.jobs.extend(other.jobs);
+        self.dirs.extend(other.dirs);
+        self.skipped.extend(other.skipped);
+    }
+}
+
+fn dir_meta(md: &std::fs::Metadata) -> DirMeta {
+    use std::os::unix::fs::PermissionsExt;
+    DirMeta {
+        mode: Some(md.permissions().mode() & 0o7777),
+        mtime: md.modified().ok().and_then(to_timestamp),
+    }
+}
+
+/// Walks the local directory `top` (without following links) for upload
+/// to the remote directory `remote_top`.
+pub fn walk_local(top: &Path, remote_top: &str) -> Result<Tree, FileError> {
+    let local_err = |p: &Path| {
+        let p = p.to_owned();
+        move |source| FileError::Local { path: p, source }
+    };
+    let md = std::fs::symlink_metadata(top).map_err(local_err(top))?;
+    let mut tree = Tree::default();
+    tree.dirs.push(TreeDir {
+        remote: remote_top.to_owned(),
+        local: top.to_owned(),
+        meta: dir_meta(&md),
+        depth: 0,
+    });
+    let mut stack = vec![(top.to_owned(), remote_top.to_owned(), 0usize)];
+    while let Some((dir, remote, depth)) = stack.pop() {
+        let mut items: Vec<_> = std::fs::read_dir(&dir)
+            .map_err(local_err(&dir))?
+            .collect::<Result<_, _>>()
+            .map_err(local_err(&dir))?;
+        items.sort_by_key(|e| e.file_name());
+        for item in items {
+            let path = item.path();
+            let Some(name) = item.file_name().to_str().map(str::to_owned) else {
+                tree.skipped
+                    .push(format!("{}: not a UTF-8 name; skipped", path.display()));
+                continue;
+            };
+            let md = match std::fs::symlink_metadata(&path) {
+                Ok(md) => md,
+                Err(e) => {
+                    tree.skipped
+                        .push(format!("{}: {e}; skipped", path.display()));
+                    continue;
+                }
+            };
+            let remote = join_remote(Some(&remote), &name);
+            let ft = md.file_type();
+            if ft.is_dir() {
+                tree.dirs.push(TreeDir {
+                    remote: remote.clone(),
+                    local: path.clone(),
+                    meta: dir_meta(&md),
+                    depth: depth + 1,
+                });
+                stack.push((path, remote, depth + 1));
+            } else if ft.is_file() {
+                tree.jobs.push(Job {
+                    label: path.display().to_string(),
+                    local: path,
+                    remote,
+                });
+            } else if ft.is_symlink() {
+                tree.skipped.push(format!(
+                    "{}: a symbolic link; skipped (links are never followed or copied)",
+                    path.display()
+                ));
+            } else {
+                tree.skipped.push(format!(
+                    "{}: a socket, FIFO or device; skipped (only regular files and directories are copied)",
+                    path.display()
+                ));
+            }
+        }
+    }
+    Ok(tree)
+}
+
+/// Maps a recursive listing of the remote directory `remote_top` (whose own
+/// metadata is `top_meta`) onto the local directory `local_top`. Names are
+/// validated like any remote path, so a hostile server cannot make a
+/// download land outside `local_top`.
+pub fn from_listing(
+    entries: &[Entry],
+    remote_top: &str,
+    local_top: &Path,
+    top_meta: DirMeta,
+) -> Tree {
+    let mut tree = Tree::default();
+    tree.dirs.push(TreeDir {
+        remote: remote_top.to_owned(),
+        local: local_top.to_owned(),
+        meta: top_meta,
+        depth: 0,
+    });
+    for e in entries {
+        let remote = join_remote(Some(remote_top), &e.name);
+        let Ok(rel) = RemotePath::parse(&e.name, false) else {
+            tree.skipped
+                .push(format!("{remote}: not a safe relative name; skipped"));
+            continue;
+        };
+        let local = local_top.join(rel.relative());
+        match e.kind {
+            EntryKind::File => tree.jobs.push(Job {
+                label: remote.clone(),
+                local,
+                remote,
+            }),
+            EntryKind::Dir => tree.dirs.push(TreeDir {
+                remote,
+                local,
+                meta: DirMeta {
+                    mode: e.mode,
+                    mtime: e.mtime,
+                },
+                depth: rel.relative().components().count(),
+            }),
+            EntryKind::Symlink => tree.skipped.push(format!(
+                "{remote}: a symbolic link on the server; skipped (links are never followed or copied)"
+            )),
+            EntryKind::Other => tree.skipped.push(format!(
+                "{remote}: not a regular file or directory; skipped"
+            )),
+        }
+    }
+    tree
+}
+
+/// Creates every directory on the server and applies its metadata, deepest
+/// first (a directory's mtime is set after everything inside it exists).
+/// Directories at one depth go in parallel, 16 at a time. Returns the failures.
+pub async fn finish_remote_dirs(client: &Client, dirs: &[TreeDir]) -> Vec<(String, FileError)> {
+    let mut failed = Vec::new();
+    let limit = std::sync::Arc::new(tokio::sync::Semaphore::new(16));
+    for level in levels(dirs) {
+        let mut tasks = tokio::task::JoinSet::new();
+        for d in level {
+            let (client, limit, d) = (client.clone(), limit.clone(), d.clone());
+            tasks.spawn(async move {
+                let _permit = limit.acquire_owned().await.expect("never closed");
+                let r = client.mkdir(&d.remote, Some(d.meta)).await;
+                (d.remote, r)
+            });
+        }
+        while let Some(joined) = tasks.join_next().await {
+            if let (name, Err(e)) = joined.expect("mkdir task panicked") {
+                failed.push((name, e));
+            }
+        }
+    }
+    failed
+}
+
+/// Creates every local directory of a download (before its files arrive).
+pub fn create_local_dirs(dirs: &[TreeDir]) -> Vec<(String, FileError)> {
+    dirs.iter()
+        .filter_map(|d| {
+            std::fs::create_dir_all(&d.local).err().map(|source| {
+                (
+                    d.remote.clone(),
+                    FileError::Local {
+                        path: d.local.clone(),
+                        source,
+                    },
+                )
+            })
+        })
+        .collect()
+}
+
+/// Applies the downloaded directories' metadata, deepest first.
+pub fn finish_local_dirs(dirs: &[TreeDir]) -> Vec<(String, FileError)> {
+    let mut failed = Vec::new();
+    for level in levels(dirs) {
+        for d in level {
+            if let Err(source) = apply_local(d) {
+                failed.push((
+                    d.remote.clone(),
+                    FileError::Local {
+                        path: d.local.clone(),
+                        source,
+                    },
+                ));
+            }
+        }
+    }
+    failed
+}
+
+fn apply_local(d: &TreeDir) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let f = std::fs::File::open(&d.local)?;
+    if let Some(mode) = d.meta.mode {
+        // Owner keeps write access until the end: mtimes come after modes.
+        f.set_permissions(std::fs::Permissions::from_mode(mode & 0o755))?;
+    }
+    if let Some(t) = d.meta.mtime.and_then(to_system_time) {
+        f.set_modified(t)?;
+    }
+    Ok(())
+}
+
+/// Directories grouped by depth, deepest group first.
+fn levels(dirs: &[TreeDir]) -> Vec<Vec<&TreeDir>> {
+    let deepest = dirs.iter().map(|d| d.depth).max().unwrap_or(0);
+    (0..=deepest)
+        .rev()
+        .map(|depth| dirs.iter().filter(|d| d.depth == depth).collect())
+        .filter(|l: &Vec<_>| !l.is_empty())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hostile_listing_names_stay_inside_the_download() {
+        let entry = |name: &str, kind| Entry {
+            name: name.into(),
+            kind,
+            size: 1,
+            mtime: None,
+            mode: Some(0o644),
+        };
+        let listing = [
+            entry("ok/file", EntryKind::File),
+            entry("../escape", EntryKind::File),
+            entry("/etc/passwd", EntryKind::File),
+            entry("a/../../b", EntryKind::Dir),
+            entry("link", EntryKind::Symlink),
+            entry("ok", EntryKind::Dir),
+        ];
+        let top = Path::new("/dl/t");
+        let meta = DirMeta {
+            mode: None,
+            mtime: None,
+        };
+        let tree = from_listing(&listing, "t", top, meta);
+        assert_eq!(tree.jobs.len(), 1);
+        assert_eq!(tree.jobs[0].local, Path::new("/dl/t/ok/file"));
+        assert_eq!(tree.jobs[0].remote, "t/ok/file");
+        assert_eq!(tree.dirs.len(), 2);
+        assert!(tree.dirs.iter().all(|d| d.local.starts_with(top)));
+        assert_eq!(tree.skipped.len(), 4, "{:?}", tree.skipped);
+    }
+
+    #[test]
+    fn levels_go_deepest_first() {
+        let d = |depth| TreeDir {
+            remote: String::new(),
+            local: PathBuf::new(),
+            meta: DirMeta {
+                mode: None,
+                mtime: None,
+            },
+            depth,
+        };
+        let dirs = [d(0), d(2), d(1), d(2)];
+        let l = levels(&dirs);
+        assert_eq!(
+            l.iter().map(|l| (l[0].depth, l.len())).collect::<Vec<_>>(),
+            [(2, 2), (1, 1), (0, 1)]
+        );
+    }
+}
