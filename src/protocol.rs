@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// ALPN protocol id; the version lives here so an incompatible change gets a new id.
-pub const ALPN: &[u8] = b"qxfer/1";
+pub const ALPN: &[u8] = b"qxfer/2";
 
 /// Largest frame either side accepts. Headers are small; the cap stops a peer
 /// from making us allocate on the strength of a length prefix.

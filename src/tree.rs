@@ -102,6 +102,11 @@ pub fn walk_local(top: &Path, remote_top: &str) -> Result<Tree, FileError> {
                     depth: depth + 1,
                 });
                 stack.push((path, remote, depth + 1));
+            } else if ft.is_file() && name.ends_with(crate::client::PART_SUFFIX) {
+                tree.skipped.push(format!(
+                    "{}: an unfinished qxfer download; skipped",
+                    path.display()
+                ));
             } else if ft.is_file() {
                 tree.jobs.push(Job {
                     label: path.display().to_string(),
