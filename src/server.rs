@@ -641,6 +641,13 @@ async fn serve_put(
     Ok(())
 }
 
+/// How long the client may take to answer a resume offer: it hashes the
+/// offered prefix of its file first, so allow for a slow disk (50 MiB/s)
+/// on top of the usual two minutes.
+fn continue_timeout(offset: u64) -> Duration {
+    RECEIPT_TIMEOUT + Duration::from_secs(offset / (50 << 20))
+}
+
 /// The partial store name for an upload: a digest of the client identity
 /// and remote path, then one of the source's size and mtime. The first part
 /// finds earlier versions of the same upload; the second tells them apart.
@@ -807,13 +814,13 @@ async fn receive_put(
     let writing = |e: io::Error| fs_error(&e, path, "cannot write");
     if req.resume {
         // The client has compared prefixes and says where its data starts.
-        let answer =
-            tokio::time::timeout(ctx.config.header_timeout, read_frame::<_, Continue>(recv))
-                .await
-                .map_err(|_| {
-                    RemoteError::new(ErrorCode::Protocol, "no answer to the resume offer")
-                })?
-                .map_err(|e| protocol_error(&e))?;
+        let answer = tokio::time::timeout(
+            continue_timeout(start.offset),
+            read_frame::<_, Continue>(recv),
+        )
+        .await
+        .map_err(|_| RemoteError::new(ErrorCode::Protocol, "no answer to the resume offer"))?
+        .map_err(|e| protocol_error(&e))?;
         if answer.offset != start.offset {
             if answer.offset != 0 {
                 return Err(RemoteError::new(
@@ -1047,9 +1054,10 @@ fn batches(entries: Vec<Entry>) -> Vec<Vec<Entry>> {
 /// for the other fields (at most ~40 bytes per entry, 128 entries).
 const LIST_BATCH_BYTES: usize = 48 * 1024;
 
-/// Most entries a recursive listing returns; a bigger tree is an error
-/// rather than an unbounded amount of server memory.
+/// Most entries a recursive listing returns, and most bytes of names: a
+/// bigger tree is an error rather than an unbounded amount of server memory.
 const MAX_TREE_ENTRIES: usize = 1_000_000;
+const MAX_TREE_NAME_BYTES: usize = 64 << 20;
 
 /// Lists everything beneath the directory `path`, depth first, with names
 /// relative to it. Symlinks and special files are listed as such and never
@@ -1066,21 +1074,11 @@ fn list_tree(root: &Dir, path: &RemotePath) -> Result<Vec<Entry>, RemoteError> {
         .open_dir(&rel)
         .map_err(|e| fs_error(&e, path, "cannot list"))?;
     let mut out = Vec::new();
+    let mut name_bytes = 0;
     // (directory handle, its path relative to the listed one)
     let mut stack = vec![(dir, String::new())];
     while let Some((dir, prefix)) = stack.pop() {
-        for item in dir
-            .entries()
-            .map_err(|e| fs_error(&e, path, "cannot list"))?
-        {
-            let item = item.map_err(|e| fs_error(&e, path, "cannot list"))?;
-            let name = item.file_name().to_string_lossy().into_owned();
-            if name.starts_with(RESERVED_PREFIX) {
-                continue;
-            }
-            let Ok(md) = dir.symlink_metadata(item.file_name()) else {
-                continue;
-            };
+        for (name, md) in visible_entries(&dir, path)? {
             let full = if prefix.is_empty() {
                 name.clone()
             } else {
@@ -1093,11 +1091,12 @@ fn list_tree(root: &Dir, path: &RemotePath) -> Result<Vec<Entry>, RemoteError> {
                     stack.push((sub, full.clone()));
                 }
             }
+            name_bytes += full.len();
             out.push(entry(full, &md));
-            if out.len() > MAX_TREE_ENTRIES {
+            if out.len() > MAX_TREE_ENTRIES || name_bytes > MAX_TREE_NAME_BYTES {
                 return Err(RemoteError::new(
                     ErrorCode::TooLarge,
-                    format!("'{path}' holds more than {MAX_TREE_ENTRIES} entries; list or fetch a smaller part of it"),
+                    format!("'{path}' holds more than {MAX_TREE_ENTRIES} entries or {} MiB of names; list or fetch a smaller part of it", MAX_TREE_NAME_BYTES >> 20),
                 ));
             }
         }
@@ -1158,23 +1157,33 @@ fn list_dir(root: &Dir, path: &RemotePath) -> Result<Vec<Entry>, RemoteError> {
     let dir = root
         .open_dir(&rel)
         .map_err(|e| fs_error(&e, path, "cannot list"))?;
-    let mut entries = Vec::new();
-    for item in dir
-        .entries()
-        .map_err(|e| fs_error(&e, path, "cannot list"))?
-    {
-        let item = item.map_err(|e| fs_error(&e, path, "cannot list"))?;
+    let mut entries: Vec<Entry> = visible_entries(&dir, path)?
+        .into_iter()
+        .map(|(name, md)| entry(name, &md))
+        .collect();
+    entries.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(entries)
+}
+
+/// The entries of `dir` with their lstat metadata, qxfer's own names
+/// hidden. An entry removed between readdir and lstat is simply skipped.
+fn visible_entries(
+    dir: &Dir,
+    path: &RemotePath,
+) -> Result<Vec<(String, cap_std::fs::Metadata)>, RemoteError> {
+    let listing = |e: io::Error| fs_error(&e, path, "cannot list");
+    let mut out = Vec::new();
+    for item in dir.entries().map_err(listing)? {
+        let item = item.map_err(listing)?;
         let name = item.file_name().to_string_lossy().into_owned();
         if name.starts_with(RESERVED_PREFIX) {
             continue;
         }
-        // An entry removed between readdir and lstat is simply skipped.
         if let Ok(md) = dir.symlink_metadata(item.file_name()) {
-            entries.push(entry(name, &md));
+            out.push((name, md));
         }
     }
-    entries.sort_by(|a, b| a.name.cmp(&b.name));
-    Ok(entries)
+    Ok(out)
 }
 
 fn entry(name: String, md: &cap_std::fs::Metadata) -> Entry {

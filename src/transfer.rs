@@ -528,8 +528,7 @@ impl IncomingFile {
             }
         }
         self.done = true;
-        // Make the rename itself durable. cap-std holds directories as O_PATH
-        // handles, which cannot be synced, so open "." beneath it for reading.
+        // Make the rename itself durable.
         sync_dir(&self.dest_dir).map_err(io)?;
         Ok(())
     }
@@ -545,29 +544,28 @@ impl Drop for IncomingFile {
     }
 }
 
-/// Applies a tree transfer's directory metadata to `dir`: permission bits
-/// (without group/other write and set-id bits, as for files) and mtime.
+/// Applies a tree transfer's directory metadata to `dir`.
 pub fn apply_dir_meta(dir: &Dir, meta: &crate::protocol::DirMeta) -> std::io::Result<()> {
-    use rustix::fs::{openat, Mode, OFlags};
-    let fd = openat(
-        dir,
-        ".",
-        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-        Mode::empty(),
-    )?;
-    let f = File::from(fd);
+    set_dir_meta(&open_dir_handle(dir)?, meta)
+}
+
+/// Sets permission bits (without group/other write and set-id bits, as for
+/// files) and mtime on an open directory.
+pub fn set_dir_meta(dir: &File, meta: &crate::protocol::DirMeta) -> std::io::Result<()> {
     if let Some(mode) = meta.mode {
         use std::os::unix::fs::PermissionsExt;
-        f.set_permissions(std::fs::Permissions::from_mode(mode & 0o755))?;
+        dir.set_permissions(std::fs::Permissions::from_mode(mode & 0o755))?;
     }
     if let Some(t) = meta.mtime.and_then(to_system_time) {
-        f.set_modified(t)?;
+        dir.set_modified(t)?;
     }
     Ok(())
 }
 
-/// fsyncs the directory `dir` refers to.
-fn sync_dir(dir: &Dir) -> std::io::Result<()> {
+/// A readable handle on the directory `dir` refers to. cap-std holds
+/// directories as O_PATH handles, which can be neither synced nor changed,
+/// so this opens "." beneath it.
+fn open_dir_handle(dir: &Dir) -> std::io::Result<File> {
     use rustix::fs::{openat, Mode, OFlags};
     let fd = openat(
         dir,
@@ -575,8 +573,12 @@ fn sync_dir(dir: &Dir) -> std::io::Result<()> {
         OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
         Mode::empty(),
     )?;
-    rustix::fs::fsync(&fd)?;
-    Ok(())
+    Ok(File::from(fd))
+}
+
+/// fsyncs the directory `dir` refers to.
+fn sync_dir(dir: &Dir) -> std::io::Result<()> {
+    open_dir_handle(dir)?.sync_all()
 }
 
 /// Renames `from` in `from_dir` to `to` in `to_dir` unless `to` exists.

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use crate::client::{Client, FileError, Job};
 use crate::paths::{join_remote, RemotePath};
 use crate::protocol::{DirMeta, Entry, EntryKind};
-use crate::transfer::{to_system_time, to_timestamp};
+use crate::transfer::to_timestamp;
 
 /// What a tree transfer moves.
 #[derive(Debug, Default)]
@@ -242,16 +242,7 @@ pub fn finish_local_dirs(dirs: &[TreeDir]) -> Vec<(String, FileError)> {
 }
 
 fn apply_local(d: &TreeDir) -> std::io::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    let f = std::fs::File::open(&d.local)?;
-    if let Some(mode) = d.meta.mode {
-        // Owner keeps write access until the end: mtimes come after modes.
-        f.set_permissions(std::fs::Permissions::from_mode(mode & 0o755))?;
-    }
-    if let Some(t) = d.meta.mtime.and_then(to_system_time) {
-        f.set_modified(t)?;
-    }
-    Ok(())
+    crate::transfer::set_dir_meta(&std::fs::File::open(&d.local)?, &d.meta)
 }
 
 /// Directories grouped by depth, deepest group first.

@@ -340,6 +340,16 @@ async fn downloads_continue_from_a_good_part_and_restart_from_a_bad_one() {
     assert!(r.notes[0].contains("starting over"), "{:?}", r.notes);
     assert_eq!(std::fs::read(&dest).unwrap(), data);
 
+    // --no-resume ignores a good part and starts over.
+    let cfg = tempfile::tempdir().unwrap();
+    let mut config = server.client_config(cfg.path());
+    config.resume = false;
+    let fresh = Client::connect(&config).await.unwrap();
+    std::fs::write(&part, &data[..3 * MIB]).unwrap();
+    let r = fresh.get("f", &dest, true, &|_| {}, &|_| {}).await.unwrap();
+    assert_eq!((r.blake3, r.resumed_from), (digest, 0));
+    fresh.close().await;
+
     // A part longer than the file is no prefix of it.
     std::fs::write(&part, pattern(9 * MIB, 1)).unwrap();
     let r = get().await.unwrap();
@@ -393,7 +403,18 @@ async fn a_get_stopped_with_ctrl_c_resumes() {
             .args(extra);
         cmd
     };
-    let mut child = get(&["--limit-rate", "20M"]).spawn().unwrap();
+    let mut cmd = get(&["--limit-rate", "20M"]);
+    // A terminal delivers Ctrl-C with SIGINT at its default action; a test
+    // runner started in the background may have it ignored, and children
+    // inherit that, so restore the default in the child.
+    // SAFETY: signal(2) is async-signal-safe, as pre_exec requires.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+            libc::signal(libc::SIGINT, libc::SIG_DFL);
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
     wait_for_bytes("the partial download", 8 * MIB as u64, || file_len(&part)).await;
     // SAFETY: kill(2) with a pid we own and a valid signal number.
     assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
