@@ -5,19 +5,12 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{is_root, pattern, tree, TestServer};
-use qxfer::client::{Client, ConnectError, FileError};
+use common::{is_root, pattern, remote_code, tree, TestServer};
+use qxfer::client::{Client, ConnectError};
 use qxfer::protocol::{
     encode, read_frame, ErrorCode, FileMeta, PutRequest, Receipt, Request, Response,
 };
 use qxfer::tls::Identity;
-
-fn remote_code(r: Result<impl std::fmt::Debug, FileError>) -> (ErrorCode, String) {
-    match r {
-        Err(FileError::Remote(e)) => (e.code, e.message),
-        other => panic!("expected a remote error, got {other:?}"),
-    }
-}
 
 #[tokio::test]
 async fn missing_file_and_directory_are_clear_errors() {

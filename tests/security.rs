@@ -18,9 +18,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
-use common::{client_identity, pattern, tree, TestServer};
+use common::{client_identity, pattern, remote_code, tree, TestServer};
 use quinn::{ConnectionError, TransportErrorCode};
-use qxfer::client::{Client, ConnectError, FileError};
+use qxfer::client::{Client, ConnectError};
 use qxfer::endpoint::{client_endpoint, ServerLimits, TransportOpts};
 use qxfer::protocol::{
     encode, read_frame, EntryKind, ErrorCode, FileMeta, GetRequest, ListRequest, PutRequest,
@@ -254,14 +254,6 @@ impl Arena {
     }
 }
 
-/// The server's error from a client call.
-fn remote(r: Result<impl std::fmt::Debug, FileError>) -> (ErrorCode, String) {
-    match r {
-        Err(FileError::Remote(e)) => (e.code, e.message),
-        other => panic!("expected an error from the server, got {other:?}"),
-    }
-}
-
 #[tokio::test]
 async fn name_traversal_in_every_form_is_refused() {
     let arena = Arena::new().await;
@@ -297,15 +289,15 @@ async fn name_traversal_in_every_form_is_refused() {
     ];
     let hostile = async {
         for (what, name) in &cases {
-            let (code, msg) = remote(client.put(&src, name, true, &|_| {}).await);
+            let (code, msg) = remote_code(client.put(&src, name, true, &|_| {}).await);
             assert_eq!(code, ErrorCode::InvalidPath, "put {what}: {msg}");
             assert!(msg.contains("invalid remote path"), "put {what}: {msg}");
             let dest = arena.work.path().join("got");
-            let (code, msg) = remote(client.get(name, &dest, true, &|_| {}, &|_| {}).await);
+            let (code, msg) = remote_code(client.get(name, &dest, true, &|_| {}, &|_| {}).await);
             assert_eq!(code, ErrorCode::InvalidPath, "get {what}: {msg}");
             assert!(!dest.exists());
             if !name.is_empty() && name != "/" {
-                let (code, msg) = remote(client.list(name).await);
+                let (code, msg) = remote_code(client.list(name).await);
                 assert_eq!(code, ErrorCode::InvalidPath, "ls {what}: {msg}");
             }
         }
@@ -341,7 +333,7 @@ async fn symlinks_out_of_the_root_are_refused_for_get_put_and_ls() {
             "abs-dir/secret.txt",
             "inner/deep-dir/secret.txt",
         ] {
-            let (code, msg) = remote(client.get(name, &dest, true, &|_| {}, &|_| {}).await);
+            let (code, msg) = remote_code(client.get(name, &dest, true, &|_| {}, &|_| {}).await);
             assert_eq!(code, ErrorCode::OutsideRoot, "get {name}: {msg}");
             assert!(
                 msg.contains(&format!("'{name}'")) && msg.contains("outside the served"),
@@ -356,12 +348,12 @@ async fn symlinks_out_of_the_root_are_refused_for_get_put_and_ls() {
             "inner/deep-dir/new.txt",
             "rel-dir/dir/new.txt",
         ] {
-            let (code, msg) = remote(client.put(&src, name, true, &|_| {}).await);
+            let (code, msg) = remote_code(client.put(&src, name, true, &|_| {}).await);
             assert_eq!(code, ErrorCode::OutsideRoot, "put {name}: {msg}");
         }
         // A put onto a link is refused whatever it points at, with or without --force.
         for (name, force) in [("rel-file", false), ("abs-file", true), ("inner/ok", true)] {
-            let (code, msg) = remote(client.put(&src, name, force, &|_| {}).await);
+            let (code, msg) = remote_code(client.put(&src, name, force, &|_| {}).await);
             assert_eq!(code, ErrorCode::Symlink, "put {name}: {msg}");
         }
         for name in [
@@ -371,7 +363,7 @@ async fn symlinks_out_of_the_root_are_refused_for_get_put_and_ls() {
             "inner/deep-dir",
             "rel-dir/dir",
         ] {
-            let (code, msg) = remote(client.list(name).await);
+            let (code, msg) = remote_code(client.list(name).await);
             assert_eq!(code, ErrorCode::OutsideRoot, "ls {name}: {msg}");
         }
         // Listing the root shows the links as links, without following them.
@@ -462,7 +454,7 @@ async fn a_directory_swapped_for_a_symlink_during_a_put_cannot_redirect_it() {
     assert_eq!(std::fs::read(root.join("d-moved/victim")).unwrap(), data);
     // And a new put through the swapped-in link is refused.
     let src = arena.local("again", b"again");
-    let (code, _) = remote(client.put(&src, "d/again", false, &|_| {}).await);
+    let (code, _) = remote_code(client.put(&src, "d/again", false, &|_| {}).await);
     assert_eq!(code, ErrorCode::OutsideRoot);
     client.close().await;
     arena.check(&["d", "d-moved", "d-moved/victim"]).await;
@@ -920,7 +912,7 @@ async fn a_put_to_an_existing_name_needs_force() {
     let (client, _cfg) = arena.client().await;
     let src = arena.local("f", &pattern(3 << 20, 3));
     let hostile = async {
-        let (code, msg) = remote(client.put(&src, "f", false, &|_| {}).await);
+        let (code, msg) = remote_code(client.put(&src, "f", false, &|_| {}).await);
         assert_eq!(code, ErrorCode::AlreadyExists);
         assert!(msg.contains("'f'") && msg.contains("--force"), "{msg}");
         // Raw: the data arrives anyway (pipelined); it is dropped, not written.
@@ -957,7 +949,7 @@ async fn a_read_only_server_refuses_every_put() {
     let src = arena.local("up", &pattern(2 << 20, 5));
     let hostile = async {
         for (name, force) in [("up", false), ("shared", true), ("new/dir/up", false)] {
-            let (code, msg) = remote(client.put(&src, name, force, &|_| {}).await);
+            let (code, msg) = remote_code(client.put(&src, name, force, &|_| {}).await);
             assert_eq!(code, ErrorCode::ReadOnly, "{name}");
             assert!(
                 msg.contains(&format!("'{name}'")) && msg.contains("read-only"),
@@ -992,7 +984,7 @@ async fn special_files_and_a_hijacked_partial_store_cannot_hang_or_escape_the_se
     let hostile = async {
         let dest = arena.work.path().join("pipe");
         let start = Instant::now();
-        let (code, msg) = remote(client.get("pipe", &dest, false, &|_| {}, &|_| {}).await);
+        let (code, msg) = remote_code(client.get("pipe", &dest, false, &|_| {}, &|_| {}).await);
         assert_eq!(code, ErrorCode::NotFound, "{msg}");
         assert!(msg.contains("not a regular file"), "{msg}");
         assert!(start.elapsed() < Duration::from_secs(5));

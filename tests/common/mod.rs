@@ -165,6 +165,17 @@ pub fn client_config(addr: SocketAddr, config_dir: &Path) -> ClientConfig {
     }
 }
 
+/// The server's error code and message from a client call that must have
+/// been refused by the server.
+pub fn remote_code(
+    r: Result<impl std::fmt::Debug, qxfer::client::FileError>,
+) -> (qxfer::protocol::ErrorCode, String) {
+    match r {
+        Err(qxfer::client::FileError::Remote(e)) => (e.code, e.message),
+        other => panic!("expected an error from the server, got {other:?}"),
+    }
+}
+
 /// The fingerprint of the client identity in `config_dir`, generated if needed.
 pub fn client_identity(config_dir: &Path) -> Fingerprint {
     Identity::load_or_generate(config_dir, CLIENT_IDENTITY)
