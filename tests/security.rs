@@ -956,6 +956,9 @@ async fn a_read_only_server_refuses_every_put() {
                 "{msg}"
             );
         }
+        // Nor may it create directories.
+        let (code, msg) = remote_code(client.mkdir("newdir", None).await);
+        assert_eq!(code, ErrorCode::ReadOnly, "{msg}");
         // Reads still work.
         let back = arena.work.path().join("shared");
         client
@@ -1006,4 +1009,84 @@ async fn special_files_and_a_hijacked_partial_store_cannot_hang_or_escape_the_se
     arena.during(async {}).await;
     client.close().await;
     arena.check(&["pipe"]).await;
+}
+
+#[tokio::test]
+async fn mkdir_and_recursive_listings_stay_inside_the_root() {
+    use qxfer::protocol::DirMeta;
+    use std::os::unix::fs::{symlink, PermissionsExt};
+    let arena = Arena::new().await;
+    let root = arena.root().to_owned();
+    symlink("../outside", root.join("rel-dir")).unwrap();
+    symlink(&arena.outside, root.join("abs-dir")).unwrap();
+    std::fs::create_dir_all(root.join("tree/sub")).unwrap();
+    std::fs::write(root.join("tree/sub/f"), b"f").unwrap();
+    symlink("../../../outside", root.join("tree/sub/out")).unwrap();
+    let (client, _cfg) = arena.client().await;
+    let meta = DirMeta {
+        mode: Some(0o4777),
+        mtime: None,
+    };
+    let hostile = async {
+        // Mkdir: names are validated and resolved like any other path.
+        for name in [
+            "../escape",
+            "/tmp/abs",
+            "",
+            "a/../../b",
+            ".qxfer-partial/x",
+            "C:\\x",
+        ] {
+            let (code, msg) = remote_code(client.mkdir(name, Some(meta)).await);
+            assert_eq!(code, ErrorCode::InvalidPath, "mkdir {name:?}: {msg}");
+        }
+        for name in [
+            "rel-dir/new",
+            "abs-dir/new/deeper",
+            "tree/sub/out/new",
+            "rel-dir",
+        ] {
+            let (code, msg) = remote_code(client.mkdir(name, Some(meta)).await);
+            assert_eq!(code, ErrorCode::OutsideRoot, "mkdir {name:?}: {msg}");
+        }
+        // A legitimate mkdir never sets set-id or group/other write bits.
+        client.mkdir("made/here", Some(meta)).await.unwrap();
+        // Recursive listings list links as links and never descend into them.
+        let listed = client.list_tree("").await.unwrap();
+        let names: Vec<&str> = listed.iter().map(|e| e.name.as_str()).collect();
+        assert!(names.contains(&"tree/sub/out"), "{names:?}");
+        assert!(
+            !names
+                .iter()
+                .any(|n| n.contains("secret") || n.starts_with("rel-dir/")),
+            "{names:?}"
+        );
+        assert!(!names.iter().any(|n| n.contains(".qxfer-")), "{names:?}");
+        let kind = |n: &str| listed.iter().find(|e| e.name == n).map(|e| e.kind);
+        assert_eq!(kind("abs-dir"), Some(EntryKind::Symlink));
+        for name in ["rel-dir", "abs-dir", "tree/sub/out"] {
+            let (code, msg) = remote_code(client.list_tree(name).await);
+            assert_eq!(code, ErrorCode::OutsideRoot, "ls -r {name}: {msg}");
+        }
+    };
+    arena.during(hostile).await;
+    let mode = std::fs::metadata(root.join("made/here"))
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o7777;
+    assert_eq!(mode, 0o755);
+    client.close().await;
+    arena
+        .check(&[
+            "abs-dir",
+            "made",
+            "made/here",
+            "rel-dir",
+            "tree",
+            "tree/sub",
+            "tree/sub/f",
+            "tree/sub/out",
+        ])
+        .await;
 }
