@@ -178,7 +178,8 @@ pub struct PutArgs {
     /// Remote directory to place the files in (created as needed).
     #[arg(long, value_name = "DIR")]
     pub to: Option<String>,
-    /// Files in flight at once, each on its own stream.
+    /// Files of 1 MiB or more in flight at once, each on its own stream
+    /// (smaller files go up to 64 at once, without bars of their own).
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub parallel: u16,
     /// Overwrite existing remote files.
@@ -206,7 +207,8 @@ pub struct GetArgs {
     /// Local directory to save into [default: your Downloads folder].
     #[arg(short, long, value_name = "DIR")]
     pub output: Option<PathBuf>,
-    /// Files in flight at once, each on its own stream.
+    /// Files of 1 MiB or more in flight at once, each on its own stream
+    /// (smaller files go up to 64 at once, without bars of their own).
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub parallel: u16,
     /// Overwrite existing local files.
@@ -468,6 +470,7 @@ async fn put(args: PutArgs, quiet: bool, progress: &Progress) -> Result<ExitCode
                 label: file.display().to_string(),
                 local: file.clone(),
                 remote,
+                size_hint: None,
             });
         }
     }
@@ -556,6 +559,7 @@ async fn get(args: GetArgs, quiet: bool, progress: &Progress) -> Result<ExitCode
             label: name.clone(),
             local,
             remote: name.clone(),
+            size_hint: None,
         });
     }
     report_skipped(&tree.skipped, quiet, progress);

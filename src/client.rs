@@ -985,7 +985,19 @@ pub struct Job {
     pub local: PathBuf,
     /// The remote path (destination for put, source for get).
     pub remote: String,
+    /// The size, if known before the transfer (a get from a listing).
+    pub size_hint: Option<u64>,
 }
+
+/// Files smaller than this are "small": they do not count against
+/// `--parallel` and get no bar of their own.
+pub const SMALL_FILE: u64 = 1024 * 1024;
+
+/// Small files in flight at once: the server's default stream budget. Each
+/// holds at most one 1 MiB chunk, so memory stays bounded, and many of them
+/// in flight hide the round trip each one costs, which is what decides
+/// many-file transfers on long paths.
+pub const SMALL_FILE_STREAMS: usize = 64;
 
 /// Which way files move.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1019,6 +1031,7 @@ pub async fn run_batch(
 ) -> BatchReport {
     let start = Instant::now();
     let limit = Arc::new(Semaphore::new(parallel.max(1)));
+    let small = Arc::new(Semaphore::new(SMALL_FILE_STREAMS.max(parallel)));
     let queued = jobs.len();
     progress.set_status(format!("0/{queued} files"));
     let mut tasks = JoinSet::new();
@@ -1026,16 +1039,32 @@ pub async fn run_batch(
         // A put's size is known up front, so the total bar is right from the
         // start; a get learns its size from the server's answer.
         let size = match direction {
-            Direction::Put => std::fs::metadata(&job.local).map(|m| m.len()).unwrap_or(0),
-            Direction::Get => 0,
+            Direction::Put => std::fs::metadata(&job.local).map(|m| m.len()).ok(),
+            Direction::Get => job.size_hint,
         };
-        progress.add_total(size);
-        let (client, limit, progress) = (client.clone(), limit.clone(), progress.clone());
+        let is_small = size.is_some_and(|s| s < SMALL_FILE);
+        let size = size.unwrap_or(0);
+        if direction == Direction::Put {
+            progress.add_total(size);
+        }
+        let pool = if is_small {
+            small.clone()
+        } else {
+            limit.clone()
+        };
+        let (client, progress) = (client.clone(), progress.clone());
         tasks.spawn(async move {
-            let _permit = limit.acquire_owned().await.expect("semaphore never closed");
+            let _permit = pool.acquire_owned().await.expect("semaphore never closed");
+            let new_bar = |size| {
+                if is_small {
+                    progress.total_only()
+                } else {
+                    progress.file_bar(&job.label, size)
+                }
+            };
             let result = match direction {
                 Direction::Put => {
-                    let bar = progress.file_bar(&job.label, size);
+                    let bar = new_bar(size);
                     let r = client
                         .put(&job.local, &job.remote, force, &|n| bar.inc(n))
                         .await;
@@ -1043,7 +1072,7 @@ pub async fn run_batch(
                     r
                 }
                 Direction::Get => {
-                    let bar = progress.file_bar(&job.label, 0);
+                    let bar = new_bar(0);
                     let r = client
                         .get(
                             &job.remote,

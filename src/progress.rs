@@ -73,6 +73,15 @@ impl Progress {
         }
     }
 
+    /// A file that gets no bar of its own (a small file, over in a blink):
+    /// its progress only advances the total.
+    pub fn total_only(&self) -> FileBar {
+        FileBar {
+            bar: ProgressBar::hidden(),
+            total: self.total.clone(),
+        }
+    }
+
     /// Removes the display from the screen.
     pub fn finish(&self) {
         self.total.finish_and_clear();

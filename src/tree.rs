@@ -112,6 +112,7 @@ pub fn walk_local(top: &Path, remote_top: &str) -> Result<Tree, FileError> {
                     label: path.display().to_string(),
                     local: path,
                     remote,
+                    size_hint: Some(md.len()),
                 });
             } else if ft.is_symlink() {
                 tree.skipped.push(format!(
@@ -159,6 +160,7 @@ pub fn from_listing(
                 label: remote.clone(),
                 local,
                 remote,
+                size_hint: Some(e.size),
             }),
             EntryKind::Dir => tree.dirs.push(TreeDir {
                 remote,

@@ -93,7 +93,7 @@ timed() {
 for i in $(seq "$RUNS"); do
     echo "run $i/$RUNS" >&2
     rm -rf "$work/root/tree" "$work/rsync-dst"
-    timed qxfer $C "$QX" -q put -r "$work/src/tree" --server 10.99.0.2:65432 --parallel 64
+    timed qxfer $C "$QX" -q put -r "$work/src/tree" --server 10.99.0.2:65432
     [ "$(find "$work/root/tree" -type f | wc -l)" -eq "$FILES" ] || { echo "qxfer: files missing" >&2; exit 1; }
     timed rsync $C rsync -a -e "$SSH" "$work/src/tree/" "root@10.99.0.2:$work/rsync-dst/"
 done
@@ -109,8 +109,11 @@ printf '\n%s files of 4 KiB in %s directories, %s ms RTT, %s Mbit/s, medians (%s
 printf '| %-22s | %5s | %9s | %9s |\n' "tool" "runs" "seconds" "files/s"
 printf '|%s|%s|%s|%s|\n' "------------------------" "-------" "-----------" "-----------"
 for n in qxfer rsync scp; do
+    [ -s "$work/$n" ] || continue
     s=$(med $n)
     printf '| %-22s | %5s | %9.2f | %9.0f |\n' "$n" "$(wc -l < "$work/$n")" "$s" "$(echo "$FILES / $s" | bc -l)"
 done
-printf '\nratios (qxfer time / other time): rsync %.2f, scp %.3f\n' \
-    "$(echo "$(med qxfer) / $(med rsync)" | bc -l)" "$(echo "$(med qxfer) / $(med scp)" | bc -l)"
+printf '\nratio qxfer time / rsync time: %.2f\n' "$(echo "$(med qxfer) / $(med rsync)" | bc -l)"
+if [ -s "$work/scp" ]; then
+    printf 'ratio qxfer time / scp time: %.3f\n' "$(echo "$(med qxfer) / $(med scp)" | bc -l)"
+fi
