@@ -552,6 +552,7 @@ mod tests {
             decodes_consistently::<Receipt>(&bytes);
             decodes_consistently::<Trailer>(&bytes);
             decodes_consistently::<ListBatch>(&bytes);
+            decodes_consistently::<Continue>(&bytes);
         }
 
         #[test]

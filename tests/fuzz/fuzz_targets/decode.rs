@@ -1,16 +1,17 @@
 //! Fuzz target: arbitrary bytes through every decoder a peer's data reaches.
 //!
-//! The first byte picks the message type, the rest is a frame payload (or,
-//! for the framed reader, a whole stream). Decoding must never panic, never
-//! allocate beyond the frame limit, and whatever decodes must re-encode and
-//! decode to the same message. Paths in requests go through the same
+//! The first byte picks the message type (Request, Response, Receipt,
+//! Trailer, ListBatch, Continue, or a framed Request stream), the rest is a
+//! frame payload (or, for the framed reader, a whole stream). Decoding must
+//! never panic, never allocate beyond the frame limit, and whatever decodes
+//! must re-encode and decode to the same message. Paths in requests go through the same
 //! validation the server applies.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use qxfer::paths::RemotePath;
 use qxfer::protocol::{
-    decode, encode, read_frame, ListBatch, Receipt, Request, Response, Trailer,
+    decode, encode, read_frame, Continue, ListBatch, Receipt, Request, Response, Trailer,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -38,13 +39,14 @@ fuzz_target!(|data: &[u8]| {
     let Some((&which, rest)) = data.split_first() else {
         return;
     };
-    match which % 6 {
+    match which % 7 {
         0 => {
             if let Some(req) = round_trip::<Request>(rest) {
                 let (path, root_ok) = match &req {
                     Request::Put(p) => (&p.path, false),
                     Request::Get(g) => (&g.path, false),
                     Request::List(l) => (&l.path, true),
+                    Request::Mkdir(m) => (&m.path, false),
                 };
                 if let Ok(p) = RemotePath::parse(path, root_ok) {
                     let rel = p.relative();
@@ -66,6 +68,9 @@ fuzz_target!(|data: &[u8]| {
         }
         4 => {
             round_trip::<ListBatch>(rest);
+        }
+        5 => {
+            round_trip::<Continue>(rest);
         }
         _ => framed::<Request>(rest),
     }
