@@ -31,25 +31,8 @@ trap cleanup EXIT
 mkdir -p "$work"/{src,root,down,scp-dst,scp-down,cfg,certs}
 
 # A private sshd: own host key, own authorized_keys, loopback only.
-ssh-keygen -q -t ed25519 -N '' -f "$work/hostkey"
-ssh-keygen -q -t ed25519 -N '' -f "$work/userkey"
-cp "$work/userkey.pub" "$work/authorized_keys"
-chmod 600 "$work/authorized_keys"
-mkdir -p /run/sshd
-cat > "$work/sshd_config" <<CFG
-Port $SSH_PORT
-ListenAddress 127.0.0.1
-HostKey $work/hostkey
-AuthorizedKeysFile $work/authorized_keys
-PasswordAuthentication no
-PermitRootLogin prohibit-password
-StrictModes no
-PidFile $work/sshd.pid
-UsePAM no
-Subsystem sftp /usr/lib/openssh/sftp-server
-CFG
-/usr/sbin/sshd -D -f "$work/sshd_config" &
-pids+=($!)
+. "$repo/docs/bench/sshd.sh"
+start_sshd "$work" 127.0.0.1 "$SSH_PORT"
 SSH_OPTS=(-P "$SSH_PORT" -i "$work/userkey" -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR -o BatchMode=yes)
 
 echo "making a ${SIZE_MIB} MiB random file..." >&2

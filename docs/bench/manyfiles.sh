@@ -52,25 +52,8 @@ for i in $(seq 1 "$FILES"); do
 done
 
 # sshd on the server side of the link.
-ssh-keygen -q -t ed25519 -N '' -f "$work/hostkey"
-ssh-keygen -q -t ed25519 -N '' -f "$work/userkey"
-cp "$work/userkey.pub" "$work/authorized_keys"
-chmod 600 "$work/authorized_keys"
-mkdir -p /run/sshd
-cat > "$work/sshd_config" <<CFG
-Port 22
-ListenAddress 10.99.0.2
-HostKey $work/hostkey
-AuthorizedKeysFile $work/authorized_keys
-PasswordAuthentication no
-PermitRootLogin prohibit-password
-StrictModes no
-PidFile $work/sshd.pid
-UsePAM no
-Subsystem sftp /usr/lib/openssh/sftp-server
-CFG
-$S /usr/sbin/sshd -D -f "$work/sshd_config" &
-pids+=($!)
+. "$repo/docs/bench/sshd.sh"
+start_sshd "$work" 10.99.0.2 22 ip netns exec qxs
 SSH="ssh -i $work/userkey -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR -o BatchMode=yes"
 
 # qxfer server on the same side; client and server share a config dir, so
