@@ -631,7 +631,17 @@ fn finish_batch(
         for note in report.done.iter().flat_map(|r| &r.notes) {
             eprintln!("qxfer: note: {note}");
         }
-        for r in report.done.iter().filter(|r| r.resumed_from > 0) {
+        let present = report.done.iter().filter(|r| r.already_there).count();
+        if present > 0 {
+            eprintln!(
+                "qxfer: {present} file(s) were already there with the same contents (BLAKE3 on both sides); nothing was sent for them"
+            );
+        }
+        for r in report
+            .done
+            .iter()
+            .filter(|r| r.resumed_from > 0 && !r.already_there)
+        {
             eprintln!(
                 "qxfer: {}: resumed, {} of {} bytes were already there",
                 r.name, r.resumed_from, r.bytes

@@ -248,6 +248,9 @@ pub struct TransferReport {
     pub bytes_sent: u64,
     /// Things the user should know (a resume that had to start over...).
     pub notes: Vec<String>,
+    /// The destination already held this file (same contents, checked by
+    /// BLAKE3 on both sides), so nothing moved: a rerun of a finished command.
+    pub already_there: bool,
 }
 
 /// A connection to one qxfer server.
@@ -460,6 +463,9 @@ impl Client {
         let (file, start) = if resume {
             let offer = match read_frame::<_, Response>(&mut recv).await? {
                 Response::PutAccepted(offer) => offer,
+                Response::AlreadyThere(digest) => {
+                    return already_on_server(file, local, remote, meta.size, digest).await
+                }
                 Response::Refused(e) => return Err(e.into()),
                 other => return Err(unexpected(&other)),
             };
@@ -513,6 +519,10 @@ impl Client {
         };
         match response {
             Ok(None | Some(Response::PutAccepted(_))) => {}
+            Ok(Some(Response::AlreadyThere(digest))) => {
+                let file = File::open(local).map_err(FileError::local(local))?;
+                return already_on_server(file, local, remote, meta.size, digest).await;
+            }
             Ok(Some(Response::Refused(e))) => return Err(e.into()),
             Ok(Some(other)) => return Err(unexpected(&other)),
             Err(e) => {
@@ -545,6 +555,7 @@ impl Client {
                     resumed_from,
                     bytes_sent: size - resumed_from,
                     notes,
+                    already_there: false,
                 })
             }
             (Err(e), Ok(_)) => Err(e.into()),
@@ -566,7 +577,9 @@ impl Client {
         on_start: &Advance<'_>,
         progress: &Advance<'_>,
     ) -> Result<TransferReport, FileError> {
-        check_local_dest(dest, force)?;
+        if check_local_dest(dest, force)? {
+            return self.already_here(remote, dest).await;
+        }
         let (incoming, start) = open_download(dest, self.resume).await?;
         let (mut send, mut recv) = self.open().await?;
         let request = Request::Get(GetRequest {
@@ -633,6 +646,54 @@ impl Client {
             r.bytes_sent = r.bytes - resumed_from;
             r.notes = notes;
             r
+        })
+    }
+
+    /// `dest` exists: done if it is the remote file already (the server
+    /// finds its whole BLAKE3 equal to the prefix we send, which is all of
+    /// our file), else the usual "exists, use --force" error.
+    async fn already_here(&self, remote: &str, dest: &Path) -> Result<TransferReport, FileError> {
+        let file = File::open(dest).map_err(FileError::local(dest))?;
+        let size = file.metadata().map_err(FileError::local(dest))?.len();
+        let ours = hash_file(file).await.map_err(FileError::local(dest))?;
+        let (mut send, mut recv) = self.open().await?;
+        let request = Request::Get(GetRequest {
+            path: remote.to_owned(),
+            resume: Some(Prefix {
+                offset: size,
+                digest: ours,
+            }),
+        });
+        write_frame(&mut send, &request).await?;
+        let offer = match read_frame::<_, Response>(&mut recv).await? {
+            Response::GetAccepted(offer) => offer,
+            Response::Refused(e) => return Err(e.into()),
+            other => return Err(unexpected(&other)),
+        };
+        let same = offer.offset == size && offer.meta.size == size;
+        let theirs = if same {
+            Some(read_frame::<_, Trailer>(&mut recv).await?.digest)
+        } else {
+            None
+        };
+        if theirs != Some(ours) {
+            let _ = recv.stop(VarInt::from_u32(STOP_REFUSED));
+            let _ = send.finish();
+            return Err(FileError::LocalExists(dest.to_owned()));
+        }
+        let receipt = Receipt::Committed { size, digest: ours };
+        if write_frame(&mut send, &receipt).await.is_ok() && send.finish().is_ok() {
+            let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
+        }
+        Ok(TransferReport {
+            name: remote.to_owned(),
+            dest: dest.display().to_string(),
+            bytes: size,
+            blake3: ours,
+            resumed_from: size,
+            bytes_sent: 0,
+            notes: Vec::new(),
+            already_there: true,
         })
     }
 
@@ -817,15 +878,58 @@ fn open_source(local: &Path) -> Result<(File, FileMeta), FileError> {
 }
 
 /// Refuses early when the local destination exists (the commit re-checks atomically).
-fn check_local_dest(dest: &Path, force: bool) -> Result<(), FileError> {
+/// Checks the local destination: `Ok(true)` if a regular file is there and
+/// `force` is off (it may be this very file, from an earlier run), an error
+/// for a directory or something else in the way.
+fn check_local_dest(dest: &Path, force: bool) -> Result<bool, FileError> {
     match std::fs::symlink_metadata(dest) {
         Ok(md) if md.is_dir() => Err(FileError::Local {
             path: dest.to_owned(),
             source: std::io::Error::other("is a directory; choose another -o or name"),
         }),
+        Ok(md) if !force && md.is_file() => Ok(true),
         Ok(_) if !force => Err(FileError::LocalExists(dest.to_owned())),
-        _ => Ok(()),
+        _ => Ok(false),
     }
+}
+
+/// The BLAKE3 of a whole local file (blocking work off the async threads).
+async fn hash_file(file: File) -> std::io::Result<Digest> {
+    tokio::task::spawn_blocking(move || {
+        let mut file = file;
+        let len = file.metadata()?.len();
+        Ok(transfer::hash_prefix(&mut file, len)?.prefix_digest())
+    })
+    .await
+    .expect("hash task panicked")
+}
+
+/// The server holds a file of the same size and mtime at `remote`, with
+/// BLAKE3 `theirs`: done if ours is the same, else the usual "exists" error.
+async fn already_on_server(
+    file: File,
+    local: &Path,
+    remote: &str,
+    size: u64,
+    theirs: Digest,
+) -> Result<TransferReport, FileError> {
+    let ours = hash_file(file).await.map_err(FileError::local(local))?;
+    if ours != theirs {
+        return Err(FileError::Remote(RemoteError::new(
+            ErrorCode::AlreadyExists,
+            format!("'{remote}' already exists on the server with other contents; use --force to overwrite it"),
+        )));
+    }
+    Ok(TransferReport {
+        name: local.display().to_string(),
+        dest: remote.to_owned(),
+        bytes: size,
+        blake3: ours,
+        resumed_from: size,
+        bytes_sent: 0,
+        notes: Vec::new(),
+        already_there: true,
+    })
 }
 
 /// Where a download to `dest` keeps its bytes until it is complete.
@@ -941,6 +1045,7 @@ async fn receive_get(
         resumed_from: 0,
         bytes_sent: meta.size,
         notes: Vec::new(),
+        already_there: false,
     })
 }
 

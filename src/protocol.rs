@@ -187,6 +187,11 @@ pub enum Response {
     Refused(RemoteError),
     /// The directory exists and has the requested metadata.
     MkdirDone,
+    /// A put without `force` names a file that exists with the same size
+    /// and mtime: here is the BLAKE3 of what the server holds, for the
+    /// client to compare with its own. Nothing is written (the rerun of a
+    /// finished transfer skips what is already there).
+    AlreadyThere(Digest),
 }
 
 /// Sent by the sender after the data: what the receiver must have. A

@@ -35,9 +35,9 @@ use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::paths::{RemotePath, RESERVED_PREFIX};
 use crate::protocol::{
-    close, read_frame, read_frame_limited, write_frame, Continue, Entry, EntryKind, ErrorCode,
-    FileMeta, FrameError, GetOffer, GetRequest, ListBatch, ListRequest, MkdirRequest, PutOffer,
-    PutRequest, Receipt, RemoteError, Request, Response, Trailer, MAX_FRAME, RESUME_MIN,
+    close, read_frame, read_frame_limited, write_frame, Continue, Digest, Entry, EntryKind,
+    ErrorCode, FileMeta, FrameError, GetOffer, GetRequest, ListBatch, ListRequest, MkdirRequest,
+    PutOffer, PutRequest, Receipt, RemoteError, Request, Response, Trailer, MAX_FRAME, RESUME_MIN,
 };
 use crate::tls::{peer_fingerprint, Fingerprint};
 use crate::transfer::{self, file_meta, to_timestamp, IncomingFile, Start, TransferError};
@@ -603,9 +603,19 @@ async fn serve_put(
         None
     };
     let root = ctx.config.root_dir.clone();
-    let (p, force, size, resume) = (path.clone(), req.force, req.meta.size, req.resume);
-    let (incoming, start, discarded_stale) =
-        blocking(move || prepare_put(&root, &p, force, size, partial.as_deref(), resume)).await?;
+    let (p, force, meta, resume) = (path.clone(), req.force, req.meta, req.resume);
+    let prepared =
+        blocking(move || prepare_put(&root, &p, force, &meta, partial.as_deref(), resume)).await?;
+    let (incoming, start, discarded_stale) = match prepared {
+        Prepared::Receive(incoming, start, discarded) => (incoming, *start, discarded),
+        Prepared::Present(digest) => {
+            info!(path = %path, "already there (same size and mtime); nothing to receive");
+            let _ = write_frame(send, &Response::AlreadyThere(digest)).await;
+            let _ = send.finish();
+            let _ = recv.stop(VarInt::from_u32(STOP_REFUSED));
+            return Ok(());
+        }
+    };
     let offer = PutOffer {
         offset: start.offset,
         prefix: start.prefix_digest(),
@@ -676,14 +686,23 @@ const PART_PREFIX: &str = "part-";
 /// put. The destination's directory is opened here, beneath the root, and
 /// the commit renames into that handle: swapping a directory on the path for
 /// a symlink while the upload runs cannot move where the file lands.
+/// What a put will do.
+enum Prepared {
+    /// Receive into this file from this start; whether a stale partial went.
+    Receive(IncomingFile, Box<Start>, bool),
+    /// The file is already there (same size and mtime); its BLAKE3.
+    Present(Digest),
+}
+
 fn prepare_put(
     root: &Dir,
     path: &RemotePath,
     force: bool,
-    size: u64,
+    meta: &FileMeta,
     partial: Option<&str>,
     resume: bool,
-) -> Result<(IncomingFile, Start, bool), RemoteError> {
+) -> Result<Prepared, RemoteError> {
+    let (size, meta_mtime) = (meta.size, meta.mtime);
     let name = path.file_name().expect("a put path is never the root");
     let dest_dir = match path.parent() {
         Some(parent) => open_or_create_dir(root, &parent, path)?,
@@ -704,11 +723,26 @@ fn prepare_put(
                 format!("'{path}' is a symbolic link on the server; uploads never replace or write through links, so choose another name"),
             ))
         }
-        Ok(_) if !force => {
+        Ok(md) if !force => {
+            // The same size and mtime: most likely this very file, from an
+            // earlier run of the same command. Let the client check the
+            // contents instead of failing.
+            let same = md.is_file()
+                && md.len() == size
+                && meta_mtime.is_some()
+                && md.modified().ok().and_then(|t| to_timestamp(t.into_std())) == meta_mtime;
+            if same {
+                let digest = dest_dir
+                    .open(name)
+                    .map(|f| f.into_std())
+                    .and_then(|mut f| transfer::hash_prefix(&mut f, size))
+                    .map_err(|e| fs_error(&e, path, "cannot read"))?;
+                return Ok(Prepared::Present(digest.prefix_digest()));
+            }
             return Err(RemoteError::new(
                 ErrorCode::AlreadyExists,
                 format!("'{path}' already exists on the server; use --force to overwrite it"),
-            ))
+            ));
         }
         Ok(_) => {}
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -721,7 +755,7 @@ fn prepare_put(
         check_free_space(&store, size, path)?;
         let incoming = IncomingFile::create_in(store, dest_dir, name, label)
             .map_err(|e| fs_error(&e, path, "cannot create"))?;
-        return Ok((incoming, Start::default(), false));
+        return Ok(Prepared::Receive(incoming, Box::default(), false));
     };
     // Partials of other versions of this upload (the source changed) go.
     let (same_upload, _) = partial
@@ -746,7 +780,11 @@ fn prepare_put(
     .map_err(creating)?;
     let store = partial_store(root).map_err(creating)?;
     check_free_space(&store, size - start.offset, path)?;
-    Ok((incoming, start, discarded_stale))
+    Ok(Prepared::Receive(
+        incoming,
+        Box::new(start),
+        discarded_stale,
+    ))
 }
 
 /// Opens the directory `dir` beneath the root, creating it and its parents

@@ -210,7 +210,18 @@ fn serve_put_ls_get_end_to_end() {
         );
     }
 
-    // Again without --force: refused, file untouched; with --force: fine.
+    // Again without --force: the same file is already there, so nothing
+    // moves; a different local file is refused and left untouched; with
+    // --force it is replaced.
+    client(h, &server)
+        .args(["get", "up/load/a", "-o"])
+        .arg(&dl)
+        .assert()
+        .success()
+        .stderr(predicate::str::contains(
+            "already there with the same contents",
+        ));
+    std::fs::write(dl.join("a"), b"mine").unwrap();
     client(h, &server)
         .args(["get", "up/load/a", "-o"])
         .arg(&dl)
@@ -219,6 +230,7 @@ fn serve_put_ls_get_end_to_end() {
         .stderr(
             predicate::str::contains("already exists").and(predicate::str::contains("--force")),
         );
+    assert_eq!(std::fs::read(dl.join("a")).unwrap(), b"mine");
     client(h, &server)
         .args(["get", "up/load/a", "--force", "-q", "-o"])
         .arg(&dl)
