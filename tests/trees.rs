@@ -173,3 +173,61 @@ async fn a_tree_of_2000_files_round_trips_identically() {
         "the top directory's mtime"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_tree_upload_completes_when_run_again() {
+    let server = TestServer::start().await;
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    server.authorize(&h.join("qxfer-config"));
+    let src = h.join("tree");
+    for d in 0..10 {
+        std::fs::create_dir_all(src.join(format!("d{d}"))).unwrap();
+        for f in 0..20 {
+            let data = pattern(64 * 1024, d * 100 + f);
+            std::fs::write(src.join(format!("d{d}/f{f}")), data).unwrap();
+        }
+    }
+    let client = |args: &[&str]| {
+        let mut cmd = qxfer(h);
+        cmd.env("QXFER_SERVER", server.addr.to_string())
+            .args(args)
+            .current_dir(h);
+        cmd
+    };
+    // 12.5 MiB at 4 MiB/s: killed after a second, part way through.
+    let mut first = client(&["put", "-r", "tree", "-q", "--limit-rate", "4M"])
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    let count = || {
+        std::fs::read_dir(server.root.join("tree"))
+            .map(|ds| {
+                ds.flatten()
+                    .map(|d| std::fs::read_dir(d.path()).map(|f| f.count()).unwrap_or(0))
+                    .sum::<usize>()
+            })
+            .unwrap_or(0)
+    };
+    while count() < 20 {
+        assert!(start.elapsed() < Duration::from_secs(20), "no progress");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    first.kill().unwrap();
+    first.wait().unwrap();
+    let done_before = count();
+    assert!(
+        done_before < 200,
+        "killed part way ({done_before} files in)"
+    );
+
+    let out = run(client(&["put", "-r", "tree", "--json"])).await;
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let files = report["files"].as_array().unwrap();
+    assert_eq!(files.len(), 200);
+    let skipped = files.iter().filter(|f| f["already_there"] == true).count();
+    assert!(skipped >= 20, "{skipped} skipped");
+    assert!(skipped < 200);
+    // Every file in place, and the rerun applied directory metadata too.
+    assert_eq!(manifest(&server.root.join("tree")), manifest(&src));
+}
