@@ -253,6 +253,22 @@ pub struct TransferReport {
     pub already_there: bool,
 }
 
+impl TransferReport {
+    /// A file found complete at the destination: nothing moved.
+    fn already_there(name: String, dest: String, size: u64, blake3: Digest) -> Self {
+        Self {
+            name,
+            dest,
+            bytes: size,
+            blake3,
+            resumed_from: size,
+            bytes_sent: 0,
+            notes: Vec::new(),
+            already_there: true,
+        }
+    }
+}
+
 /// A connection to one qxfer server.
 #[derive(Debug, Clone)]
 pub struct Client {
@@ -685,16 +701,12 @@ impl Client {
         if write_frame(&mut send, &receipt).await.is_ok() && send.finish().is_ok() {
             let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
         }
-        Ok(TransferReport {
-            name: remote.to_owned(),
-            dest: dest.display().to_string(),
-            bytes: size,
-            blake3: ours,
-            resumed_from: size,
-            bytes_sent: 0,
-            notes: Vec::new(),
-            already_there: true,
-        })
+        Ok(TransferReport::already_there(
+            remote.to_owned(),
+            dest.display().to_string(),
+            size,
+            ours,
+        ))
     }
 
     /// Lists the remote directory `path` ("" for the root).
@@ -920,16 +932,12 @@ async fn already_on_server(
             format!("'{remote}' already exists on the server with other contents; use --force to overwrite it"),
         )));
     }
-    Ok(TransferReport {
-        name: local.display().to_string(),
-        dest: remote.to_owned(),
-        bytes: size,
-        blake3: ours,
-        resumed_from: size,
-        bytes_sent: 0,
-        notes: Vec::new(),
-        already_there: true,
-    })
+    Ok(TransferReport::already_there(
+        local.display().to_string(),
+        remote.to_owned(),
+        size,
+        ours,
+    ))
 }
 
 /// Where a download to `dest` keeps its bytes until it is complete.
