@@ -24,7 +24,7 @@ use crate::protocol::{
 use crate::server::{RESET_SOURCE_FAILED, STOP_REFUSED};
 use crate::tls::{Fingerprint, Identity, KnownHosts, PinnedServerVerifier, TrustError};
 use crate::transfer::{
-    self, file_meta, Advance, CommitError, IncomingFile, Pacer, Start, TransferError,
+    self, blocking, file_meta, Advance, CommitError, IncomingFile, Pacer, Start, TransferError,
 };
 
 /// Port used when `--server` names only a host.
@@ -480,7 +480,7 @@ impl Client {
             let offer = match read_frame::<_, Response>(&mut recv).await? {
                 Response::PutAccepted(offer) => offer,
                 Response::AlreadyThere(digest) => {
-                    return already_on_server(file, local, remote, meta.size, digest).await
+                    return already_on_server(local, remote, meta.size, digest).await
                 }
                 Response::Refused(e) => return Err(e.into()),
                 other => return Err(unexpected(&other)),
@@ -536,8 +536,7 @@ impl Client {
         match response {
             Ok(None | Some(Response::PutAccepted(_))) => {}
             Ok(Some(Response::AlreadyThere(digest))) => {
-                let file = File::open(local).map_err(FileError::local(local))?;
-                return already_on_server(file, local, remote, meta.size, digest).await;
+                return already_on_server(local, remote, meta.size, digest).await;
             }
             Ok(Some(Response::Refused(e))) => return Err(e.into()),
             Ok(Some(other)) => return Err(unexpected(&other)),
@@ -641,9 +640,9 @@ impl Client {
         )
         .await;
         let receipt = match &result {
-            Ok(r) => Receipt::Committed {
-                size: r.bytes,
-                digest: r.blake3,
+            Ok(digest) => Receipt::Committed {
+                size: offer.meta.size,
+                digest: *digest,
             },
             Err(e) => {
                 let _ = recv.stop(VarInt::from_u32(STOP_REFUSED));
@@ -656,12 +655,15 @@ impl Client {
         if write_frame(&mut send, &receipt).await.is_ok() && send.finish().is_ok() {
             let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
         }
-        result.map(|mut r| {
-            r.name = remote.to_owned();
-            r.resumed_from = resumed_from;
-            r.bytes_sent = r.bytes - resumed_from;
-            r.notes = notes;
-            r
+        result.map(|digest| TransferReport {
+            name: remote.to_owned(),
+            dest: dest.display().to_string(),
+            bytes: offer.meta.size,
+            blake3: digest,
+            resumed_from,
+            bytes_sent: offer.meta.size - resumed_from,
+            notes,
+            already_there: false,
         })
     }
 
@@ -669,9 +671,10 @@ impl Client {
     /// finds its whole BLAKE3 equal to the prefix we send, which is all of
     /// our file), else the usual "exists, use --force" error.
     async fn already_here(&self, remote: &str, dest: &Path) -> Result<TransferReport, FileError> {
-        let file = File::open(dest).map_err(FileError::local(dest))?;
-        let size = file.metadata().map_err(FileError::local(dest))?.len();
-        let ours = hash_file(file).await.map_err(FileError::local(dest))?;
+        let size = std::fs::metadata(dest)
+            .map_err(FileError::local(dest))?
+            .len();
+        let ours = hash_file(dest).await?;
         let (mut send, mut recv) = self.open().await?;
         let request = Request::Get(GetRequest {
             path: remote.to_owned(),
@@ -889,7 +892,6 @@ fn open_source(local: &Path) -> Result<(File, FileMeta), FileError> {
     Ok((file, file_meta(&md)))
 }
 
-/// Refuses early when the local destination exists (the commit re-checks atomically).
 /// Checks the local destination: `Ok(true)` if a regular file is there and
 /// `force` is off (it may be this very file, from an earlier run), an error
 /// for a directory or something else in the way.
@@ -905,27 +907,23 @@ fn check_local_dest(dest: &Path, force: bool) -> Result<bool, FileError> {
     }
 }
 
-/// The BLAKE3 of a whole local file (blocking work off the async threads).
-async fn hash_file(file: File) -> std::io::Result<Digest> {
-    tokio::task::spawn_blocking(move || {
-        let mut file = file;
-        let len = file.metadata()?.len();
-        Ok(transfer::hash_prefix(&mut file, len)?.prefix_digest())
-    })
-    .await
-    .expect("hash task panicked")
+/// The BLAKE3 of the whole local file at `path`.
+async fn hash_file(path: &Path) -> Result<Digest, FileError> {
+    let p = path.to_owned();
+    blocking(move || File::open(&p).and_then(|mut f| transfer::file_digest(&mut f)))
+        .await
+        .map_err(FileError::local(path))
 }
 
 /// The server holds a file of the same size and mtime at `remote`, with
 /// BLAKE3 `theirs`: done if ours is the same, else the usual "exists" error.
 async fn already_on_server(
-    file: File,
     local: &Path,
     remote: &str,
     size: u64,
     theirs: Digest,
 ) -> Result<TransferReport, FileError> {
-    let ours = hash_file(file).await.map_err(FileError::local(local))?;
+    let ours = hash_file(local).await?;
     if ours != theirs {
         return Err(FileError::Remote(RemoteError::new(
             ErrorCode::AlreadyExists,
@@ -953,7 +951,7 @@ pub const PART_SUFFIX: &str = ".qxfer-part";
 /// Opens `DEST.qxfer-part` and, if `resume` and it holds bytes, hashes them.
 async fn open_download(dest: &Path, resume: bool) -> Result<(IncomingFile, Start), FileError> {
     let d = dest.to_owned();
-    tokio::task::spawn_blocking(move || {
+    blocking(move || {
         let local = FileError::local(&d);
         let dir = match d.parent() {
             Some(p) if !p.as_os_str().is_empty() => p,
@@ -972,7 +970,7 @@ async fn open_download(dest: &Path, resume: bool) -> Result<(IncomingFile, Start
             let dir = cap_std::fs::Dir::open_ambient_dir(dir, cap_std::ambient_authority())?;
             let incoming =
                 IncomingFile::open_partial(dir.try_clone()?, part_name, dir, name, d.clone())?;
-            let held = incoming.len()?;
+            let held = incoming.held()?;
             let start = if resume && held > 0 {
                 incoming.prefix(held)?
             } else {
@@ -995,9 +993,10 @@ async fn open_download(dest: &Path, resume: bool) -> Result<(IncomingFile, Start
         })
     })
     .await
-    .expect("open task panicked")
 }
 
+/// Receives the rest of a download into `incoming`, checks it against the
+/// server's trailer and commits it under `dest`: the file's BLAKE3.
 #[allow(clippy::too_many_arguments)]
 async fn receive_get(
     recv: &mut RecvStream,
@@ -1008,7 +1007,7 @@ async fn receive_get(
     force: bool,
     pace: Option<Arc<Pacer>>,
     progress: &Advance<'_>,
-) -> Result<TransferReport, FileError> {
+) -> Result<Digest, FileError> {
     let file = incoming.file().map_err(FileError::local(dest))?;
     let received = transfer::receive_file(
         recv,
@@ -1038,23 +1037,13 @@ async fn receive_get(
     }
     let meta = *meta;
     let d = dest.to_owned();
-    tokio::task::spawn_blocking(move || incoming.commit(&meta, force))
+    blocking(move || incoming.commit(&meta, force))
         .await
-        .expect("commit task panicked")
         .map_err(|e| match e {
             CommitError::Exists(p) => FileError::LocalExists(p),
             CommitError::Io { source, .. } => FileError::local(&d)(source),
         })?;
-    Ok(TransferReport {
-        name: String::new(),
-        dest: dest.display().to_string(),
-        bytes: meta.size,
-        blake3: digest,
-        resumed_from: 0,
-        bytes_sent: meta.size,
-        notes: Vec::new(),
-        already_there: false,
-    })
+    Ok(digest)
 }
 
 /// Compares the server's offer (`offset` bytes hashing to `prefix`) with
@@ -1065,21 +1054,12 @@ async fn check_offer(
     offset: u64,
     prefix: Digest,
 ) -> std::io::Result<(File, Start)> {
-    tokio::task::spawn_blocking(move || {
-        use std::io::Seek;
+    blocking(move || {
         let mut file = file;
-        if offset > 0 && offset <= size {
-            if let Ok(start) = transfer::hash_prefix(&mut file, offset) {
-                if start.prefix_digest() == prefix {
-                    return Ok((file, start));
-                }
-            }
-        }
-        file.seek(std::io::SeekFrom::Start(0))?;
-        Ok((file, Start::default()))
+        let start = transfer::matching_start(&mut file, size, offset, &prefix)?;
+        Ok((file, start))
     })
     .await
-    .expect("hash task panicked")
 }
 
 fn is_source_reset(e: &std::io::Error) -> bool {

@@ -40,7 +40,9 @@ use crate::protocol::{
     PutOffer, PutRequest, Receipt, RemoteError, Request, Response, Trailer, MAX_FRAME, RESUME_MIN,
 };
 use crate::tls::{peer_fingerprint, Fingerprint};
-use crate::transfer::{self, file_meta, to_timestamp, IncomingFile, Start, TransferError};
+use crate::transfer::{
+    self, blocking, file_meta, to_timestamp, IncomingFile, Start, TransferError,
+};
 
 /// Default for [`ServeConfig::header_timeout`].
 pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -571,13 +573,6 @@ fn fs_error(e: &io::Error, path: &RemotePath, doing: &str) -> RemoteError {
     )
 }
 
-/// Runs blocking filesystem work off the async threads.
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
-    tokio::task::spawn_blocking(f)
-        .await
-        .expect("filesystem task panicked")
-}
-
 async fn serve_put(
     req: PutRequest,
     ctx: &Ctx,
@@ -682,10 +677,6 @@ fn partial_name(client: &Fingerprint, path: &RemotePath, meta: &FileMeta) -> Str
 /// Prefix of resumable partials in the partial store.
 const PART_PREFIX: &str = "part-";
 
-/// Checks the destination, the free space, and creates the temporary for a
-/// put. The destination's directory is opened here, beneath the root, and
-/// the commit renames into that handle: swapping a directory on the path for
-/// a symlink while the upload runs cannot move where the file lands.
 /// What a put will do.
 enum Prepared {
     /// Receive into this file from this start; whether a stale partial went.
@@ -694,6 +685,10 @@ enum Prepared {
     Present(Digest),
 }
 
+/// Checks the destination, the free space, and creates the temporary for a
+/// put. The destination's directory is opened here, beneath the root, and
+/// the commit renames into that handle: swapping a directory on the path for
+/// a symlink while the upload runs cannot move where the file lands.
 fn prepare_put(
     root: &Dir,
     path: &RemotePath,
@@ -734,10 +729,9 @@ fn prepare_put(
             if same {
                 let digest = dest_dir
                     .open(name)
-                    .map(|f| f.into_std())
-                    .and_then(|mut f| transfer::hash_prefix(&mut f, size))
+                    .and_then(|f| transfer::file_digest(&mut f.into_std()))
                     .map_err(|e| fs_error(&e, path, "cannot read"))?;
-                return Ok(Prepared::Present(digest.prefix_digest()));
+                return Ok(Prepared::Present(digest));
             }
             return Err(RemoteError::new(
                 ErrorCode::AlreadyExists,
@@ -769,17 +763,17 @@ fn prepare_put(
             discarded_stale |= store.remove_file(&*other).is_ok();
         }
     }
+    let store_fs = store.try_clone().map_err(creating)?;
     let incoming = IncomingFile::open_partial(store, partial, dest_dir, name, label)
         .map_err(|e| fs_error(&e, path, "cannot open the partial upload of"))?;
-    let held = incoming.len().map_err(creating)?;
+    let held = incoming.held().map_err(creating)?;
     let start = if resume && held > 0 && held <= size {
         incoming.prefix(held)
     } else {
         incoming.restart()
     }
     .map_err(creating)?;
-    let store = partial_store(root).map_err(creating)?;
-    check_free_space(&store, size - start.offset, path)?;
+    check_free_space(&store_fs, size - start.offset, path)?;
     Ok(Prepared::Receive(
         incoming,
         Box::new(start),
@@ -983,18 +977,11 @@ async fn serve_get(
         // same (the file is unchanged there), else start over.
         let mut file = file;
         let start = match req.resume {
-            Some(prefix) if prefix.offset > 0 && prefix.offset <= meta.size => {
-                match transfer::hash_prefix(&mut file, prefix.offset) {
-                    Ok(start) if start.prefix_digest() == prefix.digest => start,
-                    _ => {
-                        use std::io::Seek;
-                        file.seek(io::SeekFrom::Start(0))
-                            .map_err(|e| fs_error(&e, &p, "cannot read"))?;
-                        Start::default()
-                    }
-                }
+            Some(prefix) => {
+                transfer::matching_start(&mut file, meta.size, prefix.offset, &prefix.digest)
+                    .map_err(|e| fs_error(&e, &p, "cannot read"))?
             }
-            _ => Start::default(),
+            None => Start::default(),
         };
         Ok((file, meta, start))
     })
@@ -1043,14 +1030,7 @@ async fn serve_list(
     let path = RemotePath::parse(&req.path, true)?;
     let p = path.clone();
     let recursive = req.recursive;
-    let entries = blocking(move || {
-        if recursive {
-            list_tree(&root, &p)
-        } else {
-            list_dir(&root, &p)
-        }
-    })
-    .await?;
+    let entries = blocking(move || list(&root, &p, recursive)).await?;
     let send_all = async {
         write_frame(send, &Response::ListAccepted).await?;
         let mut batches = batches(entries).into_iter().peekable();
@@ -1097,20 +1077,35 @@ const LIST_BATCH_BYTES: usize = 48 * 1024;
 const MAX_TREE_ENTRIES: usize = 1_000_000;
 const MAX_TREE_NAME_BYTES: usize = 64 << 20;
 
-/// Lists everything beneath the directory `path`, depth first, with names
-/// relative to it. Symlinks and special files are listed as such and never
-/// followed; qxfer's own names are hidden.
-fn list_tree(root: &Dir, path: &RemotePath) -> Result<Vec<Entry>, RemoteError> {
+/// Lists the directory `path` names (with `recursive`, everything beneath
+/// it, names relative to it), or the single entry if it is not a directory.
+/// qxfer's own names are hidden; symlinks and special files are listed as
+/// such and never followed.
+fn list(root: &Dir, path: &RemotePath, recursive: bool) -> Result<Vec<Entry>, RemoteError> {
+    let listing = |e: io::Error| fs_error(&e, path, "cannot list");
     let rel = path.relative();
-    let top = root
-        .metadata(&rel)
-        .map_err(|e| fs_error(&e, path, "cannot list"))?;
-    if !top.is_dir() {
-        return list_dir(root, path);
+    // Resolve (following links only while they stay inside the root) to see
+    // what the name is; a link out of the root fails here.
+    if !root.metadata(&rel).map_err(listing)?.is_dir() {
+        let md = root.symlink_metadata(&rel).map_err(listing)?;
+        let name = path.file_name().unwrap_or_default().to_owned();
+        return Ok(vec![entry(name, &md)]);
     }
-    let dir = root
-        .open_dir(&rel)
-        .map_err(|e| fs_error(&e, path, "cannot list"))?;
+    let dir = root.open_dir(&rel).map_err(listing)?;
+    let mut out = if recursive {
+        walk_tree(dir, path)?
+    } else {
+        visible_entries(&dir, path)?
+            .into_iter()
+            .map(|(name, md)| entry(name, &md))
+            .collect()
+    };
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(out)
+}
+
+/// Everything beneath `dir`, depth first, names relative to it.
+fn walk_tree(dir: Dir, path: &RemotePath) -> Result<Vec<Entry>, RemoteError> {
     let mut out = Vec::new();
     let mut name_bytes = 0;
     // (directory handle, its path relative to the listed one)
@@ -1139,7 +1134,6 @@ fn list_tree(root: &Dir, path: &RemotePath) -> Result<Vec<Entry>, RemoteError> {
             }
         }
     }
-    out.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(out)
 }
 
@@ -1173,34 +1167,6 @@ async fn serve_mkdir(
     let _ = send.finish();
     info!(path = %path, "directory ready");
     Ok(())
-}
-
-/// Lists the directory `path` names (or the single entry, if it is not a
-/// directory), hiding qxfer's temporaries. Symlinks inside the listed
-/// directory are shown as links, not followed.
-fn list_dir(root: &Dir, path: &RemotePath) -> Result<Vec<Entry>, RemoteError> {
-    let rel = path.relative();
-    // Resolve (following links only while they stay inside the root) to see
-    // what the name is; a link out of the root fails here.
-    let target = root
-        .metadata(&rel)
-        .map_err(|e| fs_error(&e, path, "cannot list"))?;
-    if !target.is_dir() {
-        let md = root
-            .symlink_metadata(&rel)
-            .map_err(|e| fs_error(&e, path, "cannot list"))?;
-        let name = path.file_name().unwrap_or_default().to_owned();
-        return Ok(vec![entry(name, &md)]);
-    }
-    let dir = root
-        .open_dir(&rel)
-        .map_err(|e| fs_error(&e, path, "cannot list"))?;
-    let mut entries: Vec<Entry> = visible_entries(&dir, path)?
-        .into_iter()
-        .map(|(name, md)| entry(name, &md))
-        .collect();
-    entries.sort_by(|a, b| a.name.cmp(&b.name));
-    Ok(entries)
 }
 
 /// The entries of `dir` with their lstat metadata, qxfer's own names

@@ -217,6 +217,24 @@ fn write_new_file(path: &Path, contents: &[u8]) -> Result<(), TrustError> {
     Ok(())
 }
 
+/// A trust file's text; a missing file reads as empty.
+fn read_or_empty(path: &Path) -> std::io::Result<String> {
+    match fs::read_to_string(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(String::new()),
+        other => other,
+    }
+}
+
+/// The lines of a trust file that say something: (1-based line number,
+/// trimmed text), without blank lines and `#` comments.
+fn content_lines(text: &str) -> impl Iterator<Item = (usize, &str)> {
+    text.lines()
+        .map(str::trim)
+        .enumerate()
+        .map(|(i, l)| (i + 1, l))
+        .filter(|(_, l)| !l.is_empty() && !l.starts_with('#'))
+}
+
 /// The client's record of server fingerprints, one `HOST:PORT SHA256:...` per
 /// line, like ssh's known_hosts. Lines starting with `#` are comments.
 #[derive(Debug)]
@@ -228,31 +246,23 @@ pub struct KnownHosts {
 impl KnownHosts {
     /// Reads the file at `path`; a missing file is an empty list.
     pub fn load(path: &Path) -> Result<Self, TrustError> {
-        let text = match fs::read_to_string(path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-            Err(e) => return Err(io_err(path)(e)),
-        };
+        let text = read_or_empty(path).map_err(io_err(path))?;
         let mut entries = Vec::new();
-        for (i, line) in text.lines().enumerate() {
-            let line = line.trim();
-            if line.is_empty() || line.starts_with('#') {
-                continue;
-            }
+        for (n, line) in content_lines(&text) {
             let mut parts = line.split_whitespace();
             let (Some(host), Some(fp)) = (parts.next(), parts.next()) else {
                 return Err(TrustError::BadFile {
                     path: path.to_owned(),
-                    why: format!("line {} is not `HOST:PORT SHA256:...`", i + 1),
+                    why: format!("line {n} is not `HOST:PORT SHA256:...`"),
                 });
             };
             let fp = fp
                 .parse()
                 .map_err(|e: BadFingerprint| TrustError::BadFile {
                     path: path.to_owned(),
-                    why: format!("line {}: {e}", i + 1),
+                    why: format!("line {n}: {e}"),
                 })?;
-            entries.push((host.to_owned(), fp, i + 1));
+            entries.push((host.to_owned(), fp, n));
         }
         Ok(Self {
             path: path.to_owned(),
@@ -422,11 +432,6 @@ impl AuthorizedClients {
         &self.path
     }
 
-    /// Whether every client is admitted.
-    pub fn is_open(&self) -> bool {
-        self.open
-    }
-
     /// How many fingerprints the file lists now.
     pub fn len(&self) -> usize {
         self.refresh();
@@ -472,9 +477,8 @@ impl AuthorizedClients {
         if cache.loaded && cache.stamp == stamp {
             return;
         }
-        let text = match fs::read_to_string(&self.path) {
+        let text = match read_or_empty(&self.path) {
             Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
             Err(e) => {
                 warn!(
                     "cannot read {}: {e}; admitting only the clients already loaded",
@@ -484,17 +488,13 @@ impl AuthorizedClients {
             }
         };
         let mut entries = HashSet::new();
-        for (i, line) in text.lines().enumerate() {
-            let line = line.trim();
-            if line.is_empty() || line.starts_with('#') {
-                continue;
-            }
+        for (n, line) in content_lines(&text) {
             let first = line.split_whitespace().next().unwrap_or_default();
             match first.parse::<Fingerprint>() {
                 Ok(fp) => {
                     entries.insert(fp);
                 }
-                Err(e) => warn!("{} line {}: {e}; line ignored", self.path.display(), i + 1),
+                Err(e) => warn!("{} line {n}: {e}; line ignored", self.path.display()),
             }
         }
         if cache.loaded {
@@ -514,12 +514,8 @@ impl AuthorizedClients {
     /// Appends `fp` to the allowlist file at `path` (creating it, mode 0600)
     /// unless it is already listed. Returns whether it was added.
     pub fn append(path: &Path, fp: Fingerprint, comment: &str) -> Result<bool, TrustError> {
-        let current = match fs::read_to_string(path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-            Err(e) => return Err(io_err(path)(e)),
-        };
-        let listed = current.lines().any(|l| {
+        let current = read_or_empty(path).map_err(io_err(path))?;
+        let listed = content_lines(&current).any(|(_, l)| {
             l.split_whitespace()
                 .next()
                 .and_then(|w| w.parse::<Fingerprint>().ok())

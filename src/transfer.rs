@@ -141,6 +141,40 @@ pub fn hash_prefix(file: &mut File, len: u64) -> std::io::Result<Start> {
     })
 }
 
+/// Where to continue a file of `size` bytes whose first `offset` bytes the
+/// peer holds, hashing to `digest`: after them if ours hash the same, else
+/// from the start. Leaves `file` positioned there. Blocking.
+pub fn matching_start(
+    file: &mut File,
+    size: u64,
+    offset: u64,
+    digest: &Digest,
+) -> std::io::Result<Start> {
+    use std::io::Seek;
+    if offset > 0 && offset <= size {
+        if let Ok(start) = hash_prefix(file, offset) {
+            if start.prefix_digest() == *digest {
+                return Ok(start);
+            }
+        }
+    }
+    file.seek(std::io::SeekFrom::Start(0))?;
+    Ok(Start::default())
+}
+
+/// The BLAKE3 of all of `file`. Blocking.
+pub fn file_digest(file: &mut File) -> std::io::Result<Digest> {
+    let len = file.metadata()?.len();
+    Ok(hash_prefix(file, len)?.prefix_digest())
+}
+
+/// Runs blocking filesystem work off the async threads.
+pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f)
+        .await
+        .expect("filesystem task panicked")
+}
+
 /// Sends the bytes of `file` from `start.offset` up to `size` to `out`
 /// (`file` must be positioned at the offset), returning the BLAKE3 digest of
 /// the whole file.
@@ -450,23 +484,14 @@ impl IncomingFile {
     }
 
     /// Bytes already in the partial.
-    pub fn len(&self) -> std::io::Result<u64> {
+    pub fn held(&self) -> std::io::Result<u64> {
         Ok(self.file.metadata()?.len())
-    }
-
-    /// Whether the partial holds no bytes.
-    pub fn is_empty(&self) -> std::io::Result<bool> {
-        Ok(self.len()? == 0)
     }
 
     /// Hashes the first `len` bytes and positions the file after them, ready
     /// to continue there. Blocking.
     pub fn prefix(&self, len: u64) -> std::io::Result<Start> {
-        let mut f = self.file.try_clone()?;
-        let start = hash_prefix(&mut f, len)?;
-        // Drop anything after the proven prefix.
-        self.file.set_len(len)?;
-        Ok(start)
+        hash_prefix(&mut self.file.try_clone()?, len)
     }
 
     /// Throws away the contents: the transfer starts from zero.
@@ -537,7 +562,7 @@ impl IncomingFile {
 impl Drop for IncomingFile {
     fn drop(&mut self) {
         // An empty partial is not worth keeping (the transfer never started).
-        let empty = || self.file.metadata().map(|m| m.len() == 0).unwrap_or(true);
+        let empty = || self.held().map(|n| n == 0).unwrap_or(true);
         if !self.done && (!self.keep || empty()) {
             let _ = self.tmp_dir.remove_file(&self.tmp_name);
         }

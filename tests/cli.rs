@@ -8,7 +8,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use assert_cmd::assert::OutputAssertExt;
-use common::{is_root, pattern, qxfer, ServeProcess};
+use common::{is_root, pattern, qxfer, qxfer_at, ServeProcess};
 use predicates::prelude::*;
 
 /// A `qxfer serve` over `<home>/root` with certs in `<home>/certs`.
@@ -22,9 +22,7 @@ fn serve(home: &Path, listen: &str) -> ServeProcess {
 }
 
 fn client(home: &Path, server: &ServeProcess) -> Command {
-    let mut cmd = qxfer(home);
-    cmd.env("QXFER_SERVER", server.addr.to_string());
-    cmd
+    qxfer_at(home, server.addr)
 }
 
 #[test]

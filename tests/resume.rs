@@ -7,7 +7,7 @@ use std::process::{Child, Output};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use common::{pattern, qxfer, tree, ServeProcess, TestServer};
+use common::{home_for, pattern, qxfer, qxfer_at, tree, ServeProcess, TestServer};
 use qxfer::client::{hex, Client, TransferReport, PART_SUFFIX};
 use qxfer::server::PARTIAL_DIR;
 
@@ -68,13 +68,6 @@ fn report(out: &Output) -> serde_json::Value {
     doc["files"][0].clone()
 }
 
-/// A client home whose identity `server` admits.
-fn home_for(server: &TestServer) -> tempfile::TempDir {
-    let home = tempfile::tempdir().unwrap();
-    server.authorize(&home.path().join("qxfer-config"));
-    home
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_get_killed_with_sigkill_resumes_and_resends_under_a_tenth() {
     let server = TestServer::start().await;
@@ -85,11 +78,8 @@ async fn a_get_killed_with_sigkill_resumes_and_resends_under_a_tenth() {
     let out = home.path().join("out");
     let part = out.join(format!("big{PART_SUFFIX}"));
     let get = |extra: &[&str]| {
-        let mut cmd = qxfer(home.path());
-        cmd.env("QXFER_SERVER", server.addr.to_string())
-            .args(["get", "big", "-q", "-o"])
-            .arg(&out)
-            .args(extra);
+        let mut cmd = qxfer_at(home.path(), server.addr);
+        cmd.args(["get", "big", "-q", "-o"]).arg(&out).args(extra);
         cmd
     };
 
@@ -123,11 +113,8 @@ async fn a_put_killed_with_sigkill_resumes_and_resends_under_a_tenth() {
     let src = home.path().join("big");
     std::fs::write(&src, &data).unwrap();
     let put = |extra: &[&str]| {
-        let mut cmd = qxfer(home.path());
-        cmd.env("QXFER_SERVER", server.addr.to_string())
-            .args(["put", "-q"])
-            .arg(&src)
-            .args(extra);
+        let mut cmd = qxfer_at(home.path(), server.addr);
+        cmd.args(["put", "-q"]).arg(&src).args(extra);
         cmd
     };
 
@@ -177,11 +164,8 @@ async fn a_put_survives_the_server_being_killed_and_restarted() {
     let src = h.join("big");
     std::fs::write(&src, &data).unwrap();
     let put = |extra: &[&str]| {
-        let mut cmd = qxfer(&h);
-        cmd.env("QXFER_SERVER", addr.to_string())
-            .args(["put", "-q"])
-            .arg(&src)
-            .args(extra);
+        let mut cmd = qxfer_at(&h, addr);
+        cmd.args(["put", "-q"]).arg(&src).args(extra);
         cmd
     };
     let mut client = put(&["--limit-rate", "40M"]).spawn().unwrap();
@@ -396,11 +380,8 @@ async fn a_get_stopped_with_ctrl_c_resumes() {
     let out = home.path().join("out");
     let part = out.join(format!("f{PART_SUFFIX}"));
     let get = |extra: &[&str]| {
-        let mut cmd = qxfer(home.path());
-        cmd.env("QXFER_SERVER", server.addr.to_string())
-            .args(["get", "f", "-q", "-o"])
-            .arg(&out)
-            .args(extra);
+        let mut cmd = qxfer_at(home.path(), server.addr);
+        cmd.args(["get", "f", "-q", "-o"]).arg(&out).args(extra);
         cmd
     };
     let mut cmd = get(&["--limit-rate", "20M"]);

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::Output;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use common::{pattern, qxfer, TestServer};
+use common::{home_for, pattern, qxfer_at, TestServer};
 
 /// path -> (kind, size, mode, mtime, BLAKE3 of contents)
 type Manifest = BTreeMap<String, (&'static str, u64, u32, (i64, i64), String)>;
@@ -120,9 +120,8 @@ async fn run(mut cmd: std::process::Command) -> Output {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tree_of_2000_files_round_trips_identically() {
     let server = TestServer::start().await;
-    let home = tempfile::tempdir().unwrap();
+    let home = home_for(&server);
     let h = home.path();
-    server.authorize(&h.join("qxfer-config"));
     let src = h.join("tree");
     build_tree(&src);
     let mut want = manifest(&src);
@@ -131,10 +130,8 @@ async fn a_tree_of_2000_files_round_trips_identically() {
     assert_eq!(want.values().filter(|v| v.0 == "file").count(), 2000);
     assert_eq!(want.values().filter(|v| v.0 == "dir").count(), 50);
     let client = |args: &[&str]| {
-        let mut cmd = qxfer(h);
-        cmd.env("QXFER_SERVER", server.addr.to_string())
-            .args(args)
-            .current_dir(h);
+        let mut cmd = qxfer_at(h, server.addr);
+        cmd.args(args).current_dir(h);
         cmd
     };
 
@@ -177,9 +174,8 @@ async fn a_tree_of_2000_files_round_trips_identically() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_interrupted_tree_upload_completes_when_run_again() {
     let server = TestServer::start().await;
-    let home = tempfile::tempdir().unwrap();
+    let home = home_for(&server);
     let h = home.path();
-    server.authorize(&h.join("qxfer-config"));
     let src = h.join("tree");
     for d in 0..10 {
         std::fs::create_dir_all(src.join(format!("d{d}"))).unwrap();
@@ -189,10 +185,8 @@ async fn an_interrupted_tree_upload_completes_when_run_again() {
         }
     }
     let client = |args: &[&str]| {
-        let mut cmd = qxfer(h);
-        cmd.env("QXFER_SERVER", server.addr.to_string())
-            .args(args)
-            .current_dir(h);
+        let mut cmd = qxfer_at(h, server.addr);
+        cmd.args(args).current_dir(h);
         cmd
     };
     // 12.5 MiB at 4 MiB/s: killed after a second, part way through.

@@ -245,6 +245,20 @@ pub fn qxfer(home: &Path) -> Command {
     cmd
 }
 
+/// The `qxfer` binary as in [`qxfer`], talking to the server at `server`.
+pub fn qxfer_at(home: &Path, server: SocketAddr) -> Command {
+    let mut cmd = qxfer(home);
+    cmd.env("QXFER_SERVER", server.to_string());
+    cmd
+}
+
+/// A temp home for [`qxfer`] whose client identity `server` admits.
+pub fn home_for(server: &TestServer) -> TempDir {
+    let home = tempfile::tempdir().unwrap();
+    server.authorize(&home.path().join("qxfer-config"));
+    home
+}
+
 /// The real `qxfer serve` binary on an ephemeral port; killed on drop.
 pub struct ServeProcess {
     pub child: Child,
