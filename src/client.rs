@@ -14,6 +14,7 @@ use quinn::{ConnectionError, RecvStream, SendStream, TransportErrorCode, VarInt}
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
+use crate::congestion::{self, PathMemory};
 use crate::endpoint::{self, EndpointError, TransportOpts};
 use crate::progress::Progress;
 use crate::protocol::{
@@ -32,6 +33,9 @@ pub const DEFAULT_PORT: u16 = 65432;
 
 /// How long to wait for a server to answer before calling it unreachable.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Longest wait for the close packet to leave in [`Client::close`].
+const CLOSE_FLUSH: Duration = Duration::from_millis(200);
 
 /// The TLS alert QUIC carries when no ALPN protocol is shared (RFC 8446 no_application_protocol).
 const ALERT_NO_APPLICATION_PROTOCOL: u8 = 120;
@@ -269,11 +273,159 @@ impl TransferReport {
     }
 }
 
+/// Large uploads started and not yet finished, remembered across runs in
+/// the config directory (`uploads/`, one empty file per upload).
+///
+/// Why: asking the server what it kept of an earlier attempt costs a round
+/// trip before the first byte (0.1 s on a long path, 0.75 s over a
+/// satellite). Only an interrupted upload can have left anything, and the
+/// client that was interrupted is the one that knows: with no entry here a
+/// large put streams its data right behind its header, as small ones do;
+/// with an entry it asks first. An entry is written before the data flows
+/// and removed once the server has committed the file, so a killed client
+/// leaves it behind for the rerun. Losing an entry (a crash before it
+/// reached the disk) costs only a resend from the start.
+#[derive(Debug, Clone)]
+struct UploadJournal {
+    dir: PathBuf,
+    /// Whose server: `host:port` as in known_hosts.
+    server: String,
+}
+
+/// Entries older than this belong to uploads nobody retried; the server
+/// sweeps their partials after a day by default.
+const JOURNAL_MAX_AGE: Duration = Duration::from_secs(30 * 24 * 3600);
+
+impl UploadJournal {
+    fn open(config_dir: &Path, server: String) -> std::io::Result<Self> {
+        let dir = config_dir.join("uploads");
+        std::fs::create_dir_all(&dir)?;
+        let now = std::time::SystemTime::now();
+        for entry in std::fs::read_dir(&dir)?.flatten() {
+            let old = entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| now.duration_since(t).unwrap_or_default() > JOURNAL_MAX_AGE);
+            if old {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+        Ok(Self { dir, server })
+    }
+
+    /// The entry of one version (size, mtime) of one upload: keyed like the
+    /// server's partial (our identity, the remote path, size and mtime).
+    fn entry(&self, remote: &str, meta: &FileMeta) -> PathBuf {
+        let mut h = blake3::Hasher::new();
+        for part in [self.server.as_bytes(), remote.as_bytes()] {
+            h.update(&(part.len() as u64).to_le_bytes());
+            h.update(part);
+        }
+        h.update(&meta.size.to_le_bytes());
+        if let Some(t) = meta.mtime {
+            h.update(&t.secs.to_le_bytes());
+            h.update(&t.nanos.to_le_bytes());
+        }
+        self.dir.join(&h.finalize().to_hex()[..32])
+    }
+}
+
+/// What earlier connections learned about the path to each server
+/// (`paths` in the config directory: one `host:port rate_bytes_per_s
+/// min_rtt_us unix_time` line each), so the next connection's congestion
+/// controller can start near the path's rate instead of from scratch (see
+/// `congestion::ModelConfig`). Best effort: a file that cannot be read or
+/// written only costs the fast start.
+#[derive(Debug, Clone)]
+struct PathMemories {
+    file: PathBuf,
+}
+
+/// How long a remembered path is trusted: networks change (a laptop moves),
+/// and the controller only checks the round-trip time before it jumps.
+const PATH_MEMORY_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
+
+impl PathMemories {
+    fn new(config_dir: &Path) -> Self {
+        Self {
+            file: config_dir.join("paths"),
+        }
+    }
+
+    fn entries(&self) -> Vec<(String, PathMemory, u64)> {
+        let text = std::fs::read_to_string(&self.file).unwrap_or_default();
+        text.lines()
+            .filter_map(|line| {
+                let mut f = line.split_whitespace();
+                let key = f.next()?.to_owned();
+                let bw: f64 = f.next()?.parse().ok()?;
+                let rtt_us: u64 = f.next()?.parse().ok()?;
+                let when: u64 = f.next()?.parse().ok()?;
+                let memory = PathMemory {
+                    bw,
+                    min_rtt: Duration::from_micros(rtt_us),
+                };
+                Some((key, memory, when))
+            })
+            .collect()
+    }
+
+    fn recall(&self, key: &str) -> Option<PathMemory> {
+        let now = unix_now();
+        self.entries()
+            .into_iter()
+            .find(|(k, _, when)| {
+                k == key && now.saturating_sub(*when) < PATH_MEMORY_MAX_AGE.as_secs()
+            })
+            .map(|(_, m, _)| m)
+    }
+
+    /// Records `memory` for `key`, replacing its old line (written to a
+    /// temporary and renamed, so a concurrent reader never sees half a file).
+    fn remember(&self, key: &str, memory: PathMemory) {
+        let now = unix_now();
+        let mut text = String::new();
+        for (k, m, when) in self.entries() {
+            if k != key && now.saturating_sub(when) < PATH_MEMORY_MAX_AGE.as_secs() {
+                text.push_str(&format!(
+                    "{k} {:.0} {} {when}\n",
+                    m.bw,
+                    m.min_rtt.as_micros()
+                ));
+            }
+        }
+        text.push_str(&format!(
+            "{key} {:.0} {} {now}\n",
+            memory.bw,
+            memory.min_rtt.as_micros()
+        ));
+        let tmp = self
+            .file
+            .with_extension(format!("tmp{}", std::process::id()));
+        if std::fs::write(&tmp, text).is_ok() && std::fs::rename(&tmp, &self.file).is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+    }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
 /// A connection to one qxfer server.
 #[derive(Debug, Clone)]
 pub struct Client {
-    endpoint: quinn::Endpoint,
+    /// Kept so the UDP socket lives as long as the connection.
+    _endpoint: quinn::Endpoint,
     conn: quinn::Connection,
+    /// `None` if the config directory cannot hold it: then every large put
+    /// asks the server for an offer first, as if interrupted.
+    journal: Option<UploadJournal>,
+    /// Where to record what this connection learns about its path, and
+    /// under which server key.
+    paths: Option<(PathMemories, String)>,
     server: String,
     fingerprint: Fingerprint,
     resume: bool,
@@ -364,11 +516,15 @@ impl Client {
             host.as_str()
         };
 
+        let paths = PathMemories::new(&config.config_dir);
+        let mut transport = config.transport.clone();
+        transport.path_memory = paths.recall(&key);
+
         let mut last = None;
         let mut established = None;
         for addr in candidates {
             let verifier = PinnedServerVerifier::new(expected);
-            match attempt(config, &identity, server, addr, sni, verifier.clone()).await {
+            match attempt(&transport, &identity, server, addr, sni, verifier.clone()).await {
                 Ok((endpoint, conn)) => {
                     established = Some((endpoint, conn, verifier));
                     break;
@@ -408,9 +564,12 @@ impl Client {
             known.add(&key, fp)?;
             first_contact = Some((fp, known.path().to_owned()));
         }
+        let journal = UploadJournal::open(&config.config_dir, key.clone()).ok();
         Ok(Self {
-            endpoint,
+            _endpoint: endpoint,
             conn,
+            journal,
+            paths: Some((paths, key)),
             server: server.to_owned(),
             fingerprint: identity.fingerprint(),
             resume: config.resume,
@@ -438,9 +597,29 @@ impl Client {
     }
 
     /// Closes the connection politely and waits for the close to be sent.
+    ///
+    /// Only until the close packet has left: `Endpoint::wait_idle` would
+    /// also wait out the draining period (three probe timeouts, 0.3 s on a
+    /// 100 ms path, seconds on a satellite link), which a client that is
+    /// about to exit has no use for. The server frees the connection's slot
+    /// as soon as the close arrives.
     pub async fn close(self) {
+        if self.conn.close_reason().is_some() {
+            return; // already closed by the server: nothing to send
+        }
+        tracing::debug!(stats = ?self.conn.stats(), "closing");
+        if let (Some((paths, key)), Some(memory)) = (&self.paths, congestion::learned(&self.conn)) {
+            paths.remember(key, memory);
+        }
+        let sent = || self.conn.stats().udp_tx.datagrams;
+        let before = sent();
         self.conn.close(VarInt::from_u32(0), b"done");
-        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+        let deadline = Instant::now() + CLOSE_FLUSH;
+        while sent() == before && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        // Counted when handed to the socket task; let it write.
+        tokio::task::yield_now().await;
     }
 
     async fn open(&self) -> Result<(SendStream, RecvStream), FileError> {
@@ -453,11 +632,11 @@ impl Client {
     /// Uploads `local` to the remote path `remote`. Returns once the server
     /// has committed the file under its final name.
     ///
-    /// Files of [`RESUME_MIN`] bytes or more go in resume mode: the server
-    /// offers what it holds of an interrupted upload of this very file, the
-    /// client checks that prefix against its own and sends only the rest.
-    /// Smaller files are pipelined: the data follows the header at once,
-    /// which saves a round trip per file.
+    /// The data follows the header at once (pipelined), which saves a round
+    /// trip per file. A file of [`RESUME_MIN`] bytes or more whose earlier
+    /// upload was interrupted goes in resume mode instead: the server offers
+    /// what it holds of it, the client checks that prefix against its own
+    /// and sends only the rest.
     pub async fn put(
         &self,
         local: &Path,
@@ -466,7 +645,40 @@ impl Client {
         progress: &Advance<'_>,
     ) -> Result<TransferReport, FileError> {
         let (file, meta) = open_source(local)?;
-        let resume = self.resume && meta.size >= RESUME_MIN;
+        // A large file goes in resume mode (offer first) only if an earlier
+        // run left it unfinished; see [`UploadJournal`].
+        let entry = (self.resume && meta.size >= RESUME_MIN)
+            .then(|| self.journal.as_ref().map(|j| j.entry(remote, &meta)));
+        let resume = match &entry {
+            None => false,
+            Some(None) => true,
+            Some(Some(path)) => path.exists() || std::fs::write(path, b"").is_err(),
+        };
+        let finished = || {
+            if let Some(Some(path)) = &entry {
+                let _ = std::fs::remove_file(path);
+            }
+        };
+        let result = self
+            .put_with(local, remote, force, progress, file, meta, resume)
+            .await;
+        if result.is_ok() {
+            finished();
+        }
+        result
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn put_with(
+        &self,
+        local: &Path,
+        remote: &str,
+        force: bool,
+        progress: &Advance<'_>,
+        file: File,
+        meta: FileMeta,
+        resume: bool,
+    ) -> Result<TransferReport, FileError> {
         let (mut send, mut recv) = self.open().await?;
         let request = Request::Put(PutRequest {
             path: remote.to_owned(),
@@ -534,7 +746,15 @@ impl Client {
             (sent, response.map(Some))
         };
         match response {
-            Ok(None | Some(Response::PutAccepted(_))) => {}
+            Ok(None) => {}
+            Ok(Some(Response::PutAccepted(offer))) => {
+                if offer.discarded_stale {
+                    notes.push(format!(
+                        "{}: the file changed since an earlier interrupted upload; the server dropped what it kept and took it whole",
+                        local.display()
+                    ));
+                }
+            }
             Ok(Some(Response::AlreadyThere(digest))) => {
                 return already_on_server(local, remote, meta.size, digest).await;
             }
@@ -792,14 +1012,14 @@ fn refusal(e: &ConnectionError, server: &str, fingerprint: Fingerprint) -> Optio
 
 /// One connection attempt to one address, with the unreachable timeout.
 async fn attempt(
-    config: &ClientConfig,
+    transport: &TransportOpts,
     identity: &Identity,
     server: &str,
     addr: SocketAddr,
     sni: &str,
     verifier: Arc<PinnedServerVerifier>,
 ) -> Result<(quinn::Endpoint, quinn::Connection), ConnectError> {
-    let endpoint = endpoint::client_endpoint(addr, verifier, Some(identity), &config.transport)?;
+    let endpoint = endpoint::client_endpoint(addr, verifier, Some(identity), transport)?;
     let connecting = endpoint
         .connect(addr, sni)
         .or_else(|_| endpoint.connect(addr, "qxfer"))

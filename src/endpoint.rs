@@ -11,6 +11,7 @@ use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{congestion, EndpointConfig, IdleTimeout, TransportConfig, VarInt};
 use socket2::{Domain, Protocol, Socket, Type};
 
+use crate::congestion::{ModelConfig, PathMemory};
 use crate::tls::{self, ClientVerifier, Identity, PinnedServerVerifier, TrustError};
 
 /// Default for [`ServerLimits::max_streams`]: most streams a client may have
@@ -18,16 +19,27 @@ use crate::tls::{self, ClientVerifier, Identity, PinnedServerVerifier, TrustErro
 /// the flow-control windows below bound its memory whatever this is.
 pub const DEFAULT_MAX_STREAMS: u32 = 64;
 
-/// Per-stream receive window. 8 MiB covers the bandwidth-delay product of a
-/// 500 Mbit/s, 100 ms path (6.25 MB), so one stream can fill such a link.
-const STREAM_RECEIVE_WINDOW: u32 = 8 * 1024 * 1024;
+/// Per-stream receive window. On a lossy path the receiver cannot hand
+/// data past a lost packet to the application until its retransmission
+/// arrives (one to three round trips later), so the window must cover
+/// several bandwidth-delay products, not one: 32 MiB is five round trips of
+/// a 500 Mbit/s, 100 ms path (an 8 MiB window held such a path at 43% of
+/// its rate at 0.5% loss). It also bounds quinn's reassembly work: at 2%
+/// loss a 32 MiB window holds about 460 gaps, well under the 1,024 quinn
+/// allows a stream before it closes the connection.
+pub const STREAM_RECEIVE_WINDOW: u32 = 32 * 1024 * 1024;
 
 /// Connection-wide receive window: caps the unread data a peer can make us
-/// buffer, however many streams it opens (64 streams x 8 MiB would be 512 MiB).
-const CONNECTION_RECEIVE_WINDOW: u32 = 16 * 1024 * 1024;
+/// buffer, however many streams it opens, so it bounds memory per
+/// connection. 48 MiB leaves room for one full stream window plus others.
+pub const CONNECTION_RECEIVE_WINDOW: u32 = 48 * 1024 * 1024;
 
-/// Unacknowledged data a sender may buffer per connection.
-const SEND_WINDOW: u64 = 16 * 1024 * 1024;
+/// Data a sender may buffer per connection, written but not yet
+/// acknowledged (retransmissions come from it). Like the receiver, it must
+/// hold what follows a lost packet until the loss is repaired: 24 MiB keeps
+/// 100 ms / 500 Mbit/s at 82% of its rate at 2% loss where 16 MiB fell to
+/// 69%, and 48 MiB gained nothing but 12 MiB more memory.
+pub const SEND_WINDOW: u64 = 24 * 1024 * 1024;
 
 /// UDP socket buffers asked of the kernel (it may grant less): small default
 /// buffers drop bursts at high rates, and every drop costs a loss recovery.
@@ -44,7 +56,10 @@ const KEEP_ALIVE: Duration = Duration::from_secs(10);
 /// Congestion controller choice.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Congestion {
-    /// BBR: keeps its rate under random loss, where Cubic collapses.
+    /// qxfer's own model-based controller (src/congestion.rs): keeps its
+    /// rate under random loss and the bottleneck queue short.
+    Model,
+    /// quinn's BBR (an early BBRv1): ignores random loss but overfills queues.
     Bbr,
     /// Cubic: quinn's default; backs off on every loss.
     Cubic,
@@ -55,16 +70,22 @@ pub enum Congestion {
 /// Transport options shared by `serve` and the client commands.
 #[derive(Debug, Clone, clap::Args)]
 pub struct TransportOpts {
-    /// Congestion controller. BBR is the default because loss-based
-    /// controllers slow to a crawl on lossy long-distance paths.
-    #[arg(long, value_enum, default_value_t = Congestion::Bbr, global = true)]
+    /// Congestion controller. `model` is the default: loss-based
+    /// controllers slow to a crawl on lossy long-distance paths, and quinn's
+    /// BBR overflows the bottleneck's queue (docs/BENCHMARKS.md).
+    #[arg(long, value_enum, default_value_t = Congestion::Model, global = true)]
     pub congestion: Congestion,
+    /// What an earlier connection learned about this path (clients: from
+    /// the config directory), for the `model` controller to resume from.
+    #[arg(skip)]
+    pub(crate) path_memory: Option<PathMemory>,
 }
 
 impl Default for TransportOpts {
     fn default() -> Self {
         Self {
-            congestion: Congestion::Bbr,
+            congestion: Congestion::Model,
+            path_memory: None,
         }
     }
 }
@@ -93,8 +114,8 @@ impl TransportOpts {
     /// `keep_alive` whether we ping while otherwise silent (clients do).
     ///
     /// Memory stays bounded at any stream count: each stream may have at most
-    /// 8 MiB unread and the whole connection at most 16 MiB, so a server
-    /// buffers at most 16 MiB per connection times `--max-connections`.
+    /// 32 MiB unread and the whole connection at most 48 MiB, so a server
+    /// buffers at most 48 MiB per connection times `--max-connections`.
     pub fn transport_config(
         &self,
         max_streams: u32,
@@ -112,6 +133,9 @@ impl TransportOpts {
             .max_idle_timeout(Some(idle))
             .keep_alive_interval(keep_alive.then_some(KEEP_ALIVE));
         match self.congestion {
+            Congestion::Model => t.congestion_controller_factory(Arc::new(ModelConfig {
+                memory: self.path_memory,
+            })),
             Congestion::Bbr => {
                 t.congestion_controller_factory(Arc::new(congestion::BbrConfig::default()))
             }

@@ -16,6 +16,7 @@
 
 pub mod cli;
 pub mod client;
+mod congestion;
 pub mod endpoint;
 pub mod paths;
 pub mod progress;

@@ -23,7 +23,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -170,6 +170,7 @@ pub async fn run(
     let partials: Arc<Partials> = Arc::default();
     let config = Arc::new(config);
     let sweeper = tokio::spawn(sweep_partials_forever(config.clone(), partials.clone()));
+    let handshaking = Arc::new(AtomicUsize::new(0));
     tokio::pin!(shutdown);
     loop {
         let incoming = tokio::select! {
@@ -177,10 +178,16 @@ pub async fn run(
             incoming = endpoint.accept() => incoming,
         };
         let Some(incoming) = incoming else { break };
-        // Stateless retry: an address that has not proven it can receive
-        // our packets gets a token first, so spoofed sources cannot make us
-        // do handshake work or amplify traffic toward a victim.
-        if !incoming.remote_address_validated() {
+        // Stateless retry under load: while many handshakes are in progress,
+        // an address that has not proven it can receive our packets gets a
+        // token first, so spoofed sources cannot tie up connection slots or
+        // handshake work. Otherwise the round trip a retry costs (100 ms on
+        // a long path, on every connection) is not worth it: QUIC already
+        // caps what an unvalidated address is sent at three times what it
+        // sent (RFC 9000, 8.1), so nothing is amplified toward a victim.
+        if !incoming.remote_address_validated()
+            && handshaking.load(Ordering::Relaxed) >= RETRY_ABOVE_HANDSHAKES
+        {
             let _ = incoming.retry();
             continue;
         }
@@ -191,9 +198,10 @@ pub async fn run(
         };
         let span = info_span!("conn", remote = %incoming.remote_address());
         let (config, per_client, partials) = (config.clone(), per_client.clone(), partials.clone());
+        let handshake = Handshaking::start(&handshaking);
         tokio::spawn(
             async move {
-                handle_connection(incoming, config, per_client, partials).await;
+                handle_connection(incoming, handshake, config, per_client, partials).await;
                 drop(slot);
             }
             .instrument(span),
@@ -208,6 +216,27 @@ pub async fn run(
     endpoint.close(VarInt::from_u32(0), b"server shutting down");
     // Let the close frames go out; never hang on a peer that vanished.
     let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+}
+
+/// Handshakes in progress above which new addresses must pass a stateless
+/// retry first. Legitimate clients rarely overlap this many handshakes;
+/// a flood of spoofed ones reaches it at once and then stalls.
+const RETRY_ABOVE_HANDSHAKES: usize = 16;
+
+/// Counts one handshake in progress until dropped.
+struct Handshaking(Arc<AtomicUsize>);
+
+impl Handshaking {
+    fn start(count: &Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Self(count.clone())
+    }
+}
+
+impl Drop for Handshaking {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Open connections per client identity.
@@ -249,13 +278,16 @@ impl Drop for ClientSlot {
 
 async fn handle_connection(
     incoming: quinn::Incoming,
+    handshake: Handshaking,
     config: Arc<ServeConfig>,
     per_client: PerClient,
     partials: Arc<Partials>,
 ) {
     // Awaiting the full handshake (never `into_0rtt`) means no request is
     // read before the client has proven its identity: 0-RTT never starts a put.
-    let conn = match incoming.await {
+    let established = incoming.await;
+    drop(handshake);
+    let conn = match established {
         Ok(conn) => conn,
         Err(e) => {
             info!("handshake failed: {e}");

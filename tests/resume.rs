@@ -69,7 +69,7 @@ fn report(out: &Output) -> serde_json::Value {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_get_killed_with_sigkill_resumes_and_resends_under_a_tenth() {
+async fn a_get_killed_with_sigkill_resumes_and_resends_at_most_a_window() {
     let server = TestServer::start().await;
     let size = 200 * MIB;
     let data = pattern(size, 42);
@@ -96,10 +96,13 @@ async fn a_get_killed_with_sigkill_resumes_and_resends_under_a_tenth() {
     assert_eq!(r["bytes_sent"], size as u64 - held);
     assert_eq!(std::fs::read(out.join("big")).unwrap(), data);
     assert!(!part.exists());
-    // The server's counter: everything it ever sent for this file, minus one copy.
+    // The server's counter: everything it ever sent for this file, minus one
+    // copy. What a killed client loses is what it had been sent but not yet
+    // written: at most its stream's flow-control window (sized for long,
+    // lossy paths), plus the chunks queued for its disk.
     let resent = server.stats.bytes_sent.load(Ordering::Relaxed) - size as u64;
     assert!(
-        resent < size as u64 / 10,
+        resent < u64::from(qxfer::endpoint::STREAM_RECEIVE_WINDOW) + 8 * MIB as u64,
         "{resent} bytes sent twice of {size}"
     );
 }
