@@ -242,6 +242,7 @@ pub struct LsArgs {
 /// Parses the command line, runs the command and turns the outcome into an exit code.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    raise_open_file_limit();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -257,6 +258,30 @@ pub fn main() -> ExitCode {
         }
     }
 }
+
+/// Raises the soft limit on open files to the hard one (at most 65,536):
+/// hundreds of files in flight each hold a descriptor on both sides, and
+/// many systems still set the soft limit to 1,024 (Go's runtime raises it
+/// the same way). Best effort: with the old limit, a transfer that runs out
+/// of descriptors fails with a clear error, file by file.
+#[cfg(unix)]
+fn raise_open_file_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let limit = getrlimit(Resource::Nofile);
+    let want = limit.maximum.map_or(65_536, |max| max.min(65_536));
+    if limit.current.is_some_and(|current| current < want) {
+        let _ = setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: Some(want),
+                maximum: limit.maximum,
+            },
+        );
+    }
+}
+
+#[cfg(not(unix))]
+fn raise_open_file_limit() {}
 
 /// Runs a parsed command line.
 pub async fn run(cli: Cli) -> Result<ExitCode> {

@@ -255,6 +255,9 @@ pub struct TransferReport {
     /// The destination already held this file (same contents, checked by
     /// BLAKE3 on both sides), so nothing moved: a rerun of a finished command.
     pub already_there: bool,
+    /// Seconds from this file's request to its commit (its stream's share
+    /// of a batch, for per-file rates when many move at once).
+    pub seconds: f64,
 }
 
 impl TransferReport {
@@ -269,6 +272,7 @@ impl TransferReport {
             bytes_sent: 0,
             notes: Vec::new(),
             already_there: true,
+            seconds: 0.0,
         }
     }
 }
@@ -791,6 +795,7 @@ impl Client {
                     bytes_sent: size - resumed_from,
                     notes,
                     already_there: false,
+                    seconds: 0.0,
                 })
             }
             (Err(e), Ok(_)) => Err(e.into()),
@@ -884,6 +889,7 @@ impl Client {
             bytes_sent: offer.meta.size - resumed_from,
             notes,
             already_there: false,
+            seconds: 0.0,
         })
     }
 
@@ -1306,11 +1312,18 @@ pub struct Job {
 /// `--parallel` and get no bar of their own.
 pub const SMALL_FILE: u64 = 1024 * 1024;
 
-/// Small files in flight at once: the server's default stream budget. Each
-/// holds at most one 1 MiB chunk, so memory stays bounded, and many of them
-/// in flight hide the round trip each one costs, which is what decides
-/// many-file transfers on long paths.
-pub const SMALL_FILE_STREAMS: usize = 64;
+/// Small files in flight at once, at most: as many as a server grants
+/// streams by default ([`endpoint::DEFAULT_MAX_STREAMS`]), so that a
+/// thousand small files wait on one another for a round trip, not fifty.
+/// Each holds one stream and at most its own bytes in memory.
+pub const SMALL_FILE_STREAMS: usize = endpoint::DEFAULT_MAX_STREAMS as usize;
+
+/// Bytes of small files in flight at once, at most: keeps memory flat
+/// when the small files are near [`SMALL_FILE`] in size.
+const SMALL_FILE_BUDGET: u64 = 64 * 1024 * 1024;
+
+/// The unit [`SMALL_FILE_BUDGET`] is counted in.
+const BUDGET_UNIT: u64 = 4096;
 
 /// Which way files move.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1345,6 +1358,7 @@ pub async fn run_batch(
     let start = Instant::now();
     let limit = Arc::new(Semaphore::new(parallel.max(1)));
     let small = Arc::new(Semaphore::new(SMALL_FILE_STREAMS.max(parallel)));
+    let small_bytes = Arc::new(Semaphore::new((SMALL_FILE_BUDGET / BUDGET_UNIT) as usize));
     let queued = jobs.len();
     progress.set_status(format!("0/{queued} files"));
     let mut tasks = JoinSet::new();
@@ -1365,9 +1379,23 @@ pub async fn run_batch(
         } else {
             limit.clone()
         };
+        let bytes = is_small.then(|| small_bytes.clone());
         let (client, progress) = (client.clone(), progress.clone());
         tasks.spawn(async move {
             let _permit = pool.acquire_owned().await.expect("semaphore never closed");
+            let _bytes = match bytes {
+                Some(budget) => {
+                    let units = size.div_ceil(BUDGET_UNIT).max(1) as u32;
+                    Some(
+                        budget
+                            .acquire_many_owned(units)
+                            .await
+                            .expect("never closed"),
+                    )
+                }
+                None => None,
+            };
+            let started = Instant::now();
             let new_bar = |size| {
                 if is_small {
                     progress.total_only()
@@ -1402,6 +1430,10 @@ pub async fn run_batch(
                     r
                 }
             };
+            let result = result.map(|mut r| {
+                r.seconds = started.elapsed().as_secs_f64();
+                r
+            });
             (job.label, result)
         });
     }

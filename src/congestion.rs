@@ -348,11 +348,19 @@ impl Model {
         (min_rtt / 4).min(MAX_ALLOWANCE)
     }
 
-    fn record_rtt(&mut self, now: Instant, rtt: Duration) {
+    /// Takes one RTT sample (`rtt`, raw: it includes the peer's ack delay)
+    /// and the smoothed RTT (`smoothed`, quinn's, corrected for ack delay).
+    ///
+    /// The minimum comes from raw samples: the smallest is an ack sent at
+    /// once. The startup test uses the smoothed RTT: a receiver that gets
+    /// little data delays its acks by up to 25 ms, which raw samples would
+    /// take for a queue (seen with many small files: startup ended at a few
+    /// Mbit/s on a 100 Mbit/s path).
+    fn record_rtt(&mut self, now: Instant, rtt: Duration, smoothed: Duration) {
         self.round_min_rtt = Some(self.round_min_rtt.map_or(rtt, |m| m.min(rtt)));
         if let Some(min) = self.min_rtt {
             let rise = (min / 8).clamp(RTT_RISE_MIN, RTT_RISE_MAX);
-            if rtt >= min + rise {
+            if smoothed >= min + rise {
                 self.rtt_risen += 1;
             } else {
                 self.rtt_risen = 0;
@@ -384,10 +392,7 @@ impl Model {
 
     /// Startup's loss and rate tests, run once per round (the RTT test runs
     /// on every ack, in `on_end_acks`).
-    fn pipe_full(&mut self, lossy: bool) -> bool {
-        if lossy {
-            return true;
-        }
+    fn pipe_full(&mut self) -> bool {
         if self.round_app_limited {
             return false;
         }
@@ -420,8 +425,12 @@ impl Model {
             && self.round_lost as f64 > LOSS_THRESHOLD * (delivered + self.round_lost) as f64;
         match self.state {
             State::Startup => {
-                if self.pipe_full(lossy) || (!lossy && self.resume_confirmed()) {
-                    self.end_startup(now);
+                if lossy {
+                    self.end_startup(now, "loss");
+                } else if self.pipe_full() {
+                    self.end_startup(now, "rate stopped growing");
+                } else if self.resume_confirmed() {
+                    self.end_startup(now, "remembered path confirmed");
                 }
             }
             State::Drain => {}
@@ -455,7 +464,13 @@ impl Model {
 
     /// The pipe is full: drain the queue startup built, then cruise. The
     /// rate measured while it filled is the bottleneck's, losses or not.
-    fn end_startup(&mut self, now: Instant) {
+    fn end_startup(&mut self, now: Instant, why: &str) {
+        tracing::trace!(
+            why,
+            bw_mbit = self.bandwidth() * 8e-6,
+            window = self.window,
+            "startup ends"
+        );
         self.state = State::Drain;
         self.startup_end = Some(now);
         self.memory = None;
@@ -473,7 +488,10 @@ impl Model {
             return; // another path: start afresh
         }
         let bdp = (memory.bw * then) as u64;
-        self.window = self.window.max(bdp / 2);
+        if bdp / 2 <= self.window {
+            return; // a path no wider than startup's own window: nothing to skip
+        }
+        self.window = bdp / 2;
         self.resuming = Some(memory);
     }
 
@@ -551,12 +569,19 @@ impl Model {
 
     /// One packet (or GSO batch) acknowledged: counts it, takes its RTT,
     /// and finds the newest send record of this batch for the rate sample.
-    fn acked(&mut self, now: Instant, sent: Instant, bytes: u64, app_limited: bool) {
+    fn acked(
+        &mut self,
+        now: Instant,
+        sent: Instant,
+        bytes: u64,
+        app_limited: bool,
+        smoothed_rtt: Duration,
+    ) {
         self.delivered += bytes;
         self.delivered_time = now;
         self.batch_acked += bytes;
         self.round_app_limited |= app_limited;
-        self.record_rtt(now, now.saturating_duration_since(sent));
+        self.record_rtt(now, now.saturating_duration_since(sent), smoothed_rtt);
         let Some(rec) = self.find_record(sent) else {
             return;
         };
@@ -598,6 +623,11 @@ impl Model {
                 if !sample.app_limited || rate >= self.bandwidth() {
                     self.bw.update(self.round, rate, BW_WINDOW_ROUNDS);
                 }
+                // What the next connection may resume from: rates measured
+                // with the pipe full, never while the application idled.
+                if !sample.app_limited && self.startup_end.is_some() {
+                    self.full_bw_seen = self.full_bw_seen.max(rate.min(self.bandwidth()));
+                }
             }
             self.bw.expire(self.round, BW_WINDOW_ROUNDS);
             if round_ended {
@@ -606,13 +636,10 @@ impl Model {
         }
         if self.state == State::Startup {
             if self.rtt_risen >= RTT_SAMPLES {
-                self.end_startup(now);
+                self.end_startup(now, "RTT rose");
             } else if self.memory.is_some() {
                 self.resume_from_memory();
             }
-        }
-        if self.state != State::Startup && self.startup_end.is_some() {
-            self.full_bw_seen = self.full_bw_seen.max(self.bandwidth());
         }
         self.update_window(now, app_limited);
         self.batch_acked = 0;
@@ -653,9 +680,9 @@ impl Controller for Model {
         sent: Instant,
         bytes: u64,
         app_limited: bool,
-        _rtt: &RttEstimator,
+        rtt: &RttEstimator,
     ) {
-        self.acked(now, sent, bytes, app_limited);
+        self.acked(now, sent, bytes, app_limited, rtt.get());
     }
 
     fn on_end_acks(
@@ -923,7 +950,7 @@ mod tests {
                 largest = Some(pn);
                 // The inherent method, as RttEstimator cannot be built
                 // outside quinn (the controller does not use it).
-                cc.acked(t0 + t, t0 + sent_at, size, app_limited);
+                cc.acked(t0 + t, t0 + sent_at, size, app_limited, srtt.unwrap());
             }
             if let Some(largest) = largest {
                 // Packet threshold: lost once three later ones are acked.

@@ -775,14 +775,28 @@ fn prepare_put(
         Err(e) => return Err(fs_error(&e, path, "cannot check")),
     }
     let creating = |e: io::Error| fs_error(&e, path, "cannot create the upload of");
-    let store = partial_store(root).map_err(creating)?;
     let label = PathBuf::from(path.to_string());
     let Some(partial) = partial else {
-        check_free_space(&store, size, path)?;
-        let incoming = IncomingFile::create_in(store, dest_dir, name, label)
-            .map_err(|e| fs_error(&e, path, "cannot create"))?;
+        // Not resumable: an anonymous temporary in the destination directory
+        // where the system allows, else a named one in the partial store.
+        check_free_space(&dest_dir, size, path)?;
+        let anonymous = IncomingFile::create_anonymous(
+            dest_dir.try_clone().map_err(creating)?,
+            name,
+            label.clone(),
+        )
+        .map_err(|e| fs_error(&e, path, "cannot create"))?;
+        let incoming = match anonymous {
+            Some(incoming) => incoming,
+            None => {
+                let store = partial_store(root).map_err(creating)?;
+                IncomingFile::create_in(store, dest_dir, name, label)
+                    .map_err(|e| fs_error(&e, path, "cannot create"))?
+            }
+        };
         return Ok(Prepared::Receive(incoming, Box::default(), false));
     };
+    let store = partial_store(root).map_err(creating)?;
     // Partials of other versions of this upload (the source changed) go.
     let (same_upload, _) = partial
         .rsplit_once('-')

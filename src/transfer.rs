@@ -1,11 +1,13 @@
 //! File bytes to stream and back, written once and used by both the server and the client.
 //!
-//! Disk I/O runs on a blocking thread and network I/O on the async side, with
-//! a small bounded queue of chunks between them, so the disk and the network
-//! overlap and memory stays at a few chunks per transfer whatever the file
-//! size. Both sides hash with BLAKE3 on the disk thread as the bytes pass.
-//! A received file is written under a hidden temporary name, synced, and only
-//! then renamed into place ([`IncomingFile`]).
+//! Disk work runs in a bounded pool of blocking threads, one chunk (or one
+//! metadata operation) per call, and network I/O on the async side: the
+//! next chunk is read while the current one is sent, and the previous chunk
+//! is written while the next one arrives, so the disk and the network
+//! overlap while memory stays at two chunks per transfer and an idle
+//! transfer holds no thread. Both sides hash with BLAKE3 in the disk calls
+//! as the bytes pass. A received file is written under a hidden temporary
+//! name, synced, and only then renamed into place ([`IncomingFile`]).
 
 use std::fs::{File, Metadata};
 use std::io::{Read, Write};
@@ -16,7 +18,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use cap_std::ambient_authority;
 use cap_std::fs::{Dir, OpenOptions, OpenOptionsExt};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::mpsc;
 
 use crate::protocol::{Digest, FileMeta, Timestamp};
 
@@ -25,10 +26,6 @@ pub type Advance<'a> = dyn Fn(u64) + Send + Sync + 'a;
 
 /// Size of one chunk passed between the disk thread and the network.
 const CHUNK: usize = 1024 * 1024;
-
-/// Chunks queued between disk and network: enough to ride out a slow
-/// `write` or a burst of packets, small enough to keep memory flat.
-const QUEUE: usize = 4;
 
 /// What went wrong moving one file's bytes.
 #[derive(Debug, thiserror::Error)]
@@ -73,11 +70,12 @@ pub fn is_disk_full(e: &std::io::Error) -> bool {
 /// A shared rate limit (`--limit-rate`): every transfer using the same
 /// pacer together moves at most `rate` bytes per second. It paces the disk
 /// side, so a limited download reads slowly and flow control slows the
-/// sender.
+/// sender. The wait is a timer on the async side: a limited transfer holds
+/// no thread while it waits.
 #[derive(Debug)]
 pub struct Pacer {
     rate: u64,
-    next: std::sync::Mutex<std::time::Instant>,
+    next: std::sync::Mutex<tokio::time::Instant>,
 }
 
 impl Pacer {
@@ -85,23 +83,19 @@ impl Pacer {
     pub fn new(rate: u64) -> Self {
         Self {
             rate: rate.max(1),
-            next: std::sync::Mutex::new(std::time::Instant::now()),
+            next: std::sync::Mutex::new(tokio::time::Instant::now()),
         }
     }
 
-    /// Books `n` bytes and sleeps until they are due. Blocking.
-    fn take(&self, n: usize) {
+    /// Books `n` bytes and waits until they are due.
+    async fn take(&self, n: usize) {
         let due = {
             let mut next = self.next.lock().unwrap_or_else(|e| e.into_inner());
-            let now = std::time::Instant::now();
-            let begin = (*next).max(now);
+            let begin = (*next).max(tokio::time::Instant::now());
             *next = begin + Duration::from_secs_f64(n as f64 / self.rate as f64);
             *next
         };
-        let now = std::time::Instant::now();
-        if due > now {
-            std::thread::sleep(due - now);
-        }
+        tokio::time::sleep_until(due).await;
     }
 }
 
@@ -168,16 +162,68 @@ pub fn file_digest(file: &mut File) -> std::io::Result<Digest> {
     Ok(hash_prefix(file, len)?.prefix_digest())
 }
 
-/// Runs blocking filesystem work off the async threads.
+/// Blocking filesystem calls running at once, per process. Every disk call
+/// of every transfer goes through this pool, one chunk or one metadata
+/// operation at a time, so an idle transfer (a slow peer, a rate limit)
+/// holds no thread, thousands of small files do not spawn hundreds of
+/// threads, and the kernel is not asked to serialise hundreds of creates
+/// and renames on one directory's lock at once (with 512 threads it spent
+/// most of its time spinning on that lock).
+const DISK_THREADS: usize = 32;
+
+static DISK_SLOTS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(DISK_THREADS);
+
+/// Runs blocking filesystem work off the async threads, at most
+/// [`DISK_THREADS`] at once.
 pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    let _slot = DISK_SLOTS.acquire().await.expect("never closed");
     tokio::task::spawn_blocking(f)
         .await
         .expect("filesystem task panicked")
 }
 
+/// The reading end of a transfer: the file, the hash so far, and how far it got.
+struct Source {
+    file: File,
+    hasher: blake3::Hasher,
+    pos: u64,
+    size: u64,
+}
+
+type SourceTask = tokio::task::JoinHandle<(Source, Result<Vec<u8>, TransferError>)>;
+
+impl Source {
+    /// Reads and hashes the next chunk in the disk pool, as a task of its own
+    /// so it runs while the previous chunk goes out.
+    fn read_ahead(self) -> SourceTask {
+        tokio::spawn(blocking(move || self.next_chunk()))
+    }
+
+    /// Reads and hashes the next chunk. Blocking.
+    fn next_chunk(mut self) -> (Self, Result<Vec<u8>, TransferError>) {
+        let want = (self.size - self.pos).min(CHUNK as u64) as usize;
+        let mut buf = vec![0u8; want];
+        let mut filled = 0;
+        while filled < want {
+            match self.file.read(&mut buf[filled..]) {
+                Ok(0) => {
+                    let (expected, found) = (self.size, self.pos + filled as u64);
+                    return (self, Err(TransferError::SourceChanged { expected, found }));
+                }
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return (self, Err(TransferError::Read(e))),
+            }
+        }
+        self.hasher.update(&buf);
+        self.pos += want as u64;
+        (self, Ok(buf))
+    }
+}
+
 /// Sends the bytes of `file` from `start.offset` up to `size` to `out`
 /// (`file` must be positioned at the offset), returning the BLAKE3 digest of
-/// the whole file.
+/// the whole file. The next chunk is read while the current one is sent.
 pub async fn send_file<W>(
     file: File,
     size: u64,
@@ -189,66 +235,74 @@ pub async fn send_file<W>(
 where
     W: AsyncWrite + Unpin,
 {
-    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(QUEUE);
-    let reader = tokio::task::spawn_blocking(move || read_chunks(file, size, start, pace, tx));
-    let mut net = Ok(());
-    while let Some(chunk) = rx.recv().await {
-        if let Err(e) = out.write_all(&chunk).await {
-            net = Err(TransferError::Network(e));
-            break;
-        }
-        progress(chunk.len() as u64);
+    let src = Source {
+        file,
+        hasher: start.hasher,
+        pos: start.offset,
+        size,
+    };
+    if src.pos >= size {
+        return Ok(*src.hasher.finalize().as_bytes());
     }
-    drop(rx); // unblocks the reader if the network side gave up
-    let disk = reader.await.expect("disk reader panicked");
-    // A read error explains an early end of the queue better than the network.
-    let digest = disk?;
-    net?;
-    Ok(digest)
+    let mut pending = src.read_ahead();
+    loop {
+        let (src, chunk) = pending.await.expect("disk reader panicked");
+        // A read error explains an early end better than the network.
+        let chunk = chunk?;
+        if let Some(p) = &pace {
+            p.take(chunk.len()).await;
+        }
+        let done = src.pos >= size;
+        let (next, digest) = if done {
+            (None, Some(*src.hasher.finalize().as_bytes()))
+        } else {
+            (Some(src.read_ahead()), None)
+        };
+        out.write_all(&chunk)
+            .await
+            .map_err(TransferError::Network)?;
+        progress(chunk.len() as u64);
+        match (next, digest) {
+            (Some(task), _) => pending = task,
+            (None, Some(digest)) => return Ok(digest),
+            (None, None) => unreachable!("either more to read or a digest"),
+        }
+    }
 }
 
-fn read_chunks(
-    mut file: File,
-    size: u64,
-    start: Start,
-    pace: Option<Arc<Pacer>>,
-    tx: mpsc::Sender<Vec<u8>>,
-) -> Result<Digest, TransferError> {
-    let mut hasher = start.hasher;
-    let mut sent = start.offset;
-    while sent < size {
-        let want = (size - sent).min(CHUNK as u64) as usize;
-        let mut buf = vec![0u8; want];
-        let mut filled = 0;
-        while filled < want {
-            match file.read(&mut buf[filled..]) {
-                Ok(0) => {
-                    return Err(TransferError::SourceChanged {
-                        expected: size,
-                        found: sent + filled as u64,
-                    })
-                }
-                Ok(n) => filled += n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(TransferError::Read(e)),
-            }
-        }
-        hasher.update(&buf);
-        sent += want as u64;
-        if let Some(p) = &pace {
-            p.take(want);
-        }
-        if tx.blocking_send(buf).is_err() {
-            break; // the network side failed and reports why
-        }
+/// The writing end of a transfer: the file and the hash so far.
+struct Sink {
+    file: File,
+    hasher: blake3::Hasher,
+    written: u64,
+}
+
+type SinkTask = tokio::task::JoinHandle<(Sink, Result<(), TransferError>)>;
+
+impl Sink {
+    /// Writes and hashes `buf` in the disk pool, as a task of its own so the
+    /// network keeps delivering the next chunk meanwhile.
+    fn write_behind(self, buf: Vec<u8>) -> SinkTask {
+        tokio::spawn(blocking(move || self.write(&buf)))
     }
-    Ok(*hasher.finalize().as_bytes())
+
+    /// Writes and hashes `buf`, and starts its writeback. Blocking.
+    fn write(mut self, buf: &[u8]) -> (Self, Result<(), TransferError>) {
+        if let Err(e) = self.file.write_all(buf) {
+            return (self, Err(TransferError::Write(e)));
+        }
+        start_writeback(&self.file, self.written, buf.len() as u64);
+        self.written += buf.len() as u64;
+        self.hasher.update(buf);
+        (self, Ok(()))
+    }
 }
 
 /// Receives the bytes from `start.offset` up to `size` from `input` into
-/// `file` (positioned at the offset), fsyncs it, and returns the BLAKE3
-/// digest of the whole file. If `stop` completes first, the bytes already
-/// received are written and synced, and the result is
+/// `file` (positioned at the offset) and returns the BLAKE3 digest of the
+/// whole file. The data is not synced: [`IncomingFile::commit`] syncs it
+/// with its metadata in one go. If `stop` completes first, the bytes
+/// already received are written and synced, and the result is
 /// [`TransferError::Stopped`]: the partial file is consistent for a resume.
 pub async fn receive_file<R>(
     input: &mut R,
@@ -262,70 +316,74 @@ pub async fn receive_file<R>(
 where
     R: AsyncRead + Unpin,
 {
-    let (tx, rx) = mpsc::channel::<Vec<u8>>(QUEUE);
-    let offset = start.offset;
-    let writer = tokio::task::spawn_blocking(move || write_chunks(file, start, pace, rx));
-    tokio::pin!(stop);
-    let net = async {
-        let mut got = offset;
-        while got < size {
-            let want = (size - got).min(CHUNK as u64) as usize;
-            let mut buf = vec![0u8; want];
-            let mut filled = 0;
-            while filled < want {
-                let n = tokio::select! {
-                    r = input.read(&mut buf[filled..]) => r.map_err(TransferError::Network)?,
-                    _ = &mut stop => {
-                        // Keep what arrived: a resume continues after it.
-                        buf.truncate(filled);
-                        let _ = tx.send(buf).await;
-                        return Err(TransferError::Stopped);
-                    }
-                };
-                if n == 0 {
-                    return Err(TransferError::Truncated {
-                        got: got + filled as u64,
-                        expected: size,
-                    });
-                }
-                filled += n;
-                progress(n as u64);
-            }
-            got += want as u64;
-            if tx.send(buf).await.is_err() {
-                break; // the writer failed and reports why
-            }
+    let mut sink = Some(Sink {
+        file,
+        hasher: start.hasher,
+        written: start.offset,
+    });
+    let mut pending: Option<SinkTask> = None;
+    // The previous chunk's write, waited for before the next is handed over.
+    async fn settle(
+        pending: &mut Option<SinkTask>,
+        sink: &mut Option<Sink>,
+    ) -> Result<(), TransferError> {
+        if let Some(task) = pending.take() {
+            let (back, result) = task.await.expect("disk writer panicked");
+            *sink = Some(back);
+            result?;
         }
         Ok(())
     }
-    .await;
-    drop(tx);
-    let disk = writer.await.expect("disk writer panicked");
-    // A disk error (say, a full disk) is the real cause when both failed.
-    let digest = disk?;
-    net?;
-    Ok(digest)
-}
-
-fn write_chunks(
-    mut file: File,
-    start: Start,
-    pace: Option<Arc<Pacer>>,
-    mut rx: mpsc::Receiver<Vec<u8>>,
-) -> Result<Digest, TransferError> {
-    let mut hasher = start.hasher;
-    let mut written = start.offset;
-    while let Some(buf) = rx.blocking_recv() {
-        if let Some(p) = &pace {
-            p.take(buf.len());
+    tokio::pin!(stop);
+    let mut got = start.offset;
+    let net: Result<(), TransferError> = loop {
+        if got >= size {
+            break Ok(());
         }
-        file.write_all(&buf).map_err(TransferError::Write)?;
-        start_writeback(&file, written, buf.len() as u64);
-        written += buf.len() as u64;
-        hasher.update(&buf);
+        let want = (size - got).min(CHUNK as u64) as usize;
+        let mut buf = vec![0u8; want];
+        let mut filled = 0;
+        let mut ended = None;
+        while filled < want {
+            let n = tokio::select! {
+                r = input.read(&mut buf[filled..]) => match r {
+                    Ok(n) => n,
+                    Err(e) => { ended = Some(TransferError::Network(e)); break }
+                },
+                _ = &mut stop => { ended = Some(TransferError::Stopped); break }
+            };
+            if n == 0 {
+                ended = Some(TransferError::Truncated {
+                    got: got + filled as u64,
+                    expected: size,
+                });
+                break;
+            }
+            filled += n;
+            progress(n as u64);
+        }
+        settle(&mut pending, &mut sink).await?;
+        if let Some(p) = &pace {
+            p.take(filled).await;
+        }
+        buf.truncate(filled);
+        let s = sink.take().expect("the sink is back after settling");
+        pending = Some(s.write_behind(buf));
+        got += filled as u64;
+        if let Some(e) = ended {
+            break Err(e);
+        }
+    };
+    // A disk error (say, a full disk) is the real cause when both failed.
+    settle(&mut pending, &mut sink).await?;
+    let sink = sink.expect("the sink is back after settling");
+    if let Err(e) = net {
+        // Keep what arrived consistent on disk: a resume continues after it.
+        let file = sink.file;
+        let _ = blocking(move || file.sync_data()).await;
+        return Err(e);
     }
-    file.sync_all().map_err(TransferError::Write)?;
-    Ok(*hasher.finalize().as_bytes())
+    Ok(*sink.hasher.finalize().as_bytes())
 }
 
 /// Asks the kernel to start writing a just-written range to disk now, while
@@ -361,7 +419,8 @@ fn start_writeback(_file: &File, _offset: u64, _len: u64) {}
 #[derive(Debug)]
 pub struct IncomingFile {
     tmp_dir: Dir,
-    tmp_name: String,
+    /// `None` for an anonymous temporary (see [`IncomingFile::create_anonymous`]).
+    tmp_name: Option<String>,
     file: File,
     dest_dir: Dir,
     dest_name: String,
@@ -426,7 +485,7 @@ impl IncomingFile {
                 Ok(f) => {
                     return Ok(Self {
                         tmp_dir,
-                        tmp_name,
+                        tmp_name: Some(tmp_name),
                         file: f.into_std(),
                         dest_dir,
                         dest_name: dest_name.to_owned(),
@@ -441,6 +500,50 @@ impl IncomingFile {
                 Err(e) => return Err(e),
             }
         }
+    }
+
+    /// Creates an anonymous temporary (`O_TMPFILE`, mode 0600) in
+    /// `dest_dir`, to become `dest_name` there. It has no name until the
+    /// commit links it in, so a failure or a crash leaves nothing behind, and
+    /// no other directory is touched: temporaries made in one shared
+    /// directory and renamed out of it serialise every upload on that
+    /// directory's lock and on the filesystem's cross-directory rename lock
+    /// (measured: 2,000 small uploads spent 3.5 ms per disk call there, 0.5 ms
+    /// on tmpfs). `None` where the kernel, the filesystem or the process's
+    /// privileges do not allow it: the caller then makes a named temporary.
+    #[cfg(target_os = "linux")]
+    pub fn create_anonymous(
+        dest_dir: Dir,
+        dest_name: &str,
+        label: PathBuf,
+    ) -> std::io::Result<Option<Self>> {
+        debug_assert!(!dest_name.contains('/') && !dest_name.is_empty());
+        if !anonymous_temporaries_work(&dest_dir) {
+            return Ok(None);
+        }
+        let Some(file) = open_anonymous(&dest_dir)? else {
+            return Ok(None);
+        };
+        Ok(Some(Self {
+            tmp_dir: dest_dir.try_clone()?,
+            tmp_name: None,
+            file,
+            dest_dir,
+            dest_name: dest_name.to_owned(),
+            label,
+            done: false,
+            keep: false,
+        }))
+    }
+
+    /// Where anonymous temporaries are unavailable, `None` always.
+    #[cfg(not(target_os = "linux"))]
+    pub fn create_anonymous(
+        _dest_dir: Dir,
+        _dest_name: &str,
+        _label: PathBuf,
+    ) -> std::io::Result<Option<Self>> {
+        Ok(None)
     }
 
     /// Opens the resumable partial `name` in `tmp_dir` (creating it, mode
@@ -473,7 +576,7 @@ impl IncomingFile {
         )?;
         Ok(Self {
             tmp_dir,
-            tmp_name: name.to_owned(),
+            tmp_name: Some(name.to_owned()),
             file,
             dest_dir,
             dest_name: dest_name.to_owned(),
@@ -534,23 +637,22 @@ impl IncomingFile {
             self.file.set_modified(t).map_err(io)?;
         }
         self.file.sync_all().map_err(io)?;
-        if overwrite {
-            self.tmp_dir
-                .rename(&self.tmp_name, &self.dest_dir, &self.dest_name)
-                .map_err(io)?;
-        } else {
-            match rename_noreplace(
-                &self.tmp_dir,
-                &self.tmp_name,
-                &self.dest_dir,
-                &self.dest_name,
-            ) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                    return Err(CommitError::Exists(self.label.clone()))
-                }
-                Err(e) => return Err(io(e)),
+        let placed = match &self.tmp_name {
+            Some(tmp) if overwrite => {
+                self.tmp_dir
+                    .rename(tmp, &self.dest_dir, &self.dest_name)
+                    .map_err(io)?;
+                Ok(())
             }
+            Some(tmp) => rename_noreplace(&self.tmp_dir, tmp, &self.dest_dir, &self.dest_name),
+            None => self.link_anonymous(overwrite),
+        };
+        match placed {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                return Err(CommitError::Exists(self.label.clone()))
+            }
+            Err(e) => return Err(io(e)),
         }
         self.done = true;
         // Make the rename itself durable.
@@ -559,12 +661,94 @@ impl IncomingFile {
     }
 }
 
+impl IncomingFile {
+    /// Gives the anonymous temporary its final name: a hard link, which never
+    /// replaces anything (so "exists" is detected without a race); with
+    /// `overwrite`, a link under a temporary name renamed over the old file.
+    #[cfg(target_os = "linux")]
+    fn link_anonymous(&self, overwrite: bool) -> std::io::Result<()> {
+        if !overwrite {
+            return link_fd(&self.file, &self.dest_dir, &self.dest_name);
+        }
+        let tmp = format!("{TMP_PREFIX}{:016x}", random_u64());
+        link_fd(&self.file, &self.dest_dir, &tmp)?;
+        self.dest_dir
+            .rename(&tmp, &self.dest_dir, &self.dest_name)
+            .inspect_err(|_| {
+                let _ = self.dest_dir.remove_file(&tmp);
+            })
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    fn link_anonymous(&self, _overwrite: bool) -> std::io::Result<()> {
+        unreachable!("anonymous temporaries exist only on Linux")
+    }
+}
+
+/// Opens an `O_TMPFILE` in `dir`; `None` where the kernel or filesystem
+/// does not support it.
+#[cfg(target_os = "linux")]
+fn open_anonymous(dir: &Dir) -> std::io::Result<Option<File>> {
+    use rustix::fs::{openat, Mode, OFlags};
+    use rustix::io::Errno;
+    match openat(
+        dir,
+        ".",
+        OFlags::TMPFILE | OFlags::RDWR | OFlags::CLOEXEC,
+        Mode::from_raw_mode(0o600),
+    ) {
+        Ok(fd) => Ok(Some(File::from(fd))),
+        Err(Errno::OPNOTSUPP | Errno::ISDIR | Errno::INVAL | Errno::NOENT) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Links the open file `file` into `dir` as `name` (fails if it exists).
+/// `AT_EMPTY_PATH` needs CAP_DAC_READ_SEARCH; without it, the same through
+/// `/proc/self/fd`.
+#[cfg(target_os = "linux")]
+fn link_fd(file: &File, dir: &Dir, name: &str) -> std::io::Result<()> {
+    use rustix::fs::{linkat, AtFlags, CWD};
+    use rustix::io::Errno;
+    use std::os::fd::AsRawFd;
+    match linkat(file, "", dir, name, AtFlags::EMPTY_PATH) {
+        Ok(()) => Ok(()),
+        Err(Errno::NOENT | Errno::PERM | Errno::ACCESS) => {
+            let proc = format!("/proc/self/fd/{}", file.as_raw_fd());
+            linkat(CWD, proc.as_str(), dir, name, AtFlags::SYMLINK_FOLLOW).map_err(Into::into)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Whether this process can give an anonymous temporary a name, checked
+/// once (it depends on privileges and on /proc, not on the directory): a
+/// temporary that cannot be linked would lose an upload already received.
+#[cfg(target_os = "linux")]
+fn anonymous_temporaries_work(dir: &Dir) -> bool {
+    static WORKS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *WORKS.get_or_init(|| {
+        let Ok(Some(file)) = open_anonymous(dir) else {
+            return false;
+        };
+        let probe = format!("{TMP_PREFIX}probe-{:016x}", random_u64());
+        let linked = link_fd(&file, dir, &probe).is_ok();
+        if linked {
+            let _ = dir.remove_file(&probe);
+        }
+        linked
+    })
+}
+
 impl Drop for IncomingFile {
     fn drop(&mut self) {
         // An empty partial is not worth keeping (the transfer never started).
+        // An anonymous temporary vanishes with its descriptor.
         let empty = || self.held().map(|n| n == 0).unwrap_or(true);
-        if !self.done && (!self.keep || empty()) {
-            let _ = self.tmp_dir.remove_file(&self.tmp_name);
+        if let Some(tmp) = &self.tmp_name {
+            if !self.done && (!self.keep || empty()) {
+                let _ = self.tmp_dir.remove_file(tmp);
+            }
         }
     }
 }
@@ -816,6 +1000,46 @@ mod tests {
         incoming.file().unwrap().write_all(b"new").unwrap();
         incoming.commit(&meta, true).unwrap();
         assert_eq!(std::fs::read(&dest).unwrap(), b"new");
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn anonymous_temporaries_have_no_name_until_committed() {
+        let dir = tempfile::tempdir().unwrap();
+        let open = || Dir::open_ambient_dir(dir.path(), ambient_authority()).unwrap();
+        let names = || -> Vec<String> {
+            std::fs::read_dir(dir.path())
+                .unwrap()
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .collect()
+        };
+        let meta = FileMeta {
+            size: 3,
+            mtime: None,
+            mode: Some(0o640),
+        };
+        let make = |contents: &[u8]| {
+            let f = IncomingFile::create_anonymous(open(), "dest", "dest".into()).unwrap()?;
+            f.file().unwrap().write_all(contents).unwrap();
+            Some(f)
+        };
+        let Some(first) = make(b"one") else {
+            eprintln!("skipped: this filesystem or process cannot link O_TMPFILE files");
+            return;
+        };
+        assert!(names().is_empty(), "nothing visible while receiving");
+        drop(make(b"gone"));
+        assert!(names().is_empty(), "an abandoned upload leaves nothing");
+        first.commit(&meta, false).unwrap();
+        assert_eq!(std::fs::read(dir.path().join("dest")).unwrap(), b"one");
+        let clash = make(b"two").unwrap();
+        assert!(matches!(
+            clash.commit(&meta, false),
+            Err(CommitError::Exists(_))
+        ));
+        make(b"two").unwrap().commit(&meta, true).unwrap();
+        assert_eq!(std::fs::read(dir.path().join("dest")).unwrap(), b"two");
+        assert_eq!(names(), ["dest"], "no temporary names left behind");
     }
 
     #[test]

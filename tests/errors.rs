@@ -311,8 +311,10 @@ async fn a_mount_point_inside_the_root_is_a_clear_error() {
     let Some(disk) = TinyDisk::mount("1m") else {
         return;
     };
-    // The served root contains a separate filesystem at "mnt"; uploads are
-    // assembled in the root's partial store and cannot be renamed across.
+    // The served root contains a separate filesystem at "mnt". Resumable
+    // (large) uploads are assembled in the root's partial store and cannot be
+    // renamed across; small ones are made in their destination directory and
+    // land there.
     let dirs = tempfile::tempdir().unwrap();
     let root = dirs.path().join("root");
     std::fs::create_dir(&root).unwrap();
@@ -336,7 +338,7 @@ async fn a_mount_point_inside_the_root_is_a_clear_error() {
     let server = TestServer::start_in(dirs, &root).await;
     let (client, _cfg) = server.client().await;
     let src = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(src.path(), b"data").unwrap();
+    std::fs::write(src.path(), vec![7u8; qxfer::protocol::RESUME_MIN as usize]).unwrap();
     let (code, msg) = remote_code(client.put(src.path(), "mnt/f", false, &|_| {}).await);
     assert_eq!(code, ErrorCode::Internal, "{msg}");
     assert!(
@@ -344,6 +346,13 @@ async fn a_mount_point_inside_the_root_is_a_clear_error() {
         "{msg}"
     );
     assert!(tree(&root.join("mnt")).is_empty());
+    let small = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(small.path(), b"data").unwrap();
+    client
+        .put(small.path(), "mnt/g", false, &|_| {})
+        .await
+        .unwrap();
+    assert_eq!(std::fs::read(root.join("mnt/g")).unwrap(), b"data");
     client.close().await;
     server.assert_healthy().await;
     // Unmount before the server's temp dir is removed.

@@ -984,6 +984,7 @@ async fn special_files_and_a_hijacked_partial_store_cannot_hang_or_escape_the_se
     std::os::unix::fs::symlink(&arena.outside, root.join(PARTIAL_DIR)).unwrap();
     let (client, _cfg) = arena.client().await;
     let src = arena.local("x", b"x");
+    let big = arena.local("big", &vec![1u8; qxfer::protocol::RESUME_MIN as usize]);
     let hostile = async {
         let dest = arena.work.path().join("pipe");
         let start = Instant::now();
@@ -998,9 +999,12 @@ async fn special_files_and_a_hijacked_partial_store_cannot_hang_or_escape_the_se
             !listed.iter().any(|e| e.name.starts_with(".qxfer-")),
             "the partial store is never listed"
         );
-        // With the store hijacked, puts fail clearly instead of writing outside.
-        let err = client.put(&src, "x", false, &|_| {}).await.unwrap_err();
-        assert!(err.to_string().contains("'x'"), "{err}");
+        // With the store hijacked, resumable (large) puts, which are
+        // assembled there, fail clearly instead of writing outside; small
+        // ones never touch the store and land in the root.
+        let err = client.put(&big, "big", false, &|_| {}).await.unwrap_err();
+        assert!(err.to_string().contains("'big'"), "{err}");
+        client.put(&src, "x", false, &|_| {}).await.unwrap();
     };
     // The well-behaved client's puts need the store too: restore it once the
     // hostile part is over, then run the usual checks.
@@ -1008,7 +1012,7 @@ async fn special_files_and_a_hijacked_partial_store_cannot_hang_or_escape_the_se
     std::fs::remove_file(root.join(PARTIAL_DIR)).unwrap();
     arena.during(async {}).await;
     client.close().await;
-    arena.check(&["pipe"]).await;
+    arena.check(&["pipe", "x"]).await;
 }
 
 #[tokio::test]
