@@ -17,7 +17,7 @@ use crate::client::{
 use crate::endpoint::{self, ServerLimits, TransportOpts};
 use crate::paths::join_remote;
 use crate::progress::{summary, Progress};
-use crate::protocol::{DirMeta, Entry, EntryKind, MAX_FRAME};
+use crate::protocol::{Compression, DirMeta, Entry, EntryKind, MAX_FRAME};
 use crate::server::{self, ServeConfig};
 use crate::tls::{AuthorizedClients, ClientVerifier, Fingerprint, Identity, AUTHORIZED_CLIENTS};
 use crate::transfer::to_system_time;
@@ -138,6 +138,12 @@ pub struct TransferArgs {
     /// Cap the total rate, in bytes per second (K, M, G suffixes: powers of 1024).
     #[arg(long, value_name = "RATE", value_parser = parse_rate)]
     pub limit_rate: Option<u64>,
+    /// Compress with zstd: `auto` compresses data that shrinks when the link
+    /// is slower than the compressor (not on loopback or a fast LAN), and
+    /// soon stops trying on data that does not shrink. BLAKE3 checks the
+    /// uncompressed bytes either way.
+    #[arg(long, value_enum, value_name = "WHEN", default_value_t = Compression::Auto)]
+    pub compress: Compression,
 }
 
 /// Parses `800K`, `50M`, `1.5G` or a plain number of bytes per second.
@@ -453,6 +459,7 @@ async fn connect(
         transport: args.transport.clone(),
         resume: !transfer.is_some_and(|t| t.no_resume),
         limit_rate: transfer.and_then(|t| t.limit_rate),
+        compression: transfer.map_or(Compression::Auto, |t| t.compress),
     };
     let client = Client::connect(&config).await?;
     if let (Some((fp, file)), false) = (&client.first_contact, quiet) {

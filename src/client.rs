@@ -12,20 +12,20 @@ use std::time::{Duration, Instant};
 
 use quinn::{ConnectionError, RecvStream, SendStream, TransportErrorCode, VarInt};
 use tokio::sync::Semaphore;
-use tokio::task::JoinSet;
 
 use crate::congestion::{self, PathMemory};
 use crate::endpoint::{self, EndpointError, TransportOpts};
 use crate::progress::Progress;
 use crate::protocol::{
-    close, read_frame, write_frame, Continue, Digest, DirMeta, Entry, ErrorCode, FileMeta,
-    FrameError, GetRequest, ListBatch, ListRequest, MkdirRequest, Prefix, PutRequest, Receipt,
-    RemoteError, Request, Response, Trailer, ALPN, RESUME_MIN,
+    close, read_frame, write_frame, Compression, Continue, Digest, DirMeta, Entry, ErrorCode,
+    FileMeta, FrameError, GetOffer, GetRequest, ListBatch, ListRequest, MkdirRequest, Prefix,
+    PutRequest, Receipt, RemoteError, Request, Response, Trailer, ALPN, RESUME_MIN,
 };
 use crate::server::{RESET_SOURCE_FAILED, STOP_REFUSED};
 use crate::tls::{Fingerprint, Identity, KnownHosts, PinnedServerVerifier, TrustError};
 use crate::transfer::{
-    self, blocking, file_meta, Advance, CommitError, IncomingFile, Pacer, Start, TransferError,
+    self, blocking, file_meta, Advance, CommitError, Framing, IncomingFile, Pacer, Start,
+    TransferError,
 };
 
 /// Port used when `--server` names only a host.
@@ -64,6 +64,8 @@ pub struct ClientConfig {
     pub resume: bool,
     /// Cap on the bytes per second of all transfers together (`--limit-rate`).
     pub limit_rate: Option<u64>,
+    /// Whether files may travel compressed (`--compress`).
+    pub compression: Compression,
 }
 
 /// Why no connection was made.
@@ -434,6 +436,7 @@ pub struct Client {
     fingerprint: Fingerprint,
     resume: bool,
     pace: Option<Arc<Pacer>>,
+    compression: Compression,
     /// Set when this connection was the first contact and the fingerprint was
     /// added to known_hosts.
     pub first_contact: Option<(Fingerprint, PathBuf)>,
@@ -578,6 +581,7 @@ impl Client {
             fingerprint: identity.fingerprint(),
             resume: config.resume,
             pace: config.limit_rate.map(|r| Arc::new(Pacer::new(r))),
+            compression: config.compression,
             first_contact,
         })
     }
@@ -684,11 +688,13 @@ impl Client {
         resume: bool,
     ) -> Result<TransferReport, FileError> {
         let (mut send, mut recv) = self.open().await?;
+        let framing = Framing::for_sending(self.compression, &self.conn);
         let request = Request::Put(PutRequest {
             path: remote.to_owned(),
             meta,
             force,
             resume,
+            encoding: framing.encoding,
         });
         write_frame(&mut send, &request).await?;
         let mut notes = Vec::new();
@@ -732,7 +738,8 @@ impl Client {
         let pace = self.pace.clone();
         let sending = async {
             let digest =
-                transfer::send_file(file, meta.size, start, pace, &mut send, progress).await?;
+                transfer::send_file(file, meta.size, start, framing, pace, &mut send, progress)
+                    .await?;
             write_frame(&mut send, &Trailer { digest })
                 .await
                 .map_err(|e| match e {
@@ -817,10 +824,37 @@ impl Client {
         on_start: &Advance<'_>,
         progress: &Advance<'_>,
     ) -> Result<TransferReport, FileError> {
+        self.get_sized(remote, dest, None, force, on_start, progress)
+            .await
+    }
+
+    /// [`Client::get`] of a file whose size is known from a listing. A file
+    /// under [`RESUME_MIN`] bytes is received into an anonymous temporary
+    /// beside `dest` instead of `DEST.qxfer-part`: it is not worth resuming,
+    /// and a thousand small downloads then leave no names to create, lock
+    /// and rename, nor anything behind if interrupted.
+    pub async fn get_sized(
+        &self,
+        remote: &str,
+        dest: &Path,
+        size_hint: Option<u64>,
+        force: bool,
+        on_start: &Advance<'_>,
+        progress: &Advance<'_>,
+    ) -> Result<TransferReport, FileError> {
         if check_local_dest(dest, force)? {
             return self.already_here(remote, dest).await;
         }
-        let (incoming, start) = open_download(dest, self.resume).await?;
+        let small = size_hint.is_some_and(|s| s < RESUME_MIN);
+        let anonymous = if small {
+            open_anonymous_download(dest).await?
+        } else {
+            None
+        };
+        let (incoming, start) = match anonymous {
+            Some(incoming) => (incoming, Start::default()),
+            None => open_download(dest, self.resume).await?,
+        };
         let (mut send, mut recv) = self.open().await?;
         let request = Request::Get(GetRequest {
             path: remote.to_owned(),
@@ -828,6 +862,7 @@ impl Client {
                 offset: start.offset,
                 digest: start.prefix_digest(),
             }),
+            compression: self.compression,
         });
         write_frame(&mut send, &request).await?;
         let offer = match read_frame::<_, Response>(&mut recv).await? {
@@ -858,7 +893,7 @@ impl Client {
             dest,
             incoming,
             start,
-            &offer.meta,
+            &offer,
             force,
             self.pace.clone(),
             progress,
@@ -908,6 +943,7 @@ impl Client {
                 offset: size,
                 digest: ours,
             }),
+            compression: Compression::Never,
         });
         write_frame(&mut send, &request).await?;
         let offer = match read_frame::<_, Response>(&mut recv).await? {
@@ -1174,6 +1210,24 @@ pub fn part_path(dest: &Path) -> PathBuf {
 /// Suffix of partial downloads beside their destination.
 pub const PART_SUFFIX: &str = ".qxfer-part";
 
+/// An anonymous temporary beside `dest`, if the system allows one.
+async fn open_anonymous_download(dest: &Path) -> Result<Option<IncomingFile>, FileError> {
+    let d = dest.to_owned();
+    blocking(move || {
+        let dir = match d.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        let Some(name) = d.file_name().and_then(|n| n.to_str()) else {
+            return Ok(None); // open_download explains
+        };
+        let dir = cap_std::fs::Dir::open_ambient_dir(dir, cap_std::ambient_authority())
+            .map_err(FileError::local(&d))?;
+        IncomingFile::create_anonymous(dir, name, d.clone()).map_err(FileError::local(&d))
+    })
+    .await
+}
+
 /// Opens `DEST.qxfer-part` and, if `resume` and it holds bytes, hashes them.
 async fn open_download(dest: &Path, resume: bool) -> Result<(IncomingFile, Start), FileError> {
     let d = dest.to_owned();
@@ -1229,17 +1283,19 @@ async fn receive_get(
     dest: &Path,
     incoming: IncomingFile,
     start: Start,
-    meta: &FileMeta,
+    offer: &GetOffer,
     force: bool,
     pace: Option<Arc<Pacer>>,
     progress: &Advance<'_>,
 ) -> Result<Digest, FileError> {
+    let meta = &offer.meta;
     let file = incoming.file().map_err(FileError::local(dest))?;
     let received = transfer::receive_file(
         recv,
         meta.size,
         file,
         start,
+        offer.encoding,
         pace,
         progress,
         std::future::pending(),
@@ -1319,8 +1375,10 @@ pub const SMALL_FILE: u64 = 1024 * 1024;
 pub const SMALL_FILE_STREAMS: usize = endpoint::DEFAULT_MAX_STREAMS as usize;
 
 /// Bytes of small files in flight at once, at most: keeps memory flat
-/// when the small files are near [`SMALL_FILE`] in size.
-const SMALL_FILE_BUDGET: u64 = 64 * 1024 * 1024;
+/// when the small files are near [`SMALL_FILE`] in size (each in flight
+/// holds its bytes once read, and again once framed for the wire). 16 MiB
+/// is twenty times the bandwidth-delay product of a 200 Mbit/s, 30 ms path.
+const SMALL_FILE_BUDGET: u64 = 16 * 1024 * 1024;
 
 /// The unit [`SMALL_FILE_BUDGET`] is counted in.
 const BUDGET_UNIT: u64 = 4096;
@@ -1345,8 +1403,15 @@ pub struct BatchReport {
     pub elapsed: Duration,
 }
 
-/// Runs `jobs` over `client` with at most `parallel` in flight, each with its
-/// own progress bar. Every job runs to its own end, whatever the others do.
+/// Runs `jobs` over `client` with at most `parallel` large files in flight,
+/// each with its own progress bar, and up to [`SMALL_FILE_STREAMS`] small
+/// ones (within [`SMALL_FILE_BUDGET`] bytes). Every job runs to its own
+/// end, whatever the others do.
+///
+/// A job's task is spawned only once it holds its permits: a task is a few
+/// kilobytes before it starts, so spawning all of a 9,000-file tree at once
+/// cost 150 MB. Small and large files are fed from queues of their own, so
+/// a large file waiting for its turn never holds up small ones.
 pub async fn run_batch(
     client: &Client,
     direction: Direction,
@@ -1356,12 +1421,9 @@ pub async fn run_batch(
     progress: &Progress,
 ) -> BatchReport {
     let start = Instant::now();
-    let limit = Arc::new(Semaphore::new(parallel.max(1)));
-    let small = Arc::new(Semaphore::new(SMALL_FILE_STREAMS.max(parallel)));
-    let small_bytes = Arc::new(Semaphore::new((SMALL_FILE_BUDGET / BUDGET_UNIT) as usize));
     let queued = jobs.len();
     progress.set_status(format!("0/{queued} files"));
-    let mut tasks = JoinSet::new();
+    let (mut small, mut large) = (Vec::new(), Vec::new());
     for job in jobs {
         // A put's size is known up front, so the total bar is right from the
         // start; a get learns its size from the server's answer.
@@ -1369,95 +1431,157 @@ pub async fn run_batch(
             Direction::Put => std::fs::metadata(&job.local).map(|m| m.len()).ok(),
             Direction::Get => job.size_hint,
         };
-        let is_small = size.is_some_and(|s| s < SMALL_FILE);
-        let size = size.unwrap_or(0);
         if direction == Direction::Put {
-            progress.add_total(size);
+            progress.add_total(size.unwrap_or(0));
         }
-        let pool = if is_small {
-            small.clone()
-        } else {
-            limit.clone()
-        };
-        let bytes = is_small.then(|| small_bytes.clone());
-        let (client, progress) = (client.clone(), progress.clone());
-        tasks.spawn(async move {
-            let _permit = pool.acquire_owned().await.expect("semaphore never closed");
-            let _bytes = match bytes {
-                Some(budget) => {
-                    let units = size.div_ceil(BUDGET_UNIT).max(1) as u32;
-                    Some(
-                        budget
-                            .acquire_many_owned(units)
-                            .await
-                            .expect("never closed"),
-                    )
-                }
-                None => None,
-            };
-            let started = Instant::now();
-            let new_bar = |size| {
-                if is_small {
-                    progress.total_only()
-                } else {
-                    progress.file_bar(&job.label, size)
-                }
-            };
-            let result = match direction {
-                Direction::Put => {
-                    let bar = new_bar(size);
-                    let r = client
-                        .put(&job.local, &job.remote, force, &|n| bar.inc(n))
-                        .await;
-                    bar.finish();
-                    r
-                }
-                Direction::Get => {
-                    let bar = new_bar(0);
-                    let r = client
-                        .get(
-                            &job.remote,
-                            &job.local,
-                            force,
-                            &|size| {
-                                bar.set_length(size);
-                                progress.add_total(size);
-                            },
-                            &|n| bar.inc(n),
-                        )
-                        .await;
-                    bar.finish();
-                    r
-                }
-            };
-            let result = result.map(|mut r| {
-                r.seconds = started.elapsed().as_secs_f64();
-                r
-            });
-            (job.label, result)
-        });
+        match size {
+            Some(size) if size < SMALL_FILE => small.push((job, size)),
+            _ => large.push((job, size.unwrap_or(0))),
+        }
     }
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let run = BatchRun {
+        client: client.clone(),
+        direction,
+        force,
+        progress: progress.clone(),
+        done: tx,
+    };
+    let feed_small = run.feed(
+        small,
+        Arc::new(Semaphore::new(SMALL_FILE_STREAMS.max(parallel))),
+        Some(Arc::new(Semaphore::new(
+            (SMALL_FILE_BUDGET / BUDGET_UNIT) as usize,
+        ))),
+    );
+    let feed_large = run.feed(large, Arc::new(Semaphore::new(parallel.max(1))), None);
+    drop(run);
     let mut report = BatchReport {
         done: Vec::new(),
         failed: Vec::new(),
         elapsed: Duration::ZERO,
     };
-    while let Some(joined) = tasks.join_next().await {
-        let (label, result) = joined.expect("transfer task panicked");
-        match result {
-            Ok(r) => report.done.push(r),
-            Err(e) => {
-                tracing::debug!("{label}: {e}");
-                report.failed.push((label, e));
+    let collect = async {
+        while let Some((label, result)) = rx.recv().await {
+            match result {
+                Ok(r) => report.done.push(r),
+                Err(e) => {
+                    tracing::debug!("{label}: {e}");
+                    report.failed.push((label, e));
+                }
             }
+            progress.set_status(format!(
+                "{}/{queued} files",
+                report.done.len() + report.failed.len()
+            ));
         }
-        progress.set_status(format!(
-            "{}/{queued} files",
-            report.done.len() + report.failed.len()
-        ));
-    }
+    };
+    tokio::join!(feed_small, feed_large, collect);
     report.elapsed = start.elapsed();
     report
+}
+
+/// What every job of a batch shares.
+struct BatchRun {
+    client: Client,
+    direction: Direction,
+    force: bool,
+    progress: Progress,
+    /// Where finished jobs report; the batch ends when every sender is gone.
+    done: tokio::sync::mpsc::UnboundedSender<(String, Result<TransferReport, FileError>)>,
+}
+
+impl BatchRun {
+    /// Starts `jobs` one by one as `pool` (and, for small files, `budget`)
+    /// lets them.
+    fn feed(
+        &self,
+        jobs: Vec<(Job, u64)>,
+        pool: Arc<Semaphore>,
+        budget: Option<Arc<Semaphore>>,
+    ) -> impl std::future::Future<Output = ()> + 'static {
+        let this = self.clone_parts();
+        async move {
+            for (job, size) in jobs {
+                let permit = pool.clone().acquire_owned().await.expect("never closed");
+                let bytes = match &budget {
+                    Some(budget) => {
+                        let units = size.div_ceil(BUDGET_UNIT).max(1) as u32;
+                        Some(
+                            budget
+                                .clone()
+                                .acquire_many_owned(units)
+                                .await
+                                .expect("never closed"),
+                        )
+                    }
+                    None => None,
+                };
+                let this = this.clone_parts();
+                let small = budget.is_some();
+                tokio::spawn(async move {
+                    let result = this.run(&job, size, small).await;
+                    drop((permit, bytes));
+                    let _ = this.done.send((job.label, result));
+                });
+            }
+        }
+    }
+
+    fn clone_parts(&self) -> Self {
+        Self {
+            client: self.client.clone(),
+            direction: self.direction,
+            force: self.force,
+            progress: self.progress.clone(),
+            done: self.done.clone(),
+        }
+    }
+
+    /// Moves one file, with a bar of its own unless it is small.
+    async fn run(&self, job: &Job, size: u64, small: bool) -> Result<TransferReport, FileError> {
+        let started = Instant::now();
+        let progress = &self.progress;
+        let bar = if small {
+            progress.total_only()
+        } else {
+            progress.file_bar(
+                &job.label,
+                if self.direction == Direction::Put {
+                    size
+                } else {
+                    0
+                },
+            )
+        };
+        let result = match self.direction {
+            Direction::Put => {
+                self.client
+                    .put(&job.local, &job.remote, self.force, &|n| bar.inc(n))
+                    .await
+            }
+            Direction::Get => {
+                self.client
+                    .get_sized(
+                        &job.remote,
+                        &job.local,
+                        job.size_hint,
+                        self.force,
+                        &|size| {
+                            bar.set_length(size);
+                            progress.add_total(size);
+                        },
+                        &|n| bar.inc(n),
+                    )
+                    .await
+            }
+        };
+        bar.finish();
+        result.map(|mut r| {
+            r.seconds = started.elapsed().as_secs_f64();
+            r
+        })
+    }
 }
 
 #[cfg(test)]

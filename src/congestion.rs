@@ -283,6 +283,8 @@ pub(crate) struct Model {
     resuming: Option<PathMemory>,
     /// The bottleneck rate once startup found the pipe full (0 before).
     full_bw_seen: f64,
+    /// The rate when the current probe began.
+    probe_bw: f64,
 }
 
 impl Model {
@@ -316,6 +318,7 @@ impl Model {
             memory: None,
             resuming: None,
             full_bw_seen: 0.0,
+            probe_bw: 0.0,
         }
     }
 
@@ -443,8 +446,21 @@ impl Model {
                         since: self.round,
                     };
                 } else if self.round > since {
+                    // A probe whose rate grew by a quarter (measured in the
+                    // round after it, as samples lag a round) is repeated at
+                    // once: the link had room, perhaps a startup ended early
+                    // on a noisy RTT or a competing flow left, and waiting
+                    // eight rounds per step would take seconds to fill it.
+                    let grew = self.bandwidth() >= self.probe_bw * FULL_BW_GROWTH;
+                    let next = match phase {
+                        1 if grew => 0,
+                        p => (p + 1) % CYCLE.len(),
+                    };
+                    if next == 0 {
+                        self.probe_bw = self.bandwidth();
+                    }
                     self.state = State::Cruise {
-                        phase: (phase + 1) % CYCLE.len(),
+                        phase: next,
                         since: self.round,
                     };
                 }

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// ALPN protocol id; the version lives here so an incompatible change gets a new id.
-pub const ALPN: &[u8] = b"qxfer/2";
+pub const ALPN: &[u8] = b"qxfer/3";
 
 /// Largest frame either side accepts. Headers are small; the cap stops a peer
 /// from making us allocate on the strength of a length prefix.
@@ -88,6 +88,95 @@ pub struct PutRequest {
     /// with [`Continue`], and only then sends the data (from the agreed
     /// offset). Without it the data follows the header at once, from 0.
     pub resume: bool,
+    /// How the data is framed.
+    pub encoding: Encoding,
+}
+
+/// How a file's bytes travel on a stream.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Encoding {
+    /// The bytes as they are: exactly `size - offset` of them.
+    #[default]
+    Raw,
+    /// Blocks of at most [`MAX_BLOCK`] bytes each, every one sent as it is
+    /// or zstd-compressed, as the sender chose for it (see [`BlockHeader`]).
+    Blocks,
+}
+
+/// Whether the sender may compress (the `--compress` option).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+pub enum Compression {
+    /// Compress blocks that shrink, when the link is slower than the
+    /// compressor; data that does not compress is soon sent as it is.
+    #[default]
+    Auto,
+    /// Compress every block that shrinks, however fast the link.
+    Always,
+    /// Never compress (the bytes travel raw).
+    Never,
+}
+
+/// Largest block of [`Encoding::Blocks`], before compression: what one
+/// decompression may produce, so what a hostile sender can make a receiver
+/// allocate per block.
+pub const MAX_BLOCK: u32 = 1024 * 1024;
+
+/// The 9-byte header in front of each block of [`Encoding::Blocks`]: a
+/// kind (0 raw, 1 zstd), then the block's length before and after encoding
+/// (u32, big-endian). A zstd block must be shorter than its raw form (else
+/// the sender sends it raw), so a block never costs more than 9 bytes over
+/// the data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockHeader {
+    /// Whether the payload is zstd-compressed.
+    pub compressed: bool,
+    /// Bytes the block holds once decoded (1 to [`MAX_BLOCK`]).
+    pub raw_len: u32,
+    /// Bytes of payload on the wire after the header.
+    pub wire_len: u32,
+}
+
+impl BlockHeader {
+    /// Its size on the wire.
+    pub const LEN: usize = 9;
+
+    /// The header's bytes.
+    pub fn encode(&self) -> [u8; Self::LEN] {
+        let mut b = [0u8; Self::LEN];
+        b[0] = u8::from(self.compressed);
+        b[1..5].copy_from_slice(&self.raw_len.to_be_bytes());
+        b[5..9].copy_from_slice(&self.wire_len.to_be_bytes());
+        b
+    }
+
+    /// Parses and checks a header.
+    pub fn decode(b: &[u8; Self::LEN]) -> Result<Self, FrameError> {
+        let raw_len = u32::from_be_bytes([b[1], b[2], b[3], b[4]]);
+        let wire_len = u32::from_be_bytes([b[5], b[6], b[7], b[8]]);
+        let compressed = match b[0] {
+            0 => false,
+            1 => true,
+            k => return Err(FrameError::Malformed(format!("unknown block kind {k}"))),
+        };
+        if raw_len == 0 || raw_len > MAX_BLOCK {
+            return Err(FrameError::Malformed(format!("block of {raw_len} bytes")));
+        }
+        let fits = if compressed {
+            wire_len > 0 && wire_len < raw_len
+        } else {
+            wire_len == raw_len
+        };
+        if !fits {
+            return Err(FrameError::Malformed(format!(
+                "block of {raw_len} bytes sent as {wire_len}"
+            )));
+        }
+        Ok(Self {
+            compressed,
+            raw_len,
+            wire_len,
+        })
+    }
 }
 
 /// Files at least this large are uploaded in resume mode and kept as
@@ -123,6 +212,8 @@ pub struct GetRequest {
     pub path: String,
     /// What the client already holds from an interrupted download.
     pub resume: Option<Prefix>,
+    /// Whether the server may compress what it sends.
+    pub compression: Compression,
 }
 
 /// The first `offset` bytes of a file and their BLAKE3.
@@ -142,6 +233,8 @@ pub struct GetOffer {
     /// First byte that follows: the client's prefix length if the server's
     /// own prefix hashes the same, else 0 (start over).
     pub offset: u64,
+    /// How the data is framed.
+    pub encoding: Encoding,
 }
 
 /// List the directory at `path` (relative to the server root; empty means the root).
@@ -446,6 +539,7 @@ mod tests {
             },
             force: false,
             resume: true,
+            encoding: Encoding::Raw,
         })
     }
 
@@ -462,6 +556,7 @@ mod tests {
                     mode: None,
                 },
                 offset: 0,
+                encoding: Encoding::Raw,
             }),
         )
         .await
@@ -478,6 +573,7 @@ mod tests {
                     mode: None
                 },
                 offset: 0,
+                encoding: Encoding::Raw,
             })
         );
     }
@@ -522,6 +618,7 @@ mod tests {
         let req = Request::Get(GetRequest {
             resume: None,
             path: "x".repeat(MAX_FRAME + 1),
+            compression: Compression::Never,
         });
         assert!(matches!(encode(&req), Err(FrameError::TooLarge(..))));
     }

@@ -41,7 +41,7 @@ use crate::protocol::{
 };
 use crate::tls::{peer_fingerprint, Fingerprint};
 use crate::transfer::{
-    self, blocking, file_meta, to_timestamp, IncomingFile, Start, TransferError,
+    self, blocking, file_meta, to_timestamp, Framing, IncomingFile, Start, TransferError,
 };
 
 /// Default for [`ServeConfig::header_timeout`].
@@ -320,6 +320,7 @@ async fn handle_connection(
                     config: config.clone(),
                     client: fp,
                     partials: partials.clone(),
+                    conn: conn.clone(),
                 };
                 tokio::spawn(handle_stream(send, recv, ctx).instrument(span));
             }
@@ -341,6 +342,8 @@ struct Ctx {
     /// The client identity this connection was admitted with.
     client: Fingerprint,
     partials: Arc<Partials>,
+    /// The connection, for its path estimate (whether to compress a get).
+    conn: quinn::Connection,
 }
 
 async fn handle_stream(mut send: SendStream, mut recv: RecvStream, ctx: Ctx) {
@@ -375,7 +378,7 @@ async fn handle_stream(mut send: SendStream, mut recv: RecvStream, ctx: Ctx) {
             Ok(()) => serve_put(req, &ctx, &mut send, &mut recv).await,
             Err(e) => Err(e),
         },
-        Request::Get(req) => serve_get(req, root, &config.stats, &mut send, &mut recv).await,
+        Request::Get(req) => serve_get(req, &ctx, &mut send, &mut recv).await,
         Request::List(req) => serve_list(req, root, &mut send).await,
         Request::Mkdir(req) => serve_mkdir(req, &config, &mut send).await,
     };
@@ -920,6 +923,7 @@ async fn receive_put(
         req.meta.size,
         file,
         start,
+        req.encoding,
         None,
         &|n| {
             stats.bytes_received.fetch_add(n, Ordering::Relaxed);
@@ -986,11 +990,12 @@ async fn read_trailer(recv: &mut RecvStream, path: &RemotePath) -> Result<Traile
 
 async fn serve_get(
     req: GetRequest,
-    root: Arc<Dir>,
-    stats: &ServeStats,
+    ctx: &Ctx,
     send: &mut SendStream,
     recv: &mut RecvStream,
 ) -> Result<(), RemoteError> {
+    let root = ctx.config.root_dir.clone();
+    let stats = &ctx.config.stats;
     let path = RemotePath::parse(&req.path, false)?;
     let p = path.clone();
     let (file, meta, start) = blocking(move || -> Result<_, RemoteError> {
@@ -1032,9 +1037,11 @@ async fn serve_get(
         Ok((file, meta, start))
     })
     .await?;
+    let framing = Framing::for_sending(req.compression, &ctx.conn);
     let offer = GetOffer {
         meta,
         offset: start.offset,
+        encoding: framing.encoding,
     };
     write_frame(send, &Response::GetAccepted(offer))
         .await
@@ -1042,15 +1049,16 @@ async fn serve_get(
     let counted = |n| {
         stats.bytes_sent.fetch_add(n, Ordering::Relaxed);
     };
-    let digest = match transfer::send_file(file, meta.size, start, None, send, &counted).await {
-        Ok(d) => d,
-        Err(e) => {
-            // The client sees the reset and reports the transfer failed.
-            warn!(path = %path, "get failed: {e}");
-            let _ = send.reset(VarInt::from_u32(RESET_SOURCE_FAILED));
-            return Ok(());
-        }
-    };
+    let digest =
+        match transfer::send_file(file, meta.size, start, framing, None, send, &counted).await {
+            Ok(d) => d,
+            Err(e) => {
+                // The client sees the reset and reports the transfer failed.
+                warn!(path = %path, "get failed: {e}");
+                let _ = send.reset(VarInt::from_u32(RESET_SOURCE_FAILED));
+                return Ok(());
+            }
+        };
     if write_frame(send, &Trailer { digest }).await.is_err() || send.finish().is_err() {
         info!(path = %path, "get aborted by the client");
         return Ok(());

@@ -19,13 +19,14 @@ use cap_std::ambient_authority;
 use cap_std::fs::{Dir, OpenOptions, OpenOptionsExt};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::protocol::{Digest, FileMeta, Timestamp};
+use crate::protocol::{BlockHeader, Compression, Digest, Encoding, FileMeta, Timestamp, MAX_BLOCK};
 
 /// Called with the number of bytes each time data moves (drives progress bars).
 pub type Advance<'a> = dyn Fn(u64) + Send + Sync + 'a;
 
-/// Size of one chunk passed between the disk thread and the network.
-const CHUNK: usize = 1024 * 1024;
+/// Size of one chunk passed between the disk and the network: one block of
+/// [`Encoding::Blocks`].
+const CHUNK: usize = MAX_BLOCK as usize;
 
 /// What went wrong moving one file's bytes.
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +59,9 @@ pub enum TransferError {
     /// The receiver was told to stop (a newer transfer of the same file took over).
     #[error("stopped: a newer transfer of the same file took over")]
     Stopped,
+    /// The peer's data did not follow the protocol (a malformed block).
+    #[error("malformed data from the peer: {0}")]
+    Malformed(String),
 }
 
 /// Whether an I/O error means "no space left" (ENOSPC or EDQUOT).
@@ -182,15 +186,192 @@ pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static)
         .expect("filesystem task panicked")
 }
 
-/// The reading end of a transfer: the file, the hash so far, and how far it got.
+/// How a sender puts a file on the wire: the encoding, and whether to try
+/// compressing its blocks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Framing {
+    /// Raw bytes or blocks.
+    pub encoding: Encoding,
+    /// With blocks: compress each block that shrinks.
+    pub compress: bool,
+}
+
+/// Above this rate (bytes per second) a link counts as fast: compressing
+/// would cost more time than the bytes it saves. zstd at level 3 packs 200
+/// to 300 MB/s per core here, and the same cores also encrypt, hash and run
+/// the network stack.
+const FAST_LINK: f64 = 100e6;
+
+/// zstd's level: 3 (its default) packs source code 5.8 to 1, within 12% of
+/// zlib level 6 over a whole tree, at several times zlib's speed.
+const ZSTD_LEVEL: i32 = 3;
+
+impl Framing {
+    /// Raw bytes, no blocks: what peers that do not compress exchange.
+    pub const RAW: Self = Self {
+        encoding: Encoding::Raw,
+        compress: false,
+    };
+
+    /// The framing for sending under `mode` over `conn`: blocks unless
+    /// compression is off; compression tried when always asked for, or in
+    /// auto mode when the path is slower than [`FAST_LINK`] (its congestion
+    /// window per round trip, the rate it can carry now).
+    pub fn for_sending(mode: Compression, conn: &quinn::Connection) -> Self {
+        let compress = match mode {
+            Compression::Never => return Self::RAW,
+            Compression::Always => true,
+            Compression::Auto => {
+                let rtt = conn.rtt().as_secs_f64().max(1e-6);
+                (conn.stats().path.cwnd as f64 / rtt) < FAST_LINK
+            }
+        };
+        Self {
+            encoding: Encoding::Blocks,
+            compress,
+        }
+    }
+}
+
+/// A block saved less than this share of its size is sent raw: decompressing
+/// it would cost more than the bytes saved.
+const MIN_SAVING: usize = 16;
+
+/// zstd contexts kept for reuse, and how many exist. A context at level 3
+/// holds about 1.3 MB of tables; one per disk thread (the pool's threads
+/// come and go) made 130 MB of them. Compression is CPU work, so a few, as
+/// many as cores, is all that can run at once anyway.
+struct ContextPool<T> {
+    free: std::sync::Mutex<(Vec<T>, usize)>,
+    returned: std::sync::Condvar,
+}
+
+impl<T> ContextPool<T> {
+    const fn new() -> Self {
+        Self {
+            free: std::sync::Mutex::new((Vec::new(), 0)),
+            returned: std::sync::Condvar::new(),
+        }
+    }
+
+    /// Runs `f` with a context, made by `make` if fewer than the limit exist,
+    /// else waiting for one to be returned. Blocking.
+    fn with<R>(
+        &self,
+        make: impl FnOnce() -> std::io::Result<T>,
+        f: impl FnOnce(&mut T) -> R,
+    ) -> std::io::Result<R> {
+        let limit = std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 8));
+        let mut ctx = {
+            let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
+            loop {
+                if let Some(ctx) = free.0.pop() {
+                    break ctx;
+                }
+                if free.1 < limit {
+                    free.1 += 1;
+                    drop(free);
+                    match make() {
+                        Ok(ctx) => break ctx,
+                        Err(e) => {
+                            self.free.lock().unwrap_or_else(|e| e.into_inner()).1 -= 1;
+                            return Err(e);
+                        }
+                    }
+                }
+                free = self.returned.wait(free).unwrap_or_else(|e| e.into_inner());
+            }
+        };
+        let r = f(&mut ctx);
+        self.free
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .0
+            .push(ctx);
+        self.returned.notify_one();
+        Ok(r)
+    }
+}
+
+static COMPRESSORS: ContextPool<zstd::bulk::Compressor<'static>> = ContextPool::new();
+static DECOMPRESSORS: ContextPool<zstd::bulk::Decompressor<'static>> = ContextPool::new();
+
+/// Compresses `raw` into a block (header and payload) if it shrinks by at
+/// least 1/[`MIN_SAVING`]. Blocking (runs in the disk pool).
+fn compress_block(raw: &[u8]) -> Option<Vec<u8>> {
+    let limit = raw.len() - raw.len() / MIN_SAVING;
+    if limit == 0 {
+        return None;
+    }
+    let mut out = vec![0u8; BlockHeader::LEN + limit];
+    // A destination smaller than the input makes zstd give up as soon as
+    // the output would not fit: incompressible data costs little.
+    let n = COMPRESSORS
+        .with(
+            || zstd::bulk::Compressor::new(ZSTD_LEVEL),
+            |z| z.compress_to_buffer(raw, &mut out[BlockHeader::LEN..]),
+        )
+        .ok()?
+        .ok()?;
+    let header = BlockHeader {
+        compressed: true,
+        raw_len: raw.len() as u32,
+        wire_len: n as u32,
+    };
+    out[..BlockHeader::LEN].copy_from_slice(&header.encode());
+    out.truncate(BlockHeader::LEN + n);
+    out.shrink_to_fit();
+    Some(out)
+}
+
+/// Decompresses a block's payload into exactly `raw_len` bytes. Blocking.
+fn decompress_block(payload: &[u8], raw_len: usize) -> Result<Vec<u8>, TransferError> {
+    let mut out = vec![0u8; raw_len];
+    // The buffer is the declared size: a block that would inflate past it
+    // is an error, never an allocation.
+    let n = DECOMPRESSORS
+        .with(zstd::bulk::Decompressor::new, |z| {
+            z.decompress_to_buffer(payload, &mut out)
+        })
+        .map_err(TransferError::Write)?
+        .map_err(|e| {
+            TransferError::Malformed(format!("a compressed block does not decode: {e}"))
+        })?;
+    if n != raw_len {
+        return Err(TransferError::Malformed(format!(
+            "a compressed block decoded to {n} bytes, not the {raw_len} announced"
+        )));
+    }
+    Ok(out)
+}
+
+/// After this many blocks in a row that did not compress, stop trying for a
+/// while (twice as long after each further miss): random or already
+/// compressed data costs one attempt per 64 MiB, not one per block.
+const MAX_SKIP: u32 = 64;
+
+/// The reading end of a transfer: the file, the hash so far, how far it
+/// got, and how it frames what it reads.
 struct Source {
     file: File,
     hasher: blake3::Hasher,
     pos: u64,
     size: u64,
+    framing: Framing,
+    /// Blocks in a row that did not compress, and blocks left to send
+    /// without trying.
+    misses: u32,
+    skip: u32,
 }
 
-type SourceTask = tokio::task::JoinHandle<(Source, Result<Vec<u8>, TransferError>)>;
+/// A chunk ready for the wire: the bytes to send and how many bytes of the
+/// file they carry.
+struct WireChunk {
+    bytes: Vec<u8>,
+    raw: usize,
+}
+
+type SourceTask = tokio::task::JoinHandle<(Source, Result<WireChunk, TransferError>)>;
 
 impl Source {
     /// Reads and hashes the next chunk in the disk pool, as a task of its own
@@ -199,35 +380,74 @@ impl Source {
         tokio::spawn(blocking(move || self.next_chunk()))
     }
 
-    /// Reads and hashes the next chunk. Blocking.
-    fn next_chunk(mut self) -> (Self, Result<Vec<u8>, TransferError>) {
+    /// Reads, hashes and frames the next chunk. Blocking.
+    fn next_chunk(mut self) -> (Self, Result<WireChunk, TransferError>) {
+        // With blocks, the bytes are read behind room for a block header, so
+        // a block sent raw is the read buffer itself, not a copy.
+        let room = match self.framing.encoding {
+            Encoding::Raw => 0,
+            Encoding::Blocks => BlockHeader::LEN,
+        };
+        let mut buf = match self.read_raw(room) {
+            Ok(buf) => buf,
+            Err(e) => return (self, Err(e)),
+        };
+        let raw = buf.len() - room;
+        if room == 0 {
+            return (self, Ok(WireChunk { bytes: buf, raw }));
+        }
+        if self.framing.compress {
+            if self.skip > 0 {
+                self.skip -= 1;
+            } else if let Some(bytes) = compress_block(&buf[room..]) {
+                self.misses = 0;
+                return (self, Ok(WireChunk { bytes, raw }));
+            } else {
+                self.misses = (self.misses + 1).min(6);
+                self.skip = (1u32 << self.misses).min(MAX_SKIP) - 1;
+            }
+        }
+        let header = BlockHeader {
+            compressed: false,
+            raw_len: raw as u32,
+            wire_len: raw as u32,
+        };
+        buf[..room].copy_from_slice(&header.encode());
+        (self, Ok(WireChunk { bytes: buf, raw }))
+    }
+
+    /// Reads and hashes the next chunk of the file into a buffer that starts
+    /// with `room` spare bytes. Blocking.
+    fn read_raw(&mut self, room: usize) -> Result<Vec<u8>, TransferError> {
         let want = (self.size - self.pos).min(CHUNK as u64) as usize;
-        let mut buf = vec![0u8; want];
+        let mut buf = vec![0u8; room + want];
         let mut filled = 0;
         while filled < want {
-            match self.file.read(&mut buf[filled..]) {
+            match self.file.read(&mut buf[room + filled..]) {
                 Ok(0) => {
                     let (expected, found) = (self.size, self.pos + filled as u64);
-                    return (self, Err(TransferError::SourceChanged { expected, found }));
+                    return Err(TransferError::SourceChanged { expected, found });
                 }
                 Ok(n) => filled += n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return (self, Err(TransferError::Read(e))),
+                Err(e) => return Err(TransferError::Read(e)),
             }
         }
-        self.hasher.update(&buf);
+        self.hasher.update(&buf[room..]);
         self.pos += want as u64;
-        (self, Ok(buf))
+        Ok(buf)
     }
 }
 
 /// Sends the bytes of `file` from `start.offset` up to `size` to `out`
-/// (`file` must be positioned at the offset), returning the BLAKE3 digest of
-/// the whole file. The next chunk is read while the current one is sent.
+/// (`file` must be positioned at the offset), framed as `framing` says,
+/// returning the BLAKE3 digest of the whole file (of its bytes, whatever
+/// the framing). The next chunk is read while the current one is sent.
 pub async fn send_file<W>(
     file: File,
     size: u64,
     start: Start,
+    framing: Framing,
     pace: Option<Arc<Pacer>>,
     out: &mut W,
     progress: &Advance<'_>,
@@ -240,6 +460,9 @@ where
         hasher: start.hasher,
         pos: start.offset,
         size,
+        framing,
+        misses: 0,
+        skip: 0,
     };
     if src.pos >= size {
         return Ok(*src.hasher.finalize().as_bytes());
@@ -250,7 +473,7 @@ where
         // A read error explains an early end better than the network.
         let chunk = chunk?;
         if let Some(p) = &pace {
-            p.take(chunk.len()).await;
+            p.take(chunk.bytes.len()).await;
         }
         let done = src.pos >= size;
         let (next, digest) = if done {
@@ -258,10 +481,10 @@ where
         } else {
             (Some(src.read_ahead()), None)
         };
-        out.write_all(&chunk)
+        out.write_all(&chunk.bytes)
             .await
             .map_err(TransferError::Network)?;
-        progress(chunk.len() as u64);
+        progress(chunk.raw as u64);
         match (next, digest) {
             (Some(task), _) => pending = task,
             (None, Some(digest)) => return Ok(digest),
@@ -275,15 +498,31 @@ struct Sink {
     file: File,
     hasher: blake3::Hasher,
     written: u64,
+    /// The file's full size: the last chunk needs no early writeback, as the
+    /// commit's fsync follows at once.
+    size: u64,
 }
 
 type SinkTask = tokio::task::JoinHandle<(Sink, Result<(), TransferError>)>;
 
+/// What arrived for the disk: file bytes, or a compressed block of them.
+enum Piece {
+    Raw(Vec<u8>),
+    Zstd { payload: Vec<u8>, raw_len: usize },
+}
+
 impl Sink {
-    /// Writes and hashes `buf` in the disk pool, as a task of its own so the
-    /// network keeps delivering the next chunk meanwhile.
-    fn write_behind(self, buf: Vec<u8>) -> SinkTask {
-        tokio::spawn(blocking(move || self.write(&buf)))
+    /// Writes and hashes `piece` in the disk pool (decompressing it first if
+    /// need be), as a task of its own so the network keeps delivering the
+    /// next one meanwhile.
+    fn write_behind(self, piece: Piece) -> SinkTask {
+        tokio::spawn(blocking(move || match piece {
+            Piece::Raw(buf) => self.write(&buf),
+            Piece::Zstd { payload, raw_len } => match decompress_block(&payload, raw_len) {
+                Ok(buf) => self.write(&buf),
+                Err(e) => (self, Err(e)),
+            },
+        }))
     }
 
     /// Writes and hashes `buf`, and starts its writeback. Blocking.
@@ -291,24 +530,64 @@ impl Sink {
         if let Err(e) = self.file.write_all(buf) {
             return (self, Err(TransferError::Write(e)));
         }
-        start_writeback(&self.file, self.written, buf.len() as u64);
+        if self.written + (buf.len() as u64) < self.size {
+            start_writeback(&self.file, self.written, buf.len() as u64);
+        }
         self.written += buf.len() as u64;
         self.hasher.update(buf);
         (self, Ok(()))
     }
 }
 
+/// Why [`fill`] stopped short.
+enum Shortfall {
+    /// The stream ended.
+    Eof,
+    /// The stream failed.
+    Failed(std::io::Error),
+    /// `stop` fired.
+    Stopped,
+}
+
+/// Reads `input` into `buf` until it is full, unless the stream ends or fails
+/// or `stop` fires first: how much arrived, and why it stopped short.
+async fn fill<R, F>(
+    input: &mut R,
+    buf: &mut [u8],
+    stop: &mut std::pin::Pin<&mut F>,
+) -> (usize, Option<Shortfall>)
+where
+    R: AsyncRead + Unpin,
+    F: std::future::Future<Output = ()>,
+{
+    let mut filled = 0;
+    while filled < buf.len() {
+        tokio::select! {
+            r = input.read(&mut buf[filled..]) => match r {
+                Ok(0) => return (filled, Some(Shortfall::Eof)),
+                Ok(n) => filled += n,
+                Err(e) => return (filled, Some(Shortfall::Failed(e))),
+            },
+            _ = stop.as_mut() => return (filled, Some(Shortfall::Stopped)),
+        }
+    }
+    (filled, None)
+}
+
 /// Receives the bytes from `start.offset` up to `size` from `input` into
-/// `file` (positioned at the offset) and returns the BLAKE3 digest of the
-/// whole file. The data is not synced: [`IncomingFile::commit`] syncs it
-/// with its metadata in one go. If `stop` completes first, the bytes
-/// already received are written and synced, and the result is
-/// [`TransferError::Stopped`]: the partial file is consistent for a resume.
+/// `file` (positioned at the offset), framed as `encoding` says, and returns
+/// the BLAKE3 digest of the whole file. The data is not synced:
+/// [`IncomingFile::commit`] syncs it with its metadata in one go. If `stop`
+/// completes first, the bytes already received are written and synced, and
+/// the result is [`TransferError::Stopped`]: the partial file is consistent
+/// for a resume (a block that arrived only in part is dropped whole).
+#[allow(clippy::too_many_arguments)]
 pub async fn receive_file<R>(
     input: &mut R,
     size: u64,
     file: File,
     start: Start,
+    encoding: Encoding,
     pace: Option<Arc<Pacer>>,
     progress: &Advance<'_>,
     stop: impl std::future::Future<Output = ()>,
@@ -320,9 +599,10 @@ where
         file,
         hasher: start.hasher,
         written: start.offset,
+        size,
     });
     let mut pending: Option<SinkTask> = None;
-    // The previous chunk's write, waited for before the next is handed over.
+    // The previous piece's write, waited for before the next is handed over.
     async fn settle(
         pending: &mut Option<SinkTask>,
         sink: &mut Option<Sink>,
@@ -336,42 +616,62 @@ where
     }
     tokio::pin!(stop);
     let mut got = start.offset;
+    let short = |why: Shortfall, got: u64| match why {
+        Shortfall::Eof => TransferError::Truncated {
+            got,
+            expected: size,
+        },
+        Shortfall::Failed(e) => TransferError::Network(e),
+        Shortfall::Stopped => TransferError::Stopped,
+    };
     let net: Result<(), TransferError> = loop {
         if got >= size {
             break Ok(());
         }
-        let want = (size - got).min(CHUNK as u64) as usize;
-        let mut buf = vec![0u8; want];
-        let mut filled = 0;
-        let mut ended = None;
-        while filled < want {
-            let n = tokio::select! {
-                r = input.read(&mut buf[filled..]) => match r {
-                    Ok(n) => n,
-                    Err(e) => { ended = Some(TransferError::Network(e)); break }
-                },
-                _ = &mut stop => { ended = Some(TransferError::Stopped); break }
-            };
-            if n == 0 {
-                ended = Some(TransferError::Truncated {
-                    got: got + filled as u64,
-                    expected: size,
-                });
-                break;
+        let (piece, raw, ended) = match encoding {
+            Encoding::Raw => {
+                let mut buf = vec![0u8; (size - got).min(CHUNK as u64) as usize];
+                let (n, ended) = fill(input, &mut buf, &mut stop).await;
+                buf.truncate(n);
+                (Piece::Raw(buf), n, ended)
             }
-            filled += n;
-            progress(n as u64);
-        }
+            Encoding::Blocks => {
+                let mut head = [0u8; BlockHeader::LEN];
+                if let (_, Some(why)) = fill(input, &mut head, &mut stop).await {
+                    break Err(short(why, got));
+                }
+                let header = match BlockHeader::decode(&head) {
+                    Ok(h) => h,
+                    Err(e) => break Err(TransferError::Malformed(e.to_string())),
+                };
+                let raw_len = header.raw_len as usize;
+                if got + raw_len as u64 > size {
+                    break Err(TransferError::Malformed(format!(
+                        "more data than the {size} bytes announced"
+                    )));
+                }
+                let mut payload = vec![0u8; header.wire_len as usize];
+                if let (_, Some(why)) = fill(input, &mut payload, &mut stop).await {
+                    break Err(short(why, got));
+                }
+                let piece = if header.compressed {
+                    Piece::Zstd { payload, raw_len }
+                } else {
+                    Piece::Raw(payload)
+                };
+                (piece, raw_len, None)
+            }
+        };
+        progress(raw as u64);
         settle(&mut pending, &mut sink).await?;
         if let Some(p) = &pace {
-            p.take(filled).await;
+            p.take(raw).await;
         }
-        buf.truncate(filled);
         let s = sink.take().expect("the sink is back after settling");
-        pending = Some(s.write_behind(buf));
-        got += filled as u64;
-        if let Some(e) = ended {
-            break Err(e);
+        pending = Some(s.write_behind(piece));
+        got += raw as u64;
+        if let Some(why) = ended {
+            break Err(short(why, got));
         }
     };
     // A disk error (say, a full disk) is the real cause when both failed.
@@ -636,7 +936,15 @@ impl IncomingFile {
         if let Some(t) = meta.mtime.and_then(to_system_time) {
             self.file.set_modified(t).map_err(io)?;
         }
-        self.file.sync_all().map_err(io)?;
+        // A small file's data is made durable together with the others in
+        // flight (one sync of the filesystem for all of them); a large one's
+        // on its own, as it is most of what would be flushed anyway.
+        let small = meta.size < GROUP_SYNC_BELOW;
+        if small {
+            sync_filesystem_grouped(&self.file).map_err(io)?;
+        } else {
+            self.file.sync_all().map_err(io)?;
+        }
         let placed = match &self.tmp_name {
             Some(tmp) if overwrite => {
                 self.tmp_dir
@@ -655,8 +963,12 @@ impl IncomingFile {
             Err(e) => return Err(io(e)),
         }
         self.done = true;
-        // Make the rename itself durable.
-        sync_dir(&self.dest_dir).map_err(io)?;
+        // Make the new name itself durable.
+        if small {
+            sync_filesystem_grouped(&self.file).map_err(io)?;
+        } else {
+            sync_dir_grouped(&self.dest_dir).map_err(io)?;
+        }
         Ok(())
     }
 }
@@ -790,6 +1102,95 @@ fn sync_dir(dir: &Dir) -> std::io::Result<()> {
     open_dir_handle(dir)?.sync_all()
 }
 
+/// Files smaller than this are committed with a shared sync of their
+/// filesystem ([`sync_filesystem_grouped`]) rather than an fsync each.
+const GROUP_SYNC_BELOW: u64 = 1024 * 1024;
+
+/// Group commit. A sync (of a directory, or of a whole filesystem) makes
+/// durable everything written before it started; so when many files are
+/// committed at once, the commits that arrive while a sync runs wait for the
+/// next one and share it, instead of each paying for a sync of its own.
+///
+/// Measured on the development machine (ext4 without a journal, so every
+/// fsync writes the file's blocks and its inode table block at once): a
+/// 9,000-file source tree spent 1.1 s of a 4.5 s upload in per-file fsyncs.
+#[derive(Default)]
+struct SyncGroup {
+    state: std::sync::Mutex<SyncGroupState>,
+    done: std::sync::Condvar,
+}
+
+#[derive(Default)]
+struct SyncGroupState {
+    /// Syncs started so far, and the number of the last one that succeeded.
+    started: u64,
+    succeeded: u64,
+    running: bool,
+}
+
+/// Sync groups by what they sync: (device, inode) of a directory, or
+/// (device, 0) for a whole filesystem.
+type SyncGroups = std::collections::HashMap<(u64, u64), Arc<SyncGroup>>;
+
+static SYNC_GROUPS: std::sync::Mutex<Option<SyncGroups>> = std::sync::Mutex::new(None);
+
+/// Runs `sync` or waits for one that started after this call, as a member
+/// of the group `key`. Blocking.
+fn group_sync(key: (u64, u64), sync: impl FnOnce() -> std::io::Result<()>) -> std::io::Result<()> {
+    let group = {
+        let mut all = SYNC_GROUPS.lock().unwrap_or_else(|e| e.into_inner());
+        let all = all.get_or_insert_with(Default::default);
+        if all.len() > 1024 {
+            all.retain(|_, g| Arc::strong_count(g) > 1);
+        }
+        all.entry(key).or_default().clone()
+    };
+    let mut st = group.state.lock().unwrap_or_else(|e| e.into_inner());
+    // Only a sync that starts from now on covers what this caller wrote.
+    let needed = st.started + 1;
+    loop {
+        if st.succeeded >= needed {
+            return Ok(());
+        }
+        if !st.running {
+            st.running = true;
+            st.started += 1;
+            let number = st.started;
+            drop(st);
+            let result = sync();
+            st = group.state.lock().unwrap_or_else(|e| e.into_inner());
+            st.running = false;
+            if result.is_ok() {
+                st.succeeded = st.succeeded.max(number);
+            }
+            group.done.notify_all();
+            return result;
+        }
+        st = group.done.wait(st).unwrap_or_else(|e| e.into_inner());
+    }
+}
+
+/// Syncs `dir` after a rename into it, shared with other commits into it.
+fn sync_dir_grouped(dir: &Dir) -> std::io::Result<()> {
+    use cap_std::fs::MetadataExt;
+    let md = dir.dir_metadata()?;
+    group_sync((md.dev(), md.ino()), || sync_dir(dir))
+}
+
+/// Syncs the filesystem `file` is on (its data, metadata and every
+/// directory entry on it), shared with other commits on it. Where there is
+/// no syncfs, an fsync of the file alone.
+fn sync_filesystem_grouped(file: &File) -> std::io::Result<()> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::fs::MetadataExt;
+        let dev = file.metadata()?.dev();
+        group_sync((dev, 0), || rustix::fs::syncfs(file).map_err(Into::into))
+    }
+    #[cfg(not(target_os = "linux"))]
+    file.sync_all()
+}
+
 /// Renames `from` in `from_dir` to `to` in `to_dir` unless `to` exists.
 /// Where the filesystem lacks RENAME_NOREPLACE, a hard link (which never
 /// replaces) followed by removing the old name does the same.
@@ -889,6 +1290,7 @@ mod tests {
                     File::open(&src).unwrap(),
                     size,
                     Start::default(),
+                    Framing::RAW,
                     None,
                     &mut a,
                     &bar,
@@ -902,6 +1304,7 @@ mod tests {
                 size,
                 out,
                 Start::default(),
+                Encoding::Raw,
                 None,
                 &bar,
                 std::future::pending()
@@ -918,6 +1321,175 @@ mod tests {
         );
     }
 
+    /// Sends `data` framed as `framing` through a pipe and back into a file:
+    /// the bytes that crossed, and what the receiver made of them.
+    async fn through_pipe(data: &[u8], framing: Framing) -> (usize, Result<Vec<u8>, String>) {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        std::fs::write(&src, data).unwrap();
+        let (mut a, mut b) = tokio::io::duplex(256 * 1024);
+        let size = data.len() as u64;
+        let out = File::create(dir.path().join("out")).unwrap();
+        let counted = std::sync::atomic::AtomicUsize::new(0);
+        let (sent, got) = tokio::join!(
+            async {
+                let mut counting = CountingWriter(&mut a, &counted);
+                let d = send_file(
+                    File::open(&src).unwrap(),
+                    size,
+                    Start::default(),
+                    framing,
+                    None,
+                    &mut counting,
+                    &|_| {},
+                )
+                .await;
+                drop(a);
+                d
+            },
+            receive_file(
+                &mut b,
+                size,
+                out,
+                Start::default(),
+                framing.encoding,
+                None,
+                &|_| {},
+                std::future::pending()
+            )
+        );
+        let got = got.map_err(|e| e.to_string());
+        if let Ok(digest) = &got {
+            assert_eq!(sent.unwrap(), *digest, "both sides hash the file's bytes");
+        }
+        let wire = counted.load(std::sync::atomic::Ordering::Relaxed);
+        (
+            wire,
+            got.map(|_| std::fs::read(dir.path().join("out")).unwrap()),
+        )
+    }
+
+    struct CountingWriter<'a, W>(&'a mut W, &'a std::sync::atomic::AtomicUsize);
+
+    impl<W: AsyncWrite + Unpin> AsyncWrite for CountingWriter<'_, W> {
+        fn poll_write(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            let r = std::pin::Pin::new(&mut *self.0).poll_write(cx, buf);
+            if let std::task::Poll::Ready(Ok(n)) = &r {
+                self.1.fetch_add(*n, std::sync::atomic::Ordering::Relaxed);
+            }
+            r
+        }
+        fn poll_flush(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::pin::Pin::new(&mut *self.0).poll_flush(cx)
+        }
+        fn poll_shutdown(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::pin::Pin::new(&mut *self.0).poll_shutdown(cx)
+        }
+    }
+
+    #[tokio::test]
+    async fn blocks_compress_what_shrinks_and_send_the_rest_as_it_is() {
+        let blocks = Framing {
+            encoding: Encoding::Blocks,
+            compress: true,
+        };
+        // Text-like data shrinks several times over.
+        let text: Vec<u8> = (0..3 * CHUNK + 5)
+            .map(|i| b"fn main() { println!(\"hi\"); }\n"[i % 30])
+            .collect();
+        let (wire, back) = through_pipe(&text, blocks).await;
+        assert_eq!(back.unwrap(), text);
+        assert!(wire < text.len() / 4, "{wire} bytes for {}", text.len());
+        // Random data does not: it goes raw, a header per block more.
+        let random: Vec<u8> = (0..3 * CHUNK)
+            .map(|i| (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15).to_be_bytes()[3])
+            .collect();
+        let (wire, back) = through_pipe(&random, blocks).await;
+        assert_eq!(back.unwrap(), random);
+        assert!(wire <= random.len() + 3 * BlockHeader::LEN, "{wire}");
+        // Blocks without compression, and an empty file.
+        let plain = Framing {
+            encoding: Encoding::Blocks,
+            compress: false,
+        };
+        let (wire, back) = through_pipe(&text, plain).await;
+        assert_eq!(back.unwrap(), text);
+        assert_eq!(wire, text.len() + 4 * BlockHeader::LEN);
+        assert_eq!(through_pipe(b"", blocks).await, (0, Ok(Vec::new())));
+    }
+
+    /// Feeds `wire` to a receiver expecting `size` bytes in blocks.
+    async fn receive_blocks(wire: &[u8], size: u64) -> Result<Vec<u8>, TransferError> {
+        let dir = tempfile::tempdir().unwrap();
+        let out = File::create(dir.path().join("out")).unwrap();
+        let mut input = wire;
+        receive_file(
+            &mut input,
+            size,
+            out,
+            Start::default(),
+            Encoding::Blocks,
+            None,
+            &|_| {},
+            std::future::pending(),
+        )
+        .await?;
+        Ok(std::fs::read(dir.path().join("out")).unwrap())
+    }
+
+    #[tokio::test]
+    async fn malformed_blocks_are_refused_without_inflating() {
+        let header = |compressed, raw_len, wire_len| {
+            BlockHeader {
+                compressed,
+                raw_len,
+                wire_len,
+            }
+            .encode()
+            .to_vec()
+        };
+        let bad = |r: Result<Vec<u8>, TransferError>| {
+            assert!(matches!(r, Err(TransferError::Malformed(_))), "{r:?}");
+        };
+        // An unknown kind, an empty block, a block above the maximum, a raw
+        // block whose lengths disagree, a "compressed" one no smaller.
+        let mut unknown = header(false, 4, 4);
+        unknown[0] = 7;
+        bad(receive_blocks(&[unknown, b"abcd".to_vec()].concat(), 4).await);
+        bad(receive_blocks(&header(false, 0, 0), 4).await);
+        bad(receive_blocks(&header(false, MAX_BLOCK + 1, MAX_BLOCK + 1), 1 << 21).await);
+        bad(receive_blocks(&[header(false, 4, 3), b"abc".to_vec()].concat(), 4).await);
+        bad(receive_blocks(&[header(true, 4, 4), b"abcd".to_vec()].concat(), 4).await);
+        // More data than the file's size.
+        bad(receive_blocks(&[header(false, 8, 8), vec![1; 8]].concat(), 4).await);
+        // A zstd frame of 1 MiB of zeros announced as 1 KiB: refused, and the
+        // receiver never holds more than the 1 KiB it was told.
+        let bomb = zstd::bulk::compress(&vec![0u8; CHUNK], 3).unwrap();
+        let wire = [header(true, 1024, bomb.len() as u32), bomb].concat();
+        bad(receive_blocks(&wire, 1024).await);
+        // Garbage where a zstd frame should be.
+        bad(receive_blocks(&[header(true, 100, 10), vec![0xAB; 10]].concat(), 100).await);
+        // A stream that ends inside a block: truncated, not malformed.
+        let r = receive_blocks(&[header(false, 4, 4), b"ab".to_vec()].concat(), 4).await;
+        assert!(
+            matches!(r, Err(TransferError::Truncated { got: 0, .. })),
+            "{r:?}"
+        );
+        // And a well-formed one for contrast.
+        let good = [header(false, 4, 4), b"abcd".to_vec()].concat();
+        assert_eq!(receive_blocks(&good, 4).await.unwrap(), b"abcd");
+    }
+
     #[tokio::test]
     async fn truncated_stream_is_an_error_and_leaves_nothing() {
         let dir = tempfile::tempdir().unwrap();
@@ -929,6 +1501,7 @@ mod tests {
             10,
             incoming.file().unwrap(),
             Start::default(),
+            Encoding::Raw,
             None,
             &|_| {},
             std::future::pending(),
@@ -959,6 +1532,7 @@ mod tests {
             File::open(&src).unwrap(),
             10,
             Start::default(),
+            Framing::RAW,
             None,
             &mut sink,
             &|_| {},

@@ -207,6 +207,7 @@ async fn full_disks_are_reported_on_either_side() {
         },
         force: false,
         resume: false,
+        encoding: qxfer::protocol::Encoding::Raw,
     });
     send.write_all(&encode(&req).unwrap()).await.unwrap();
     assert!(matches!(

@@ -23,8 +23,8 @@ use quinn::{ConnectionError, TransportErrorCode};
 use qxfer::client::{Client, ConnectError};
 use qxfer::endpoint::{client_endpoint, ServerLimits, TransportOpts};
 use qxfer::protocol::{
-    encode, read_frame, EntryKind, ErrorCode, FileMeta, GetRequest, ListRequest, PutRequest,
-    Receipt, Request, Response, Trailer,
+    encode, read_frame, Compression, Encoding, EntryKind, ErrorCode, FileMeta, GetRequest,
+    ListRequest, PutRequest, Receipt, Request, Response, Trailer,
 };
 use qxfer::server::{ServeConfig, PARTIAL_DIR};
 use qxfer::tls::{Fingerprint, PinnedServerVerifier};
@@ -415,6 +415,7 @@ async fn start_raw_put(
         },
         force,
         resume: false,
+        encoding: Encoding::Raw,
     });
     send.write_all(&encode(&req).unwrap()).await.unwrap();
     match read_frame::<_, Response>(&mut recv).await.unwrap() {
@@ -516,6 +517,7 @@ async fn oversized_garbage_truncated_and_silent_headers_are_refused() {
         let frame = encode(&Request::Get(GetRequest {
             path: "some/file".into(),
             resume: None,
+            compression: Compression::Never,
         }))
         .unwrap();
         let msg = raw_refusal(&client, &frame[..frame.len() / 2], true).await;
@@ -560,6 +562,7 @@ async fn raw_put(client: &Client, name: &str, declared: u64, data: &[u8]) -> Rec
         },
         force: false,
         resume: false,
+        encoding: Encoding::Raw,
     });
     send.write_all(&encode(&req).unwrap()).await.unwrap();
     let _ = send.write_all(data).await;
@@ -652,6 +655,7 @@ async fn a_thousand_streams_at_once_are_all_served_within_the_stream_limit() {
                     Request::Get(GetRequest {
                         path: "small.txt".into(),
                         resume: None,
+                        compression: Compression::Never,
                     })
                 } else {
                     Request::List(ListRequest {
@@ -926,6 +930,7 @@ async fn a_put_to_an_existing_name_needs_force() {
             },
             force: false,
             resume: false,
+            encoding: Encoding::Raw,
         });
         send.write_all(&encode(&req).unwrap()).await.unwrap();
         let _ = send.write_all(b"evil!").await;

@@ -162,6 +162,7 @@ pub fn client_config(addr: SocketAddr, config_dir: &Path) -> ClientConfig {
         transport: TransportOpts::default(),
         resume: true,
         limit_rate: None,
+        compression: Default::default(),
     }
 }
 
