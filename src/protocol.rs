@@ -658,6 +658,17 @@ mod tests {
         }
 
         #[test]
+        fn block_headers_decode_only_within_their_limits(
+            bytes in proptest::array::uniform9(proptest::num::u8::ANY)
+        ) {
+            if let Ok(h) = BlockHeader::decode(&bytes) {
+                assert!(h.raw_len >= 1 && h.raw_len <= MAX_BLOCK);
+                assert!(if h.compressed { h.wire_len < h.raw_len } else { h.wire_len == h.raw_len });
+                assert_eq!(h.encode(), bytes);
+            }
+        }
+
+        #[test]
         fn corrupted_valid_frames_never_panic_the_decoders(
             at in 0usize..64, value in proptest::num::u8::ANY, cut in 0usize..64
         ) {

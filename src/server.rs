@@ -312,6 +312,7 @@ async fn handle_connection(
         return;
     };
     info!(client = %fp, "connected");
+    crate::endpoint::tune_receive_window(conn.clone());
     loop {
         match conn.accept_bi().await {
             Ok((send, recv)) => {

@@ -188,12 +188,25 @@ pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static)
 
 /// How a sender puts a file on the wire: the encoding, and whether to try
 /// compressing its blocks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Framing {
     /// Raw bytes or blocks.
     pub encoding: Encoding,
-    /// With blocks: compress each block that shrinks.
-    pub compress: bool,
+    /// With blocks: when to compress each block that shrinks.
+    pub compress: Compressing,
+}
+
+/// When a sender compresses a block.
+#[derive(Debug, Clone)]
+pub enum Compressing {
+    /// Never.
+    No,
+    /// Always (it is still sent raw if it does not shrink).
+    Yes,
+    /// While this connection's path is slower than [`FAST_LINK`], judged
+    /// again for every block: a long file that starts on a cold connection
+    /// stops compressing once the path proves fast.
+    WhenSlow(quinn::Connection),
 }
 
 /// Above this rate (bytes per second) a link counts as fast: compressing
@@ -201,6 +214,11 @@ pub struct Framing {
 /// to 300 MB/s per core here, and the same cores also encrypt, hash and run
 /// the network stack.
 const FAST_LINK: f64 = 100e6;
+
+/// Paths with a round trip shorter than this (loopback, a LAN) count as fast
+/// whatever their window says: early in a connection the window is still
+/// small, and compressing a long file on loopback would halve its speed.
+const LOCAL_RTT: Duration = Duration::from_millis(2);
 
 /// zstd's level: 3 (its default) packs source code 5.8 to 1, within 12% of
 /// zlib level 6 over a whole tree, at several times zlib's speed.
@@ -210,25 +228,34 @@ impl Framing {
     /// Raw bytes, no blocks: what peers that do not compress exchange.
     pub const RAW: Self = Self {
         encoding: Encoding::Raw,
-        compress: false,
+        compress: Compressing::No,
     };
 
     /// The framing for sending under `mode` over `conn`: blocks unless
-    /// compression is off; compression tried when always asked for, or in
-    /// auto mode when the path is slower than [`FAST_LINK`] (its congestion
-    /// window per round trip, the rate it can carry now).
+    /// compression is off.
     pub fn for_sending(mode: Compression, conn: &quinn::Connection) -> Self {
         let compress = match mode {
             Compression::Never => return Self::RAW,
-            Compression::Always => true,
-            Compression::Auto => {
-                let rtt = conn.rtt().as_secs_f64().max(1e-6);
-                (conn.stats().path.cwnd as f64 / rtt) < FAST_LINK
-            }
+            Compression::Always => Compressing::Yes,
+            Compression::Auto => Compressing::WhenSlow(conn.clone()),
         };
         Self {
             encoding: Encoding::Blocks,
             compress,
+        }
+    }
+}
+
+impl Compressing {
+    /// Whether to try compressing the next block.
+    fn now(&self) -> bool {
+        match self {
+            Self::No => false,
+            Self::Yes => true,
+            Self::WhenSlow(conn) => {
+                let rtt = conn.rtt();
+                rtt >= LOCAL_RTT && (conn.stats().path.cwnd as f64 / rtt.as_secs_f64()) < FAST_LINK
+            }
         }
     }
 }
@@ -396,7 +423,7 @@ impl Source {
         if room == 0 {
             return (self, Ok(WireChunk { bytes: buf, raw }));
         }
-        if self.framing.compress {
+        if self.framing.compress.now() {
             if self.skip > 0 {
                 self.skip -= 1;
             } else if let Some(bytes) = compress_block(&buf[room..]) {
@@ -1324,6 +1351,7 @@ mod tests {
     /// Sends `data` framed as `framing` through a pipe and back into a file:
     /// the bytes that crossed, and what the receiver made of them.
     async fn through_pipe(data: &[u8], framing: Framing) -> (usize, Result<Vec<u8>, String>) {
+        let encoding = framing.encoding;
         let dir = tempfile::tempdir().unwrap();
         let src = dir.path().join("src");
         std::fs::write(&src, data).unwrap();
@@ -1352,7 +1380,7 @@ mod tests {
                 size,
                 out,
                 Start::default(),
-                framing.encoding,
+                encoding,
                 None,
                 &|_| {},
                 std::future::pending()
@@ -1401,26 +1429,26 @@ mod tests {
     async fn blocks_compress_what_shrinks_and_send_the_rest_as_it_is() {
         let blocks = Framing {
             encoding: Encoding::Blocks,
-            compress: true,
+            compress: Compressing::Yes,
         };
         // Text-like data shrinks several times over.
         let text: Vec<u8> = (0..3 * CHUNK + 5)
             .map(|i| b"fn main() { println!(\"hi\"); }\n"[i % 30])
             .collect();
-        let (wire, back) = through_pipe(&text, blocks).await;
+        let (wire, back) = through_pipe(&text, blocks.clone()).await;
         assert_eq!(back.unwrap(), text);
         assert!(wire < text.len() / 4, "{wire} bytes for {}", text.len());
         // Random data does not: it goes raw, a header per block more.
         let random: Vec<u8> = (0..3 * CHUNK)
             .map(|i| (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15).to_be_bytes()[3])
             .collect();
-        let (wire, back) = through_pipe(&random, blocks).await;
+        let (wire, back) = through_pipe(&random, blocks.clone()).await;
         assert_eq!(back.unwrap(), random);
         assert!(wire <= random.len() + 3 * BlockHeader::LEN, "{wire}");
         // Blocks without compression, and an empty file.
         let plain = Framing {
             encoding: Encoding::Blocks,
-            compress: false,
+            compress: Compressing::No,
         };
         let (wire, back) = through_pipe(&text, plain).await;
         assert_eq!(back.unwrap(), text);
@@ -1614,6 +1642,52 @@ mod tests {
         make(b"two").unwrap().commit(&meta, true).unwrap();
         assert_eq!(std::fs::read(dir.path().join("dest")).unwrap(), b"two");
         assert_eq!(names(), ["dest"], "no temporary names left behind");
+    }
+
+    #[test]
+    fn concurrent_commits_share_syncs_that_start_after_them() {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        let syncs = Arc::new(AtomicU64::new(0));
+        // Each caller notes when it was called; each sync, when it started.
+        let started = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let key = (u64::MAX, random_u64());
+        let threads: Vec<_> = (0..16)
+            .map(|_| {
+                let (syncs, started) = (syncs.clone(), started.clone());
+                std::thread::spawn(move || {
+                    let called = std::time::Instant::now();
+                    group_sync(key, || {
+                        started.lock().unwrap().push(std::time::Instant::now());
+                        syncs.fetch_add(1, Ordering::SeqCst);
+                        std::thread::sleep(Duration::from_millis(30));
+                        Ok(())
+                    })
+                    .unwrap();
+                    // Some sync that covers this caller started after it was called.
+                    let covered = started.lock().unwrap().iter().any(|&t| t >= called);
+                    assert!(
+                        covered,
+                        "returned before a sync that started after the call"
+                    );
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let n = syncs.load(Ordering::SeqCst);
+        assert!((1..=4).contains(&n), "16 commits took {n} syncs");
+        // A failed sync is reported to the caller that ran it, and the next
+        // caller runs a sync of its own instead of trusting it.
+        let err = group_sync(key, || Err(std::io::Error::other("disk gone")));
+        assert!(err.is_err());
+        let ran = std::sync::atomic::AtomicBool::new(false);
+        group_sync(key, || {
+            ran.store(true, Ordering::SeqCst);
+            Ok(())
+        })
+        .unwrap();
+        assert!(ran.load(Ordering::SeqCst));
     }
 
     #[test]

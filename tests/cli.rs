@@ -201,6 +201,14 @@ fn serve_put_ls_get_end_to_end() {
         .unwrap()
         .iter()
         .any(|f| f["blake3"] == a_hash.as_str()));
+    // Each file's own time, from its request to its commit.
+    for f in report["files"].as_array().unwrap() {
+        let secs = f["seconds"].as_f64().unwrap();
+        assert!(
+            secs > 0.0 && secs <= report["seconds"].as_f64().unwrap(),
+            "{f}"
+        );
+    }
     for name in ["a", "c d", "é"] {
         assert_eq!(
             std::fs::read(dl.join(name)).unwrap(),

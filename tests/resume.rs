@@ -260,13 +260,17 @@ async fn dropped_connections_resume_and_flipped_bytes_are_caught() {
     let cfg = tempfile::tempdir().unwrap();
     let cfg = cfg.path();
 
-    // A dropped connection, then a plain rerun: it continues.
+    // A dropped connection, then a plain rerun: it continues. The client's
+    // upload journal is what tells the rerun to ask for an offer first.
+    let journal = || std::fs::read_dir(cfg.join("uploads")).map_or(0, |d| d.count());
     interrupted_put(&server, cfg, &src, "a", 4 * MIB as u64).await;
+    assert_eq!(journal(), 1, "the interrupted upload is remembered");
     let held = file_len(&partial_path(&server.root));
     let r = put(&server, cfg, &src, "a", true).await;
     assert_eq!((r.blake3, r.resumed_from), (digest, held));
     assert!(r.notes.is_empty(), "{:?}", r.notes);
     assert_eq!(std::fs::read(server.root.join("a")).unwrap(), data);
+    assert_eq!(journal(), 0, "and forgotten once committed");
 
     // One byte flipped in the server's partial: the prefixes differ, the
     // upload starts over, says so, and the result is still right.

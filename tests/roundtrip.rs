@@ -218,3 +218,63 @@ async fn metadata_travels_and_force_overwrites() {
     assert_eq!(std::fs::read(&back).unwrap(), b"new contents");
     client.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compressible_files_travel_compressed_and_arrive_intact() {
+    use qxfer::client::Client;
+    use qxfer::protocol::Compression;
+    let server = TestServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    // 16 MiB of text-like data (it shrinks about 50 times), and 4 MiB of
+    // noise (it does not shrink), in one file.
+    let mut data: Vec<u8> = (0..16 * 1024 * 1024)
+        .map(|i| b"let x = compress(block); // qxfer\n"[i % 34])
+        .collect();
+    data.extend(pattern(4 * 1024 * 1024, 9));
+    let src = dir.path().join("mixed");
+    std::fs::write(&src, &data).unwrap();
+    let digest = *blake3::hash(&data).as_bytes();
+    let cfg = tempfile::tempdir().unwrap();
+    // Bytes this client sent / received while `f` ran.
+    async fn counted<F: std::future::Future<Output = ()>>(c: &Client, f: F) -> (u64, u64) {
+        let before = c.connection().stats();
+        f.await;
+        let after = c.connection().stats();
+        (
+            after.udp_tx.bytes - before.udp_tx.bytes,
+            after.udp_rx.bytes - before.udp_rx.bytes,
+        )
+    }
+    for (mode, compressed) in [(Compression::Always, true), (Compression::Never, false)] {
+        let mut config = server.client_config(cfg.path());
+        config.compression = mode;
+        let client = Client::connect(&config).await.unwrap();
+        let name = format!("{mode:?}");
+        let (sent, _) = counted(&client, async {
+            let r = client.put(&src, &name, true, &|_| {}).await.unwrap();
+            assert_eq!(r.blake3, digest);
+        })
+        .await;
+        assert_eq!(std::fs::read(server.root.join(&name)).unwrap(), data);
+        let back = dir.path().join(format!("back-{name}"));
+        let (_, received) = counted(&client, async {
+            let r = client
+                .get(&name, &back, true, &|_| {}, &|_| {})
+                .await
+                .unwrap();
+            assert_eq!(r.blake3, digest);
+        })
+        .await;
+        assert_eq!(std::fs::read(&back).unwrap(), data);
+        // Compressed, the text costs next to nothing and the noise its size.
+        let limit = if compressed { 6 << 20 } else { 20 << 20 };
+        for (what, n) in [("sent", sent), ("received", received)] {
+            if compressed {
+                assert!(n < limit, "{mode:?}: {what} {n} bytes");
+            } else {
+                assert!(n > limit, "{mode:?}: {what} {n} bytes");
+            }
+        }
+        client.close().await;
+    }
+}

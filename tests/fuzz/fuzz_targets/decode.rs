@@ -1,7 +1,8 @@
 //! Fuzz target: arbitrary bytes through every decoder a peer's data reaches.
 //!
 //! The first byte picks the message type (Request, Response, Receipt,
-//! Trailer, ListBatch, Continue, or a framed Request stream), the rest is a
+//! Trailer, ListBatch, Continue, a framed Request stream, or a data block's
+//! header), the rest is a
 //! frame payload (or, for the framed reader, a whole stream). Decoding must
 //! never panic, never allocate beyond the frame limit, and whatever decodes
 //! must re-encode and decode to the same message. Paths in requests go through the same
@@ -11,7 +12,8 @@
 use libfuzzer_sys::fuzz_target;
 use qxfer::paths::RemotePath;
 use qxfer::protocol::{
-    decode, encode, read_frame, Continue, ListBatch, Receipt, Request, Response, Trailer,
+    decode, encode, read_frame, BlockHeader, Continue, ListBatch, Receipt, Request, Response,
+    Trailer, MAX_BLOCK,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -39,7 +41,7 @@ fuzz_target!(|data: &[u8]| {
     let Some((&which, rest)) = data.split_first() else {
         return;
     };
-    match which % 7 {
+    match which % 8 {
         0 => {
             if let Some(req) = round_trip::<Request>(rest) {
                 let (path, root_ok) = match &req {
@@ -72,6 +74,15 @@ fuzz_target!(|data: &[u8]| {
         5 => {
             round_trip::<Continue>(rest);
         }
-        _ => framed::<Request>(rest),
+        6 => framed::<Request>(rest),
+        _ => {
+            // A block header: it decodes only within its limits, exactly.
+            if let Ok(bytes) = <[u8; BlockHeader::LEN]>::try_from(rest) {
+                if let Ok(h) = BlockHeader::decode(&bytes) {
+                    assert!(h.raw_len >= 1 && h.raw_len <= MAX_BLOCK);
+                    assert_eq!(h.encode(), bytes);
+                }
+            }
+        }
     }
 });
