@@ -41,7 +41,7 @@ use crate::protocol::{
 };
 use crate::tls::{peer_fingerprint, Fingerprint};
 use crate::transfer::{
-    self, blocking, file_meta, to_timestamp, Framing, IncomingFile, Start, TransferError,
+    self, blocking, file_meta, to_timestamp, Buffered, Framing, IncomingFile, Start, TransferError,
 };
 
 /// Default for [`ServeConfig::header_timeout`].
@@ -616,6 +616,14 @@ async fn serve_put(
     recv: &mut RecvStream,
 ) -> Result<(), RemoteError> {
     let path = RemotePath::parse(&req.path, false)?;
+    if !req.resume && req.meta.size < WHOLE_PUT_MAX {
+        let units = req.meta.size.div_ceil(WHOLE_UNIT).max(1) as u32;
+        if let Ok(budget) = WHOLE_PUT_BUDGET.try_acquire_many(units) {
+            let result = serve_whole_put(&req, &path, ctx, send, recv).await;
+            drop(budget);
+            return result;
+        }
+    }
     // Large files go to a partial keyed by who sends which version of what,
     // kept if the upload is interrupted; only one upload may write it at a
     // time, and a newer one (the client retrying) takes over from an older.
@@ -680,6 +688,130 @@ async fn serve_put(
     let _ = write_frame(send, &receipt).await;
     let _ = send.finish();
     Ok(())
+}
+
+/// Uploads smaller than this are read whole into memory before any disk
+/// work, then created, written and committed in one call to the disk pool:
+/// a small file's three trips there (and the task switches around each)
+/// cost more than its bytes. Larger ones stream to disk as they arrive.
+const WHOLE_PUT_MAX: u64 = 256 * 1024;
+
+/// Memory all connections together may hold in whole uploads (in units of
+/// [`WHOLE_UNIT`]); past it, uploads stream instead. A client that sends
+/// slowly holds its share for at most [`RECEIPT_TIMEOUT`].
+static WHOLE_PUT_BUDGET: tokio::sync::Semaphore =
+    tokio::sync::Semaphore::const_new((64 << 20) / WHOLE_UNIT as usize);
+const WHOLE_UNIT: u64 = 4096;
+
+/// A small pipelined upload, read whole before its one trip to the disk:
+/// the checks and the creation of its temporary file come first (and the
+/// answer goes back at once, as for any put), then the data and trailer are
+/// read into memory, and writing, comparing the digest and committing
+/// happen together in one blocking call instead of two, with no task in
+/// between.
+async fn serve_whole_put(
+    req: &PutRequest,
+    path: &RemotePath,
+    ctx: &Ctx,
+    send: &mut SendStream,
+    recv: &mut RecvStream,
+) -> Result<(), RemoteError> {
+    let size = req.meta.size;
+    let root = ctx.config.root_dir.clone();
+    let (p, force, meta) = (path.clone(), req.force, req.meta);
+    let prepared = blocking(move || prepare_put(&root, &p, force, &meta, None, false)).await?;
+    let (incoming, discarded_stale) = match prepared {
+        Prepared::Receive(incoming, _, discarded) => (incoming, discarded),
+        Prepared::Present(digest) => {
+            info!(path = %path, "already there (same size and mtime); nothing to receive");
+            let _ = write_frame(send, &Response::AlreadyThere(digest)).await;
+            let _ = send.finish();
+            let _ = recv.stop(VarInt::from_u32(STOP_REFUSED));
+            return Ok(());
+        }
+    };
+    let offer = PutOffer {
+        offset: 0,
+        prefix: *blake3::hash(b"").as_bytes(),
+        discarded_stale,
+    };
+    write_frame(send, &Response::PutAccepted(offer))
+        .await
+        .map_err(|e| protocol_error(&e))?;
+    let received = async {
+        let data = tokio::time::timeout(RECEIPT_TIMEOUT, Buffered::read(recv, size, req.encoding))
+            .await
+            .map_err(|_| {
+                RemoteError::new(
+                    ErrorCode::Protocol,
+                    format!("'{path}': the data did not arrive within {RECEIPT_TIMEOUT:?}"),
+                )
+            })?
+            .map_err(|e| receive_error(e, path))?;
+        let trailer = read_trailer(recv, path).await?;
+        ctx.config
+            .stats
+            .bytes_received
+            .fetch_add(size, Ordering::Relaxed);
+        let (p, meta) = (path.clone(), req.meta);
+        blocking(move || -> Result<Digest, RemoteError> {
+            let mut file = incoming
+                .file()
+                .map_err(|e| fs_error(&e, &p, "cannot write"))?;
+            let digest = data.write_to(&mut file).map_err(|e| receive_error(e, &p))?;
+            if digest != trailer.digest {
+                return Err(corrupt(&p));
+            }
+            incoming
+                .commit(&meta, force)
+                .map_err(|e| commit_error(e, &p))?;
+            Ok(digest)
+        })
+        .await
+    };
+    let receipt = match received.await {
+        Ok(digest) => {
+            info!(path = %path, bytes = size, "put committed");
+            Receipt::Committed { size, digest }
+        }
+        Err(err) => {
+            info!(path = %path, "put failed: {}", err.message);
+            let _ = recv.stop(VarInt::from_u32(STOP_REFUSED));
+            Receipt::Failed(err)
+        }
+    };
+    let _ = write_frame(send, &receipt).await;
+    let _ = send.finish();
+    Ok(())
+}
+
+/// The error for data that did not arrive as it should.
+fn receive_error(e: TransferError, path: &RemotePath) -> RemoteError {
+    match e {
+        TransferError::Write(ref io) => fs_error(io, path, "cannot write"),
+        other => RemoteError::new(ErrorCode::Protocol, format!("receiving '{path}': {other}")),
+    }
+}
+
+/// The error for data whose BLAKE3 is not the sender's.
+fn corrupt(path: &RemotePath) -> RemoteError {
+    RemoteError::new(
+        ErrorCode::Corrupt,
+        format!("'{path}' arrived corrupted (BLAKE3 mismatch) and was discarded; send it again"),
+    )
+}
+
+/// The error for a commit that failed.
+fn commit_error(e: transfer::CommitError, path: &RemotePath) -> RemoteError {
+    match e {
+        transfer::CommitError::Exists(_) => RemoteError::new(
+            ErrorCode::AlreadyExists,
+            format!(
+                "'{path}' was created on the server during the upload; use --force to overwrite it"
+            ),
+        ),
+        transfer::CommitError::Io { source, .. } => fs_error(&source, path, "cannot commit"),
+    }
 }
 
 /// How long the client may take to answer a resume offer: it hashes the
@@ -932,33 +1064,19 @@ async fn receive_put(
         stop,
     )
     .await;
-    let digest = received.map_err(|e| match e {
-        TransferError::Write(ref io) => fs_error(io, path, "cannot write"),
-        other => RemoteError::new(ErrorCode::Protocol, format!("receiving '{path}': {other}")),
-    })?;
+    let digest = received.map_err(|e| receive_error(e, path))?;
     let trailer: Trailer = read_trailer(recv, path).await?;
     if trailer.digest != digest {
         // Never resume from bytes known to be bad.
         incoming.discard();
-        return Err(RemoteError::new(
-            ErrorCode::Corrupt,
-            format!(
-                "'{path}' arrived corrupted (BLAKE3 mismatch) and was discarded; send it again"
-            ),
-        ));
+        return Err(corrupt(path));
     }
     let meta = req.meta;
     let force = req.force;
     let p = path.clone();
     blocking(move || incoming.commit(&meta, force))
         .await
-        .map_err(|e| match e {
-            transfer::CommitError::Exists(_) => RemoteError::new(
-                ErrorCode::AlreadyExists,
-                format!("'{p}' was created on the server during the upload; use --force to overwrite it"),
-            ),
-            transfer::CommitError::Io { source, .. } => fs_error(&source, &p, "cannot commit"),
-        })?;
+        .map_err(|e| commit_error(e, &p))?;
     Ok(Receipt::Committed {
         size: req.meta.size,
         digest,

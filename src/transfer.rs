@@ -601,6 +601,114 @@ where
     (filled, None)
 }
 
+/// Reads the next piece of a file's data at byte `got` of `size`: a chunk
+/// of raw bytes, or one block. A raw chunk cut short comes back with what
+/// arrived and why it ended; a block cut short is an error (its bytes are of
+/// no use without the rest).
+async fn read_piece<R, F>(
+    input: &mut R,
+    size: u64,
+    got: u64,
+    encoding: Encoding,
+    stop: &mut std::pin::Pin<&mut F>,
+) -> Result<(Piece, usize, Option<Shortfall>), TransferError>
+where
+    R: AsyncRead + Unpin,
+    F: std::future::Future<Output = ()>,
+{
+    let short = |why: Shortfall| match why {
+        Shortfall::Eof => TransferError::Truncated {
+            got,
+            expected: size,
+        },
+        Shortfall::Failed(e) => TransferError::Network(e),
+        Shortfall::Stopped => TransferError::Stopped,
+    };
+    match encoding {
+        Encoding::Raw => {
+            let mut buf = vec![0u8; (size - got).min(CHUNK as u64) as usize];
+            let (n, ended) = fill(input, &mut buf, stop).await;
+            buf.truncate(n);
+            Ok((Piece::Raw(buf), n, ended))
+        }
+        Encoding::Blocks => {
+            let mut head = [0u8; BlockHeader::LEN];
+            if let (_, Some(why)) = fill(input, &mut head, stop).await {
+                return Err(short(why));
+            }
+            let header =
+                BlockHeader::decode(&head).map_err(|e| TransferError::Malformed(e.to_string()))?;
+            let raw_len = header.raw_len as usize;
+            if got + raw_len as u64 > size {
+                return Err(TransferError::Malformed(format!(
+                    "more data than the {size} bytes announced"
+                )));
+            }
+            let mut payload = vec![0u8; header.wire_len as usize];
+            if let (_, Some(why)) = fill(input, &mut payload, stop).await {
+                return Err(short(why));
+            }
+            let piece = if header.compressed {
+                Piece::Zstd { payload, raw_len }
+            } else {
+                Piece::Raw(payload)
+            };
+            Ok((piece, raw_len, None))
+        }
+    }
+}
+
+/// A small file's data, read whole from the stream before any disk work,
+/// so that creating, writing and committing it is one trip to the disk
+/// pool instead of three (see the server's small uploads).
+pub struct Buffered {
+    pieces: Vec<Piece>,
+}
+
+impl Buffered {
+    /// Reads all `size` bytes of a file framed as `encoding`.
+    pub async fn read<R>(
+        input: &mut R,
+        size: u64,
+        encoding: Encoding,
+    ) -> Result<Self, TransferError>
+    where
+        R: AsyncRead + Unpin,
+    {
+        let stop = std::future::pending::<()>();
+        tokio::pin!(stop);
+        let mut pieces = Vec::new();
+        let mut got = 0;
+        while got < size {
+            let (piece, raw, ended) = read_piece(input, size, got, encoding, &mut stop).await?;
+            got += raw as u64;
+            if ended.is_some() {
+                return Err(TransferError::Truncated {
+                    got,
+                    expected: size,
+                });
+            }
+            pieces.push(piece);
+        }
+        Ok(Self { pieces })
+    }
+
+    /// Writes (decompressing as need be) the data to `file`, returning its
+    /// BLAKE3. Blocking.
+    pub fn write_to(self, file: &mut File) -> Result<Digest, TransferError> {
+        let mut hasher = blake3::Hasher::new();
+        for piece in self.pieces {
+            let buf = match piece {
+                Piece::Raw(buf) => buf,
+                Piece::Zstd { payload, raw_len } => decompress_block(&payload, raw_len)?,
+            };
+            file.write_all(&buf).map_err(TransferError::Write)?;
+            hasher.update(&buf);
+        }
+        Ok(*hasher.finalize().as_bytes())
+    }
+}
+
 /// Receives the bytes from `start.offset` up to `size` from `input` into
 /// `file` (positioned at the offset), framed as `encoding` says, and returns
 /// the BLAKE3 digest of the whole file. The data is not synced:
@@ -655,39 +763,9 @@ where
         if got >= size {
             break Ok(());
         }
-        let (piece, raw, ended) = match encoding {
-            Encoding::Raw => {
-                let mut buf = vec![0u8; (size - got).min(CHUNK as u64) as usize];
-                let (n, ended) = fill(input, &mut buf, &mut stop).await;
-                buf.truncate(n);
-                (Piece::Raw(buf), n, ended)
-            }
-            Encoding::Blocks => {
-                let mut head = [0u8; BlockHeader::LEN];
-                if let (_, Some(why)) = fill(input, &mut head, &mut stop).await {
-                    break Err(short(why, got));
-                }
-                let header = match BlockHeader::decode(&head) {
-                    Ok(h) => h,
-                    Err(e) => break Err(TransferError::Malformed(e.to_string())),
-                };
-                let raw_len = header.raw_len as usize;
-                if got + raw_len as u64 > size {
-                    break Err(TransferError::Malformed(format!(
-                        "more data than the {size} bytes announced"
-                    )));
-                }
-                let mut payload = vec![0u8; header.wire_len as usize];
-                if let (_, Some(why)) = fill(input, &mut payload, &mut stop).await {
-                    break Err(short(why, got));
-                }
-                let piece = if header.compressed {
-                    Piece::Zstd { payload, raw_len }
-                } else {
-                    Piece::Raw(payload)
-                };
-                (piece, raw_len, None)
-            }
+        let (piece, raw, ended) = match read_piece(input, size, got, encoding, &mut stop).await {
+            Ok(read) => read,
+            Err(e) => break Err(e),
         };
         progress(raw as u64);
         settle(&mut pending, &mut sink).await?;
