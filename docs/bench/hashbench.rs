@@ -1,8 +1,8 @@
-//! Hashing cost next to transfer cost: reads a file once plainly and once through BLAKE3, as qxfer's disk thread does.
+//! Hashing cost next to transfer cost: reads a file once plainly and once through BLAKE3, as qxfer's disk threads do.
 //!
 //! `cargo run --release --example hashbench -- FILE [RUNS]` prints the
-//! median seconds and GB/s of each pass. docs/bench/loopback.sh runs it on
-//! the same file it transfers, so the figures sit beside put and get times.
+//! median seconds and GB/s of each pass, to set beside the transfer times
+//! of docs/bench/run.
 
 use std::io::Read;
 use std::time::Instant;
