@@ -79,6 +79,9 @@ pub(crate) fn tune_receive_window(conn: quinn::Connection) {
                 if let Ok(w) = VarInt::from_u64(window) {
                     conn.set_receive_window(w);
                 }
+                if window >= u64::from(CONNECTION_RECEIVE_WINDOW) {
+                    return; // as far as it goes
+                }
             }
         }
     });

@@ -645,24 +645,9 @@ async fn serve_put(
     let (p, force, meta, resume) = (path.clone(), req.force, req.meta, req.resume);
     let prepared =
         blocking(move || prepare_put(&root, &p, force, &meta, partial.as_deref(), resume)).await?;
-    let (incoming, start, discarded_stale) = match prepared {
-        Prepared::Receive(incoming, start, discarded) => (incoming, *start, discarded),
-        Prepared::Present(digest) => {
-            info!(path = %path, "already there (same size and mtime); nothing to receive");
-            let _ = write_frame(send, &Response::AlreadyThere(digest)).await;
-            let _ = send.finish();
-            let _ = recv.stop(VarInt::from_u32(STOP_REFUSED));
-            return Ok(());
-        }
+    let Some((incoming, start)) = answer_put(prepared, &path, send, recv).await? else {
+        return Ok(());
     };
-    let offer = PutOffer {
-        offset: start.offset,
-        prefix: start.prefix_digest(),
-        discarded_stale,
-    };
-    write_frame(send, &Response::PutAccepted(offer))
-        .await
-        .map_err(|e| protocol_error(&e))?;
     if start.offset > 0 {
         info!(path = %path, offset = start.offset, "offering to resume");
     }
@@ -720,24 +705,9 @@ async fn serve_whole_put(
     let root = ctx.config.root_dir.clone();
     let (p, force, meta) = (path.clone(), req.force, req.meta);
     let prepared = blocking(move || prepare_put(&root, &p, force, &meta, None, false)).await?;
-    let (incoming, discarded_stale) = match prepared {
-        Prepared::Receive(incoming, _, discarded) => (incoming, discarded),
-        Prepared::Present(digest) => {
-            info!(path = %path, "already there (same size and mtime); nothing to receive");
-            let _ = write_frame(send, &Response::AlreadyThere(digest)).await;
-            let _ = send.finish();
-            let _ = recv.stop(VarInt::from_u32(STOP_REFUSED));
-            return Ok(());
-        }
+    let Some((incoming, _)) = answer_put(prepared, path, send, recv).await? else {
+        return Ok(());
     };
-    let offer = PutOffer {
-        offset: 0,
-        prefix: *blake3::hash(b"").as_bytes(),
-        discarded_stale,
-    };
-    write_frame(send, &Response::PutAccepted(offer))
-        .await
-        .map_err(|e| protocol_error(&e))?;
     let received = async {
         let data = tokio::time::timeout(RECEIPT_TIMEOUT, Buffered::read(recv, size, req.encoding))
             .await
@@ -783,6 +753,36 @@ async fn serve_whole_put(
     let _ = write_frame(send, &receipt).await;
     let _ = send.finish();
     Ok(())
+}
+
+/// Answers a prepared put: `PutAccepted` with what the server holds of it
+/// (and the upload's file and start to receive into), or, if the same file
+/// is already there, `AlreadyThere` and no more (None).
+async fn answer_put(
+    prepared: Prepared,
+    path: &RemotePath,
+    send: &mut SendStream,
+    recv: &mut RecvStream,
+) -> Result<Option<(IncomingFile, Start)>, RemoteError> {
+    let (incoming, start, discarded_stale) = match prepared {
+        Prepared::Receive(incoming, start, discarded) => (incoming, *start, discarded),
+        Prepared::Present(digest) => {
+            info!(path = %path, "already there (same size and mtime); nothing to receive");
+            let _ = write_frame(send, &Response::AlreadyThere(digest)).await;
+            let _ = send.finish();
+            let _ = recv.stop(VarInt::from_u32(STOP_REFUSED));
+            return Ok(None);
+        }
+    };
+    let offer = PutOffer {
+        offset: start.offset,
+        prefix: start.prefix_digest(),
+        discarded_stale,
+    };
+    write_frame(send, &Response::PutAccepted(offer))
+        .await
+        .map_err(|e| protocol_error(&e))?;
+    Ok(Some((incoming, start)))
 }
 
 /// The error for data that did not arrive as it should.

@@ -1385,37 +1385,8 @@ mod tests {
         std::fs::write(&src, &data).unwrap();
         let dest = dir.path().join("dest");
         let incoming = IncomingFile::create(&dest).unwrap();
-        let (mut a, mut b) = tokio::io::duplex(64 * 1024);
-        let size = data.len() as u64;
-        let out = incoming.file().unwrap();
-        let bar = |_: u64| {};
-        let (sent, got) = tokio::join!(
-            async {
-                let d = send_file(
-                    File::open(&src).unwrap(),
-                    size,
-                    Start::default(),
-                    Framing::RAW,
-                    None,
-                    &mut a,
-                    &bar,
-                )
-                .await;
-                drop(a);
-                d
-            },
-            receive_file(
-                &mut b,
-                size,
-                out,
-                Start::default(),
-                Encoding::Raw,
-                None,
-                &bar,
-                std::future::pending()
-            )
-        );
-        assert_eq!(sent.unwrap(), got.unwrap());
+        let (_, got) = pipe(&src, Framing::RAW, incoming.file().unwrap()).await;
+        got.unwrap();
         assert!(!dest.exists(), "nothing under the final name before commit");
         let meta = file_meta(&std::fs::metadata(&src).unwrap());
         incoming.commit(&meta, false).unwrap();
@@ -1426,22 +1397,19 @@ mod tests {
         );
     }
 
-    /// Sends `data` framed as `framing` through a pipe and back into a file:
-    /// the bytes that crossed, and what the receiver made of them.
-    async fn through_pipe(data: &[u8], framing: Framing) -> (usize, Result<Vec<u8>, String>) {
+    /// Sends the file `src` framed as `framing` through a pipe into `out`:
+    /// the bytes that crossed, and the receiver's digest (checked against
+    /// the sender's) or error.
+    async fn pipe(src: &Path, framing: Framing, out: File) -> (usize, Result<Digest, String>) {
         let encoding = framing.encoding;
-        let dir = tempfile::tempdir().unwrap();
-        let src = dir.path().join("src");
-        std::fs::write(&src, data).unwrap();
+        let size = std::fs::metadata(src).unwrap().len();
         let (mut a, mut b) = tokio::io::duplex(256 * 1024);
-        let size = data.len() as u64;
-        let out = File::create(dir.path().join("out")).unwrap();
         let counted = std::sync::atomic::AtomicUsize::new(0);
         let (sent, got) = tokio::join!(
             async {
                 let mut counting = CountingWriter(&mut a, &counted);
                 let d = send_file(
-                    File::open(&src).unwrap(),
+                    File::open(src).unwrap(),
                     size,
                     Start::default(),
                     framing,
@@ -1468,7 +1436,17 @@ mod tests {
         if let Ok(digest) = &got {
             assert_eq!(sent.unwrap(), *digest, "both sides hash the file's bytes");
         }
-        let wire = counted.load(std::sync::atomic::Ordering::Relaxed);
+        (counted.load(std::sync::atomic::Ordering::Relaxed), got)
+    }
+
+    /// Sends `data` framed as `framing` through a pipe and back into a file:
+    /// the bytes that crossed, and what the receiver made of them.
+    async fn through_pipe(data: &[u8], framing: Framing) -> (usize, Result<Vec<u8>, String>) {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        std::fs::write(&src, data).unwrap();
+        let out = File::create(dir.path().join("out")).unwrap();
+        let (wire, got) = pipe(&src, framing, out).await;
         (
             wire,
             got.map(|_| std::fs::read(dir.path().join("out")).unwrap()),
