@@ -185,7 +185,7 @@ pub struct PutArgs {
     #[arg(long, value_name = "DIR")]
     pub to: Option<String>,
     /// Files of 1 MiB or more in flight at once, each on its own stream
-    /// (smaller files go up to 64 at once, without bars of their own).
+    /// (smaller files go up to 512 at once, without bars of their own).
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub parallel: u16,
     /// Overwrite existing remote files.
@@ -214,7 +214,7 @@ pub struct GetArgs {
     #[arg(short, long, value_name = "DIR")]
     pub output: Option<PathBuf>,
     /// Files of 1 MiB or more in flight at once, each on its own stream
-    /// (smaller files go up to 64 at once, without bars of their own).
+    /// (smaller files go up to 512 at once, without bars of their own).
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub parallel: u16,
     /// Overwrite existing local files.
