@@ -653,7 +653,8 @@ impl Client {
         force: bool,
         progress: &Advance<'_>,
     ) -> Result<TransferReport, FileError> {
-        let (file, meta) = open_source(local)?;
+        let path = local.to_owned();
+        let (file, meta) = blocking(move || open_source(&path)).await?;
         // A large file goes in resume mode (offer first) only if an earlier
         // run left it unfinished; see [`UploadJournal`].
         let entry = (self.resume && meta.size >= RESUME_MIN)
@@ -737,10 +738,24 @@ impl Client {
         };
         let resumed_from = start.offset;
         let pace = self.pace.clone();
+        let source_failed = tokio::sync::Notify::new();
         let sending = async {
-            let digest =
+            let sent =
                 transfer::send_file(file, meta.size, start, framing, pace, &mut send, progress)
-                    .await?;
+                    .await;
+            let digest = match sent {
+                Ok(digest) => digest,
+                Err(e) => {
+                    // Our own file failed us (unreadable, shrank, changed):
+                    // tell the server to drop what it has, so it does not
+                    // wait for the rest, and let the other files go on.
+                    if e.is_source_failure() {
+                        let _ = send.reset(VarInt::from_u32(RESET_SOURCE_FAILED));
+                        source_failed.notify_one();
+                    }
+                    return Err(e);
+                }
+            };
             write_frame(&mut send, &Trailer { digest })
                 .await
                 .map_err(|e| match e {
@@ -750,14 +765,29 @@ impl Client {
             let _ = send.finish();
             Ok::<_, TransferError>(digest)
         };
-        // Pipelined, the response arrives while the data goes out.
+        // Pipelined, the response arrives while the data goes out (unless
+        // our own file fails first: then the answer no longer matters).
         let (sent, response) = if resume {
-            (sending.await, Ok(None))
+            (sending.await, None)
         } else {
-            let (sent, response) = tokio::join!(sending, read_frame::<_, Response>(&mut recv));
-            (sent, response.map(Some))
+            tokio::join!(sending, async {
+                tokio::select! {
+                    r = read_frame::<_, Response>(&mut recv) => Some(r),
+                    _ = source_failed.notified() => None,
+                }
+            })
         };
-        match response {
+        let sent = match sent {
+            Err(e) if e.is_source_failure() => {
+                let _ = recv.stop(VarInt::from_u32(STOP_REFUSED));
+                return Err(FileError::Transfer {
+                    path: local.to_owned(),
+                    source: e,
+                });
+            }
+            other => other,
+        };
+        match response.transpose() {
             Ok(None) => {}
             Ok(Some(Response::PutAccepted(offer))) => {
                 if offer.discarded_stale {
@@ -1138,8 +1168,19 @@ fn serialize_hex<S: serde::Serializer>(d: &Digest, s: S) -> Result<S::Ok, S::Err
 }
 
 /// Opens a local file to send and reads its metadata.
+///
+/// Opened without blocking (O_NONBLOCK): opening a FIFO for reading would
+/// otherwise wait for a writer forever; it is refused below as not a
+/// regular file, as the server refuses it.
 fn open_source(local: &Path) -> Result<(File, FileMeta), FileError> {
-    let file = File::open(local).map_err(FileError::local(local))?;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.read(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY);
+    }
+    let file = opts.open(local).map_err(FileError::local(local))?;
     let md = file.metadata().map_err(FileError::local(local))?;
     if !md.is_file() {
         let why = if md.is_dir() {

@@ -45,6 +45,10 @@ pub enum TransferError {
         /// Bytes actually read.
         found: u64,
     },
+    /// The source was modified while it was being read (it grew, or its
+    /// modification or change time moved): what was sent mixes versions.
+    #[error("the file changed while being sent ({0}); nothing was kept: send it again once it stops changing")]
+    ChangedWhileSent(&'static str),
     /// The peer stopped sending before all the data arrived.
     #[error("the connection ended after {got} of {expected} bytes")]
     Truncated {
@@ -62,6 +66,17 @@ pub enum TransferError {
     /// The peer's data did not follow the protocol (a malformed block).
     #[error("malformed data from the peer: {0}")]
     Malformed(String),
+}
+
+impl TransferError {
+    /// Whether the failure is the sender's own file (unreadable, or changed
+    /// while being read), so the peer must be told to drop what it got.
+    pub fn is_source_failure(&self) -> bool {
+        matches!(
+            self,
+            Self::Read(_) | Self::SourceChanged { .. } | Self::ChangedWhileSent(_)
+        )
+    }
 }
 
 /// Whether an I/O error means "no space left" (ENOSPC or EDQUOT).
@@ -389,6 +404,37 @@ struct Source {
     /// without trying.
     misses: u32,
     skip: u32,
+    /// The file's state when sending began, to tell whether it changed
+    /// while it was read.
+    before: Option<Snapshot>,
+}
+
+/// What tells a file's versions apart without reading it: size,
+/// modification time and change time (the latter moves on any write, even
+/// one that restores the mtime).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Snapshot {
+    size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl Snapshot {
+    #[cfg(unix)]
+    fn of(file: &File) -> Option<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let md = file.metadata().ok()?;
+        Some(Self {
+            size: md.len(),
+            mtime: (md.mtime(), md.mtime_nsec()),
+            ctime: (md.ctime(), md.ctime_nsec()),
+        })
+    }
+
+    #[cfg(not(unix))]
+    fn of(_file: &File) -> Option<Self> {
+        None
+    }
 }
 
 /// A chunk ready for the wire: the bytes to send and how many bytes of the
@@ -462,7 +508,34 @@ impl Source {
         }
         self.hasher.update(&buf[room..]);
         self.pos += want as u64;
+        if self.pos >= self.size {
+            self.check_unchanged()?;
+        }
         Ok(buf)
+    }
+
+    /// After the last byte: the file must not have grown, nor been written
+    /// to since sending began (a rewrite in place keeps the size, so the
+    /// read alone cannot tell). Blocking.
+    fn check_unchanged(&mut self) -> Result<(), TransferError> {
+        let mut probe = [0u8; 1];
+        loop {
+            match self.file.read(&mut probe) {
+                Ok(0) => break,
+                Ok(_) => return Err(TransferError::ChangedWhileSent("it grew")),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(TransferError::Read(e)),
+            }
+        }
+        if let (Some(before), Some(after)) = (self.before, Snapshot::of(&self.file)) {
+            if before.size != after.size {
+                return Err(TransferError::ChangedWhileSent("its size changed"));
+            }
+            if before != after {
+                return Err(TransferError::ChangedWhileSent("it was written to"));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -482,7 +555,11 @@ pub async fn send_file<W>(
 where
     W: AsyncWrite + Unpin,
 {
-    let src = Source {
+    let before = Snapshot::of(&file);
+    if before.is_some_and(|b| b.size != size) {
+        return Err(TransferError::ChangedWhileSent("its size changed"));
+    }
+    let mut src = Source {
         file,
         hasher: start.hasher,
         pos: start.offset,
@@ -490,9 +567,16 @@ where
         framing,
         misses: 0,
         skip: 0,
+        before,
     };
     if src.pos >= size {
-        return Ok(*src.hasher.finalize().as_bytes());
+        // Nothing to read (an empty file, or all of it already there):
+        // still, it must not have grown.
+        return blocking(move || {
+            src.check_unchanged()?;
+            Ok(*src.hasher.finalize().as_bytes())
+        })
+        .await;
     }
     let mut pending = src.read_ahead();
     loop {

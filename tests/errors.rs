@@ -359,3 +359,130 @@ async fn a_mount_point_inside_the_root_is_a_clear_error() {
     // Unmount before the server's temp dir is removed.
     drop(unmount);
 }
+
+/// A client whose transfers go at `rate` bytes per second, so a test can
+/// change a source while it is being sent.
+async fn slow_client(server: &TestServer, rate: u64) -> (Client, tempfile::TempDir) {
+    let cfg = tempfile::tempdir().unwrap();
+    let mut config = server.client_config(cfg.path());
+    config.limit_rate = Some(rate);
+    (Client::connect(&config).await.unwrap(), cfg)
+}
+
+/// Puts `src` while `change` runs on it a second in, alongside a small
+/// well-behaved file; returns the big file's error. The batch must end
+/// promptly, the small file must arrive, and nothing may be committed under
+/// the big file's name.
+async fn put_while_changing(change: impl FnOnce(&std::path::Path) + Send + 'static) -> String {
+    use qxfer::client::{run_batch, Direction, Job};
+    use qxfer::progress::Progress;
+    let server = TestServer::start().await;
+    let (client, _cfg) = slow_client(&server, 8 << 20).await;
+    let dir = tempfile::tempdir().unwrap();
+    let big = dir.path().join("big");
+    std::fs::write(&big, pattern(40 << 20, 21)).unwrap();
+    let small = dir.path().join("small");
+    std::fs::write(&small, b"small").unwrap();
+    let jobs = [&big, &small]
+        .into_iter()
+        .map(|p| Job {
+            label: p.display().to_string(),
+            local: p.clone(),
+            remote: p.file_name().unwrap().to_str().unwrap().to_owned(),
+            size_hint: None,
+        })
+        .collect();
+    let target = big.clone();
+    let changer = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        tokio::task::spawn_blocking(move || change(&target))
+            .await
+            .unwrap();
+    });
+    let started = Instant::now();
+    let report = tokio::time::timeout(
+        Duration::from_secs(60),
+        run_batch(&client, Direction::Put, jobs, 4, false, &Progress::hidden()),
+    )
+    .await
+    .expect("the batch must not hang");
+    changer.await.unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "the batch took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(report.done.len(), 1, "the small file still arrives");
+    assert_eq!(std::fs::read(server.root.join("small")).unwrap(), b"small");
+    assert!(!server.root.join("big").exists(), "no mix committed");
+    assert_eq!(report.failed.len(), 1);
+    let msg = report.failed[0].1.to_string();
+    assert!(msg.contains("big"), "the message names the file: {msg}");
+    client.close().await;
+    server.assert_healthy().await;
+    msg
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_that_shrinks_mid_put_fails_that_file_only() {
+    let msg = put_while_changing(|p| {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(p)
+            .unwrap()
+            .set_len(8 << 20)
+            .unwrap()
+    })
+    .await;
+    assert!(msg.contains("shrank"), "{msg}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_rewritten_in_place_mid_put_is_not_committed() {
+    use std::os::unix::fs::FileExt;
+    let msg = put_while_changing(|p| {
+        let f = std::fs::OpenOptions::new().write(true).open(p).unwrap();
+        let mib = vec![0xEE; 1 << 20];
+        f.write_all_at(&mib, 0).unwrap();
+        f.write_all_at(&mib, (40 << 20) - (1 << 20)).unwrap();
+    })
+    .await;
+    assert!(msg.contains("changed while being sent"), "{msg}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_that_grows_mid_put_is_not_cut_silently() {
+    let msg = put_while_changing(|p| {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new().append(true).open(p).unwrap();
+        f.write_all(&[1u8; 4096]).unwrap();
+    })
+    .await;
+    assert!(msg.contains("changed while being sent"), "{msg}");
+}
+
+#[tokio::test]
+async fn putting_a_fifo_fails_at_once() {
+    let server = TestServer::start().await;
+    let (client, _cfg) = server.client().await;
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("pipe");
+    let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: mkfifo reads a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+    let started = Instant::now();
+    let err = tokio::time::timeout(
+        Duration::from_secs(5),
+        client.put(&fifo, "pipe", false, &|_| {}),
+    )
+    .await
+    .expect("a put of a FIFO must not hang")
+    .unwrap_err();
+    assert!(
+        err.to_string().contains("not a regular file"),
+        "{err} after {:?}",
+        started.elapsed()
+    );
+    assert!(tree(&server.root).is_empty());
+    client.close().await;
+}
