@@ -22,6 +22,7 @@ pub mod paths;
 pub mod progress;
 pub mod protocol;
 pub mod server;
+mod space;
 pub mod tls;
 pub mod transfer;
 pub mod tree;

@@ -39,6 +39,7 @@ use crate::protocol::{
     ErrorCode, FileMeta, FrameError, GetOffer, GetRequest, ListBatch, ListRequest, MkdirRequest,
     PutOffer, PutRequest, Receipt, RemoteError, Request, Response, Trailer, MAX_FRAME, RESUME_MIN,
 };
+use crate::space::{Reservation, Space};
 use crate::tls::{peer_fingerprint, Fingerprint};
 use crate::transfer::{
     self, blocking, file_meta, to_timestamp, Buffered, Framing, IncomingFile, Start, TransferError,
@@ -91,6 +92,8 @@ pub struct ServeConfig {
     pub partial_ttl: Duration,
     /// Byte counters, for logs and tests.
     pub stats: Arc<ServeStats>,
+    /// Disk space reserved by uploads in flight.
+    pub(crate) space: Arc<Space>,
 }
 
 /// Default for [`ServeConfig::partial_ttl`].
@@ -155,6 +158,7 @@ impl ServeConfig {
             max_header_size: MAX_FRAME,
             partial_ttl: DEFAULT_PARTIAL_TTL,
             stats: Arc::default(),
+            space: Arc::default(),
         })
     }
 }
@@ -643,9 +647,11 @@ async fn serve_put(
     };
     let root = ctx.config.root_dir.clone();
     let (p, force, meta, resume) = (path.clone(), req.force, req.meta, req.resume);
+    let space = ctx.config.space.clone();
     let prepared =
-        blocking(move || prepare_put(&root, &p, force, &meta, partial.as_deref(), resume)).await?;
-    let Some((incoming, start)) = answer_put(prepared, &path, send, recv).await? else {
+        blocking(move || prepare_put(&root, &p, force, &meta, partial.as_deref(), resume, &space))
+            .await?;
+    let Some((incoming, start, reserved)) = answer_put(prepared, &path, send, recv).await? else {
         return Ok(());
     };
     if start.offset > 0 {
@@ -658,7 +664,12 @@ async fn serve_put(
             None => std::future::pending().await,
         }
     };
-    let receipt = match receive_put(&req, &path, incoming, start, recv, ctx, stop).await {
+    let upload = Upload {
+        incoming,
+        start,
+        reserved,
+    };
+    let receipt = match receive_put(&req, &path, upload, recv, ctx, stop).await {
         Ok(receipt) => {
             info!(path = %path, bytes = req.meta.size, "put committed");
             receipt
@@ -704,8 +715,11 @@ async fn serve_whole_put(
     let size = req.meta.size;
     let root = ctx.config.root_dir.clone();
     let (p, force, meta) = (path.clone(), req.force, req.meta);
-    let prepared = blocking(move || prepare_put(&root, &p, force, &meta, None, false)).await?;
-    let Some((incoming, _)) = answer_put(prepared, path, send, recv).await? else {
+    let space = ctx.config.space.clone();
+    let prepared =
+        blocking(move || prepare_put(&root, &p, force, &meta, None, false, &space)).await?;
+    // The reservation is held until the commit, however this ends.
+    let Some((incoming, _, _reserved)) = answer_put(prepared, path, send, recv).await? else {
         return Ok(());
     };
     let received = async {
@@ -763,9 +777,11 @@ async fn answer_put(
     path: &RemotePath,
     send: &mut SendStream,
     recv: &mut RecvStream,
-) -> Result<Option<(IncomingFile, Start)>, RemoteError> {
-    let (incoming, start, discarded_stale) = match prepared {
-        Prepared::Receive(incoming, start, discarded) => (incoming, *start, discarded),
+) -> Result<Option<(IncomingFile, Start, Reservation)>, RemoteError> {
+    let (incoming, start, discarded_stale, reserved) = match prepared {
+        Prepared::Receive(incoming, start, discarded, reserved) => {
+            (incoming, *start, discarded, reserved)
+        }
         Prepared::Present(digest) => {
             info!(path = %path, "already there (same size and mtime); nothing to receive");
             let _ = write_frame(send, &Response::AlreadyThere(digest)).await;
@@ -782,7 +798,7 @@ async fn answer_put(
     write_frame(send, &Response::PutAccepted(offer))
         .await
         .map_err(|e| protocol_error(&e))?;
-    Ok(Some((incoming, start)))
+    Ok(Some((incoming, start, reserved)))
 }
 
 /// The error for data that did not arrive as it should.
@@ -847,8 +863,9 @@ const PART_PREFIX: &str = "part-";
 
 /// What a put will do.
 enum Prepared {
-    /// Receive into this file from this start; whether a stale partial went.
-    Receive(IncomingFile, Box<Start>, bool),
+    /// Receive into this file from this start; whether a stale partial
+    /// went; the disk space held for it.
+    Receive(IncomingFile, Box<Start>, bool, Reservation),
     /// The file is already there (same size and mtime); its BLAKE3.
     Present(Digest),
 }
@@ -864,6 +881,7 @@ fn prepare_put(
     meta: &FileMeta,
     partial: Option<&str>,
     resume: bool,
+    space: &Arc<Space>,
 ) -> Result<Prepared, RemoteError> {
     let (size, meta_mtime) = (meta.size, meta.mtime);
     let name = path.file_name().expect("a put path is never the root");
@@ -915,7 +933,7 @@ fn prepare_put(
     let Some(partial) = partial else {
         // Not resumable: an anonymous temporary in the destination directory
         // where the system allows, else a named one in the partial store.
-        check_free_space(&dest_dir, size, path)?;
+        let reserved = reserve_space(space, &dest_dir, size, path)?;
         let anonymous = IncomingFile::create_anonymous(
             dest_dir.try_clone().map_err(creating)?,
             name,
@@ -930,7 +948,7 @@ fn prepare_put(
                     .map_err(|e| fs_error(&e, path, "cannot create"))?
             }
         };
-        return Ok(Prepared::Receive(incoming, Box::default(), false));
+        return Ok(Prepared::Receive(incoming, Box::default(), false, reserved));
     };
     let store = partial_store(root).map_err(creating)?;
     // Partials of other versions of this upload (the source changed) go.
@@ -955,11 +973,12 @@ fn prepare_put(
         incoming.restart()
     }
     .map_err(creating)?;
-    check_free_space(&store_fs, size - start.offset, path)?;
+    let reserved = reserve_space(space, &store_fs, size - start.offset, path)?;
     Ok(Prepared::Receive(
         incoming,
         Box::new(start),
         discarded_stale,
+        reserved,
     ))
 }
 
@@ -1001,31 +1020,46 @@ fn partial_store(root: &Dir) -> io::Result<Dir> {
 }
 
 /// Refuses a put that cannot fit, before any byte is written: the space
-/// available to the server's user (statvfs f_bavail) must hold the file.
-fn check_free_space(dir: &Dir, size: u64, path: &RemotePath) -> Result<(), RemoteError> {
-    #[cfg(unix)]
-    if let Ok(st) = rustix::fs::fstatvfs(dir) {
-        let free = st.f_bavail.saturating_mul(st.f_frsize);
-        if size > free {
-            return Err(RemoteError::new(
-                ErrorCode::NoSpace,
-                format!("'{path}' needs {size} bytes but the server has only {free} bytes free; free space there and retry"),
-            ));
-        }
-    }
-    Ok(())
+/// available to the server's user (statvfs f_bavail), less what uploads in
+/// flight will still write, must hold what this one will write.
+fn reserve_space(
+    space: &Arc<Space>,
+    dir: &Dir,
+    size: u64,
+    path: &RemotePath,
+) -> Result<Reservation, RemoteError> {
+    space.reserve(dir, size).map_err(|no| {
+        RemoteError::new(
+            ErrorCode::NoSpace,
+            format!(
+                "'{path}' needs {} bytes but the server has only {} bytes free (uploads in flight included); free space there and retry",
+                no.needed, no.free
+            ),
+        )
+    })
+}
+
+/// An accepted upload: where it goes, where its data starts, the disk space held for it.
+struct Upload {
+    incoming: IncomingFile,
+    start: Start,
+    reserved: Reservation,
 }
 
 async fn receive_put(
     req: &PutRequest,
     path: &RemotePath,
-    incoming: IncomingFile,
-    mut start: Start,
+    upload: Upload,
     recv: &mut RecvStream,
     ctx: &Ctx,
     stop: impl Future<Output = ()>,
 ) -> Result<Receipt, RemoteError> {
     let writing = |e: io::Error| fs_error(&e, path, "cannot write");
+    let Upload {
+        incoming,
+        mut start,
+        reserved,
+    } = upload;
     if req.resume {
         // The client has compared prefixes and says where its data starts.
         let answer = tokio::time::timeout(
@@ -1060,11 +1094,22 @@ async fn receive_put(
         None,
         &|n| {
             stats.bytes_received.fetch_add(n, Ordering::Relaxed);
+            reserved.wrote(n);
         },
         stop,
     )
     .await;
-    let digest = received.map_err(|e| receive_error(e, path))?;
+    let digest = match received {
+        Ok(digest) => digest,
+        Err(e) => {
+            // What a full disk cut short is not kept for a resume: its bytes
+            // are the space the next upload (or this one's retry) needs.
+            if matches!(&e, TransferError::Write(io) if transfer::is_disk_full(io)) {
+                incoming.discard();
+            }
+            return Err(receive_error(e, path));
+        }
+    };
     let trailer: Trailer = read_trailer(recv, path).await?;
     if trailer.digest != digest {
         // Never resume from bytes known to be bad.

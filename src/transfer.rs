@@ -1108,7 +1108,21 @@ impl IncomingFile {
     /// syncs, and renames the temporary to the destination: atomically
     /// replacing it if `overwrite`, else failing if it exists (renameat2 with
     /// RENAME_NOREPLACE, so there is no check-then-rename race).
+    ///
+    /// A commit refused because the name exists frees the partial (a resumed
+    /// upload would be refused the same way), as does one that ran out of
+    /// space (its bytes are the space the next upload needs).
     pub fn commit(mut self, meta: &FileMeta, overwrite: bool) -> Result<(), CommitError> {
+        let result = self.try_commit(meta, overwrite);
+        match &result {
+            Err(CommitError::Exists(_)) => self.keep = false,
+            Err(CommitError::Io { source, .. }) if is_disk_full(source) => self.keep = false,
+            _ => {}
+        }
+        result
+    }
+
+    fn try_commit(&mut self, meta: &FileMeta, overwrite: bool) -> Result<(), CommitError> {
         let label = self.label.clone();
         let io = |source| CommitError::Io {
             path: label.clone(),

@@ -486,3 +486,81 @@ async fn putting_a_fifo_fails_at_once() {
     assert!(tree(&server.root).is_empty());
     client.close().await;
 }
+
+/// Bytes held in a server root's partial store.
+fn partial_bytes(root: &std::path::Path) -> u64 {
+    std::fs::read_dir(root.join(qxfer::server::PARTIAL_DIR))
+        .map(|d| d.flatten().map(|e| e.metadata().unwrap().len()).sum())
+        .unwrap_or(0)
+}
+
+/// Puts `(local, remote)` from two slow clients at once; returns both results.
+async fn two_slow_puts(
+    server: &TestServer,
+    a: (&std::path::Path, &str),
+    b: (&std::path::Path, &str),
+) -> [Result<(), qxfer::client::FileError>; 2] {
+    let (one, _c1) = slow_client(server, 16 << 20).await;
+    let (two, _c2) = slow_client(server, 16 << 20).await;
+    let (r1, r2) = tokio::join!(
+        one.put(a.0, a.1, false, &|_| {}),
+        two.put(b.0, b.1, false, &|_| {})
+    );
+    one.close().await;
+    two.close().await;
+    [r1.map(drop), r2.map(drop)]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_that_do_not_fit_together_leave_the_server_usable() {
+    let Some(disk) = TinyDisk::mount("48m") else {
+        return;
+    };
+    let root = disk.dir.path().join("root");
+    let server = TestServer::start_in(tempfile::tempdir().unwrap(), &root).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    std::fs::write(&a, pattern(28 << 20, 31)).unwrap();
+    std::fs::write(&b, pattern(28 << 20, 32)).unwrap();
+
+    // Each fits alone, not both: the second is refused up front, counting
+    // what the first will still write, and the first completes.
+    let results = two_slow_puts(&server, (&a, "a"), (&b, "b")).await;
+    let failed: Vec<_> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+    assert_eq!(failed.len(), 1, "{results:?}");
+    let msg = failed[0].to_string();
+    assert!(msg.contains("free"), "{msg}");
+    assert_eq!(tree(&server.root).len(), 1, "{:?}", tree(&server.root));
+    assert_eq!(partial_bytes(&server.root), 0, "no partial holds the disk");
+
+    // Nothing is wedged: a small put goes through at once.
+    let (client, _cfg) = server.client().await;
+    let tiny = dir.path().join("tiny");
+    std::fs::write(&tiny, b"6 byte").unwrap();
+    client.put(&tiny, "tiny", false, &|_| {}).await.unwrap();
+    client.close().await;
+    server.assert_healthy().await;
+    drop(server);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_loser_of_a_no_clobber_race_frees_its_partial() {
+    let server = TestServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    std::fs::write(&a, pattern(16 << 20, 33)).unwrap();
+    std::fs::write(&b, pattern(16 << 20, 34)).unwrap();
+    let results = two_slow_puts(&server, (&a, "same"), (&b, "same")).await;
+    let failed: Vec<_> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+    assert_eq!(failed.len(), 1, "{results:?}");
+    let msg = failed[0].to_string();
+    assert!(msg.contains("--force"), "{msg}");
+    let stored = std::fs::read(server.root.join("same")).unwrap();
+    assert!(stored == std::fs::read(&a).unwrap() || stored == std::fs::read(&b).unwrap());
+    assert_eq!(
+        partial_bytes(&server.root),
+        0,
+        "the refused upload's partial is gone"
+    );
+    server.assert_healthy().await;
+}
