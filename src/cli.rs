@@ -89,8 +89,9 @@ pub struct ServeArgs {
     /// Time a client has to send its request after opening a stream.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub header_timeout: Duration,
-    /// Delete interrupted uploads (kept for resuming) untouched for this long.
-    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    /// Delete interrupted uploads (kept for resuming) untouched for this
+    /// long; at least 1m (the sweep runs that often at most).
+    #[arg(long, default_value = "24h", value_parser = parse_partial_ttl)]
     pub partial_ttl: Duration,
     /// Largest request header accepted, in bytes.
     #[arg(long, default_value_t = MAX_FRAME as u32, value_parser = clap::value_parser!(u32).range(1024..=MAX_FRAME as i64))]
@@ -116,6 +117,17 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+/// Parses `--partial-ttl`: a duration of at least a minute. Shorter ones
+/// would sweep the partial store many times a second and delete what a
+/// client is about to resume after a brief outage.
+fn parse_partial_ttl(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d < Duration::from_secs(60) {
+        return Err("must be at least 1m".into());
+    }
+    Ok(d)
+}
+
 /// Options every client command takes.
 #[derive(Debug, Args)]
 pub struct ClientArgs {
@@ -125,6 +137,11 @@ pub struct ClientArgs {
     /// Accept only a server with this fingerprint (SHA256:..., as `qxfer serve` prints).
     #[arg(long, value_name = "SHA256:...")]
     pub pin: Option<Fingerprint>,
+    /// Give up on a request the server has not answered in this long (more
+    /// for files it must hash first), like rsync's --timeout: a server that
+    /// is stuck keeps its connection alive, so only this ends the wait.
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
+    pub timeout: Duration,
     #[command(flatten)]
     pub transport: TransportOpts,
 }
@@ -460,6 +477,7 @@ async fn connect(
         resume: !transfer.is_some_and(|t| t.no_resume),
         limit_rate: transfer.and_then(|t| t.limit_rate),
         compression: transfer.map_or(Compression::Auto, |t| t.compress),
+        reply_timeout: args.timeout,
     };
     let client = Client::connect(&config).await?;
     if let (Some((fp, file)), false) = (&client.first_contact, quiet) {

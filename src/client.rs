@@ -66,6 +66,8 @@ pub struct ClientConfig {
     pub limit_rate: Option<u64>,
     /// Whether files may travel compressed (`--compress`).
     pub compression: Compression,
+    /// How long to wait for the server's answer to a request (`--timeout`).
+    pub reply_timeout: Duration,
 }
 
 /// Why no connection was made.
@@ -437,6 +439,7 @@ pub struct Client {
     resume: bool,
     pace: Option<Arc<Pacer>>,
     compression: Compression,
+    reply_timeout: Duration,
     /// Set when this connection was the first contact and the fingerprint was
     /// added to known_hosts.
     pub first_contact: Option<(Fingerprint, PathBuf)>,
@@ -583,6 +586,7 @@ impl Client {
             resume: config.resume,
             pace: config.limit_rate.map(|r| Arc::new(Pacer::new(r))),
             compression: config.compression,
+            reply_timeout: config.reply_timeout,
             first_contact,
         })
     }
@@ -662,18 +666,22 @@ impl Client {
         let resume = match &entry {
             None => false,
             Some(None) => true,
-            Some(Some(path)) => path.exists() || std::fs::write(path, b"").is_err(),
+            Some(Some(path)) => {
+                let path = path.clone();
+                blocking(move || path.exists() || std::fs::write(path, b"").is_err()).await
+            }
         };
-        let finished = || {
+        let finished = || async {
             if let Some(Some(path)) = &entry {
-                let _ = std::fs::remove_file(path);
+                let path = path.clone();
+                blocking(move || std::fs::remove_file(path)).await.ok();
             }
         };
         let result = self
             .put_with(local, remote, force, progress, file, meta, resume)
             .await;
         if result.is_ok() {
-            finished();
+            finished().await;
         }
         result
     }
@@ -701,7 +709,7 @@ impl Client {
         write_frame(&mut send, &request).await?;
         let mut notes = Vec::new();
         let (file, start) = if resume {
-            let offer = match read_frame::<_, Response>(&mut recv).await? {
+            let offer = match reply::<Response>(&mut recv, self.within(meta.size)).await? {
                 Response::PutAccepted(offer) => offer,
                 Response::AlreadyThere(digest) => {
                     return already_on_server(local, remote, meta.size, digest).await
@@ -772,7 +780,7 @@ impl Client {
         } else {
             tokio::join!(sending, async {
                 tokio::select! {
-                    r = read_frame::<_, Response>(&mut recv) => Some(r),
+                    r = reply::<Response>(&mut recv, self.within(meta.size)) => Some(r),
                     _ = source_failed.notified() => None,
                 }
             })
@@ -813,7 +821,7 @@ impl Client {
             }
         }
         // Even when sending failed, the receipt usually says why (full disk...).
-        let receipt = read_frame::<_, Receipt>(&mut recv).await;
+        let receipt = reply::<Receipt>(&mut recv, self.receipt_within(meta.size)).await;
         match (receipt, sent) {
             (Ok(Receipt::Failed(e)), _) => Err(e.into()),
             (_, Err(source)) => Err(FileError::Transfer {
@@ -873,7 +881,8 @@ impl Client {
         on_start: &Advance<'_>,
         progress: &Advance<'_>,
     ) -> Result<TransferReport, FileError> {
-        if check_local_dest(dest, force)? {
+        let d = dest.to_owned();
+        if blocking(move || check_local_dest(&d, force)).await? {
             return self.already_here(remote, dest).await;
         }
         let small = size_hint.is_some_and(|s| s < RESUME_MIN);
@@ -896,11 +905,17 @@ impl Client {
             compression: self.compression,
         });
         write_frame(&mut send, &request).await?;
-        let offer = match read_frame::<_, Response>(&mut recv).await? {
+        let offer = match reply::<Response>(&mut recv, self.within(start.offset)).await? {
             Response::GetAccepted(offer) => offer,
             Response::Refused(e) => return Err(e.into()),
             other => return Err(unexpected(&other)),
         };
+        if offer.offset > offer.meta.size {
+            return Err(FileError::Protocol(format!(
+                "the server offered to continue {remote} at byte {} of a {}-byte file",
+                offer.offset, offer.meta.size
+            )));
+        }
         let mut notes = Vec::new();
         let start = if offer.offset == start.offset {
             start
@@ -963,7 +978,9 @@ impl Client {
     /// finds its whole BLAKE3 equal to the prefix we send, which is all of
     /// our file), else the usual "exists, use --force" error.
     async fn already_here(&self, remote: &str, dest: &Path) -> Result<TransferReport, FileError> {
-        let size = std::fs::metadata(dest)
+        let d = dest.to_owned();
+        let size = blocking(move || std::fs::metadata(d))
+            .await
             .map_err(FileError::local(dest))?
             .len();
         let ours = hash_file(dest).await?;
@@ -977,14 +994,14 @@ impl Client {
             compression: Compression::Never,
         });
         write_frame(&mut send, &request).await?;
-        let offer = match read_frame::<_, Response>(&mut recv).await? {
+        let offer = match reply::<Response>(&mut recv, self.within(size)).await? {
             Response::GetAccepted(offer) => offer,
             Response::Refused(e) => return Err(e.into()),
             other => return Err(unexpected(&other)),
         };
         let same = offer.offset == size && offer.meta.size == size;
         let theirs = if same {
-            Some(read_frame::<_, Trailer>(&mut recv).await?.digest)
+            Some(reply::<Trailer>(&mut recv, self.within(size)).await?.digest)
         } else {
             None
         };
@@ -1025,7 +1042,7 @@ impl Client {
         });
         write_frame(&mut send, &request).await?;
         let _ = send.finish();
-        match read_frame::<_, Response>(&mut recv).await? {
+        match reply::<Response>(&mut recv, self.reply_timeout).await? {
             Response::MkdirDone => Ok(()),
             Response::Refused(e) => Err(e.into()),
             other => Err(unexpected(&other)),
@@ -1043,15 +1060,30 @@ impl Client {
         )
         .await?;
         let _ = send.finish();
-        match read_frame::<_, Response>(&mut recv).await? {
+        // The server walks a whole tree before it answers a recursive listing.
+        let first = if recursive {
+            5 * self.reply_timeout
+        } else {
+            self.reply_timeout
+        };
+        match reply::<Response>(&mut recv, first).await? {
             Response::ListAccepted => {}
             Response::Refused(e) => return Err(e.into()),
             other => return Err(unexpected(&other)),
         }
         let mut entries = Vec::new();
+        let mut name_bytes = 0;
         loop {
-            let batch: ListBatch = read_frame(&mut recv).await?;
+            let batch: ListBatch = reply(&mut recv, self.reply_timeout).await?;
+            name_bytes += batch.entries.iter().map(|e| e.name.len()).sum::<usize>();
             entries.extend(batch.entries);
+            if entries.len() > MAX_LIST_ENTRIES || name_bytes > MAX_LIST_NAME_BYTES {
+                let _ = recv.stop(VarInt::from_u32(STOP_REFUSED));
+                return Err(FileError::Protocol(format!(
+                    "the listing of '{path}' has more than {MAX_LIST_ENTRIES} entries or {} MiB of names; list or fetch its subdirectories one at a time",
+                    MAX_LIST_NAME_BYTES >> 20
+                )));
+            }
             if !batch.more {
                 return Ok(entries);
             }
@@ -1082,6 +1114,54 @@ fn refusal(e: &ConnectionError, server: &str, fingerprint: Fingerprint) -> Optio
         _ => None,
     }
 }
+
+/// How long the server may take to answer a request, beyond the time to
+/// hash `size` bytes at a slow disk's 50 MiB/s (it may hash an existing
+/// copy, or the part it holds, before it answers). Keep-alives hold the
+/// connection open while a server's process is stuck, so without this a
+/// request it never answered would hang the client forever.
+fn reply_timeout(base: Duration, size: u64) -> Duration {
+    base + Duration::from_secs(size / (50 << 20))
+}
+
+/// Default for [`ClientConfig::reply_timeout`].
+pub const DEFAULT_REPLY_TIMEOUT: Duration = Duration::from_secs(60);
+
+impl Client {
+    /// How long the answer to a request about `size` bytes may take.
+    fn within(&self, size: u64) -> Duration {
+        reply_timeout(self.reply_timeout, size)
+    }
+
+    /// How long a receipt may take after the data: the server syncs the file first.
+    fn receipt_within(&self, size: u64) -> Duration {
+        self.reply_timeout + self.within(size)
+    }
+}
+
+/// Reads the server's next message, failing if it does not come `within`.
+async fn reply<T: serde::de::DeserializeOwned>(
+    recv: &mut RecvStream,
+    within: Duration,
+) -> Result<T, FrameError> {
+    tokio::time::timeout(within, read_frame::<_, T>(recv))
+        .await
+        .unwrap_or_else(|_| {
+            Err(FrameError::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "no answer within {} s (the server may be overloaded or stuck); rerun the command to resume",
+                    within.as_secs()
+                ),
+            )))
+        })
+}
+
+/// Most entries a recursive listing may hold, and most bytes of names (the
+/// server's own limits): a hostile or broken server cannot make the client
+/// buffer without end.
+const MAX_LIST_ENTRIES: usize = 1_000_000;
+const MAX_LIST_NAME_BYTES: usize = 64 << 20;
 
 /// One connection attempt to one address, with the unreachable timeout.
 async fn attempt(
@@ -1353,7 +1433,7 @@ async fn receive_get(
             source: other,
         },
     })?;
-    let trailer: Trailer = read_frame(recv).await?;
+    let trailer: Trailer = reply(recv, transfer::STALL_TIMEOUT).await?;
     if trailer.digest != digest {
         // Never resume from bytes known to be bad.
         incoming.discard();
@@ -1466,13 +1546,22 @@ pub async fn run_batch(
     let queued = jobs.len();
     progress.set_status(format!("0/{queued} files"));
     let (mut small, mut large) = (Vec::new(), Vec::new());
-    for job in jobs {
-        // A put's size is known up front, so the total bar is right from the
-        // start; a get learns its size from the server's answer.
-        let size = match direction {
-            Direction::Put => std::fs::metadata(&job.local).map(|m| m.len()).ok(),
-            Direction::Get => job.size_hint,
-        };
+    // A put's size is known up front, so the total bar is right from the
+    // start; a get learns its size from the server's answer. The stats run
+    // off the async threads (a slow or hung filesystem must not stall them).
+    let sized = blocking(move || {
+        jobs.into_iter()
+            .map(|job| {
+                let size = match direction {
+                    Direction::Put => std::fs::metadata(&job.local).map(|m| m.len()).ok(),
+                    Direction::Get => job.size_hint,
+                };
+                (job, size)
+            })
+            .collect::<Vec<_>>()
+    })
+    .await;
+    for (job, size) in sized {
         if direction == Direction::Put {
             progress.add_total(size.unwrap_or(0));
         }

@@ -555,7 +555,11 @@ fn sweep_partials(root: &Dir, ttl: Duration, partials: &Partials) -> io::Result<
             .ok()
             .and_then(|m| now.duration_since(m.into_std()).ok())
             .unwrap_or_default();
-        if age > ttl && !partials.in_use(&name) && store.remove_file(&*name).is_ok() {
+        if age > ttl
+            && !partials.in_use(&name)
+            && !(md.is_file() && transfer::is_being_written(&store, &name))
+            && store.remove_file(&*name).is_ok()
+        {
             removed += 1;
         }
     }
@@ -1326,20 +1330,30 @@ fn list(root: &Dir, path: &RemotePath, recursive: bool) -> Result<Vec<Entry>, Re
 fn walk_tree(dir: Dir, path: &RemotePath) -> Result<Vec<Entry>, RemoteError> {
     let mut out = Vec::new();
     let mut name_bytes = 0;
-    // (directory handle, its path relative to the listed one)
-    let mut stack = vec![(dir, String::new())];
-    while let Some((dir, prefix)) = stack.pop() {
-        for (name, md) in visible_entries(&dir, path)? {
+    // (directory handle, its path relative to the listed one, its path for messages)
+    let mut stack = vec![(dir, String::new(), path.clone())];
+    while let Some((dir, prefix, shown)) = stack.pop() {
+        // One that cannot be read fails the listing: a `get -r` must not
+        // report success with a subtree silently missing.
+        for (name, md) in visible_entries(&dir, &shown)? {
             let full = if prefix.is_empty() {
                 name.clone()
             } else {
                 format!("{prefix}/{name}")
             };
             if md.is_dir() {
+                let joined = match path.to_string() {
+                    p if p.is_empty() => full.clone(),
+                    p => format!("{p}/{full}"),
+                };
+                let sub = RemotePath::parse(&joined, false).unwrap_or_else(|_| path.clone());
                 // open_dir_nofollow: a directory swapped for a link since
-                // the lstat is refused, not followed.
-                if let Ok(sub) = dir.open_dir_nofollow(&name) {
-                    stack.push((sub, full.clone()));
+                // the lstat is refused, not followed. One deleted meanwhile
+                // is simply gone.
+                match dir.open_dir_nofollow(&name) {
+                    Ok(handle) => stack.push((handle, full.clone(), sub)),
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(fs_error(&e, &sub, "cannot list")),
                 }
             }
             name_bytes += full.len();
@@ -1401,8 +1415,11 @@ fn visible_entries(
         if name.starts_with(RESERVED_PREFIX) {
             continue;
         }
-        if let Ok(md) = dir.symlink_metadata(item.file_name()) {
-            out.push((name, md));
+        match dir.symlink_metadata(item.file_name()) {
+            Ok(md) => out.push((name, md)),
+            // Deleted since the directory was read: not part of the listing.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(listing(e)),
         }
     }
     Ok(out)
@@ -1425,5 +1442,61 @@ fn entry(name: String, md: &cap_std::fs::Metadata) -> Entry {
         mode: Some(cap_std::fs::PermissionsExt::mode(&md.permissions()) & 0o7777),
         size: md.len(),
         mtime: md.modified().ok().and_then(|t| to_timestamp(t.into_std())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Sets a file's mtime `ago` in the past.
+    fn age(dir: &Dir, name: &str, ago: Duration) {
+        let f = dir.open(name).unwrap().into_std();
+        f.set_modified(SystemTime::now() - ago).unwrap();
+    }
+
+    #[test]
+    fn the_sweep_removes_only_stale_files_nobody_is_writing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = Dir::open_ambient_dir(tmp.path(), ambient_authority()).unwrap();
+        let store = partial_store(&root).unwrap();
+        let hour = Duration::from_secs(3600);
+        // Abandoned: old, nobody holds it.
+        store.write("part-abandoned", b"x").unwrap();
+        age(&store, "part-abandoned", 2 * hour);
+        // Recent: kept for a resume.
+        store.write("part-recent", b"x").unwrap();
+        // A slow upload's named temporary: old mtime, but open and locked.
+        let slow = IncomingFile::create_in(
+            partial_store(&root).unwrap(),
+            root.try_clone().unwrap(),
+            "dest",
+            PathBuf::from("dest"),
+        )
+        .unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&slow.file().unwrap(), b"data", 0).unwrap();
+        let slow_name = store
+            .entries()
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .find(|n| n.starts_with(transfer::TMP_PREFIX))
+            .unwrap();
+        age(&store, &slow_name, 2 * hour);
+
+        let removed = sweep_partials(&root, hour, &Partials::default()).unwrap();
+        assert_eq!(removed, 1);
+        let mut left: Vec<_> = store
+            .entries()
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, vec![slow_name.clone(), "part-recent".to_owned()]);
+
+        // Once the upload is gone (its temporary deleted with it), nothing is in use.
+        drop(slow);
+        assert!(!store.exists(&slow_name));
     }
 }

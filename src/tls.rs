@@ -461,7 +461,21 @@ impl AuthorizedClients {
     }
 
     /// Re-reads the file if its size, mtime or inode changed since last time.
+    /// Called from the TLS handshake, which runs on an async worker thread:
+    /// on a multi-threaded runtime the worker first hands its other tasks to
+    /// another thread (`block_in_place`), so a slow or hung filesystem under
+    /// the allowlist delays this handshake, not every connection's tasks.
     fn refresh(&self) {
+        let on_multi_thread = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        if on_multi_thread {
+            tokio::task::block_in_place(|| self.refresh_now())
+        } else {
+            self.refresh_now()
+        }
+    }
+
+    fn refresh_now(&self) {
         let stamp = match fs::metadata(&self.path) {
             Ok(md) => Some((md.modified().ok(), md.len(), inode(&md))),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,

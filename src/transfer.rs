@@ -66,7 +66,18 @@ pub enum TransferError {
     /// The peer's data did not follow the protocol (a malformed block).
     #[error("malformed data from the peer: {0}")]
     Malformed(String),
+    /// No byte moved for [`STALL_TIMEOUT`]: the peer stopped reading or sending.
+    #[error("no data moved for {} s: the other side stopped answering; rerun the command to resume", STALL_TIMEOUT.as_secs())]
+    Stalled,
 }
+
+/// How long a transfer may go without moving a byte before it fails. QUIC
+/// keep-alives hold a connection open while its peer's process is stuck, so
+/// the connection's idle timeout alone would never end such a transfer. A
+/// rate-limited transfer moves a few bytes every second (see
+/// [`Pacer::slice`]), so only a peer that stopped reading or sending
+/// reaches this.
+pub const STALL_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl TransferError {
     /// Whether the failure is the sender's own file (unreadable, or changed
@@ -104,6 +115,13 @@ impl Pacer {
             rate: rate.max(1),
             next: std::sync::Mutex::new(tokio::time::Instant::now()),
         }
+    }
+
+    /// The most bytes to move between two waits: about a quarter second's
+    /// worth, so a slow limit still moves data every second (the peer's
+    /// stall timeout sees progress) instead of one large chunk per minute.
+    fn slice(&self) -> usize {
+        (self.rate / 4).clamp(1024, 256 * 1024) as usize
     }
 
     /// Books `n` bytes and waits until they are due.
@@ -556,8 +574,15 @@ where
     W: AsyncWrite + Unpin,
 {
     let before = Snapshot::of(&file);
-    if before.is_some_and(|b| b.size != size) {
-        return Err(TransferError::ChangedWhileSent("its size changed"));
+    match before {
+        Some(b) if b.size < size => {
+            return Err(TransferError::SourceChanged {
+                expected: size,
+                found: b.size,
+            })
+        }
+        Some(b) if b.size > size => return Err(TransferError::ChangedWhileSent("it grew")),
+        _ => {}
     }
     let mut src = Source {
         file,
@@ -583,18 +608,13 @@ where
         let (src, chunk) = pending.await.expect("disk reader panicked");
         // A read error explains an early end better than the network.
         let chunk = chunk?;
-        if let Some(p) = &pace {
-            p.take(chunk.bytes.len()).await;
-        }
         let done = src.pos >= size;
         let (next, digest) = if done {
             (None, Some(*src.hasher.finalize().as_bytes()))
         } else {
             (Some(src.read_ahead()), None)
         };
-        out.write_all(&chunk.bytes)
-            .await
-            .map_err(TransferError::Network)?;
+        write_paced(out, &chunk.bytes, pace.as_deref()).await?;
         progress(chunk.raw as u64);
         match (next, digest) {
             (Some(task), _) => pending = task,
@@ -602,6 +622,29 @@ where
             (None, None) => unreachable!("either more to read or a digest"),
         }
     }
+}
+
+/// Writes `bytes` to `out`, in slices paced by `pace` if given; fails if
+/// the peer takes none of a slice for [`STALL_TIMEOUT`].
+async fn write_paced<W>(
+    out: &mut W,
+    bytes: &[u8],
+    pace: Option<&Pacer>,
+) -> Result<(), TransferError>
+where
+    W: AsyncWrite + Unpin,
+{
+    let step = pace.map_or(bytes.len().max(1), Pacer::slice);
+    for slice in bytes.chunks(step) {
+        if let Some(p) = pace {
+            p.take(slice.len()).await;
+        }
+        tokio::time::timeout(STALL_TIMEOUT, out.write_all(slice))
+            .await
+            .map_err(|_| TransferError::Stalled)?
+            .map_err(TransferError::Network)?;
+    }
+    Ok(())
 }
 
 /// The writing end of a transfer: the file and the hash so far.
@@ -658,26 +701,39 @@ enum Shortfall {
     Failed(std::io::Error),
     /// `stop` fired.
     Stopped,
+    /// Nothing arrived for [`STALL_TIMEOUT`].
+    Stalled,
 }
 
-/// Reads `input` into `buf` until it is full, unless the stream ends or fails
-/// or `stop` fires first: how much arrived, and why it stopped short.
+/// Reads `input` into `buf` until it is full, unless the stream ends or fails,
+/// nothing arrives for [`STALL_TIMEOUT`], or `stop` fires first: how much
+/// arrived, and why it stopped short. With `pace`, reads at most a slice at
+/// a time and waits for each to be due.
 async fn fill<R, F>(
     input: &mut R,
     buf: &mut [u8],
+    pace: Option<&Pacer>,
     stop: &mut std::pin::Pin<&mut F>,
 ) -> (usize, Option<Shortfall>)
 where
     R: AsyncRead + Unpin,
     F: std::future::Future<Output = ()>,
 {
+    let step = pace.map_or(buf.len(), Pacer::slice);
     let mut filled = 0;
     while filled < buf.len() {
+        let end = buf.len().min(filled + step);
         tokio::select! {
-            r = input.read(&mut buf[filled..]) => match r {
-                Ok(0) => return (filled, Some(Shortfall::Eof)),
-                Ok(n) => filled += n,
-                Err(e) => return (filled, Some(Shortfall::Failed(e))),
+            r = tokio::time::timeout(STALL_TIMEOUT, input.read(&mut buf[filled..end])) => match r {
+                Err(_) => return (filled, Some(Shortfall::Stalled)),
+                Ok(Ok(0)) => return (filled, Some(Shortfall::Eof)),
+                Ok(Ok(n)) => {
+                    filled += n;
+                    if let Some(p) = pace {
+                        p.take(n).await;
+                    }
+                }
+                Ok(Err(e)) => return (filled, Some(Shortfall::Failed(e))),
             },
             _ = stop.as_mut() => return (filled, Some(Shortfall::Stopped)),
         }
@@ -694,6 +750,7 @@ async fn read_piece<R, F>(
     size: u64,
     got: u64,
     encoding: Encoding,
+    pace: Option<&Pacer>,
     stop: &mut std::pin::Pin<&mut F>,
 ) -> Result<(Piece, usize, Option<Shortfall>), TransferError>
 where
@@ -707,17 +764,18 @@ where
         },
         Shortfall::Failed(e) => TransferError::Network(e),
         Shortfall::Stopped => TransferError::Stopped,
+        Shortfall::Stalled => TransferError::Stalled,
     };
     match encoding {
         Encoding::Raw => {
             let mut buf = vec![0u8; (size - got).min(CHUNK as u64) as usize];
-            let (n, ended) = fill(input, &mut buf, stop).await;
+            let (n, ended) = fill(input, &mut buf, pace, stop).await;
             buf.truncate(n);
             Ok((Piece::Raw(buf), n, ended))
         }
         Encoding::Blocks => {
             let mut head = [0u8; BlockHeader::LEN];
-            if let (_, Some(why)) = fill(input, &mut head, stop).await {
+            if let (_, Some(why)) = fill(input, &mut head, pace, stop).await {
                 return Err(short(why));
             }
             let header =
@@ -729,7 +787,7 @@ where
                 )));
             }
             let mut payload = vec![0u8; header.wire_len as usize];
-            if let (_, Some(why)) = fill(input, &mut payload, stop).await {
+            if let (_, Some(why)) = fill(input, &mut payload, pace, stop).await {
                 return Err(short(why));
             }
             let piece = if header.compressed {
@@ -764,7 +822,8 @@ impl Buffered {
         let mut pieces = Vec::new();
         let mut got = 0;
         while got < size {
-            let (piece, raw, ended) = read_piece(input, size, got, encoding, &mut stop).await?;
+            let (piece, raw, ended) =
+                read_piece(input, size, got, encoding, None, &mut stop).await?;
             got += raw as u64;
             if ended.is_some() {
                 return Err(TransferError::Truncated {
@@ -842,20 +901,19 @@ where
         },
         Shortfall::Failed(e) => TransferError::Network(e),
         Shortfall::Stopped => TransferError::Stopped,
+        Shortfall::Stalled => TransferError::Stalled,
     };
     let net: Result<(), TransferError> = loop {
         if got >= size {
             break Ok(());
         }
-        let (piece, raw, ended) = match read_piece(input, size, got, encoding, &mut stop).await {
-            Ok(read) => read,
-            Err(e) => break Err(e),
-        };
+        let (piece, raw, ended) =
+            match read_piece(input, size, got, encoding, pace.as_deref(), &mut stop).await {
+                Ok(read) => read,
+                Err(e) => break Err(e),
+            };
         progress(raw as u64);
         settle(&mut pending, &mut sink).await?;
-        if let Some(p) = &pace {
-            p.take(raw).await;
-        }
         let s = sink.take().expect("the sink is back after settling");
         pending = Some(s.write_behind(piece));
         got += raw as u64;
@@ -936,6 +994,30 @@ pub enum CommitError {
     },
 }
 
+/// Whether a transfer holds `name` in `dir` open for writing now: every
+/// named temporary and partial is locked (flock) by its writer for as long
+/// as it is open, whichever process that is, so a sweep of stale files can
+/// tell a slow upload from an abandoned one. Unopenable counts as in use.
+pub fn is_being_written(dir: &Dir, name: &str) -> bool {
+    // Never blocks on a FIFO, never follows a link.
+    let mut opts = OpenOptions::new();
+    opts.read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW);
+    let Ok(file) = dir.open_with(name, &opts) else {
+        return true;
+    };
+    #[cfg(unix)]
+    {
+        let file = file.into_std();
+        rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockShared).is_err()
+    }
+    #[cfg(not(unix))]
+    {
+        drop(file);
+        false
+    }
+}
+
 /// Prefix of the temporaries [`IncomingFile`] creates.
 pub const TMP_PREFIX: &str = ".qxfer-tmp-";
 
@@ -972,16 +1054,20 @@ impl IncomingFile {
             let tmp_name = format!("{TMP_PREFIX}{:016x}", random_u64());
             match tmp_dir.open_with(&tmp_name, &opts) {
                 Ok(f) => {
+                    let file = f.into_std();
+                    // Marks it in use for the partial sweep (see is_being_written).
+                    #[cfg(unix)]
+                    rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive)?;
                     return Ok(Self {
                         tmp_dir,
                         tmp_name: Some(tmp_name),
-                        file: f.into_std(),
+                        file,
                         dest_dir,
                         dest_name: dest_name.to_owned(),
                         label,
                         done: false,
                         keep: false,
-                    })
+                    });
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && attempt < 8 => {
                     attempt += 1

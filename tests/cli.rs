@@ -347,6 +347,12 @@ fn bad_roots_are_clear_startup_errors_and_missing_roots_are_created() {
         .assert()
         .failure()
         .stderr(predicate::str::contains("not a directory").and(predicate::str::contains("afile")));
+    // A partial TTL so short that the sweep would run without pause.
+    qxfer(h)
+        .args(["serve", "--listen", "127.0.0.1:0", "--partial-ttl", "1ms"])
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("at least 1m"));
     let server = serve(h, "127.0.0.1:0");
     assert!(h.join("root").is_dir(), "root created");
     drop(server);
@@ -448,6 +454,17 @@ fn permission_denied_on_either_side() {
     )
     .unwrap();
     std::os::unix::fs::chown(h.join("root/public"), Some(NOBODY), Some(NOBODY)).unwrap();
+    // A tree with a subdirectory the server cannot open.
+    std::fs::create_dir_all(h.join("root/tree/closed")).unwrap();
+    std::fs::write(h.join("root/tree/closed/hidden"), b"h").unwrap();
+    std::fs::set_permissions(
+        h.join("root/tree/closed"),
+        std::fs::Permissions::from_mode(0o700),
+    )
+    .unwrap();
+    std::fs::write(h.join("root/tree/open"), b"o").unwrap();
+    std::os::unix::fs::chown(h.join("root/tree"), Some(NOBODY), Some(NOBODY)).unwrap();
+    std::os::unix::fs::chown(h.join("root/tree/open"), Some(NOBODY), Some(NOBODY)).unwrap();
     // Local side: a root-owned unreadable file and a root-owned folder.
     std::fs::write(h.join("private"), b"x").unwrap();
     std::fs::set_permissions(h.join("private"), std::fs::Permissions::from_mode(0o600)).unwrap();
@@ -500,6 +517,16 @@ fn permission_denied_on_either_side() {
         .failure()
         .stderr(
             predicate::str::contains("rootdir").and(predicate::str::contains("ermission denied")),
+        );
+    // A recursive get does not report success with a subtree missing.
+    as_nobody()
+        .args(["get", "-r", "tree", "-o"])
+        .arg(h.join("mine"))
+        .assert()
+        .failure()
+        .stderr(
+            predicate::str::contains("tree/closed")
+                .and(predicate::str::contains("ermission denied")),
         );
     // And the server still serves.
     as_nobody()

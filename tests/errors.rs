@@ -195,8 +195,9 @@ async fn full_disks_are_reported_on_either_side() {
     assert!(tree(&server.root).is_empty(), "{:?}", tree(&server.root));
 
     // Running out mid-write: a raw put of 700 KiB passes the free-space
-    // check while the disk is empty, then a regular 700 KiB put fills it,
-    // and only then does the first one send its data.
+    // check while the disk is empty, then another writer on the server's
+    // machine fills the disk (qxfer's own uploads would count the space the
+    // first one reserved), and only then does the first one send its data.
     let (mut send, mut recv) = client.connection().open_bi().await.unwrap();
     let req = Request::Put(PutRequest {
         path: "late".into(),
@@ -214,9 +215,7 @@ async fn full_disks_are_reported_on_either_side() {
         read_frame::<_, Response>(&mut recv).await.unwrap(),
         Response::PutAccepted(_)
     ));
-    let first = dir.path().join("first");
-    std::fs::write(&first, pattern(700 << 10, 5)).unwrap();
-    client.put(&first, "first", false, &|_| {}).await.unwrap();
+    std::fs::write(server.root.join("first"), pattern(700 << 10, 5)).unwrap();
     let data = pattern(700 << 10, 6);
     let _ = send.write_all(&data).await;
     let _ = send.finish();
@@ -563,4 +562,116 @@ async fn the_loser_of_a_no_clobber_race_frees_its_partial() {
         "the refused upload's partial is gone"
     );
     server.assert_healthy().await;
+}
+
+/// A real qxfer endpoint (TLS, ALPN, the client in `cfg` admitted) whose
+/// every stream gets `answer` (if any) to its request and then nothing more,
+/// the connection kept alive.
+fn hostile_server(cfg: &std::path::Path, answer: Option<Response>) -> quinn::Endpoint {
+    use qxfer::endpoint::{server_endpoint, ServerLimits, TransportOpts};
+    use qxfer::tls::{AuthorizedClients, ClientVerifier};
+    let dirs = tempfile::tempdir().unwrap();
+    let identity = Identity::load_or_generate(dirs.path(), "server").unwrap();
+    let allowlist = dirs.path().join("authorized_clients");
+    AuthorizedClients::append(&allowlist, common::client_identity(cfg), "t").unwrap();
+    let clients = Arc::new(AuthorizedClients::new(&allowlist, Vec::new(), false));
+    let endpoint = server_endpoint(
+        "127.0.0.1:0".parse().unwrap(),
+        &identity,
+        ClientVerifier::new(clients),
+        &TransportOpts::default(),
+        &ServerLimits::default(),
+    )
+    .unwrap();
+    let ep = endpoint.clone();
+    tokio::spawn(async move {
+        let _dirs = dirs;
+        while let Some(incoming) = ep.accept().await {
+            let answer = answer.clone();
+            tokio::spawn(async move {
+                let Ok(conn) = incoming.await else { return };
+                let mut held = Vec::new();
+                while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+                    let mut buf = [0u8; 4096];
+                    let _ = recv.read(&mut buf).await;
+                    if let Some(a) = &answer {
+                        let _ = send.write_all(&encode(a).unwrap()).await;
+                    }
+                    held.push((send, recv));
+                }
+            });
+        }
+    });
+    endpoint
+}
+
+#[tokio::test]
+async fn a_server_that_never_answers_does_not_hang_the_client() {
+    let cfg = tempfile::tempdir().unwrap();
+    let endpoint = hostile_server(cfg.path(), None);
+    let mut config = common::client_config(endpoint.local_addr().unwrap(), cfg.path());
+    config.reply_timeout = Duration::from_secs(2);
+    let client = Client::connect(&config).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("f");
+    std::fs::write(&src, b"hello").unwrap();
+    let started = Instant::now();
+    let limit = Duration::from_secs(20);
+    let put = tokio::time::timeout(limit, client.put(&src, "f", false, &|_| {}))
+        .await
+        .expect("put must not hang")
+        .unwrap_err();
+    let get = tokio::time::timeout(
+        limit,
+        client.get("f", &dir.path().join("g"), false, &|_| {}, &|_| {}),
+    )
+    .await
+    .expect("get must not hang")
+    .unwrap_err();
+    let ls = tokio::time::timeout(limit, client.list(""))
+        .await
+        .expect("ls must not hang")
+        .unwrap_err();
+    for err in [put, get, ls] {
+        assert!(err.to_string().contains("no answer within 2 s"), "{err}");
+    }
+    assert!(started.elapsed() < Duration::from_secs(15));
+    assert!(!dir.path().join("g").exists());
+    endpoint.close(0u32.into(), b"");
+}
+
+#[tokio::test]
+async fn a_resume_offer_beyond_the_file_is_refused() {
+    use qxfer::protocol::{Encoding, GetOffer};
+    let cfg = tempfile::tempdir().unwrap();
+    let held = 5u64 << 20;
+    let offer = Response::GetAccepted(GetOffer {
+        meta: FileMeta {
+            size: 1,
+            mtime: None,
+            mode: None,
+        },
+        offset: held,
+        encoding: Encoding::Raw,
+    });
+    let endpoint = hostile_server(cfg.path(), Some(offer));
+    let config = common::client_config(endpoint.local_addr().unwrap(), cfg.path());
+    let client = Client::connect(&config).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let dest = dir.path().join("g");
+    std::fs::write(
+        dir.path().join(format!("g{}", qxfer::client::PART_SUFFIX)),
+        pattern(held as usize, 40),
+    )
+    .unwrap();
+    let err = tokio::time::timeout(
+        Duration::from_secs(20),
+        client.get("g", &dest, false, &|_| {}, &|_| {}),
+    )
+    .await
+    .expect("get must not hang")
+    .unwrap_err();
+    assert!(err.to_string().contains("offered to continue"), "{err}");
+    assert!(!dest.exists());
+    endpoint.close(0u32.into(), b"");
 }

@@ -163,6 +163,7 @@ pub fn client_config(addr: SocketAddr, config_dir: &Path) -> ClientConfig {
         resume: true,
         limit_rate: None,
         compression: Default::default(),
+        reply_timeout: qxfer::client::DEFAULT_REPLY_TIMEOUT,
     }
 }
 
