@@ -12,7 +12,8 @@ use clap::{Args, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
 use crate::client::{
-    run_batch, BatchReport, Client, ClientConfig, Direction, Job, CLIENT_IDENTITY,
+    run_batch, BatchReport, Client, ClientConfig, ConnectError, Direction, FileError, Job,
+    CLIENT_IDENTITY,
 };
 use crate::endpoint::{self, ServerLimits, TransportOpts};
 use crate::paths::join_remote;
@@ -89,6 +90,11 @@ pub struct ServeArgs {
     /// Time a client has to send its request after opening a stream.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub header_timeout: Duration,
+    /// On Ctrl-C or SIGTERM, stop taking new requests and give those in
+    /// flight this long to finish before closing; a second signal stops at
+    /// once. Interrupted uploads are kept for a resume either way.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    pub grace: Duration,
     /// Delete interrupted uploads (kept for resuming) untouched for this
     /// long; at least 1m (the sweep runs that often at most).
     #[arg(long, default_value = "24h", value_parser = parse_partial_ttl)]
@@ -161,6 +167,12 @@ pub struct TransferArgs {
     /// uncompressed bytes either way.
     #[arg(long, value_enum, value_name = "WHEN", default_value_t = Compression::Auto)]
     pub compress: Compression,
+    /// When the connection is lost (an outage, a server restart or
+    /// shutdown, a stalled peer), reconnect and resume the unfinished files
+    /// up to this many times, waiting 0.5 s, 1 s, 2 s... between attempts.
+    /// 0 gives up at once.
+    #[arg(long, value_name = "N", default_value_t = 5)]
+    pub retries: u32,
 }
 
 /// Parses `800K`, `50M`, `1.5G` or a plain number of bytes per second.
@@ -329,10 +341,29 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
 
     match cli.command {
         Command::Serve(args) => serve(args).await,
-        Command::Put(args) => put(args, cli.quiet, &progress).await,
-        Command::Get(args) => get(args, cli.quiet, &progress).await,
+        Command::Put(args) => interruptible(put(args, cli.quiet, &progress), &progress).await,
+        Command::Get(args) => interruptible(get(args, cli.quiet, &progress), &progress).await,
         Command::Ls(args) => ls(args).await,
         Command::Id => id(),
+    }
+}
+
+/// Runs a transfer command until it ends or Ctrl-C (or SIGTERM) arrives.
+/// Interrupted, it exits 130 (128 + SIGINT, as shells report it) and says
+/// how to resume: the server keeps what an upload sent, and a download's
+/// bytes stay in its `.qxfer-part` file.
+async fn interruptible(
+    command: impl std::future::Future<Output = Result<ExitCode>>,
+    progress: &Progress,
+) -> Result<ExitCode> {
+    let signals = shutdown_signals()?;
+    tokio::select! {
+        result = command => result,
+        _ = async move { signals.clone().wait_for(|n| *n >= 1).await.is_ok() } => {
+            progress.finish();
+            eprintln!("qxfer: interrupted; run the same command again to resume where it stopped (large files continue from what was already sent)");
+            Ok(ExitCode::from(130))
+        }
     }
 }
 
@@ -353,6 +384,7 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
     config.header_timeout = args.header_timeout;
     config.max_header_size = args.max_header_size as usize;
     config.partial_ttl = args.partial_ttl;
+    config.grace = args.grace;
     let limits = ServerLimits {
         max_streams: args.max_streams,
         idle_timeout: args.idle_timeout,
@@ -364,7 +396,7 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
     let endpoint =
         endpoint::server_endpoint(args.listen, &identity, verifier, &args.transport, &limits)?;
     let addr = endpoint.local_addr().context("reading the bound address")?;
-    let shutdown = shutdown_signal()?;
+    let signals = shutdown_signals()?;
     let mut out = std::io::stdout().lock();
     writeln!(
         out,
@@ -376,7 +408,18 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
     writeln!(out, "fingerprint {}", identity.fingerprint())?;
     out.flush()?;
     drop(out);
-    server::run(endpoint, config, shutdown).await;
+    let (first, second) = (signals.clone(), signals);
+    server::run_until(
+        endpoint,
+        config,
+        async move {
+            let _ = first.clone().wait_for(|n| *n >= 1).await;
+        },
+        async move {
+            let _ = second.clone().wait_for(|n| *n >= 2).await;
+        },
+    )
+    .await;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -423,27 +466,33 @@ fn authorized_clients(args: &ServeArgs) -> Result<Arc<AuthorizedClients>> {
 }
 
 /// Installs the Ctrl-C and SIGTERM handlers now (so a signal that arrives
-/// right after the banner is not lost to the default action) and returns a
-/// future that completes on either.
-fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>> {
+/// right after the banner is not lost to the default action) and returns
+/// the count of signals received so far: the first asks for a graceful
+/// stop, the second for an immediate one.
+fn shutdown_signals() -> Result<tokio::sync::watch::Receiver<u32>> {
+    let (count, received) = tokio::sync::watch::channel(0u32);
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
         let mut int = signal(SignalKind::interrupt()).context("installing the Ctrl-C handler")?;
         let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-        Ok(async move {
-            tokio::select! {
-                _ = int.recv() => {}
-                _ = term.recv() => {}
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = int.recv() => {}
+                    _ = term.recv() => {}
+                }
+                count.send_modify(|n| *n += 1);
             }
-        })
+        });
     }
     #[cfg(not(unix))]
-    {
-        Ok(async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
-    }
+    tokio::spawn(async move {
+        while tokio::signal::ctrl_c().await.is_ok() {
+            count.send_modify(|n| *n += 1);
+        }
+    });
+    Ok(received)
 }
 
 /// The client's config directory: `QXFER_CONFIG_DIR`, else the platform's config dir plus `qxfer`.
@@ -526,15 +575,15 @@ async fn put(args: PutArgs, quiet: bool, progress: &Progress) -> Result<ExitCode
     }
     report_skipped(&tree.skipped, quiet, progress);
     let client = connect(&args.client, Some(&args.transfer), quiet, progress).await?;
-    let mut report = run_batch(
-        &client,
-        Direction::Put,
-        tree.jobs,
-        usize::from(args.parallel),
-        args.force,
-        progress,
-    )
-    .await;
+    let batch = Batch {
+        direction: Direction::Put,
+        parallel: usize::from(args.parallel),
+        force: args.force,
+        quiet,
+    };
+    let (client, mut report) = batch
+        .run_resilient(client, tree.jobs, &args.client, &args.transfer, progress)
+        .await?;
     if !tree.dirs.is_empty() {
         report
             .failed
@@ -614,15 +663,15 @@ async fn get(args: GetArgs, quiet: bool, progress: &Progress) -> Result<ExitCode
     }
     report_skipped(&tree.skipped, quiet, progress);
     let mut failed_dirs = tree::create_local_dirs(&tree.dirs);
-    let mut report = run_batch(
-        &client,
-        Direction::Get,
-        tree.jobs,
-        usize::from(args.parallel),
-        args.force,
-        progress,
-    )
-    .await;
+    let batch = Batch {
+        direction: Direction::Get,
+        parallel: usize::from(args.parallel),
+        force: args.force,
+        quiet,
+    };
+    let (client, mut report) = batch
+        .run_resilient(client, tree.jobs, &args.client, &args.transfer, progress)
+        .await?;
     failed_dirs.extend(tree::finish_local_dirs(&tree.dirs));
     report.failed.extend(failed_dirs);
     if let Some(refused) = client.refusal() {
@@ -631,6 +680,141 @@ async fn get(args: GetArgs, quiet: bool, progress: &Progress) -> Result<ExitCode
     }
     client.close().await;
     finish_batch("got", report, bad, args.json, quiet, progress)
+}
+
+/// One failed file, for the user: named once (most errors already name
+/// it), and for a failure of the connection, what to do about it.
+fn file_error(label: &str, e: &FileError) -> String {
+    let msg = e.to_string();
+    let mut line = if msg.contains(label) {
+        msg
+    } else {
+        format!("{label}: {msg}")
+    };
+    if e.is_transient() {
+        line.push_str(
+            " (the server may be down or unreachable; run the same command again to resume)",
+        );
+    }
+    line
+}
+
+/// How a put or get batch runs.
+struct Batch {
+    direction: Direction,
+    parallel: usize,
+    force: bool,
+    quiet: bool,
+}
+
+impl Batch {
+    /// Runs `jobs`; while some fail for the connection's sake (see
+    /// [`crate::client::FileError::is_transient`]), reconnects with backoff
+    /// and runs those again, up to `--retries` times. Each file resumes
+    /// where it stopped (the server keeps the partial of an upload, the
+    /// client that of a download), so a retry sends only the rest. Returns
+    /// the last connection and the merged report.
+    async fn run_resilient(
+        &self,
+        mut client: Client,
+        jobs: Vec<Job>,
+        args: &ClientArgs,
+        transfer: &TransferArgs,
+        progress: &Progress,
+    ) -> Result<(Client, BatchReport)> {
+        let mut report = run_batch(
+            &client,
+            self.direction,
+            jobs,
+            self.parallel,
+            self.force,
+            progress,
+        )
+        .await;
+        let mut delay = Duration::from_millis(500);
+        for attempt in 1..=transfer.retries {
+            if report.retry.is_empty() || client.refusal().is_some() {
+                break;
+            }
+            let retry = std::mem::take(&mut report.retry);
+            let why = client.lost().unwrap_or_else(|| {
+                let first = report.failed.iter().find(|(l, _)| *l == retry[0].label);
+                first.map_or_else(String::new, |(_, e)| e.to_string())
+            });
+            if !self.quiet {
+                progress.suspend(|| {
+                    eprintln!(
+                        "qxfer: {why}; reconnecting in {:.1} s to resume {} file(s) (attempt {attempt} of {})",
+                        delay.as_secs_f64(),
+                        retry.len(),
+                        transfer.retries
+                    )
+                });
+            }
+            progress.set_status(format!("reconnecting (attempt {attempt})"));
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(10));
+            let fresh = match connect(args, Some(transfer), self.quiet, progress).await {
+                Ok(fresh) => fresh,
+                Err(e) if is_transient_connect(&e) => {
+                    if !self.quiet {
+                        progress.suspend(|| eprintln!("qxfer: {e:#}"));
+                    }
+                    report.retry = retry;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            client.close().await;
+            client = fresh;
+            // The files to run again leave the failures; what fails again returns.
+            report
+                .failed
+                .retain(|(label, _)| !retry.iter().any(|j| j.label == *label));
+            let again = run_batch(
+                &client,
+                self.direction,
+                retry,
+                self.parallel,
+                self.force,
+                progress,
+            )
+            .await;
+            report.done.extend(again.done);
+            report.failed.extend(again.failed);
+            report.retry = again.retry;
+            report.elapsed += again.elapsed;
+        }
+        // Retries spent: what still failed for the connection's sake says
+        // why the connection ended, if it did ("the server is shutting
+        // down"), rather than only "connection lost".
+        if let Some(why) = client.lost() {
+            for (label, e) in &mut report.failed {
+                if report.retry.iter().any(|j| j.label == *label) {
+                    let detail = match &*e {
+                        FileError::Transfer { source, .. } => source.to_string(),
+                        other => other.to_string(),
+                    };
+                    *e = FileError::Protocol(format!("{why}; {detail}"));
+                }
+            }
+        }
+        Ok((client, report))
+    }
+}
+
+/// Whether a failed reconnection is worth another try: the server is
+/// down, restarting, draining or busy, not refusing this client for good.
+fn is_transient_connect(e: &anyhow::Error) -> bool {
+    matches!(
+        e.downcast_ref::<ConnectError>(),
+        Some(
+            ConnectError::Unreachable { .. }
+                | ConnectError::Busy { .. }
+                | ConnectError::TooManyFromClient { .. }
+                | ConnectError::Connection { .. }
+        )
+    )
 }
 
 /// If the remote `name` is a directory, its metadata (from a listing of
@@ -671,12 +855,7 @@ fn finish_batch(
     progress: &Progress,
 ) -> Result<ExitCode> {
     progress.finish();
-    errors.extend(
-        report
-            .failed
-            .iter()
-            .map(|(label, e)| format!("{label}: {e}")),
-    );
+    errors.extend(report.failed.iter().map(|(label, e)| file_error(label, e)));
     if !quiet {
         for note in report.done.iter().flat_map(|r| &r.notes) {
             eprintln!("qxfer: note: {note}");

@@ -231,6 +231,25 @@ impl FileError {
     }
 }
 
+impl FileError {
+    /// Whether the failure was the connection's or the server's state, not
+    /// the file's: the same transfer may well succeed over a new connection
+    /// (a network outage, a server restart or shutdown, a stalled peer, a
+    /// timeout), and resumes where it stopped.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::Transfer { source, .. } => matches!(
+                source,
+                TransferError::Network(_)
+                    | TransferError::Truncated { .. }
+                    | TransferError::Stalled
+            ),
+            Self::Protocol(_) => true,
+            Self::Remote(_) | Self::Local { .. } | Self::LocalExists(_) | Self::Corrupt(_) => false,
+        }
+    }
+}
+
 impl From<FrameError> for FileError {
     fn from(e: FrameError) -> Self {
         Self::Protocol(format!("talking to the server: {e}"))
@@ -601,6 +620,11 @@ impl Client {
     pub fn refusal(&self) -> Option<ConnectError> {
         let reason = self.conn.close_reason()?;
         refusal(&reason, &self.server, self.fingerprint)
+    }
+
+    /// Why the connection ended, in words for the user, if it has.
+    pub fn lost(&self) -> Option<String> {
+        Some(describe_close(&self.conn.close_reason()?))
     }
 
     /// The underlying QUIC connection, for callers that speak the protocol
@@ -1115,6 +1139,22 @@ fn refusal(e: &ConnectionError, server: &str, fingerprint: Fingerprint) -> Optio
     }
 }
 
+/// Why a connection ended, as the user should read it.
+pub fn describe_close(reason: &ConnectionError) -> String {
+    match reason {
+        ConnectionError::ApplicationClosed(c)
+            if c.error_code == VarInt::from_u32(close::SHUTTING_DOWN) =>
+        {
+            "the server is shutting down".into()
+        }
+        ConnectionError::Reset => "the server restarted and no longer knows this connection".into(),
+        ConnectionError::TimedOut => {
+            "the server stopped answering (a network outage, or the server is down)".into()
+        }
+        other => other.to_string(),
+    }
+}
+
 /// How long the server may take to answer a request, beyond the time to
 /// hash `size` bytes at a slow disk's 50 MiB/s (it may hash an existing
 /// copy, or the part it holds, before it answers). Keep-alives hold the
@@ -1521,6 +1561,9 @@ pub struct BatchReport {
     pub done: Vec<TransferReport>,
     /// Failed transfers: the label and the error.
     pub failed: Vec<(String, FileError)>,
+    /// The jobs among `failed` whose error is transient
+    /// ([`FileError::is_transient`]): worth another try over a new connection.
+    pub retry: Vec<Job>,
     /// Wall time for the whole batch.
     pub elapsed: Duration,
 }
@@ -1590,15 +1633,19 @@ pub async fn run_batch(
     let mut report = BatchReport {
         done: Vec::new(),
         failed: Vec::new(),
+        retry: Vec::new(),
         elapsed: Duration::ZERO,
     };
     let collect = async {
-        while let Some((label, result)) = rx.recv().await {
+        while let Some((job, result)) = rx.recv().await {
             match result {
                 Ok(r) => report.done.push(r),
                 Err(e) => {
-                    tracing::debug!("{label}: {e}");
-                    report.failed.push((label, e));
+                    tracing::debug!("{}: {e}", job.label);
+                    if e.is_transient() {
+                        report.retry.push(job.clone());
+                    }
+                    report.failed.push((job.label, e));
                 }
             }
             progress.set_status(format!(
@@ -1619,7 +1666,7 @@ struct BatchRun {
     force: bool,
     progress: Progress,
     /// Where finished jobs report; the batch ends when every sender is gone.
-    done: tokio::sync::mpsc::UnboundedSender<(String, Result<TransferReport, FileError>)>,
+    done: tokio::sync::mpsc::UnboundedSender<(Job, Result<TransferReport, FileError>)>,
 }
 
 impl BatchRun {
@@ -1653,7 +1700,7 @@ impl BatchRun {
                 tokio::spawn(async move {
                     let result = this.run(&job, size, small).await;
                     drop((permit, bytes));
-                    let _ = this.done.send((job.label, result));
+                    let _ = this.done.send((job, result));
                 });
             }
         }

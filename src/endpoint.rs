@@ -237,6 +237,43 @@ pub enum EndpointError {
     Quic(String),
 }
 
+/// The server's endpoint settings, with a stateless reset key derived from
+/// its identity's private key.
+///
+/// Why: quinn draws a random reset key per process, so a server restarted
+/// (after a crash, an upgrade, a kill -9) cannot prove to its predecessor's
+/// clients that their connections are gone; they wait out the idle timeout
+/// (30 s) before they notice. With the key derived from the identity, the
+/// new process answers a packet of an old connection with a stateless reset
+/// whose token the client was given by the old one, and the client knows at
+/// once (and reconnects, with `--retries`). The key is secret as long as
+/// the identity's key is: only the holder of the server's identity can
+/// reset its connections, and anyone holding that could impersonate the
+/// server anyway.
+fn server_endpoint_config(identity: &Identity) -> EndpointConfig {
+    let secret = blake3::derive_key(
+        "qxfer 2026-11 QUIC stateless reset key",
+        identity.key.secret_der(),
+    );
+    let mut config = EndpointConfig::new(Arc::new(ring::hmac::Key::new(
+        ring::hmac::HMAC_SHA256,
+        &secret,
+    )));
+    // quinn only answers packets whose connection ID its generator
+    // recognises (a keyed hash inside the ID); with a random key per
+    // process, a restarted server would drop the old connections' packets
+    // instead of resetting them. The same derivation keeps the key stable.
+    let cid_secret = blake3::derive_key(
+        "qxfer 2026-11 QUIC connection ID validation key",
+        identity.key.secret_der(),
+    );
+    let cid_key = u64::from_le_bytes(cid_secret[..8].try_into().expect("8 bytes"));
+    config.cid_generator(move || {
+        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+    });
+    config
+}
+
 /// A server endpoint on `addr` presenting `identity` and admitting clients
 /// through `clients`.
 pub fn server_endpoint(
@@ -256,7 +293,7 @@ pub fn server_endpoint(
     )));
     let socket = bind_udp(addr).map_err(|source| EndpointError::Bind { addr, source })?;
     quinn::Endpoint::new(
-        EndpointConfig::default(),
+        server_endpoint_config(identity),
         Some(cfg),
         socket,
         Arc::new(quinn::TokioRuntime),

@@ -387,6 +387,10 @@ pub mod close {
     pub const DONE: u32 = 0;
     /// This client identity already has `--max-connections-per-client` open.
     pub const TOO_MANY_FROM_CLIENT: u32 = 2;
+    /// The server is shutting down (also the reset code of streams it will
+    /// no longer serve): reconnect and resume, to it once restarted or to
+    /// another server.
+    pub const SHUTTING_DOWN: u32 = 3;
 }
 
 impl fmt::Display for ErrorCode {

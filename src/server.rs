@@ -90,11 +90,17 @@ pub struct ServeConfig {
     pub max_header_size: usize,
     /// Interrupted uploads untouched for this long are deleted.
     pub partial_ttl: Duration,
+    /// On shutdown, how long requests in flight may take to finish before
+    /// the connections close (`--grace`).
+    pub grace: Duration,
     /// Byte counters, for logs and tests.
     pub stats: Arc<ServeStats>,
     /// Disk space reserved by uploads in flight.
     pub(crate) space: Arc<Space>,
 }
+
+/// Default for [`ServeConfig::grace`].
+pub const DEFAULT_GRACE: Duration = Duration::from_secs(10);
 
 /// Default for [`ServeConfig::partial_ttl`].
 pub const DEFAULT_PARTIAL_TTL: Duration = Duration::from_secs(24 * 3600);
@@ -157,17 +163,35 @@ impl ServeConfig {
             header_timeout: DEFAULT_HEADER_TIMEOUT,
             max_header_size: MAX_FRAME,
             partial_ttl: DEFAULT_PARTIAL_TTL,
+            grace: DEFAULT_GRACE,
             stats: Arc::default(),
             space: Arc::default(),
         })
     }
 }
 
-/// Serves `endpoint` until `shutdown` completes, then closes every connection.
+/// Serves `endpoint` until `shutdown` completes, then stops gracefully
+/// (see [`run_until`]).
 pub async fn run(
     endpoint: quinn::Endpoint,
     config: ServeConfig,
     shutdown: impl Future<Output = ()>,
+) {
+    run_until(endpoint, config, shutdown, std::future::pending()).await
+}
+
+/// Serves `endpoint` until `shutdown` completes, then stops gracefully: no
+/// new connection is admitted and no new request started (they are
+/// refused, and clients retry elsewhere or later), requests in flight get
+/// up to [`ServeConfig::grace`] to finish, and then every connection is
+/// closed with [`close::SHUTTING_DOWN`], which clients report as "the
+/// server is shutting down". `stop_now` (a second Ctrl-C) cuts the grace
+/// short. Interrupted uploads keep their partials either way.
+pub async fn run_until(
+    endpoint: quinn::Endpoint,
+    config: ServeConfig,
+    shutdown: impl Future<Output = ()>,
+    stop_now: impl Future<Output = ()>,
 ) {
     let slots = Arc::new(tokio::sync::Semaphore::new(config.max_connections));
     let per_client: PerClient = Arc::default();
@@ -175,6 +199,7 @@ pub async fn run(
     let config = Arc::new(config);
     let sweeper = tokio::spawn(sweep_partials_forever(config.clone(), partials.clone()));
     let handshaking = Arc::new(AtomicUsize::new(0));
+    let activity = Activity::default();
     tokio::pin!(shutdown);
     loop {
         let incoming = tokio::select! {
@@ -203,23 +228,78 @@ pub async fn run(
         let span = info_span!("conn", remote = %incoming.remote_address());
         let (config, per_client, partials) = (config.clone(), per_client.clone(), partials.clone());
         let handshake = Handshaking::start(&handshaking);
+        let activity = activity.clone();
         tokio::spawn(
             async move {
-                handle_connection(incoming, handshake, config, per_client, partials).await;
+                handle_connection(incoming, handshake, config, per_client, partials, activity)
+                    .await;
                 drop(slot);
             }
             .instrument(span),
         );
     }
+    // Draining: refuse what is new, let what runs finish.
+    activity.draining.send_replace(true);
+    let in_flight = *activity.requests.borrow();
+    if in_flight > 0 {
+        info!(
+            "shutting down: letting {in_flight} request(s) in flight finish (up to {:?}, --grace); a second signal stops at once",
+            config.grace
+        );
+    }
+    let refuser = tokio::spawn({
+        let endpoint = endpoint.clone();
+        async move {
+            while let Some(incoming) = endpoint.accept().await {
+                incoming.refuse();
+            }
+        }
+    });
+    let mut requests = activity.requests.subscribe();
+    tokio::select! {
+        _ = requests.wait_for(|n| *n == 0) => {}
+        _ = tokio::time::sleep(config.grace) => {
+            warn!("{} request(s) still running after {:?}; closing them (uploads keep their partials for a resume)", *activity.requests.borrow(), config.grace);
+        }
+        _ = stop_now => warn!("second signal: stopping at once (uploads keep their partials for a resume)"),
+    }
+    refuser.abort();
     info!(
         received = config.stats.bytes_received.load(Ordering::Relaxed),
         sent = config.stats.bytes_sent.load(Ordering::Relaxed),
         "shutting down"
     );
     sweeper.abort();
-    endpoint.close(VarInt::from_u32(0), b"server shutting down");
+    endpoint.close(
+        VarInt::from_u32(close::SHUTTING_DOWN),
+        b"server shutting down",
+    );
     // Let the close frames go out; never hang on a peer that vanished.
     let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+}
+
+/// What graceful shutdown watches: whether the server is draining, and how
+/// many requests are in flight.
+#[derive(Clone, Default)]
+struct Activity {
+    draining: Arc<tokio::sync::watch::Sender<bool>>,
+    requests: Arc<tokio::sync::watch::Sender<usize>>,
+}
+
+/// Counts one request in flight until dropped.
+struct InFlight(Arc<tokio::sync::watch::Sender<usize>>);
+
+impl InFlight {
+    fn start(requests: &Arc<tokio::sync::watch::Sender<usize>>) -> Self {
+        requests.send_modify(|n| *n += 1);
+        Self(requests.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n -= 1);
+    }
 }
 
 /// Handshakes in progress above which new addresses must pass a stateless
@@ -286,6 +366,7 @@ async fn handle_connection(
     config: Arc<ServeConfig>,
     per_client: PerClient,
     partials: Arc<Partials>,
+    activity: Activity,
 ) {
     // Awaiting the full handshake (never `into_0rtt`) means no request is
     // read before the client has proven its identity: 0-RTT never starts a put.
@@ -317,9 +398,30 @@ async fn handle_connection(
     };
     info!(client = %fp, "connected");
     crate::endpoint::tune_receive_window(conn.clone());
+    let mut draining = activity.draining.subscribe();
     loop {
-        match conn.accept_bi().await {
+        let accepted = tokio::select! {
+            biased;
+            _ = async { draining.wait_for(|d| *d).await.is_ok() } => {
+                // No new requests: streams opened from now on are reset with
+                // the shutdown code (the client retries them after
+                // reconnecting); the connection closes once those in flight end.
+                loop {
+                    match conn.accept_bi().await {
+                        Ok((mut send, mut recv)) => {
+                            let code = VarInt::from_u32(close::SHUTTING_DOWN);
+                            let _ = send.reset(code);
+                            let _ = recv.stop(code);
+                        }
+                        Err(_) => return,
+                    }
+                }
+            }
+            accepted = conn.accept_bi() => accepted,
+        };
+        match accepted {
             Ok((send, recv)) => {
+                let in_flight = InFlight::start(&activity.requests);
                 let span = info_span!("stream", id = %send.id());
                 let ctx = Ctx {
                     config: config.clone(),
@@ -327,7 +429,13 @@ async fn handle_connection(
                     partials: partials.clone(),
                     conn: conn.clone(),
                 };
-                tokio::spawn(handle_stream(send, recv, ctx).instrument(span));
+                tokio::spawn(
+                    async move {
+                        handle_stream(send, recv, ctx).await;
+                        drop(in_flight);
+                    }
+                    .instrument(span),
+                );
             }
             Err(ConnectionError::ApplicationClosed(_)) => {
                 info!("disconnected");

@@ -259,7 +259,7 @@ fn one_failure_does_not_stop_the_others_and_sets_the_exit_code() {
         .assert()
         .failure()
         .stderr(
-            predicate::str::contains("taken: 'taken' already exists on the server")
+            predicate::str::contains("error: 'taken' already exists on the server")
                 .and(predicate::str::contains("missing:"))
                 .and(predicate::str::contains("2 of 3 files failed")),
         );
