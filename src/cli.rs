@@ -148,6 +148,11 @@ pub struct ClientArgs {
     /// is stuck keeps its connection alive, so only this ends the wait.
     #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
     pub timeout: Duration,
+    /// Give up on a server that has not answered a connection attempt in
+    /// this long (like ssh's ConnectTimeout). Once it answers, a slow or
+    /// lossy handshake gets 30 s more.
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
+    pub connect_timeout: Duration,
     #[command(flatten)]
     pub transport: TransportOpts,
 }
@@ -361,6 +366,7 @@ async fn interruptible(
         result = command => result,
         _ = async move { signals.clone().wait_for(|n| *n >= 1).await.is_ok() } => {
             progress.finish();
+            crate::client::close_all("interrupted").await;
             eprintln!("qxfer: interrupted; run the same command again to resume where it stopped (large files continue from what was already sent)");
             Ok(ExitCode::from(130))
         }
@@ -527,6 +533,7 @@ async fn connect(
         limit_rate: transfer.and_then(|t| t.limit_rate),
         compression: transfer.map_or(Compression::Auto, |t| t.compress),
         reply_timeout: args.timeout,
+        connect_timeout: args.connect_timeout,
     };
     let client = Client::connect(&config).await?;
     if let (Some((fp, file)), false) = (&client.first_contact, quiet) {

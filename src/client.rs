@@ -32,7 +32,13 @@ use crate::transfer::{
 pub const DEFAULT_PORT: u16 = 65432;
 
 /// How long to wait for a server to answer before calling it unreachable.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long a handshake the server has started answering may take to finish.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// An unanswered handshake is started afresh this often (see [`Attempt::once`]).
+const RESTART_UNANSWERED: Duration = Duration::from_secs(3);
 
 /// Longest wait for the close packet to leave in [`Client::close`].
 const CLOSE_FLUSH: Duration = Duration::from_millis(200);
@@ -68,6 +74,8 @@ pub struct ClientConfig {
     pub compression: Compression,
     /// How long to wait for the server's answer to a request (`--timeout`).
     pub reply_timeout: Duration,
+    /// How long a connection attempt may go unanswered (`--connect-timeout`).
+    pub connect_timeout: Duration,
 }
 
 /// Why no connection was made.
@@ -87,8 +95,10 @@ pub enum ConnectError {
         source: std::io::Error,
     },
     /// No answer in time.
-    #[error("no answer from {server} ({addr}) within {} s; check that `qxfer serve` runs there and that UDP port {} is reachable", CONNECT_TIMEOUT.as_secs(), addr.port())]
+    #[error("no answer from {server} ({addr}) within {} s; check that `qxfer serve` runs there and that UDP port {} is reachable (on a very lossy path, raise --connect-timeout)", after.as_secs_f64(), addr.port())]
     Unreachable {
+        /// How long the attempt waited.
+        after: Duration,
         /// As given.
         server: String,
         /// As resolved.
@@ -444,8 +454,9 @@ fn unix_now() -> u64 {
 /// A connection to one qxfer server.
 #[derive(Debug, Clone)]
 pub struct Client {
-    /// Kept so the UDP socket lives as long as the connection.
-    _endpoint: quinn::Endpoint,
+    /// Kept so the UDP socket lives as long as the connection; listed for
+    /// [`close_all`] until the last clone of this client goes.
+    _endpoint: Arc<Registered>,
     conn: quinn::Connection,
     /// `None` if the config directory cannot hold it: then every large put
     /// asks the server for an offer first, as if interrupted.
@@ -462,6 +473,47 @@ pub struct Client {
     /// Set when this connection was the first contact and the fingerprint was
     /// added to known_hosts.
     pub first_contact: Option<(Fingerprint, PathBuf)>,
+}
+
+/// Every client endpoint of this process, so that an interrupted command
+/// can close its connections before it exits: the server then frees their
+/// slots and stops their transfers at once instead of after its idle
+/// timeout (30 s).
+static ENDPOINTS: std::sync::Mutex<Vec<(u64, quinn::Endpoint)>> = std::sync::Mutex::new(Vec::new());
+
+/// An endpoint listed in [`ENDPOINTS`] while this lives.
+#[derive(Debug)]
+struct Registered(u64);
+
+impl Registered {
+    fn new(endpoint: quinn::Endpoint) -> Arc<Self> {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let id = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        endpoints().push((id, endpoint));
+        Arc::new(Self(id))
+    }
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        endpoints().retain(|(id, _)| *id != self.0);
+    }
+}
+
+fn endpoints() -> std::sync::MutexGuard<'static, Vec<(u64, quinn::Endpoint)>> {
+    ENDPOINTS.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Closes every connection of every client of this process (Ctrl-C) with
+/// `reason`, and waits briefly for the close packets to leave.
+pub async fn close_all(reason: &str) {
+    let open: Vec<_> = endpoints().iter().map(|(_, e)| e.clone()).collect();
+    for endpoint in &open {
+        endpoint.close(VarInt::from_u32(close::DONE), reason.as_bytes());
+    }
+    if !open.is_empty() {
+        tokio::time::sleep(CLOSE_FLUSH).await;
+    }
 }
 
 /// Splits `server` into host and port; the host keeps no brackets.
@@ -553,7 +605,14 @@ impl Client {
         let mut established = None;
         for addr in candidates {
             let verifier = PinnedServerVerifier::new(expected);
-            match attempt(&transport, &identity, server, addr, sni, verifier.clone()).await {
+            let tries = Attempt {
+                transport: &transport,
+                identity: &identity,
+                server,
+                sni,
+                silence: config.connect_timeout,
+            };
+            match tries.once(addr, verifier.clone()).await {
                 Ok((endpoint, conn)) => {
                     established = Some((endpoint, conn, verifier));
                     break;
@@ -596,7 +655,7 @@ impl Client {
         endpoint::tune_receive_window(conn.clone());
         let journal = UploadJournal::open(&config.config_dir, key.clone()).ok();
         Ok(Self {
-            _endpoint: endpoint,
+            _endpoint: Registered::new(endpoint),
             conn,
             journal,
             paths: Some((paths, key)),
@@ -1204,37 +1263,85 @@ const MAX_LIST_ENTRIES: usize = 1_000_000;
 const MAX_LIST_NAME_BYTES: usize = 64 << 20;
 
 /// One connection attempt to one address, with the unreachable timeout.
-async fn attempt(
-    transport: &TransportOpts,
-    identity: &Identity,
-    server: &str,
-    addr: SocketAddr,
-    sni: &str,
-    verifier: Arc<PinnedServerVerifier>,
-) -> Result<(quinn::Endpoint, quinn::Connection), ConnectError> {
-    let endpoint = endpoint::client_endpoint(addr, verifier, Some(identity), transport)?;
-    let connecting = endpoint
-        .connect(addr, sni)
-        .or_else(|_| endpoint.connect(addr, "qxfer"))
-        .map_err(|source| ConnectError::Setup {
-            server: server.to_owned(),
-            source,
-        })?;
-    match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
-        Ok(Ok(conn)) => Ok((endpoint, conn)),
-        Err(_) => {
-            endpoint.close(VarInt::from_u32(0), b"timeout");
-            Err(ConnectError::Unreachable {
-                server: server.to_owned(),
-                addr,
-            })
-        }
-        Ok(Err(source)) => Err(connect_failure(
-            source,
+struct Attempt<'a> {
+    transport: &'a TransportOpts,
+    identity: &'a Identity,
+    server: &'a str,
+    sni: &'a str,
+    /// How long the server may stay silent.
+    silence: Duration,
+}
+
+impl Attempt<'_> {
+    /// Connects to `addr`. Silence for `silence` means nobody is there;
+    /// within it, an unanswered handshake is started afresh every
+    /// [`RESTART_UNANSWERED`]: QUIC doubles the wait between its
+    /// retransmissions of the first packet (1, 2, 4, 8 s...), so on a path
+    /// losing 30% of packets one long attempt tries only a few times, and
+    /// fresh ones try far more often. Once the server has answered (its
+    /// handshake data arrived), a lossy path only slows the rest of the
+    /// handshake down, so it gets [`HANDSHAKE_TIMEOUT`].
+    async fn once(
+        &self,
+        addr: SocketAddr,
+        verifier: Arc<PinnedServerVerifier>,
+    ) -> Result<(quinn::Endpoint, quinn::Connection), ConnectError> {
+        let Self {
+            transport,
+            identity,
             server,
-            addr,
-            identity.fingerprint(),
-        )),
+            sni,
+            silence,
+        } = *self;
+        let deadline = Instant::now() + silence;
+        loop {
+            let endpoint =
+                endpoint::client_endpoint(addr, verifier.clone(), Some(identity), transport)?;
+            let mut connecting = endpoint
+                .connect(addr, sni)
+                .or_else(|_| endpoint.connect(addr, "qxfer"))
+                .map_err(|source| ConnectError::Setup {
+                    server: server.to_owned(),
+                    source,
+                })?;
+            let window = RESTART_UNANSWERED.min(deadline.saturating_duration_since(Instant::now()));
+            let answered =
+                tokio::time::timeout(window, async { connecting.handshake_data().await.is_ok() })
+                    .await;
+            let done = match answered {
+                Ok(true) => tokio::time::timeout(HANDSHAKE_TIMEOUT, connecting).await,
+                // Failed outright: the error says why.
+                Ok(false) => Ok(connecting.await),
+                Err(_) => {
+                    endpoint.close(VarInt::from_u32(0), b"timeout");
+                    if Instant::now() < deadline {
+                        continue;
+                    }
+                    return Err(ConnectError::Unreachable {
+                        after: silence,
+                        server: server.to_owned(),
+                        addr,
+                    });
+                }
+            };
+            return match done {
+                Ok(Ok(conn)) => Ok((endpoint, conn)),
+                Err(_) => {
+                    endpoint.close(VarInt::from_u32(0), b"timeout");
+                    Err(ConnectError::Unreachable {
+                        after: silence + HANDSHAKE_TIMEOUT,
+                        server: server.to_owned(),
+                        addr,
+                    })
+                }
+                Ok(Err(source)) => Err(connect_failure(
+                    source,
+                    server,
+                    addr,
+                    identity.fingerprint(),
+                )),
+            };
+        }
     }
 }
 
