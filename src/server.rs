@@ -229,11 +229,16 @@ pub async fn run_until(
         let (config, per_client, partials) = (config.clone(), per_client.clone(), partials.clone());
         let handshake = Handshaking::start(&handshaking);
         let activity = activity.clone();
+        let all = slots.clone();
         tokio::spawn(
             async move {
+                let max = config.max_connections;
                 handle_connection(incoming, handshake, config, per_client, partials, activity)
                     .await;
                 drop(slot);
+                if all.available_permits() == max {
+                    release_memory().await;
+                }
             }
             .instrument(span),
         );
@@ -276,6 +281,18 @@ pub async fn run_until(
     );
     // Let the close frames go out; never hang on a peer that vanished.
     let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+}
+
+/// Hands memory freed during a burst back to the system once the last
+/// connection has gone. glibc's allocator keeps what a busy server freed (a
+/// load of 16 clients left 236 MiB resident with nothing running, against
+/// 12 MiB at start); `malloc_trim` returns the free pages of every arena.
+async fn release_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: malloc_trim only walks the allocator's own free lists.
+        let _ = tokio::task::spawn_blocking(|| unsafe { libc::malloc_trim(0) }).await;
+    }
 }
 
 /// What graceful shutdown watches: whether the server is draining, and how
