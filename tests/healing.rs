@@ -224,6 +224,13 @@ fn a_second_signal_stops_the_server_at_once() {
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("the server is shutting down"), "{stderr}");
     assert!(stderr.contains("run the same command again"), "{stderr}");
+    // The error names the file once.
+    let line = stderr
+        .lines()
+        .find(|l| l.starts_with("qxfer: error:"))
+        .unwrap();
+    let path = h.join("f").display().to_string();
+    assert_eq!(line.matches(&path).count(), 1, "{line}");
     // The interrupted upload's partial is kept for that rerun.
     let partials = std::fs::read_dir(h.join("root/.qxfer-partial"))
         .unwrap()
