@@ -582,13 +582,7 @@ async fn put(args: PutArgs, quiet: bool, progress: &Progress) -> Result<ExitCode
     }
     report_skipped(&tree.skipped, quiet, progress);
     let client = connect(&args.client, Some(&args.transfer), quiet, progress).await?;
-    let batch = Batch {
-        direction: Direction::Put,
-        parallel: usize::from(args.parallel),
-        force: args.force,
-        quiet,
-    };
-    let (client, mut report) = batch
+    let (client, mut report) = Batch::new(Direction::Put, args.parallel, args.force, quiet)
         .run_resilient(client, tree.jobs, &args.client, &args.transfer, progress)
         .await?;
     if !tree.dirs.is_empty() {
@@ -670,13 +664,7 @@ async fn get(args: GetArgs, quiet: bool, progress: &Progress) -> Result<ExitCode
     }
     report_skipped(&tree.skipped, quiet, progress);
     let mut failed_dirs = tree::create_local_dirs(&tree.dirs);
-    let batch = Batch {
-        direction: Direction::Get,
-        parallel: usize::from(args.parallel),
-        force: args.force,
-        quiet,
-    };
-    let (client, mut report) = batch
+    let (client, mut report) = Batch::new(Direction::Get, args.parallel, args.force, quiet)
         .run_resilient(client, tree.jobs, &args.client, &args.transfer, progress)
         .await?;
     failed_dirs.extend(tree::finish_local_dirs(&tree.dirs));
@@ -715,6 +703,15 @@ struct Batch {
 }
 
 impl Batch {
+    fn new(direction: Direction, parallel: impl Into<usize>, force: bool, quiet: bool) -> Self {
+        Self {
+            direction,
+            parallel: parallel.into(),
+            force,
+            quiet,
+        }
+    }
+
     /// Runs `jobs`; while some fail for the connection's sake (see
     /// [`crate::client::FileError::is_transient`]), reconnects with backoff
     /// and runs those again, up to `--retries` times. Each file resumes

@@ -186,12 +186,7 @@ fn serve_put_ls_get_end_to_end() {
         .arg(&dl)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let report = common::json_of(&out);
     assert_eq!(report["files"].as_array().unwrap().len(), 3);
     let a_hash = blake3::hash(&std::fs::read(src.join("a")).unwrap())
         .to_hex()

@@ -568,21 +568,10 @@ async fn the_loser_of_a_no_clobber_race_frees_its_partial() {
 /// every stream gets `answer` (if any) to its request and then nothing more,
 /// the connection kept alive.
 fn hostile_server(cfg: &std::path::Path, answer: Option<Response>) -> quinn::Endpoint {
-    use qxfer::endpoint::{server_endpoint, ServerLimits, TransportOpts};
-    use qxfer::tls::{AuthorizedClients, ClientVerifier};
     let dirs = tempfile::tempdir().unwrap();
-    let identity = Identity::load_or_generate(dirs.path(), "server").unwrap();
-    let allowlist = dirs.path().join("authorized_clients");
-    AuthorizedClients::append(&allowlist, common::client_identity(cfg), "t").unwrap();
-    let clients = Arc::new(AuthorizedClients::new(&allowlist, Vec::new(), false));
-    let endpoint = server_endpoint(
-        "127.0.0.1:0".parse().unwrap(),
-        &identity,
-        ClientVerifier::new(clients),
-        &TransportOpts::default(),
-        &ServerLimits::default(),
-    )
-    .unwrap();
+    let (endpoint, _, allowlist) =
+        common::endpoint_in(dirs.path(), &qxfer::endpoint::ServerLimits::default());
+    qxfer::tls::AuthorizedClients::append(&allowlist, common::client_identity(cfg), "t").unwrap();
     let ep = endpoint.clone();
     tokio::spawn(async move {
         let _dirs = dirs;

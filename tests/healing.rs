@@ -264,12 +264,7 @@ fn an_interrupted_client_exits_130_and_says_how_to_resume() {
         .arg("--json")
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let doc = common::json_of(&out);
     let resumed = doc["files"][0]["resumed_from"].as_u64().unwrap();
     assert!(resumed > 0, "{doc}");
 }

@@ -6,7 +6,6 @@ use std::time::{Duration, Instant};
 
 use common::{pattern, TestServer};
 use qxfer::client::Client;
-use qxfer::protocol::{encode, Encoding, FileMeta, PutRequest, Request};
 
 /// Descriptors this process holds open.
 fn open_fds() -> usize {
@@ -32,18 +31,8 @@ async fn one_identity_flooding_stalled_uploads_does_not_delay_another() {
         let client = Client::connect(&config).await.unwrap();
         for s in 0..80 {
             let (mut send, recv) = client.connection().open_bi().await.unwrap();
-            let req = Request::Put(PutRequest {
-                path: format!("flood/{c}-{s}"),
-                meta: FileMeta {
-                    size: 2 << 20,
-                    mtime: None,
-                    mode: None,
-                },
-                force: false,
-                resume: false,
-                encoding: Encoding::Raw,
-            });
-            send.write_all(&encode(&req).unwrap()).await.unwrap();
+            let header = common::put_header(&format!("flood/{c}-{s}"), 2 << 20);
+            send.write_all(&header).await.unwrap();
             send.write_all(&[7u8; 1024]).await.unwrap();
             held.push((send, recv));
         }

@@ -553,18 +553,9 @@ async fn oversized_garbage_truncated_and_silent_headers_are_refused() {
 /// A raw put declaring `declared` bytes and sending `data` and its digest.
 async fn raw_put(client: &Client, name: &str, declared: u64, data: &[u8]) -> Receipt {
     let (mut send, mut recv) = client.connection().open_bi().await.unwrap();
-    let req = Request::Put(PutRequest {
-        path: name.into(),
-        meta: FileMeta {
-            size: declared,
-            mtime: None,
-            mode: None,
-        },
-        force: false,
-        resume: false,
-        encoding: Encoding::Raw,
-    });
-    send.write_all(&encode(&req).unwrap()).await.unwrap();
+    send.write_all(&common::put_header(name, declared))
+        .await
+        .unwrap();
     let _ = send.write_all(data).await;
     let digest = *blake3::hash(data).as_bytes();
     let _ = send.write_all(&encode(&Trailer { digest }).unwrap()).await;

@@ -60,18 +60,7 @@ impl TestServer {
     ) -> Self {
         let mut config = ServeConfig::prepare(root).unwrap();
         configure(&mut config);
-        let certs = dirs.path().join("certs");
-        let identity = Identity::load_or_generate(&certs, "server").unwrap();
-        let allowlist = certs.join(AUTHORIZED_CLIENTS);
-        let clients = Arc::new(AuthorizedClients::new(&allowlist, Vec::new(), false));
-        let endpoint = server_endpoint(
-            "127.0.0.1:0".parse().unwrap(),
-            &identity,
-            ClientVerifier::new(clients),
-            &TransportOpts::default(),
-            &limits,
-        )
-        .unwrap();
+        let (endpoint, identity, allowlist) = endpoint_in(&dirs.path().join("certs"), &limits);
         let addr = endpoint.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
         let root = config.root.clone();
@@ -226,6 +215,50 @@ pub fn tree(dir: &Path) -> Vec<String> {
     walk(dir, dir, &mut out);
     out.sort();
     out
+}
+
+/// The JSON a successful `--json` run printed (the run must have succeeded).
+pub fn json_of(out: &std::process::Output) -> serde_json::Value {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// The frame of a raw put request for `path` declaring `size` bytes, raw encoding.
+pub fn put_header(path: &str, size: u64) -> Vec<u8> {
+    use qxfer::protocol::{encode, Encoding, FileMeta, PutRequest, Request};
+    encode(&Request::Put(PutRequest {
+        path: path.into(),
+        meta: FileMeta {
+            size,
+            mtime: None,
+            mode: None,
+        },
+        force: false,
+        resume: false,
+        encoding: Encoding::Raw,
+    }))
+    .unwrap()
+}
+
+/// A real server endpoint on a loopback port with a fresh identity in
+/// `certs`, admitting the clients listed in `certs/authorized_clients`.
+pub fn endpoint_in(certs: &Path, limits: &ServerLimits) -> (quinn::Endpoint, Identity, PathBuf) {
+    let identity = Identity::load_or_generate(certs, "server").unwrap();
+    let allowlist = certs.join(AUTHORIZED_CLIENTS);
+    let clients = Arc::new(AuthorizedClients::new(&allowlist, Vec::new(), false));
+    let endpoint = server_endpoint(
+        "127.0.0.1:0".parse().unwrap(),
+        &identity,
+        ClientVerifier::new(clients),
+        &TransportOpts::default(),
+        limits,
+    )
+    .unwrap();
+    (endpoint, identity, allowlist)
 }
 
 /// Whether this process runs as root (root bypasses file permissions, so
