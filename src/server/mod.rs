@@ -1,0 +1,617 @@
+//! The server: accepts connections and answers each stream's request against its root directory.
+//!
+//! Every connection runs in its own task and every stream in its own task
+//! within it, so one client's failure (a bad header, a full disk, a dropped
+//! link) ends only that stream and the server keeps serving everyone else.
+//!
+//! The filesystem sandbox: the root is opened once as a cap-std [`Dir`], and
+//! every path a client names is resolved beneath it by cap-std (openat2 with
+//! RESOLVE_BENEATH on Linux, or its own component-by-component walk with
+//! O_NOFOLLOW), so neither `..` nor a symlink can lead out of the root, and
+//! there is no window between checking a path and using it. Paths are also
+//! validated as strings first ([`RemotePath`]) to give clear errors early.
+//! Symlinks that stay inside the root are followed for get and ls; a put
+//! never replaces or writes through a symlink at its destination name.
+//!
+//! Uploads are written into the partial store `<root>/.qxfer-partial/` under
+//! random hidden names and renamed into their directory only once complete
+//! and verified. Names starting with `.qxfer-` are refused by path validation
+//! and hidden from listings, so temporaries are never listed, never
+//! downloadable and never mistaken for (or clobbered by) user files.
+//!
+//! This module accepts connections, enforces the limits, reads each
+//! stream's request and hands it to the module that serves it: [`put`],
+//! [`get`], [`list`], [`mkdir`]; [`partials`] owns the partial store.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use cap_std::ambient_authority;
+use cap_std::fs::Dir;
+use quinn::{ConnectionError, RecvStream, SendStream, VarInt};
+use tracing::{debug, info, info_span, warn, Instrument};
+
+use crate::paths::RemotePath;
+use crate::protocol::{
+    close, read_frame_limited, write_frame, ErrorCode, FrameError, PutRequest, RemoteError,
+    Request, Response, MAX_FRAME,
+};
+use crate::space::Space;
+use crate::tls::{peer_fingerprint, Fingerprint};
+use crate::transfer::{self};
+
+mod get;
+mod list;
+mod mkdir;
+mod partials;
+mod put;
+
+use get::serve_get;
+use list::serve_list;
+use mkdir::serve_mkdir;
+use partials::{sweep_partials_forever, Partials};
+use put::serve_put;
+
+/// Default for [`ServeConfig::header_timeout`].
+pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Default for [`ServeConfig::max_connections_per_client`].
+pub const DEFAULT_MAX_CONNECTIONS_PER_CLIENT: usize = 32;
+
+/// The partial store: a hidden directory in the root holding uploads in progress.
+pub const PARTIAL_DIR: &str = ".qxfer-partial";
+
+/// How long to wait for a trailer or receipt that should follow the data at once.
+/// The client's receipt for a get comes after it fsyncs a possibly large file.
+const RECEIPT_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Stream reset / stop code: the server could not finish sending the file.
+pub const RESET_SOURCE_FAILED: u32 = 1;
+
+/// Stream stop code: the receiver will not take more data (refused or failed).
+pub const STOP_REFUSED: u32 = 2;
+
+/// What the server serves, and its limits.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    /// The root, as an absolute path (for messages).
+    pub root: PathBuf,
+    /// The root, opened: every remote path is resolved beneath this handle.
+    pub root_dir: Arc<Dir>,
+    /// Refuse every put.
+    pub read_only: bool,
+    /// Refuse puts that declare more bytes than this.
+    pub max_file_size: Option<u64>,
+    /// Most connections served at once; more are refused at the handshake.
+    pub max_connections: usize,
+    /// Most connections one client identity may hold at once, so one client
+    /// cannot take every slot from the others.
+    pub max_connections_per_client: usize,
+    /// How long a client has to send its request header after opening a stream.
+    pub header_timeout: Duration,
+    /// Largest request header accepted, in bytes (at most 64 KiB).
+    pub max_header_size: usize,
+    /// Interrupted uploads untouched for this long are deleted.
+    pub partial_ttl: Duration,
+    /// On shutdown, how long requests in flight may take to finish before
+    /// the connections close (`--grace`).
+    pub grace: Duration,
+    /// Byte counters, for logs and tests.
+    pub stats: Arc<ServeStats>,
+    /// Disk space reserved by uploads in flight.
+    pub(crate) space: Arc<Space>,
+}
+
+/// Default for [`ServeConfig::grace`].
+pub const DEFAULT_GRACE: Duration = Duration::from_secs(10);
+
+/// Default for [`ServeConfig::partial_ttl`].
+pub const DEFAULT_PARTIAL_TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// What the server has moved since it started.
+#[derive(Debug, Default)]
+pub struct ServeStats {
+    /// File bytes received from clients (puts).
+    pub bytes_received: AtomicU64,
+    /// File bytes sent to clients (gets).
+    pub bytes_sent: AtomicU64,
+}
+
+/// Default for [`ServeConfig::max_connections`].
+pub const DEFAULT_MAX_CONNECTIONS: usize = 256;
+
+/// Errors that stop the server from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    /// The root exists but is not a directory.
+    #[error("root {0} exists but is not a directory; pass --root with a directory")]
+    RootNotDir(PathBuf),
+    /// The root could not be created or written to.
+    #[error("root {path} is not usable: {source}; pass --root with a writable directory")]
+    RootUnusable {
+        /// The root.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
+}
+
+impl ServeConfig {
+    /// Prepares `root`: creates it if missing, checks it is a writable
+    /// directory, and resolves it to an absolute path.
+    pub fn prepare(root: &Path) -> Result<Self, StartupError> {
+        let unusable = |source| StartupError::RootUnusable {
+            path: root.to_owned(),
+            source,
+        };
+        match std::fs::metadata(root) {
+            Ok(md) if !md.is_dir() => return Err(StartupError::RootNotDir(root.to_owned())),
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                std::fs::create_dir_all(root).map_err(unusable)?
+            }
+            Err(e) => return Err(unusable(e)),
+        }
+        // An unnamed temporary file proves we can create files here and leaves nothing behind.
+        tempfile::tempfile_in(root).map_err(unusable)?;
+        let root = std::fs::canonicalize(root).map_err(unusable)?;
+        let root_dir = Dir::open_ambient_dir(&root, ambient_authority()).map_err(unusable)?;
+        Ok(Self {
+            root,
+            root_dir: Arc::new(root_dir),
+            read_only: false,
+            max_file_size: None,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_connections_per_client: DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
+            header_timeout: DEFAULT_HEADER_TIMEOUT,
+            max_header_size: MAX_FRAME,
+            partial_ttl: DEFAULT_PARTIAL_TTL,
+            grace: DEFAULT_GRACE,
+            stats: Arc::default(),
+            space: Arc::default(),
+        })
+    }
+}
+
+/// Serves `endpoint` until `shutdown` completes, then stops gracefully
+/// (see [`run_until`]).
+pub async fn run(
+    endpoint: quinn::Endpoint,
+    config: ServeConfig,
+    shutdown: impl Future<Output = ()>,
+) {
+    run_until(endpoint, config, shutdown, std::future::pending()).await
+}
+
+/// Serves `endpoint` until `shutdown` completes, then stops gracefully: no
+/// new connection is admitted and no new request started (they are
+/// refused, and clients retry elsewhere or later), requests in flight get
+/// up to [`ServeConfig::grace`] to finish, and then every connection is
+/// closed with [`close::SHUTTING_DOWN`], which clients report as "the
+/// server is shutting down". `stop_now` (a second Ctrl-C) cuts the grace
+/// short. Interrupted uploads keep their partials either way.
+pub async fn run_until(
+    endpoint: quinn::Endpoint,
+    config: ServeConfig,
+    shutdown: impl Future<Output = ()>,
+    stop_now: impl Future<Output = ()>,
+) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(config.max_connections));
+    let per_client: PerClient = Arc::default();
+    let partials: Arc<Partials> = Arc::default();
+    let config = Arc::new(config);
+    let sweeper = tokio::spawn(sweep_partials_forever(config.clone(), partials.clone()));
+    let handshaking = Arc::new(AtomicUsize::new(0));
+    let activity = Activity::default();
+    tokio::pin!(shutdown);
+    loop {
+        let incoming = tokio::select! {
+            _ = &mut shutdown => break,
+            incoming = endpoint.accept() => incoming,
+        };
+        let Some(incoming) = incoming else { break };
+        // Stateless retry under load: while many handshakes are in progress,
+        // an address that has not proven it can receive our packets gets a
+        // token first, so spoofed sources cannot tie up connection slots or
+        // handshake work. Otherwise the round trip a retry costs (100 ms on
+        // a long path, on every connection) is not worth it: QUIC already
+        // caps what an unvalidated address is sent at three times what it
+        // sent (RFC 9000, 8.1), so nothing is amplified toward a victim.
+        if !incoming.remote_address_validated()
+            && handshaking.load(Ordering::Relaxed) >= RETRY_ABOVE_HANDSHAKES
+        {
+            let _ = incoming.retry();
+            continue;
+        }
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            warn!(remote = %incoming.remote_address(), "connection refused: {} connections already open (--max-connections)", config.max_connections);
+            incoming.refuse();
+            continue;
+        };
+        let span = info_span!("conn", remote = %incoming.remote_address());
+        let (config, per_client, partials) = (config.clone(), per_client.clone(), partials.clone());
+        let handshake = Handshaking::start(&handshaking);
+        let activity = activity.clone();
+        let all = slots.clone();
+        tokio::spawn(
+            async move {
+                let max = config.max_connections;
+                handle_connection(incoming, handshake, config, per_client, partials, activity)
+                    .await;
+                drop(slot);
+                if all.available_permits() == max {
+                    release_memory().await;
+                }
+            }
+            .instrument(span),
+        );
+    }
+    // Draining: refuse what is new, let what runs finish.
+    activity.draining.send_replace(true);
+    let in_flight = *activity.requests.borrow();
+    if in_flight > 0 {
+        info!(
+            "shutting down: letting {in_flight} request(s) in flight finish (up to {:?}, --grace); a second signal stops at once",
+            config.grace
+        );
+    }
+    let refuser = tokio::spawn({
+        let endpoint = endpoint.clone();
+        async move {
+            while let Some(incoming) = endpoint.accept().await {
+                incoming.refuse();
+            }
+        }
+    });
+    let mut requests = activity.requests.subscribe();
+    tokio::select! {
+        _ = requests.wait_for(|n| *n == 0) => {}
+        _ = tokio::time::sleep(config.grace) => {
+            warn!("{} request(s) still running after {:?}; closing them (uploads keep their partials for a resume)", *activity.requests.borrow(), config.grace);
+        }
+        _ = stop_now => warn!("second signal: stopping at once (uploads keep their partials for a resume)"),
+    }
+    refuser.abort();
+    info!(
+        received = config.stats.bytes_received.load(Ordering::Relaxed),
+        sent = config.stats.bytes_sent.load(Ordering::Relaxed),
+        "shutting down"
+    );
+    sweeper.abort();
+    endpoint.close(
+        VarInt::from_u32(close::SHUTTING_DOWN),
+        b"server shutting down",
+    );
+    // Let the close frames go out; never hang on a peer that vanished.
+    let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+}
+
+/// Hands memory freed during a burst back to the system once the last
+/// connection has gone. glibc's allocator keeps what a busy server freed (a
+/// load of 16 clients left 236 MiB resident with nothing running, against
+/// 12 MiB at start); `malloc_trim` returns the free pages of every arena.
+async fn release_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: malloc_trim only walks the allocator's own free lists.
+        let _ = tokio::task::spawn_blocking(|| unsafe { libc::malloc_trim(0) }).await;
+    }
+}
+
+/// What graceful shutdown watches: whether the server is draining, and how
+/// many requests are in flight.
+#[derive(Clone, Default)]
+struct Activity {
+    draining: Arc<tokio::sync::watch::Sender<bool>>,
+    requests: Arc<tokio::sync::watch::Sender<usize>>,
+}
+
+/// Counts one request in flight until dropped.
+struct InFlight(Arc<tokio::sync::watch::Sender<usize>>);
+
+impl InFlight {
+    fn start(requests: &Arc<tokio::sync::watch::Sender<usize>>) -> Self {
+        requests.send_modify(|n| *n += 1);
+        Self(requests.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n -= 1);
+    }
+}
+
+/// Handshakes in progress above which new addresses must pass a stateless
+/// retry first. Legitimate clients rarely overlap this many handshakes;
+/// a flood of spoofed ones reaches it at once and then stalls.
+const RETRY_ABOVE_HANDSHAKES: usize = 16;
+
+/// Counts one handshake in progress until dropped.
+struct Handshaking(Arc<AtomicUsize>);
+
+impl Handshaking {
+    fn start(count: &Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Self(count.clone())
+    }
+}
+
+impl Drop for Handshaking {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Open connections per client identity.
+type PerClient = Arc<Mutex<HashMap<Fingerprint, usize>>>;
+
+/// Holds one of a client's connection slots; frees it when dropped.
+struct ClientSlot {
+    fp: Fingerprint,
+    counts: PerClient,
+}
+
+impl ClientSlot {
+    /// Takes a slot for `fp`, or `None` if it already holds `max`.
+    fn take(counts: &PerClient, fp: Fingerprint, max: usize) -> Option<Self> {
+        let mut map = counts.lock().unwrap_or_else(|e| e.into_inner());
+        let n = map.entry(fp).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(Self {
+            fp,
+            counts: counts.clone(),
+        })
+    }
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        let mut map = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = map.get_mut(&self.fp) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.fp);
+            }
+        }
+    }
+}
+
+async fn handle_connection(
+    incoming: quinn::Incoming,
+    handshake: Handshaking,
+    config: Arc<ServeConfig>,
+    per_client: PerClient,
+    partials: Arc<Partials>,
+    activity: Activity,
+) {
+    // Awaiting the full handshake (never `into_0rtt`) means no request is
+    // read before the client has proven its identity: 0-RTT never starts a put.
+    let established = incoming.await;
+    drop(handshake);
+    let conn = match established {
+        Ok(conn) => conn,
+        Err(e) => {
+            info!("handshake failed: {e}");
+            return;
+        }
+    };
+    let Some(fp) = peer_fingerprint(&conn) else {
+        // The verifier makes a certificate mandatory; this is defence in depth.
+        warn!("connection without a client certificate; closing");
+        conn.close(
+            VarInt::from_u32(close::DONE),
+            b"client certificate required",
+        );
+        return;
+    };
+    let Some(_slot) = ClientSlot::take(&per_client, fp, config.max_connections_per_client) else {
+        warn!(client = %fp, "connection refused: this client already has {} connections open (--max-connections-per-client)", config.max_connections_per_client);
+        conn.close(
+            VarInt::from_u32(close::TOO_MANY_FROM_CLIENT),
+            b"too many connections from this client",
+        );
+        return;
+    };
+    info!(client = %fp, "connected");
+    crate::endpoint::tune_receive_window(conn.clone());
+    let mut draining = activity.draining.subscribe();
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            _ = async { draining.wait_for(|d| *d).await.is_ok() } => {
+                // No new requests: streams opened from now on are reset with
+                // the shutdown code (the client retries them after
+                // reconnecting); the connection closes once those in flight end.
+                loop {
+                    match conn.accept_bi().await {
+                        Ok((mut send, mut recv)) => {
+                            let code = VarInt::from_u32(close::SHUTTING_DOWN);
+                            let _ = send.reset(code);
+                            let _ = recv.stop(code);
+                        }
+                        Err(_) => return,
+                    }
+                }
+            }
+            accepted = conn.accept_bi() => accepted,
+        };
+        match accepted {
+            Ok((send, recv)) => {
+                let in_flight = InFlight::start(&activity.requests);
+                let span = info_span!("stream", id = %send.id());
+                let ctx = Ctx {
+                    config: config.clone(),
+                    client: fp,
+                    partials: partials.clone(),
+                    conn: conn.clone(),
+                };
+                tokio::spawn(
+                    async move {
+                        handle_stream(send, recv, ctx).await;
+                        drop(in_flight);
+                    }
+                    .instrument(span),
+                );
+            }
+            Err(ConnectionError::ApplicationClosed(_)) => {
+                info!("disconnected");
+                break;
+            }
+            Err(e) => {
+                info!("connection ended: {e}");
+                break;
+            }
+        }
+    }
+}
+
+/// What a stream's handler needs besides the stream.
+struct Ctx {
+    config: Arc<ServeConfig>,
+    /// The client identity this connection was admitted with.
+    client: Fingerprint,
+    partials: Arc<Partials>,
+    /// The connection, for its path estimate (whether to compress a get).
+    conn: quinn::Connection,
+}
+
+async fn handle_stream(mut send: SendStream, mut recv: RecvStream, ctx: Ctx) {
+    let config = ctx.config.clone();
+    let limit = config.max_header_size;
+    let timeout = config.header_timeout;
+    let request =
+        match tokio::time::timeout(timeout, read_frame_limited::<_, Request>(&mut recv, limit))
+            .await
+        {
+            Ok(Ok(req)) => req,
+            Ok(Err(e)) => {
+                warn!("bad request header: {e}");
+                return refuse(&mut send, &mut recv, protocol_error(&e)).await;
+            }
+            Err(_) => {
+                warn!("no request header within {timeout:?}");
+                let err = RemoteError::new(
+                    ErrorCode::Protocol,
+                    format!(
+                        "no request arrived within {} s of opening the stream",
+                        timeout.as_secs_f64()
+                    ),
+                );
+                return refuse(&mut send, &mut recv, err).await;
+            }
+        };
+    debug!(?request, "request");
+    let root = config.root_dir.clone();
+    let result = match request {
+        Request::Put(req) => match check_put_allowed(&req, &config) {
+            Ok(()) => serve_put(req, &ctx, &mut send, &mut recv).await,
+            Err(e) => Err(e),
+        },
+        Request::Get(req) => serve_get(req, &ctx, &mut send, &mut recv).await,
+        Request::List(req) => serve_list(req, root, &mut send).await,
+        Request::Mkdir(req) => serve_mkdir(req, &config, &mut send).await,
+    };
+    if let Err(err) = result {
+        info!("refused: {}", err.message);
+        refuse(&mut send, &mut recv, err).await;
+    }
+    // The request counts as done once its last answer has reached the
+    // client: on shutdown the connection closes as soon as no request is in
+    // flight, and a close discards whatever the peer has not acknowledged
+    // (a receipt lost that way failed a put that had in fact committed).
+    let _ = tokio::time::timeout(ANSWER_FLUSH, send.stopped()).await;
+}
+
+/// How long a finished request waits for its answer to be acknowledged.
+const ANSWER_FLUSH: Duration = Duration::from_secs(2);
+
+/// Applies the server's policy to a put before anything is touched.
+fn check_put_allowed(req: &PutRequest, config: &ServeConfig) -> Result<(), RemoteError> {
+    if config.read_only {
+        return Err(RemoteError::new(
+            ErrorCode::ReadOnly,
+            format!("'{}' was not uploaded: this server is read-only", req.path),
+        ));
+    }
+    match config.max_file_size {
+        Some(max) if req.meta.size > max => Err(RemoteError::new(
+            ErrorCode::TooLarge,
+            format!(
+                "'{}' is {} bytes; this server accepts files of at most {max} bytes",
+                req.path, req.meta.size
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Sends a refusal as the response header and stops the client's data.
+async fn refuse(send: &mut SendStream, recv: &mut RecvStream, err: RemoteError) {
+    let _ = write_frame(send, &Response::Refused(err)).await;
+    let _ = send.finish();
+    let _ = recv.stop(VarInt::from_u32(STOP_REFUSED));
+}
+
+fn protocol_error(e: &FrameError) -> RemoteError {
+    RemoteError::new(ErrorCode::Protocol, format!("bad request: {e}"))
+}
+
+/// Whether cap-std refused to resolve a path because it would leave the
+/// root. It reports that as PermissionDenied without an OS error number,
+/// which a real EACCES always has.
+fn is_escape(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::PermissionDenied && e.raw_os_error().is_none()
+}
+
+/// Turns a filesystem error on `path` into what the client is told.
+fn fs_error(e: &io::Error, path: &RemotePath, doing: &str) -> RemoteError {
+    if is_escape(e) {
+        return RemoteError::new(
+            ErrorCode::OutsideRoot,
+            format!("{doing} '{path}' on the server: it leads outside the served directory (through a symbolic link), which the server never follows"),
+        );
+    }
+    if e.raw_os_error() == Some(libc::EXDEV) {
+        return RemoteError::new(
+            ErrorCode::Internal,
+            format!("{doing} '{path}' on the server: its directory is on another filesystem than the served root (a mount point inside the root), where uploads cannot be placed; choose another directory"),
+        );
+    }
+    if e.raw_os_error() == Some(libc::ELOOP) {
+        return RemoteError::new(
+            ErrorCode::Symlink,
+            format!("{doing} '{path}' on the server: too many levels of symbolic links"),
+        );
+    }
+    let (code, advice) = match e.kind() {
+        io::ErrorKind::NotFound => (ErrorCode::NotFound, "check the name with `qxfer ls`"),
+        io::ErrorKind::PermissionDenied => (
+            ErrorCode::PermissionDenied,
+            "the server's user may not access it; ask its operator",
+        ),
+        io::ErrorKind::IsADirectory => (ErrorCode::IsDirectory, "name a file, not a directory"),
+        io::ErrorKind::NotADirectory => (
+            ErrorCode::NotDirectory,
+            "a parent of this path is a file, not a directory",
+        ),
+        io::ErrorKind::AlreadyExists => (ErrorCode::AlreadyExists, "use --force to overwrite"),
+        _ if transfer::is_disk_full(e) => (
+            ErrorCode::NoSpace,
+            "the server's disk is full; free space there and retry",
+        ),
+        _ => (ErrorCode::Internal, "see the server's log"),
+    };
+    RemoteError::new(
+        code,
+        format!("{doing} '{path}' on the server: {e}; {advice}"),
+    )
+}
