@@ -16,12 +16,12 @@ use tokio::sync::Semaphore;
 use crate::congestion::{self, PathMemory};
 use crate::endpoint::{self, EndpointError, TransportOpts};
 use crate::progress::Progress;
+use crate::protocol::stream::{RESET_SOURCE_FAILED, STOP_REFUSED};
 use crate::protocol::{
     close, read_frame, write_frame, Compression, Continue, Digest, DirMeta, Entry, ErrorCode,
     FileMeta, FrameError, GetOffer, GetRequest, ListBatch, ListRequest, MkdirRequest, Prefix,
     PutRequest, Receipt, RemoteError, Request, Response, Trailer, ALPN, RESUME_MIN,
 };
-use crate::server::{RESET_SOURCE_FAILED, STOP_REFUSED};
 use crate::tls::{Fingerprint, Identity, KnownHosts, PinnedServerVerifier, TrustError};
 use crate::transfer::{
     self, blocking, file_meta, Advance, CommitError, Framing, IncomingFile, Pacer, Start,

@@ -381,6 +381,15 @@ pub enum ErrorCode {
     Symlink,
 }
 
+/// Stream codes both sides use to reset or stop a stream.
+pub mod stream {
+    /// Reset: the sender could not finish sending the file (it could not be
+    /// read, or it changed while being sent); drop what arrived.
+    pub const RESET_SOURCE_FAILED: u32 = 1;
+    /// Stop: the receiver will not take more data (refused or failed).
+    pub const STOP_REFUSED: u32 = 2;
+}
+
 /// Application close codes a server may end a connection with.
 pub mod close {
     /// Normal end: the client is done or the server shuts down.

@@ -70,11 +70,7 @@ pub const PARTIAL_DIR: &str = ".qxfer-partial";
 /// The client's receipt for a get comes after it fsyncs a possibly large file.
 const RECEIPT_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// Stream reset / stop code: the server could not finish sending the file.
-pub const RESET_SOURCE_FAILED: u32 = 1;
-
-/// Stream stop code: the receiver will not take more data (refused or failed).
-pub const STOP_REFUSED: u32 = 2;
+use crate::protocol::stream::{RESET_SOURCE_FAILED, STOP_REFUSED};
 
 /// What the server serves, and its limits.
 #[derive(Debug, Clone)]
