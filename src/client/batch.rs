@@ -1,0 +1,267 @@
+//! Batches: many files over one connection at once, small ones from a budget of their own, each with its own end.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::Semaphore;
+
+use crate::endpoint::{self};
+use crate::progress::Progress;
+use crate::transfer::blocking;
+
+use super::*;
+
+/// One file to move: its label for messages and both ends.
+#[derive(Debug, Clone)]
+pub struct Job {
+    /// What the user typed (for messages).
+    pub label: String,
+    /// The local path (source for put, destination for get).
+    pub local: PathBuf,
+    /// The remote path (destination for put, source for get).
+    pub remote: String,
+    /// The size, if known before the transfer (a get from a listing).
+    pub size_hint: Option<u64>,
+}
+
+/// Files smaller than this are "small": they do not count against
+/// `--parallel` and get no bar of their own.
+pub const SMALL_FILE: u64 = 1024 * 1024;
+
+/// Small files in flight at once, at most: as many as a server grants
+/// streams by default ([`endpoint::DEFAULT_MAX_STREAMS`]), so that a
+/// thousand small files wait on one another for a round trip, not fifty.
+/// Each holds one stream and at most its own bytes in memory.
+pub const SMALL_FILE_STREAMS: usize = endpoint::DEFAULT_MAX_STREAMS as usize;
+
+/// Bytes of small files in flight at once, at most: keeps memory flat
+/// when the small files are near [`SMALL_FILE`] in size (each in flight
+/// holds its bytes once read, and again once framed for the wire). 16 MiB
+/// is twenty times the bandwidth-delay product of a 200 Mbit/s, 30 ms path.
+pub(super) const SMALL_FILE_BUDGET: u64 = 16 * 1024 * 1024;
+
+/// The unit [`SMALL_FILE_BUDGET`] is counted in.
+pub(super) const BUDGET_UNIT: u64 = 4096;
+
+/// Which way files move.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// Local to server.
+    Put,
+    /// Server to local.
+    Get,
+}
+
+/// The outcome of a batch: what succeeded and what failed, and how long it took.
+#[derive(Debug)]
+pub struct BatchReport {
+    /// Completed transfers, in completion order.
+    pub done: Vec<TransferReport>,
+    /// Failed transfers: the label and the error.
+    pub failed: Vec<(String, FileError)>,
+    /// The jobs among `failed` whose error is transient
+    /// ([`FileError::is_transient`]): worth another try over a new connection.
+    pub retry: Vec<Job>,
+    /// Wall time for the whole batch.
+    pub elapsed: Duration,
+}
+
+/// Runs `jobs` over `client` with at most `parallel` large files in flight,
+/// each with its own progress bar, and up to [`SMALL_FILE_STREAMS`] small
+/// ones (within [`SMALL_FILE_BUDGET`] bytes). Every job runs to its own
+/// end, whatever the others do.
+///
+/// A job's task is spawned only once it holds its permits: a task is a few
+/// kilobytes before it starts, so spawning all of a 9,000-file tree at once
+/// cost 150 MB. Small and large files are fed from queues of their own, so
+/// a large file waiting for its turn never holds up small ones.
+pub async fn run_batch(
+    client: &Client,
+    direction: Direction,
+    jobs: Vec<Job>,
+    parallel: usize,
+    force: bool,
+    progress: &Progress,
+) -> BatchReport {
+    let start = Instant::now();
+    let queued = jobs.len();
+    progress.set_status(format!("0/{queued} files"));
+    let (mut small, mut large) = (Vec::new(), Vec::new());
+    // A put's size is known up front, so the total bar is right from the
+    // start; a get learns its size from the server's answer. The stats run
+    // off the async threads (a slow or hung filesystem must not stall them).
+    let sized = blocking(move || {
+        jobs.into_iter()
+            .map(|job| {
+                let size = match direction {
+                    Direction::Put => std::fs::metadata(&job.local).map(|m| m.len()).ok(),
+                    Direction::Get => job.size_hint,
+                };
+                (job, size)
+            })
+            .collect::<Vec<_>>()
+    })
+    .await;
+    for (job, size) in sized {
+        if direction == Direction::Put {
+            progress.add_total(size.unwrap_or(0));
+        }
+        match size {
+            Some(size) if size < SMALL_FILE => small.push((job, size)),
+            _ => large.push((job, size.unwrap_or(0))),
+        }
+    }
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let run = BatchRun {
+        client: client.clone(),
+        direction,
+        force,
+        progress: progress.clone(),
+        done: tx,
+    };
+    let feed_small = run.feed(
+        small,
+        Arc::new(Semaphore::new(SMALL_FILE_STREAMS.max(parallel))),
+        Some(Arc::new(Semaphore::new(
+            (SMALL_FILE_BUDGET / BUDGET_UNIT) as usize,
+        ))),
+    );
+    let feed_large = run.feed(large, Arc::new(Semaphore::new(parallel.max(1))), None);
+    drop(run);
+    let mut report = BatchReport {
+        done: Vec::new(),
+        failed: Vec::new(),
+        retry: Vec::new(),
+        elapsed: Duration::ZERO,
+    };
+    let collect = async {
+        while let Some((job, result)) = rx.recv().await {
+            match result {
+                Ok(r) => report.done.push(r),
+                Err(e) => {
+                    tracing::debug!("{}: {e}", job.label);
+                    if e.is_transient() {
+                        report.retry.push(job.clone());
+                    }
+                    report.failed.push((job.label, e));
+                }
+            }
+            progress.set_status(format!(
+                "{}/{queued} files",
+                report.done.len() + report.failed.len()
+            ));
+        }
+    };
+    tokio::join!(feed_small, feed_large, collect);
+    report.elapsed = start.elapsed();
+    report
+}
+
+/// What every job of a batch shares.
+pub(super) struct BatchRun {
+    client: Client,
+    direction: Direction,
+    force: bool,
+    progress: Progress,
+    /// Where finished jobs report; the batch ends when every sender is gone.
+    done: tokio::sync::mpsc::UnboundedSender<(Job, Result<TransferReport, FileError>)>,
+}
+
+impl BatchRun {
+    /// Starts `jobs` one by one as `pool` (and, for small files, `budget`)
+    /// lets them.
+    pub(super) fn feed(
+        &self,
+        jobs: Vec<(Job, u64)>,
+        pool: Arc<Semaphore>,
+        budget: Option<Arc<Semaphore>>,
+    ) -> impl std::future::Future<Output = ()> + 'static {
+        let this = self.clone_parts();
+        async move {
+            for (job, size) in jobs {
+                let permit = pool.clone().acquire_owned().await.expect("never closed");
+                let bytes = match &budget {
+                    Some(budget) => {
+                        let units = size.div_ceil(BUDGET_UNIT).max(1) as u32;
+                        Some(
+                            budget
+                                .clone()
+                                .acquire_many_owned(units)
+                                .await
+                                .expect("never closed"),
+                        )
+                    }
+                    None => None,
+                };
+                let this = this.clone_parts();
+                let small = budget.is_some();
+                tokio::spawn(async move {
+                    let result = this.run(&job, size, small).await;
+                    drop((permit, bytes));
+                    let _ = this.done.send((job, result));
+                });
+            }
+        }
+    }
+
+    pub(super) fn clone_parts(&self) -> Self {
+        Self {
+            client: self.client.clone(),
+            direction: self.direction,
+            force: self.force,
+            progress: self.progress.clone(),
+            done: self.done.clone(),
+        }
+    }
+
+    /// Moves one file, with a bar of its own unless it is small.
+    pub(super) async fn run(
+        &self,
+        job: &Job,
+        size: u64,
+        small: bool,
+    ) -> Result<TransferReport, FileError> {
+        let started = Instant::now();
+        let progress = &self.progress;
+        let bar = if small {
+            progress.total_only()
+        } else {
+            progress.file_bar(
+                &job.label,
+                if self.direction == Direction::Put {
+                    size
+                } else {
+                    0
+                },
+            )
+        };
+        let result = match self.direction {
+            Direction::Put => {
+                self.client
+                    .put(&job.local, &job.remote, self.force, &|n| bar.inc(n))
+                    .await
+            }
+            Direction::Get => {
+                self.client
+                    .get_sized(
+                        &job.remote,
+                        &job.local,
+                        job.size_hint,
+                        self.force,
+                        &|size| {
+                            bar.set_length(size);
+                            progress.add_total(size);
+                        },
+                        &|n| bar.inc(n),
+                    )
+                    .await
+            }
+        };
+        bar.finish();
+        result.map(|mut r| {
+            r.seconds = started.elapsed().as_secs_f64();
+            r
+        })
+    }
+}

@@ -1,0 +1,459 @@
+//! Connecting: resolving the server, the handshake (restarted while unanswered), pinning, and what a refusal means.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use quinn::{ConnectionError, TransportErrorCode, VarInt};
+
+use crate::endpoint::{self, EndpointError, TransportOpts};
+use crate::protocol::{close, ALPN};
+use crate::tls::{Fingerprint, Identity, KnownHosts, PinnedServerVerifier, TrustError};
+use crate::transfer::Pacer;
+
+use super::*;
+
+/// How long to wait for a server to answer before calling it unreachable.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long a handshake the server has started answering may take to finish.
+pub(super) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// An unanswered handshake is started afresh this often (see [`Attempt::once`]).
+pub(super) const RESTART_UNANSWERED: Duration = Duration::from_secs(3);
+
+/// The TLS alert QUIC carries when no ALPN protocol is shared (RFC 8446 no_application_protocol).
+pub(super) const ALERT_NO_APPLICATION_PROTOCOL: u8 = 120;
+
+/// The TLS alert a qxfer server sends for a client it does not admit (access_denied).
+pub(super) const ALERT_ACCESS_DENIED: u8 = 49;
+
+/// The TLS alert for a client that presented no certificate (certificate_required).
+pub(super) const ALERT_CERTIFICATE_REQUIRED: u8 = 116;
+
+/// Why no connection was made.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// `--server` is not of the form HOST[:PORT].
+    #[error(
+        "invalid server address {0:?}: expected HOST:PORT, e.g. example.com:65432 or [::1]:65432"
+    )]
+    BadAddress(String),
+    /// Name resolution failed.
+    #[error("cannot resolve {server}: {source}")]
+    Resolve {
+        /// As given.
+        server: String,
+        /// The resolver's error.
+        source: std::io::Error,
+    },
+    /// No answer in time.
+    #[error("no answer from {server} ({addr}) within {} s; check that `qxfer serve` runs there and that UDP port {} is reachable (on a very lossy path, raise --connect-timeout)", after.as_secs_f64(), addr.port())]
+    Unreachable {
+        /// How long the attempt waited.
+        after: Duration,
+        /// As given.
+        server: String,
+        /// As resolved.
+        addr: SocketAddr,
+    },
+    /// The peer speaks QUIC but not qxfer.
+    #[error(
+        "{server} ({addr}) is not a qxfer server: it does not speak the {} protocol",
+        String::from_utf8_lossy(ALPN)
+    )]
+    NotQxfer {
+        /// As given.
+        server: String,
+        /// As resolved.
+        addr: SocketAddr,
+    },
+    /// The server is at its connection limit.
+    #[error("{server} ({addr}) refused the connection: it is serving as many clients as it allows (--max-connections); try again later")]
+    Busy {
+        /// As given.
+        server: String,
+        /// As resolved.
+        addr: SocketAddr,
+    },
+    /// The server does not admit this client's identity.
+    #[error("the server {server} refused this client: it does not know this client's identity.\nGive the server's operator your fingerprint, which `qxfer id` prints:\n    {fingerprint}\nand ask them to run `qxfer serve --allow {fingerprint}` (or add it to certs/authorized_clients).")]
+    Refused {
+        /// As given.
+        server: String,
+        /// This client's fingerprint.
+        fingerprint: Fingerprint,
+    },
+    /// The server closed the connection because this identity holds too many.
+    #[error("the server {server} closed the connection: this client already has as many connections open as it allows (--max-connections-per-client); close some and try again")]
+    TooManyFromClient {
+        /// As given.
+        server: String,
+    },
+    /// The server's fingerprint differs from the stored one.
+    #[error("SERVER IDENTITY CHANGED for {server}: it presented {got}, but {} line {line} says {want}. Someone may be intercepting the connection. If the server's certificate was deliberately replaced, delete that line and connect again.", file.display())]
+    HostKeyChanged {
+        /// As given.
+        server: String,
+        /// Fingerprint presented.
+        got: Fingerprint,
+        /// Fingerprint on record.
+        want: Fingerprint,
+        /// The known_hosts file.
+        file: PathBuf,
+        /// The line with the old entry.
+        line: usize,
+    },
+    /// The server's fingerprint differs from `--pin`.
+    #[error("{server} presented {got}, not the pinned {want}; refusing to connect")]
+    PinMismatch {
+        /// As given.
+        server: String,
+        /// Fingerprint presented.
+        got: Fingerprint,
+        /// Fingerprint pinned.
+        want: Fingerprint,
+    },
+    /// Any other handshake or transport failure.
+    #[error("connecting to {server} ({addr}): {source}")]
+    Connection {
+        /// As given.
+        server: String,
+        /// As resolved.
+        addr: SocketAddr,
+        /// quinn's error.
+        source: ConnectionError,
+    },
+    /// quinn refused to start the connection (bad address family, ...).
+    #[error("cannot connect to {server}: {source}")]
+    Setup {
+        /// As given.
+        server: String,
+        /// quinn's error.
+        source: quinn::ConnectError,
+    },
+    /// Setting up the local endpoint failed.
+    #[error(transparent)]
+    Endpoint(#[from] EndpointError),
+    /// known_hosts could not be read or written.
+    #[error(transparent)]
+    Trust(#[from] TrustError),
+}
+
+/// Splits `server` into host and port; the host keeps no brackets.
+pub fn split_server(server: &str) -> Result<(String, u16), ConnectError> {
+    let bad = || ConnectError::BadAddress(server.to_owned());
+    if let Ok(addr) = server.parse::<SocketAddr>() {
+        return Ok((addr.ip().to_string(), addr.port()));
+    }
+    if let Some(rest) = server.strip_prefix('[') {
+        let (host, tail) = rest.split_once(']').ok_or_else(bad)?;
+        let port = match tail {
+            "" => DEFAULT_PORT,
+            _ => tail
+                .strip_prefix(':')
+                .and_then(|p| p.parse().ok())
+                .ok_or_else(bad)?,
+        };
+        return Ok((host.to_owned(), port));
+    }
+    if server.parse::<std::net::Ipv6Addr>().is_ok() {
+        return Ok((server.to_owned(), DEFAULT_PORT));
+    }
+    let (host, port) = match server.rsplit_once(':') {
+        Some((h, p)) => (h, p.parse().map_err(|_| bad())?),
+        None => (server, DEFAULT_PORT),
+    };
+    if host.is_empty() || host.contains(':') || host.contains(char::is_whitespace) {
+        return Err(bad());
+    }
+    Ok((host.to_owned(), port))
+}
+
+/// The key a server is filed under in known_hosts: `host:port`, lower case,
+/// IPv6 in brackets.
+pub(super) fn known_hosts_key(host: &str, port: u16) -> String {
+    let host = host.to_ascii_lowercase();
+    if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
+impl Client {
+    /// Connects to `config.server`, verifying it against `--pin` or
+    /// known_hosts, and recording it on first contact.
+    pub async fn connect(config: &ClientConfig) -> Result<Self, ConnectError> {
+        let server = config.server.as_str();
+        let (host, port) = split_server(server)?;
+        let resolved: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), port))
+            .await
+            .map_err(|source| ConnectError::Resolve {
+                server: server.to_owned(),
+                source,
+            })?
+            .collect();
+        // IPv4 first, then IPv6, one address of each: `localhost` often
+        // resolves to ::1 first while servers listen on 127.0.0.1 by default.
+        let mut candidates: Vec<SocketAddr> = Vec::new();
+        for v4 in [true, false] {
+            if let Some(a) = resolved.iter().find(|a| a.is_ipv4() == v4) {
+                candidates.push(*a);
+            }
+        }
+        if candidates.is_empty() {
+            return Err(ConnectError::Resolve {
+                server: server.to_owned(),
+                source: std::io::Error::other("no addresses found"),
+            });
+        }
+
+        let identity = Identity::load_or_generate(&config.config_dir, CLIENT_IDENTITY)?;
+        let key = known_hosts_key(&host, port);
+        let mut known = KnownHosts::load(&config.config_dir.join("known_hosts"))?;
+        let on_record = known.lookup(&key);
+        let expected = config.pin.or(on_record.map(|(fp, _)| fp));
+        // SNI carries the host name when there is one; the verifier ignores it.
+        let sni = if host.parse::<std::net::IpAddr>().is_ok() {
+            "qxfer"
+        } else {
+            host.as_str()
+        };
+
+        let paths = PathMemories::new(&config.config_dir);
+        let mut transport = config.transport.clone();
+        transport.path_memory = paths.recall(&key);
+
+        let mut last = None;
+        let mut established = None;
+        for addr in candidates {
+            let verifier = PinnedServerVerifier::new(expected);
+            let tries = Attempt {
+                transport: &transport,
+                identity: &identity,
+                server,
+                sni,
+                silence: config.connect_timeout,
+            };
+            match tries.once(addr, verifier.clone()).await {
+                Ok((endpoint, conn)) => {
+                    established = Some((endpoint, conn, verifier));
+                    break;
+                }
+                Err(e @ ConnectError::Unreachable { .. }) => last = Some(e),
+                Err(e) => {
+                    let Some(got) = verifier.mismatch() else {
+                        return Err(e);
+                    };
+                    let want = expected.expect("a mismatch implies an expected fingerprint");
+                    return Err(match (config.pin, on_record) {
+                        (None, Some((_, line))) => ConnectError::HostKeyChanged {
+                            server: server.to_owned(),
+                            got,
+                            want,
+                            file: known.path().to_owned(),
+                            line,
+                        },
+                        _ => ConnectError::PinMismatch {
+                            server: server.to_owned(),
+                            got,
+                            want,
+                        },
+                    });
+                }
+            }
+        }
+        let Some((endpoint, conn, verifier)) = established else {
+            return Err(last.expect("at least one address was tried"));
+        };
+
+        let mut first_contact = None;
+        if expected.is_none() {
+            let fp = verifier
+                .seen()
+                .expect("a completed handshake has verified a certificate");
+            known.add(&key, fp)?;
+            first_contact = Some((fp, known.path().to_owned()));
+        }
+        endpoint::tune_receive_window(conn.clone());
+        let journal = UploadJournal::open(&config.config_dir, key.clone()).ok();
+        Ok(Self {
+            _endpoint: Registered::new(endpoint),
+            conn,
+            journal,
+            paths: Some((paths, key)),
+            server: server.to_owned(),
+            fingerprint: identity.fingerprint(),
+            resume: config.resume,
+            pace: config.limit_rate.map(|r| Arc::new(Pacer::new(r))),
+            compression: config.compression,
+            reply_timeout: config.reply_timeout,
+            first_contact,
+        })
+    }
+}
+
+/// The refusal a connection error stands for, if it is one.
+pub(super) fn refusal(
+    e: &ConnectionError,
+    server: &str,
+    fingerprint: Fingerprint,
+) -> Option<ConnectError> {
+    let denied = [
+        TransportErrorCode::crypto(ALERT_ACCESS_DENIED),
+        TransportErrorCode::crypto(ALERT_CERTIFICATE_REQUIRED),
+    ];
+    match e {
+        ConnectionError::ConnectionClosed(c) if denied.contains(&c.error_code) => {
+            Some(ConnectError::Refused {
+                server: server.to_owned(),
+                fingerprint,
+            })
+        }
+        ConnectionError::ApplicationClosed(c)
+            if c.error_code == VarInt::from_u32(close::TOO_MANY_FROM_CLIENT) =>
+        {
+            Some(ConnectError::TooManyFromClient {
+                server: server.to_owned(),
+            })
+        }
+        _ => None,
+    }
+}
+
+/// Why a connection ended, as the user should read it.
+pub fn describe_close(reason: &ConnectionError) -> String {
+    match reason {
+        ConnectionError::ApplicationClosed(c)
+            if c.error_code == VarInt::from_u32(close::SHUTTING_DOWN) =>
+        {
+            "the server is shutting down".into()
+        }
+        ConnectionError::Reset => "the server restarted and no longer knows this connection".into(),
+        ConnectionError::TimedOut => {
+            "the server stopped answering (a network outage, or the server is down)".into()
+        }
+        other => other.to_string(),
+    }
+}
+
+/// One connection attempt to one address, with the unreachable timeout.
+pub(super) struct Attempt<'a> {
+    transport: &'a TransportOpts,
+    identity: &'a Identity,
+    server: &'a str,
+    sni: &'a str,
+    /// How long the server may stay silent.
+    silence: Duration,
+}
+
+impl Attempt<'_> {
+    /// Connects to `addr`. Silence for `silence` means nobody is there;
+    /// within it, an unanswered handshake is started afresh every
+    /// [`RESTART_UNANSWERED`]: QUIC doubles the wait between its
+    /// retransmissions of the first packet (1, 2, 4, 8 s...), so on a path
+    /// losing 30% of packets one long attempt tries only a few times, and
+    /// fresh ones try far more often. Once the server has answered (its
+    /// handshake data arrived), a lossy path only slows the rest of the
+    /// handshake down, so it gets [`HANDSHAKE_TIMEOUT`].
+    pub(super) async fn once(
+        &self,
+        addr: SocketAddr,
+        verifier: Arc<PinnedServerVerifier>,
+    ) -> Result<(quinn::Endpoint, quinn::Connection), ConnectError> {
+        let Self {
+            transport,
+            identity,
+            server,
+            sni,
+            silence,
+        } = *self;
+        let deadline = Instant::now() + silence;
+        loop {
+            let endpoint =
+                endpoint::client_endpoint(addr, verifier.clone(), Some(identity), transport)?;
+            let mut connecting = endpoint
+                .connect(addr, sni)
+                .or_else(|_| endpoint.connect(addr, "qxfer"))
+                .map_err(|source| ConnectError::Setup {
+                    server: server.to_owned(),
+                    source,
+                })?;
+            let window = RESTART_UNANSWERED.min(deadline.saturating_duration_since(Instant::now()));
+            let answered =
+                tokio::time::timeout(window, async { connecting.handshake_data().await.is_ok() })
+                    .await;
+            let done = match answered {
+                Ok(true) => tokio::time::timeout(HANDSHAKE_TIMEOUT, connecting).await,
+                // Failed outright: the error says why.
+                Ok(false) => Ok(connecting.await),
+                Err(_) => {
+                    endpoint.close(VarInt::from_u32(0), b"timeout");
+                    if Instant::now() < deadline {
+                        continue;
+                    }
+                    return Err(ConnectError::Unreachable {
+                        after: silence,
+                        server: server.to_owned(),
+                        addr,
+                    });
+                }
+            };
+            return match done {
+                Ok(Ok(conn)) => Ok((endpoint, conn)),
+                Err(_) => {
+                    endpoint.close(VarInt::from_u32(0), b"timeout");
+                    Err(ConnectError::Unreachable {
+                        after: silence + HANDSHAKE_TIMEOUT,
+                        server: server.to_owned(),
+                        addr,
+                    })
+                }
+                Ok(Err(source)) => Err(connect_failure(
+                    source,
+                    server,
+                    addr,
+                    identity.fingerprint(),
+                )),
+            };
+        }
+    }
+}
+
+/// Names why a handshake failed.
+pub(super) fn connect_failure(
+    source: ConnectionError,
+    server: &str,
+    addr: SocketAddr,
+    fingerprint: Fingerprint,
+) -> ConnectError {
+    if let Some(refused) = refusal(&source, server, fingerprint) {
+        return refused;
+    }
+    let server = server.to_owned();
+    match source {
+        e if is_alpn_refusal(&e) => ConnectError::NotQxfer { server, addr },
+        ConnectionError::ConnectionClosed(close)
+            if close.error_code == TransportErrorCode::CONNECTION_REFUSED =>
+        {
+            ConnectError::Busy { server, addr }
+        }
+        source => ConnectError::Connection {
+            server,
+            addr,
+            source,
+        },
+    }
+}
+
+/// Whether the handshake failed because the server does not offer our ALPN.
+pub(super) fn is_alpn_refusal(e: &ConnectionError) -> bool {
+    let want = TransportErrorCode::crypto(ALERT_NO_APPLICATION_PROTOCOL);
+    match e {
+        ConnectionError::ConnectionClosed(close) => close.error_code == want,
+        ConnectionError::TransportError(t) => t.code == want,
+        _ => false,
+    }
+}

@@ -1,0 +1,362 @@
+//! A get from the client: the destination checked, a resume offered from a partial, the data received, verified and committed.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use quinn::{RecvStream, VarInt};
+
+use crate::protocol::stream::{RESET_SOURCE_FAILED, STOP_REFUSED};
+use crate::protocol::{
+    write_frame, Compression, Digest, ErrorCode, GetOffer, GetRequest, Prefix, Receipt,
+    RemoteError, Request, Response, Trailer, RESUME_MIN,
+};
+use crate::transfer::{
+    self, blocking, Advance, CommitError, IncomingFile, Pacer, Start, TransferError,
+};
+
+use super::*;
+
+impl Client {
+    /// Downloads the remote file `remote` to the local path `dest`. Returns
+    /// once the file is complete, synced and under its final name.
+    ///
+    /// The data goes to `DEST.qxfer-part` first. If an earlier download was
+    /// interrupted, that file holds its bytes: the client sends their length
+    /// and BLAKE3, and the server sends only the rest if its own file has
+    /// the same prefix (else everything, and the part is rewritten).
+    pub async fn get(
+        &self,
+        remote: &str,
+        dest: &Path,
+        force: bool,
+        on_start: &Advance<'_>,
+        progress: &Advance<'_>,
+    ) -> Result<TransferReport, FileError> {
+        self.get_sized(remote, dest, None, force, on_start, progress)
+            .await
+    }
+
+    /// [`Client::get`] of a file whose size is known from a listing. A file
+    /// under [`RESUME_MIN`] bytes is received into an anonymous temporary
+    /// beside `dest` instead of `DEST.qxfer-part`: it is not worth resuming,
+    /// and a thousand small downloads then leave no names to create, lock
+    /// and rename, nor anything behind if interrupted.
+    pub async fn get_sized(
+        &self,
+        remote: &str,
+        dest: &Path,
+        size_hint: Option<u64>,
+        force: bool,
+        on_start: &Advance<'_>,
+        progress: &Advance<'_>,
+    ) -> Result<TransferReport, FileError> {
+        let d = dest.to_owned();
+        if blocking(move || check_local_dest(&d, force)).await? {
+            return self.already_here(remote, dest).await;
+        }
+        let small = size_hint.is_some_and(|s| s < RESUME_MIN);
+        let anonymous = if small {
+            open_anonymous_download(dest).await?
+        } else {
+            None
+        };
+        let (incoming, start) = match anonymous {
+            Some(incoming) => (incoming, Start::default()),
+            None => open_download(dest, self.resume).await?,
+        };
+        let (mut send, mut recv) = self.open().await?;
+        let request = Request::Get(GetRequest {
+            path: remote.to_owned(),
+            resume: (start.offset > 0).then(|| Prefix {
+                offset: start.offset,
+                digest: start.prefix_digest(),
+            }),
+            compression: self.compression,
+        });
+        write_frame(&mut send, &request).await?;
+        let offer = match reply::<Response>(&mut recv, self.within(start.offset)).await? {
+            Response::GetAccepted(offer) => offer,
+            Response::Refused(e) => return Err(e.into()),
+            other => return Err(unexpected(&other)),
+        };
+        if offer.offset > offer.meta.size {
+            return Err(FileError::Protocol(format!(
+                "the server offered to continue {remote} at byte {} of a {}-byte file",
+                offer.offset, offer.meta.size
+            )));
+        }
+        let mut notes = Vec::new();
+        let start = if offer.offset == start.offset {
+            start
+        } else if offer.offset == 0 {
+            notes.push(format!(
+                "{remote}: changed on the server since the interrupted download (or the partial file {} was damaged); starting over",
+                part_path(dest).display()
+            ));
+            incoming.restart().map_err(FileError::local(dest))?
+        } else {
+            return Err(FileError::Protocol(format!(
+                "the server offered to continue {remote} at byte {} but we hold {}",
+                offer.offset, start.offset
+            )));
+        };
+        on_start(offer.meta.size);
+        progress(start.offset);
+        let resumed_from = start.offset;
+        let result = receive_get(
+            &mut recv,
+            dest,
+            incoming,
+            start,
+            &offer,
+            force,
+            self.pace.clone(),
+            progress,
+        )
+        .await;
+        let receipt = match &result {
+            Ok(digest) => Receipt::Committed {
+                size: offer.meta.size,
+                digest: *digest,
+            },
+            Err(e) => {
+                let _ = recv.stop(VarInt::from_u32(STOP_REFUSED));
+                Receipt::Failed(RemoteError::new(ErrorCode::Internal, e.to_string()))
+            }
+        };
+        // The receipt only informs the server's log; the file is already safe.
+        // Wait briefly for it to be acknowledged, so closing the connection
+        // right after does not discard it.
+        if write_frame(&mut send, &receipt).await.is_ok() && send.finish().is_ok() {
+            let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
+        }
+        result.map(|digest| TransferReport {
+            name: remote.to_owned(),
+            dest: dest.display().to_string(),
+            bytes: offer.meta.size,
+            blake3: digest,
+            resumed_from,
+            bytes_sent: offer.meta.size - resumed_from,
+            notes,
+            already_there: false,
+            seconds: 0.0,
+        })
+    }
+
+    /// `dest` exists: done if it is the remote file already (the server
+    /// finds its whole BLAKE3 equal to the prefix we send, which is all of
+    /// our file), else the usual "exists, use --force" error.
+    pub(super) async fn already_here(
+        &self,
+        remote: &str,
+        dest: &Path,
+    ) -> Result<TransferReport, FileError> {
+        let d = dest.to_owned();
+        let size = blocking(move || std::fs::metadata(d))
+            .await
+            .map_err(FileError::local(dest))?
+            .len();
+        let ours = hash_file(dest).await?;
+        let (mut send, mut recv) = self.open().await?;
+        let request = Request::Get(GetRequest {
+            path: remote.to_owned(),
+            resume: Some(Prefix {
+                offset: size,
+                digest: ours,
+            }),
+            compression: Compression::Never,
+        });
+        write_frame(&mut send, &request).await?;
+        let offer = match reply::<Response>(&mut recv, self.within(size)).await? {
+            Response::GetAccepted(offer) => offer,
+            Response::Refused(e) => return Err(e.into()),
+            other => return Err(unexpected(&other)),
+        };
+        let same = offer.offset == size && offer.meta.size == size;
+        let theirs = if same {
+            Some(reply::<Trailer>(&mut recv, self.within(size)).await?.digest)
+        } else {
+            None
+        };
+        if theirs != Some(ours) {
+            let _ = recv.stop(VarInt::from_u32(STOP_REFUSED));
+            let _ = send.finish();
+            return Err(FileError::LocalExists(dest.to_owned()));
+        }
+        let receipt = Receipt::Committed { size, digest: ours };
+        if write_frame(&mut send, &receipt).await.is_ok() && send.finish().is_ok() {
+            let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
+        }
+        Ok(TransferReport::already_there(
+            remote.to_owned(),
+            dest.display().to_string(),
+            size,
+            ours,
+        ))
+    }
+}
+
+/// Checks the local destination: `Ok(true)` if a regular file is there and
+/// `force` is off (it may be this very file, from an earlier run), an error
+/// for a directory or something else in the way.
+pub(super) fn check_local_dest(dest: &Path, force: bool) -> Result<bool, FileError> {
+    match std::fs::symlink_metadata(dest) {
+        Ok(md) if md.is_dir() => Err(FileError::Local {
+            path: dest.to_owned(),
+            source: std::io::Error::other("is a directory; choose another -o or name"),
+        }),
+        Ok(md) if !force && md.is_file() => Ok(true),
+        Ok(_) if !force => Err(FileError::LocalExists(dest.to_owned())),
+        _ => Ok(false),
+    }
+}
+
+/// The BLAKE3 of the whole local file at `path`.
+pub(super) async fn hash_file(path: &Path) -> Result<Digest, FileError> {
+    let p = path.to_owned();
+    blocking(move || File::open(&p).and_then(|mut f| transfer::file_digest(&mut f)))
+        .await
+        .map_err(FileError::local(path))
+}
+
+/// Where a download to `dest` keeps its bytes until it is complete.
+pub fn part_path(dest: &Path) -> PathBuf {
+    let mut name = dest.file_name().unwrap_or_default().to_os_string();
+    name.push(PART_SUFFIX);
+    dest.with_file_name(name)
+}
+
+/// Suffix of partial downloads beside their destination.
+pub const PART_SUFFIX: &str = ".qxfer-part";
+
+/// An anonymous temporary beside `dest`, if the system allows one.
+pub(super) async fn open_anonymous_download(
+    dest: &Path,
+) -> Result<Option<IncomingFile>, FileError> {
+    let d = dest.to_owned();
+    blocking(move || {
+        let dir = match d.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        let Some(name) = d.file_name().and_then(|n| n.to_str()) else {
+            return Ok(None); // open_download explains
+        };
+        let dir = cap_std::fs::Dir::open_ambient_dir(dir, cap_std::ambient_authority())
+            .map_err(FileError::local(&d))?;
+        IncomingFile::create_anonymous(dir, name, d.clone()).map_err(FileError::local(&d))
+    })
+    .await
+}
+
+/// Opens `DEST.qxfer-part` and, if `resume` and it holds bytes, hashes them.
+pub(super) async fn open_download(
+    dest: &Path,
+    resume: bool,
+) -> Result<(IncomingFile, Start), FileError> {
+    let d = dest.to_owned();
+    blocking(move || {
+        let local = FileError::local(&d);
+        let dir = match d.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        let name = d
+            .file_name()
+            .and_then(|n| n.to_str())
+            .ok_or_else(|| FileError::Local {
+                path: d.clone(),
+                source: std::io::Error::other("has no UTF-8 file name"),
+            })?;
+        let part = part_path(&d);
+        let part_name = part.file_name().and_then(|n| n.to_str()).expect("UTF-8");
+        let open = || -> std::io::Result<(IncomingFile, Start)> {
+            let dir = cap_std::fs::Dir::open_ambient_dir(dir, cap_std::ambient_authority())?;
+            let incoming =
+                IncomingFile::open_partial(dir.try_clone()?, part_name, dir, name, d.clone())?;
+            let held = incoming.held()?;
+            let start = if resume && held > 0 {
+                incoming.prefix(held)?
+            } else {
+                incoming.restart()?
+            };
+            Ok((incoming, start))
+        };
+        open().map_err(|e| {
+            if e.kind() == std::io::ErrorKind::ResourceBusy {
+                FileError::Local {
+                    path: part.clone(),
+                    source: std::io::Error::new(
+                        e.kind(),
+                        "another qxfer is downloading to this file right now",
+                    ),
+                }
+            } else {
+                local(e)
+            }
+        })
+    })
+    .await
+}
+
+/// Receives the rest of a download into `incoming`, checks it against the
+/// server's trailer and commits it under `dest`: the file's BLAKE3.
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn receive_get(
+    recv: &mut RecvStream,
+    dest: &Path,
+    incoming: IncomingFile,
+    start: Start,
+    offer: &GetOffer,
+    force: bool,
+    pace: Option<Arc<Pacer>>,
+    progress: &Advance<'_>,
+) -> Result<Digest, FileError> {
+    let meta = &offer.meta;
+    let file = incoming.file().map_err(FileError::local(dest))?;
+    let received = transfer::receive_file(
+        recv,
+        meta.size,
+        file,
+        start,
+        offer.encoding,
+        pace,
+        progress,
+        std::future::pending(),
+    )
+    .await;
+    let digest = received.map_err(|e| match e {
+        TransferError::Write(io) => FileError::local(dest)(io),
+        TransferError::Network(ref io) if is_source_reset(io) => FileError::Protocol(
+            "the server could not read the file to the end (it may have changed); try again".into(),
+        ),
+        other => FileError::Transfer {
+            path: dest.to_owned(),
+            source: other,
+        },
+    })?;
+    let trailer: Trailer = reply(recv, transfer::STALL_TIMEOUT).await?;
+    if trailer.digest != digest {
+        // Never resume from bytes known to be bad.
+        incoming.discard();
+        return Err(FileError::Corrupt(dest.to_owned()));
+    }
+    let meta = *meta;
+    let d = dest.to_owned();
+    blocking(move || incoming.commit(&meta, force))
+        .await
+        .map_err(|e| match e {
+            CommitError::Exists(p) => FileError::LocalExists(p),
+            CommitError::Io { source, .. } => FileError::local(&d)(source),
+        })?;
+    Ok(digest)
+}
+
+pub(super) fn is_source_reset(e: &std::io::Error) -> bool {
+    matches!(
+        e.get_ref().and_then(|inner| inner.downcast_ref::<quinn::ReadError>()),
+        Some(quinn::ReadError::Reset(code)) if *code == VarInt::from_u32(RESET_SOURCE_FAILED)
+    )
+}

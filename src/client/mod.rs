@@ -1,0 +1,526 @@
+//! The client: connects with server pinning, and runs puts, gets and listings over one connection.
+//!
+//! Each file moves on its own bidirectional stream; [`run_batch`] keeps up to
+//! `parallel` of them in flight and records every file's outcome, so one
+//! failure never stops the others.
+//!
+//! Here: the [`Client`] handle, its connection's lifetime and the requests
+//! without file data (list, mkdir). [`connect`] opens and pins the
+//! connection, [`put`] and [`get`] move one file each, [`batch`] runs many,
+//! and [`state`] keeps what the client remembers between runs.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use quinn::{RecvStream, SendStream, VarInt};
+
+use crate::congestion::{self};
+use crate::endpoint::TransportOpts;
+use crate::protocol::stream::STOP_REFUSED;
+use crate::protocol::{
+    close, read_frame, write_frame, Compression, Digest, DirMeta, Entry, FrameError, ListBatch,
+    ListRequest, MkdirRequest, RemoteError, Request, Response,
+};
+use crate::tls::Fingerprint;
+use crate::transfer::{self, Pacer, TransferError};
+
+mod batch;
+mod connect;
+mod get;
+mod put;
+mod state;
+
+pub use batch::*;
+pub use connect::*;
+pub use get::*;
+use state::*;
+
+/// Port used when `--server` names only a host.
+pub const DEFAULT_PORT: u16 = 65432;
+
+/// Longest wait for the close packet to leave in [`Client::close`].
+const CLOSE_FLUSH: Duration = Duration::from_millis(200);
+
+/// Name of the client identity's files (`client.crt`, `client.key`) in the config directory.
+pub const CLIENT_IDENTITY: &str = "client";
+
+/// Where and how to connect.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// `HOST:PORT`, `HOST`, `IPv4:PORT` or `[IPv6]:PORT`.
+    pub server: String,
+    /// Accept only this server fingerprint (and do not consult known_hosts).
+    pub pin: Option<Fingerprint>,
+    /// Holds known_hosts and this client's identity (generated on first use).
+    pub config_dir: PathBuf,
+    /// QUIC transport options.
+    pub transport: TransportOpts,
+    /// Continue interrupted transfers (`--no-resume` clears it).
+    pub resume: bool,
+    /// Cap on the bytes per second of all transfers together (`--limit-rate`).
+    pub limit_rate: Option<u64>,
+    /// Whether files may travel compressed (`--compress`).
+    pub compression: Compression,
+    /// How long to wait for the server's answer to a request (`--timeout`).
+    pub reply_timeout: Duration,
+    /// How long a connection attempt may go unanswered (`--connect-timeout`).
+    pub connect_timeout: Duration,
+}
+
+/// Why one file's transfer failed.
+#[derive(Debug, thiserror::Error)]
+pub enum FileError {
+    /// The server refused or failed the request.
+    #[error("{0}")]
+    Remote(#[from] RemoteError),
+    /// A local file problem.
+    #[error("{path}: {source}")]
+    Local {
+        /// The local file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The local destination exists.
+    #[error("{0} already exists; use --force to overwrite it")]
+    LocalExists(PathBuf),
+    /// Moving the bytes failed.
+    #[error("{path}: {source}")]
+    Transfer {
+        /// The local file.
+        path: PathBuf,
+        /// What failed.
+        source: TransferError,
+    },
+    /// The data arrived but did not match what the sender hashed.
+    #[error("{0}: data corrupted in transit (BLAKE3 mismatch); nothing was saved, try again")]
+    Corrupt(PathBuf),
+    /// The server broke the protocol or the stream failed.
+    #[error("{0}")]
+    Protocol(String),
+}
+
+impl FileError {
+    fn local(path: &Path) -> impl FnOnce(std::io::Error) -> Self + '_ {
+        move |source| {
+            if transfer::is_disk_full(&source) {
+                Self::Local {
+                    path: path.to_owned(),
+                    source: std::io::Error::new(
+                        source.kind(),
+                        format!("{source}; the local disk is full, free space and retry"),
+                    ),
+                }
+            } else {
+                Self::Local {
+                    path: path.to_owned(),
+                    source,
+                }
+            }
+        }
+    }
+}
+
+impl FileError {
+    /// Whether the failure was the connection's or the server's state, not
+    /// the file's: the same transfer may well succeed over a new connection
+    /// (a network outage, a server restart or shutdown, a stalled peer, a
+    /// timeout), and resumes where it stopped.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::Transfer { source, .. } => matches!(
+                source,
+                TransferError::Network(_)
+                    | TransferError::Truncated { .. }
+                    | TransferError::Stalled
+            ),
+            Self::Protocol(_) => true,
+            Self::Remote(_) | Self::Local { .. } | Self::LocalExists(_) | Self::Corrupt(_) => false,
+        }
+    }
+}
+
+impl From<FrameError> for FileError {
+    fn from(e: FrameError) -> Self {
+        Self::Protocol(format!("talking to the server: {e}"))
+    }
+}
+
+/// A finished transfer, as reported in summaries and `--json`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TransferReport {
+    /// The name the user gave.
+    pub name: String,
+    /// Where it ended up (remote path for put, local path for get).
+    pub dest: String,
+    /// Bytes moved.
+    pub bytes: u64,
+    /// BLAKE3 of the contents (hex in JSON).
+    #[serde(serialize_with = "serialize_hex")]
+    pub blake3: Digest,
+    /// Bytes that were already at the receiver from an interrupted
+    /// transfer and were not sent again.
+    pub resumed_from: u64,
+    /// Bytes that crossed the network for this file this time.
+    pub bytes_sent: u64,
+    /// Things the user should know (a resume that had to start over...).
+    pub notes: Vec<String>,
+    /// The destination already held this file (same contents, checked by
+    /// BLAKE3 on both sides), so nothing moved: a rerun of a finished command.
+    pub already_there: bool,
+    /// Seconds from this file's request to its commit (its stream's share
+    /// of a batch, for per-file rates when many move at once).
+    pub seconds: f64,
+}
+
+impl TransferReport {
+    /// A file found complete at the destination: nothing moved.
+    fn already_there(name: String, dest: String, size: u64, blake3: Digest) -> Self {
+        Self {
+            name,
+            dest,
+            bytes: size,
+            blake3,
+            resumed_from: size,
+            bytes_sent: 0,
+            notes: Vec::new(),
+            already_there: true,
+            seconds: 0.0,
+        }
+    }
+}
+
+/// A connection to one qxfer server.
+#[derive(Debug, Clone)]
+pub struct Client {
+    /// Kept so the UDP socket lives as long as the connection; listed for
+    /// [`close_all`] until the last clone of this client goes.
+    _endpoint: Arc<Registered>,
+    conn: quinn::Connection,
+    /// `None` if the config directory cannot hold it: then every large put
+    /// asks the server for an offer first, as if interrupted.
+    journal: Option<UploadJournal>,
+    /// Where to record what this connection learns about its path, and
+    /// under which server key.
+    paths: Option<(PathMemories, String)>,
+    server: String,
+    fingerprint: Fingerprint,
+    resume: bool,
+    pace: Option<Arc<Pacer>>,
+    compression: Compression,
+    reply_timeout: Duration,
+    /// Set when this connection was the first contact and the fingerprint was
+    /// added to known_hosts.
+    pub first_contact: Option<(Fingerprint, PathBuf)>,
+}
+
+/// Every client endpoint of this process, so that an interrupted command
+/// can close its connections before it exits: the server then frees their
+/// slots and stops their transfers at once instead of after its idle
+/// timeout (30 s).
+static ENDPOINTS: std::sync::Mutex<Vec<(u64, quinn::Endpoint)>> = std::sync::Mutex::new(Vec::new());
+
+/// An endpoint listed in [`ENDPOINTS`] while this lives.
+#[derive(Debug)]
+struct Registered(u64);
+
+impl Registered {
+    fn new(endpoint: quinn::Endpoint) -> Arc<Self> {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let id = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        endpoints().push((id, endpoint));
+        Arc::new(Self(id))
+    }
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        endpoints().retain(|(id, _)| *id != self.0);
+    }
+}
+
+fn endpoints() -> std::sync::MutexGuard<'static, Vec<(u64, quinn::Endpoint)>> {
+    ENDPOINTS.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Closes every connection of every client of this process (Ctrl-C) with
+/// `reason`, and waits briefly for the close packets to leave.
+pub async fn close_all(reason: &str) {
+    let open: Vec<_> = endpoints().iter().map(|(_, e)| e.clone()).collect();
+    for endpoint in &open {
+        endpoint.close(VarInt::from_u32(close::DONE), reason.as_bytes());
+    }
+    if !open.is_empty() {
+        tokio::time::sleep(CLOSE_FLUSH).await;
+    }
+}
+
+impl Client {
+    /// If the server has closed this connection because it refused this
+    /// client (unknown identity, or too many connections from it), the error
+    /// to report instead of the per-file failures that followed.
+    ///
+    /// In TLS 1.3 the client finishes its handshake before the server has
+    /// checked the client certificate, so a refusal can arrive after
+    /// [`Client::connect`] returned; callers check this when requests fail.
+    pub fn refusal(&self) -> Option<ConnectError> {
+        let reason = self.conn.close_reason()?;
+        refusal(&reason, &self.server, self.fingerprint)
+    }
+
+    /// Why the connection ended, in words for the user, if it has.
+    pub fn lost(&self) -> Option<String> {
+        Some(describe_close(&self.conn.close_reason()?))
+    }
+
+    /// The underlying QUIC connection, for callers that speak the protocol
+    /// directly (tests of the server's handling of malformed streams).
+    pub fn connection(&self) -> &quinn::Connection {
+        &self.conn
+    }
+
+    /// Closes the connection politely and waits for the close to be sent.
+    ///
+    /// Only until the close packet has left: `Endpoint::wait_idle` would
+    /// also wait out the draining period (three probe timeouts, 0.3 s on a
+    /// 100 ms path, seconds on a satellite link), which a client that is
+    /// about to exit has no use for. The server frees the connection's slot
+    /// as soon as the close arrives.
+    pub async fn close(self) {
+        if self.conn.close_reason().is_some() {
+            return; // already closed by the server: nothing to send
+        }
+        tracing::debug!(stats = ?self.conn.stats(), "closing");
+        if let (Some((paths, key)), Some(memory)) = (&self.paths, congestion::learned(&self.conn)) {
+            paths.remember(key, memory);
+        }
+        let sent = || self.conn.stats().udp_tx.datagrams;
+        let before = sent();
+        self.conn.close(VarInt::from_u32(0), b"done");
+        let deadline = Instant::now() + CLOSE_FLUSH;
+        while sent() == before && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        // Counted when handed to the socket task; let it write.
+        tokio::task::yield_now().await;
+    }
+
+    async fn open(&self) -> Result<(SendStream, RecvStream), FileError> {
+        self.conn
+            .open_bi()
+            .await
+            .map_err(|e| FileError::Protocol(format!("connection lost: {e}")))
+    }
+
+    /// Lists the remote directory `path` ("" for the root).
+    pub async fn list(&self, path: &str) -> Result<Vec<Entry>, FileError> {
+        self.list_with(path, false).await
+    }
+
+    /// Lists everything beneath the remote directory `path`; names are
+    /// relative to it. Links are listed, never followed.
+    pub async fn list_tree(&self, path: &str) -> Result<Vec<Entry>, FileError> {
+        self.list_with(path, true).await
+    }
+
+    /// Creates the remote directory `path` (and parents) and applies `meta`.
+    pub async fn mkdir(&self, path: &str, meta: Option<DirMeta>) -> Result<(), FileError> {
+        let (mut send, mut recv) = self.open().await?;
+        let request = Request::Mkdir(MkdirRequest {
+            path: path.to_owned(),
+            meta,
+        });
+        write_frame(&mut send, &request).await?;
+        let _ = send.finish();
+        match reply::<Response>(&mut recv, self.reply_timeout).await? {
+            Response::MkdirDone => Ok(()),
+            Response::Refused(e) => Err(e.into()),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    async fn list_with(&self, path: &str, recursive: bool) -> Result<Vec<Entry>, FileError> {
+        let (mut send, mut recv) = self.open().await?;
+        write_frame(
+            &mut send,
+            &Request::List(ListRequest {
+                path: path.to_owned(),
+                recursive,
+            }),
+        )
+        .await?;
+        let _ = send.finish();
+        // The server walks a whole tree before it answers a recursive listing.
+        let first = if recursive {
+            5 * self.reply_timeout
+        } else {
+            self.reply_timeout
+        };
+        match reply::<Response>(&mut recv, first).await? {
+            Response::ListAccepted => {}
+            Response::Refused(e) => return Err(e.into()),
+            other => return Err(unexpected(&other)),
+        }
+        let mut entries = Vec::new();
+        let mut name_bytes = 0;
+        loop {
+            let batch: ListBatch = reply(&mut recv, self.reply_timeout).await?;
+            name_bytes += batch.entries.iter().map(|e| e.name.len()).sum::<usize>();
+            entries.extend(batch.entries);
+            if entries.len() > MAX_LIST_ENTRIES || name_bytes > MAX_LIST_NAME_BYTES {
+                let _ = recv.stop(VarInt::from_u32(STOP_REFUSED));
+                return Err(FileError::Protocol(format!(
+                    "the listing of '{path}' has more than {MAX_LIST_ENTRIES} entries or {} MiB of names; list or fetch its subdirectories one at a time",
+                    MAX_LIST_NAME_BYTES >> 20
+                )));
+            }
+            if !batch.more {
+                return Ok(entries);
+            }
+        }
+    }
+}
+
+/// How long the server may take to answer a request, beyond the time to
+/// hash `size` bytes at a slow disk's 50 MiB/s (it may hash an existing
+/// copy, or the part it holds, before it answers). Keep-alives hold the
+/// connection open while a server's process is stuck, so without this a
+/// request it never answered would hang the client forever.
+fn reply_timeout(base: Duration, size: u64) -> Duration {
+    base + Duration::from_secs(size / (50 << 20))
+}
+
+/// Default for [`ClientConfig::reply_timeout`].
+pub const DEFAULT_REPLY_TIMEOUT: Duration = Duration::from_secs(60);
+
+impl Client {
+    /// How long the answer to a request about `size` bytes may take.
+    fn within(&self, size: u64) -> Duration {
+        reply_timeout(self.reply_timeout, size)
+    }
+
+    /// How long a receipt may take after the data: the server syncs the file first.
+    fn receipt_within(&self, size: u64) -> Duration {
+        self.reply_timeout + self.within(size)
+    }
+}
+
+/// Reads the server's next message, failing if it does not come `within`.
+async fn reply<T: serde::de::DeserializeOwned>(
+    recv: &mut RecvStream,
+    within: Duration,
+) -> Result<T, FrameError> {
+    tokio::time::timeout(within, read_frame::<_, T>(recv))
+        .await
+        .unwrap_or_else(|_| {
+            Err(FrameError::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "no answer within {} s (the server may be overloaded or stuck); rerun the command to resume",
+                    within.as_secs()
+                ),
+            )))
+        })
+}
+
+/// Most entries a recursive listing may hold, and most bytes of names (the
+/// server's own limits): a hostile or broken server cannot make the client
+/// buffer without end.
+const MAX_LIST_ENTRIES: usize = 1_000_000;
+const MAX_LIST_NAME_BYTES: usize = 64 << 20;
+
+fn unexpected(msg: &Response) -> FileError {
+    FileError::Protocol(format!("the server sent an unexpected message: {msg:?}"))
+}
+
+/// Hex of a digest, for reports.
+pub fn hex(d: &Digest) -> String {
+    d.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn serialize_hex<S: serde::Serializer>(d: &Digest, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&hex(d))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::congestion::PathMemory;
+    use crate::protocol::FileMeta;
+    use std::fs::File;
+
+    #[test]
+    fn server_addresses_parse() {
+        assert_eq!(split_server("h:1").unwrap(), ("h".into(), 1));
+        assert_eq!(split_server("h").unwrap(), ("h".into(), DEFAULT_PORT));
+        assert_eq!(split_server("[::1]:9").unwrap(), ("::1".into(), 9));
+        assert_eq!(split_server("[::1]").unwrap(), ("::1".into(), DEFAULT_PORT));
+        assert_eq!(split_server("::1").unwrap(), ("::1".into(), DEFAULT_PORT));
+        assert_eq!(split_server("10.0.0.1:5").unwrap(), ("10.0.0.1".into(), 5));
+        assert!(split_server("h:notaport").is_err());
+        assert!(split_server(":5").is_err());
+        assert_eq!(known_hosts_key("::1", 9), "[::1]:9");
+        assert_eq!(known_hosts_key("Host", 9), "host:9");
+    }
+
+    #[test]
+    fn path_memories_round_trip_expire_and_skip_garbage() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = PathMemories::new(dir.path());
+        assert_eq!(paths.recall("h:1"), None, "nothing remembered yet");
+        let m = PathMemory {
+            bw: 62_500_000.0,
+            min_rtt: Duration::from_micros(100_250),
+        };
+        paths.remember("h:1", m);
+        paths.remember("h:2", PathMemory { bw: 1.0, ..m });
+        assert_eq!(paths.recall("h:1"), Some(m));
+        // A newer measurement replaces the old one; others stay.
+        let newer = PathMemory { bw: 1e6, ..m };
+        paths.remember("h:1", newer);
+        assert_eq!(paths.recall("h:1"), Some(newer));
+        assert!(paths.recall("h:2").is_some());
+        // Lines that do not parse are ignored; old ones are not trusted.
+        let old = unix_now() - PATH_MEMORY_MAX_AGE.as_secs() - 1;
+        let mut text = std::fs::read_to_string(dir.path().join("paths")).unwrap();
+        text.push_str("garbage\nh:3 nan\n");
+        text.push_str(&format!("h:4 1000 1000 {old}\n"));
+        std::fs::write(dir.path().join("paths"), text).unwrap();
+        assert_eq!(paths.recall("h:1"), Some(newer));
+        assert_eq!(paths.recall("h:4"), None);
+    }
+
+    #[test]
+    fn upload_journal_entries_name_one_version_of_one_upload() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = UploadJournal::open(dir.path(), "h:1".into()).unwrap();
+        let meta = FileMeta {
+            size: 10,
+            mtime: Some(crate::protocol::Timestamp { secs: 5, nanos: 0 }),
+            mode: None,
+        };
+        let a = journal.entry("a", &meta);
+        assert_eq!(a, journal.entry("a", &meta), "stable");
+        assert_ne!(a, journal.entry("b", &meta), "per remote path");
+        assert_ne!(
+            a,
+            journal.entry("a", &FileMeta { size: 11, ..meta }),
+            "per size"
+        );
+        let other = UploadJournal::open(dir.path(), "h:2".into()).unwrap();
+        assert_ne!(a, other.entry("a", &meta), "per server");
+        // Entries nobody came back for are swept when the journal opens.
+        std::fs::write(&a, b"").unwrap();
+        let f = File::options().write(true).open(&a).unwrap();
+        f.set_modified(std::time::SystemTime::now() - JOURNAL_MAX_AGE - Duration::from_secs(60))
+            .unwrap();
+        UploadJournal::open(dir.path(), "h:1".into()).unwrap();
+        assert!(!a.exists());
+    }
+
+    #[test]
+    fn digests_print_as_hex() {
+        assert_eq!(hex(&[0xab; 32]), "ab".repeat(32));
+    }
+}

@@ -1,0 +1,291 @@
+//! A put from the client: the source opened safely, the request, the data (pipelined or after a resume offer), the receipt.
+
+use std::fs::File;
+use std::path::Path;
+
+use quinn::VarInt;
+
+use crate::protocol::stream::{RESET_SOURCE_FAILED, STOP_REFUSED};
+use crate::protocol::{
+    write_frame, Continue, Digest, ErrorCode, FileMeta, FrameError, PutRequest, Receipt,
+    RemoteError, Request, Response, Trailer, RESUME_MIN,
+};
+use crate::transfer::{self, blocking, file_meta, Advance, Framing, Start, TransferError};
+
+use super::*;
+
+impl Client {
+    /// Uploads `local` to the remote path `remote`. Returns once the server
+    /// has committed the file under its final name.
+    ///
+    /// The data follows the header at once (pipelined), which saves a round
+    /// trip per file. A file of [`RESUME_MIN`] bytes or more whose earlier
+    /// upload was interrupted goes in resume mode instead: the server offers
+    /// what it holds of it, the client checks that prefix against its own
+    /// and sends only the rest.
+    pub async fn put(
+        &self,
+        local: &Path,
+        remote: &str,
+        force: bool,
+        progress: &Advance<'_>,
+    ) -> Result<TransferReport, FileError> {
+        let path = local.to_owned();
+        let (file, meta) = blocking(move || open_source(&path)).await?;
+        // A large file goes in resume mode (offer first) only if an earlier
+        // run left it unfinished; see [`UploadJournal`].
+        let entry = (self.resume && meta.size >= RESUME_MIN)
+            .then(|| self.journal.as_ref().map(|j| j.entry(remote, &meta)));
+        let resume = match &entry {
+            None => false,
+            Some(None) => true,
+            Some(Some(path)) => {
+                let path = path.clone();
+                blocking(move || path.exists() || std::fs::write(path, b"").is_err()).await
+            }
+        };
+        let finished = || async {
+            if let Some(Some(path)) = &entry {
+                let path = path.clone();
+                blocking(move || std::fs::remove_file(path)).await.ok();
+            }
+        };
+        let result = self
+            .put_with(local, remote, force, progress, file, meta, resume)
+            .await;
+        if result.is_ok() {
+            finished().await;
+        }
+        result
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) async fn put_with(
+        &self,
+        local: &Path,
+        remote: &str,
+        force: bool,
+        progress: &Advance<'_>,
+        file: File,
+        meta: FileMeta,
+        resume: bool,
+    ) -> Result<TransferReport, FileError> {
+        let (mut send, mut recv) = self.open().await?;
+        let framing = Framing::for_sending(self.compression, &self.conn);
+        let request = Request::Put(PutRequest {
+            path: remote.to_owned(),
+            meta,
+            force,
+            resume,
+            encoding: framing.encoding,
+        });
+        write_frame(&mut send, &request).await?;
+        let mut notes = Vec::new();
+        let (file, start) = if resume {
+            let offer = match reply::<Response>(&mut recv, self.within(meta.size)).await? {
+                Response::PutAccepted(offer) => offer,
+                Response::AlreadyThere(digest) => {
+                    return already_on_server(local, remote, meta.size, digest).await
+                }
+                Response::Refused(e) => return Err(e.into()),
+                other => return Err(unexpected(&other)),
+            };
+            if offer.discarded_stale {
+                notes.push(format!(
+                    "{}: the file changed since an earlier interrupted upload; starting over",
+                    local.display()
+                ));
+            }
+            let (file, start) = check_offer(file, meta.size, offer.offset, offer.prefix)
+                .await
+                .map_err(FileError::local(local))?;
+            if offer.offset > 0 && start.offset == 0 {
+                notes.push(format!(
+                    "{}: what the server kept of an earlier upload does not match this file; starting over",
+                    local.display()
+                ));
+            }
+            write_frame(
+                &mut send,
+                &Continue {
+                    offset: start.offset,
+                },
+            )
+            .await?;
+            progress(start.offset);
+            (file, start)
+        } else {
+            (file, Start::default())
+        };
+        let resumed_from = start.offset;
+        let pace = self.pace.clone();
+        let source_failed = tokio::sync::Notify::new();
+        let sending = async {
+            let sent =
+                transfer::send_file(file, meta.size, start, framing, pace, &mut send, progress)
+                    .await;
+            let digest = match sent {
+                Ok(digest) => digest,
+                Err(e) => {
+                    // Our own file failed us (unreadable, shrank, changed):
+                    // tell the server to drop what it has, so it does not
+                    // wait for the rest, and let the other files go on.
+                    if e.is_source_failure() {
+                        let _ = send.reset(VarInt::from_u32(RESET_SOURCE_FAILED));
+                        source_failed.notify_one();
+                    }
+                    return Err(e);
+                }
+            };
+            write_frame(&mut send, &Trailer { digest })
+                .await
+                .map_err(|e| match e {
+                    FrameError::Io(io) => TransferError::Network(io),
+                    other => TransferError::Network(std::io::Error::other(other)),
+                })?;
+            let _ = send.finish();
+            Ok::<_, TransferError>(digest)
+        };
+        // Pipelined, the response arrives while the data goes out (unless
+        // our own file fails first: then the answer no longer matters).
+        let (sent, response) = if resume {
+            (sending.await, None)
+        } else {
+            tokio::join!(sending, async {
+                tokio::select! {
+                    r = reply::<Response>(&mut recv, self.within(meta.size)) => Some(r),
+                    _ = source_failed.notified() => None,
+                }
+            })
+        };
+        let sent = match sent {
+            Err(e) if e.is_source_failure() => {
+                let _ = recv.stop(VarInt::from_u32(STOP_REFUSED));
+                return Err(FileError::Transfer {
+                    path: local.to_owned(),
+                    source: e,
+                });
+            }
+            other => other,
+        };
+        match response.transpose() {
+            Ok(None) => {}
+            Ok(Some(Response::PutAccepted(offer))) => {
+                if offer.discarded_stale {
+                    notes.push(format!(
+                        "{}: the file changed since an earlier interrupted upload; the server dropped what it kept and took it whole",
+                        local.display()
+                    ));
+                }
+            }
+            Ok(Some(Response::AlreadyThere(digest))) => {
+                return already_on_server(local, remote, meta.size, digest).await;
+            }
+            Ok(Some(Response::Refused(e))) => return Err(e.into()),
+            Ok(Some(other)) => return Err(unexpected(&other)),
+            Err(e) => {
+                return Err(match sent {
+                    Err(source) => FileError::Transfer {
+                        path: local.to_owned(),
+                        source,
+                    },
+                    Ok(_) => e.into(),
+                })
+            }
+        }
+        // Even when sending failed, the receipt usually says why (full disk...).
+        let receipt = reply::<Receipt>(&mut recv, self.receipt_within(meta.size)).await;
+        match (receipt, sent) {
+            (Ok(Receipt::Failed(e)), _) => Err(e.into()),
+            (_, Err(source)) => Err(FileError::Transfer {
+                path: local.to_owned(),
+                source,
+            }),
+            (Ok(Receipt::Committed { size, digest }), Ok(ours)) => {
+                if digest != ours || size != meta.size {
+                    return Err(FileError::Corrupt(local.to_owned()));
+                }
+                Ok(TransferReport {
+                    name: local.display().to_string(),
+                    dest: remote.to_owned(),
+                    bytes: size,
+                    blake3: digest,
+                    resumed_from,
+                    bytes_sent: size - resumed_from,
+                    notes,
+                    already_there: false,
+                    seconds: 0.0,
+                })
+            }
+            (Err(e), Ok(_)) => Err(e.into()),
+        }
+    }
+}
+
+/// Opens a local file to send and reads its metadata.
+///
+/// Opened without blocking (O_NONBLOCK): opening a FIFO for reading would
+/// otherwise wait for a writer forever; it is refused below as not a
+/// regular file, as the server refuses it.
+pub(super) fn open_source(local: &Path) -> Result<(File, FileMeta), FileError> {
+    let mut opts = std::fs::OpenOptions::new();
+    opts.read(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY);
+    }
+    let file = opts.open(local).map_err(FileError::local(local))?;
+    let md = file.metadata().map_err(FileError::local(local))?;
+    if !md.is_file() {
+        let why = if md.is_dir() {
+            "is a directory"
+        } else {
+            "is not a regular file"
+        };
+        return Err(FileError::Local {
+            path: local.to_owned(),
+            source: std::io::Error::other(format!("{why}; only regular files can be sent")),
+        });
+    }
+    Ok((file, file_meta(&md)))
+}
+
+/// The server holds a file of the same size and mtime at `remote`, with
+/// BLAKE3 `theirs`: done if ours is the same, else the usual "exists" error.
+pub(super) async fn already_on_server(
+    local: &Path,
+    remote: &str,
+    size: u64,
+    theirs: Digest,
+) -> Result<TransferReport, FileError> {
+    let ours = hash_file(local).await?;
+    if ours != theirs {
+        return Err(FileError::Remote(RemoteError::new(
+            ErrorCode::AlreadyExists,
+            format!("'{remote}' already exists on the server with other contents; use --force to overwrite it"),
+        )));
+    }
+    Ok(TransferReport::already_there(
+        local.display().to_string(),
+        remote.to_owned(),
+        size,
+        ours,
+    ))
+}
+
+/// Compares the server's offer (`offset` bytes hashing to `prefix`) with
+/// the local file: the start to send from, and the file positioned there.
+pub(super) async fn check_offer(
+    file: File,
+    size: u64,
+    offset: u64,
+    prefix: Digest,
+) -> std::io::Result<(File, Start)> {
+    blocking(move || {
+        let mut file = file;
+        let start = transfer::matching_start(&mut file, size, offset, &prefix)?;
+        Ok((file, start))
+    })
+    .await
+}
