@@ -10,7 +10,7 @@ use crate::endpoint::{self};
 use crate::progress::Progress;
 use crate::transfer::blocking;
 
-use super::*;
+use super::{Client, FileError, TransferReport};
 
 /// One file to move: its label for messages and both ends.
 #[derive(Debug, Clone)]

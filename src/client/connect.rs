@@ -12,7 +12,8 @@ use crate::protocol::{close, ALPN};
 use crate::tls::{Fingerprint, Identity, KnownHosts, PinnedServerVerifier, TrustError};
 use crate::transfer::Pacer;
 
-use super::*;
+use super::state::{PathMemories, UploadJournal};
+use super::{Client, ClientConfig, Registered, CLIENT_IDENTITY, DEFAULT_PORT};
 
 /// How long to wait for a server to answer before calling it unreachable.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);

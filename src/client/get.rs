@@ -16,7 +16,7 @@ use crate::transfer::{
     self, blocking, Advance, CommitError, IncomingFile, Pacer, Start, TransferError,
 };
 
-use super::*;
+use super::{reply, unexpected, Client, FileError, TransferReport};
 
 impl Client {
     /// Downloads the remote file `remote` to the local path `dest`. Returns

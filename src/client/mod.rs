@@ -31,10 +31,11 @@ mod get;
 mod put;
 mod state;
 
-pub use batch::*;
-pub use connect::*;
-pub use get::*;
-use state::*;
+pub use batch::{run_batch, BatchReport, Direction, Job, SMALL_FILE, SMALL_FILE_STREAMS};
+use connect::refusal;
+pub use connect::{describe_close, split_server, ConnectError, DEFAULT_CONNECT_TIMEOUT};
+pub use get::{part_path, PART_SUFFIX};
+use state::{PathMemories, UploadJournal};
 
 /// Port used when `--server` names only a host.
 pub const DEFAULT_PORT: u16 = 65432;
@@ -445,6 +446,8 @@ fn serialize_hex<S: serde::Serializer>(d: &Digest, s: S) -> Result<S::Ok, S::Err
 
 #[cfg(test)]
 mod tests {
+    use super::connect::known_hosts_key;
+    use super::state::{unix_now, JOURNAL_MAX_AGE, PATH_MEMORY_MAX_AGE};
     use super::*;
     use crate::congestion::PathMemory;
     use crate::protocol::FileMeta;

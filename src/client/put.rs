@@ -12,7 +12,8 @@ use crate::protocol::{
 };
 use crate::transfer::{self, blocking, file_meta, Advance, Framing, Start, TransferError};
 
-use super::*;
+use super::get::hash_file;
+use super::{reply, unexpected, Client, FileError, TransferReport};
 
 impl Client {
     /// Uploads `local` to the remote path `remote`. Returns once the server
