@@ -275,6 +275,11 @@ pub struct LsArgs {
     /// Print JSON on stdout.
     #[arg(long)]
     pub json: bool,
+    /// When the connection is lost before the listing arrives, reconnect
+    /// and ask again up to this many times (0.5 s, 1 s, 2 s... apart). A
+    /// server that does not answer at all fails at once.
+    #[arg(long, value_name = "N", default_value_t = 5)]
+    pub retries: u32,
     #[command(flatten)]
     pub client: ClientArgs,
 }
@@ -913,16 +918,39 @@ fn finish_batch(
 
 async fn ls(args: LsArgs) -> Result<ExitCode> {
     let progress = Progress::hidden();
-    let client = connect(&args.client, None, false, &progress).await?;
-    let listed = if args.recursive {
-        client.list_tree(&args.dir).await
-    } else {
-        client.list(&args.dir).await
+    let mut delay = Duration::from_millis(500);
+    let mut attempt = 0;
+    let listed = loop {
+        // An unreachable server fails at once, as for every command; only
+        // a connection lost before the listing arrived is tried again.
+        let client = connect(&args.client, None, false, &progress).await?;
+        let listed = if args.recursive {
+            client.list_tree(&args.dir).await
+        } else {
+            client.list(&args.dir).await
+        };
+        if let Some(refused) = client.refusal() {
+            return Err(refused.into());
+        }
+        match listed {
+            Err(e) if attempt < args.retries && e.is_transient() => {
+                attempt += 1;
+                let why = client.lost().unwrap_or_else(|| e.to_string());
+                eprintln!(
+                    "qxfer: {why}; reconnecting in {:.1} s (attempt {attempt} of {})",
+                    delay.as_secs_f64(),
+                    args.retries
+                );
+                client.close().await;
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(10));
+            }
+            done => {
+                client.close().await;
+                break done;
+            }
+        }
     };
-    if let Some(refused) = client.refusal() {
-        return Err(refused.into());
-    }
-    client.close().await;
     let entries = match listed {
         Ok(e) => e,
         Err(e) => bail!("{}: {e}", if args.dir.is_empty() { "/" } else { &args.dir }),
