@@ -740,7 +740,7 @@ impl Batch {
             progress,
         )
         .await;
-        let mut delay = Duration::from_millis(500);
+        let mut backoff = Backoff::default();
         for attempt in 1..=transfer.retries {
             if report.retry.is_empty() || client.refusal().is_some() {
                 break;
@@ -754,15 +754,14 @@ impl Batch {
                 progress.suspend(|| {
                     eprintln!(
                         "qxfer: {why}; reconnecting in {:.1} s to resume {} file(s) (attempt {attempt} of {})",
-                        delay.as_secs_f64(),
+                        backoff.next.as_secs_f64(),
                         retry.len(),
                         transfer.retries
                     )
                 });
             }
             progress.set_status(format!("reconnecting (attempt {attempt})"));
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_secs(10));
+            backoff.wait().await;
             let fresh = match connect(args, Some(transfer), self.quiet, progress).await {
                 Ok(fresh) => fresh,
                 Err(e) if is_transient_connect(&e) => {
@@ -809,6 +808,27 @@ impl Batch {
             }
         }
         Ok((client, report))
+    }
+}
+
+/// The wait before each reconnection: 0.5 s, doubling, at most 10 s.
+struct Backoff {
+    next: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self {
+            next: Duration::from_millis(500),
+        }
+    }
+}
+
+impl Backoff {
+    /// Waits the current delay and doubles the next one.
+    async fn wait(&mut self) {
+        tokio::time::sleep(self.next).await;
+        self.next = (self.next * 2).min(Duration::from_secs(10));
     }
 }
 
@@ -918,7 +938,7 @@ fn finish_batch(
 
 async fn ls(args: LsArgs) -> Result<ExitCode> {
     let progress = Progress::hidden();
-    let mut delay = Duration::from_millis(500);
+    let mut backoff = Backoff::default();
     let mut attempt = 0;
     let listed = loop {
         // An unreachable server fails at once, as for every command; only
@@ -938,12 +958,11 @@ async fn ls(args: LsArgs) -> Result<ExitCode> {
                 let why = client.lost().unwrap_or_else(|| e.to_string());
                 eprintln!(
                     "qxfer: {why}; reconnecting in {:.1} s (attempt {attempt} of {})",
-                    delay.as_secs_f64(),
+                    backoff.next.as_secs_f64(),
                     args.retries
                 );
                 client.close().await;
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(10));
+                backoff.wait().await;
             }
             done => {
                 client.close().await;

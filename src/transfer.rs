@@ -705,6 +705,18 @@ enum Shortfall {
     Stalled,
 }
 
+impl Shortfall {
+    /// The error for a file of `expected` bytes cut short after `got`.
+    fn into_error(self, got: u64, expected: u64) -> TransferError {
+        match self {
+            Self::Eof => TransferError::Truncated { got, expected },
+            Self::Failed(e) => TransferError::Network(e),
+            Self::Stopped => TransferError::Stopped,
+            Self::Stalled => TransferError::Stalled,
+        }
+    }
+}
+
 /// Reads `input` into `buf` until it is full, unless the stream ends or fails,
 /// nothing arrives for [`STALL_TIMEOUT`], or `stop` fires first: how much
 /// arrived, and why it stopped short. With `pace`, reads at most a slice at
@@ -757,15 +769,7 @@ where
     R: AsyncRead + Unpin,
     F: std::future::Future<Output = ()>,
 {
-    let short = |why: Shortfall| match why {
-        Shortfall::Eof => TransferError::Truncated {
-            got,
-            expected: size,
-        },
-        Shortfall::Failed(e) => TransferError::Network(e),
-        Shortfall::Stopped => TransferError::Stopped,
-        Shortfall::Stalled => TransferError::Stalled,
-    };
+    let short = |why: Shortfall| why.into_error(got, size);
     match encoding {
         Encoding::Raw => {
             let mut buf = vec![0u8; (size - got).min(CHUNK as u64) as usize];
@@ -894,15 +898,6 @@ where
     }
     tokio::pin!(stop);
     let mut got = start.offset;
-    let short = |why: Shortfall, got: u64| match why {
-        Shortfall::Eof => TransferError::Truncated {
-            got,
-            expected: size,
-        },
-        Shortfall::Failed(e) => TransferError::Network(e),
-        Shortfall::Stopped => TransferError::Stopped,
-        Shortfall::Stalled => TransferError::Stalled,
-    };
     let net: Result<(), TransferError> = loop {
         if got >= size {
             break Ok(());
@@ -918,7 +913,7 @@ where
         pending = Some(s.write_behind(piece));
         got += raw as u64;
         if let Some(why) = ended {
-            break Err(short(why, got));
+            break Err(why.into_error(got, size));
         }
     };
     // A disk error (say, a full disk) is the real cause when both failed.
@@ -1018,6 +1013,24 @@ pub fn is_being_written(dir: &Dir, name: &str) -> bool {
     }
 }
 
+/// Takes the exclusive advisory lock a writer holds on its temporary or
+/// partial for as long as it is open: it keeps two transfers from writing
+/// one partial, and tells the partial sweep the file is in use.
+fn lock_for_writing(file: &File) -> std::io::Result<()> {
+    #[cfg(unix)]
+    rustix::fs::flock(file, rustix::fs::FlockOperation::NonBlockingLockExclusive).map_err(|e| {
+        if e == rustix::io::Errno::WOULDBLOCK {
+            std::io::Error::new(
+                std::io::ErrorKind::ResourceBusy,
+                "another transfer of this file is in progress",
+            )
+        } else {
+            e.into()
+        }
+    })?;
+    Ok(())
+}
+
 /// Prefix of the temporaries [`IncomingFile`] creates.
 pub const TMP_PREFIX: &str = ".qxfer-tmp-";
 
@@ -1056,8 +1069,7 @@ impl IncomingFile {
                 Ok(f) => {
                     let file = f.into_std();
                     // Marks it in use for the partial sweep (see is_being_written).
-                    #[cfg(unix)]
-                    rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive)?;
+                    lock_for_writing(&file)?;
                     return Ok(Self {
                         tmp_dir,
                         tmp_name: Some(tmp_name),
@@ -1136,19 +1148,7 @@ impl IncomingFile {
         let mut opts = OpenOptions::new();
         opts.read(true).write(true).create(true).mode(0o600);
         let file = tmp_dir.open_with(name, &opts)?.into_std();
-        #[cfg(unix)]
-        rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive).map_err(
-            |e| {
-                if e == rustix::io::Errno::WOULDBLOCK {
-                    std::io::Error::new(
-                        std::io::ErrorKind::ResourceBusy,
-                        "another transfer of this file is in progress",
-                    )
-                } else {
-                    e.into()
-                }
-            },
-        )?;
+        lock_for_writing(&file)?;
         Ok(Self {
             tmp_dir,
             tmp_name: Some(name.to_owned()),

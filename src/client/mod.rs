@@ -383,22 +383,18 @@ impl Client {
     }
 }
 
-/// How long the server may take to answer a request, beyond the time to
-/// hash `size` bytes at a slow disk's 50 MiB/s (it may hash an existing
-/// copy, or the part it holds, before it answers). Keep-alives hold the
-/// connection open while a server's process is stuck, so without this a
-/// request it never answered would hang the client forever.
-fn reply_timeout(base: Duration, size: u64) -> Duration {
-    base + Duration::from_secs(size / (50 << 20))
-}
-
 /// Default for [`ClientConfig::reply_timeout`].
 pub const DEFAULT_REPLY_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl Client {
-    /// How long the answer to a request about `size` bytes may take.
+    /// How long the answer to a request about `size` bytes may take:
+    /// `--timeout` beyond the time to hash `size` bytes at a slow disk's
+    /// 50 MiB/s (the server may hash an existing copy, or the part it
+    /// holds, before it answers). Keep-alives hold the connection open
+    /// while a server's process is stuck, so without this a request it
+    /// never answered would hang the client forever.
     fn within(&self, size: u64) -> Duration {
-        reply_timeout(self.reply_timeout, size)
+        self.reply_timeout + Duration::from_secs(size / (50 << 20))
     }
 
     /// How long a receipt may take after the data: the server syncs the file first.
