@@ -63,9 +63,16 @@ pub struct ServeArgs {
     /// UDP address to listen on, e.g. 0.0.0.0:65432 or [::]:65432.
     #[arg(long, default_value = "127.0.0.1:65432")]
     pub listen: SocketAddr,
-    /// Directory to serve; created if missing.
+    /// Directory to serve (created if missing), or a bucket of an
+    /// S3-compatible object store: s3://BUCKET or s3://BUCKET/PREFIX, with
+    /// credentials and region from AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY
+    /// and AWS_REGION. Several servers may share one bucket.
     #[arg(long, default_value = "qxfer-files")]
     pub root: PathBuf,
+    /// The object store's address for an s3:// root, e.g.
+    /// http://127.0.0.1:3900 for Garage (default: AWS S3).
+    #[arg(long, value_name = "URL")]
+    pub s3_endpoint: Option<String>,
     /// Where the server's certificate and key live; generated on first start.
     #[arg(long, default_value = "certs")]
     pub certs: PathBuf,
@@ -387,7 +394,26 @@ fn id() -> Result<ExitCode> {
 }
 
 async fn serve(args: ServeArgs) -> Result<ExitCode> {
-    let mut config = ServeConfig::prepare(&args.root)?;
+    let mut config = match args.root.to_str().filter(|r| r.starts_with("s3://")) {
+        Some(url) => {
+            let options = server::S3Options {
+                endpoint: args.s3_endpoint.clone(),
+                ..server::S3Options::default()
+            };
+            ServeConfig::object_store(url, &options, args.read_only)
+                .await
+                .map_err(anyhow::Error::msg)?
+        }
+        None => {
+            if args.s3_endpoint.is_some() {
+                anyhow::bail!(
+                    "--s3-endpoint needs an object store root (--root s3://BUCKET[/PREFIX]); {} is a directory",
+                    args.root.display()
+                );
+            }
+            ServeConfig::prepare(&args.root)?
+        }
+    };
     config.read_only = args.read_only;
     config.max_file_size = args.max_file_size;
     config.max_connections = args.max_connections as usize;

@@ -23,6 +23,7 @@ pub mod progress;
 pub mod protocol;
 pub mod server;
 mod space;
+mod store;
 pub mod tls;
 pub mod transfer;
 pub mod tree;

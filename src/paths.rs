@@ -94,6 +94,11 @@ impl RemotePath {
         }
     }
 
+    /// The components, in order (none for the root).
+    pub(crate) fn components(&self) -> &[String] {
+        &self.components
+    }
+
     /// The last component, if any.
     pub fn file_name(&self) -> Option<&str> {
         self.components.last().map(String::as_str)

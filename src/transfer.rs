@@ -417,14 +417,67 @@ struct Source {
     hasher: blake3::Hasher,
     pos: u64,
     size: u64,
+    framer: Framer,
+    /// The file's state when sending began, to tell whether it changed
+    /// while it was read.
+    before: Option<Snapshot>,
+}
+
+/// Puts chunks of file bytes into the wire's framing, compressing blocks
+/// while that pays.
+struct Framer {
     framing: Framing,
     /// Blocks in a row that did not compress, and blocks left to send
     /// without trying.
     misses: u32,
     skip: u32,
-    /// The file's state when sending began, to tell whether it changed
-    /// while it was read.
-    before: Option<Snapshot>,
+}
+
+impl Framer {
+    fn new(framing: Framing) -> Self {
+        Self {
+            framing,
+            misses: 0,
+            skip: 0,
+        }
+    }
+
+    /// Spare bytes a chunk needs in front of it for its block header.
+    fn room(&self) -> usize {
+        match self.framing.encoding {
+            Encoding::Raw => 0,
+            Encoding::Blocks => BlockHeader::LEN,
+        }
+    }
+
+    /// Frames `buf`, whose first [`Framer::room`] bytes are spare: a
+    /// block sent raw is the buffer itself, not a copy. Blocking (it may
+    /// compress).
+    fn frame(&mut self, mut buf: Vec<u8>) -> WireChunk {
+        let room = self.room();
+        let raw = buf.len() - room;
+        if room == 0 {
+            return WireChunk { bytes: buf, raw };
+        }
+        if self.framing.compress.now() {
+            if self.skip > 0 {
+                self.skip -= 1;
+            } else if let Some(bytes) = compress_block(&buf[room..]) {
+                self.misses = 0;
+                return WireChunk { bytes, raw };
+            } else {
+                self.misses = (self.misses + 1).min(6);
+                self.skip = (1u32 << self.misses).min(MAX_SKIP) - 1;
+            }
+        }
+        let header = BlockHeader {
+            compressed: false,
+            raw_len: raw as u32,
+            wire_len: raw as u32,
+        };
+        buf[..room].copy_from_slice(&header.encode());
+        WireChunk { bytes: buf, raw }
+    }
 }
 
 /// What tells a file's versions apart without reading it: size,
@@ -473,38 +526,15 @@ impl Source {
 
     /// Reads, hashes and frames the next chunk. Blocking.
     fn next_chunk(mut self) -> (Self, Result<WireChunk, TransferError>) {
-        // With blocks, the bytes are read behind room for a block header, so
-        // a block sent raw is the read buffer itself, not a copy.
-        let room = match self.framing.encoding {
-            Encoding::Raw => 0,
-            Encoding::Blocks => BlockHeader::LEN,
-        };
-        let mut buf = match self.read_raw(room) {
-            Ok(buf) => buf,
-            Err(e) => return (self, Err(e)),
-        };
-        let raw = buf.len() - room;
-        if room == 0 {
-            return (self, Ok(WireChunk { bytes: buf, raw }));
-        }
-        if self.framing.compress.now() {
-            if self.skip > 0 {
-                self.skip -= 1;
-            } else if let Some(bytes) = compress_block(&buf[room..]) {
-                self.misses = 0;
-                return (self, Ok(WireChunk { bytes, raw }));
-            } else {
-                self.misses = (self.misses + 1).min(6);
-                self.skip = (1u32 << self.misses).min(MAX_SKIP) - 1;
+        // The bytes are read behind room for a block header.
+        let room = self.framer.room();
+        match self.read_raw(room) {
+            Ok(buf) => {
+                let chunk = self.framer.frame(buf);
+                (self, Ok(chunk))
             }
+            Err(e) => (self, Err(e)),
         }
-        let header = BlockHeader {
-            compressed: false,
-            raw_len: raw as u32,
-            wire_len: raw as u32,
-        };
-        buf[..room].copy_from_slice(&header.encode());
-        (self, Ok(WireChunk { bytes: buf, raw }))
     }
 
     /// Reads and hashes the next chunk of the file into a buffer that starts
@@ -571,7 +601,7 @@ pub async fn send_file<W>(
     progress: &Advance<'_>,
 ) -> Result<Digest, TransferError>
 where
-    W: AsyncWrite + Unpin,
+    W: AsyncWrite + Unpin + ?Sized,
 {
     let before = Snapshot::of(&file);
     match before {
@@ -589,9 +619,7 @@ where
         hasher: start.hasher,
         pos: start.offset,
         size,
-        framing,
-        misses: 0,
-        skip: 0,
+        framer: Framer::new(framing),
         before,
     };
     if src.pos >= size {
@@ -632,7 +660,7 @@ async fn write_paced<W>(
     pace: Option<&Pacer>,
 ) -> Result<(), TransferError>
 where
-    W: AsyncWrite + Unpin,
+    W: AsyncWrite + Unpin + ?Sized,
 {
     let step = pace.map_or(bytes.len().max(1), Pacer::slice);
     for slice in bytes.chunks(step) {
@@ -647,8 +675,102 @@ where
     Ok(())
 }
 
-/// The writing end of a transfer: the file and the hash so far.
-struct Sink {
+/// Sends the bytes `offset..size` of a file that arrive as `chunks` (an
+/// object store's ranged read) to `out`, framed as `framing` says. With
+/// `hasher` (the BLAKE3 state after the first `offset` bytes) it hashes
+/// them and returns the whole file's digest; without, it returns `None`
+/// and the caller supplies the digest it stored with the file.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn send_stream<S, W>(
+    mut chunks: S,
+    size: u64,
+    offset: u64,
+    mut hasher: Option<blake3::Hasher>,
+    framing: Framing,
+    out: &mut W,
+    progress: &Advance<'_>,
+) -> Result<Option<Digest>, TransferError>
+where
+    S: futures::Stream<Item = std::io::Result<bytes::Bytes>> + Unpin + Send,
+    W: AsyncWrite + Unpin + ?Sized,
+{
+    use futures::StreamExt;
+    let mut framer = Framer::new(framing);
+    let room = framer.room();
+    let mut pos = offset;
+    let mut leftover = bytes::Bytes::new();
+    // The next bytes from the store; fails if it sends nothing for STALL_TIMEOUT.
+    async fn more<S>(chunks: &mut S) -> Result<Option<bytes::Bytes>, TransferError>
+    where
+        S: futures::Stream<Item = std::io::Result<bytes::Bytes>> + Unpin,
+    {
+        match tokio::time::timeout(STALL_TIMEOUT, chunks.next()).await {
+            Err(_) => Err(TransferError::Read(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("the object store sent nothing for {STALL_TIMEOUT:?}"),
+            ))),
+            Ok(None) => Ok(None),
+            Ok(Some(r)) => r.map(Some).map_err(TransferError::Read),
+        }
+    }
+    while pos < size {
+        let want = (size - pos).min(CHUNK as u64) as usize;
+        let mut buf = Vec::with_capacity(room + want);
+        buf.resize(room, 0);
+        while buf.len() < room + want {
+            if leftover.is_empty() {
+                leftover = match more(&mut chunks).await? {
+                    Some(b) => b,
+                    None => {
+                        let found = pos + (buf.len() - room) as u64;
+                        return Err(TransferError::SourceChanged {
+                            expected: size,
+                            found,
+                        });
+                    }
+                };
+            }
+            let take = (room + want - buf.len()).min(leftover.len());
+            buf.extend_from_slice(&leftover.split_to(take));
+        }
+        pos += want as u64;
+        let (f, h, chunk) = blocking(move || {
+            if let Some(h) = hasher.as_mut() {
+                h.update(&buf[room..]);
+            }
+            let chunk = framer.frame(buf);
+            (framer, hasher, chunk)
+        })
+        .await;
+        (framer, hasher) = (f, h);
+        write_paced(out, &chunk.bytes, None).await?;
+        progress(chunk.raw as u64);
+    }
+    while leftover.is_empty() {
+        match more(&mut chunks).await? {
+            Some(b) => leftover = b,
+            None => break,
+        }
+    }
+    if !leftover.is_empty() {
+        return Err(TransferError::ChangedWhileSent("it grew"));
+    }
+    Ok(hasher.map(|h| *h.finalize().as_bytes()))
+}
+
+/// Where received pieces go: each write runs as a task of its own, so the
+/// network keeps delivering the next piece meanwhile, and hands the sink
+/// back with its result.
+pub(crate) trait PieceSink: Send + Sized + 'static {
+    /// Writes (and hashes) one piece, decompressing it first if need be.
+    fn write(
+        self,
+        piece: Piece,
+    ) -> impl std::future::Future<Output = (Self, Result<(), TransferError>)> + Send + 'static;
+}
+
+/// The writing end of a transfer into a file: the file and the hash so far.
+struct FileSink {
     file: File,
     hasher: blake3::Hasher,
     written: u64,
@@ -657,30 +779,38 @@ struct Sink {
     size: u64,
 }
 
-type SinkTask = tokio::task::JoinHandle<(Sink, Result<(), TransferError>)>;
-
 /// What arrived for the disk: file bytes, or a compressed block of them.
-enum Piece {
+pub(crate) enum Piece {
     Raw(Vec<u8>),
     Zstd { payload: Vec<u8>, raw_len: usize },
 }
 
-impl Sink {
-    /// Writes and hashes `piece` in the disk pool (decompressing it first if
-    /// need be), as a task of its own so the network keeps delivering the
-    /// next one meanwhile.
-    fn write_behind(self, piece: Piece) -> SinkTask {
-        tokio::spawn(blocking(move || match piece {
-            Piece::Raw(buf) => self.write(&buf),
-            Piece::Zstd { payload, raw_len } => match decompress_block(&payload, raw_len) {
-                Ok(buf) => self.write(&buf),
-                Err(e) => (self, Err(e)),
-            },
-        }))
+impl Piece {
+    /// The file bytes it carries, decompressed. Blocking (CPU) for a block.
+    pub(crate) fn into_bytes(self) -> Result<Vec<u8>, TransferError> {
+        match self {
+            Self::Raw(buf) => Ok(buf),
+            Self::Zstd { payload, raw_len } => decompress_block(&payload, raw_len),
+        }
     }
+}
 
+impl PieceSink for FileSink {
+    /// Writes and hashes `piece` in the disk pool.
+    fn write(
+        self,
+        piece: Piece,
+    ) -> impl std::future::Future<Output = (Self, Result<(), TransferError>)> + Send + 'static {
+        blocking(move || match piece.into_bytes() {
+            Ok(buf) => self.write_bytes(&buf),
+            Err(e) => (self, Err(e)),
+        })
+    }
+}
+
+impl FileSink {
     /// Writes and hashes `buf`, and starts its writeback. Blocking.
-    fn write(mut self, buf: &[u8]) -> (Self, Result<(), TransferError>) {
+    fn write_bytes(mut self, buf: &[u8]) -> (Self, Result<(), TransferError>) {
         if let Err(e) = self.file.write_all(buf) {
             return (self, Err(TransferError::Write(e)));
         }
@@ -728,7 +858,7 @@ async fn fill<R, F>(
     stop: &mut std::pin::Pin<&mut F>,
 ) -> (usize, Option<Shortfall>)
 where
-    R: AsyncRead + Unpin,
+    R: AsyncRead + Unpin + ?Sized,
     F: std::future::Future<Output = ()>,
 {
     let step = pace.map_or(buf.len(), Pacer::slice);
@@ -766,7 +896,7 @@ async fn read_piece<R, F>(
     stop: &mut std::pin::Pin<&mut F>,
 ) -> Result<(Piece, usize, Option<Shortfall>), TransferError>
 where
-    R: AsyncRead + Unpin,
+    R: AsyncRead + Unpin + ?Sized,
     F: std::future::Future<Output = ()>,
 {
     let short = |why: Shortfall| why.into_error(got, size);
@@ -819,7 +949,7 @@ impl Buffered {
         encoding: Encoding,
     ) -> Result<Self, TransferError>
     where
-        R: AsyncRead + Unpin,
+        R: AsyncRead + Unpin + ?Sized,
     {
         let stop = std::future::pending::<()>();
         tokio::pin!(stop);
@@ -842,7 +972,7 @@ impl Buffered {
 
     /// Writes (decompressing as need be) the data to `file`, returning its
     /// BLAKE3. Blocking.
-    pub fn write_to(self, file: &mut File) -> Result<Digest, TransferError> {
+    pub fn write_to<W: Write>(self, file: &mut W) -> Result<Digest, TransferError> {
         let mut hasher = blake3::Hasher::new();
         for piece in self.pieces {
             let buf = match piece {
@@ -875,29 +1005,69 @@ pub async fn receive_file<R>(
     stop: impl std::future::Future<Output = ()>,
 ) -> Result<Digest, TransferError>
 where
-    R: AsyncRead + Unpin,
+    R: AsyncRead + Unpin + ?Sized,
 {
-    let mut sink = Some(Sink {
+    let sink = FileSink {
         file,
         hasher: start.hasher,
         written: start.offset,
         size,
-    });
-    let mut pending: Option<SinkTask> = None;
+    };
+    let (sink, result) = receive_pieces(
+        input,
+        size,
+        start.offset,
+        sink,
+        encoding,
+        pace,
+        progress,
+        stop,
+    )
+    .await;
+    if let Err(e) = result {
+        // Keep what arrived consistent on disk: a resume continues after it.
+        let file = sink.file;
+        let _ = blocking(move || file.sync_data()).await;
+        return Err(e);
+    }
+    Ok(*sink.hasher.finalize().as_bytes())
+}
+
+/// Receives the bytes from `got` up to `size` from `input` into `sink`,
+/// framed as `encoding` says: the next piece is read from the network while
+/// the previous one is written. Returns the sink (whatever happened) and
+/// how it ended. A disk error is the real cause when both sides failed.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn receive_pieces<R, K>(
+    input: &mut R,
+    size: u64,
+    mut got: u64,
+    sink: K,
+    encoding: Encoding,
+    pace: Option<Arc<Pacer>>,
+    progress: &Advance<'_>,
+    stop: impl std::future::Future<Output = ()>,
+) -> (K, Result<(), TransferError>)
+where
+    R: AsyncRead + Unpin + ?Sized,
+    K: PieceSink,
+{
+    type Task<K> = tokio::task::JoinHandle<(K, Result<(), TransferError>)>;
+    let mut sink = Some(sink);
+    let mut pending: Option<Task<K>> = None;
     // The previous piece's write, waited for before the next is handed over.
-    async fn settle(
-        pending: &mut Option<SinkTask>,
-        sink: &mut Option<Sink>,
+    async fn settle<K>(
+        pending: &mut Option<Task<K>>,
+        sink: &mut Option<K>,
     ) -> Result<(), TransferError> {
         if let Some(task) = pending.take() {
-            let (back, result) = task.await.expect("disk writer panicked");
+            let (back, result) = task.await.expect("writer panicked");
             *sink = Some(back);
             result?;
         }
         Ok(())
     }
     tokio::pin!(stop);
-    let mut got = start.offset;
     let net: Result<(), TransferError> = loop {
         if got >= size {
             break Ok(());
@@ -908,24 +1078,19 @@ where
                 Err(e) => break Err(e),
             };
         progress(raw as u64);
-        settle(&mut pending, &mut sink).await?;
+        if let Err(e) = settle(&mut pending, &mut sink).await {
+            return (sink.expect("the sink is back after settling"), Err(e));
+        }
         let s = sink.take().expect("the sink is back after settling");
-        pending = Some(s.write_behind(piece));
+        pending = Some(tokio::spawn(s.write(piece)));
         got += raw as u64;
         if let Some(why) = ended {
             break Err(why.into_error(got, size));
         }
     };
-    // A disk error (say, a full disk) is the real cause when both failed.
-    settle(&mut pending, &mut sink).await?;
+    let disk = settle(&mut pending, &mut sink).await;
     let sink = sink.expect("the sink is back after settling");
-    if let Err(e) = net {
-        // Keep what arrived consistent on disk: a resume continues after it.
-        let file = sink.file;
-        let _ = blocking(move || file.sync_data()).await;
-        return Err(e);
-    }
-    Ok(*sink.hasher.finalize().as_bytes())
+    (sink, disk.and(net))
 }
 
 /// Asks the kernel to start writing a just-written range to disk now, while

@@ -270,16 +270,20 @@ impl Client {
             return Err(last.expect("at least one address was tried"));
         };
 
+        let server_fp = verifier
+            .seen()
+            .expect("a completed handshake has verified a certificate");
         let mut first_contact = None;
         if expected.is_none() {
-            let fp = verifier
-                .seen()
-                .expect("a completed handshake has verified a certificate");
-            known.add(&key, fp)?;
-            first_contact = Some((fp, known.path().to_owned()));
+            known.add(&key, server_fp)?;
+            first_contact = Some((server_fp, known.path().to_owned()));
         }
         endpoint::tune_receive_window(conn.clone());
-        let journal = UploadJournal::open(&config.config_dir, key.clone()).ok();
+        // Keyed by the server's identity, not its address: servers that
+        // share one identity over one store (a scaled-out deployment) share
+        // their partial uploads, so an upload begun through one resumes
+        // through another.
+        let journal = UploadJournal::open(&config.config_dir, server_fp.to_string()).ok();
         Ok(Self {
             _endpoint: Registered::new(endpoint),
             conn,

@@ -21,7 +21,7 @@ use crate::protocol::FileMeta;
 #[derive(Debug, Clone)]
 pub(super) struct UploadJournal {
     dir: PathBuf,
-    /// Whose server: `host:port` as in known_hosts.
+    /// Whose server: its identity's fingerprint.
     server: String,
 }
 

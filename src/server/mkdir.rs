@@ -1,14 +1,12 @@
-//! Mkdir on the server: creates a directory (and parents) beneath the root and applies its metadata.
+//! Mkdir on the server: policy, then the store creates the directory (and parents) and applies its metadata.
 
 use quinn::SendStream;
 use tracing::info;
 
 use crate::paths::RemotePath;
 use crate::protocol::{write_frame, ErrorCode, MkdirRequest, RemoteError, Response};
-use crate::transfer::{self, blocking};
 
-use super::put::open_or_create_dir;
-use super::{fs_error, protocol_error, ServeConfig};
+use super::{protocol_error, ServeConfig};
 
 /// Creates a directory beneath the root and applies its metadata.
 pub(super) async fn serve_mkdir(
@@ -23,17 +21,7 @@ pub(super) async fn serve_mkdir(
             format!("'{path}' was not created: this server is read-only"),
         ));
     }
-    let root = config.root_dir.clone();
-    let p = path.clone();
-    blocking(move || -> Result<(), RemoteError> {
-        let dir = open_or_create_dir(&root, &p.relative(), &p)?;
-        if let Some(meta) = req.meta {
-            transfer::apply_dir_meta(&dir, &meta)
-                .map_err(|e| fs_error(&e, &p, "cannot set the metadata of"))?;
-        }
-        Ok(())
-    })
-    .await?;
+    config.store.mkdir(&path, req.meta).await?;
     write_frame(send, &Response::MkdirDone)
         .await
         .map_err(|e| protocol_error(&e))?;

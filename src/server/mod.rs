@@ -4,20 +4,9 @@
 //! within it, so one client's failure (a bad header, a full disk, a dropped
 //! link) ends only that stream and the server keeps serving everyone else.
 //!
-//! The filesystem sandbox: the root is opened once as a cap-std [`Dir`], and
-//! every path a client names is resolved beneath it by cap-std (openat2 with
-//! RESOLVE_BENEATH on Linux, or its own component-by-component walk with
-//! O_NOFOLLOW), so neither `..` nor a symlink can lead out of the root, and
-//! there is no window between checking a path and using it. Paths are also
-//! validated as strings first ([`RemotePath`]) to give clear errors early.
-//! Symlinks that stay inside the root are followed for get and ls; a put
-//! never replaces or writes through a symlink at its destination name.
-//!
-//! Uploads are written into the partial store `<root>/.qxfer-partial/` under
-//! random hidden names and renamed into their directory only once complete
-//! and verified. Names starting with `.qxfer-` are refused by path validation
-//! and hidden from listings, so temporaries are never listed, never
-//! downloadable and never mistaken for (or clobbered by) user files.
+//! Everything the server does with files goes through its [`Store`]: a
+//! local directory sandboxed with cap-std, or an S3-compatible bucket that
+//! several servers share (see [`crate::store`]).
 //!
 //! This module accepts connections, enforces the limits, reads each
 //! stream's request and hands it to the module that serves it: [`put`],
@@ -25,25 +14,21 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use cap_std::ambient_authority;
-use cap_std::fs::Dir;
 use quinn::{ConnectionError, RecvStream, SendStream, VarInt};
 use tracing::{debug, info, info_span, warn, Instrument};
 
-use crate::paths::RemotePath;
 use crate::protocol::{
     close, read_frame_limited, write_frame, ErrorCode, FrameError, PutRequest, RemoteError,
     Request, Response, MAX_FRAME,
 };
-use crate::space::Space;
+use crate::store::local::LocalStore;
+use crate::store::Store;
 use crate::tls::{peer_fingerprint, Fingerprint};
-use crate::transfer::{self};
 
 mod get;
 mod list;
@@ -64,7 +49,7 @@ pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_MAX_CONNECTIONS_PER_CLIENT: usize = 32;
 
 /// The partial store: a hidden directory in the root holding uploads in progress.
-pub const PARTIAL_DIR: &str = ".qxfer-partial";
+pub const PARTIAL_DIR: &str = crate::store::local::PARTIAL_DIR;
 
 /// How long to wait for a trailer or receipt that should follow the data at once.
 /// The client's receipt for a get comes after it fsyncs a possibly large file.
@@ -75,10 +60,11 @@ use crate::protocol::stream::{RESET_SOURCE_FAILED, STOP_REFUSED};
 /// What the server serves, and its limits.
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
-    /// The root, as an absolute path (for messages).
+    /// The root as shown in messages: a directory's absolute path, or the
+    /// bucket's `s3://` address.
     pub root: PathBuf,
-    /// The root, opened: every remote path is resolved beneath this handle.
-    pub root_dir: Arc<Dir>,
+    /// Where the files are.
+    pub(crate) store: Arc<dyn Store>,
     /// Refuse every put.
     pub read_only: bool,
     /// Refuse puts that declare more bytes than this.
@@ -99,8 +85,6 @@ pub struct ServeConfig {
     pub grace: Duration,
     /// Byte counters, for logs and tests.
     pub stats: Arc<ServeStats>,
-    /// Disk space reserved by uploads in flight.
-    pub(crate) space: Arc<Space>,
 }
 
 /// Default for [`ServeConfig::grace`].
@@ -122,44 +106,36 @@ pub struct ServeStats {
 pub const DEFAULT_MAX_CONNECTIONS: usize = 256;
 
 /// Errors that stop the server from starting.
-#[derive(Debug, thiserror::Error)]
-pub enum StartupError {
-    /// The root exists but is not a directory.
-    #[error("root {0} exists but is not a directory; pass --root with a directory")]
-    RootNotDir(PathBuf),
-    /// The root could not be created or written to.
-    #[error("root {path} is not usable: {source}; pass --root with a writable directory")]
-    RootUnusable {
-        /// The root.
-        path: PathBuf,
-        /// The OS error.
-        source: io::Error,
-    },
-}
+pub use crate::store::local::RootError as StartupError;
+pub use crate::store::object::S3Options;
 
 impl ServeConfig {
-    /// Prepares `root`: creates it if missing, checks it is a writable
-    /// directory, and resolves it to an absolute path.
+    /// Serves the directory `root`: creates it if missing, checks it is a
+    /// writable directory, and resolves it to an absolute path.
     pub fn prepare(root: &Path) -> Result<Self, StartupError> {
-        let unusable = |source| StartupError::RootUnusable {
-            path: root.to_owned(),
-            source,
-        };
-        match std::fs::metadata(root) {
-            Ok(md) if !md.is_dir() => return Err(StartupError::RootNotDir(root.to_owned())),
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                std::fs::create_dir_all(root).map_err(unusable)?
-            }
-            Err(e) => return Err(unusable(e)),
-        }
-        // An unnamed temporary file proves we can create files here and leaves nothing behind.
-        tempfile::tempfile_in(root).map_err(unusable)?;
-        let root = std::fs::canonicalize(root).map_err(unusable)?;
-        let root_dir = Dir::open_ambient_dir(&root, ambient_authority()).map_err(unusable)?;
-        Ok(Self {
+        let (store, root) = LocalStore::open_root(root)?;
+        Ok(Self::with_store(root, Arc::new(store)))
+    }
+
+    /// Serves the bucket `url` names (`s3://BUCKET[/PREFIX]`) of the object
+    /// store `options` describe, after checking it can be listed and (unless
+    /// `read_only`) written to. The error says what to check.
+    pub async fn object_store(
+        url: &str,
+        options: &S3Options,
+        read_only: bool,
+    ) -> Result<Self, String> {
+        let store = crate::store::object::ObjectRoot::connect(url, options, read_only)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(Self::with_store(PathBuf::from(url), Arc::new(store)))
+    }
+
+    /// Serves `store`, shown as `root`, with the default limits.
+    pub(crate) fn with_store(root: PathBuf, store: Arc<dyn Store>) -> Self {
+        Self {
             root,
-            root_dir: Arc::new(root_dir),
+            store,
             read_only: false,
             max_file_size: None,
             max_connections: DEFAULT_MAX_CONNECTIONS,
@@ -169,8 +145,7 @@ impl ServeConfig {
             partial_ttl: DEFAULT_PARTIAL_TTL,
             grace: DEFAULT_GRACE,
             stats: Arc::default(),
-            space: Arc::default(),
-        })
+        }
     }
 }
 
@@ -506,14 +481,13 @@ async fn handle_stream(mut send: SendStream, mut recv: RecvStream, ctx: Ctx) {
             }
         };
     debug!(?request, "request");
-    let root = config.root_dir.clone();
     let result = match request {
         Request::Put(req) => match check_put_allowed(&req, &config) {
             Ok(()) => serve_put(req, &ctx, &mut send, &mut recv).await,
             Err(e) => Err(e),
         },
         Request::Get(req) => serve_get(req, &ctx, &mut send, &mut recv).await,
-        Request::List(req) => serve_list(req, root, &mut send).await,
+        Request::List(req) => serve_list(req, &*config.store, &mut send).await,
         Request::Mkdir(req) => serve_mkdir(req, &config, &mut send).await,
     };
     if let Err(err) = result {
@@ -559,55 +533,4 @@ async fn refuse(send: &mut SendStream, recv: &mut RecvStream, err: RemoteError) 
 
 fn protocol_error(e: &FrameError) -> RemoteError {
     RemoteError::new(ErrorCode::Protocol, format!("bad request: {e}"))
-}
-
-/// Whether cap-std refused to resolve a path because it would leave the
-/// root. It reports that as PermissionDenied without an OS error number,
-/// which a real EACCES always has.
-fn is_escape(e: &io::Error) -> bool {
-    e.kind() == io::ErrorKind::PermissionDenied && e.raw_os_error().is_none()
-}
-
-/// Turns a filesystem error on `path` into what the client is told.
-fn fs_error(e: &io::Error, path: &RemotePath, doing: &str) -> RemoteError {
-    if is_escape(e) {
-        return RemoteError::new(
-            ErrorCode::OutsideRoot,
-            format!("{doing} '{path}' on the server: it leads outside the served directory (through a symbolic link), which the server never follows"),
-        );
-    }
-    if e.raw_os_error() == Some(libc::EXDEV) {
-        return RemoteError::new(
-            ErrorCode::Internal,
-            format!("{doing} '{path}' on the server: its directory is on another filesystem than the served root (a mount point inside the root), where uploads cannot be placed; choose another directory"),
-        );
-    }
-    if e.raw_os_error() == Some(libc::ELOOP) {
-        return RemoteError::new(
-            ErrorCode::Symlink,
-            format!("{doing} '{path}' on the server: too many levels of symbolic links"),
-        );
-    }
-    let (code, advice) = match e.kind() {
-        io::ErrorKind::NotFound => (ErrorCode::NotFound, "check the name with `qxfer ls`"),
-        io::ErrorKind::PermissionDenied => (
-            ErrorCode::PermissionDenied,
-            "the server's user may not access it; ask its operator",
-        ),
-        io::ErrorKind::IsADirectory => (ErrorCode::IsDirectory, "name a file, not a directory"),
-        io::ErrorKind::NotADirectory => (
-            ErrorCode::NotDirectory,
-            "a parent of this path is a file, not a directory",
-        ),
-        io::ErrorKind::AlreadyExists => (ErrorCode::AlreadyExists, "use --force to overwrite"),
-        _ if transfer::is_disk_full(e) => (
-            ErrorCode::NoSpace,
-            "the server's disk is full; free space there and retry",
-        ),
-        _ => (ErrorCode::Internal, "see the server's log"),
-    };
-    RemoteError::new(
-        code,
-        format!("{doing} '{path}' on the server: {e}; {advice}"),
-    )
 }

@@ -1,20 +1,17 @@
-//! The partial store: one writer per resumable upload (a newer one takes over), and the sweep of stale partials.
+//! Resumable uploads on this server: their names, one writer each (a newer one takes over), and the periodic sweep of stale ones.
 
 use std::collections::HashMap;
-use std::io;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
-use cap_fs_ext::DirExt;
-use cap_std::fs::Dir;
 use tracing::{info, warn};
 
 use crate::paths::RemotePath;
 use crate::protocol::FileMeta;
+use crate::store::InUse;
 use crate::tls::Fingerprint;
-use crate::transfer::{self, blocking};
 
-use super::{ServeConfig, PARTIAL_DIR};
+use super::ServeConfig;
 
 /// Which resumable partials are being written, so that only one upload
 /// writes a partial at a time, and a newer one takes over from an older one
@@ -110,13 +107,14 @@ impl Drop for PartialLease {
     }
 }
 
-/// Deletes what interrupted uploads left in the partial store once it is
-/// older than `--partial-ttl`: at start, then every hour (or every TTL, if shorter).
+/// Deletes what interrupted uploads left in the store once it is older
+/// than `--partial-ttl`: at start, then every hour (or every TTL, if shorter).
 pub(super) async fn sweep_partials_forever(config: Arc<ServeConfig>, partials: Arc<Partials>) {
     let every = config.partial_ttl.min(Duration::from_secs(3600));
     loop {
-        let (c, p) = (config.clone(), partials.clone());
-        match blocking(move || sweep_partials(&c.root_dir, c.partial_ttl, &p)).await {
+        let held = partials.clone();
+        let in_use: InUse = Arc::new(move |name: &str| held.in_use(name));
+        match config.store.sweep(config.partial_ttl, in_use).await {
             Ok(0) => {}
             Ok(n) => info!(
                 "removed {n} stale partial upload(s) older than {:?}",
@@ -126,36 +124,6 @@ pub(super) async fn sweep_partials_forever(config: Arc<ServeConfig>, partials: A
         }
         tokio::time::sleep(every).await;
     }
-}
-
-fn sweep_partials(root: &Dir, ttl: Duration, partials: &Partials) -> io::Result<usize> {
-    let store = match root.open_dir_nofollow(PARTIAL_DIR) {
-        Ok(d) => d,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
-        Err(e) => return Err(e),
-    };
-    let now = SystemTime::now();
-    let mut removed = 0;
-    for entry in store.entries()?.flatten() {
-        let name = entry.file_name();
-        let name = name.to_string_lossy();
-        let Ok(md) = store.symlink_metadata(&*name) else {
-            continue;
-        };
-        let age = md
-            .modified()
-            .ok()
-            .and_then(|m| now.duration_since(m.into_std()).ok())
-            .unwrap_or_default();
-        if age > ttl
-            && !partials.in_use(&name)
-            && !(md.is_file() && transfer::is_being_written(&store, &name))
-            && store.remove_file(&*name).is_ok()
-        {
-            removed += 1;
-        }
-    }
-    Ok(removed)
 }
 
 /// The partial store name for an upload: a digest of the client identity
@@ -181,75 +149,3 @@ pub(super) fn partial_name(client: &Fingerprint, path: &RemotePath, meta: &FileM
 
 /// Prefix of resumable partials in the partial store.
 const PART_PREFIX: &str = "part-";
-
-/// Opens (creating it, mode 0700, if needed) the partial store in the root.
-/// It must be a real directory: a symlink there is refused, not followed.
-pub(super) fn partial_store(root: &Dir) -> io::Result<Dir> {
-    let mut builder = cap_std::fs::DirBuilder::new();
-    cap_std::fs::DirBuilderExt::mode(&mut builder, 0o700);
-    match root.create_dir_with(PARTIAL_DIR, &builder) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-        Err(e) => return Err(e),
-    }
-    root.open_dir_nofollow(PARTIAL_DIR)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::transfer::IncomingFile;
-    use cap_std::ambient_authority;
-    use std::path::PathBuf;
-
-    /// Sets a file's mtime `ago` in the past.
-    fn age(dir: &Dir, name: &str, ago: Duration) {
-        let f = dir.open(name).unwrap().into_std();
-        f.set_modified(SystemTime::now() - ago).unwrap();
-    }
-
-    #[test]
-    fn the_sweep_removes_only_stale_files_nobody_is_writing() {
-        let tmp = tempfile::tempdir().unwrap();
-        let root = Dir::open_ambient_dir(tmp.path(), ambient_authority()).unwrap();
-        let store = partial_store(&root).unwrap();
-        let hour = Duration::from_secs(3600);
-        // Abandoned: old, nobody holds it.
-        store.write("part-abandoned", b"x").unwrap();
-        age(&store, "part-abandoned", 2 * hour);
-        // Recent: kept for a resume.
-        store.write("part-recent", b"x").unwrap();
-        // A slow upload's named temporary: old mtime, but open and locked.
-        let slow = IncomingFile::create_in(
-            partial_store(&root).unwrap(),
-            root.try_clone().unwrap(),
-            "dest",
-            PathBuf::from("dest"),
-        )
-        .unwrap();
-        std::os::unix::fs::FileExt::write_all_at(&slow.file().unwrap(), b"data", 0).unwrap();
-        let slow_name = store
-            .entries()
-            .unwrap()
-            .flatten()
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .find(|n| n.starts_with(transfer::TMP_PREFIX))
-            .unwrap();
-        age(&store, &slow_name, 2 * hour);
-
-        let removed = sweep_partials(&root, hour, &Partials::default()).unwrap();
-        assert_eq!(removed, 1);
-        let mut left: Vec<_> = store
-            .entries()
-            .unwrap()
-            .flatten()
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .collect();
-        left.sort();
-        assert_eq!(left, vec![slow_name.clone(), "part-recent".to_owned()]);
-
-        // Once the upload is gone (its temporary deleted with it), nothing is in use.
-        drop(slow);
-        assert!(!store.exists(&slow_name));
-    }
-}

@@ -1,6 +1,8 @@
 //! Test helpers: an in-process server on a loopback port, clients for it, and the real binary.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod garage;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -51,6 +53,31 @@ impl TestServer {
         Self::start_full(dirs, root, configure, ServerLimits::default()).await
     }
 
+    /// Starts a server over `url` (an s3:// root in the test Garage
+    /// cluster), reaching the cluster through node `node`.
+    pub async fn start_object(url: &str, node: usize) -> Self {
+        let dirs = tempfile::tempdir().unwrap();
+        Self::start_object_in(dirs, url, node).await
+    }
+
+    /// Like `start_object`, with the identity kept in `dirs` (servers that
+    /// share it share one identity and one allowlist).
+    pub async fn start_object_in(dirs: TempDir, url: &str, node: usize) -> Self {
+        let certs = dirs.path().join("certs");
+        Self::start_object_with(dirs, &certs, url, node).await
+    }
+
+    /// Like `start_object`, with the identity and allowlist in `certs`:
+    /// servers started with the same `certs` share one identity and one
+    /// allowlist, as servers behind one name do.
+    pub async fn start_object_with(dirs: TempDir, certs: &Path, url: &str, node: usize) -> Self {
+        let options = garage::garage().options(node);
+        let config = ServeConfig::object_store(url, &options, false)
+            .await
+            .unwrap();
+        Self::start_certs(dirs, certs, config, ServerLimits::default()).await
+    }
+
     /// Like `start_with`, with transport limits too.
     pub async fn start_full(
         dirs: TempDir,
@@ -60,7 +87,23 @@ impl TestServer {
     ) -> Self {
         let mut config = ServeConfig::prepare(root).unwrap();
         configure(&mut config);
-        let (endpoint, identity, allowlist) = endpoint_in(&dirs.path().join("certs"), &limits);
+        Self::start_config(dirs, config, limits).await
+    }
+
+    /// Starts a server with `config`; its identity lives in `dirs/certs`.
+    pub async fn start_config(dirs: TempDir, config: ServeConfig, limits: ServerLimits) -> Self {
+        let certs = dirs.path().join("certs");
+        Self::start_certs(dirs, &certs, config, limits).await
+    }
+
+    /// Starts a server with `config` and the identity in `certs`.
+    pub async fn start_certs(
+        dirs: TempDir,
+        certs: &Path,
+        config: ServeConfig,
+        limits: ServerLimits,
+    ) -> Self {
+        let (endpoint, identity, allowlist) = endpoint_in(certs, &limits);
         let addr = endpoint.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
         let root = config.root.clone();

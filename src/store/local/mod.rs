@@ -1,0 +1,555 @@
+//! The local store: a directory on this machine, every name resolved beneath it by cap-std.
+//!
+//! The filesystem sandbox: the root is opened once as a cap-std [`Dir`], and
+//! every path a client names is resolved beneath it by cap-std (openat2 with
+//! RESOLVE_BENEATH on Linux, or its own component-by-component walk with
+//! O_NOFOLLOW), so neither `..` nor a symlink can lead out of the root, and
+//! there is no window between checking a path and using it. Symlinks that
+//! stay inside the root are followed for get and ls; a put never replaces
+//! or writes through a symlink at its destination name.
+//!
+//! Uploads are written into the partial store `<root>/.qxfer-partial/`
+//! (or an anonymous O_TMPFILE in the destination directory) and renamed
+//! into their directory only once complete and verified ([`IncomingFile`]).
+//! Names starting with `.qxfer-` are refused by path validation and hidden
+//! from listings, so temporaries are never listed, never downloadable and
+//! never mistaken for (or clobbered by) user files.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use cap_std::ambient_authority;
+use cap_std::fs::{Dir, OpenOptions, OpenOptionsExt};
+
+use crate::paths::RemotePath;
+use crate::protocol::{Digest, DirMeta, Encoding, Entry, ErrorCode, FileMeta, Prefix, RemoteError};
+use crate::space::{Reservation, Space};
+use crate::transfer::{
+    self, blocking, file_meta, to_timestamp, Advance, Buffered, CommitError, Framing, IncomingFile,
+    Start, TransferError,
+};
+
+use super::{
+    appeared, corrupt, receive_error, Held, InUse, Input, Opened, Output, Prepared, PutPlan,
+    Reader, Stop, Store, Upload,
+};
+
+mod list;
+mod partials;
+
+pub(crate) use partials::PARTIAL_DIR;
+
+/// A directory served as the root.
+#[derive(Debug)]
+pub(crate) struct LocalStore {
+    root: Arc<Dir>,
+    /// Disk space reserved by uploads in flight.
+    space: Arc<Space>,
+}
+
+/// Errors that stop a local root from being used.
+#[derive(Debug, thiserror::Error)]
+pub enum RootError {
+    /// The root exists but is not a directory.
+    #[error("root {0} exists but is not a directory; pass --root with a directory")]
+    NotDir(PathBuf),
+    /// The root could not be created or written to.
+    #[error("root {path} is not usable: {source}; pass --root with a writable directory")]
+    Unusable {
+        /// The root.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
+}
+
+impl LocalStore {
+    /// Prepares `root`: creates it if missing, checks it is a writable
+    /// directory, and opens it. Returns the store and the root's absolute path.
+    pub(crate) fn open_root(root: &Path) -> Result<(Self, PathBuf), RootError> {
+        let unusable = |source| RootError::Unusable {
+            path: root.to_owned(),
+            source,
+        };
+        match std::fs::metadata(root) {
+            Ok(md) if !md.is_dir() => return Err(RootError::NotDir(root.to_owned())),
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                std::fs::create_dir_all(root).map_err(unusable)?
+            }
+            Err(e) => return Err(unusable(e)),
+        }
+        // An unnamed temporary file proves we can create files here and leaves nothing behind.
+        tempfile::tempfile_in(root).map_err(unusable)?;
+        let root = std::fs::canonicalize(root).map_err(unusable)?;
+        let dir = Dir::open_ambient_dir(&root, ambient_authority()).map_err(unusable)?;
+        let store = Self {
+            root: Arc::new(dir),
+            space: Arc::default(),
+        };
+        Ok((store, root))
+    }
+}
+
+#[async_trait]
+impl Store for LocalStore {
+    async fn list(&self, path: &RemotePath, recursive: bool) -> Result<Vec<Entry>, RemoteError> {
+        let (root, p) = (self.root.clone(), path.clone());
+        blocking(move || list::list(&root, &p, recursive)).await
+    }
+
+    async fn mkdir(&self, path: &RemotePath, meta: Option<DirMeta>) -> Result<(), RemoteError> {
+        let (root, p) = (self.root.clone(), path.clone());
+        blocking(move || -> Result<(), RemoteError> {
+            let dir = open_or_create_dir(&root, &p.relative(), &p)?;
+            if let Some(meta) = meta {
+                transfer::apply_dir_meta(&dir, &meta)
+                    .map_err(|e| fs_error(&e, &p, "cannot set the metadata of"))?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn open(&self, path: &RemotePath, resume: Option<Prefix>) -> Result<Opened, RemoteError> {
+        let (root, p) = (self.root.clone(), path.clone());
+        blocking(move || open_for_reading(&root, &p, resume)).await
+    }
+
+    async fn prepare_put(&self, plan: PutPlan) -> Result<Prepared, RemoteError> {
+        let (root, space) = (self.root.clone(), self.space.clone());
+        blocking(move || prepare_put(&root, &plan, &space)).await
+    }
+
+    async fn sweep(&self, ttl: Duration, in_use: InUse) -> Result<usize, String> {
+        let root = self.root.clone();
+        blocking(move || partials::sweep(&root, ttl, &*in_use))
+            .await
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// Opens `path` for reading and agrees where sending starts. Blocking.
+fn open_for_reading(
+    root: &Dir,
+    p: &RemotePath,
+    resume: Option<Prefix>,
+) -> Result<Opened, RemoteError> {
+    // O_NONBLOCK: opening a FIFO someone left in the root must not hang
+    // this task; it is refused below as not a regular file.
+    let mut opts = OpenOptions::new();
+    opts.read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY);
+    let file = root
+        .open_with(p.relative(), &opts)
+        .map_err(|e| fs_error(&e, p, "cannot open"))?
+        .into_std();
+    let md = file
+        .metadata()
+        .map_err(|e| fs_error(&e, p, "cannot read"))?;
+    if md.is_dir() {
+        return Err(RemoteError::new(
+            ErrorCode::IsDirectory,
+            format!("'{p}' is a directory on the server; use `qxfer get -r {p}` to download it and its contents"),
+        ));
+    }
+    if !md.is_file() {
+        return Err(RemoteError::new(
+            ErrorCode::NotFound,
+            format!("'{p}' is not a regular file on the server"),
+        ));
+    }
+    let meta = file_meta(&md);
+    // The client holds a prefix: continue after it if ours hashes the
+    // same (the file is unchanged there), else start over.
+    let mut file = file;
+    let start = match resume {
+        Some(prefix) => {
+            transfer::matching_start(&mut file, meta.size, prefix.offset, &prefix.digest)
+                .map_err(|e| fs_error(&e, p, "cannot read"))?
+        }
+        None => Start::default(),
+    };
+    Ok(Opened {
+        meta,
+        offset: start.offset,
+        reader: Box::new(FileReader {
+            file,
+            size: meta.size,
+            start,
+        }),
+    })
+}
+
+/// A local file being sent.
+struct FileReader {
+    file: std::fs::File,
+    size: u64,
+    start: Start,
+}
+
+#[async_trait]
+impl Reader for FileReader {
+    async fn send(
+        self: Box<Self>,
+        framing: Framing,
+        out: &mut Output<'_>,
+        progress: &Advance<'_>,
+    ) -> Result<Digest, TransferError> {
+        transfer::send_file(
+            self.file, self.size, self.start, framing, None, out, progress,
+        )
+        .await
+    }
+}
+
+/// Checks the destination, the free space, and creates the temporary for a
+/// put. The destination's directory is opened here, beneath the root, and
+/// the commit renames into that handle: swapping a directory on the path for
+/// a symlink while the upload runs cannot move where the file lands. Blocking.
+fn prepare_put(root: &Dir, plan: &PutPlan, space: &Arc<Space>) -> Result<Prepared, RemoteError> {
+    let PutPlan {
+        path, meta, force, ..
+    } = plan;
+    let (size, meta_mtime) = (meta.size, meta.mtime);
+    let name = path.file_name().expect("a put path is never the root");
+    let dest_dir = match path.parent() {
+        Some(parent) => open_or_create_dir(root, &parent, path)?,
+        None => root
+            .try_clone()
+            .map_err(|e| fs_error(&e, path, "cannot open the directory for"))?,
+    };
+    match dest_dir.symlink_metadata(name) {
+        Ok(md) if md.is_dir() => {
+            return Err(RemoteError::new(
+                ErrorCode::IsDirectory,
+                format!("'{path}' is a directory on the server; choose another name or --to"),
+            ))
+        }
+        Ok(md) if md.file_type().is_symlink() => {
+            return Err(RemoteError::new(
+                ErrorCode::Symlink,
+                format!("'{path}' is a symbolic link on the server; uploads never replace or write through links, so choose another name"),
+            ))
+        }
+        Ok(md) if !force => {
+            // The same size and mtime: most likely this very file, from an
+            // earlier run of the same command. Let the client check the
+            // contents instead of failing.
+            let same = md.is_file()
+                && md.len() == size
+                && meta_mtime.is_some()
+                && md.modified().ok().and_then(|t| to_timestamp(t.into_std())) == meta_mtime;
+            if same {
+                let digest = dest_dir
+                    .open(name)
+                    .and_then(|f| transfer::file_digest(&mut f.into_std()))
+                    .map_err(|e| fs_error(&e, path, "cannot read"))?;
+                return Ok(Prepared::Present(digest));
+            }
+            return Err(RemoteError::new(
+                ErrorCode::AlreadyExists,
+                format!("'{path}' already exists on the server; use --force to overwrite it"),
+            ));
+        }
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(fs_error(&e, path, "cannot check")),
+    }
+    let creating = |e: io::Error| fs_error(&e, path, "cannot create the upload of");
+    let label = PathBuf::from(path.to_string());
+    let Some(partial) = plan.partial.as_deref() else {
+        // Not resumable: an anonymous temporary in the destination directory
+        // where the system allows, else a named one in the partial store.
+        let reserved = reserve_space(space, &dest_dir, size, path)?;
+        let anonymous = IncomingFile::create_anonymous(
+            dest_dir.try_clone().map_err(creating)?,
+            name,
+            label.clone(),
+        )
+        .map_err(|e| fs_error(&e, path, "cannot create"))?;
+        let incoming = match anonymous {
+            Some(incoming) => incoming,
+            None => {
+                let store = partials::partial_store(root).map_err(creating)?;
+                IncomingFile::create_in(store, dest_dir, name, label)
+                    .map_err(|e| fs_error(&e, path, "cannot create"))?
+            }
+        };
+        return Ok(receive(incoming, Start::default(), reserved, path, false));
+    };
+    let store = partials::partial_store(root).map_err(creating)?;
+    // Partials of other versions of this upload (the source changed) go.
+    let (same_upload, _) = partial
+        .rsplit_once('-')
+        .expect("partial names have a version");
+    let mut discarded_stale = false;
+    for entry in store.entries().map_err(creating)?.flatten() {
+        let other = entry.file_name();
+        let other = other.to_string_lossy();
+        if other.starts_with(same_upload) && other != partial {
+            discarded_stale |= store.remove_file(&*other).is_ok();
+        }
+    }
+    let store_fs = store.try_clone().map_err(creating)?;
+    let incoming = IncomingFile::open_partial(store, partial, dest_dir, name, label)
+        .map_err(|e| fs_error(&e, path, "cannot open the partial upload of"))?;
+    let held = incoming.held().map_err(creating)?;
+    let start = if plan.resume && held > 0 && held <= size {
+        incoming.prefix(held)
+    } else {
+        incoming.restart()
+    }
+    .map_err(creating)?;
+    let reserved = reserve_space(space, &store_fs, size - start.offset, path)?;
+    Ok(receive(incoming, start, reserved, path, discarded_stale))
+}
+
+/// A put that will receive into `incoming` from `start`.
+fn receive(
+    incoming: IncomingFile,
+    start: Start,
+    reserved: Reservation,
+    path: &RemotePath,
+    discarded_stale: bool,
+) -> Prepared {
+    let held = Held {
+        offset: start.offset,
+        prefix: start.prefix_digest(),
+    };
+    Prepared::Receive {
+        upload: Box::new(LocalUpload {
+            incoming: Some(incoming),
+            start: Some(start),
+            reserved,
+            path: path.clone(),
+        }),
+        held,
+        discarded_stale,
+    }
+}
+
+/// An upload into a temporary or partial file beside its destination.
+struct LocalUpload {
+    /// Taken by the call that consumes it.
+    incoming: Option<IncomingFile>,
+    /// Where the data starts; taken by `receive`.
+    start: Option<Start>,
+    /// The disk space held until the commit.
+    reserved: Reservation,
+    path: RemotePath,
+}
+
+impl LocalUpload {
+    fn incoming(&self) -> &IncomingFile {
+        self.incoming.as_ref().expect("the upload is still open")
+    }
+
+    fn writing(&self) -> impl Fn(io::Error) -> RemoteError + '_ {
+        |e| fs_error(&e, &self.path, "cannot write")
+    }
+
+    /// The error for data that did not arrive as it should.
+    fn receive_error(&self, e: TransferError) -> RemoteError {
+        match e {
+            TransferError::Write(ref io) => fs_error(io, &self.path, "cannot write"),
+            other => receive_error(other, &self.path),
+        }
+    }
+}
+
+#[async_trait]
+impl Upload for LocalUpload {
+    async fn restart(&mut self) -> Result<(), RemoteError> {
+        let start = self.incoming().restart().map_err(self.writing())?;
+        self.start = Some(start);
+        Ok(())
+    }
+
+    async fn receive(
+        &mut self,
+        input: &mut Input<'_>,
+        size: u64,
+        encoding: Encoding,
+        progress: &Advance<'_>,
+        stop: Stop<'_>,
+    ) -> Result<Digest, RemoteError> {
+        let file = self.incoming().file().map_err(self.writing())?;
+        let start = self.start.take().unwrap_or_default();
+        let reserved = &self.reserved;
+        let received = transfer::receive_file(
+            input,
+            size,
+            file,
+            start,
+            encoding,
+            None,
+            &|n| {
+                progress(n);
+                reserved.wrote(n);
+            },
+            stop,
+        )
+        .await;
+        received.map_err(|e| {
+            // What a full disk cut short is not kept for a resume: its bytes
+            // are the space the next upload (or this one's retry) needs.
+            if matches!(&e, TransferError::Write(io) if transfer::is_disk_full(io)) {
+                if let Some(incoming) = self.incoming.take() {
+                    incoming.discard();
+                }
+            }
+            self.receive_error(e)
+        })
+    }
+
+    async fn commit_whole(
+        mut self: Box<Self>,
+        data: Buffered,
+        expected: Digest,
+        meta: FileMeta,
+        force: bool,
+    ) -> Result<Digest, RemoteError> {
+        let incoming = self.incoming.take().expect("the upload is still open");
+        let path = self.path.clone();
+        // The reservation is held until the commit, however this ends.
+        let _reserved = self;
+        blocking(move || -> Result<Digest, RemoteError> {
+            let mut file = incoming
+                .file()
+                .map_err(|e| fs_error(&e, &path, "cannot write"))?;
+            let digest = data.write_to(&mut file).map_err(|e| match e {
+                TransferError::Write(ref io) => fs_error(io, &path, "cannot write"),
+                other => receive_error(other, &path),
+            })?;
+            if digest != expected {
+                return Err(corrupt(&path));
+            }
+            incoming
+                .commit(&meta, force)
+                .map_err(|e| commit_error(e, &path))?;
+            Ok(digest)
+        })
+        .await
+    }
+
+    async fn commit(mut self: Box<Self>, meta: FileMeta, force: bool) -> Result<(), RemoteError> {
+        let incoming = self.incoming.take().expect("the upload is still open");
+        let path = self.path.clone();
+        blocking(move || incoming.commit(&meta, force))
+            .await
+            .map_err(|e| commit_error(e, &path))
+    }
+
+    async fn abandon(mut self: Box<Self>) {
+        if let Some(incoming) = self.incoming.take() {
+            incoming.discard();
+        }
+    }
+}
+
+/// The error for a commit that failed.
+fn commit_error(e: CommitError, path: &RemotePath) -> RemoteError {
+    match e {
+        CommitError::Exists(_) => appeared(path),
+        CommitError::Io { source, .. } => fs_error(&source, path, "cannot commit"),
+    }
+}
+
+/// Opens the directory `dir` beneath the root, creating it and its parents
+/// if missing. Errors name the real reason: a link out of the root, or a
+/// file where a directory should be.
+fn open_or_create_dir(root: &Dir, dir: &Path, path: &RemotePath) -> Result<Dir, RemoteError> {
+    let open_error = |e: io::Error| fs_error(&e, path, "cannot open the directory for");
+    match root.open_dir(dir) {
+        Ok(d) => return Ok(d),
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(open_error(e)),
+        Err(_) => {}
+    }
+    if let Err(e) = root.create_dir_all(dir) {
+        // Creating failed: opening again says why (an escape, a file in the way).
+        return Err(match root.open_dir(dir) {
+            Err(open) if is_escape(&open) => open_error(open),
+            _ if e.kind() == io::ErrorKind::AlreadyExists => RemoteError::new(
+                ErrorCode::NotDirectory,
+                format!("cannot create the directory for '{path}' on the server: a parent of this path is a file or a link, not a directory"),
+            ),
+            _ => fs_error(&e, path, "cannot create the directory for"),
+        });
+    }
+    root.open_dir(dir).map_err(open_error)
+}
+
+/// Refuses a put that cannot fit, before any byte is written: the space
+/// available to the server's user (statvfs f_bavail), less what uploads in
+/// flight will still write, must hold what this one will write.
+fn reserve_space(
+    space: &Arc<Space>,
+    dir: &Dir,
+    size: u64,
+    path: &RemotePath,
+) -> Result<Reservation, RemoteError> {
+    space.reserve(dir, size).map_err(|no| {
+        RemoteError::new(
+            ErrorCode::NoSpace,
+            format!(
+                "'{path}' needs {} bytes but the server has only {} bytes free (uploads in flight included); free space there and retry",
+                no.needed, no.free
+            ),
+        )
+    })
+}
+
+/// Whether cap-std refused to resolve a path because it would leave the
+/// root. It reports that as PermissionDenied without an OS error number,
+/// which a real EACCES always has.
+fn is_escape(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::PermissionDenied && e.raw_os_error().is_none()
+}
+
+/// Turns a filesystem error on `path` into what the client is told.
+fn fs_error(e: &io::Error, path: &RemotePath, doing: &str) -> RemoteError {
+    if is_escape(e) {
+        return RemoteError::new(
+            ErrorCode::OutsideRoot,
+            format!("{doing} '{path}' on the server: it leads outside the served directory (through a symbolic link), which the server never follows"),
+        );
+    }
+    if e.raw_os_error() == Some(libc::EXDEV) {
+        return RemoteError::new(
+            ErrorCode::Internal,
+            format!("{doing} '{path}' on the server: its directory is on another filesystem than the served root (a mount point inside the root), where uploads cannot be placed; choose another directory"),
+        );
+    }
+    if e.raw_os_error() == Some(libc::ELOOP) {
+        return RemoteError::new(
+            ErrorCode::Symlink,
+            format!("{doing} '{path}' on the server: too many levels of symbolic links"),
+        );
+    }
+    let (code, advice) = match e.kind() {
+        io::ErrorKind::NotFound => (ErrorCode::NotFound, "check the name with `qxfer ls`"),
+        io::ErrorKind::PermissionDenied => (
+            ErrorCode::PermissionDenied,
+            "the server's user may not access it; ask its operator",
+        ),
+        io::ErrorKind::IsADirectory => (ErrorCode::IsDirectory, "name a file, not a directory"),
+        io::ErrorKind::NotADirectory => (
+            ErrorCode::NotDirectory,
+            "a parent of this path is a file, not a directory",
+        ),
+        io::ErrorKind::AlreadyExists => (ErrorCode::AlreadyExists, "use --force to overwrite"),
+        _ if transfer::is_disk_full(e) => (
+            ErrorCode::NoSpace,
+            "the server's disk is full; free space there and retry",
+        ),
+        _ => (ErrorCode::Internal, "see the server's log"),
+    };
+    RemoteError::new(
+        code,
+        format!("{doing} '{path}' on the server: {e}; {advice}"),
+    )
+}

@@ -1,0 +1,227 @@
+//! Storage behind one trait: everything the server does with files goes through a [`Store`].
+//!
+//! The server's handlers speak the protocol and enforce policy (read-only,
+//! size limits, one writer per resumable upload); a store answers what is
+//! there and keeps what arrives: stat and list (one level or a whole tree),
+//! read a file from an offset, create a directory, and an upload that is
+//! appended to, proven (the BLAKE3 of the prefix it holds, for a resume),
+//! and then committed atomically under its final name or abandoned.
+//!
+//! Two implementations:
+//! - [`local`]: a directory on this machine, sandboxed with cap-std
+//!   (today's behaviour: partial store, fsync, renameat2 no-replace, modes
+//!   and mtimes);
+//! - [`object`]: an S3-compatible object store through the `object_store`
+//!   crate, which several servers can share (multipart uploads whose state
+//!   lives in the bucket, ranged reads, metadata as object metadata).
+//!
+//! Names reach a store already validated ([`RemotePath`]); each store keeps
+//! them beneath its root (cap-std for a directory, a key prefix for a
+//! bucket) and hides its own bookkeeping under the reserved `.qxfer-` names.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::paths::RemotePath;
+use crate::protocol::{Digest, DirMeta, Encoding, Entry, FileMeta, Prefix, RemoteError};
+use crate::transfer::{Advance, Buffered, Framing, TransferError};
+
+pub(crate) mod local;
+pub(crate) mod object;
+pub(crate) mod tree_hash;
+
+/// A stream the server reads a file's data from (a QUIC stream, or an
+/// in-memory pipe in tests).
+pub(crate) type Input<'a> = dyn AsyncRead + Unpin + Send + 'a;
+/// A stream the server writes a file's data to.
+pub(crate) type Output<'a> = dyn AsyncWrite + Unpin + Send + 'a;
+/// Completes when an upload must stop (a newer upload of the same partial took over).
+pub(crate) type Stop<'a> = Pin<&'a mut (dyn Future<Output = ()> + Send)>;
+
+/// Tells the sweep whether an upload is writing the partial of this name now.
+pub(crate) type InUse = std::sync::Arc<dyn Fn(&str) -> bool + Send + Sync>;
+
+/// Where files live. Every method takes names already validated; errors
+/// come back as the client will see them, naming the file and what to do.
+#[async_trait]
+pub(crate) trait Store: Send + Sync + std::fmt::Debug + 'static {
+    /// The entries of the directory `path` (with `recursive`, everything
+    /// beneath it, names relative to it), sorted by name, or the single
+    /// entry if `path` is not a directory. Bookkeeping names are hidden.
+    async fn list(&self, path: &RemotePath, recursive: bool) -> Result<Vec<Entry>, RemoteError>;
+
+    /// Creates the directory `path` and its parents if missing, then applies `meta`.
+    async fn mkdir(&self, path: &RemotePath, meta: Option<DirMeta>) -> Result<(), RemoteError>;
+
+    /// Opens the file `path` for sending. With `resume`, the client holds
+    /// that prefix: the data starts after it if the file's own prefix has
+    /// the same BLAKE3, else at 0.
+    async fn open(&self, path: &RemotePath, resume: Option<Prefix>) -> Result<Opened, RemoteError>;
+
+    /// Checks the destination of a put and prepares what receives it.
+    async fn prepare_put(&self, plan: PutPlan) -> Result<Prepared, RemoteError>;
+
+    /// Deletes (or aborts) what interrupted uploads left behind once it is
+    /// older than `ttl`, except what `in_use` says an upload is writing.
+    /// Returns how many went.
+    async fn sweep(&self, ttl: Duration, in_use: InUse) -> Result<usize, String>;
+}
+
+/// A file opened for sending.
+pub(crate) struct Opened {
+    /// Its size, mtime and mode.
+    pub(crate) meta: FileMeta,
+    /// Where the data starts (the client's prefix matched), or 0.
+    pub(crate) offset: u64,
+    /// What sends it.
+    pub(crate) reader: Box<dyn Reader>,
+}
+
+/// Sends one opened file.
+#[async_trait]
+pub(crate) trait Reader: Send {
+    /// Sends the data from the agreed offset to `out`, framed as `framing`
+    /// says, and returns the BLAKE3 of the whole file: the digest its bytes
+    /// were stored with where the store keeps one, so the client checks
+    /// what it got against what was uploaded.
+    async fn send(
+        self: Box<Self>,
+        framing: Framing,
+        out: &mut Output<'_>,
+        progress: &Advance<'_>,
+    ) -> Result<Digest, TransferError>;
+}
+
+/// What a put asks of a store.
+#[derive(Debug, Clone)]
+pub(crate) struct PutPlan {
+    /// The destination.
+    pub(crate) path: RemotePath,
+    /// The source's size, mtime and mode.
+    pub(crate) meta: FileMeta,
+    /// Replace an existing file.
+    pub(crate) force: bool,
+    /// For a resumable upload, its key (client identity, path, size and
+    /// mtime): what it writes is kept under this name if interrupted.
+    pub(crate) partial: Option<String>,
+    /// The client will answer an offer to resume.
+    pub(crate) resume: bool,
+}
+
+/// What a put will do.
+pub(crate) enum Prepared {
+    /// Receive into this upload, which already holds `held`; whether a
+    /// partial of an older version of this upload was discarded.
+    Receive {
+        upload: Box<dyn Upload>,
+        held: Held,
+        discarded_stale: bool,
+    },
+    /// The same file (same size and mtime) is already there; its BLAKE3.
+    Present(Digest),
+}
+
+/// What an upload already holds: how many bytes, and their BLAKE3.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Held {
+    pub(crate) offset: u64,
+    pub(crate) prefix: Digest,
+}
+
+impl Held {
+    /// Nothing held.
+    pub(crate) fn none() -> Self {
+        Self {
+            offset: 0,
+            prefix: *blake3::hash(b"").as_bytes(),
+        }
+    }
+}
+
+/// A file being received. Until [`Upload::commit`] nothing appears under
+/// the destination name; dropped or [`Upload::abandon`]ed, a non-resumable
+/// upload leaves nothing behind, and a resumable one keeps what it holds
+/// for a later resume (until the sweep).
+#[async_trait]
+pub(crate) trait Upload: Send {
+    /// Starts again from byte 0 (the client's data differs from what is held).
+    async fn restart(&mut self) -> Result<(), RemoteError>;
+
+    /// Receives the data from where it starts up to `size` bytes from
+    /// `input` and returns the BLAKE3 of the whole file. If `stop`
+    /// completes first, what arrived is kept consistent for a resume and
+    /// the result is an error.
+    async fn receive(
+        &mut self,
+        input: &mut Input<'_>,
+        size: u64,
+        encoding: Encoding,
+        progress: &Advance<'_>,
+        stop: Stop<'_>,
+    ) -> Result<Digest, RemoteError>;
+
+    /// Writes a small file's data, read whole, checks it against `expected`
+    /// and commits it: one trip to the storage for the lot.
+    async fn commit_whole(
+        self: Box<Self>,
+        data: Buffered,
+        expected: Digest,
+        meta: FileMeta,
+        force: bool,
+    ) -> Result<Digest, RemoteError>;
+
+    /// Makes the received file appear under its final name, with `meta`'s
+    /// mode and mtime; without `force`, fails if the name appeared meanwhile.
+    async fn commit(self: Box<Self>, meta: FileMeta, force: bool) -> Result<(), RemoteError>;
+
+    /// Gives the upload up and deletes what it holds, resumable or not
+    /// (its bytes are known to be bad, or the space is needed).
+    async fn abandon(self: Box<Self>);
+}
+
+/// The error for data whose BLAKE3 is not the sender's.
+pub(crate) fn corrupt(path: &RemotePath) -> RemoteError {
+    RemoteError::new(
+        crate::protocol::ErrorCode::Corrupt,
+        format!("'{path}' arrived corrupted (BLAKE3 mismatch) and was discarded; send it again"),
+    )
+}
+
+/// The error for data that did not arrive as it should, other than a
+/// storage failure (which each store words itself).
+pub(crate) fn receive_error(e: TransferError, path: &RemotePath) -> RemoteError {
+    RemoteError::new(
+        crate::protocol::ErrorCode::Protocol,
+        format!("receiving '{path}': {e}"),
+    )
+}
+
+/// The error for a destination name that appeared during an upload.
+pub(crate) fn appeared(path: &RemotePath) -> RemoteError {
+    RemoteError::new(
+        crate::protocol::ErrorCode::AlreadyExists,
+        format!(
+            "'{path}' was created on the server during the upload; use --force to overwrite it"
+        ),
+    )
+}
+
+/// Most entries a recursive listing returns, and most bytes of names: a
+/// bigger tree is an error rather than an unbounded amount of server memory.
+pub(crate) const MAX_TREE_ENTRIES: usize = 1_000_000;
+pub(crate) const MAX_TREE_NAME_BYTES: usize = 64 << 20;
+
+/// The error for a tree past those bounds.
+pub(crate) fn tree_too_large(path: &RemotePath) -> RemoteError {
+    RemoteError::new(
+        crate::protocol::ErrorCode::TooLarge,
+        format!(
+            "'{path}' holds more than {MAX_TREE_ENTRIES} entries or {} MiB of names; list or fetch a smaller part of it",
+            MAX_TREE_NAME_BYTES >> 20
+        ),
+    )
+}

@@ -1,0 +1,327 @@
+//! Reading a file from the object store: its metadata and digest, the proof of a resuming client's prefix, and a ranged read of the rest.
+
+use async_trait::async_trait;
+use futures::TryStreamExt;
+use object_store::path::Path as Key;
+use object_store::{GetOptions, GetRange, ObjectStore, ObjectStoreExt};
+use serde::{Deserialize, Serialize};
+
+use crate::paths::RemotePath;
+use crate::protocol::{Digest, ErrorCode, Prefix, RemoteError};
+use crate::store::tree_hash::{self, Piece};
+use crate::store::{Opened, Output, Reader};
+use crate::transfer::{self, Advance, Framing, TransferError};
+
+use super::{file_meta, is_not_found, store_error, stored_digest, Inner, SUMS_DIR};
+
+/// What `.qxfer-sums/PATH` holds for a file uploaded in parts.
+#[derive(Debug, Serialize, Deserialize)]
+pub(super) struct Sums {
+    /// The ETag of the object these sums describe.
+    pub(super) etag: String,
+    pub(super) size: u64,
+    /// BLAKE3 of the whole file.
+    #[serde(with = "hex32")]
+    pub(super) digest: Digest,
+    pub(super) part_size: u64,
+    /// The chaining value of each part, in order.
+    #[serde(with = "hex32_vec")]
+    pub(super) parts: Vec<Digest>,
+    /// The first part's own BLAKE3.
+    #[serde(with = "hex32")]
+    pub(super) first_root: Digest,
+}
+
+impl Sums {
+    /// The pieces of the first `n` parts.
+    fn pieces(&self, n: usize) -> Vec<Piece> {
+        self.parts[..n]
+            .iter()
+            .enumerate()
+            .map(|(i, cv)| Piece {
+                offset: i as u64 * self.part_size,
+                len: self.part_size.min(self.size - i as u64 * self.part_size),
+                cv: *cv,
+            })
+            .collect()
+    }
+}
+
+/// The key of a file's sums.
+pub(super) fn sums_key(inner: &Inner, path: &RemotePath) -> Key {
+    let mut parts = vec![SUMS_DIR];
+    parts.extend(path.components().iter().map(String::as_str));
+    inner.key_of(&parts)
+}
+
+/// The sums of the object `path` as it is now (its ETag), if there are any.
+async fn sums_of(inner: &Inner, path: &RemotePath, etag: Option<&str>) -> Option<Sums> {
+    let etag = etag?;
+    let body = match inner.s3.get(&sums_key(inner, path)).await {
+        Ok(r) => r.bytes().await.ok()?,
+        Err(_) => return None,
+    };
+    let sums: Sums = serde_json::from_slice(&body).ok()?;
+    let parts_needed = sums.size.div_ceil(sums.part_size.max(1)) as usize;
+    let sane = sums.etag == etag
+        && sums.part_size.is_power_of_two()
+        && sums.part_size >= 1024
+        && sums.parts.len() == parts_needed;
+    sane.then_some(sums)
+}
+
+/// Opens `path` for sending and agrees where sending starts.
+pub(super) async fn open(
+    inner: &Inner,
+    path: &RemotePath,
+    resume: Option<Prefix>,
+) -> Result<Opened, RemoteError> {
+    let key = inner.key(path);
+    let failed = |e| store_error(e, path, "cannot open");
+    let Some(head) = inner.head(&key).await.map_err(failed)? else {
+        let is_dir = inner.has_children(&key).await.map_err(failed)?;
+        return Err(if is_dir {
+            RemoteError::new(
+                ErrorCode::IsDirectory,
+                format!("'{path}' is a directory on the server; use `qxfer get -r {path}` to download it and its contents"),
+            )
+        } else {
+            RemoteError::new(
+                ErrorCode::NotFound,
+                format!("cannot open '{path}' on the server: no such file; check the name with `qxfer ls`"),
+            )
+        });
+    };
+    let meta = file_meta(&head.meta, &head.attributes);
+    let size = meta.size;
+    let etag = head.meta.e_tag.clone();
+    let sums = match stored_digest(&head.attributes) {
+        Some(_) => None,
+        None => sums_of(inner, path, etag.as_deref()).await,
+    };
+    let digest = stored_digest(&head.attributes).or(sums.as_ref().map(|s| s.digest));
+    let reading = Reading {
+        inner,
+        key: &key,
+        etag: etag.as_deref(),
+        path,
+    };
+    // Where to start, and the hash so far when the digest must be computed.
+    let (offset, hasher) = match resume {
+        Some(p) if p.offset > 0 && p.offset <= size => {
+            match reading.prove(p, size, digest, sums.as_ref()).await? {
+                Proof::Matches(hasher) => (p.offset, hasher.map(|h| *h)),
+                Proof::Differs => (0, None),
+            }
+        }
+        _ => (0, None),
+    };
+    let hasher = match (digest, hasher) {
+        (Some(_), _) => None,
+        (None, Some(h)) => Some(h),
+        (None, None) => Some(blake3::Hasher::new()),
+    };
+    Ok(Opened {
+        meta,
+        offset,
+        reader: Box::new(ObjectReader {
+            s3: inner.s3.clone(),
+            key,
+            etag,
+            offset,
+            size,
+            digest,
+            hasher,
+        }),
+    })
+}
+
+/// What a resuming client's prefix proved.
+enum Proof {
+    /// The object starts with the same bytes (and, where the digest is not
+    /// stored, the hash of those bytes to continue from).
+    Matches(Option<Box<blake3::Hasher>>),
+    /// It does not: start over.
+    Differs,
+}
+
+/// One object being read, pinned to its ETag.
+struct Reading<'a> {
+    inner: &'a Inner,
+    key: &'a Key,
+    etag: Option<&'a str>,
+    path: &'a RemotePath,
+}
+
+impl Reading<'_> {
+    /// Checks the client's prefix against the object, reading as little of
+    /// it as the stored digests allow: nothing when the client holds the
+    /// whole file, at most one part when the file was uploaded in parts,
+    /// and the prefix itself otherwise.
+    async fn prove(
+        &self,
+        prefix: Prefix,
+        size: u64,
+        digest: Option<Digest>,
+        sums: Option<&Sums>,
+    ) -> Result<Proof, RemoteError> {
+        let k = prefix.offset;
+        let verdict = |ours: Digest| {
+            if ours == prefix.digest {
+                Proof::Matches(None)
+            } else {
+                Proof::Differs
+            }
+        };
+        if let (Some(d), true) = (digest, k == size) {
+            return Ok(verdict(d));
+        }
+        if let Some(sums) = sums {
+            let whole = (k / sums.part_size) as usize;
+            let mut pieces = sums.pieces(whole);
+            let tail_at = whole as u64 * sums.part_size;
+            let mut first_root = (whole > 0).then_some(sums.first_root);
+            if k > tail_at {
+                let tail = self.range(tail_at, k).await?;
+                let (piece, root) =
+                    transfer::blocking(move || tree_hash::hash_piece(tail_at, &tail)).await;
+                pieces.push(piece);
+                first_root = first_root.or(root);
+            }
+            return Ok(match tree_hash::digest(&pieces, first_root) {
+                Some(ours) => verdict(ours),
+                None => Proof::Differs,
+            });
+        }
+        let bytes = self.range(0, k).await?;
+        let hasher = transfer::blocking(move || {
+            let mut h = blake3::Hasher::new();
+            h.update(&bytes);
+            h
+        })
+        .await;
+        Ok(if *hasher.finalize().as_bytes() == prefix.digest {
+            Proof::Matches(Some(Box::new(hasher)))
+        } else {
+            Proof::Differs
+        })
+    }
+
+    /// The bytes `from..to` of the object, if it is still the version opened.
+    async fn range(&self, from: u64, to: u64) -> Result<bytes::Bytes, RemoteError> {
+        let opts = GetOptions {
+            range: Some(GetRange::Bounded(from..to)),
+            if_match: self.etag.map(str::to_owned),
+            ..GetOptions::default()
+        };
+        let read = async { self.inner.s3.get_opts(self.key, opts).await?.bytes().await };
+        let bytes = read
+            .await
+            .map_err(|e| store_error(e, self.path, "cannot read"))?;
+        if bytes.len() as u64 != to - from {
+            return Err(RemoteError::new(
+                ErrorCode::Internal,
+                format!("cannot read '{}' on the server: the object store returned {} bytes instead of {}; try again", self.path, bytes.len(), to - from),
+            ));
+        }
+        Ok(bytes)
+    }
+}
+
+/// A file in the object store being sent: a ranged read of its rest.
+struct ObjectReader {
+    s3: object_store::aws::AmazonS3,
+    key: Key,
+    etag: Option<String>,
+    offset: u64,
+    size: u64,
+    /// The digest stored with it, sent as the trailer: the client checks
+    /// what it got against what was uploaded.
+    digest: Option<Digest>,
+    /// Without a stored digest: the hash of the bytes before `offset`.
+    hasher: Option<blake3::Hasher>,
+}
+
+#[async_trait]
+impl Reader for ObjectReader {
+    async fn send(
+        self: Box<Self>,
+        framing: Framing,
+        out: &mut Output<'_>,
+        progress: &Advance<'_>,
+    ) -> Result<Digest, TransferError> {
+        let computed = if self.offset < self.size {
+            let opts = GetOptions {
+                range: Some(GetRange::Bounded(self.offset..self.size)),
+                if_match: self.etag.clone(),
+                ..GetOptions::default()
+            };
+            let got = self.s3.get_opts(&self.key, opts).await.map_err(|e| {
+                if is_not_found(&e) {
+                    TransferError::SourceChanged {
+                        expected: self.size,
+                        found: 0,
+                    }
+                } else {
+                    TransferError::Read(std::io::Error::other(e))
+                }
+            })?;
+            let chunks = got.into_stream().map_err(std::io::Error::other);
+            transfer::send_stream(
+                chunks,
+                self.size,
+                self.offset,
+                self.hasher,
+                framing,
+                out,
+                progress,
+            )
+            .await?
+        } else {
+            self.hasher.map(|h| *h.finalize().as_bytes())
+        };
+        Ok(self
+            .digest
+            .or(computed)
+            .expect("a reader without a stored digest hashes what it sends"))
+    }
+}
+
+/// Serde for a digest as hex.
+pub(super) mod hex32 {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(crate) fn serialize<S: Serializer>(d: &[u8; 32], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&blake3::Hash::from_bytes(*d).to_hex())
+    }
+
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; 32], D::Error> {
+        let s = String::deserialize(d)?;
+        blake3::Hash::from_hex(s)
+            .map(|h| *h.as_bytes())
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// Serde for a list of digests as hex.
+pub(super) mod hex32_vec {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(crate) fn serialize<S: Serializer>(v: &[[u8; 32]], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(
+            v.iter()
+                .map(|d| blake3::Hash::from_bytes(*d).to_hex().to_string()),
+        )
+    }
+
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<[u8; 32]>, D::Error> {
+        Vec::<String>::deserialize(d)?
+            .into_iter()
+            .map(|s| {
+                blake3::Hash::from_hex(s)
+                    .map(|h| *h.as_bytes())
+                    .map_err(serde::de::Error::custom)
+            })
+            .collect()
+    }
+}

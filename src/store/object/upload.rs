@@ -1,0 +1,826 @@
+//! Uploads into the object store: one PUT for a file smaller than a part, else a multipart upload recorded in the bucket so that any server can resume it; and the sweep of abandoned ones.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use futures::TryStreamExt;
+use object_store::multipart::{MultipartStore, PartId};
+use object_store::path::Path as Key;
+use object_store::{
+    Attribute, AttributeValue, Attributes, ObjectStore, ObjectStoreExt, PutMultipartOptions,
+    PutOptions, PutPayload,
+};
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
+
+use crate::paths::RemotePath;
+use crate::protocol::{Digest, Encoding, ErrorCode, FileMeta, RemoteError};
+use crate::store::tree_hash::{self, Piece};
+use crate::store::{
+    appeared, corrupt, receive_error, Held, InUse, Input, Prepared, PutPlan, Stop, Upload,
+};
+use crate::transfer::{self, blocking, Advance, Buffered, PieceSink, TransferError};
+
+use super::read::{hex32, sums_key, Sums};
+use super::{
+    exists, file_meta, is_not_found, put_mode, put_times_and_mode, store_error, stored_digest,
+    Inner, META_BLAKE3, PARTIAL_DIR,
+};
+
+/// What `.qxfer-partial/NAME/upload` holds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Header {
+    /// The destination key, beneath the prefix.
+    key: String,
+    upload_id: String,
+    size: u64,
+    part_size: u64,
+}
+
+/// What `.qxfer-partial/NAME/part-NNNNN` holds: one part stored.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct PartRecord {
+    etag: String,
+    #[serde(with = "hex32")]
+    cv: Digest,
+    /// The part's own BLAKE3, for the first part only.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "opt_hex32")]
+    root: Option<Digest>,
+}
+
+/// Checks the destination of a put and prepares the upload.
+pub(super) async fn prepare(inner: &Arc<Inner>, plan: PutPlan) -> Result<Prepared, RemoteError> {
+    let path = &plan.path;
+    let key = inner.key(path);
+    let failed = |e| store_error(e, path, "cannot check");
+    let (head, is_dir, file_above) = futures::try_join!(
+        inner.head(&key),
+        inner.has_children(&key),
+        inner.file_on_the_way(path),
+    )
+    .map_err(failed)?;
+    if is_dir {
+        return Err(RemoteError::new(
+            ErrorCode::IsDirectory,
+            format!("'{path}' is a directory on the server; choose another name or --to"),
+        ));
+    }
+    if file_above {
+        return Err(super::not_a_directory(path));
+    }
+    if let (Some(head), false) = (head, plan.force) {
+        let meta = file_meta(&head.meta, &head.attributes);
+        let same = meta.size == plan.meta.size
+            && plan.meta.mtime.is_some()
+            && meta.mtime == plan.meta.mtime;
+        if same {
+            let attributes = head.attributes;
+            return Ok(Prepared::Present(
+                present_digest(inner, path, &attributes).await?,
+            ));
+        }
+        return Err(exists(path));
+    }
+    let part_size = tree_hash::part_size(plan.meta.size);
+    let upload = ObjectUpload {
+        inner: inner.clone(),
+        path: plan.path.clone(),
+        key,
+        size: plan.meta.size,
+        part_size,
+        multipart: None,
+        sink: None,
+        declared: plan.meta,
+        received: None,
+    };
+    match plan.partial.clone() {
+        Some(name) if plan.meta.size > part_size => upload.start_multipart(name, &plan).await,
+        _ => Ok(Prepared::Receive {
+            upload: Box::new(upload),
+            held: Held::none(),
+            discarded_stale: false,
+        }),
+    }
+}
+
+/// The BLAKE3 of an object already there: stored with it, in its sums, or
+/// (written by another tool) computed by reading it.
+async fn present_digest(
+    inner: &Inner,
+    path: &RemotePath,
+    attributes: &Attributes,
+) -> Result<Digest, RemoteError> {
+    if let Some(d) = stored_digest(attributes) {
+        return Ok(d);
+    }
+    let opened = super::read::open(inner, path, None).await?;
+    // Hash the object by sending it nowhere.
+    let mut sink = tokio::io::sink();
+    opened
+        .reader
+        .send(transfer::Framing::RAW, &mut sink, &|_| {})
+        .await
+        .map_err(|e| {
+            RemoteError::new(
+                ErrorCode::Internal,
+                format!("cannot read '{path}' on the server: {e}; try again"),
+            )
+        })
+}
+
+/// A multipart upload's identity and the parts it holds.
+#[derive(Debug)]
+struct Multipart {
+    /// `.qxfer-partial/NAME`.
+    record: Vec<String>,
+    header: Header,
+    parts: Vec<PartRecord>,
+}
+
+/// An upload into the object store.
+struct ObjectUpload {
+    inner: Arc<Inner>,
+    path: RemotePath,
+    key: Key,
+    size: u64,
+    part_size: u64,
+    /// For a file of more than one part.
+    multipart: Option<Multipart>,
+    /// What has arrived and is not yet a stored part; taken while receiving.
+    sink: Option<PartSink>,
+    /// The put's mtime and mode (a multipart upload is created with them).
+    declared: FileMeta,
+    /// The BLAKE3 of what was received.
+    received: Option<Digest>,
+}
+
+impl ObjectUpload {
+    /// Starts (or, with the client's agreement, continues) the multipart
+    /// upload recorded under `name`.
+    async fn start_multipart(
+        mut self,
+        name: String,
+        plan: &PutPlan,
+    ) -> Result<Prepared, RemoteError> {
+        let failed = |e| store_error(e, &self.path, "cannot create the upload of");
+        let record = vec![PARTIAL_DIR.to_owned(), name.clone()];
+        let (same_upload, _) = name.rsplit_once('-').expect("partial names have a version");
+        // Uploads of other versions of this file (the source changed) go.
+        let mut discarded_stale = false;
+        for (other, _) in recorded_uploads(&self.inner).await.map_err(failed)? {
+            if other.starts_with(same_upload) && other != name {
+                discarded_stale |= abort_recorded(&self.inner, &other).await.is_ok();
+            }
+        }
+        let existing = read_record(&self.inner, &record).await.map_err(failed)?;
+        let key_text = self.key.to_string();
+        let usable = existing.filter(|(h, _)| {
+            h.key == key_text && h.size == self.size && h.part_size == self.part_size
+        });
+        let (header, parts) = match usable {
+            Some((header, parts)) if plan.resume => (header, parts),
+            other => {
+                if let Some((old, _)) = other {
+                    self.abort(&old).await;
+                }
+                (self.create(&record, &plan.meta).await?, Vec::new())
+            }
+        };
+        let held = held(&parts, self.part_size, self.size);
+        self.multipart = Some(Multipart {
+            record,
+            header,
+            parts,
+        });
+        Ok(Prepared::Receive {
+            upload: Box::new(self),
+            held,
+            discarded_stale,
+        })
+    }
+
+    /// Creates a multipart upload with the file's mtime and mode, and records it.
+    async fn create(&self, record: &[String], meta: &FileMeta) -> Result<Header, RemoteError> {
+        let failed = |e| store_error(e, &self.path, "cannot create the upload of");
+        let mut attributes = Attributes::new();
+        put_times_and_mode(&mut attributes, meta.mtime, meta.mode);
+        let opts = PutMultipartOptions {
+            attributes,
+            ..PutMultipartOptions::default()
+        };
+        let upload_id = self
+            .inner
+            .s3
+            .create_multipart_opts(&self.key, opts)
+            .await
+            .map_err(failed)?;
+        let header = Header {
+            key: self.key.to_string(),
+            upload_id,
+            size: self.size,
+            part_size: self.part_size,
+        };
+        // A fresh record: no part records of an older upload under this name.
+        clear_record(&self.inner, record).await.map_err(failed)?;
+        put_json(
+            &self.inner,
+            &record_key(&self.inner, record, "upload"),
+            &header,
+        )
+        .await
+        .map_err(failed)?;
+        Ok(header)
+    }
+
+    /// Aborts a multipart upload (it may already be gone).
+    async fn abort(&self, header: &Header) {
+        let key = Key::from(header.key.as_str());
+        match self.inner.s3.abort_multipart(&key, &header.upload_id).await {
+            Ok(()) => {}
+            Err(e) if is_not_found(&e) => {}
+            Err(e) => warn!(path = %self.path, "cannot abort an old multipart upload: {e}"),
+        }
+    }
+
+    /// The sink receiving continues with: after the parts held.
+    fn sink(&mut self) -> PartSink {
+        if let Some(sink) = self.sink.take() {
+            return sink;
+        }
+        let (offset, first_root) = match &self.multipart {
+            Some(m) => (
+                m.parts.len() as u64 * self.part_size,
+                m.parts.first().and_then(|p| p.root),
+            ),
+            None => (0, None),
+        };
+        PartSink {
+            buf: BytesMut::new(),
+            buf_offset: offset,
+            part_size: self.part_size,
+            upload: self.multipart.as_ref().map(|m| PartTarget {
+                inner: self.inner.clone(),
+                key: self.key.clone(),
+                upload_id: m.header.upload_id.clone(),
+                record: m.record.clone(),
+            }),
+            stored: Vec::new(),
+            in_flight: None,
+            next_index: self.multipart.as_ref().map_or(0, |m| m.parts.len()),
+            first_root,
+        }
+    }
+
+    /// Takes the parts the sink stored into the upload's record.
+    fn keep_stored(&mut self, sink: &mut PartSink) {
+        if let Some(m) = &mut self.multipart {
+            m.parts.append(&mut sink.stored);
+        }
+    }
+
+    /// The pieces of everything received, and the first part's own BLAKE3.
+    fn pieces(
+        &self,
+        sink: &PartSink,
+        tail: Option<(Piece, Option<Digest>)>,
+    ) -> (Vec<Piece>, Option<Digest>) {
+        let mut first_root = sink.first_root;
+        let mut pieces: Vec<Piece> = self
+            .multipart
+            .iter()
+            .flat_map(|m| m.parts.iter())
+            .enumerate()
+            .map(|(i, p)| Piece {
+                offset: i as u64 * self.part_size,
+                len: self.part_size,
+                cv: p.cv,
+            })
+            .collect();
+        if let Some((piece, root)) = tail {
+            pieces.push(piece);
+            first_root = first_root.or(root);
+        }
+        (pieces, first_root)
+    }
+
+    /// The BLAKE3 of everything received: the stored parts' chaining
+    /// values and the tail's.
+    async fn digest_of(&self, sink: &PartSink) -> Result<Digest, RemoteError> {
+        let tail_offset = sink.buf_offset;
+        let tail = sink.buf.clone().freeze();
+        let tail_hash = if tail.is_empty() {
+            None
+        } else {
+            Some(blocking(move || tree_hash::hash_piece(tail_offset, &tail)).await)
+        };
+        let (pieces, first_root) = self.pieces(sink, tail_hash);
+        tree_hash::digest(&pieces, first_root).ok_or_else(|| corrupt(&self.path))
+    }
+
+    /// Stores the last part (if any bytes remain) and completes the upload,
+    /// then records the sums and forgets the upload's record.
+    async fn complete(
+        &mut self,
+        mut sink: PartSink,
+        digest: Digest,
+        force: bool,
+    ) -> Result<(), RemoteError> {
+        let path = self.path.clone();
+        let failed = |e| store_error(e, &path, "cannot commit");
+        if !force && self.inner.head(&self.key).await.map_err(failed)?.is_some() {
+            return Err(appeared(&self.path));
+        }
+        let settled = sink.settle().await;
+        self.keep_stored(&mut sink);
+        settled.map_err(|e| receive_error(e, &path))?;
+        let m = self
+            .multipart
+            .as_mut()
+            .expect("only multipart uploads complete");
+        if !sink.buf.is_empty() {
+            let part = sink.buf.split().freeze();
+            let target = sink
+                .upload
+                .clone()
+                .expect("a multipart upload has a target");
+            let record = target
+                .store(m.parts.len(), sink.buf_offset, part)
+                .await
+                .map_err(failed)?;
+            m.parts.push(record);
+        }
+        let ids: Vec<PartId> = m
+            .parts
+            .iter()
+            .map(|p| PartId {
+                content_id: p.etag.clone(),
+            })
+            .collect();
+        let done = self
+            .inner
+            .s3
+            .complete_multipart(&self.key, &m.header.upload_id, ids)
+            .await
+            .map_err(failed)?;
+        let sums = Sums {
+            etag: done.e_tag.unwrap_or_default(),
+            size: self.size,
+            digest,
+            part_size: self.part_size,
+            parts: m.parts.iter().map(|p| p.cv).collect(),
+            first_root: m.parts.first().and_then(|p| p.root).unwrap_or(digest),
+        };
+        // Without its sums the file is still whole and right: gets then hash it as they send.
+        if let Err(e) = put_json(&self.inner, &sums_key(&self.inner, &self.path), &sums).await {
+            warn!(path = %self.path, "cannot store the sums of the upload: {e}");
+        }
+        if let Err(e) = clear_record(&self.inner, &m.record).await {
+            warn!(path = %self.path, "cannot remove the record of a completed upload: {e}");
+        }
+        Ok(())
+    }
+}
+
+/// What a resumed upload holds: its whole parts, and their BLAKE3.
+fn held(parts: &[PartRecord], part_size: u64, size: u64) -> Held {
+    let offset = (parts.len() as u64 * part_size).min(size);
+    if parts.is_empty() || offset != parts.len() as u64 * part_size {
+        return Held::none();
+    }
+    let pieces: Vec<Piece> = parts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| Piece {
+            offset: i as u64 * part_size,
+            len: part_size,
+            cv: p.cv,
+        })
+        .collect();
+    match tree_hash::digest(&pieces, parts[0].root) {
+        Some(prefix) => Held { offset, prefix },
+        None => Held::none(),
+    }
+}
+
+#[async_trait]
+impl Upload for ObjectUpload {
+    async fn restart(&mut self) -> Result<(), RemoteError> {
+        self.sink = None;
+        self.received = None;
+        if let Some(m) = self.multipart.take() {
+            self.abort(&m.header).await;
+            let header = self.create(&m.record, &self.declared).await?;
+            self.multipart = Some(Multipart {
+                record: m.record,
+                header,
+                parts: Vec::new(),
+            });
+        }
+        Ok(())
+    }
+
+    async fn receive(
+        &mut self,
+        input: &mut Input<'_>,
+        size: u64,
+        encoding: Encoding,
+        progress: &Advance<'_>,
+        stop: Stop<'_>,
+    ) -> Result<Digest, RemoteError> {
+        let sink = self.sink();
+        let from = sink.buf_offset;
+        let (mut sink, result) =
+            transfer::receive_pieces(input, size, from, sink, encoding, None, progress, stop).await;
+        // Parts already on their way are kept for a resume, whatever happened.
+        let settled = sink.settle().await;
+        self.keep_stored(&mut sink);
+        let path = self.path.clone();
+        let result = result.and(settled).map_err(|e| match e {
+            TransferError::Write(io) => RemoteError::new(
+                ErrorCode::Internal,
+                format!("cannot store '{path}' on the server: {io}; try again shortly (the server's log has details)"),
+            ),
+            other => receive_error(other, &path),
+        });
+        result?;
+        // The tail (what is not a stored part yet) is stored at the commit,
+        // once the digest matched.
+        let digest = self.digest_of(&sink).await?;
+        self.sink = Some(sink);
+        self.received = Some(digest);
+        Ok(digest)
+    }
+
+    async fn commit_whole(
+        mut self: Box<Self>,
+        data: Buffered,
+        expected: Digest,
+        meta: FileMeta,
+        force: bool,
+    ) -> Result<Digest, RemoteError> {
+        let path = self.path.clone();
+        let (bytes, digest) = blocking(move || {
+            let mut out = Vec::new();
+            let digest = data.write_to(&mut out);
+            (out, digest)
+        })
+        .await;
+        let digest = digest.map_err(|e| receive_error(e, &path))?;
+        if digest != expected {
+            return Err(corrupt(&path));
+        }
+        self.put_single(Bytes::from(bytes), digest, meta, force)
+            .await?;
+        Ok(digest)
+    }
+
+    async fn commit(mut self: Box<Self>, meta: FileMeta, force: bool) -> Result<(), RemoteError> {
+        let mut sink = match self.sink.take() {
+            Some(sink) => sink,
+            None => self.sink(),
+        };
+        let digest = match self.received {
+            Some(d) => d,
+            None => self.digest_of(&sink).await?,
+        };
+        if self.multipart.is_none() {
+            let bytes = sink.buf.split().freeze();
+            return self.put_single(bytes, digest, meta, force).await;
+        }
+        let result = self.complete(sink, digest, force).await;
+        if result.is_err() {
+            if let Some(m) = self.multipart.take() {
+                self.abort(&m.header).await;
+                let _ = clear_record(&self.inner, &m.record).await;
+            }
+        }
+        result
+    }
+
+    async fn abandon(mut self: Box<Self>) {
+        if let Some(m) = self.multipart.take() {
+            self.abort(&m.header).await;
+            if let Err(e) = clear_record(&self.inner, &m.record).await {
+                warn!(path = %self.path, "cannot remove the record of an abandoned upload: {e}");
+            }
+        }
+    }
+}
+
+impl ObjectUpload {
+    /// Writes a file of one piece with one PUT: its mtime, mode and BLAKE3
+    /// as metadata; refused if the name is taken (where the store can tell).
+    async fn put_single(
+        &self,
+        bytes: Bytes,
+        digest: Digest,
+        meta: FileMeta,
+        force: bool,
+    ) -> Result<(), RemoteError> {
+        let failed = |e| store_error(e, &self.path, "cannot commit");
+        if !force && self.inner.head(&self.key).await.map_err(failed)?.is_some() {
+            return Err(appeared(&self.path));
+        }
+        let mut attributes = Attributes::new();
+        put_times_and_mode(&mut attributes, meta.mtime, meta.mode);
+        attributes.insert(
+            Attribute::Metadata(META_BLAKE3.into()),
+            AttributeValue::from(blake3::Hash::from_bytes(digest).to_hex().to_string()),
+        );
+        let opts = PutOptions {
+            mode: put_mode(force),
+            attributes,
+            ..PutOptions::default()
+        };
+        match self
+            .inner
+            .s3
+            .put_opts(&self.key, PutPayload::from(bytes), opts)
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(object_store::Error::AlreadyExists { .. })
+            | Err(object_store::Error::Precondition { .. }) => Err(appeared(&self.path)),
+            Err(e) => Err(failed(e)),
+        }
+    }
+}
+
+/// Where a multipart upload's parts go.
+#[derive(Clone)]
+struct PartTarget {
+    inner: Arc<Inner>,
+    key: Key,
+    upload_id: String,
+    record: Vec<String>,
+}
+
+impl PartTarget {
+    /// Hashes and stores part `index` (at `offset`), then records it.
+    async fn store(
+        &self,
+        index: usize,
+        offset: u64,
+        part: Bytes,
+    ) -> object_store::Result<PartRecord> {
+        let for_hash = part.clone();
+        let hashing = blocking(move || tree_hash::hash_piece(offset, &for_hash));
+        let storing =
+            self.inner
+                .s3
+                .put_part(&self.key, &self.upload_id, index, PutPayload::from(part));
+        let ((piece, root), id) = tokio::join!(hashing, storing);
+        let record = PartRecord {
+            etag: id?.content_id,
+            cv: piece.cv,
+            root,
+        };
+        let name = format!("part-{index:05}");
+        put_json(
+            &self.inner,
+            &record_key(&self.inner, &self.record, &name),
+            &record,
+        )
+        .await?;
+        Ok(record)
+    }
+}
+
+type PartTask = tokio::task::JoinHandle<object_store::Result<PartRecord>>;
+
+/// Receives a file's bytes into parts: each full part is stored (and
+/// hashed) in a task of its own while the next one fills, at most one at a
+/// time, so an upload holds about two parts of memory. Without a multipart
+/// target everything stays in the buffer for one PUT.
+struct PartSink {
+    buf: BytesMut,
+    /// Where `buf` starts in the file.
+    buf_offset: u64,
+    part_size: u64,
+    upload: Option<PartTarget>,
+    /// Parts stored since the sink was made, in order.
+    stored: Vec<PartRecord>,
+    /// The part being stored.
+    in_flight: Option<PartTask>,
+    /// The index the next full part gets.
+    next_index: usize,
+    /// The first part's own BLAKE3, once known.
+    first_root: Option<Digest>,
+}
+
+impl PartSink {
+    /// Waits for the part being stored, if any.
+    async fn settle(&mut self) -> Result<(), TransferError> {
+        if let Some(task) = self.in_flight.take() {
+            let record = task
+                .await
+                .expect("part upload panicked")
+                .map_err(|e| TransferError::Write(std::io::Error::other(e)))?;
+            self.first_root = self.first_root.or(record.root);
+            self.stored.push(record);
+        }
+        Ok(())
+    }
+
+    /// Hands every full part in the buffer to the store.
+    async fn store_full_parts(&mut self) -> Result<(), TransferError> {
+        let Some(target) = self.upload.clone() else {
+            return Ok(());
+        };
+        while self.buf.len() as u64 >= self.part_size {
+            self.settle().await?;
+            let part = self.buf.split_to(self.part_size as usize).freeze();
+            let index = self.next_index;
+            self.next_index += 1;
+            let offset = self.buf_offset;
+            self.buf_offset += self.part_size;
+            let target = target.clone();
+            self.in_flight = Some(tokio::spawn(async move {
+                target.store(index, offset, part).await
+            }));
+        }
+        Ok(())
+    }
+}
+
+impl PieceSink for PartSink {
+    async fn write(mut self, piece: transfer::Piece) -> (Self, Result<(), TransferError>) {
+        let bytes = match piece {
+            transfer::Piece::Raw(b) => Ok(b),
+            zstd => blocking(move || zstd.into_bytes()).await,
+        };
+        let bytes = match bytes {
+            Ok(b) => b,
+            Err(e) => return (self, Err(e)),
+        };
+        self.buf.extend_from_slice(&bytes);
+        let result = self.store_full_parts().await;
+        (self, result)
+    }
+}
+
+/// The key of `name` in an upload's record.
+fn record_key(inner: &Inner, record: &[String], name: &str) -> Key {
+    let mut parts: Vec<&str> = record.iter().map(String::as_str).collect();
+    parts.push(name);
+    inner.key_of(&parts)
+}
+
+/// Reads an upload's record: its header and its parts in order (as many as
+/// are recorded without a gap).
+async fn read_record(
+    inner: &Inner,
+    record: &[String],
+) -> object_store::Result<Option<(Header, Vec<PartRecord>)>> {
+    let header: Header = match get_json(inner, &record_key(inner, record, "upload")).await? {
+        Some(h) => h,
+        None => return Ok(None),
+    };
+    let dir = inner.key_of(&record.iter().map(String::as_str).collect::<Vec<_>>());
+    let mut numbered = std::collections::BTreeMap::new();
+    let mut listing = inner.s3.list(Some(&dir));
+    while let Some(o) = listing.try_next().await? {
+        let Some(n) = o
+            .location
+            .filename()
+            .and_then(|f| f.strip_prefix("part-"))
+            .and_then(|n| n.parse::<usize>().ok())
+        else {
+            continue;
+        };
+        numbered.insert(n, o.location);
+    }
+    let mut parts = Vec::new();
+    for (i, (n, key)) in numbered.into_iter().enumerate() {
+        if n != i {
+            break;
+        }
+        match get_json::<PartRecord>(inner, &key).await? {
+            Some(p) => parts.push(p),
+            None => break,
+        }
+    }
+    Ok(Some((header, parts)))
+}
+
+/// Deletes everything in an upload's record.
+async fn clear_record(inner: &Inner, record: &[String]) -> object_store::Result<()> {
+    let dir = inner.key_of(&record.iter().map(String::as_str).collect::<Vec<_>>());
+    let keys: Vec<Key> = inner
+        .s3
+        .list(Some(&dir))
+        .map_ok(|o| o.location)
+        .try_collect()
+        .await?;
+    for key in keys {
+        match inner.s3.delete(&key).await {
+            Ok(()) => {}
+            Err(e) if is_not_found(&e) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// The uploads recorded in the bucket: name, and when the record last changed.
+async fn recorded_uploads(inner: &Inner) -> object_store::Result<HashMap<String, SystemTime>> {
+    let dir = inner.key_of(&[PARTIAL_DIR]);
+    let depth = inner.prefix.len() + 1;
+    let mut out: HashMap<String, SystemTime> = HashMap::new();
+    let mut listing = inner.s3.list(Some(&dir));
+    while let Some(o) = listing.try_next().await? {
+        let Some(name) = o.location.parts().nth(depth) else {
+            continue;
+        };
+        let when = SystemTime::from(o.last_modified);
+        let newest = out.entry(name.as_ref().to_owned()).or_insert(when);
+        *newest = (*newest).max(when);
+    }
+    Ok(out)
+}
+
+/// Aborts the upload recorded under `name` and deletes its record.
+async fn abort_recorded(inner: &Inner, name: &str) -> object_store::Result<()> {
+    let record = vec![PARTIAL_DIR.to_owned(), name.to_owned()];
+    if let Ok(Some(header)) = get_json::<Header>(inner, &record_key(inner, &record, "upload")).await
+    {
+        let key = Key::from(header.key.as_str());
+        match inner.s3.abort_multipart(&key, &header.upload_id).await {
+            Ok(()) => {}
+            Err(e) if is_not_found(&e) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    clear_record(inner, &record).await
+}
+
+/// Aborts the multipart uploads whose record has not changed for `ttl`
+/// (their server died, or their client never came back), except those an
+/// upload of this server is writing. A live upload rewrites its record with
+/// every part, so only an upload that stored nothing for `ttl` can be swept.
+pub(super) async fn sweep(
+    inner: &Inner,
+    ttl: Duration,
+    in_use: InUse,
+) -> object_store::Result<usize> {
+    let now = SystemTime::now();
+    let mut removed = 0;
+    for (name, newest) in recorded_uploads(inner).await? {
+        let age = now.duration_since(newest).unwrap_or_default();
+        if age <= ttl || in_use(&name) {
+            continue;
+        }
+        match abort_recorded(inner, &name).await {
+            Ok(()) => {
+                info!(upload = %name, "aborted a stale multipart upload");
+                removed += 1;
+            }
+            Err(e) => warn!(upload = %name, "cannot abort a stale multipart upload: {e}"),
+        }
+    }
+    Ok(removed)
+}
+
+async fn put_json<T: Serialize>(inner: &Inner, key: &Key, value: &T) -> object_store::Result<()> {
+    let body = serde_json::to_vec(value).expect("records serialize");
+    inner.s3.put(key, PutPayload::from(body)).await.map(|_| ())
+}
+
+async fn get_json<T: serde::de::DeserializeOwned>(
+    inner: &Inner,
+    key: &Key,
+) -> object_store::Result<Option<T>> {
+    let body = match inner.s3.get(key).await {
+        Ok(r) => r.bytes().await?,
+        Err(e) if is_not_found(&e) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    // A record that does not parse is treated as absent (and overwritten).
+    Ok(serde_json::from_slice(&body).ok())
+}
+
+/// Serde for an optional digest as hex.
+mod opt_hex32 {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(d: &Option<[u8; 32]>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_some(&blake3::Hash::from_bytes(*d).to_hex().to_string()),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<[u8; 32]>, D::Error> {
+        match Option::<String>::deserialize(d)? {
+            Some(s) => blake3::Hash::from_hex(s)
+                .map(|h| Some(*h.as_bytes()))
+                .map_err(serde::de::Error::custom),
+            None => Ok(None),
+        }
+    }
+}

@@ -1,0 +1,103 @@
+//! A three-node Garage cluster for the object store tests: started once per test binary by tests/garage/cluster, stopped when the binary exits.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, OnceLock};
+
+use qxfer::server::S3Options;
+
+/// The running cluster: where it answers and the key the tests use.
+#[derive(Debug)]
+pub struct Garage {
+    pub endpoint: String,
+    /// Each node's S3 address (the first is `endpoint`).
+    pub endpoints: Vec<String>,
+    pub bucket: String,
+    pub key_id: String,
+    pub secret: String,
+    pub region: String,
+    /// The nodes' process ids, for fault tests.
+    pub pids: Vec<u32>,
+    /// The script that runs the cluster: it stops the nodes when this
+    /// process exits and closes its standard input.
+    _runner: Mutex<Child>,
+}
+
+/// The cluster, started on first use. A cluster that cannot start fails
+/// the test loudly: the object store tests never skip.
+pub fn garage() -> &'static Garage {
+    static CLUSTER: OnceLock<Garage> = OnceLock::new();
+    CLUSTER.get_or_init(start)
+}
+
+fn start() -> Garage {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/garage/cluster");
+    let mut child = Command::new("python3")
+        .arg(script)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("python3 runs tests/garage/cluster (install python3)");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let info: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|_| {
+        panic!("tests/garage/cluster did not start a Garage cluster (see its messages above); it printed {line:?}")
+    });
+    let text = |k: &str| info[k].as_str().unwrap().to_owned();
+    Garage {
+        endpoint: text("endpoint"),
+        endpoints: info["endpoints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e.as_str().unwrap().to_owned())
+            .collect(),
+        bucket: text("bucket"),
+        key_id: text("key_id"),
+        secret: text("secret"),
+        region: text("region"),
+        pids: info["pids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p.as_u64().unwrap() as u32)
+            .collect(),
+        _runner: Mutex::new(child),
+    }
+}
+
+impl Garage {
+    /// A root in the test bucket under a prefix no other test uses.
+    pub fn fresh_root(&self, label: &str) -> String {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static N: AtomicU64 = AtomicU64::new(0);
+        format!(
+            "s3://{}/{label}-{}-{}",
+            self.bucket,
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        )
+    }
+
+    /// How a server reaches the cluster (through node `node`).
+    pub fn options(&self, node: usize) -> S3Options {
+        S3Options {
+            endpoint: Some(self.endpoints[node].clone()),
+            access_key_id: Some(self.key_id.clone()),
+            secret_access_key: Some(self.secret.clone()),
+            region: Some(self.region.clone()),
+        }
+    }
+
+    /// The environment `qxfer serve --root s3://...` reads its credentials from.
+    pub fn env(&self, cmd: &mut Command) {
+        cmd.env("AWS_ACCESS_KEY_ID", &self.key_id)
+            .env("AWS_SECRET_ACCESS_KEY", &self.secret)
+            .env("AWS_REGION", &self.region)
+            .env_remove("AWS_SESSION_TOKEN")
+            .env_remove("AWS_PROFILE");
+    }
+}
