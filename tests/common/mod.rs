@@ -71,10 +71,22 @@ impl TestServer {
     /// servers started with the same `certs` share one identity and one
     /// allowlist, as servers behind one name do.
     pub async fn start_object_with(dirs: TempDir, certs: &Path, url: &str, node: usize) -> Self {
+        Self::start_object_configured(dirs, certs, url, node, |_| {}).await
+    }
+
+    /// Like `start_object_with`, with the server's policy adjusted by `configure`.
+    pub async fn start_object_configured(
+        dirs: TempDir,
+        certs: &Path,
+        url: &str,
+        node: usize,
+        configure: impl FnOnce(&mut ServeConfig),
+    ) -> Self {
         let options = garage::garage().options(node);
-        let config = ServeConfig::object_store(url, &options, false)
+        let mut config = ServeConfig::object_store(url, &options, false)
             .await
             .unwrap();
+        configure(&mut config);
         Self::start_certs(dirs, certs, config, ServerLimits::default()).await
     }
 

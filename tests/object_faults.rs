@@ -1,0 +1,170 @@
+//! The object store under faults, in a Garage cluster of its own: a node killed mid-transfer, and uploads abandoned by their server.
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::garage::garage;
+use common::{pattern, TestServer};
+use object_store::aws::AmazonS3Builder;
+use object_store::path::Path as Key;
+use object_store::ObjectStore;
+use qxfer::client::Client;
+
+const MIB: usize = 1 << 20;
+
+/// Every key under an `s3://BUCKET/PREFIX` root, relative to it.
+async fn keys(url: &str) -> Vec<String> {
+    use futures::TryStreamExt;
+    let g = garage();
+    let bucket = AmazonS3Builder::new()
+        .with_endpoint(&g.endpoint)
+        .with_allow_http(true)
+        .with_bucket_name(&g.bucket)
+        .with_access_key_id(&g.key_id)
+        .with_secret_access_key(&g.secret)
+        .with_region(&g.region)
+        .build()
+        .unwrap();
+    let prefix = url.split_once("://").unwrap().1.split_once('/').unwrap().1;
+    let listed: Vec<_> = bucket
+        .list(Some(&Key::from(prefix)))
+        .try_collect()
+        .await
+        .unwrap();
+    let mut out: Vec<String> = listed
+        .into_iter()
+        .map(|o| o.location.as_ref()[prefix.len() + 1..].to_owned())
+        .collect();
+    out.sort();
+    out
+}
+
+/// Waits until the root holds at least `n` stored parts of uploads in progress.
+async fn wait_for_parts(url: &str, n: usize) {
+    let start = Instant::now();
+    loop {
+        let stored = keys(url).await;
+        let parts = stored
+            .iter()
+            .filter(|k| {
+                k.rsplit('/')
+                    .next()
+                    .is_some_and(|n| n.starts_with("part-0"))
+            })
+            .count();
+        if parts >= n {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "no parts stored: {stored:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Puts `src` as `name`, rate-limited, through a client whose identity is in `cfg`.
+async fn slow_client(server: &TestServer, cfg: &Path, rate: u64) -> Client {
+    let mut config = server.client_config(cfg);
+    config.limit_rate = Some(rate);
+    Client::connect(&config).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_killed_mid_transfer_loses_nothing() {
+    let g = garage();
+    let url = g.fresh_root("nodekill");
+    let server = TestServer::start_object(&url, 0).await;
+    let cfg = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("big");
+    let data = pattern(64 * MIB, 11);
+    std::fs::write(&src, &data).unwrap();
+
+    let client = slow_client(&server, cfg.path(), 24 * MIB as u64).await;
+    let c = client.clone();
+    let s = src.clone();
+    let upload = tokio::spawn(async move { c.put(&s, "big", false, &|_| {}).await });
+    wait_for_parts(&url, 1).await;
+    // SIGKILL the third node (not the one the server talks to): two of
+    // three replicas remain, a quorum for every read and write.
+    // SAFETY: kill(2) with a pid the cluster script started and a valid signal.
+    assert_eq!(unsafe { libc::kill(g.pids[2] as i32, libc::SIGKILL) }, 0);
+    let first = upload.await.unwrap();
+    let report = match first {
+        Ok(r) => r,
+        // Had it failed, a rerun must resume and finish.
+        Err(e) => {
+            eprintln!("the put failed while the node died ({e}); running it again");
+            client.put(&src, "big", false, &|_| {}).await.unwrap()
+        }
+    };
+    assert_eq!(report.blake3, *blake3::hash(&data).as_bytes());
+    let back = dir.path().join("back");
+    client
+        .get("big", &back, false, &|_| {}, &|_| {})
+        .await
+        .unwrap();
+    assert_eq!(std::fs::read(&back).unwrap(), data);
+    // Small files and listings go on with the node down.
+    let small = dir.path().join("small");
+    std::fs::write(&small, b"after the node died").unwrap();
+    client.put(&small, "small", false, &|_| {}).await.unwrap();
+    let names: Vec<_> = client
+        .list("")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.name)
+        .collect();
+    assert_eq!(names, ["big", "small"]);
+    client.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sweep_aborts_uploads_nobody_came_back_for() {
+    let g = garage();
+    let url = g.fresh_root("sweep");
+    let shared = tempfile::tempdir().unwrap();
+    let certs = shared.path().join("certs");
+    let first = TestServer::start_object_with(tempfile::tempdir().unwrap(), &certs, &url, 0).await;
+    let cfg = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("big");
+    std::fs::write(&src, pattern(40 * MIB, 12)).unwrap();
+    let client = slow_client(&first, cfg.path(), 16 * MIB as u64).await;
+    let c = client.clone();
+    let s = src.clone();
+    let upload = tokio::spawn(async move { c.put(&s, "big", false, &|_| {}).await });
+    wait_for_parts(&url, 1).await;
+    client.connection().close(0u32.into(), b"gone");
+    assert!(upload.await.unwrap().is_err());
+    drop(first);
+    assert!(keys(&url)
+        .await
+        .iter()
+        .any(|k| k.starts_with(".qxfer-partial/")));
+
+    // A server started later with a short TTL finds the record stale and aborts it.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let _second =
+        TestServer::start_object_configured(tempfile::tempdir().unwrap(), &certs, &url, 1, |c| {
+            c.partial_ttl = Duration::from_secs(1)
+        })
+        .await;
+    let start = Instant::now();
+    loop {
+        let left = keys(&url).await;
+        if !left.iter().any(|k| k.starts_with(".qxfer-partial/")) {
+            assert!(left.is_empty(), "{left:?}");
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "not swept: {left:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
