@@ -133,6 +133,22 @@ impl Identity {
     pub fn load_or_generate(dir: &Path, name: &str) -> Result<Self, TrustError> {
         let cert_path = dir.join(format!("{name}.crt"));
         let key_path = dir.join(format!("{name}.key"));
+        if cert_path.exists() && key_path.exists() {
+            return Self::load(&cert_path, &key_path);
+        }
+        // Several processes may start on a fresh directory at once (servers
+        // sharing one --certs, clients run in parallel): one generates while
+        // the others wait on this lock, then load what it wrote.
+        create_private_dir(dir)?;
+        let lock_path = dir.join(format!(".{name}.lock"));
+        let lock = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(io_err(&lock_path))?;
+        rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive)
+            .map_err(|e| io_err(&lock_path)(e.into()))?;
         match (cert_path.exists(), key_path.exists()) {
             (true, true) => Self::load(&cert_path, &key_path),
             (false, false) => Self::generate(dir, &cert_path, &key_path),
@@ -716,6 +732,25 @@ pub fn client_crypto(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn processes_starting_on_one_fresh_directory_share_one_identity() {
+        // Servers started together over one --certs: one generates, the
+        // others load it (the loser used to fail with "File exists").
+        for _ in 0..20 {
+            let dir = tempfile::tempdir().unwrap();
+            let fps: Vec<Fingerprint> = std::thread::scope(|s| {
+                let handles: Vec<_> = (0..4)
+                    .map(|_| s.spawn(|| Identity::load_or_generate(dir.path(), "server")))
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| h.join().unwrap().unwrap().fingerprint())
+                    .collect()
+            });
+            assert!(fps.windows(2).all(|w| w[0] == w[1]), "{fps:?}");
+        }
+    }
 
     #[test]
     fn fingerprint_round_trips_through_text() {
