@@ -11,6 +11,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
+use crate::client::tree::{self, Tree};
 use crate::client::{
     run_batch, BatchReport, Client, ClientConfig, ConnectError, Direction, FileError, Job,
     CLIENT_IDENTITY,
@@ -22,7 +23,6 @@ use crate::protocol::{Compression, DirMeta, Entry, EntryKind, MAX_FRAME};
 use crate::server::{self, ServeConfig};
 use crate::tls::{AuthorizedClients, ClientVerifier, Fingerprint, Identity, AUTHORIZED_CLIENTS};
 use crate::transfer::to_system_time;
-use crate::tree::{self, Tree};
 
 /// Secure, fast file transfer over QUIC.
 #[derive(Debug, Parser)]

@@ -8,9 +8,11 @@
 //! - [`endpoint`]: QUIC endpoints and the transport settings both sides share;
 //! - [`transfer`]: file bytes to stream and back, with hashing and atomic commit,
 //!   used by both the server and the client;
-//! - [`server`]: accepts connections and serves each stream's request;
-//! - [`client`]: connects, pins, and runs batches of transfers over one connection;
-//! - [`tree`]: directory trees for `put -r` / `get -r` (walking, mapping, directory metadata);
+//! - `store`: where the server keeps files: a local directory or an
+//!   S3-compatible bucket, behind one trait;
+//! - [`server`]: accepts connections and serves each stream's request through its store;
+//! - [`client`]: connects, pins, and runs batches of transfers over one
+//!   connection, and directory trees for `put -r` / `get -r`;
 //! - [`progress`]: progress bars and a log writer that does not tear them;
 //! - [`cli`]: the command line, a thin layer over the rest.
 
@@ -26,4 +28,3 @@ mod space;
 mod store;
 pub mod tls;
 pub mod transfer;
-pub mod tree;

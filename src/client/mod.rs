@@ -30,6 +30,7 @@ mod connect;
 mod get;
 mod put;
 mod state;
+pub(crate) mod tree;
 
 pub use batch::{run_batch, BatchReport, Direction, Job, SMALL_FILE, SMALL_FILE_STREAMS};
 use connect::refusal;

@@ -76,7 +76,20 @@ struct Inner {
     s3: AmazonS3,
     /// The prefix every key starts with (empty: the whole bucket).
     prefix: Vec<String>,
+    /// Keys recently seen to hold no object, with when: the parents of a
+    /// put must not be files, and a tree upload would otherwise ask that
+    /// of the same few directories for every file (see [`NO_FILE_TTL`]).
+    no_file: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
 }
+
+/// How long a key seen to hold no object is trusted to stay so. Another
+/// server could create a file where this one saw a directory's name free
+/// within this window; S3 lets both exist, and listings then show the name
+/// twice, once as a file and once as a directory.
+const NO_FILE_TTL: Duration = Duration::from_secs(10);
+
+/// Most keys remembered in [`Inner::no_file`].
+const NO_FILE_MAX: usize = 10_000;
 
 /// Marker object of a directory.
 const DIR_MARKER: &str = ".qxfer-dir";
@@ -181,6 +194,7 @@ impl ObjectRoot {
                 ..RetryConfig::default()
             })?,
             prefix: prefix.clone(),
+            no_file: Default::default(),
         };
         let at = endpoint.unwrap_or("AWS S3");
         let unusable = |doing: &str, e: object_store::Error| {
@@ -220,7 +234,11 @@ impl ObjectRoot {
                 .map_err(|e| unusable("delete in", e))?;
         }
         Ok(Self {
-            inner: Arc::new(Inner { s3, prefix }),
+            inner: Arc::new(Inner {
+                s3,
+                prefix,
+                no_file: Default::default(),
+            }),
         })
     }
 }
@@ -300,15 +318,39 @@ impl Inner {
         Ok(listing.try_next().await?.is_some())
     }
 
-    /// The files among the ancestors of `path` (a file where a directory must be).
+    /// Whether an ancestor of `path` is a file (where a directory must be).
     async fn file_on_the_way(&self, path: &RemotePath) -> object_store::Result<bool> {
         let parts: Vec<&str> = path.components().iter().map(String::as_str).collect();
-        let checks = (1..parts.len()).map(|n| {
-            let key = self.key_of(&parts[..n]);
-            async move { self.head(&key).await.map(|h| h.is_some()) }
+        let keys: Vec<Key> = (1..parts.len())
+            .map(|n| self.key_of(&parts[..n]))
+            .filter(|k| !self.known_no_file(k))
+            .collect();
+        let checks = keys.iter().map(|key| async move {
+            let found = self.head(key).await?.is_some();
+            if !found {
+                self.saw_no_file(key);
+            }
+            Ok::<_, object_store::Error>(found)
         });
         let found = futures::future::try_join_all(checks).await?;
         Ok(found.into_iter().any(|f| f))
+    }
+
+    fn known_no_file(&self, key: &Key) -> bool {
+        let seen = self.no_file.lock().unwrap_or_else(|e| e.into_inner());
+        seen.get(key.as_ref())
+            .is_some_and(|at| at.elapsed() < NO_FILE_TTL)
+    }
+
+    fn saw_no_file(&self, key: &Key) {
+        let mut seen = self.no_file.lock().unwrap_or_else(|e| e.into_inner());
+        if seen.len() >= NO_FILE_MAX {
+            seen.retain(|_, at| at.elapsed() < NO_FILE_TTL);
+            if seen.len() >= NO_FILE_MAX {
+                seen.clear();
+            }
+        }
+        seen.insert(key.as_ref().to_owned(), std::time::Instant::now());
     }
 
     /// The metadata of a directory from its marker, if it has one.

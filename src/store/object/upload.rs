@@ -95,6 +95,7 @@ pub(super) async fn prepare(inner: &Arc<Inner>, plan: PutPlan) -> Result<Prepare
         sink: None,
         declared: plan.meta,
         received: None,
+        checked: std::time::Instant::now(),
     };
     match plan.partial.clone() {
         Some(name) if plan.meta.size > part_size => upload.start_multipart(name, &plan).await,
@@ -155,6 +156,8 @@ struct ObjectUpload {
     declared: FileMeta,
     /// The BLAKE3 of what was received.
     received: Option<Digest>,
+    /// When the destination was found free.
+    checked: std::time::Instant,
 }
 
 impl ObjectUpload {
@@ -393,6 +396,10 @@ impl ObjectUpload {
     }
 }
 
+/// A single PUT whose destination was found free longer ago than this
+/// checks again before it writes.
+const RECHECK_AFTER: Duration = Duration::from_secs(1);
+
 /// What a resumed upload holds: its whole parts, and their BLAKE3.
 fn held(parts: &[PartRecord], part_size: u64, size: u64) -> Held {
     let offset = (parts.len() as u64 * part_size).min(size);
@@ -530,7 +537,11 @@ impl ObjectUpload {
         force: bool,
     ) -> Result<(), RemoteError> {
         let failed = |e| store_error(e, &self.path, "cannot commit");
-        if !force && self.inner.head(&self.key).await.map_err(failed)?.is_some() {
+        // Checked again unless it was checked a moment ago (a small file
+        // arrives within milliseconds; asking twice cost a tree upload a
+        // request per file).
+        let recheck = !force && self.checked.elapsed() > RECHECK_AFTER;
+        if recheck && self.inner.head(&self.key).await.map_err(failed)?.is_some() {
             return Err(appeared(&self.path));
         }
         let mut attributes = Attributes::new();

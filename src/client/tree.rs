@@ -16,31 +16,31 @@ use crate::transfer::to_timestamp;
 
 /// What a tree transfer moves.
 #[derive(Debug, Default)]
-pub struct Tree {
+pub(crate) struct Tree {
     /// One job per regular file.
-    pub jobs: Vec<Job>,
+    pub(crate) jobs: Vec<Job>,
     /// Every directory, the top one included, empty or not.
-    pub dirs: Vec<TreeDir>,
+    pub(crate) dirs: Vec<TreeDir>,
     /// What was left out, and why (for the user).
-    pub skipped: Vec<String>,
+    pub(crate) skipped: Vec<String>,
 }
 
 /// One directory of a tree, at both ends.
 #[derive(Debug, Clone)]
-pub struct TreeDir {
+pub(crate) struct TreeDir {
     /// Its path on the server.
-    pub remote: String,
+    pub(crate) remote: String,
     /// Its local path.
-    pub local: PathBuf,
+    pub(crate) local: PathBuf,
     /// Mode and mtime to give it.
-    pub meta: DirMeta,
+    pub(crate) meta: DirMeta,
     /// Components below the top of the tree (the top is 0).
-    pub depth: usize,
+    pub(crate) depth: usize,
 }
 
 impl Tree {
     /// Adds `other` to this tree.
-    pub fn extend(&mut self, other: Self) {
+    pub(crate) fn extend(&mut self, other: Self) {
         self.jobs.extend(other.jobs);
         self.dirs.extend(other.dirs);
         self.skipped.extend(other.skipped);
@@ -57,7 +57,7 @@ fn dir_meta(md: &std::fs::Metadata) -> DirMeta {
 
 /// Walks the local directory `top` (without following links) for upload
 /// to the remote directory `remote_top`.
-pub fn walk_local(top: &Path, remote_top: &str) -> Result<Tree, FileError> {
+pub(crate) fn walk_local(top: &Path, remote_top: &str) -> Result<Tree, FileError> {
     let local_err = |p: &Path| {
         let p = p.to_owned();
         move |source| FileError::Local { path: p, source }
@@ -134,7 +134,7 @@ pub fn walk_local(top: &Path, remote_top: &str) -> Result<Tree, FileError> {
 /// metadata is `top_meta`) onto the local directory `local_top`. Names are
 /// validated like any remote path, so a hostile server cannot make a
 /// download land outside `local_top`.
-pub fn from_listing(
+pub(crate) fn from_listing(
     entries: &[Entry],
     remote_top: &str,
     local_top: &Path,
@@ -188,7 +188,10 @@ pub fn from_listing(
 /// files do: each is one round trip, and a source tree has thousands (2,070
 /// in qxfer's vendored dependencies, which took 4 s over 30 ms at 16 at a
 /// time). Returns the failures.
-pub async fn finish_remote_dirs(client: &Client, dirs: &[TreeDir]) -> Vec<(String, FileError)> {
+pub(crate) async fn finish_remote_dirs(
+    client: &Client,
+    dirs: &[TreeDir],
+) -> Vec<(String, FileError)> {
     let mut failed = Vec::new();
     let limit = std::sync::Arc::new(tokio::sync::Semaphore::new(
         crate::client::SMALL_FILE_STREAMS,
@@ -213,7 +216,7 @@ pub async fn finish_remote_dirs(client: &Client, dirs: &[TreeDir]) -> Vec<(Strin
 }
 
 /// Creates every local directory of a download (before its files arrive).
-pub fn create_local_dirs(dirs: &[TreeDir]) -> Vec<(String, FileError)> {
+pub(crate) fn create_local_dirs(dirs: &[TreeDir]) -> Vec<(String, FileError)> {
     dirs.iter()
         .filter_map(|d| {
             std::fs::create_dir_all(&d.local).err().map(|source| {
@@ -230,7 +233,7 @@ pub fn create_local_dirs(dirs: &[TreeDir]) -> Vec<(String, FileError)> {
 }
 
 /// Applies the downloaded directories' metadata, deepest first.
-pub fn finish_local_dirs(dirs: &[TreeDir]) -> Vec<(String, FileError)> {
+pub(crate) fn finish_local_dirs(dirs: &[TreeDir]) -> Vec<(String, FileError)> {
     let mut failed = Vec::new();
     for level in levels(dirs) {
         for d in level {
