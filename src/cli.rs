@@ -13,7 +13,7 @@ use tracing_subscriber::EnvFilter;
 
 use crate::client::tree::{self, Tree};
 use crate::client::{
-    run_batch, BatchReport, Client, ClientConfig, ConnectError, Direction, FileError, Job,
+    run_batch, BatchReport, Client, ClientConfig, ConnectError, Direction, FileError, Job, Watch,
     CLIENT_IDENTITY,
 };
 use crate::endpoint::{self, ServerLimits, TransportOpts};
@@ -757,13 +757,14 @@ impl Batch {
         transfer: &TransferArgs,
         progress: &Progress,
     ) -> Result<(Client, BatchReport)> {
+        let watch: Arc<dyn Watch> = Arc::new(progress.clone());
         let mut report = run_batch(
             &client,
             self.direction,
             jobs,
             self.parallel,
             self.force,
-            progress,
+            &watch,
         )
         .await;
         let mut backoff = Backoff::default();
@@ -811,7 +812,7 @@ impl Batch {
                 retry,
                 self.parallel,
                 self.force,
-                progress,
+                &watch,
             )
             .await;
             report.done.extend(again.done);

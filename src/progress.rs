@@ -126,6 +126,38 @@ impl FileBar {
     }
 }
 
+impl crate::client::Watch for Progress {
+    fn add_total(&self, bytes: u64) {
+        Self::add_total(self, bytes);
+    }
+
+    fn set_status(&self, msg: String) {
+        Self::set_status(self, msg);
+    }
+
+    fn file(&self, name: &str, size: u64, small: bool) -> Box<dyn crate::client::WatchFile> {
+        Box::new(if small {
+            self.total_only()
+        } else {
+            self.file_bar(name, size)
+        })
+    }
+}
+
+impl crate::client::WatchFile for FileBar {
+    fn inc(&self, n: u64) {
+        Self::inc(self, n);
+    }
+
+    fn set_length(&self, size: u64) {
+        Self::set_length(self, size);
+    }
+
+    fn finish(self: Box<Self>) {
+        Self::finish(*self);
+    }
+}
+
 /// `MakeWriter` for tracing-subscriber: each log line is written with the
 /// bars suspended, so it lands above them instead of through them.
 #[derive(Debug, Clone)]

@@ -374,7 +374,7 @@ async fn slow_client(server: &TestServer, rate: u64) -> (Client, tempfile::TempD
 /// the big file's name.
 async fn put_while_changing(change: impl FnOnce(&std::path::Path) + Send + 'static) -> String {
     use qxfer::client::{run_batch, Direction, Job};
-    use qxfer::progress::Progress;
+    use qxfer::client::{Unwatched, Watch};
     let server = TestServer::start().await;
     let (client, _cfg) = slow_client(&server, 8 << 20).await;
     let dir = tempfile::tempdir().unwrap();
@@ -399,9 +399,10 @@ async fn put_while_changing(change: impl FnOnce(&std::path::Path) + Send + 'stat
             .unwrap();
     });
     let started = Instant::now();
+    let watch: Arc<dyn Watch> = Arc::new(Unwatched);
     let report = tokio::time::timeout(
         Duration::from_secs(60),
-        run_batch(&client, Direction::Put, jobs, 4, false, &Progress::hidden()),
+        run_batch(&client, Direction::Put, jobs, 4, false, &watch),
     )
     .await
     .expect("the batch must not hang");

@@ -4,7 +4,7 @@ mod common;
 
 use common::{pattern, TestServer};
 use qxfer::client::{run_batch, Direction, Job};
-use qxfer::progress::Progress;
+use qxfer::client::{Unwatched, Watch};
 use qxfer::protocol::EntryKind;
 
 #[tokio::test]
@@ -91,7 +91,7 @@ async fn two_hundred_files_at_once_over_one_connection() {
             size_hint: None,
         });
     }
-    let progress = Progress::hidden();
+    let progress: std::sync::Arc<dyn Watch> = std::sync::Arc::new(Unwatched);
     // --parallel 2: the small files still go 64 at a time.
     let report = run_batch(&client, Direction::Put, jobs.clone(), 2, false, &progress).await;
     assert!(report.failed.is_empty(), "{:?}", report.failed);

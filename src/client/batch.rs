@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
 
 use crate::endpoint::{self};
-use crate::progress::Progress;
 use crate::transfer::blocking;
 
 use super::{Client, FileError, TransferReport};
@@ -23,6 +22,47 @@ pub struct Job {
     pub remote: String,
     /// The size, if known before the transfer (a get from a listing).
     pub size_hint: Option<u64>,
+}
+
+/// What a batch tells whoever watches it as files move. The command line
+/// draws progress bars from it ([`crate::progress::Progress`]); a library
+/// user may pass [`Unwatched`]. The client itself knows nothing of terminals.
+pub trait Watch: Send + Sync {
+    /// More bytes to move in all (a put knows its sizes up front, a get
+    /// learns each from the server's answer).
+    fn add_total(&self, bytes: u64);
+    /// A one-line status, such as "12/2000 files".
+    fn set_status(&self, msg: String);
+    /// A file starts moving; `small` ones are only counted in the total.
+    fn file(&self, name: &str, size: u64, small: bool) -> Box<dyn WatchFile>;
+}
+
+/// One file as it moves.
+pub trait WatchFile: Send + Sync {
+    /// `n` more bytes moved.
+    fn inc(&self, n: u64);
+    /// The file's size, once known.
+    fn set_length(&self, size: u64);
+    /// The file is done (or failed).
+    fn finish(self: Box<Self>);
+}
+
+/// A batch nobody watches.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Unwatched;
+
+impl Watch for Unwatched {
+    fn add_total(&self, _: u64) {}
+    fn set_status(&self, _: String) {}
+    fn file(&self, _: &str, _: u64, _: bool) -> Box<dyn WatchFile> {
+        Box::new(Self)
+    }
+}
+
+impl WatchFile for Unwatched {
+    fn inc(&self, _: u64) {}
+    fn set_length(&self, _: u64) {}
+    fn finish(self: Box<Self>) {}
 }
 
 /// Files smaller than this are "small": they do not count against
@@ -82,7 +122,7 @@ pub async fn run_batch(
     jobs: Vec<Job>,
     parallel: usize,
     force: bool,
-    progress: &Progress,
+    progress: &Arc<dyn Watch>,
 ) -> BatchReport {
     let start = Instant::now();
     let queued = jobs.len();
@@ -163,7 +203,7 @@ pub(super) struct BatchRun {
     client: Client,
     direction: Direction,
     force: bool,
-    progress: Progress,
+    progress: Arc<dyn Watch>,
     /// Where finished jobs report; the batch ends when every sender is gone.
     done: tokio::sync::mpsc::UnboundedSender<(Job, Result<TransferReport, FileError>)>,
 }
@@ -224,18 +264,12 @@ impl BatchRun {
     ) -> Result<TransferReport, FileError> {
         let started = Instant::now();
         let progress = &self.progress;
-        let bar = if small {
-            progress.total_only()
+        let known = if self.direction == Direction::Put {
+            size
         } else {
-            progress.file_bar(
-                &job.label,
-                if self.direction == Direction::Put {
-                    size
-                } else {
-                    0
-                },
-            )
+            0
         };
+        let bar = progress.file(&job.label, known, small);
         let result = match self.direction {
             Direction::Put => {
                 self.client

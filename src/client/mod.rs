@@ -32,7 +32,10 @@ mod put;
 mod state;
 pub(crate) mod tree;
 
-pub use batch::{run_batch, BatchReport, Direction, Job, SMALL_FILE, SMALL_FILE_STREAMS};
+pub use batch::{
+    run_batch, BatchReport, Direction, Job, Unwatched, Watch, WatchFile, SMALL_FILE,
+    SMALL_FILE_STREAMS,
+};
 use connect::refusal;
 pub use connect::{describe_close, split_server, ConnectError, DEFAULT_CONNECT_TIMEOUT};
 pub use get::{part_path, PART_SUFFIX};
