@@ -72,7 +72,7 @@ impl Client {
         resume: bool,
     ) -> Result<TransferReport, FileError> {
         let (mut send, mut recv) = self.open().await?;
-        let framing = Framing::for_sending(self.compression, &self.conn);
+        let framing = Framing::for_sending(self.compression, Some(&self.conn));
         let request = Request::Put(PutRequest {
             path: remote.to_owned(),
             meta,

@@ -2,7 +2,6 @@
 
 use std::sync::atomic::Ordering;
 
-use quinn::{RecvStream, SendStream, VarInt};
 use tracing::{info, warn};
 
 use crate::paths::RemotePath;
@@ -11,19 +10,20 @@ use crate::protocol::{
 };
 use crate::transfer::Framing;
 
+use super::stream::{ReplyStream, RequestStream};
 use super::{protocol_error, Ctx, RECEIPT_TIMEOUT, RESET_SOURCE_FAILED};
 
 pub(super) async fn serve_get(
     req: GetRequest,
     ctx: &Ctx,
-    send: &mut SendStream,
-    recv: &mut RecvStream,
+    send: &mut impl ReplyStream,
+    recv: &mut impl RequestStream,
 ) -> Result<(), RemoteError> {
     let stats = &ctx.config.stats;
     let path = RemotePath::parse(&req.path, false)?;
     let opened = ctx.config.store.open(&path, req.resume).await?;
     let meta = opened.meta;
-    let framing = Framing::for_sending(req.compression, &ctx.conn);
+    let framing = Framing::for_sending(req.compression, ctx.conn.as_ref());
     let offer = GetOffer {
         meta,
         offset: opened.offset,
@@ -40,14 +40,15 @@ pub(super) async fn serve_get(
         Err(e) => {
             // The client sees the reset and reports the transfer failed.
             warn!(path = %path, "get failed: {e}");
-            let _ = send.reset(VarInt::from_u32(RESET_SOURCE_FAILED));
+            send.reset(RESET_SOURCE_FAILED);
             return Ok(());
         }
     };
-    if write_frame(send, &Trailer { digest }).await.is_err() || send.finish().is_err() {
+    if write_frame(send, &Trailer { digest }).await.is_err() {
         info!(path = %path, "get aborted by the client");
         return Ok(());
     }
+    send.finish();
     match tokio::time::timeout(RECEIPT_TIMEOUT, read_frame::<_, Receipt>(recv)).await {
         Ok(Ok(Receipt::Committed { .. })) => {
             info!(path = %path, bytes = meta.size, "get completed")

@@ -1,6 +1,5 @@
 //! Listings on the server: what the store lists, sent in batches that fit the frame limit.
 
-use quinn::SendStream;
 use tracing::info;
 
 use crate::paths::RemotePath;
@@ -9,6 +8,8 @@ use crate::protocol::{
 };
 use crate::store::Store;
 
+use super::stream::ReplyStream;
+
 /// Entries per listing frame: 128 names of at most 255 bytes, plus metadata,
 /// stay well under the 64 KiB frame limit.
 const LIST_BATCH: usize = 128;
@@ -16,7 +17,7 @@ const LIST_BATCH: usize = 128;
 pub(super) async fn serve_list(
     req: ListRequest,
     store: &dyn Store,
-    send: &mut SendStream,
+    send: &mut impl ReplyStream,
 ) -> Result<(), RemoteError> {
     let path = RemotePath::parse(&req.path, true)?;
     let entries = store.list(&path, req.recursive).await?;
@@ -31,7 +32,7 @@ pub(super) async fn serve_list(
     };
     match send_all.await {
         Ok(()) => {
-            let _ = send.finish();
+            send.finish();
             info!(path = %path, "listed");
         }
         Err(e) => info!(path = %path, "listing aborted: {e}"),

@@ -1,18 +1,18 @@
 //! Mkdir on the server: policy, then the store creates the directory (and parents) and applies its metadata.
 
-use quinn::SendStream;
 use tracing::info;
 
 use crate::paths::RemotePath;
 use crate::protocol::{write_frame, ErrorCode, MkdirRequest, RemoteError, Response};
 
+use super::stream::ReplyStream;
 use super::{protocol_error, ServeConfig};
 
 /// Creates a directory beneath the root and applies its metadata.
 pub(super) async fn serve_mkdir(
     req: MkdirRequest,
     config: &ServeConfig,
-    send: &mut SendStream,
+    send: &mut impl ReplyStream,
 ) -> Result<(), RemoteError> {
     let path = RemotePath::parse(&req.path, false)?;
     if config.read_only {
@@ -25,7 +25,7 @@ pub(super) async fn serve_mkdir(
     write_frame(send, &Response::MkdirDone)
         .await
         .map_err(|e| protocol_error(&e))?;
-    let _ = send.finish();
+    send.finish();
     info!(path = %path, "directory ready");
     Ok(())
 }

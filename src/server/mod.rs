@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use quinn::{ConnectionError, RecvStream, SendStream, VarInt};
+use quinn::{ConnectionError, VarInt};
 use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::protocol::{
@@ -35,12 +35,16 @@ mod list;
 mod mkdir;
 mod partials;
 mod put;
+mod stream;
+#[cfg(test)]
+mod tests;
 
 use get::serve_get;
 use list::serve_list;
 use mkdir::serve_mkdir;
 use partials::{sweep_partials_forever, Partials};
 use put::serve_put;
+use stream::{ReplyStream, RequestStream};
 
 /// Default for [`ServeConfig::header_timeout`].
 pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -423,7 +427,7 @@ async fn handle_connection(
                     config: config.clone(),
                     client: fp,
                     partials: partials.clone(),
-                    conn: conn.clone(),
+                    conn: Some(conn.clone()),
                 };
                 tokio::spawn(
                     async move {
@@ -451,11 +455,14 @@ struct Ctx {
     /// The client identity this connection was admitted with.
     client: Fingerprint,
     partials: Arc<Partials>,
-    /// The connection, for its path estimate (whether to compress a get).
-    conn: quinn::Connection,
+    /// The connection, for its path estimate (whether to compress a get);
+    /// none over an in-memory pipe.
+    conn: Option<quinn::Connection>,
 }
 
-async fn handle_stream(mut send: SendStream, mut recv: RecvStream, ctx: Ctx) {
+/// Reads a stream's request and serves it: the whole life of one request,
+/// over a QUIC stream or, in the unit tests, an in-memory pipe.
+async fn handle_stream(mut send: impl ReplyStream, mut recv: impl RequestStream, ctx: Ctx) {
     let config = ctx.config.clone();
     let limit = config.max_header_size;
     let timeout = config.header_timeout;
@@ -498,7 +505,7 @@ async fn handle_stream(mut send: SendStream, mut recv: RecvStream, ctx: Ctx) {
     // client: on shutdown the connection closes as soon as no request is in
     // flight, and a close discards whatever the peer has not acknowledged
     // (a receipt lost that way failed a put that had in fact committed).
-    let _ = tokio::time::timeout(ANSWER_FLUSH, send.stopped()).await;
+    send.acknowledged(ANSWER_FLUSH).await;
 }
 
 /// How long a finished request waits for its answer to be acknowledged.
@@ -525,10 +532,10 @@ fn check_put_allowed(req: &PutRequest, config: &ServeConfig) -> Result<(), Remot
 }
 
 /// Sends a refusal as the response header and stops the client's data.
-async fn refuse(send: &mut SendStream, recv: &mut RecvStream, err: RemoteError) {
+async fn refuse(send: &mut impl ReplyStream, recv: &mut impl RequestStream, err: RemoteError) {
     let _ = write_frame(send, &Response::Refused(err)).await;
-    let _ = send.finish();
-    let _ = recv.stop(VarInt::from_u32(STOP_REFUSED));
+    send.finish();
+    recv.stop(STOP_REFUSED);
 }
 
 fn protocol_error(e: &FrameError) -> RemoteError {

@@ -3,7 +3,7 @@
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use quinn::{RecvStream, SendStream, VarInt};
+use tokio::io::AsyncReadExt;
 use tracing::info;
 
 use crate::paths::RemotePath;
@@ -15,13 +15,14 @@ use crate::store::{corrupt, Held, Prepared, PutPlan, Upload};
 use crate::transfer::Buffered;
 
 use super::partials::partial_name;
+use super::stream::{ReplyStream, RequestStream};
 use super::{protocol_error, Ctx, RECEIPT_TIMEOUT, STOP_REFUSED};
 
 pub(super) async fn serve_put(
     req: PutRequest,
     ctx: &Ctx,
-    send: &mut SendStream,
-    recv: &mut RecvStream,
+    send: &mut impl ReplyStream,
+    recv: &mut impl RequestStream,
 ) -> Result<(), RemoteError> {
     let path = RemotePath::parse(&req.path, false)?;
     if !req.resume && req.meta.size < WHOLE_PUT_MAX {
@@ -77,13 +78,13 @@ pub(super) async fn serve_put(
         }
         Err(err) => {
             info!(path = %path, "put failed: {}", err.message);
-            let _ = recv.stop(VarInt::from_u32(STOP_REFUSED));
+            recv.stop(STOP_REFUSED);
             Receipt::Failed(err)
         }
     };
     drop(lease);
     let _ = write_frame(send, &receipt).await;
-    let _ = send.finish();
+    send.finish();
     Ok(())
 }
 
@@ -109,8 +110,8 @@ async fn serve_whole_put(
     req: &PutRequest,
     path: &RemotePath,
     ctx: &Ctx,
-    send: &mut SendStream,
-    recv: &mut RecvStream,
+    send: &mut impl ReplyStream,
+    recv: &mut impl RequestStream,
 ) -> Result<(), RemoteError> {
     let size = req.meta.size;
     let plan = PutPlan {
@@ -150,12 +151,12 @@ async fn serve_whole_put(
         }
         Err(err) => {
             info!(path = %path, "put failed: {}", err.message);
-            let _ = recv.stop(VarInt::from_u32(STOP_REFUSED));
+            recv.stop(STOP_REFUSED);
             Receipt::Failed(err)
         }
     };
     let _ = write_frame(send, &receipt).await;
-    let _ = send.finish();
+    send.finish();
     Ok(())
 }
 
@@ -165,8 +166,8 @@ async fn serve_whole_put(
 async fn answer_put(
     prepared: Prepared,
     path: &RemotePath,
-    send: &mut SendStream,
-    recv: &mut RecvStream,
+    send: &mut impl ReplyStream,
+    recv: &mut impl RequestStream,
 ) -> Result<Option<(Box<dyn Upload>, Held)>, RemoteError> {
     let (upload, held, discarded_stale) = match prepared {
         Prepared::Receive {
@@ -177,8 +178,8 @@ async fn answer_put(
         Prepared::Present(digest) => {
             info!(path = %path, "already there (same size and mtime); nothing to receive");
             let _ = write_frame(send, &Response::AlreadyThere(digest)).await;
-            let _ = send.finish();
-            let _ = recv.stop(VarInt::from_u32(STOP_REFUSED));
+            send.finish();
+            recv.stop(STOP_REFUSED);
             return Ok(None);
         }
     };
@@ -205,7 +206,7 @@ async fn receive_put(
     path: &RemotePath,
     mut upload: Box<dyn Upload>,
     held: Held,
-    recv: &mut RecvStream,
+    recv: &mut impl RequestStream,
     ctx: &Ctx,
     stop: impl std::future::Future<Output = ()> + Send,
 ) -> Result<Receipt, RemoteError> {
@@ -260,7 +261,10 @@ async fn receive_put(
 
 /// Reads the trailer and checks the stream ends right after it: bytes beyond
 /// the declared size are an error, not silently dropped.
-async fn read_trailer(recv: &mut RecvStream, path: &RemotePath) -> Result<Trailer, RemoteError> {
+async fn read_trailer(
+    recv: &mut impl RequestStream,
+    path: &RemotePath,
+) -> Result<Trailer, RemoteError> {
     let mismatch = |e: FrameError| {
         RemoteError::new(
             ErrorCode::Corrupt,
@@ -273,8 +277,8 @@ async fn read_trailer(recv: &mut RecvStream, path: &RemotePath) -> Result<Traile
         .map_err(mismatch)?;
     let mut extra = [0u8; 1];
     match recv.read(&mut extra).await {
-        Ok(None) | Ok(Some(0)) => Ok(trailer),
-        Ok(Some(_)) => Err(RemoteError::new(
+        Ok(0) => Ok(trailer),
+        Ok(_) => Err(RemoteError::new(
             ErrorCode::Corrupt,
             format!("'{path}': more data arrived than declared; nothing was saved"),
         )),

@@ -1,0 +1,340 @@
+//! Unit tests of the request handlers over in-memory pipes: the whole life of a request (header, checks, data, receipt) against a real local store, with no QUIC in the way.
+
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream, ReadBuf};
+
+use super::partials::Partials;
+use super::stream::{ReplyStream, RequestStream};
+use super::{handle_stream, Ctx, ServeConfig};
+use crate::protocol::{
+    encode, read_frame, write_frame, Compression, Encoding, EntryKind, ErrorCode, FileMeta,
+    GetRequest, ListBatch, ListRequest, MkdirRequest, PutRequest, Receipt, Request, Response,
+    Trailer,
+};
+use crate::tls::Fingerprint;
+
+/// The server's end of the answer: a pipe, closed by `finish` and `reset`.
+struct PipeReply {
+    inner: Option<DuplexStream>,
+    reset: Arc<Mutex<Option<u32>>>,
+}
+
+/// The server's end of the request: a pipe, closed by `stop`.
+struct PipeRequest {
+    inner: Option<DuplexStream>,
+    stopped: Arc<Mutex<Option<u32>>>,
+}
+
+impl AsyncWrite for PipeReply {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.inner.as_mut() {
+            Some(s) => Pin::new(s).poll_write(cx, buf),
+            None => Poll::Ready(Err(std::io::ErrorKind::BrokenPipe.into())),
+        }
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.inner.as_mut() {
+            Some(s) => Pin::new(s).poll_flush(cx),
+            None => Poll::Ready(Ok(())),
+        }
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.inner.as_mut() {
+            Some(s) => Pin::new(s).poll_shutdown(cx),
+            None => Poll::Ready(Ok(())),
+        }
+    }
+}
+
+impl ReplyStream for PipeReply {
+    fn finish(&mut self) {
+        self.inner = None;
+    }
+
+    fn reset(&mut self, code: u32) {
+        *self.reset.lock().unwrap() = Some(code);
+        self.inner = None;
+    }
+
+    async fn acknowledged(&mut self, _: Duration) {}
+}
+
+impl AsyncRead for PipeRequest {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.inner.as_mut() {
+            Some(s) => Pin::new(s).poll_read(cx, buf),
+            None => Poll::Ready(Ok(())),
+        }
+    }
+}
+
+impl RequestStream for PipeRequest {
+    fn stop(&mut self, code: u32) {
+        *self.stopped.lock().unwrap() = Some(code);
+        self.inner = None;
+    }
+}
+
+/// A server over a temporary root, and its handlers' context.
+struct Harness {
+    config: Arc<ServeConfig>,
+    partials: Arc<Partials>,
+    root: tempfile::TempDir,
+}
+
+/// One request in flight: the client's ends of its pipes, and how the
+/// server closed its own.
+struct Exchange {
+    to_server: DuplexStream,
+    from_server: DuplexStream,
+    stopped: Arc<Mutex<Option<u32>>>,
+    reset: Arc<Mutex<Option<u32>>>,
+    served: tokio::task::JoinHandle<()>,
+}
+
+impl Harness {
+    fn new(configure: impl FnOnce(&mut ServeConfig)) -> Self {
+        let root = tempfile::tempdir().unwrap();
+        let mut config = ServeConfig::prepare(root.path()).unwrap();
+        config.header_timeout = Duration::from_secs(2);
+        configure(&mut config);
+        Self {
+            config: Arc::new(config),
+            partials: Arc::default(),
+            root,
+        }
+    }
+
+    /// Opens a stream to the handler and sends `frames` on it.
+    async fn open(&self, frames: &[Vec<u8>]) -> Exchange {
+        let (mut to_server, server_in) = tokio::io::duplex(1 << 20);
+        let (server_out, from_server) = tokio::io::duplex(1 << 20);
+        let stopped = Arc::new(Mutex::new(None));
+        let reset = Arc::new(Mutex::new(None));
+        let ctx = Ctx {
+            config: self.config.clone(),
+            client: Fingerprint::of(&rustls::pki_types::CertificateDer::from(vec![7u8; 8])),
+            partials: self.partials.clone(),
+            conn: None,
+        };
+        let request = PipeRequest {
+            inner: Some(server_in),
+            stopped: stopped.clone(),
+        };
+        let reply = PipeReply {
+            inner: Some(server_out),
+            reset: reset.clone(),
+        };
+        let served = tokio::spawn(handle_stream(reply, request, ctx));
+        for f in frames {
+            // The server may stop reading early (a refusal); that is its answer.
+            let _ = to_server.write_all(f).await;
+        }
+        Exchange {
+            to_server,
+            from_server,
+            stopped,
+            reset,
+            served,
+        }
+    }
+
+    fn path(&self, name: &str) -> std::path::PathBuf {
+        self.root.path().join(name)
+    }
+}
+
+fn put_frames(path: &str, data: &[u8]) -> Vec<Vec<u8>> {
+    let header = encode(&Request::Put(PutRequest {
+        path: path.into(),
+        meta: FileMeta {
+            size: data.len() as u64,
+            mtime: None,
+            mode: Some(0o600),
+        },
+        force: false,
+        resume: false,
+        encoding: Encoding::Raw,
+    }))
+    .unwrap();
+    let trailer = encode(&Trailer {
+        digest: *blake3::hash(data).as_bytes(),
+    })
+    .unwrap();
+    vec![header, data.to_vec(), trailer]
+}
+
+/// Puts `data` as `path` and returns the server's receipt.
+async fn put(h: &Harness, path: &str, data: &[u8]) -> (Response, Option<Receipt>) {
+    let mut x = h.open(&put_frames(path, data)).await;
+    drop(std::mem::replace(&mut x.to_server, tokio::io::duplex(1).0));
+    let response: Response = read_frame(&mut x.from_server).await.unwrap();
+    let receipt = match response {
+        Response::PutAccepted(_) => Some(read_frame(&mut x.from_server).await.unwrap()),
+        _ => None,
+    };
+    x.served.await.unwrap();
+    (response, receipt)
+}
+
+#[tokio::test]
+async fn a_small_put_is_committed_and_a_get_returns_it() {
+    let h = Harness::new(|_| {});
+    let data = b"over an in-memory pipe".to_vec();
+    let (response, receipt) = put(&h, "dir/file", &data).await;
+    assert!(
+        matches!(response, Response::PutAccepted(ref o) if o.offset == 0),
+        "{response:?}"
+    );
+    assert!(matches!(receipt, Some(Receipt::Committed { size, .. }) if size == data.len() as u64));
+    assert_eq!(std::fs::read(h.path("dir/file")).unwrap(), data);
+
+    let get = encode(&Request::Get(GetRequest {
+        path: "dir/file".into(),
+        resume: None,
+        compression: Compression::Never,
+    }))
+    .unwrap();
+    let mut x = h.open(&[get]).await;
+    let offer = match read_frame::<_, Response>(&mut x.from_server).await.unwrap() {
+        Response::GetAccepted(offer) => offer,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(offer.meta.size, data.len() as u64);
+    assert_eq!(offer.meta.mode, Some(0o600));
+    let mut got = vec![0u8; data.len()];
+    x.from_server.read_exact(&mut got).await.unwrap();
+    assert_eq!(got, data);
+    let trailer: Trailer = read_frame(&mut x.from_server).await.unwrap();
+    assert_eq!(trailer.digest, *blake3::hash(&data).as_bytes());
+    let receipt = Receipt::Committed {
+        size: data.len() as u64,
+        digest: trailer.digest,
+    };
+    write_frame(&mut x.to_server, &receipt).await.unwrap();
+    x.served.await.unwrap();
+    assert_eq!(*x.reset.lock().unwrap(), None);
+}
+
+#[tokio::test]
+async fn data_that_does_not_match_its_header_or_digest_is_never_committed() {
+    let h = Harness::new(|_| {});
+    // One byte more than declared.
+    let mut frames = put_frames("long", b"1234");
+    frames[1].push(b'5');
+    let mut x = h.open(&frames).await;
+    drop(std::mem::replace(&mut x.to_server, tokio::io::duplex(1).0));
+    assert!(matches!(
+        read_frame::<_, Response>(&mut x.from_server).await.unwrap(),
+        Response::PutAccepted(_)
+    ));
+    match read_frame::<_, Receipt>(&mut x.from_server).await.unwrap() {
+        Receipt::Failed(e) => assert_eq!(e.code, ErrorCode::Corrupt, "{}", e.message),
+        other => panic!("{other:?}"),
+    }
+    x.served.await.unwrap();
+    // The wrong digest.
+    let mut frames = put_frames("bad", b"abcd");
+    frames[2] = encode(&Trailer { digest: [0; 32] }).unwrap();
+    let mut x = h.open(&frames).await;
+    drop(std::mem::replace(&mut x.to_server, tokio::io::duplex(1).0));
+    let _: Response = read_frame(&mut x.from_server).await.unwrap();
+    match read_frame::<_, Receipt>(&mut x.from_server).await.unwrap() {
+        Receipt::Failed(e) => assert_eq!(e.code, ErrorCode::Corrupt, "{}", e.message),
+        other => panic!("{other:?}"),
+    }
+    x.served.await.unwrap();
+    assert!(!h.path("long").exists() && !h.path("bad").exists());
+}
+
+#[tokio::test]
+async fn refusals_name_the_reason_and_stop_the_clients_data() {
+    let read_only = Harness::new(|c| c.read_only = true);
+    let (response, _) = put(&read_only, "f", b"x").await;
+    assert!(
+        matches!(response, Response::Refused(ref e) if e.code == ErrorCode::ReadOnly),
+        "{response:?}"
+    );
+
+    let h = Harness::new(|_| {});
+    for (path, code) in [
+        ("../escape", ErrorCode::InvalidPath),
+        (".qxfer-partial/x", ErrorCode::InvalidPath),
+        ("/abs", ErrorCode::InvalidPath),
+    ] {
+        let (response, _) = put(&h, path, b"x").await;
+        assert!(
+            matches!(response, Response::Refused(ref e) if e.code == code),
+            "{path}: {response:?}"
+        );
+    }
+    // Not a request at all.
+    let mut x = h.open(&[vec![0, 0, 0, 3, 0xff, 0xff, 0xff]]).await;
+    match read_frame::<_, Response>(&mut x.from_server).await.unwrap() {
+        Response::Refused(e) => assert_eq!(e.code, ErrorCode::Protocol),
+        other => panic!("{other:?}"),
+    }
+    x.served.await.unwrap();
+    assert!(
+        x.stopped.lock().unwrap().is_some(),
+        "the client's data is stopped"
+    );
+    // Nothing at all, within the header timeout.
+    let mut x = h.open(&[]).await;
+    match read_frame::<_, Response>(&mut x.from_server).await.unwrap() {
+        Response::Refused(e) => assert_eq!(e.code, ErrorCode::Protocol, "{}", e.message),
+        other => panic!("{other:?}"),
+    }
+    x.served.await.unwrap();
+}
+
+#[tokio::test]
+async fn listings_and_mkdir_go_through_the_store() {
+    let h = Harness::new(|_| {});
+    put(&h, "a/one", b"1").await;
+    let mkdir = encode(&Request::Mkdir(MkdirRequest {
+        path: "a/empty".into(),
+        meta: None,
+    }))
+    .unwrap();
+    let mut x = h.open(&[mkdir]).await;
+    assert_eq!(
+        read_frame::<_, Response>(&mut x.from_server).await.unwrap(),
+        Response::MkdirDone
+    );
+    x.served.await.unwrap();
+
+    let list = encode(&Request::List(ListRequest {
+        path: "a".into(),
+        recursive: false,
+    }))
+    .unwrap();
+    let mut x = h.open(&[list]).await;
+    assert_eq!(
+        read_frame::<_, Response>(&mut x.from_server).await.unwrap(),
+        Response::ListAccepted
+    );
+    let batch: ListBatch = read_frame(&mut x.from_server).await.unwrap();
+    assert!(!batch.more);
+    let names: Vec<_> = batch
+        .entries
+        .iter()
+        .map(|e| (e.name.as_str(), e.kind))
+        .collect();
+    assert_eq!(names, [("empty", EntryKind::Dir), ("one", EntryKind::File)]);
+    x.served.await.unwrap();
+}
