@@ -1384,7 +1384,7 @@ impl IncomingFile {
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            let mode = meta.mode.unwrap_or(0o644) & 0o755;
+            let mode = meta.mode.unwrap_or(0o644) & KEPT_MODE_BITS;
             self.file
                 .set_permissions(std::fs::Permissions::from_mode(mode))
                 .map_err(io)?;
@@ -1526,12 +1526,16 @@ pub fn apply_dir_meta(dir: &Dir, meta: &crate::protocol::DirMeta) -> std::io::Re
     set_dir_meta(&open_dir_handle(dir)?, meta)
 }
 
+/// The permission bits a received file or directory keeps: group and other
+/// write, set-id and sticky bits are dropped, whoever sent them.
+pub(crate) const KEPT_MODE_BITS: u32 = 0o755;
+
 /// Sets permission bits (without group/other write and set-id bits, as for
 /// files) and mtime on an open directory.
 pub fn set_dir_meta(dir: &File, meta: &crate::protocol::DirMeta) -> std::io::Result<()> {
     if let Some(mode) = meta.mode {
         use std::os::unix::fs::PermissionsExt;
-        dir.set_permissions(std::fs::Permissions::from_mode(mode & 0o755))?;
+        dir.set_permissions(std::fs::Permissions::from_mode(mode & KEPT_MODE_BITS))?;
     }
     if let Some(t) = meta.mtime.and_then(to_system_time) {
         dir.set_modified(t)?;

@@ -1,15 +1,16 @@
-//! Round trips through a real in-process server: put, get and ls compared byte for byte.
+//! Round trips through a real in-process server, over a local root and over the object store: put, get and ls compared byte for byte.
 
 mod common;
 
-use common::{pattern, TestServer};
+use common::{pattern, Backend, TestServer};
 use qxfer::client::{run_batch, Direction, Job};
 use qxfer::client::{Unwatched, Watch};
 use qxfer::protocol::EntryKind;
 
-#[tokio::test]
-async fn empty_file_round_trips() {
-    let server = TestServer::start().await;
+both_backends!(empty_file_round_trips, empty_file_round_trips_on);
+
+async fn empty_file_round_trips_on(backend: Backend) {
+    let server = TestServer::start_on(backend, "roundtrip").await;
     let (client, _cfg) = server.client().await;
     let dir = tempfile::tempdir().unwrap();
     let src = dir.path().join("empty");
@@ -17,7 +18,7 @@ async fn empty_file_round_trips() {
 
     let put = client.put(&src, "empty", false, &|_| {}).await.unwrap();
     assert_eq!(put.bytes, 0);
-    assert_eq!(std::fs::read(server.root.join("empty")).unwrap(), b"");
+    assert_eq!(server.stored("empty").await, b"");
 
     let back = dir.path().join("back");
     let got = client
@@ -36,9 +37,13 @@ async fn empty_file_round_trips() {
     client.close().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn hundred_mib_file_round_trips() {
-    let server = TestServer::start().await;
+both_backends!(
+    hundred_mib_file_round_trips,
+    hundred_mib_file_round_trips_on
+);
+
+async fn hundred_mib_file_round_trips_on(backend: Backend) {
+    let server = TestServer::start_on(backend, "roundtrip").await;
     let (client, _cfg) = server.client().await;
     let dir = tempfile::tempdir().unwrap();
     let src = dir.path().join("big.bin");
@@ -56,7 +61,7 @@ async fn hundred_mib_file_round_trips() {
         data.len() as u64
     );
     assert_eq!(put.blake3, *blake3::hash(&data).as_bytes());
-    assert!(std::fs::read(server.root.join("big.bin")).unwrap() == data);
+    assert!(server.stored("big.bin").await == data);
 
     let back = dir.path().join("back.bin");
     let got = client
@@ -66,14 +71,18 @@ async fn hundred_mib_file_round_trips() {
     assert_eq!(got.blake3, put.blake3);
     assert!(std::fs::read(&back).unwrap() == data);
     // Only the final names exist: no temporaries left on either side.
-    assert_eq!(common::tree(&server.root), ["big.bin"]);
+    assert_eq!(server.stored_tree().await, ["big.bin"]);
     assert_eq!(common::tree(dir.path()), ["back.bin", "big.bin"]);
     client.close().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_hundred_files_at_once_over_one_connection() {
-    let server = TestServer::start().await;
+both_backends!(
+    two_hundred_files_at_once_over_one_connection,
+    two_hundred_files_at_once_over_one_connection_on
+);
+
+async fn two_hundred_files_at_once_over_one_connection_on(backend: Backend) {
+    let server = TestServer::start_on(backend, "roundtrip").await;
     let (client, _cfg) = server.client().await;
     let dir = tempfile::tempdir().unwrap();
     let up = dir.path().join("up");
@@ -123,9 +132,13 @@ async fn two_hundred_files_at_once_over_one_connection() {
     client.close().await;
 }
 
-#[tokio::test]
-async fn names_with_spaces_and_non_ascii_round_trip() {
-    let server = TestServer::start().await;
+both_backends!(
+    names_with_spaces_and_non_ascii_round_trip,
+    names_with_spaces_and_non_ascii_round_trip_on
+);
+
+async fn names_with_spaces_and_non_ascii_round_trip_on(backend: Backend) {
+    let server = TestServer::start_on(backend, "roundtrip").await;
     let (client, _cfg) = server.client().await;
     let dir = tempfile::tempdir().unwrap();
     for (i, name) in [
@@ -133,6 +146,7 @@ async fn names_with_spaces_and_non_ascii_round_trip() {
         "naïve café.txt",
         "日本語 ファイル",
         "emoji 🚀.bin",
+        "100% done.txt",
     ]
     .iter()
     .enumerate()
@@ -142,10 +156,7 @@ async fn names_with_spaces_and_non_ascii_round_trip() {
         std::fs::write(&src, &data).unwrap();
         let remote = format!("sub dir/ü/{name}");
         client.put(&src, &remote, false, &|_| {}).await.unwrap();
-        assert_eq!(
-            std::fs::read(server.root.join("sub dir/ü").join(name)).unwrap(),
-            data
-        );
+        assert_eq!(server.stored(&format!("sub dir/ü/{name}")).await, data);
         let back = dir.path().join(format!("back {name}"));
         client
             .get(&remote, &back, false, &|_| {}, &|_| {})
@@ -159,6 +170,7 @@ async fn names_with_spaces_and_non_ascii_round_trip() {
     assert_eq!(
         names,
         [
+            "100% done.txt",
             "emoji 🚀.bin",
             "naïve café.txt",
             "with space.txt",
@@ -174,10 +186,14 @@ async fn names_with_spaces_and_non_ascii_round_trip() {
     client.close().await;
 }
 
-#[tokio::test]
-async fn metadata_travels_and_force_overwrites() {
+both_backends!(
+    metadata_travels_and_force_overwrites,
+    metadata_travels_and_force_overwrites_on
+);
+
+async fn metadata_travels_and_force_overwrites_on(backend: Backend) {
     use std::os::unix::fs::PermissionsExt;
-    let server = TestServer::start().await;
+    let server = TestServer::start_on(backend, "roundtrip").await;
     let (client, _cfg) = server.client().await;
     let dir = tempfile::tempdir().unwrap();
     let src = dir.path().join("script.sh");
@@ -192,22 +208,26 @@ async fn metadata_travels_and_force_overwrites() {
         .unwrap();
 
     client.put(&src, "script.sh", false, &|_| {}).await.unwrap();
-    let md = std::fs::metadata(server.root.join("script.sh")).unwrap();
-    assert_eq!(md.modified().unwrap(), old);
-    assert_eq!(
-        md.permissions().mode() & 0o7777,
-        0o755,
-        "group/other write stripped"
-    );
+    if !server.is_object() {
+        let md = std::fs::metadata(server.root.join("script.sh")).unwrap();
+        assert_eq!(md.modified().unwrap(), old);
+        assert_eq!(
+            md.permissions().mode() & 0o7777,
+            0o755,
+            "group/other write stripped"
+        );
+    }
     let listing = client.list("script.sh").await.unwrap();
     assert_eq!(listing.len(), 1, "listing a file lists that file");
+    assert_eq!(listing[0].mode, Some(0o755), "group/other write stripped");
+    assert_eq!(
+        listing[0].mtime.and_then(qxfer::transfer::to_system_time),
+        Some(old)
+    );
 
     std::fs::write(&src, b"new contents").unwrap();
     client.put(&src, "script.sh", true, &|_| {}).await.unwrap();
-    assert_eq!(
-        std::fs::read(server.root.join("script.sh")).unwrap(),
-        b"new contents"
-    );
+    assert_eq!(server.stored("script.sh").await, b"new contents");
 
     let back = dir.path().join("back");
     std::fs::write(&back, b"local").unwrap();
@@ -219,11 +239,15 @@ async fn metadata_travels_and_force_overwrites() {
     client.close().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn compressible_files_travel_compressed_and_arrive_intact() {
+both_backends!(
+    compressible_files_travel_compressed_and_arrive_intact,
+    compressible_files_travel_compressed_and_arrive_intact_on
+);
+
+async fn compressible_files_travel_compressed_and_arrive_intact_on(backend: Backend) {
     use qxfer::client::Client;
     use qxfer::protocol::Compression;
-    let server = TestServer::start().await;
+    let server = TestServer::start_on(backend, "roundtrip").await;
     let dir = tempfile::tempdir().unwrap();
     // 16 MiB of text-like data (it shrinks about 50 times), and 4 MiB of
     // noise (it does not shrink), in one file.
@@ -255,7 +279,7 @@ async fn compressible_files_travel_compressed_and_arrive_intact() {
             assert_eq!(r.blake3, digest);
         })
         .await;
-        assert_eq!(std::fs::read(server.root.join(&name)).unwrap(), data);
+        assert_eq!(server.stored(&name).await, data);
         let back = dir.path().join(format!("back-{name}"));
         let (_, received) = counted(&client, async {
             let r = client

@@ -101,3 +101,17 @@ impl Garage {
             .env_remove("AWS_PROFILE");
     }
 }
+
+/// The test bucket, read directly (to see what the servers stored).
+pub fn bucket() -> object_store::aws::AmazonS3 {
+    let g = garage();
+    object_store::aws::AmazonS3Builder::new()
+        .with_endpoint(&g.endpoint)
+        .with_allow_http(true)
+        .with_bucket_name(&g.bucket)
+        .with_access_key_id(&g.key_id)
+        .with_secret_access_key(&g.secret)
+        .with_region(&g.region)
+        .build()
+        .unwrap()
+}

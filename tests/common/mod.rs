@@ -398,3 +398,107 @@ impl Drop for ServeProcess {
         let _ = self.child.wait();
     }
 }
+
+/// Where a test server keeps its files: the tests that concern the server
+/// run against both (see `both_backends!`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// A temporary directory.
+    Local,
+    /// A prefix of its own in the test Garage cluster's bucket.
+    Object,
+}
+
+/// Runs the async test body `$body(Backend)` twice, as `$name::local` and
+/// `$name::object`.
+#[macro_export]
+macro_rules! both_backends {
+    ($name:ident, $body:ident) => {
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn local() {
+                super::$body($crate::common::Backend::Local).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn object() {
+                super::$body($crate::common::Backend::Object).await
+            }
+        }
+    };
+}
+
+impl TestServer {
+    /// A server over a fresh root of `backend`.
+    pub async fn start_on(backend: Backend, label: &str) -> Self {
+        match backend {
+            Backend::Local => Self::start().await,
+            Backend::Object => Self::start_object(&garage::garage().fresh_root(label), 0).await,
+        }
+    }
+
+    /// The bucket and prefix of an object root, if this is one.
+    fn object_root(&self) -> Option<(String, String)> {
+        let rest = self.root.to_str()?.strip_prefix("s3://")?;
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        Some((bucket.to_owned(), prefix.to_owned()))
+    }
+
+    /// The bytes stored under the remote name `name`, read from the root
+    /// itself (the directory, or the bucket), not through qxfer.
+    pub async fn stored(&self, name: &str) -> Vec<u8> {
+        use object_store::ObjectStoreExt;
+        match self.object_root() {
+            None => std::fs::read(self.root.join(name)).unwrap(),
+            Some((_, prefix)) => {
+                let key = object_store::path::Path::from(format!("{prefix}/{name}"));
+                garage::bucket()
+                    .get(&key)
+                    .await
+                    .unwrap()
+                    .bytes()
+                    .await
+                    .unwrap()
+                    .to_vec()
+            }
+        }
+    }
+
+    /// Everything the root holds, listed as [`tree`] lists a directory:
+    /// files and directories by relative name, the partial store left out
+    /// but anything in it shown. In a bucket, a directory is a name that
+    /// something lies beneath (or its marker), and the digests kept for
+    /// files uploaded in parts are left out as part of their files.
+    pub async fn stored_tree(&self) -> Vec<String> {
+        use futures::TryStreamExt;
+        use object_store::ObjectStore;
+        let Some((_, prefix)) = self.object_root() else {
+            return tree(&self.root);
+        };
+        let listed: Vec<_> = garage::bucket()
+            .list(Some(&object_store::path::Path::from(prefix.as_str())))
+            .try_collect()
+            .await
+            .unwrap();
+        let mut out = std::collections::BTreeSet::new();
+        for o in listed {
+            let rel = &o.location.as_ref()[prefix.len() + 1..];
+            if rel.starts_with(".qxfer-sums/") {
+                continue;
+            }
+            let rel = rel.strip_suffix("/.qxfer-dir").unwrap_or(rel);
+            let parts: Vec<&str> = rel.split('/').collect();
+            for n in 1..parts.len() {
+                if !(n == 1 && parts[0] == server::PARTIAL_DIR) {
+                    out.insert(parts[..n].join("/"));
+                }
+            }
+            out.insert(rel.to_owned());
+        }
+        out.into_iter().collect()
+    }
+
+    /// Whether this server keeps its files in the object store.
+    pub fn is_object(&self) -> bool {
+        self.object_root().is_some()
+    }
+}

@@ -55,7 +55,7 @@ use crate::paths::{RemotePath, RESERVED_PREFIX};
 use crate::protocol::{
     Digest, DirMeta, Entry, EntryKind, ErrorCode, FileMeta, Prefix, RemoteError, Timestamp,
 };
-use crate::transfer::to_timestamp;
+use crate::transfer::{to_timestamp, KEPT_MODE_BITS};
 
 use super::{
     tree_too_large, InUse, Opened, Prepared, PutPlan, Store, MAX_TREE_ENTRIES, MAX_TREE_NAME_BYTES,
@@ -459,11 +459,11 @@ async fn list_dir(
         .await
         .map_err(failed)?;
     let files = listing.objects.into_iter().filter_map(|o| {
-        let name = o.location.filename()?.to_owned();
+        let name = decoded(o.location.filename()?);
         (!name.starts_with(RESERVED_PREFIX)).then_some((name, o))
     });
     let dirs = listing.common_prefixes.into_iter().filter_map(|p| {
-        let name = p.filename()?.to_owned();
+        let name = decoded(p.filename()?);
         (!name.starts_with(RESERVED_PREFIX)).then_some(name)
     });
     let mut out = file_entries(inner, files.collect(), path).await?;
@@ -511,7 +511,7 @@ async fn list_tree(
             .location
             .parts()
             .skip(depth)
-            .map(|p| p.as_ref().to_owned())
+            .map(|p| decoded(p.as_ref()))
             .collect();
         let Some((last, above)) = rel.split_last() else {
             continue;
@@ -610,6 +610,17 @@ fn dir_entry(name: String, meta: Option<DirMeta>) -> Entry {
     }
 }
 
+/// A name as listed. Garage sends the keys of a listing percent-encoded
+/// where they are not ASCII (as S3 does when asked for `encoding-type=url`)
+/// and object_store passes them on as they came: decoded here, they are
+/// the names the files were stored under. Requests keep using the listed
+/// key itself, which object_store sends as it is.
+fn decoded(listed: &str) -> String {
+    percent_encoding::percent_decode_str(listed)
+        .decode_utf8()
+        .map_or_else(|_| listed.to_owned(), |s| s.into_owned())
+}
+
 /// A file's metadata from its object's: size, and mtime and mode as stored
 /// (else the time the object was written, and no mode).
 fn file_meta(object: &ObjectMeta, attributes: &Attributes) -> FileMeta {
@@ -652,7 +663,7 @@ fn put_times_and_mode(attributes: &mut Attributes, mtime: Option<Timestamp>, mod
     if let Some(m) = mode {
         attributes.insert(
             Attribute::Metadata(META_MODE.into()),
-            AttributeValue::from(format!("{:o}", m & 0o7777)),
+            AttributeValue::from(format!("{:o}", m & KEPT_MODE_BITS)),
         );
     }
 }
@@ -817,8 +828,12 @@ mod tests {
     fn times_and_modes_round_trip_through_metadata() {
         let mut a = Attributes::new();
         let t = Timestamp { secs: -5, nanos: 7 };
-        put_times_and_mode(&mut a, Some(t), Some(0o100755));
-        assert_eq!(times_and_mode(&a), (Some(t), Some(0o755)));
+        put_times_and_mode(&mut a, Some(t), Some(0o104777));
+        assert_eq!(
+            times_and_mode(&a),
+            (Some(t), Some(0o755)),
+            "as a local root keeps it"
+        );
         let mut bad = Attributes::new();
         bad.insert(
             Attribute::Metadata(META_MTIME.into()),
