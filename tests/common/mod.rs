@@ -497,8 +497,50 @@ impl TestServer {
         out.into_iter().collect()
     }
 
+    /// Every object beneath `dir` in an object root (bookkeeping other than
+    /// directory markers left out), by name relative to `dir`: its bytes
+    /// and its metadata (`x-amz-meta-` names without the prefix).
+    pub async fn stored_objects(&self, dir: &str) -> Vec<(String, StoredObject)> {
+        use futures::TryStreamExt;
+        use object_store::{Attribute, ObjectStore, ObjectStoreExt};
+        let (_, prefix) = self.object_root().expect("an object root");
+        let base = format!("{prefix}/{dir}");
+        let bucket = garage::bucket();
+        let listed: Vec<_> = bucket
+            .list(Some(&object_store::path::Path::from(base.as_str())))
+            .try_collect()
+            .await
+            .unwrap();
+        let mut out = Vec::new();
+        for o in listed {
+            let rel = o.location.as_ref()[base.len() + 1..].to_owned();
+            let rel = percent_encoding::percent_decode_str(&rel)
+                .decode_utf8()
+                .unwrap()
+                .into_owned();
+            let got = bucket.get(&o.location).await.unwrap();
+            let attributes = got
+                .attributes
+                .iter()
+                .filter_map(|(k, v)| match k {
+                    Attribute::Metadata(name) => Some((name.to_string(), v.to_string())),
+                    _ => None,
+                })
+                .collect();
+            let bytes = got.bytes().await.unwrap().to_vec();
+            out.push((rel, StoredObject { bytes, attributes }));
+        }
+        out
+    }
+
     /// Whether this server keeps its files in the object store.
     pub fn is_object(&self) -> bool {
         self.object_root().is_some()
     }
+}
+
+/// One object as the bucket holds it.
+pub struct StoredObject {
+    pub bytes: Vec<u8>,
+    pub attributes: std::collections::HashMap<String, String>,
 }
