@@ -5,65 +5,11 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::garage::garage;
+use common::garage::{garage, keys, wait_for_parts};
 use common::{pattern, TestServer};
-use object_store::aws::AmazonS3Builder;
-use object_store::path::Path as Key;
-use object_store::ObjectStore;
 use qxfer::client::Client;
 
 const MIB: usize = 1 << 20;
-
-/// Every key under an `s3://BUCKET/PREFIX` root, relative to it.
-async fn keys(url: &str) -> Vec<String> {
-    use futures::TryStreamExt;
-    let g = garage();
-    let bucket = AmazonS3Builder::new()
-        .with_endpoint(&g.endpoint)
-        .with_allow_http(true)
-        .with_bucket_name(&g.bucket)
-        .with_access_key_id(&g.key_id)
-        .with_secret_access_key(&g.secret)
-        .with_region(&g.region)
-        .build()
-        .unwrap();
-    let prefix = url.split_once("://").unwrap().1.split_once('/').unwrap().1;
-    let listed: Vec<_> = bucket
-        .list(Some(&Key::from(prefix)))
-        .try_collect()
-        .await
-        .unwrap();
-    let mut out: Vec<String> = listed
-        .into_iter()
-        .map(|o| o.location.as_ref()[prefix.len() + 1..].to_owned())
-        .collect();
-    out.sort();
-    out
-}
-
-/// Waits until the root holds at least `n` stored parts of uploads in progress.
-async fn wait_for_parts(url: &str, n: usize) {
-    let start = Instant::now();
-    loop {
-        let stored = keys(url).await;
-        let parts = stored
-            .iter()
-            .filter(|k| {
-                k.rsplit('/')
-                    .next()
-                    .is_some_and(|n| n.starts_with("part-0"))
-            })
-            .count();
-        if parts >= n {
-            return;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "no parts stored: {stored:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
 
 /// Puts `src` as `name`, rate-limited, through a client whose identity is in `cfg`.
 async fn slow_client(server: &TestServer, cfg: &Path, rate: u64) -> Client {

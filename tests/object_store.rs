@@ -6,12 +6,8 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::garage::garage;
+use common::garage::{garage, keys, wait_for_parts};
 use common::{client_config, pattern, qxfer, ServeProcess, TestServer};
-use futures::TryStreamExt;
-use object_store::aws::AmazonS3Builder;
-use object_store::path::Path as Key;
-use object_store::ObjectStore;
 use qxfer::client::Client;
 use qxfer::protocol::{EntryKind, ErrorCode};
 
@@ -20,36 +16,6 @@ const MIB: usize = 1 << 20;
 /// A client of `server` whose identity lives in `cfg`.
 async fn client_in(server: &TestServer, cfg: &Path) -> Client {
     Client::connect(&server.client_config(cfg)).await.unwrap()
-}
-
-/// The test bucket, read directly (to see what the servers stored).
-fn bucket() -> impl ObjectStore {
-    let g = garage();
-    AmazonS3Builder::new()
-        .with_endpoint(&g.endpoint)
-        .with_allow_http(true)
-        .with_bucket_name(&g.bucket)
-        .with_access_key_id(&g.key_id)
-        .with_secret_access_key(&g.secret)
-        .with_region(&g.region)
-        .build()
-        .unwrap()
-}
-
-/// Every key under an `s3://BUCKET/PREFIX` root, relative to it.
-async fn keys(url: &str) -> Vec<String> {
-    let prefix = url.split_once("://").unwrap().1.split_once('/').unwrap().1;
-    let listed: Vec<_> = bucket()
-        .list(Some(&Key::from(prefix)))
-        .try_collect()
-        .await
-        .unwrap();
-    let mut out: Vec<String> = listed
-        .into_iter()
-        .map(|o| o.location.as_ref()[prefix.len() + 1..].to_owned())
-        .collect();
-    out.sort();
-    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -279,26 +245,7 @@ async fn an_upload_interrupted_on_one_server_resumes_through_another() {
     let c = client.clone();
     let s = src.clone();
     let upload = tokio::spawn(async move { c.put(&s, "big", false, &|_| {}).await });
-    let start = Instant::now();
-    loop {
-        let stored = keys(&url).await;
-        let parts = stored
-            .iter()
-            .filter(|k| {
-                k.rsplit('/')
-                    .next()
-                    .is_some_and(|n| n.starts_with("part-0"))
-            })
-            .count();
-        if parts >= 2 {
-            break;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "no parts stored: {stored:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_for_parts(&url, 2).await;
     client.connection().close(0u32.into(), b"gone");
     assert!(upload.await.unwrap().is_err());
     assert!(

@@ -115,3 +115,45 @@ pub fn bucket() -> object_store::aws::AmazonS3 {
         .build()
         .unwrap()
 }
+
+/// Every key under an `s3://BUCKET/PREFIX` root, relative to it, sorted.
+pub async fn keys(url: &str) -> Vec<String> {
+    use futures::TryStreamExt;
+    use object_store::ObjectStore;
+    let prefix = url.split_once("://").unwrap().1.split_once('/').unwrap().1;
+    let listed: Vec<_> = bucket()
+        .list(Some(&object_store::path::Path::from(prefix)))
+        .try_collect()
+        .await
+        .unwrap();
+    let mut out: Vec<String> = listed
+        .into_iter()
+        .map(|o| o.location.as_ref()[prefix.len() + 1..].to_owned())
+        .collect();
+    out.sort();
+    out
+}
+
+/// Waits until the root `url` holds at least `n` stored parts of uploads in progress.
+pub async fn wait_for_parts(url: &str, n: usize) {
+    let start = std::time::Instant::now();
+    loop {
+        let stored = keys(url).await;
+        let parts = stored
+            .iter()
+            .filter(|k| {
+                k.rsplit('/')
+                    .next()
+                    .is_some_and(|n| n.starts_with("part-0"))
+            })
+            .count();
+        if parts >= n {
+            return;
+        }
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(60),
+            "no parts stored: {stored:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}

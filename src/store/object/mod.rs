@@ -186,10 +186,11 @@ impl ObjectRoot {
             retry_timeout: Duration::from_secs(30),
             ..RetryConfig::default()
         })?;
-        // The start-up check fails fast: no long retries on a store that is not there.
+        // The start-up check fails fast (no long retries on a store that is
+        // not there) but rides out a hiccup of a cluster that just started.
         let probe = Inner {
             s3: build(RetryConfig {
-                max_retries: 1,
+                max_retries: 3,
                 retry_timeout: Duration::from_secs(5),
                 ..RetryConfig::default()
             })?,
@@ -468,20 +469,12 @@ async fn list_dir(
     });
     let mut out = file_entries(inner, files.collect(), path).await?;
     let dirs: Vec<String> = dirs.collect();
-    let lookups: Vec<_> = dirs
-        .iter()
-        .map(|name| {
-            let mut sub: Vec<String> = parts.iter().map(|p| (*p).to_owned()).collect();
-            sub.push(name.clone());
-            let inner = inner.clone();
-            async move { inner.dir_meta(&sub).await }
-        })
-        .collect();
-    let metas = stream::iter(lookups)
-        .buffered(LIST_CONCURRENCY)
-        .try_collect::<Vec<_>>()
-        .await
-        .map_err(failed)?;
+    let subs = dirs.iter().map(|name| {
+        let mut sub: Vec<String> = parts.iter().map(|p| (*p).to_owned()).collect();
+        sub.push(name.clone());
+        sub
+    });
+    let metas = dir_metas(inner, subs).await.map_err(failed)?;
     out.extend(
         dirs.into_iter()
             .zip(metas)
@@ -540,26 +533,36 @@ async fn list_tree(
     }
     let mut out = file_entries(inner, files, path).await?;
     let marked: Vec<&String> = dirs.iter().filter(|(_, m)| **m).map(|(d, _)| d).collect();
-    let lookups: Vec<_> = marked
-        .iter()
-        .map(|d| {
-            let mut sub: Vec<String> = parts.iter().map(|p| (*p).to_owned()).collect();
-            sub.extend(d.split('/').map(str::to_owned));
-            let inner = inner.clone();
-            async move { inner.dir_meta(&sub).await }
-        })
-        .collect();
-    let metas = stream::iter(lookups)
-        .buffered(LIST_CONCURRENCY)
-        .try_collect::<Vec<_>>()
-        .await
-        .map_err(failed)?;
+    let subs = marked.iter().map(|d| {
+        let mut sub: Vec<String> = parts.iter().map(|p| (*p).to_owned()).collect();
+        sub.extend(d.split('/').map(str::to_owned));
+        sub
+    });
+    let metas = dir_metas(inner, subs).await.map_err(failed)?;
     let mut metas: BTreeMap<&String, Option<DirMeta>> = marked.into_iter().zip(metas).collect();
     for d in dirs.keys() {
         let meta = metas.remove(d).flatten();
         out.push(dir_entry(d.clone(), meta));
     }
     Ok(out)
+}
+
+/// The metadata of each directory in `dirs` (each given by its parts), in
+/// order, [`LIST_CONCURRENCY`] lookups at a time.
+async fn dir_metas(
+    inner: &Arc<Inner>,
+    dirs: impl Iterator<Item = Vec<String>>,
+) -> object_store::Result<Vec<Option<DirMeta>>> {
+    let lookups: Vec<_> = dirs
+        .map(|sub| {
+            let inner = inner.clone();
+            async move { inner.dir_meta(&sub).await }
+        })
+        .collect();
+    stream::iter(lookups)
+        .buffered(LIST_CONCURRENCY)
+        .try_collect()
+        .await
 }
 
 /// Entries for listed objects, each with its mtime and mode from a HEAD.

@@ -294,17 +294,8 @@ impl ObjectUpload {
         tail: Option<(Piece, Option<Digest>)>,
     ) -> (Vec<Piece>, Option<Digest>) {
         let mut first_root = sink.first_root;
-        let mut pieces: Vec<Piece> = self
-            .multipart
-            .iter()
-            .flat_map(|m| m.parts.iter())
-            .enumerate()
-            .map(|(i, p)| Piece {
-                offset: i as u64 * self.part_size,
-                len: self.part_size,
-                cv: p.cv,
-            })
-            .collect();
+        let parts = self.multipart.as_ref().map_or(&[][..], |m| &m.parts[..]);
+        let mut pieces = part_pieces(parts, self.part_size);
         if let Some((piece, root)) = tail {
             pieces.push(piece);
             first_root = first_root.or(root);
@@ -400,13 +391,9 @@ impl ObjectUpload {
 /// checks again before it writes.
 const RECHECK_AFTER: Duration = Duration::from_secs(1);
 
-/// What a resumed upload holds: its whole parts, and their BLAKE3.
-fn held(parts: &[PartRecord], part_size: u64, size: u64) -> Held {
-    let offset = (parts.len() as u64 * part_size).min(size);
-    if parts.is_empty() || offset != parts.len() as u64 * part_size {
-        return Held::none();
-    }
-    let pieces: Vec<Piece> = parts
+/// The pieces the stored parts are, in order (each a whole part).
+fn part_pieces(parts: &[PartRecord], part_size: u64) -> Vec<Piece> {
+    parts
         .iter()
         .enumerate()
         .map(|(i, p)| Piece {
@@ -414,7 +401,16 @@ fn held(parts: &[PartRecord], part_size: u64, size: u64) -> Held {
             len: part_size,
             cv: p.cv,
         })
-        .collect();
+        .collect()
+}
+
+/// What a resumed upload holds: its whole parts, and their BLAKE3.
+fn held(parts: &[PartRecord], part_size: u64, size: u64) -> Held {
+    let offset = (parts.len() as u64 * part_size).min(size);
+    if parts.is_empty() || offset != parts.len() as u64 * part_size {
+        return Held::none();
+    }
+    let pieces = part_pieces(parts, part_size);
     match tree_hash::digest(&pieces, parts[0].root) {
         Some(prefix) => Held { offset, prefix },
         None => Held::none(),
