@@ -8,6 +8,15 @@
 //! changed or read (names, sizes, contents, mtimes and atimes), that the
 //! root holds exactly the expected user-visible names, and that no partial
 //! upload is left behind.
+//!
+//! The cases that concern what the server stores run against both back
+//! ends (`both_backends!`). Over the object store the arena's root is a
+//! prefix of the test bucket with a sibling prefix `<root>-outside` holding
+//! the secret, and `check` also asserts that every key in the whole bucket
+//! lies under some test's root. S3 keeps no access times, so there a read
+//! of the outside shows only in what the hostile client got back (every
+//! case asserts it was refused). Cases about links, special files and a
+//! directory swapped mid-put stay on a local root: a bucket has none of them.
 
 mod common;
 
@@ -18,7 +27,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
-use common::{client_identity, pattern, remote_code, tree, TestServer};
+use common::{client_identity, garage, pattern, remote_code, Backend, TestServer};
 use quinn::{ConnectionError, TransportErrorCode};
 use qxfer::client::{Client, ConnectError};
 use qxfer::endpoint::{client_endpoint, ServerLimits, TransportOpts};
@@ -76,13 +85,17 @@ fn walk(base: &Path, dir: &Path, out: &mut Snapshot) {
     }
 }
 
-/// A server over `<tmp>/root` with `<tmp>/outside` beside it, and a
-/// well-behaved client connected with its own identity.
+/// A server over `<tmp>/root` with `<tmp>/outside` beside it (over the
+/// object store: a fresh prefix, with `<prefix>-outside` beside it too),
+/// and a well-behaved client connected with its own identity.
 struct Arena {
     server: TestServer,
     outer: TempDir,
     outside: PathBuf,
     before: Snapshot,
+    /// The sibling prefix holding a secret, over the object store.
+    outside_prefix: Option<String>,
+    before_prefix: Snapshot,
     good: Client,
     _good_cfg: TempDir,
     work: TempDir,
@@ -94,11 +107,15 @@ struct Arena {
 const SEED: &str = "seed.txt";
 
 impl Arena {
-    async fn new() -> Self {
-        Self::with(|_| {}, ServerLimits::default()).await
+    async fn new(backend: Backend) -> Self {
+        Self::with(backend, |_| {}, ServerLimits::default()).await
     }
 
-    async fn with(configure: impl FnOnce(&mut ServeConfig), limits: ServerLimits) -> Self {
+    async fn with(
+        backend: Backend,
+        configure: impl FnOnce(&mut ServeConfig),
+        limits: ServerLimits,
+    ) -> Self {
         let outer = tempfile::tempdir().unwrap();
         let outside = outer.path().join("outside");
         std::fs::create_dir_all(outside.join("dir")).unwrap();
@@ -113,25 +130,43 @@ impl Arena {
             .unwrap()
             .set_times(FileTimes::new().set_accessed(old))
             .unwrap();
-        let root = outer.path().join("root");
         let mut read_only = false;
-        let server = TestServer::start_full(
-            tempfile::tempdir().unwrap(),
-            &root,
-            |c| {
-                configure(c);
-                read_only = c.read_only;
-            },
-            limits,
-        )
-        .await;
-        std::fs::write(server.root.join(SEED), pattern(100_000, 77)).unwrap();
+        let configure = |c: &mut ServeConfig| {
+            configure(c);
+            read_only = c.read_only;
+        };
+        let server = match backend {
+            Backend::Local => {
+                let root = outer.path().join("root");
+                let certs = tempfile::tempdir().unwrap();
+                TestServer::start_full(certs, &root, configure, limits).await
+            }
+            Backend::Object => {
+                TestServer::start_on_full(backend, "security", configure, limits).await
+            }
+        };
+        let outside_prefix = server.root.to_str().and_then(|r| {
+            let rest = r.strip_prefix("s3://")?;
+            Some(format!("{}-outside", rest.split_once('/')?.1))
+        });
+        if let Some(prefix) = &outside_prefix {
+            let outer_root = PathBuf::from(format!("s3://{}/{prefix}", garage::garage().bucket));
+            common::place_at(&outer_root, "secret.txt", SECRET).await;
+            common::place_at(&outer_root, "dir/keep", b"kept").await;
+        }
+        server.place(SEED, &pattern(100_000, 77)).await;
         let good_cfg = tempfile::tempdir().unwrap();
         let good = Client::connect(&server.client_config(good_cfg.path()))
             .await
             .unwrap();
+        let before_prefix = match &outside_prefix {
+            Some(p) => prefix_snapshot(p).await,
+            None => Snapshot::new(),
+        };
         Self {
             before: snapshot(&outside),
+            before_prefix,
+            outside_prefix,
             server,
             outer,
             outside,
@@ -191,7 +226,7 @@ impl Arena {
                 assert_eq!(std::fs::read(&back).unwrap(), data);
                 let listed = self.good.list("").await.expect("the well-behaved ls");
                 assert!(listed.iter().any(|e| e.name == name));
-                std::fs::remove_file(self.root().join(&name)).unwrap();
+                self.server.remove(&name).await;
                 rounds += 1;
                 if done.load(Ordering::Relaxed) {
                     return rounds;
@@ -230,22 +265,27 @@ impl Arena {
             self.before,
             "something outside the root was created, changed or read"
         );
-        let beside: Vec<_> = std::fs::read_dir(self.outer.path())
+        let mut beside: Vec<_> = std::fs::read_dir(self.outer.path())
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
-        assert_eq!(
-            {
-                let mut b = beside;
-                b.sort();
-                b
-            },
-            ["outside", "root"]
-        );
+        beside.sort();
+        let mut want_beside = vec!["outside"];
+        if let Some(prefix) = &self.outside_prefix {
+            assert_eq!(
+                prefix_snapshot(prefix).await,
+                self.before_prefix,
+                "something beside the root's prefix was created or changed"
+            );
+            assert_every_key_is_in_a_test_root().await;
+        } else {
+            want_beside.push("root");
+        }
+        assert_eq!(beside, want_beside);
         let mut want: Vec<String> = expected.iter().map(|s| s.to_string()).collect();
         want.push(SEED.to_owned());
         want.sort();
-        assert_eq!(tree(self.root()), want, "root contents");
+        assert_eq!(self.server.stored_tree().await, want, "root contents");
         if self.read_only {
             self.read_round(u64::MAX).await;
         } else {
@@ -254,9 +294,63 @@ impl Arena {
     }
 }
 
-#[tokio::test]
-async fn name_traversal_in_every_form_is_refused() {
-    let arena = Arena::new().await;
+/// What lies under `prefix` in the test bucket: each object's size, bytes
+/// and modification time (S3 keeps no access time: it stands in for both).
+async fn prefix_snapshot(prefix: &str) -> Snapshot {
+    use futures::TryStreamExt;
+    use object_store::{ObjectStore, ObjectStoreExt};
+    let bucket = garage::bucket();
+    let listed: Vec<_> = bucket
+        .list(Some(&object_store::path::Path::from(prefix)))
+        .try_collect()
+        .await
+        .unwrap();
+    let mut out = Snapshot::new();
+    for o in listed {
+        let bytes = bucket
+            .get(&o.location)
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        let when = SystemTime::from(o.last_modified);
+        let name = PathBuf::from(o.location.as_ref());
+        out.insert(name, ("object".into(), o.size, bytes.to_vec(), when, when));
+    }
+    out
+}
+
+/// Every key in the whole test bucket starts with a test root's prefix
+/// (`LABEL-PID-N`, or an arena's `LABEL-PID-N-outside`): nothing any server
+/// did escaped its prefix into the rest of the bucket.
+async fn assert_every_key_is_in_a_test_root() {
+    use futures::TryStreamExt;
+    use object_store::ObjectStore;
+    let listed: Vec<_> = garage::bucket().list(None).try_collect().await.unwrap();
+    for o in listed {
+        let key = o.location.as_ref();
+        let first = key.split('/').next().unwrap();
+        let first = first.strip_suffix("-outside").unwrap_or(first);
+        let mut parts = first.rsplitn(3, '-');
+        let numeric = |p: Option<&str>| {
+            p.is_some_and(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+        };
+        let in_root = numeric(parts.next()) && numeric(parts.next()) && parts.next().is_some();
+        assert!(
+            in_root && key.contains('/'),
+            "key {key:?} is outside every test root"
+        );
+    }
+}
+
+both_backends!(
+    name_traversal_in_every_form_is_refused,
+    name_traversal_in_every_form_is_refused_on
+);
+
+async fn name_traversal_in_every_form_is_refused_on(backend: Backend) {
+    let arena = Arena::new(backend).await;
     let (client, _cfg) = arena.client().await;
     let src = arena.local("payload", b"payload");
     let secret = arena.outside.join("secret.txt").display().to_string();
@@ -310,7 +404,7 @@ async fn name_traversal_in_every_form_is_refused() {
 #[tokio::test]
 async fn symlinks_out_of_the_root_are_refused_for_get_put_and_ls() {
     use std::os::unix::fs::symlink;
-    let arena = Arena::new().await;
+    let arena = Arena::new(Backend::Local).await;
     let root = arena.root().to_owned();
     symlink("../outside", root.join("rel-dir")).unwrap();
     symlink(&arena.outside, root.join("abs-dir")).unwrap();
@@ -426,7 +520,7 @@ async fn start_raw_put(
 
 #[tokio::test]
 async fn a_directory_swapped_for_a_symlink_during_a_put_cannot_redirect_it() {
-    let arena = Arena::new().await;
+    let arena = Arena::new(Backend::Local).await;
     let root = arena.root().to_owned();
     std::fs::create_dir(root.join("d")).unwrap();
     let (client, _cfg) = arena.client().await;
@@ -481,9 +575,14 @@ async fn raw_refusal(client: &Client, bytes: &[u8], finish: bool) -> String {
     }
 }
 
-#[tokio::test]
-async fn oversized_garbage_truncated_and_silent_headers_are_refused() {
+both_backends!(
+    oversized_garbage_truncated_and_silent_headers_are_refused,
+    oversized_garbage_truncated_and_silent_headers_are_refused_on
+);
+
+async fn oversized_garbage_truncated_and_silent_headers_are_refused_on(backend: Backend) {
     let arena = Arena::with(
+        backend,
         |c| c.header_timeout = Duration::from_secs(2),
         ServerLimits::default(),
     )
@@ -534,7 +633,12 @@ async fn oversized_garbage_truncated_and_silent_headers_are_refused() {
     arena.check(&[]).await;
 
     // A smaller --max-header-size applies to real requests too.
-    let arena = Arena::with(|c| c.max_header_size = 1024, ServerLimits::default()).await;
+    let arena = Arena::with(
+        backend,
+        |c| c.max_header_size = 1024,
+        ServerLimits::default(),
+    )
+    .await;
     let (client, _cfg) = arena.client().await;
     let src = arena.local("f", b"f");
     let long_name = format!("{}/f", "d".repeat(250)).repeat(5);
@@ -567,9 +671,13 @@ async fn raw_put(client: &Client, name: &str, declared: u64, data: &[u8]) -> Rec
     read_frame(&mut recv).await.unwrap()
 }
 
-#[tokio::test]
-async fn declared_sizes_shorter_or_longer_than_the_data_are_refused() {
-    let arena = Arena::new().await;
+both_backends!(
+    declared_sizes_shorter_or_longer_than_the_data_are_refused,
+    declared_sizes_shorter_or_longer_than_the_data_are_refused_on
+);
+
+async fn declared_sizes_shorter_or_longer_than_the_data_are_refused_on(backend: Backend) {
+    let arena = Arena::new(backend).await;
     let (client, _cfg) = arena.client().await;
     let data = pattern(3 << 20, 9);
     let hostile = async {
@@ -616,24 +724,32 @@ async fn declared_sizes_shorter_or_longer_than_the_data_are_refused() {
     };
     arena.during(hostile).await;
     // The upload that ended early was interrupted like any dropped
-    // connection: its bytes wait, hidden in the partial store, for a
-    // resume (or for --partial-ttl). Nothing is visible under a user name.
-    let store = arena.root().join(PARTIAL_DIR);
-    let kept: Vec<_> = std::fs::read_dir(&store)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    assert_eq!(kept.len(), 1, "{kept:?}");
-    assert!(kept[0].starts_with("part-"), "{kept:?}");
-    std::fs::remove_file(store.join(&kept[0])).unwrap();
+    // connection: on a local root its bytes wait, hidden in the partial
+    // store, for a resume (or for --partial-ttl). Over the object store a
+    // file smaller than one part (8 MiB) goes up in one PUT after its
+    // digest matched, so there is nothing to resume and nothing is kept.
+    // Either way nothing is visible under a user name.
+    let kept = arena.server.partials().await;
+    match backend {
+        Backend::Local => {
+            assert_eq!(kept.len(), 1, "{kept:?}");
+            assert!(kept[0].starts_with("part-"), "{kept:?}");
+        }
+        Backend::Object => assert!(kept.is_empty(), "{kept:?}"),
+    }
+    arena.server.clear_partials().await;
     client.close().await;
     arena.check(&[]).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_thousand_streams_at_once_are_all_served_within_the_stream_limit() {
-    let arena = Arena::new().await;
-    std::fs::write(arena.root().join("small.txt"), b"small file").unwrap();
+both_backends!(
+    a_thousand_streams_at_once_are_all_served_within_the_stream_limit,
+    a_thousand_streams_at_once_are_all_served_within_the_stream_limit_on
+);
+
+async fn a_thousand_streams_at_once_are_all_served_within_the_stream_limit_on(backend: Backend) {
+    let arena = Arena::new(backend).await;
+    arena.server.place("small.txt", b"small file").await;
     let (client, _cfg) = arena.client().await;
     let hostile = async {
         let mut tasks = tokio::task::JoinSet::new();
@@ -721,9 +837,13 @@ async fn close_all(clients: Vec<Client>) {
     while tasks.join_next().await.is_some() {}
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn three_hundred_connections_at_once_hit_clear_limits() {
-    let arena = Arena::new().await;
+both_backends!(
+    three_hundred_connections_at_once_hit_clear_limits,
+    three_hundred_connections_at_once_hit_clear_limits_on
+);
+
+async fn three_hundred_connections_at_once_hit_clear_limits_on(backend: Backend) {
+    let arena = Arena::new(backend).await;
     // One identity opening 300 connections gets its 32 and no more.
     let one = tempfile::tempdir().unwrap();
     arena.server.authorize(one.path());
@@ -772,9 +892,13 @@ async fn three_hundred_connections_at_once_hit_clear_limits() {
     arena.check(&[]).await;
 }
 
-#[tokio::test]
-async fn unknown_and_missing_client_certificates_are_refused() {
-    let arena = Arena::new().await;
+both_backends!(
+    unknown_and_missing_client_certificates_are_refused,
+    unknown_and_missing_client_certificates_are_refused_on
+);
+
+async fn unknown_and_missing_client_certificates_are_refused_on(backend: Backend) {
+    let arena = Arena::new(backend).await;
     let src = arena.local("f", b"f");
     // A client the server has never heard of.
     let stranger = tempfile::tempdir().unwrap();
@@ -830,9 +954,13 @@ async fn unknown_and_missing_client_certificates_are_refused() {
     arena.check(&[]).await;
 }
 
-#[tokio::test]
-async fn authorized_clients_is_reread_when_it_changes() {
-    let arena = Arena::new().await;
+both_backends!(
+    authorized_clients_is_reread_when_it_changes,
+    authorized_clients_is_reread_when_it_changes_on
+);
+
+async fn authorized_clients_is_reread_when_it_changes_on(backend: Backend) {
+    let arena = Arena::new(backend).await;
     let cfg = tempfile::tempdir().unwrap();
     let config = common::client_config(arena.server.addr, cfg.path());
     let list_ok = || async {
@@ -856,9 +984,13 @@ async fn authorized_clients_is_reread_when_it_changes() {
     arena.check(&[]).await;
 }
 
-#[tokio::test]
-async fn a_changed_server_key_and_a_wrong_pin_are_refused_by_the_client() {
-    let arena = Arena::new().await;
+both_backends!(
+    a_changed_server_key_and_a_wrong_pin_are_refused_by_the_client,
+    a_changed_server_key_and_a_wrong_pin_are_refused_by_the_client_on
+);
+
+async fn a_changed_server_key_and_a_wrong_pin_are_refused_by_the_client_on(backend: Backend) {
+    let arena = Arena::new(backend).await;
     let cfg = tempfile::tempdir().unwrap();
     let mut config = arena.server.client_config(cfg.path());
     let hostile = async {
@@ -900,10 +1032,14 @@ async fn a_changed_server_key_and_a_wrong_pin_are_refused_by_the_client() {
     arena.check(&[]).await;
 }
 
-#[tokio::test]
-async fn a_put_to_an_existing_name_needs_force() {
-    let arena = Arena::new().await;
-    std::fs::write(arena.root().join("f"), b"original").unwrap();
+both_backends!(
+    a_put_to_an_existing_name_needs_force,
+    a_put_to_an_existing_name_needs_force_on
+);
+
+async fn a_put_to_an_existing_name_needs_force_on(backend: Backend) {
+    let arena = Arena::new(backend).await;
+    arena.server.place("f", b"original").await;
     let (client, _cfg) = arena.client().await;
     let src = arena.local("f", &pattern(3 << 20, 3));
     let hostile = async {
@@ -932,15 +1068,19 @@ async fn a_put_to_an_existing_name_needs_force() {
         }
     };
     arena.during(hostile).await;
-    assert_eq!(std::fs::read(arena.root().join("f")).unwrap(), b"original");
+    assert_eq!(arena.server.stored("f").await, b"original");
     client.close().await;
     arena.check(&["f"]).await;
 }
 
-#[tokio::test]
-async fn a_read_only_server_refuses_every_put() {
-    let arena = Arena::with(|c| c.read_only = true, ServerLimits::default()).await;
-    std::fs::write(arena.root().join("shared"), b"read me").unwrap();
+both_backends!(
+    a_read_only_server_refuses_every_put,
+    a_read_only_server_refuses_every_put_on
+);
+
+async fn a_read_only_server_refuses_every_put_on(backend: Backend) {
+    let arena = Arena::with(backend, |c| c.read_only = true, ServerLimits::default()).await;
+    arena.server.place("shared", b"read me").await;
     let (client, _cfg) = arena.client().await;
     let src = arena.local("up", &pattern(2 << 20, 5));
     let hostile = async {
@@ -970,7 +1110,7 @@ async fn a_read_only_server_refuses_every_put() {
 
 #[tokio::test]
 async fn special_files_and_a_hijacked_partial_store_cannot_hang_or_escape_the_server() {
-    let arena = Arena::new().await;
+    let arena = Arena::new(Backend::Local).await;
     let root = arena.root().to_owned();
     // A FIFO: opening it for reading would block forever without O_NONBLOCK.
     let fifo = std::ffi::CString::new(root.join("pipe").as_os_str().as_encoded_bytes()).unwrap();
@@ -1015,7 +1155,7 @@ async fn special_files_and_a_hijacked_partial_store_cannot_hang_or_escape_the_se
 async fn mkdir_and_recursive_listings_stay_inside_the_root() {
     use qxfer::protocol::DirMeta;
     use std::os::unix::fs::{symlink, PermissionsExt};
-    let arena = Arena::new().await;
+    let arena = Arena::new(Backend::Local).await;
     let root = arena.root().to_owned();
     symlink("../outside", root.join("rel-dir")).unwrap();
     symlink(&arena.outside, root.join("abs-dir")).unwrap();
@@ -1089,4 +1229,51 @@ async fn mkdir_and_recursive_listings_stay_inside_the_root() {
             "tree/sub/out",
         ])
         .await;
+}
+
+both_backends!(mkdir_names_and_modes_are_checked, mkdir_names_and_modes_on);
+
+/// What mkdir does with hostile names and modes, on either back end (the
+/// links of the test above exist only on a local root).
+async fn mkdir_names_and_modes_on(backend: Backend) {
+    use qxfer::protocol::DirMeta;
+    let arena = Arena::new(backend).await;
+    arena.server.place("file", b"f").await;
+    let (client, _cfg) = arena.client().await;
+    let meta = DirMeta {
+        mode: Some(0o4777),
+        mtime: None,
+    };
+    let hostile = async {
+        for name in [
+            "../escape",
+            "/tmp/abs",
+            "",
+            "a/../../b",
+            ".qxfer-partial/x",
+            ".qxfer-sums/x",
+            ".qxfer-tmp-1",
+            "C:\\x",
+            "a\0b",
+        ] {
+            let (code, msg) = remote_code(client.mkdir(name, Some(meta)).await);
+            assert_eq!(code, ErrorCode::InvalidPath, "mkdir {name:?}: {msg}");
+        }
+        // A file is in the way: neither it nor anything beneath it becomes a directory.
+        let (code, msg) = remote_code(client.mkdir("file", Some(meta)).await);
+        assert_eq!(code, ErrorCode::NotDirectory, "mkdir file: {msg}");
+        assert!(msg.contains("'file'") && msg.contains("a file"), "{msg}");
+        let (code, msg) = remote_code(client.mkdir("file/below", Some(meta)).await);
+        assert_eq!(code, ErrorCode::NotDirectory, "mkdir file/below: {msg}");
+        assert!(msg.contains("parent"), "{msg}");
+        // A legitimate mkdir never sets set-id or group/other write bits.
+        client.mkdir("made/here", Some(meta)).await.unwrap();
+        let listed = client.list("made").await.unwrap();
+        assert_eq!(listed.len(), 1, "{listed:?}");
+        assert_eq!(listed[0].kind, EntryKind::Dir);
+        assert_eq!(listed[0].mode, Some(0o755), "{listed:?}");
+    };
+    arena.during(hostile).await;
+    client.close().await;
+    arena.check(&["file", "made", "made/here"]).await;
 }

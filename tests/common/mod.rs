@@ -82,12 +82,25 @@ impl TestServer {
         node: usize,
         configure: impl FnOnce(&mut ServeConfig),
     ) -> Self {
+        let limits = ServerLimits::default();
+        Self::start_object_full(dirs, certs, url, node, configure, limits).await
+    }
+
+    /// Like `start_object_configured`, with transport limits too.
+    pub async fn start_object_full(
+        dirs: TempDir,
+        certs: &Path,
+        url: &str,
+        node: usize,
+        configure: impl FnOnce(&mut ServeConfig),
+        limits: ServerLimits,
+    ) -> Self {
         let options = garage::garage().options(node);
         let mut config = ServeConfig::object_store(url, &options, false)
             .await
             .unwrap();
         configure(&mut config);
-        Self::start_certs(dirs, certs, config, ServerLimits::default()).await
+        Self::start_certs(dirs, certs, config, limits).await
     }
 
     /// Like `start_with`, with transport limits too.
@@ -532,17 +545,26 @@ impl TestServer {
         label: &str,
         configure: impl FnOnce(&mut ServeConfig),
     ) -> Self {
+        Self::start_on_full(backend, label, configure, ServerLimits::default()).await
+    }
+
+    /// Like `start_on_with`, with transport limits too.
+    pub async fn start_on_full(
+        backend: Backend,
+        label: &str,
+        configure: impl FnOnce(&mut ServeConfig),
+        limits: ServerLimits,
+    ) -> Self {
+        let dirs = tempfile::tempdir().unwrap();
         match backend {
             Backend::Local => {
-                let dirs = tempfile::tempdir().unwrap();
                 let root = dirs.path().join("root");
-                Self::start_with(dirs, &root, configure).await
+                Self::start_full(dirs, &root, configure, limits).await
             }
             Backend::Object => {
-                let dirs = tempfile::tempdir().unwrap();
                 let certs = dirs.path().join("certs");
                 let url = garage::garage().fresh_root(label);
-                Self::start_object_configured(dirs, &certs, &url, 0, configure).await
+                Self::start_object_full(dirs, &certs, &url, 0, configure, limits).await
             }
         }
     }

@@ -475,7 +475,7 @@ fn open_or_create_dir(root: &Dir, dir: &Path, path: &RemotePath) -> Result<Dir, 
             Err(open) if is_escape(&open) => open_error(open),
             _ if e.kind() == io::ErrorKind::AlreadyExists => RemoteError::new(
                 ErrorCode::NotDirectory,
-                format!("cannot create the directory for '{path}' on the server: a parent of this path is a file or a link, not a directory"),
+                format!("cannot create the directory for '{path}' on the server: this path or a parent of it is a file or a link, not a directory"),
             ),
             _ => fs_error(&e, path, "cannot create the directory for"),
         });
@@ -539,7 +539,7 @@ fn fs_error(e: &io::Error, path: &RemotePath, doing: &str) -> RemoteError {
         io::ErrorKind::IsADirectory => (ErrorCode::IsDirectory, "name a file, not a directory"),
         io::ErrorKind::NotADirectory => (
             ErrorCode::NotDirectory,
-            "a parent of this path is a file, not a directory",
+            "this path or a parent of it is a file, not a directory",
         ),
         io::ErrorKind::AlreadyExists => (ErrorCode::AlreadyExists, "use --force to overwrite"),
         _ if transfer::is_disk_full(e) => (

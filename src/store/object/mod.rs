@@ -403,14 +403,19 @@ impl Store for ObjectRoot {
     async fn mkdir(&self, path: &RemotePath, meta: Option<DirMeta>) -> Result<(), RemoteError> {
         let inner = &self.inner;
         let failed = |e| store_error(e, path, "cannot create the directory");
-        if inner.file_on_the_way(path).await.map_err(failed)?
-            || inner
-                .head(&inner.key(path))
-                .await
-                .map_err(failed)?
-                .is_some()
-        {
+        if inner.file_on_the_way(path).await.map_err(failed)? {
             return Err(not_a_directory(path));
+        }
+        if inner
+            .head(&inner.key(path))
+            .await
+            .map_err(failed)?
+            .is_some()
+        {
+            return Err(RemoteError::new(
+                ErrorCode::NotDirectory,
+                format!("cannot create the directory '{path}' on the server: a file has that name"),
+            ));
         }
         let mut parts: Vec<&str> = path.components().iter().map(String::as_str).collect();
         parts.push(DIR_MARKER);
