@@ -1,20 +1,24 @@
-//! Errors an ordinary user can meet (missing files, full disks, unreachable servers...): each is reported clearly and the server keeps serving. Hostile input is in security.rs.
+//! Errors an ordinary user can meet (missing files, full disks, unreachable servers...): each is reported clearly and the server keeps serving, over a local root and, where the case concerns what the server stores, over the object store too. Hostile input is in security.rs.
 
 mod common;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{is_root, pattern, remote_code, tree, TestServer};
+use common::{is_root, pattern, remote_code, tree, Backend, TestServer};
 use qxfer::client::{Client, ConnectError};
 use qxfer::protocol::{
     encode, read_frame, ErrorCode, FileMeta, PutRequest, Receipt, Request, Response,
 };
 use qxfer::tls::Identity;
 
-#[tokio::test]
-async fn missing_file_and_directory_are_clear_errors() {
-    let server = TestServer::start().await;
+both_backends!(
+    missing_file_and_directory_are_clear_errors,
+    missing_file_and_directory_are_clear_errors_on
+);
+
+async fn missing_file_and_directory_are_clear_errors_on(backend: Backend) {
+    let server = TestServer::start_on(backend, "errors").await;
     let (client, _cfg) = server.client().await;
     let dir = tempfile::tempdir().unwrap();
     let dest = dir.path().join("out");
@@ -27,7 +31,9 @@ async fn missing_file_and_directory_are_clear_errors() {
     );
     assert!(!dest.exists());
 
-    std::fs::create_dir(server.root.join("adir")).unwrap();
+    // A directory made by someone else on the server (over the object
+    // store: a name something lies beneath).
+    server.place("adir/inside", b"").await;
     let (code, msg) = remote_code(client.get("adir", &dest, false, &|_| {}, &|_| {}).await);
     assert_eq!(code, ErrorCode::IsDirectory);
     assert!(msg.contains("'adir' is a directory"), "{msg}");
@@ -101,6 +107,9 @@ async fn a_quic_server_of_another_protocol_is_named_as_such() {
     endpoint.close(0u32.into(), b"");
 }
 
+/// Local root only: file permissions of the server's user; an object
+/// store's refusals (a wrong key, a missing bucket) are start-up errors,
+/// tested in tests/object_store.rs.
 #[tokio::test]
 async fn permission_denied_on_the_server_is_reported() {
     if is_root() {
@@ -176,6 +185,8 @@ impl Drop for TinyDisk {
     }
 }
 
+/// Local root only: a tmpfs that fills up. The object store's nearest
+/// failure, a store that stops answering, is tested in tests/object_faults.rs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_disks_are_reported_on_either_side() {
     let Some(disk) = TinyDisk::mount("1m") else {
@@ -259,28 +270,33 @@ async fn full_disks_are_reported_on_either_side() {
     drop(server);
 }
 
-#[tokio::test]
-async fn size_limits_refuse_puts_clearly() {
+both_backends!(
+    size_limits_refuse_puts_clearly,
+    size_limits_refuse_puts_clearly_on
+);
+
+async fn size_limits_refuse_puts_clearly_on(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
     let src = dir.path().join("up");
     std::fs::write(&src, pattern(2 << 20, 5)).unwrap();
-    let dirs = tempfile::tempdir().unwrap();
-    let root = dirs.path().join("root");
-    let server = TestServer::start_with(dirs, &root, |c| c.max_file_size = Some(1 << 20)).await;
+    let server =
+        TestServer::start_on_with(backend, "errors", |c| c.max_file_size = Some(1 << 20)).await;
     let (client, _cfg) = server.client().await;
     let (code, msg) = remote_code(client.put(&src, "up", false, &|_| {}).await);
     assert_eq!(code, ErrorCode::TooLarge);
     assert!(msg.contains("at most 1048576 bytes"), "{msg}");
-    assert!(tree(&server.root).is_empty());
+    assert!(server.stored_tree().await.is_empty());
     client.close().await;
     server.assert_healthy().await;
 }
 
-#[tokio::test]
-async fn connections_beyond_the_limit_are_refused_clearly() {
-    let dirs = tempfile::tempdir().unwrap();
-    let root = dirs.path().join("root");
-    let server = TestServer::start_with(dirs, &root, |c| c.max_connections = 1).await;
+both_backends!(
+    connections_beyond_the_limit_are_refused_clearly,
+    connections_beyond_the_limit_are_refused_clearly_on
+);
+
+async fn connections_beyond_the_limit_are_refused_clearly_on(backend: Backend) {
+    let server = TestServer::start_on_with(backend, "errors", |c| c.max_connections = 1).await;
     let (first, _cfg) = server.client().await;
     let cfg = tempfile::tempdir().unwrap();
     let err = Client::connect(&server.client_config(cfg.path()))
@@ -306,6 +322,7 @@ async fn connections_beyond_the_limit_are_refused_clearly() {
     }
 }
 
+/// Local root only: a bucket has no mount points.
 #[tokio::test]
 async fn a_mount_point_inside_the_root_is_a_clear_error() {
     let Some(disk) = TinyDisk::mount("1m") else {
@@ -372,10 +389,13 @@ async fn slow_client(server: &TestServer, rate: u64) -> (Client, tempfile::TempD
 /// well-behaved file; returns the big file's error. The batch must end
 /// promptly, the small file must arrive, and nothing may be committed under
 /// the big file's name.
-async fn put_while_changing(change: impl FnOnce(&std::path::Path) + Send + 'static) -> String {
+async fn put_while_changing(
+    backend: Backend,
+    change: impl FnOnce(&std::path::Path) + Send + 'static,
+) -> String {
     use qxfer::client::{run_batch, Direction, Job};
     use qxfer::client::{Unwatched, Watch};
-    let server = TestServer::start().await;
+    let server = TestServer::start_on(backend, "errors").await;
     let (client, _cfg) = slow_client(&server, 8 << 20).await;
     let dir = tempfile::tempdir().unwrap();
     let big = dir.path().join("big");
@@ -413,8 +433,11 @@ async fn put_while_changing(change: impl FnOnce(&std::path::Path) + Send + 'stat
         started.elapsed()
     );
     assert_eq!(report.done.len(), 1, "the small file still arrives");
-    assert_eq!(std::fs::read(server.root.join("small")).unwrap(), b"small");
-    assert!(!server.root.join("big").exists(), "no mix committed");
+    assert_eq!(server.stored("small").await, b"small");
+    assert!(
+        common::stored_at(&server.root, "big").await.is_none(),
+        "no mix committed"
+    );
     assert_eq!(report.failed.len(), 1);
     let msg = report.failed[0].1.to_string();
     assert!(msg.contains("big"), "the message names the file: {msg}");
@@ -423,9 +446,13 @@ async fn put_while_changing(change: impl FnOnce(&std::path::Path) + Send + 'stat
     msg
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_source_that_shrinks_mid_put_fails_that_file_only() {
-    let msg = put_while_changing(|p| {
+both_backends!(
+    a_source_that_shrinks_mid_put_fails_that_file_only,
+    a_source_that_shrinks_mid_put_fails_that_file_only_on
+);
+
+async fn a_source_that_shrinks_mid_put_fails_that_file_only_on(backend: Backend) {
+    let msg = put_while_changing(backend, |p| {
         std::fs::OpenOptions::new()
             .write(true)
             .open(p)
@@ -437,10 +464,14 @@ async fn a_source_that_shrinks_mid_put_fails_that_file_only() {
     assert!(msg.contains("shrank"), "{msg}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_source_rewritten_in_place_mid_put_is_not_committed() {
+both_backends!(
+    a_source_rewritten_in_place_mid_put_is_not_committed,
+    a_source_rewritten_in_place_mid_put_is_not_committed_on
+);
+
+async fn a_source_rewritten_in_place_mid_put_is_not_committed_on(backend: Backend) {
     use std::os::unix::fs::FileExt;
-    let msg = put_while_changing(|p| {
+    let msg = put_while_changing(backend, |p| {
         let f = std::fs::OpenOptions::new().write(true).open(p).unwrap();
         let mib = vec![0xEE; 1 << 20];
         f.write_all_at(&mib, 0).unwrap();
@@ -450,9 +481,13 @@ async fn a_source_rewritten_in_place_mid_put_is_not_committed() {
     assert!(msg.contains("changed while being sent"), "{msg}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_source_that_grows_mid_put_is_not_cut_silently() {
-    let msg = put_while_changing(|p| {
+both_backends!(
+    a_source_that_grows_mid_put_is_not_cut_silently,
+    a_source_that_grows_mid_put_is_not_cut_silently_on
+);
+
+async fn a_source_that_grows_mid_put_is_not_cut_silently_on(backend: Backend) {
+    let msg = put_while_changing(backend, |p| {
         use std::io::Write;
         let mut f = std::fs::OpenOptions::new().append(true).open(p).unwrap();
         f.write_all(&[1u8; 4096]).unwrap();
@@ -461,9 +496,13 @@ async fn a_source_that_grows_mid_put_is_not_cut_silently() {
     assert!(msg.contains("changed while being sent"), "{msg}");
 }
 
-#[tokio::test]
-async fn putting_a_fifo_fails_at_once() {
-    let server = TestServer::start().await;
+both_backends!(
+    putting_a_fifo_fails_at_once,
+    putting_a_fifo_fails_at_once_on
+);
+
+async fn putting_a_fifo_fails_at_once_on(backend: Backend) {
+    let server = TestServer::start_on(backend, "errors").await;
     let (client, _cfg) = server.client().await;
     let dir = tempfile::tempdir().unwrap();
     let fifo = dir.path().join("pipe");
@@ -483,7 +522,7 @@ async fn putting_a_fifo_fails_at_once() {
         "{err} after {:?}",
         started.elapsed()
     );
-    assert!(tree(&server.root).is_empty());
+    assert!(server.stored_tree().await.is_empty());
     client.close().await;
 }
 
@@ -511,6 +550,8 @@ async fn two_slow_puts(
     [r1.map(drop), r2.map(drop)]
 }
 
+/// Local root only: space reservations against the disk's free space; an
+/// object store reports no free space to reserve against.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn uploads_that_do_not_fit_together_leave_the_server_usable() {
     let Some(disk) = TinyDisk::mount("48m") else {
@@ -543,9 +584,13 @@ async fn uploads_that_do_not_fit_together_leave_the_server_usable() {
     drop(server);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_loser_of_a_no_clobber_race_frees_its_partial() {
-    let server = TestServer::start().await;
+both_backends!(
+    the_loser_of_a_no_clobber_race_frees_its_partial,
+    the_loser_of_a_no_clobber_race_frees_its_partial_on
+);
+
+async fn the_loser_of_a_no_clobber_race_frees_its_partial_on(backend: Backend) {
+    let server = TestServer::start_on(backend, "errors").await;
     let dir = tempfile::tempdir().unwrap();
     let (a, b) = (dir.path().join("a"), dir.path().join("b"));
     std::fs::write(&a, pattern(16 << 20, 33)).unwrap();
@@ -555,13 +600,31 @@ async fn the_loser_of_a_no_clobber_race_frees_its_partial() {
     assert_eq!(failed.len(), 1, "{results:?}");
     let msg = failed[0].to_string();
     assert!(msg.contains("--force"), "{msg}");
-    let stored = std::fs::read(server.root.join("same")).unwrap();
+    let stored = server.stored("same").await;
     assert!(stored == std::fs::read(&a).unwrap() || stored == std::fs::read(&b).unwrap());
     assert_eq!(
-        partial_bytes(&server.root),
-        0,
+        server.partials().await,
+        Vec::<String>::new(),
         "the refused upload's partial is gone"
     );
+    // Small files (one write each, no partial) race the same way.
+    let (one, _c1) = server.client().await;
+    let (two, _c2) = server.client().await;
+    let (x, y) = (dir.path().join("x"), dir.path().join("y"));
+    std::fs::write(&x, b"x").unwrap();
+    std::fs::write(&y, b"y").unwrap();
+    for i in 0..8 {
+        let name = format!("small-{i}");
+        let (r1, r2) = tokio::join!(
+            one.put(&x, &name, false, &|_| {}),
+            two.put(&y, &name, false, &|_| {})
+        );
+        assert!(r1.is_ok() != r2.is_ok(), "{name}: {r1:?} {r2:?}");
+        let won: &[u8] = if r1.is_ok() { b"x" } else { b"y" };
+        assert_eq!(server.stored(&name).await, won);
+    }
+    one.close().await;
+    two.close().await;
     server.assert_healthy().await;
 }
 

@@ -61,6 +61,7 @@ use super::{
     tree_too_large, InUse, Opened, Prepared, PutPlan, Store, MAX_TREE_ENTRIES, MAX_TREE_NAME_BYTES,
 };
 
+mod commits;
 mod read;
 mod upload;
 
@@ -80,6 +81,8 @@ struct Inner {
     /// put must not be files, and a tree upload would otherwise ask that
     /// of the same few directories for every file (see [`NO_FILE_TTL`]).
     no_file: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
+    /// This server's commits, one at a time per key.
+    commits: commits::Commits,
 }
 
 /// How long a key seen to hold no object is trusted to stay so. Another
@@ -196,6 +199,7 @@ impl ObjectRoot {
             })?,
             prefix: prefix.clone(),
             no_file: Default::default(),
+            commits: Default::default(),
         };
         let at = endpoint.unwrap_or("AWS S3");
         let unusable = |doing: &str, e: object_store::Error| {
@@ -239,6 +243,7 @@ impl ObjectRoot {
                 s3,
                 prefix,
                 no_file: Default::default(),
+                commits: Default::default(),
             }),
         })
     }

@@ -333,6 +333,10 @@ impl ObjectUpload {
     ) -> Result<(), RemoteError> {
         let path = self.path.clone();
         let failed = |e| store_error(e, &path, "cannot commit");
+        // Checked under this server's turn for the key, so that of its own
+        // uploads racing to one name only the first completes.
+        let inner = self.inner.clone();
+        let turn = inner.commits.turn(self.key.as_ref(), self.checked).await;
         if !force && self.inner.head(&self.key).await.map_err(failed)?.is_some() {
             return Err(appeared(&self.path));
         }
@@ -368,6 +372,7 @@ impl ObjectUpload {
             .complete_multipart(&self.key, &m.header.upload_id, ids)
             .await
             .map_err(failed)?;
+        turn.succeeded();
         let sums = Sums {
             etag: done.e_tag.unwrap_or_default(),
             size: self.size,
@@ -535,7 +540,16 @@ impl ObjectUpload {
         let failed = |e| store_error(e, &self.path, "cannot commit");
         // Checked again unless it was checked a moment ago (a small file
         // arrives within milliseconds; asking twice cost a tree upload a
-        // request per file).
+        // request per file) and no other upload of this server has
+        // committed the name since.
+        let turn = self
+            .inner
+            .commits
+            .turn(self.key.as_ref(), self.checked)
+            .await;
+        if !force && turn.committed_since {
+            return Err(appeared(&self.path));
+        }
         let recheck = !force && self.checked.elapsed() > RECHECK_AFTER;
         if recheck && self.inner.head(&self.key).await.map_err(failed)?.is_some() {
             return Err(appeared(&self.path));
@@ -557,7 +571,10 @@ impl ObjectUpload {
             .put_opts(&self.key, PutPayload::from(bytes), opts)
             .await
         {
-            Ok(_) => Ok(()),
+            Ok(_) => {
+                turn.succeeded();
+                Ok(())
+            }
             Err(object_store::Error::AlreadyExists { .. })
             | Err(object_store::Error::Precondition { .. }) => Err(appeared(&self.path)),
             Err(e) => Err(failed(e)),
