@@ -230,12 +230,13 @@ async fn a_tree_of_2000_files_round_trips_identically_on(backend: Backend) {
     );
 }
 
-// Local root only for now: over the object store the killed first run
-// still got all 200 files in once in CI (small pipelined puts outran the
-// kill; see the issue note), so this case is not yet a reliable test there.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_interrupted_tree_upload_completes_when_run_again() {
-    let server = TestServer::start_on(Backend::Local, "interrupted-tree").await;
+both_backends!(
+    an_interrupted_tree_upload_completes_when_run_again,
+    interrupted_tree_on
+);
+
+async fn interrupted_tree_on(backend: Backend) {
+    let server = TestServer::start_on(backend, "interrupted-tree").await;
     let home = home_for(&server);
     let h = home.path();
     let src = h.join("tree");

@@ -140,9 +140,15 @@ async fn serve_whole_put(
             .stats
             .bytes_received
             .fetch_add(size, Ordering::Relaxed);
-        upload
+        match upload
             .commit_whole(data, trailer.digest, req.meta, req.force)
             .await
+        {
+            Err(e) if taken_by_this_file(&e, req, path, trailer.digest, ctx).await => {
+                Ok(trailer.digest)
+            }
+            other => other,
+        }
     };
     let receipt = match received.await {
         Ok(digest) => {
@@ -252,11 +258,50 @@ async fn receive_put(
         upload.abandon().await;
         return Err(corrupt(path));
     }
-    upload.commit(req.meta, req.force).await?;
+    match upload.commit(req.meta, req.force).await {
+        Err(e) if taken_by_this_file(&e, req, path, digest, ctx).await => {}
+        other => other?,
+    }
     Ok(Receipt::Committed {
         size: req.meta.size,
         digest,
     })
+}
+
+/// Whether a commit refused because the name was taken meanwhile (`err`)
+/// found this very file there: the same size and mtime and the same BLAKE3
+/// `digest`. Typically a client killed with its last files in flight,
+/// whose server commits them while the rerun of the same command is
+/// already sending them again. That is no conflict: the name holds exactly
+/// what this upload would have put there, so the put succeeds.
+async fn taken_by_this_file(
+    err: &RemoteError,
+    req: &PutRequest,
+    path: &RemotePath,
+    digest: crate::protocol::Digest,
+    ctx: &Ctx,
+) -> bool {
+    if err.code != ErrorCode::AlreadyExists || req.force {
+        return false;
+    }
+    let plan = PutPlan {
+        path: path.clone(),
+        meta: req.meta,
+        force: false,
+        partial: None,
+        resume: false,
+    };
+    match ctx.config.store.prepare_put(plan).await {
+        Ok(Prepared::Present(there)) if there == digest => {
+            info!(path = %path, "the same file was committed meanwhile by another upload");
+            true
+        }
+        Ok(Prepared::Receive { upload, .. }) => {
+            upload.abandon().await;
+            false
+        }
+        _ => false,
+    }
 }
 
 /// Reads the trailer and checks the stream ends right after it: bytes beyond

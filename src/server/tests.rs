@@ -338,3 +338,71 @@ async fn listings_and_mkdir_go_through_the_store() {
     assert_eq!(names, [("empty", EntryKind::Dir), ("one", EntryKind::File)]);
     x.served.await.unwrap();
 }
+
+/// Sends a put header for `path` (with an mtime), waits for the answer,
+/// lets `meanwhile` run on the root, then sends the data and returns the receipt.
+async fn put_with_a_file_appearing(
+    h: &Harness,
+    path: &str,
+    data: &[u8],
+    meanwhile: impl FnOnce(&std::path::Path, std::time::SystemTime),
+) -> Receipt {
+    let mtime = std::time::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+    let mut frames = put_frames(path, data);
+    frames[0] = encode(&Request::Put(PutRequest {
+        path: path.into(),
+        meta: FileMeta {
+            size: data.len() as u64,
+            mtime: crate::transfer::to_timestamp(mtime),
+            mode: Some(0o600),
+        },
+        force: false,
+        resume: false,
+        encoding: Encoding::Raw,
+    }))
+    .unwrap();
+    let mut x = h.open(&frames[..1]).await;
+    let response: Response = read_frame(&mut x.from_server).await.unwrap();
+    assert!(matches!(response, Response::PutAccepted(_)), "{response:?}");
+    meanwhile(&h.path(path), mtime);
+    for f in &frames[1..] {
+        x.to_server.write_all(f).await.unwrap();
+    }
+    drop(std::mem::replace(&mut x.to_server, tokio::io::duplex(1).0));
+    let receipt = read_frame(&mut x.from_server).await.unwrap();
+    x.served.await.unwrap();
+    receipt
+}
+
+#[tokio::test]
+async fn a_name_taken_meanwhile_by_this_very_file_is_no_conflict() {
+    let h = Harness::new(|_| {});
+    let data = b"the same file, committed by an earlier run".to_vec();
+    let place = |contents: Vec<u8>| {
+        move |p: &std::path::Path, mtime: std::time::SystemTime| {
+            std::fs::write(p, &contents).unwrap();
+            std::fs::File::options()
+                .write(true)
+                .open(p)
+                .unwrap()
+                .set_modified(mtime)
+                .unwrap();
+        }
+    };
+    // The same bytes, size and mtime: the put succeeds, the file is intact.
+    let receipt = put_with_a_file_appearing(&h, "same", &data, place(data.clone())).await;
+    assert!(
+        matches!(receipt, Receipt::Committed { size, .. } if size == data.len() as u64),
+        "{receipt:?}"
+    );
+    assert_eq!(std::fs::read(h.path("same")).unwrap(), data);
+    // Other bytes of the same size and mtime: a real conflict, refused.
+    let mut other = data.clone();
+    other[0] ^= 1;
+    let receipt = put_with_a_file_appearing(&h, "other", &data, place(other.clone())).await;
+    match receipt {
+        Receipt::Failed(e) => assert_eq!(e.code, ErrorCode::AlreadyExists, "{e:?}"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(std::fs::read(h.path("other")).unwrap(), other);
+}
