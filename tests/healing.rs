@@ -1,4 +1,4 @@
-//! Faults the product heals by itself, with the real binaries: a server killed and restarted mid-transfer, a graceful stop, signals on either side.
+//! Faults the product heals by itself, with the real binaries: a server killed and restarted mid-transfer, a graceful stop, signals on either side; the cases with transfers in flight at the server run over a local root and over the object store.
 
 mod common;
 
@@ -7,17 +7,18 @@ use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{pattern, qxfer, qxfer_at, ServeProcess};
+use common::{
+    partials_at, pattern, place_at, qxfer, qxfer_at, serve_root, stored_at, Backend, ServeProcess,
+};
 
-/// A `qxfer serve` over `<home>/root` with certs in `<home>/certs` on
-/// `listen`, with `extra` arguments; its log goes to `<home>/serve.log`.
-fn serve(home: &Path, listen: &str, extra: &[&str]) -> ServeProcess {
+/// A `qxfer serve` over `root` with certs in `<home>/certs` on `listen`,
+/// with `extra` arguments; its log goes to `<home>/serve.log`.
+fn serve_over(home: &Path, root: &Path, listen: &str, extra: &[&str]) -> ServeProcess {
     let mut cmd = qxfer(home);
-    cmd.args(["serve", "--listen", listen, "--root"])
-        .arg(home.join("root"))
-        .arg("--certs")
+    cmd.args(["serve", "--listen", listen, "--certs"])
         .arg(home.join("certs"))
         .args(extra);
+    serve_root(&mut cmd, root);
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -49,19 +50,26 @@ fn finish(mut child: Child, limit: Duration) -> Output {
     child.wait_with_output().unwrap()
 }
 
-/// Waits until the server holds some bytes of an upload in its partial
-/// store, i.e. the transfer is under way (not merely requested).
-fn wait_for_upload(root: &Path) {
+/// A `qxfer serve` over `<home>/root`, as [`serve_over`].
+fn serve(home: &Path, listen: &str, extra: &[&str]) -> ServeProcess {
+    serve_over(home, &home.join("root"), listen, extra)
+}
+
+/// Waits until the server has an upload in its partial store, i.e. the
+/// transfer is under way (not merely requested): some bytes in a local
+/// partial; over the object store, the upload's record (made when the
+/// multipart upload is created, as the data starts to arrive).
+async fn wait_for_upload(root: &Path) {
     let start = Instant::now();
     loop {
-        let held: u64 = std::fs::read_dir(root.join(".qxfer-partial"))
-            .map(|d| {
-                d.flatten()
-                    .filter_map(|e| e.metadata().ok())
-                    .map(|m| m.len())
-                    .sum()
-            })
-            .unwrap_or(0);
+        let held: u64 = match std::fs::read_dir(root.join(".qxfer-partial")) {
+            Ok(d) => d
+                .flatten()
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum(),
+            Err(_) => partials_at(root).await.len() as u64,
+        };
         if held > 0 {
             return;
         }
@@ -69,7 +77,7 @@ fn wait_for_upload(root: &Path) {
             start.elapsed() < Duration::from_secs(20),
             "the upload never started"
         );
-        std::thread::sleep(Duration::from_millis(20));
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -83,19 +91,18 @@ fn signal(child: &Child, sig: i32) {
 /// later, and checks the client finished by itself: it learned at once
 /// that its connection was gone (the restarted server's stateless reset;
 /// the idle timeout alone is 30 s), reconnected and resumed.
-fn survives_restart(get: bool) {
+async fn survives_restart(get: bool, backend: Backend) {
     let home = tempfile::tempdir().unwrap();
     let h = home.path();
-    std::fs::create_dir_all(h.join("root")).unwrap();
+    let root = backend.root_for_process(h.join("root"), "healing");
     std::fs::create_dir_all(h.join("out")).unwrap();
     let data = pattern(24 << 20, 51);
-    let src = if get {
-        h.join("root/big")
-    } else {
-        h.join("big")
-    };
+    let src = h.join("big");
     std::fs::write(&src, &data).unwrap();
-    let mut server = serve(h, "127.0.0.1:0", &[]);
+    if get {
+        place_at(&root, "big", &data).await;
+    }
+    let mut server = serve_over(h, &root, "127.0.0.1:0", &[]);
     let addr = server.addr;
     let mut cmd = qxfer_at(h, addr);
     if get {
@@ -106,11 +113,11 @@ fn survives_restart(get: bool) {
     cmd.args(["--limit-rate", "6M"]);
     let started = Instant::now();
     let client = spawn(cmd);
-    std::thread::sleep(Duration::from_millis(1500));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
     server.child.kill().unwrap();
     server.child.wait().unwrap();
-    std::thread::sleep(Duration::from_millis(500));
-    let restarted = serve(h, &addr.to_string(), &[]);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let restarted = serve_over(h, &root, &addr.to_string(), &[]);
     assert_eq!(restarted.fingerprint, server.fingerprint, "same identity");
     let out = finish(client, Duration::from_secs(60));
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -121,37 +128,52 @@ fn survives_restart(get: bool) {
         "{stderr}"
     );
     let landed = if get {
-        h.join("out/big")
+        std::fs::read(h.join("out/big")).unwrap()
     } else {
-        h.join("root/big")
+        stored_at(&root, "big").await.unwrap()
     };
-    assert!(std::fs::read(&landed).unwrap() == data, "contents intact");
+    assert!(landed == data, "contents intact");
     // 24 MiB at 6 MiB/s is 4 s; the outage costs the reset's round trip
     // and the backoff, not the 30 s idle timeout.
     let took = started.elapsed();
     assert!(took < Duration::from_secs(20), "took {took:?}:\n{stderr}");
 }
 
-#[test]
-fn a_put_survives_the_server_killed_and_restarted() {
-    survives_restart(false);
+both_backends!(
+    a_put_survives_the_server_killed_and_restarted,
+    put_restart_on
+);
+
+async fn put_restart_on(backend: Backend) {
+    survives_restart(false, backend).await;
 }
 
-#[test]
-fn a_get_survives_the_server_killed_and_restarted() {
-    survives_restart(true);
+both_backends!(
+    a_get_survives_the_server_killed_and_restarted,
+    get_restart_on
+);
+
+async fn get_restart_on(backend: Backend) {
+    survives_restart(true, backend).await;
 }
 
-#[test]
-fn a_stopping_server_finishes_transfers_in_flight() {
+both_backends!(
+    a_stopping_server_finishes_transfers_in_flight,
+    stopping_server_on
+);
+
+async fn stopping_server_on(backend: Backend) {
     let home = tempfile::tempdir().unwrap();
     let h = home.path();
-    std::fs::write(h.join("f"), pattern(6 << 20, 52)).unwrap();
-    let mut server = serve(h, "127.0.0.1:0", &[]);
+    let root = backend.root_for_process(h.join("root"), "healing");
+    // Larger than one part of an object store upload (8 MiB), so that it
+    // is a multipart upload there; 4 s at 3 MiB/s, well within the grace.
+    std::fs::write(h.join("f"), pattern(12 << 20, 52)).unwrap();
+    let mut server = serve_over(h, &root, "127.0.0.1:0", &[]);
     let mut cmd = qxfer_at(h, server.addr);
     cmd.arg("put").arg(h.join("f")).args(["--limit-rate", "3M"]);
     let client = spawn(cmd);
-    wait_for_upload(&h.join("root"));
+    wait_for_upload(&root).await;
     signal(&server.child, libc::SIGTERM);
     let out = finish(client, Duration::from_secs(20));
     assert!(
@@ -160,27 +182,32 @@ fn a_stopping_server_finishes_transfers_in_flight() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(
-        std::fs::read(h.join("root/f")).unwrap(),
+        stored_at(&root, "f").await.unwrap(),
         std::fs::read(h.join("f")).unwrap()
     );
     let status = server.child.wait().unwrap();
     assert!(status.success(), "{status:?}");
 }
 
-#[test]
-fn past_the_grace_clients_hear_the_server_is_shutting_down_and_resume_later() {
+both_backends!(
+    past_the_grace_clients_hear_the_server_is_shutting_down_and_resume_later,
+    past_the_grace_on
+);
+
+async fn past_the_grace_on(backend: Backend) {
     let home = tempfile::tempdir().unwrap();
     let h = home.path();
+    let root = backend.root_for_process(h.join("root"), "healing");
     let data = pattern(24 << 20, 53);
     std::fs::write(h.join("f"), &data).unwrap();
-    let mut server = serve(h, "127.0.0.1:0", &["--grace", "1s"]);
+    let mut server = serve_over(h, &root, "127.0.0.1:0", &["--grace", "1s"]);
     let addr = server.addr;
     let mut cmd = qxfer_at(h, addr);
     cmd.arg("put")
         .arg(h.join("f"))
         .args(["--limit-rate", "6M", "--retries", "8"]);
     let client = spawn(cmd);
-    wait_for_upload(&h.join("root"));
+    wait_for_upload(&root).await;
     signal(&server.child, libc::SIGTERM);
     let stopped = Instant::now();
     let status = server.child.wait().unwrap();
@@ -188,16 +215,16 @@ fn past_the_grace_clients_hear_the_server_is_shutting_down_and_resume_later() {
     assert!(stopped.elapsed() < Duration::from_secs(5), "grace of 1 s");
     let log = std::fs::read_to_string(h.join("serve.log")).unwrap();
     assert!(log.contains("still running after"), "{log}");
-    let _restarted = serve(h, &addr.to_string(), &[]);
+    let _restarted = serve_over(h, &root, &addr.to_string(), &[]);
     let out = finish(client, Duration::from_secs(60));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert!(stderr.contains("the server is shutting down"), "{stderr}");
-    assert!(std::fs::read(h.join("root/f")).unwrap() == data);
+    assert!(stored_at(&root, "f").await.unwrap() == data);
 }
 
-#[test]
-fn a_second_signal_stops_the_server_at_once() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_signal_stops_the_server_at_once() {
     let home = tempfile::tempdir().unwrap();
     let h = home.path();
     std::fs::write(h.join("f"), pattern(8 << 20, 54)).unwrap();
@@ -207,7 +234,7 @@ fn a_second_signal_stops_the_server_at_once() {
         .arg(h.join("f"))
         .args(["--limit-rate", "1M", "--retries", "0"]);
     let client = spawn(cmd);
-    wait_for_upload(&h.join("root"));
+    wait_for_upload(&h.join("root")).await;
     signal(&server.child, libc::SIGINT);
     std::thread::sleep(Duration::from_millis(300));
     assert!(

@@ -7,10 +7,9 @@ use std::process::{Child, Output};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use common::garage::garage;
 use common::{
-    flip_byte, home_for, partial_bytes_at, pattern, qxfer, qxfer_at, stored_at, tree, Backend,
-    ServeProcess, TestServer,
+    flip_byte, home_for, partial_bytes_at, pattern, qxfer, qxfer_at, serve_root, stored_at, tree,
+    Backend, ServeProcess, TestServer,
 };
 use qxfer::client::{hex, Client, TransferReport, PART_SUFFIX};
 use qxfer::server::PARTIAL_DIR;
@@ -171,20 +170,12 @@ both_backends!(
 async fn server_killed_on(backend: Backend) {
     let home = tempfile::tempdir().unwrap();
     let h = home.path().to_owned();
-    let root = match backend {
-        Backend::Local => h.join("root"),
-        Backend::Object => garage().fresh_root("resume").into(),
-    };
+    let root = backend.root_for_process(h.join("root"), "resume");
     let serve = |listen: &str| {
         let mut cmd = qxfer(&h);
-        cmd.args(["serve", "--listen", listen, "--root"])
-            .arg(&root)
-            .arg("--certs")
+        cmd.args(["serve", "--listen", listen, "--certs"])
             .arg(h.join("certs"));
-        if backend == Backend::Object {
-            garage().env(&mut cmd);
-            cmd.args(["--s3-endpoint", &garage().endpoint]);
-        }
+        serve_root(&mut cmd, &root);
         ServeProcess::spawn(cmd)
     };
     let mut server = serve("127.0.0.1:0");

@@ -104,6 +104,9 @@ impl Garage {
 
 /// The test bucket, read directly (to see what the servers stored).
 pub fn bucket() -> object_store::aws::AmazonS3 {
+    // The S3 client's TLS needs a crypto provider (qxfer installs ring
+    // when a server connects; a test may read the bucket before any does).
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let g = garage();
     object_store::aws::AmazonS3Builder::new()
         .with_endpoint(&g.endpoint)

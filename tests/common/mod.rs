@@ -422,6 +422,28 @@ pub enum Backend {
     Object,
 }
 
+impl Backend {
+    /// A fresh root of this kind for `qxfer serve` run as a process: the
+    /// directory `dir`, or a new prefix in the test bucket.
+    pub fn root_for_process(self, dir: PathBuf, label: &str) -> PathBuf {
+        match self {
+            Backend::Local => dir,
+            Backend::Object => garage::garage().fresh_root(label).into(),
+        }
+    }
+}
+
+/// Adds `--root root` to a `qxfer serve` command line, and for an s3://
+/// root the test cluster's endpoint and credentials.
+pub fn serve_root(cmd: &mut Command, root: &Path) {
+    cmd.arg("--root").arg(root);
+    if object_prefix(root).is_some() {
+        let g = garage::garage();
+        g.env(cmd);
+        cmd.args(["--s3-endpoint", &g.endpoint]);
+    }
+}
+
 /// Runs the async test body `$body(Backend)` twice, as `$name::local` and
 /// `$name::object`.
 #[macro_export]
