@@ -427,8 +427,8 @@ impl Backend {
     /// directory `dir`, or a new prefix in the test bucket.
     pub fn root_for_process(self, dir: PathBuf, label: &str) -> PathBuf {
         match self {
-            Backend::Local => dir,
-            Backend::Object => garage::garage().fresh_root(label).into(),
+            Self::Local => dir,
+            Self::Object => garage::garage().fresh_root(label).into(),
         }
     }
 }
