@@ -83,7 +83,21 @@ struct Inner {
     no_file: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
     /// This server's commits, one at a time per key.
     commits: commits::Commits,
+    /// Slots for requests to the store (see [`MAX_REQUESTS`]).
+    slots: tokio::sync::Semaphore,
 }
+
+/// Requests to the store in flight at once, per server. Each holds an HTTP
+/// connection while it runs, so without a bound a flood of small requests
+/// (one client's 640 stalled puts each checking its name) opened some 900
+/// sockets, kept idle for a minute and a half afterwards. A download's
+/// streaming read takes no slot: a client that stops reading would
+/// otherwise hold one, and those are bounded by the streams a server admits.
+const MAX_REQUESTS: usize = 64;
+
+/// Idle connections to the store kept for reuse, and for how long.
+const IDLE_CONNECTIONS: usize = 16;
+const IDLE_FOR: Duration = Duration::from_secs(20);
 
 /// How long a key seen to hold no object is trusted to stay so. Another
 /// server could create a file where this one saw a directory's name free
@@ -171,7 +185,9 @@ impl ObjectRoot {
                 .with_client_options(
                     ClientOptions::new()
                         .with_connect_timeout(Duration::from_secs(5))
-                        .with_timeout(Duration::from_secs(120)),
+                        .with_timeout(Duration::from_secs(120))
+                        .with_pool_max_idle_per_host(IDLE_CONNECTIONS)
+                        .with_pool_idle_timeout(IDLE_FOR),
                 );
             if let Some(ep) = endpoint {
                 b = b
@@ -200,6 +216,7 @@ impl ObjectRoot {
             prefix: prefix.clone(),
             no_file: Default::default(),
             commits: Default::default(),
+            slots: tokio::sync::Semaphore::new(MAX_REQUESTS),
         };
         let at = endpoint.unwrap_or("AWS S3");
         let unusable = |doing: &str, e: object_store::Error| {
@@ -244,6 +261,7 @@ impl ObjectRoot {
                 prefix,
                 no_file: Default::default(),
                 commits: Default::default(),
+                slots: tokio::sync::Semaphore::new(MAX_REQUESTS),
             }),
         })
     }
@@ -305,12 +323,23 @@ impl Inner {
         self.key_of(parts)
     }
 
+    /// Waits for a slot to send the store a request (see [`MAX_REQUESTS`]).
+    /// Held for one request and the reading of its answer, never across
+    /// another request, so slots cannot deadlock.
+    async fn slot(&self) -> tokio::sync::SemaphorePermit<'_> {
+        self.slots
+            .acquire()
+            .await
+            .expect("the slots are never closed")
+    }
+
     /// A HEAD that returns the object's metadata too; `None` if there is no such object.
     async fn head(&self, key: &Key) -> object_store::Result<Option<GetResult>> {
         let opts = GetOptions {
             head: true,
             ..GetOptions::default()
         };
+        let _slot = self.slot().await;
         match self.s3.get_opts(key, opts).await {
             Ok(r) => Ok(Some(r)),
             Err(object_store::Error::NotFound { .. }) => Ok(None),
@@ -320,6 +349,7 @@ impl Inner {
 
     /// Whether anything lies beneath `key` (so it is a directory).
     async fn has_children(&self, key: &Key) -> object_store::Result<bool> {
+        let _slot = self.slot().await;
         let mut listing = self.s3.list(Some(key));
         Ok(listing.try_next().await?.is_some())
     }
@@ -432,6 +462,7 @@ impl Store for ObjectRoot {
             attributes,
             ..PutOptions::default()
         };
+        let _slot = inner.slot().await;
         inner
             .s3
             .put_opts(&inner.key_of(&parts), PutPayload::new(), opts)
@@ -464,11 +495,13 @@ async fn list_dir(
     path: &RemotePath,
 ) -> Result<Vec<Entry>, RemoteError> {
     let failed = |e| store_error(e, path, "cannot list");
+    let slot = inner.slot().await;
     let listing = inner
         .s3
         .list_with_delimiter(Some(dir))
         .await
         .map_err(failed)?;
+    drop(slot);
     let files = listing.objects.into_iter().filter_map(|o| {
         let name = decoded(o.location.filename()?);
         (!name.starts_with(RESERVED_PREFIX)).then_some((name, o))
@@ -508,6 +541,7 @@ async fn list_tree(
     // Each directory, and whether it has a marker.
     let mut dirs: BTreeMap<String, bool> = BTreeMap::new();
     let mut name_bytes = 0;
+    let slot = inner.slot().await;
     let mut listing = inner.s3.list(Some(dir));
     while let Some(object) = listing.try_next().await.map_err(failed)? {
         let rel: Vec<String> = object
@@ -541,6 +575,7 @@ async fn list_tree(
             return Err(tree_too_large(path));
         }
     }
+    drop((listing, slot));
     let mut out = file_entries(inner, files, path).await?;
     let marked: Vec<&String> = dirs.iter().filter(|(_, m)| **m).map(|(d, _)| d).collect();
     let subs = marked.iter().map(|d| {

@@ -57,10 +57,12 @@ pub(super) fn sums_key(inner: &Inner, path: &RemotePath) -> Key {
 /// The sums of the object `path` as it is now (its ETag), if there are any.
 async fn sums_of(inner: &Inner, path: &RemotePath, etag: Option<&str>) -> Option<Sums> {
     let etag = etag?;
+    let slot = inner.slot().await;
     let body = match inner.s3.get(&sums_key(inner, path)).await {
         Ok(r) => r.bytes().await.ok()?,
         Err(_) => return None,
     };
+    drop(slot);
     let sums: Sums = serde_json::from_slice(&body).ok()?;
     let parts_needed = sums.size.div_ceil(sums.part_size.max(1)) as usize;
     let sane = sums.etag == etag
@@ -214,7 +216,10 @@ impl Reading<'_> {
             if_match: self.etag.map(str::to_owned),
             ..GetOptions::default()
         };
-        let read = async { self.inner.s3.get_opts(self.key, opts).await?.bytes().await };
+        let read = async {
+            let _slot = self.inner.slot().await;
+            self.inner.s3.get_opts(self.key, opts).await?.bytes().await
+        };
         let bytes = read
             .await
             .map_err(|e| store_error(e, self.path, "cannot read"))?;
@@ -228,7 +233,9 @@ impl Reading<'_> {
     }
 }
 
-/// A file in the object store being sent: a ranged read of its rest.
+/// A file in the object store being sent: a ranged read of its rest. It
+/// takes no request slot (see `MAX_REQUESTS`): the read lasts as long as
+/// the client takes to receive it.
 struct ObjectReader {
     s3: object_store::aws::AmazonS3,
     key: Key,

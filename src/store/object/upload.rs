@@ -214,12 +214,14 @@ impl ObjectUpload {
             attributes,
             ..PutMultipartOptions::default()
         };
+        let slot = self.inner.slot().await;
         let upload_id = self
             .inner
             .s3
             .create_multipart_opts(&self.key, opts)
             .await
             .map_err(failed)?;
+        drop(slot);
         let header = Header {
             key: self.key.to_string(),
             upload_id,
@@ -241,6 +243,7 @@ impl ObjectUpload {
     /// Aborts a multipart upload (it may already be gone).
     async fn abort(&self, header: &Header) {
         let key = Key::from(header.key.as_str());
+        let _slot = self.inner.slot().await;
         match self.inner.s3.abort_multipart(&key, &header.upload_id).await {
             Ok(()) => {}
             Err(e) if is_not_found(&e) => {}
@@ -366,12 +369,14 @@ impl ObjectUpload {
                 content_id: p.etag.clone(),
             })
             .collect();
+        let slot = self.inner.slot().await;
         let done = self
             .inner
             .s3
             .complete_multipart(&self.key, &m.header.upload_id, ids)
             .await
             .map_err(failed)?;
+        drop(slot);
         turn.succeeded();
         let sums = Sums {
             etag: done.e_tag.unwrap_or_default(),
@@ -565,12 +570,14 @@ impl ObjectUpload {
             attributes,
             ..PutOptions::default()
         };
-        match self
+        let slot = self.inner.slot().await;
+        let put = self
             .inner
             .s3
             .put_opts(&self.key, PutPayload::from(bytes), opts)
-            .await
-        {
+            .await;
+        drop(slot);
+        match put {
             Ok(_) => {
                 turn.succeeded();
                 Ok(())
@@ -601,10 +608,13 @@ impl PartTarget {
     ) -> object_store::Result<PartRecord> {
         let for_hash = part.clone();
         let hashing = blocking(move || tree_hash::hash_piece(offset, &for_hash));
-        let storing =
+        let storing = async {
+            let _slot = self.inner.slot().await;
             self.inner
                 .s3
-                .put_part(&self.key, &self.upload_id, index, PutPayload::from(part));
+                .put_part(&self.key, &self.upload_id, index, PutPayload::from(part))
+                .await
+        };
         let ((piece, root), id) = tokio::join!(hashing, storing);
         let record = PartRecord {
             etag: id?.content_id,
@@ -754,6 +764,7 @@ async fn read_record(
     };
     let dir = inner.key_of(&record.iter().map(String::as_str).collect::<Vec<_>>());
     let mut numbered = std::collections::BTreeMap::new();
+    let slot = inner.slot().await;
     let mut listing = inner.s3.list(Some(&dir));
     while let Some(o) = listing.try_next().await? {
         let Some(n) = o
@@ -766,6 +777,7 @@ async fn read_record(
         };
         numbered.insert(n, o.location);
     }
+    drop((listing, slot));
     let mut parts = Vec::new();
     for (i, (n, key)) in numbered.into_iter().enumerate() {
         if n != i {
@@ -782,13 +794,16 @@ async fn read_record(
 /// Deletes everything in an upload's record.
 async fn clear_record(inner: &Inner, record: &[String]) -> object_store::Result<()> {
     let dir = inner.key_of(&record.iter().map(String::as_str).collect::<Vec<_>>());
+    let slot = inner.slot().await;
     let keys: Vec<Key> = inner
         .s3
         .list(Some(&dir))
         .map_ok(|o| o.location)
         .try_collect()
         .await?;
+    drop(slot);
     for key in keys {
+        let _slot = inner.slot().await;
         match inner.s3.delete(&key).await {
             Ok(()) => {}
             Err(e) if is_not_found(&e) => {}
@@ -803,6 +818,7 @@ async fn recorded_uploads(inner: &Inner) -> object_store::Result<HashMap<String,
     let dir = inner.key_of(&[PARTIAL_DIR]);
     let depth = inner.prefix.len() + 1;
     let mut out: HashMap<String, SystemTime> = HashMap::new();
+    let _slot = inner.slot().await;
     let mut listing = inner.s3.list(Some(&dir));
     while let Some(o) = listing.try_next().await? {
         let Some(name) = o.location.parts().nth(depth) else {
@@ -821,11 +837,13 @@ async fn abort_recorded(inner: &Inner, name: &str) -> object_store::Result<()> {
     if let Ok(Some(header)) = get_json::<Header>(inner, &record_key(inner, &record, "upload")).await
     {
         let key = Key::from(header.key.as_str());
+        let slot = inner.slot().await;
         match inner.s3.abort_multipart(&key, &header.upload_id).await {
             Ok(()) => {}
             Err(e) if is_not_found(&e) => {}
             Err(e) => return Err(e),
         }
+        drop(slot);
     }
     clear_record(inner, &record).await
 }
@@ -859,6 +877,7 @@ pub(super) async fn sweep(
 
 async fn put_json<T: Serialize>(inner: &Inner, key: &Key, value: &T) -> object_store::Result<()> {
     let body = serde_json::to_vec(value).expect("records serialize");
+    let _slot = inner.slot().await;
     inner.s3.put(key, PutPayload::from(body)).await.map(|_| ())
 }
 
@@ -866,11 +885,13 @@ async fn get_json<T: serde::de::DeserializeOwned>(
     inner: &Inner,
     key: &Key,
 ) -> object_store::Result<Option<T>> {
+    let slot = inner.slot().await;
     let body = match inner.s3.get(key).await {
         Ok(r) => r.bytes().await?,
         Err(e) if is_not_found(&e) => return Ok(None),
         Err(e) => return Err(e),
     };
+    drop(slot);
     // A record that does not parse is treated as absent (and overwritten).
     Ok(serde_json::from_slice(&body).ok())
 }
