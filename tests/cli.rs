@@ -1,4 +1,4 @@
-//! The real binary end to end: `qxfer serve` in a child process, client commands through assert_cmd.
+//! The real binary end to end: `qxfer serve` in a child process, client commands through assert_cmd; the transfers through it over a local root and over the object store.
 
 mod common;
 
@@ -8,16 +8,23 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use assert_cmd::assert::OutputAssertExt;
-use common::{is_root, pattern, qxfer, qxfer_at, ServeProcess};
+use common::{
+    is_root, pattern, place_at, qxfer, qxfer_at, serve_root, stored_at, Backend, ServeProcess,
+};
 use predicates::prelude::*;
 
 /// A `qxfer serve` over `<home>/root` with certs in `<home>/certs`.
 fn serve(home: &Path, listen: &str) -> ServeProcess {
+    serve_over(home, &home.join("root"), listen, &[])
+}
+
+/// A `qxfer serve` over `root` with certs in `<home>/certs`, plus `extra`.
+fn serve_over(home: &Path, root: &Path, listen: &str, extra: &[&str]) -> ServeProcess {
     let mut cmd = qxfer(home);
-    cmd.args(["serve", "--listen", listen, "--root"])
-        .arg(home.join("root"))
-        .arg("--certs")
-        .arg(home.join("certs"));
+    cmd.args(["serve", "--listen", listen, "--certs"])
+        .arg(home.join("certs"))
+        .args(extra);
+    serve_root(&mut cmd, root);
     ServeProcess::spawn(cmd)
 }
 
@@ -125,12 +132,14 @@ fn help_and_version() {
     qxfer(home.path()).arg("put").assert().failure();
 }
 
-#[test]
-fn serve_put_ls_get_end_to_end() {
+both_backends!(serve_put_ls_get_end_to_end, end_to_end_on);
+
+async fn end_to_end_on(backend: Backend) {
     let home = tempfile::tempdir().unwrap();
     let h = home.path();
-    let server = serve(h, "127.0.0.1:0");
-    assert!(server.banner[0].contains(&h.join("root").display().to_string()));
+    let root = backend.root_for_process(h.join("root"), "cli");
+    let server = serve_over(h, &root, "127.0.0.1:0", &[]);
+    assert!(server.banner[0].contains(&root.display().to_string()));
     assert!(server.fingerprint.starts_with("SHA256:"));
     let key_mode = std::fs::metadata(h.join("certs/server.key"))
         .unwrap()
@@ -240,14 +249,19 @@ fn serve_put_ls_get_end_to_end() {
         .stderr("");
 }
 
-#[test]
-fn one_failure_does_not_stop_the_others_and_sets_the_exit_code() {
+both_backends!(
+    one_failure_does_not_stop_the_others_and_sets_the_exit_code,
+    one_failure_on
+);
+
+async fn one_failure_on(backend: Backend) {
     let home = tempfile::tempdir().unwrap();
     let h = home.path();
-    let server = serve(h, "127.0.0.1:0");
+    let root = backend.root_for_process(h.join("root"), "cli");
+    let server = serve_over(h, &root, "127.0.0.1:0", &[]);
     std::fs::write(h.join("good"), b"good").unwrap();
     std::fs::write(h.join("taken"), b"new").unwrap();
-    std::fs::write(h.join("root/taken"), b"old").unwrap();
+    place_at(&root, "taken", b"old").await;
     client(h, &server)
         .current_dir(h)
         .args(["put", "taken", "missing", "good"])
@@ -258,8 +272,8 @@ fn one_failure_does_not_stop_the_others_and_sets_the_exit_code() {
                 .and(predicate::str::contains("missing:"))
                 .and(predicate::str::contains("2 of 3 files failed")),
         );
-    assert_eq!(std::fs::read(h.join("root/good")).unwrap(), b"good");
-    assert_eq!(std::fs::read(h.join("root/taken")).unwrap(), b"old");
+    assert_eq!(stored_at(&root, "good").await.unwrap(), b"good");
+    assert_eq!(stored_at(&root, "taken").await.unwrap(), b"old");
 }
 
 #[test]
@@ -532,16 +546,13 @@ fn permission_denied_on_either_side() {
     assert!(!h.join("root/private").exists() && !h.join("root/locked/ok").exists());
 }
 
-#[test]
-fn read_only_flag_refuses_uploads() {
+both_backends!(read_only_flag_refuses_uploads, read_only_on);
+
+async fn read_only_on(backend: Backend) {
     let home = tempfile::tempdir().unwrap();
     let h = home.path();
-    let mut cmd = qxfer(h);
-    cmd.args(["serve", "--read-only", "--listen", "127.0.0.1:0", "--root"])
-        .arg(h.join("root"))
-        .arg("--certs")
-        .arg(h.join("certs"));
-    let server = ServeProcess::spawn(cmd);
+    let root = backend.root_for_process(h.join("root"), "cli");
+    let server = serve_over(h, &root, "127.0.0.1:0", &["--read-only"]);
     std::fs::write(h.join("f"), b"x").unwrap();
     client(h, &server)
         .current_dir(h)
@@ -549,5 +560,5 @@ fn read_only_flag_refuses_uploads() {
         .assert()
         .failure()
         .stderr(predicate::str::contains("read-only"));
-    assert!(!h.join("root/f").exists());
+    assert!(stored_at(&root, "f").await.is_none());
 }
