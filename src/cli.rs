@@ -17,12 +17,12 @@ use crate::client::{
     CLIENT_IDENTITY,
 };
 use crate::endpoint::{self, ServerLimits, TransportOpts};
+use crate::exchange::to_system_time;
 use crate::paths::join_remote;
 use crate::progress::{summary, Progress};
 use crate::protocol::{Compression, DirMeta, Entry, EntryKind, MAX_FRAME};
 use crate::server::{self, ServeConfig};
 use crate::tls::{AuthorizedClients, ClientVerifier, Fingerprint, Identity, AUTHORIZED_CLIENTS};
-use crate::transfer::to_system_time;
 
 /// Secure, fast file transfer over QUIC.
 #[derive(Debug, Parser)]

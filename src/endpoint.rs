@@ -21,7 +21,7 @@ use crate::tls::{self, ClientVerifier, Identity, PinnedServerVerifier, TrustErro
 /// to about 640 a second, 512 lets the link decide. What a stream costs
 /// while it waits is a task and, for an upload, an open temporary file; the
 /// flow-control windows below bound memory whatever this is, and disk work
-/// runs in a fixed pool of threads (src/transfer.rs).
+/// runs in a fixed pool of threads (src/exchange/pool.rs).
 pub const DEFAULT_MAX_STREAMS: u32 = 512;
 
 /// Per-stream receive window. On a lossy path the receiver cannot hand

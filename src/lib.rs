@@ -6,25 +6,25 @@
 //! - [`paths`]: validation of remote paths, the gate every name from the wire passes;
 //! - [`tls`]: self-signed identities, fingerprints, known_hosts and the pinning verifier;
 //! - [`endpoint`]: QUIC endpoints and the transport settings both sides share;
-//! - [`transfer`]: file bytes to stream and back, with hashing and atomic commit,
+//! - `exchange`: file bytes to stream and back, with hashing and atomic commit,
 //!   used by both the server and the client;
 //! - `store`: where the server keeps files: a local directory or an
 //!   S3-compatible bucket, behind one trait;
 //! - [`server`]: accepts connections and serves each stream's request through its store;
 //! - [`client`]: connects, pins, and runs batches of transfers over one
 //!   connection, and directory trees for `put -r` / `get -r`;
-//! - [`progress`]: progress bars and a log writer that does not tear them;
+//! - `progress`: progress bars and a log writer that does not tear them;
 //! - [`cli`]: the command line, a thin layer over the rest.
 
 pub mod cli;
 pub mod client;
 mod congestion;
 pub mod endpoint;
+mod exchange;
 pub mod paths;
-pub mod progress;
+mod progress;
 pub mod protocol;
 pub mod server;
 mod space;
 mod store;
 pub mod tls;
-pub mod transfer;

@@ -187,7 +187,7 @@ mod tests {
 
     #[test]
     fn qxfers_own_names_are_all_reserved() {
-        for own in [crate::transfer::TMP_PREFIX, crate::server::PARTIAL_DIR] {
+        for own in [crate::exchange::TMP_PREFIX, crate::server::PARTIAL_DIR] {
             assert!(own.starts_with(RESERVED_PREFIX), "{own}");
             assert!(RemotePath::parse(own, true).is_err());
             assert!(RemotePath::parse(&format!("{own}/x"), true).is_err());

@@ -10,7 +10,7 @@ use tracing_subscriber::fmt::MakeWriter;
 /// The client's progress display. Hidden when stderr is not a terminal
 /// (indicatif checks) or when asked to be quiet.
 #[derive(Debug, Clone)]
-pub struct Progress {
+pub(crate) struct Progress {
     multi: MultiProgress,
     total: ProgressBar,
 }
@@ -22,7 +22,7 @@ const TOTAL_TEMPLATE: &str =
 
 impl Progress {
     /// A display drawing to stderr, or nowhere if `hidden`.
-    pub fn new(hidden: bool) -> Self {
+    pub(crate) fn new(hidden: bool) -> Self {
         let target = if hidden {
             ProgressDrawTarget::hidden()
         } else {
@@ -40,23 +40,23 @@ impl Progress {
     }
 
     /// A display that draws nothing (for library callers and tests).
-    pub fn hidden() -> Self {
+    pub(crate) fn hidden() -> Self {
         Self::new(true)
     }
 
     /// Adds `bytes` to the total to be moved (sizes become known as files start).
-    pub fn add_total(&self, bytes: u64) {
+    pub(crate) fn add_total(&self, bytes: u64) {
         self.total.inc_length(bytes);
     }
 
     /// Sets the total bar's message (e.g. files done of files queued).
-    pub fn set_status(&self, msg: String) {
+    pub(crate) fn set_status(&self, msg: String) {
         self.total.set_message(msg);
     }
 
     /// A new bar for one file, shown above the total bar. Its progress also
     /// advances the total.
-    pub fn file_bar(&self, name: &str, size: u64) -> FileBar {
+    pub(crate) fn file_bar(&self, name: &str, size: u64) -> FileBar {
         let bar = self
             .multi
             .insert_before(&self.total, ProgressBar::new(size));
@@ -75,7 +75,7 @@ impl Progress {
 
     /// A file that gets no bar of its own (a small file, over in a blink):
     /// its progress only advances the total.
-    pub fn total_only(&self) -> FileBar {
+    pub(crate) fn total_only(&self) -> FileBar {
         FileBar {
             bar: ProgressBar::hidden(),
             total: self.total.clone(),
@@ -83,18 +83,18 @@ impl Progress {
     }
 
     /// Removes the display from the screen.
-    pub fn finish(&self) {
+    pub(crate) fn finish(&self) {
         self.total.finish_and_clear();
         let _ = self.multi.clear();
     }
 
     /// Runs `f` with the bars hidden, so it can print to the terminal.
-    pub fn suspend<R>(&self, f: impl FnOnce() -> R) -> R {
+    pub(crate) fn suspend<R>(&self, f: impl FnOnce() -> R) -> R {
         self.multi.suspend(f)
     }
 
     /// A tracing writer that prints through this display.
-    pub fn log_writer(&self) -> LogWriter {
+    pub(crate) fn log_writer(&self) -> LogWriter {
         LogWriter {
             multi: self.multi.clone(),
         }
@@ -103,25 +103,25 @@ impl Progress {
 
 /// One file's bar; advancing it advances the total too.
 #[derive(Debug)]
-pub struct FileBar {
+pub(crate) struct FileBar {
     bar: ProgressBar,
     total: ProgressBar,
 }
 
 impl FileBar {
     /// Records `n` more bytes moved.
-    pub fn inc(&self, n: u64) {
+    pub(crate) fn inc(&self, n: u64) {
         self.bar.inc(n);
         self.total.inc(n);
     }
 
     /// Sets the file's size once it is known (a get learns it from the server).
-    pub fn set_length(&self, size: u64) {
+    pub(crate) fn set_length(&self, size: u64) {
         self.bar.set_length(size);
     }
 
     /// Removes the bar from the display.
-    pub fn finish(self) {
+    pub(crate) fn finish(self) {
         self.bar.finish_and_clear();
     }
 }
@@ -161,13 +161,13 @@ impl crate::client::WatchFile for FileBar {
 /// `MakeWriter` for tracing-subscriber: each log line is written with the
 /// bars suspended, so it lands above them instead of through them.
 #[derive(Debug, Clone)]
-pub struct LogWriter {
+pub(crate) struct LogWriter {
     multi: MultiProgress,
 }
 
 /// One log event's bytes, flushed to stderr as a unit when dropped.
 #[derive(Debug)]
-pub struct LogLine {
+pub(crate) struct LogLine {
     multi: MultiProgress,
     buf: Vec<u8>,
 }
@@ -206,7 +206,7 @@ impl<'a> MakeWriter<'a> for LogWriter {
 }
 
 /// The closing summary: "3 files, 12.0 MiB in 1.52 s (8.27 MB/s)".
-pub fn summary(verb: &str, files: usize, bytes: u64, secs: f64) -> String {
+pub(crate) fn summary(verb: &str, files: usize, bytes: u64, secs: f64) -> String {
     let rate = if secs > 0.0 {
         bytes as f64 / secs / 1e6
     } else {

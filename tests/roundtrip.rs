@@ -221,7 +221,9 @@ async fn metadata_travels_and_force_overwrites_on(backend: Backend) {
     assert_eq!(listing.len(), 1, "listing a file lists that file");
     assert_eq!(listing[0].mode, Some(0o755), "group/other write stripped");
     assert_eq!(
-        listing[0].mtime.and_then(qxfer::transfer::to_system_time),
+        listing[0]
+            .mtime
+            .map(|t| std::time::UNIX_EPOCH + std::time::Duration::new(t.secs as u64, t.nanos)),
         Some(old)
     );
 

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
 
 use crate::endpoint::{self};
-use crate::transfer::blocking;
+use crate::exchange::blocking;
 
 use super::{Client, FileError, TransferReport};
 

@@ -8,9 +8,9 @@ use std::time::{Duration, Instant};
 use quinn::{ConnectionError, TransportErrorCode, VarInt};
 
 use crate::endpoint::{self, EndpointError, TransportOpts};
+use crate::exchange::Pacer;
 use crate::protocol::{close, ALPN};
 use crate::tls::{Fingerprint, Identity, KnownHosts, PinnedServerVerifier, TrustError};
-use crate::transfer::Pacer;
 
 use super::state::{PathMemories, UploadJournal};
 use super::{Client, ClientConfig, Registered, CLIENT_IDENTITY, DEFAULT_PORT};

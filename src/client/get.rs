@@ -7,13 +7,13 @@ use std::time::Duration;
 
 use quinn::{RecvStream, VarInt};
 
+use crate::exchange::{
+    self, blocking, Advance, CommitError, IncomingFile, Pacer, Start, TransferError,
+};
 use crate::protocol::stream::{RESET_SOURCE_FAILED, STOP_REFUSED};
 use crate::protocol::{
     write_frame, Compression, Digest, ErrorCode, GetOffer, GetRequest, Prefix, Receipt,
     RemoteError, Request, Response, Trailer, RESUME_MIN,
-};
-use crate::transfer::{
-    self, blocking, Advance, CommitError, IncomingFile, Pacer, Start, TransferError,
 };
 
 use super::{reply, unexpected, Client, FileError, TransferReport};
@@ -216,7 +216,7 @@ pub(super) fn check_local_dest(dest: &Path, force: bool) -> Result<bool, FileErr
 /// The BLAKE3 of the whole local file at `path`.
 pub(super) async fn hash_file(path: &Path) -> Result<Digest, FileError> {
     let p = path.to_owned();
-    blocking(move || File::open(&p).and_then(|mut f| transfer::file_digest(&mut f)))
+    blocking(move || File::open(&p).and_then(|mut f| exchange::file_digest(&mut f)))
         .await
         .map_err(FileError::local(path))
 }
@@ -316,7 +316,7 @@ pub(super) async fn receive_get(
 ) -> Result<Digest, FileError> {
     let meta = &offer.meta;
     let file = incoming.file().map_err(FileError::local(dest))?;
-    let received = transfer::receive_file(
+    let received = exchange::receive_file(
         recv,
         meta.size,
         file,
@@ -337,7 +337,7 @@ pub(super) async fn receive_get(
             source: other,
         },
     })?;
-    let trailer: Trailer = reply(recv, transfer::STALL_TIMEOUT).await?;
+    let trailer: Trailer = reply(recv, exchange::STALL_TIMEOUT).await?;
     if trailer.digest != digest {
         // Never resume from bytes known to be bad.
         incoming.discard();

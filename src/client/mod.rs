@@ -17,13 +17,13 @@ use quinn::{RecvStream, SendStream, VarInt};
 
 use crate::congestion::{self};
 use crate::endpoint::TransportOpts;
+use crate::exchange::{self, Pacer};
 use crate::protocol::stream::STOP_REFUSED;
 use crate::protocol::{
     close, read_frame, write_frame, Compression, Digest, DirMeta, Entry, FrameError, ListBatch,
     ListRequest, MkdirRequest, RemoteError, Request, Response,
 };
 use crate::tls::Fingerprint;
-use crate::transfer::{self, Pacer, TransferError};
 
 mod batch;
 mod connect;
@@ -32,6 +32,8 @@ mod put;
 mod state;
 pub(crate) mod tree;
 
+/// Why one file's bytes did not move (inside [`FileError::Transfer`]).
+pub use crate::exchange::TransferError;
 pub use batch::{
     run_batch, BatchReport, Direction, Job, Unwatched, Watch, WatchFile, SMALL_FILE,
     SMALL_FILE_STREAMS,
@@ -109,7 +111,7 @@ pub enum FileError {
 impl FileError {
     fn local(path: &Path) -> impl FnOnce(std::io::Error) -> Self + '_ {
         move |source| {
-            if transfer::is_disk_full(&source) {
+            if exchange::is_disk_full(&source) {
                 Self::Local {
                     path: path.to_owned(),
                     source: std::io::Error::new(

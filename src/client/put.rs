@@ -5,12 +5,12 @@ use std::path::Path;
 
 use quinn::VarInt;
 
+use crate::exchange::{self, blocking, file_meta, Advance, Framing, Start, TransferError};
 use crate::protocol::stream::{RESET_SOURCE_FAILED, STOP_REFUSED};
 use crate::protocol::{
     write_frame, Continue, Digest, ErrorCode, FileMeta, FrameError, PutRequest, Receipt,
     RemoteError, Request, Response, Trailer, RESUME_MIN,
 };
-use crate::transfer::{self, blocking, file_meta, Advance, Framing, Start, TransferError};
 
 use super::get::hash_file;
 use super::{reply, unexpected, Client, FileError, TransferReport};
@@ -123,7 +123,7 @@ impl Client {
         let source_failed = tokio::sync::Notify::new();
         let sending = async {
             let sent =
-                transfer::send_file(file, meta.size, start, framing, pace, &mut send, progress)
+                exchange::send_file(file, meta.size, start, framing, pace, &mut send, progress)
                     .await;
             let digest = match sent {
                 Ok(digest) => digest,
@@ -285,7 +285,7 @@ pub(super) async fn check_offer(
 ) -> std::io::Result<(File, Start)> {
     blocking(move || {
         let mut file = file;
-        let start = transfer::matching_start(&mut file, size, offset, &prefix)?;
+        let start = exchange::matching_start(&mut file, size, offset, &prefix)?;
         Ok((file, start))
     })
     .await

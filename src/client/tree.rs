@@ -10,9 +10,9 @@
 use std::path::{Path, PathBuf};
 
 use crate::client::{Client, FileError, Job};
+use crate::exchange::to_timestamp;
 use crate::paths::{join_remote, RemotePath};
 use crate::protocol::{DirMeta, Entry, EntryKind};
-use crate::transfer::to_timestamp;
 
 /// What a tree transfer moves.
 #[derive(Debug, Default)]
@@ -252,7 +252,7 @@ pub(crate) fn finish_local_dirs(dirs: &[TreeDir]) -> Vec<(String, FileError)> {
 }
 
 fn apply_local(d: &TreeDir) -> std::io::Result<()> {
-    crate::transfer::set_dir_meta(&std::fs::File::open(&d.local)?, &d.meta)
+    crate::exchange::set_dir_meta(&std::fs::File::open(&d.local)?, &d.meta)
 }
 
 /// Directories grouped by depth, deepest group first.

@@ -4,11 +4,11 @@ use std::sync::atomic::Ordering;
 
 use tracing::{info, warn};
 
+use crate::exchange::Framing;
 use crate::paths::RemotePath;
 use crate::protocol::{
     read_frame, write_frame, GetOffer, GetRequest, Receipt, RemoteError, Response, Trailer,
 };
-use crate::transfer::Framing;
 
 use super::stream::{ReplyStream, RequestStream};
 use super::{protocol_error, Ctx, RECEIPT_TIMEOUT, RESET_SOURCE_FAILED};

@@ -6,13 +6,13 @@ use std::time::Duration;
 use tokio::io::AsyncReadExt;
 use tracing::info;
 
+use crate::exchange::Buffered;
 use crate::paths::RemotePath;
 use crate::protocol::{
     read_frame, write_frame, Continue, ErrorCode, FrameError, PutOffer, PutRequest, Receipt,
     RemoteError, Response, Trailer, RESUME_MIN,
 };
 use crate::store::{corrupt, Held, Prepared, PutPlan, Upload};
-use crate::transfer::Buffered;
 
 use super::partials::partial_name;
 use super::stream::{ReplyStream, RequestStream};

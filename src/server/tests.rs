@@ -353,7 +353,7 @@ async fn put_with_a_file_appearing(
         path: path.into(),
         meta: FileMeta {
             size: data.len() as u64,
-            mtime: crate::transfer::to_timestamp(mtime),
+            mtime: crate::exchange::to_timestamp(mtime),
             mode: Some(0o600),
         },
         force: false,

@@ -26,9 +26,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::io::{AsyncRead, AsyncWrite};
 
+use crate::exchange::{Advance, Buffered, Framing, TransferError};
 use crate::paths::RemotePath;
 use crate::protocol::{Digest, DirMeta, Encoding, Entry, FileMeta, Prefix, RemoteError};
-use crate::transfer::{Advance, Buffered, Framing, TransferError};
 
 pub(crate) mod local;
 pub(crate) mod object;

@@ -5,9 +5,9 @@ use std::io;
 use cap_fs_ext::DirExt;
 use cap_std::fs::Dir;
 
+use crate::exchange::to_timestamp;
 use crate::paths::{RemotePath, RESERVED_PREFIX};
 use crate::protocol::{Entry, EntryKind, RemoteError};
-use crate::transfer::to_timestamp;
 
 use super::fs_error;
 use crate::store::{tree_too_large, MAX_TREE_ENTRIES, MAX_TREE_NAME_BYTES};

@@ -24,13 +24,13 @@ use async_trait::async_trait;
 use cap_std::ambient_authority;
 use cap_std::fs::{Dir, OpenOptions, OpenOptionsExt};
 
-use crate::paths::RemotePath;
-use crate::protocol::{Digest, DirMeta, Encoding, Entry, ErrorCode, FileMeta, Prefix, RemoteError};
-use crate::space::{Reservation, Space};
-use crate::transfer::{
+use crate::exchange::{
     self, blocking, file_meta, to_timestamp, Advance, Buffered, CommitError, Framing, IncomingFile,
     Start, TransferError,
 };
+use crate::paths::RemotePath;
+use crate::protocol::{Digest, DirMeta, Encoding, Entry, ErrorCode, FileMeta, Prefix, RemoteError};
+use crate::space::{Reservation, Space};
 
 use super::{
     appeared, corrupt, receive_error, Held, InUse, Input, Opened, Output, Prepared, PutPlan,
@@ -106,7 +106,7 @@ impl Store for LocalStore {
         blocking(move || -> Result<(), RemoteError> {
             let dir = open_or_create_dir(&root, &p.relative(), &p)?;
             if let Some(meta) = meta {
-                transfer::apply_dir_meta(&dir, &meta)
+                exchange::apply_dir_meta(&dir, &meta)
                     .map_err(|e| fs_error(&e, &p, "cannot set the metadata of"))?;
             }
             Ok(())
@@ -168,7 +168,7 @@ fn open_for_reading(
     let mut file = file;
     let start = match resume {
         Some(prefix) => {
-            transfer::matching_start(&mut file, meta.size, prefix.offset, &prefix.digest)
+            exchange::matching_start(&mut file, meta.size, prefix.offset, &prefix.digest)
                 .map_err(|e| fs_error(&e, p, "cannot read"))?
         }
         None => Start::default(),
@@ -199,7 +199,7 @@ impl Reader for FileReader {
         out: &mut Output<'_>,
         progress: &Advance<'_>,
     ) -> Result<Digest, TransferError> {
-        transfer::send_file(
+        exchange::send_file(
             self.file, self.size, self.start, framing, None, out, progress,
         )
         .await
@@ -246,7 +246,7 @@ fn prepare_put(root: &Dir, plan: &PutPlan, space: &Arc<Space>) -> Result<Prepare
             if same {
                 let digest = dest_dir
                     .open(name)
-                    .and_then(|f| transfer::file_digest(&mut f.into_std()))
+                    .and_then(|f| exchange::file_digest(&mut f.into_std()))
                     .map_err(|e| fs_error(&e, path, "cannot read"))?;
                 return Ok(Prepared::Present(digest));
             }
@@ -380,7 +380,7 @@ impl Upload for LocalUpload {
         let file = self.incoming().file().map_err(self.writing())?;
         let start = self.start.take().unwrap_or_default();
         let reserved = &self.reserved;
-        let received = transfer::receive_file(
+        let received = exchange::receive_file(
             input,
             size,
             file,
@@ -397,7 +397,7 @@ impl Upload for LocalUpload {
         received.map_err(|e| {
             // What a full disk cut short is not kept for a resume: its bytes
             // are the space the next upload (or this one's retry) needs.
-            if matches!(&e, TransferError::Write(io) if transfer::is_disk_full(io)) {
+            if matches!(&e, TransferError::Write(io) if exchange::is_disk_full(io)) {
                 if let Some(incoming) = self.incoming.take() {
                     incoming.discard();
                 }
@@ -542,7 +542,7 @@ fn fs_error(e: &io::Error, path: &RemotePath, doing: &str) -> RemoteError {
             "this path or a parent of it is a file, not a directory",
         ),
         io::ErrorKind::AlreadyExists => (ErrorCode::AlreadyExists, "use --force to overwrite"),
-        _ if transfer::is_disk_full(e) => (
+        _ if exchange::is_disk_full(e) => (
             ErrorCode::NoSpace,
             "the server's disk is full; free space there and retry",
         ),

@@ -51,11 +51,11 @@ use object_store::{
 };
 use tracing::warn;
 
+use crate::exchange::{to_timestamp, KEPT_MODE_BITS};
 use crate::paths::{RemotePath, RESERVED_PREFIX};
 use crate::protocol::{
     Digest, DirMeta, Entry, EntryKind, ErrorCode, FileMeta, Prefix, RemoteError, Timestamp,
 };
-use crate::transfer::{to_timestamp, KEPT_MODE_BITS};
 
 use super::{
     tree_too_large, InUse, Opened, Prepared, PutPlan, Store, MAX_TREE_ENTRIES, MAX_TREE_NAME_BYTES,

@@ -6,11 +6,11 @@ use object_store::path::Path as Key;
 use object_store::{GetOptions, GetRange, ObjectStore, ObjectStoreExt};
 use serde::{Deserialize, Serialize};
 
+use crate::exchange::{self, Advance, Framing, TransferError};
 use crate::paths::RemotePath;
 use crate::protocol::{Digest, ErrorCode, Prefix, RemoteError};
 use crate::store::tree_hash::{self, Piece};
 use crate::store::{Opened, Output, Reader};
-use crate::transfer::{self, Advance, Framing, TransferError};
 
 use super::{file_meta, is_not_found, store_error, stored_digest, Inner, SUMS_DIR};
 
@@ -186,7 +186,7 @@ impl Reading<'_> {
             if k > tail_at {
                 let tail = self.range(tail_at, k).await?;
                 let (piece, root) =
-                    transfer::blocking(move || tree_hash::hash_piece(tail_at, &tail)).await;
+                    exchange::blocking(move || tree_hash::hash_piece(tail_at, &tail)).await;
                 pieces.push(piece);
                 first_root = first_root.or(root);
             }
@@ -196,7 +196,7 @@ impl Reading<'_> {
             });
         }
         let bytes = self.range(0, k).await?;
-        let hasher = transfer::blocking(move || {
+        let hasher = exchange::blocking(move || {
             let mut h = blake3::Hasher::new();
             h.update(&bytes);
             h
@@ -274,7 +274,7 @@ impl Reader for ObjectReader {
                 }
             })?;
             let chunks = got.into_stream().map_err(std::io::Error::other);
-            transfer::send_stream(
+            exchange::send_stream(
                 chunks,
                 self.size,
                 self.offset,

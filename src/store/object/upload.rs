@@ -16,13 +16,13 @@ use object_store::{
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
+use crate::exchange::{self, blocking, Advance, Buffered, PieceSink, TransferError};
 use crate::paths::RemotePath;
 use crate::protocol::{Digest, Encoding, ErrorCode, FileMeta, RemoteError};
 use crate::store::tree_hash::{self, Piece};
 use crate::store::{
     appeared, corrupt, receive_error, Held, InUse, Input, Prepared, PutPlan, Stop, Upload,
 };
-use crate::transfer::{self, blocking, Advance, Buffered, PieceSink, TransferError};
 
 use super::read::{hex32, sums_key, Sums};
 use super::{
@@ -122,7 +122,7 @@ async fn present_digest(
     let mut sink = tokio::io::sink();
     opened
         .reader
-        .send(transfer::Framing::RAW, &mut sink, &|_| {})
+        .send(exchange::Framing::RAW, &mut sink, &|_| {})
         .await
         .map_err(|e| {
             RemoteError::new(
@@ -455,7 +455,7 @@ impl Upload for ObjectUpload {
         let sink = self.sink();
         let from = sink.buf_offset;
         let (mut sink, result) =
-            transfer::receive_pieces(input, size, from, sink, encoding, None, progress, stop).await;
+            exchange::receive_pieces(input, size, from, sink, encoding, None, progress, stop).await;
         // Parts already on their way are kept for a resume, whatever happened.
         let settled = sink.settle().await;
         self.keep_stored(&mut sink);
@@ -718,9 +718,9 @@ impl PartSink {
 }
 
 impl PieceSink for PartSink {
-    async fn write(mut self, piece: transfer::Piece) -> (Self, Result<(), TransferError>) {
+    async fn write(mut self, piece: exchange::Piece) -> (Self, Result<(), TransferError>) {
         let bytes = match piece {
-            transfer::Piece::Raw(b) => Ok(b),
+            exchange::Piece::Raw(b) => Ok(b),
             zstd => blocking(move || zstd.into_bytes()).await,
         };
         let bytes = match bytes {

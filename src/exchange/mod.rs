@@ -1,0 +1,47 @@
+//! File bytes to stream and back, written once and used by both the server and the client.
+//!
+//! Disk work runs in a bounded pool of blocking threads, one chunk (or one
+//! metadata operation) per call, and network I/O on the async side: the
+//! next chunk is read while the current one is sent, and the previous chunk
+//! is written while the next one arrives, so the disk and the network
+//! overlap while memory stays at two chunks per transfer and an idle
+//! transfer holds no thread. Both sides hash with BLAKE3 in the disk calls
+//! as the bytes pass. A received file is written under a hidden temporary
+//! name, synced, and only then renamed into place ([`IncomingFile`]).
+//!
+//! One module per job: `send` and `receive` (the two ends of a file's
+//! bytes), `compress` (zstd blocks), `pace` (`--limit-rate`), `start`
+//! (resume prefixes), `pool` (the disk threads), `commit` (atomic commits
+//! on either side), `meta` (mtimes and modes), `error`.
+
+mod commit;
+mod compress;
+mod error;
+mod meta;
+mod pace;
+mod pool;
+mod receive;
+mod send;
+mod start;
+#[cfg(test)]
+mod tests;
+
+pub(crate) use commit::*;
+use compress::*;
+pub use error::TransferError;
+pub(crate) use error::*;
+pub(crate) use meta::*;
+pub(crate) use pace::*;
+pub(crate) use pool::*;
+pub(crate) use receive::*;
+pub(crate) use send::*;
+pub(crate) use start::*;
+
+use crate::protocol::MAX_BLOCK;
+
+/// Called with the number of bytes each time data moves (drives progress bars).
+pub(crate) type Advance<'a> = dyn Fn(u64) + Send + Sync + 'a;
+
+/// Size of one chunk passed between the disk and the network: one block of
+/// [`Encoding::Blocks`].
+const CHUNK: usize = MAX_BLOCK as usize;

@@ -1,0 +1,368 @@
+//! Receiving a file: pieces off the stream, decompressed and hashed, written behind the network; whole small files buffered.
+
+use std::fs::File;
+use std::io::Write;
+use std::sync::Arc;
+
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+use crate::protocol::{BlockHeader, Digest, Encoding};
+
+use super::*;
+
+/// Where received pieces go: each write runs as a task of its own, so the
+/// network keeps delivering the next piece meanwhile, and hands the sink
+/// back with its result.
+pub(crate) trait PieceSink: Send + Sized + 'static {
+    /// Writes (and hashes) one piece, decompressing it first if need be.
+    fn write(
+        self,
+        piece: Piece,
+    ) -> impl std::future::Future<Output = (Self, Result<(), TransferError>)> + Send + 'static;
+}
+
+/// The writing end of a transfer into a file: the file and the hash so far.
+struct FileSink {
+    file: File,
+    hasher: blake3::Hasher,
+    written: u64,
+    /// The file's full size: the last chunk needs no early writeback, as the
+    /// commit's fsync follows at once.
+    size: u64,
+}
+
+/// What arrived for the disk: file bytes, or a compressed block of them.
+pub(crate) enum Piece {
+    Raw(Vec<u8>),
+    Zstd { payload: Vec<u8>, raw_len: usize },
+}
+
+impl Piece {
+    /// The file bytes it carries, decompressed. Blocking (CPU) for a block.
+    pub(crate) fn into_bytes(self) -> Result<Vec<u8>, TransferError> {
+        match self {
+            Self::Raw(buf) => Ok(buf),
+            Self::Zstd { payload, raw_len } => decompress_block(&payload, raw_len),
+        }
+    }
+}
+
+impl PieceSink for FileSink {
+    /// Writes and hashes `piece` in the disk pool.
+    fn write(
+        self,
+        piece: Piece,
+    ) -> impl std::future::Future<Output = (Self, Result<(), TransferError>)> + Send + 'static {
+        blocking(move || match piece.into_bytes() {
+            Ok(buf) => self.write_bytes(&buf),
+            Err(e) => (self, Err(e)),
+        })
+    }
+}
+
+impl FileSink {
+    /// Writes and hashes `buf`, and starts its writeback. Blocking.
+    fn write_bytes(mut self, buf: &[u8]) -> (Self, Result<(), TransferError>) {
+        if let Err(e) = self.file.write_all(buf) {
+            return (self, Err(TransferError::Write(e)));
+        }
+        if self.written + (buf.len() as u64) < self.size {
+            start_writeback(&self.file, self.written, buf.len() as u64);
+        }
+        self.written += buf.len() as u64;
+        self.hasher.update(buf);
+        (self, Ok(()))
+    }
+}
+
+/// Why [`fill`] stopped short.
+enum Shortfall {
+    /// The stream ended.
+    Eof,
+    /// The stream failed.
+    Failed(std::io::Error),
+    /// `stop` fired.
+    Stopped,
+    /// Nothing arrived for [`STALL_TIMEOUT`].
+    Stalled,
+}
+
+impl Shortfall {
+    /// The error for a file of `expected` bytes cut short after `got`.
+    fn into_error(self, got: u64, expected: u64) -> TransferError {
+        match self {
+            Self::Eof => TransferError::Truncated { got, expected },
+            Self::Failed(e) => TransferError::Network(e),
+            Self::Stopped => TransferError::Stopped,
+            Self::Stalled => TransferError::Stalled,
+        }
+    }
+}
+
+/// Reads `input` into `buf` until it is full, unless the stream ends or fails,
+/// nothing arrives for [`STALL_TIMEOUT`], or `stop` fires first: how much
+/// arrived, and why it stopped short. With `pace`, reads at most a slice at
+/// a time and waits for each to be due.
+async fn fill<R, F>(
+    input: &mut R,
+    buf: &mut [u8],
+    pace: Option<&Pacer>,
+    stop: &mut std::pin::Pin<&mut F>,
+) -> (usize, Option<Shortfall>)
+where
+    R: AsyncRead + Unpin + ?Sized,
+    F: std::future::Future<Output = ()>,
+{
+    let step = pace.map_or(buf.len(), Pacer::slice);
+    let mut filled = 0;
+    while filled < buf.len() {
+        let end = buf.len().min(filled + step);
+        tokio::select! {
+            r = tokio::time::timeout(STALL_TIMEOUT, input.read(&mut buf[filled..end])) => match r {
+                Err(_) => return (filled, Some(Shortfall::Stalled)),
+                Ok(Ok(0)) => return (filled, Some(Shortfall::Eof)),
+                Ok(Ok(n)) => {
+                    filled += n;
+                    if let Some(p) = pace {
+                        p.take(n).await;
+                    }
+                }
+                Ok(Err(e)) => return (filled, Some(Shortfall::Failed(e))),
+            },
+            _ = stop.as_mut() => return (filled, Some(Shortfall::Stopped)),
+        }
+    }
+    (filled, None)
+}
+
+/// Reads the next piece of a file's data at byte `got` of `size`: a chunk
+/// of raw bytes, or one block. A raw chunk cut short comes back with what
+/// arrived and why it ended; a block cut short is an error (its bytes are of
+/// no use without the rest).
+async fn read_piece<R, F>(
+    input: &mut R,
+    size: u64,
+    got: u64,
+    encoding: Encoding,
+    pace: Option<&Pacer>,
+    stop: &mut std::pin::Pin<&mut F>,
+) -> Result<(Piece, usize, Option<Shortfall>), TransferError>
+where
+    R: AsyncRead + Unpin + ?Sized,
+    F: std::future::Future<Output = ()>,
+{
+    let short = |why: Shortfall| why.into_error(got, size);
+    match encoding {
+        Encoding::Raw => {
+            let mut buf = vec![0u8; (size - got).min(CHUNK as u64) as usize];
+            let (n, ended) = fill(input, &mut buf, pace, stop).await;
+            buf.truncate(n);
+            Ok((Piece::Raw(buf), n, ended))
+        }
+        Encoding::Blocks => {
+            let mut head = [0u8; BlockHeader::LEN];
+            if let (_, Some(why)) = fill(input, &mut head, pace, stop).await {
+                return Err(short(why));
+            }
+            let header =
+                BlockHeader::decode(&head).map_err(|e| TransferError::Malformed(e.to_string()))?;
+            let raw_len = header.raw_len as usize;
+            if got + raw_len as u64 > size {
+                return Err(TransferError::Malformed(format!(
+                    "more data than the {size} bytes announced"
+                )));
+            }
+            let mut payload = vec![0u8; header.wire_len as usize];
+            if let (_, Some(why)) = fill(input, &mut payload, pace, stop).await {
+                return Err(short(why));
+            }
+            let piece = if header.compressed {
+                Piece::Zstd { payload, raw_len }
+            } else {
+                Piece::Raw(payload)
+            };
+            Ok((piece, raw_len, None))
+        }
+    }
+}
+
+/// A small file's data, read whole from the stream before any disk work,
+/// so that creating, writing and committing it is one trip to the disk
+/// pool instead of three (see the server's small uploads).
+pub(crate) struct Buffered {
+    pieces: Vec<Piece>,
+}
+
+impl Buffered {
+    /// Reads all `size` bytes of a file framed as `encoding`.
+    pub(crate) async fn read<R>(
+        input: &mut R,
+        size: u64,
+        encoding: Encoding,
+    ) -> Result<Self, TransferError>
+    where
+        R: AsyncRead + Unpin + ?Sized,
+    {
+        let stop = std::future::pending::<()>();
+        tokio::pin!(stop);
+        let mut pieces = Vec::new();
+        let mut got = 0;
+        while got < size {
+            let (piece, raw, ended) =
+                read_piece(input, size, got, encoding, None, &mut stop).await?;
+            got += raw as u64;
+            if ended.is_some() {
+                return Err(TransferError::Truncated {
+                    got,
+                    expected: size,
+                });
+            }
+            pieces.push(piece);
+        }
+        Ok(Self { pieces })
+    }
+
+    /// Writes (decompressing as need be) the data to `file`, returning its
+    /// BLAKE3. Blocking.
+    pub(crate) fn write_to<W: Write>(self, file: &mut W) -> Result<Digest, TransferError> {
+        let mut hasher = blake3::Hasher::new();
+        for piece in self.pieces {
+            let buf = match piece {
+                Piece::Raw(buf) => buf,
+                Piece::Zstd { payload, raw_len } => decompress_block(&payload, raw_len)?,
+            };
+            file.write_all(&buf).map_err(TransferError::Write)?;
+            hasher.update(&buf);
+        }
+        Ok(*hasher.finalize().as_bytes())
+    }
+}
+
+/// Receives the bytes from `start.offset` up to `size` from `input` into
+/// `file` (positioned at the offset), framed as `encoding` says, and returns
+/// the BLAKE3 digest of the whole file. The data is not synced:
+/// [`IncomingFile::commit`] syncs it with its metadata in one go. If `stop`
+/// completes first, the bytes already received are written and synced, and
+/// the result is [`TransferError::Stopped`]: the partial file is consistent
+/// for a resume (a block that arrived only in part is dropped whole).
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn receive_file<R>(
+    input: &mut R,
+    size: u64,
+    file: File,
+    start: Start,
+    encoding: Encoding,
+    pace: Option<Arc<Pacer>>,
+    progress: &Advance<'_>,
+    stop: impl std::future::Future<Output = ()>,
+) -> Result<Digest, TransferError>
+where
+    R: AsyncRead + Unpin + ?Sized,
+{
+    let sink = FileSink {
+        file,
+        hasher: start.hasher,
+        written: start.offset,
+        size,
+    };
+    let (sink, result) = receive_pieces(
+        input,
+        size,
+        start.offset,
+        sink,
+        encoding,
+        pace,
+        progress,
+        stop,
+    )
+    .await;
+    if let Err(e) = result {
+        // Keep what arrived consistent on disk: a resume continues after it.
+        let file = sink.file;
+        let _ = blocking(move || file.sync_data()).await;
+        return Err(e);
+    }
+    Ok(*sink.hasher.finalize().as_bytes())
+}
+
+/// Receives the bytes from `got` up to `size` from `input` into `sink`,
+/// framed as `encoding` says: the next piece is read from the network while
+/// the previous one is written. Returns the sink (whatever happened) and
+/// how it ended. A disk error is the real cause when both sides failed.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn receive_pieces<R, K>(
+    input: &mut R,
+    size: u64,
+    mut got: u64,
+    sink: K,
+    encoding: Encoding,
+    pace: Option<Arc<Pacer>>,
+    progress: &Advance<'_>,
+    stop: impl std::future::Future<Output = ()>,
+) -> (K, Result<(), TransferError>)
+where
+    R: AsyncRead + Unpin + ?Sized,
+    K: PieceSink,
+{
+    type Task<K> = tokio::task::JoinHandle<(K, Result<(), TransferError>)>;
+    let mut sink = Some(sink);
+    let mut pending: Option<Task<K>> = None;
+    // The previous piece's write, waited for before the next is handed over.
+    async fn settle<K>(
+        pending: &mut Option<Task<K>>,
+        sink: &mut Option<K>,
+    ) -> Result<(), TransferError> {
+        if let Some(task) = pending.take() {
+            let (back, result) = task.await.expect("writer panicked");
+            *sink = Some(back);
+            result?;
+        }
+        Ok(())
+    }
+    tokio::pin!(stop);
+    let net: Result<(), TransferError> = loop {
+        if got >= size {
+            break Ok(());
+        }
+        let (piece, raw, ended) =
+            match read_piece(input, size, got, encoding, pace.as_deref(), &mut stop).await {
+                Ok(read) => read,
+                Err(e) => break Err(e),
+            };
+        progress(raw as u64);
+        if let Err(e) = settle(&mut pending, &mut sink).await {
+            return (sink.expect("the sink is back after settling"), Err(e));
+        }
+        let s = sink.take().expect("the sink is back after settling");
+        pending = Some(tokio::spawn(s.write(piece)));
+        got += raw as u64;
+        if let Some(why) = ended {
+            break Err(why.into_error(got, size));
+        }
+    };
+    let disk = settle(&mut pending, &mut sink).await;
+    let sink = sink.expect("the sink is back after settling");
+    (sink, disk.and(net))
+}
+
+/// Asks the kernel to start writing a just-written range to disk now, while
+/// the network keeps delivering, so the final fsync has little left to wait
+/// for. Without it all the dirty pages are flushed at the end, in series
+/// with the transfer. A hint only: errors surface at the fsync.
+#[cfg(target_os = "linux")]
+fn start_writeback(file: &File, offset: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: sync_file_range only reads its integer arguments; the fd is
+    // valid for the duration of the call because `file` is borrowed.
+    unsafe {
+        libc::sync_file_range(
+            file.as_raw_fd(),
+            offset as libc::off64_t,
+            len as libc::off64_t,
+            libc::SYNC_FILE_RANGE_WRITE,
+        );
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn start_writeback(_file: &File, _offset: u64, _len: u64) {}
