@@ -636,9 +636,12 @@ type PartTask = tokio::task::JoinHandle<object_store::Result<PartRecord>>;
 
 /// Parts of one upload being stored at once. A store answers each part
 /// request at its own pace (Garage on loopback took 21 s for 1 GiB one part
-/// at a time, 11 s four at a time); three in flight and one filling keep an
-/// upload at 32 MiB of buffers with 8 MiB parts.
-const PARTS_IN_FLIGHT: usize = 3;
+/// at a time, 11 s four at a time); two in flight and one filling keep an
+/// upload at 24 MiB of buffers with 8 MiB parts, so that with the stream's
+/// receive buffer (which fills while the store is the slower side) a
+/// server stays within 64 MiB per 1 GiB upload (three in flight peaked at
+/// 65 MiB).
+const PARTS_IN_FLIGHT: usize = 2;
 
 /// Receives a file's bytes into parts: each full part is stored (and
 /// hashed) in a task of its own while the next ones fill, at most
