@@ -934,11 +934,13 @@ fn finish_batch(
         }
     }
     let bytes: u64 = report.done.iter().map(|r| r.bytes).sum();
+    let sent: u64 = report.done.iter().map(|r| r.bytes_sent).sum();
     if json {
         let doc = serde_json::json!({
             "files": report.done,
             "errors": errors,
             "bytes": bytes,
+            "bytes_sent": sent,
             "seconds": report.elapsed.as_secs_f64(),
         });
         println!("{}", serde_json::to_string_pretty(&doc)?);
@@ -946,7 +948,13 @@ fn finish_batch(
     if !quiet {
         eprintln!(
             "{}",
-            summary(verb, report.done.len(), bytes, report.elapsed.as_secs_f64())
+            summary(
+                verb,
+                report.done.len(),
+                bytes,
+                sent,
+                report.elapsed.as_secs_f64()
+            )
         );
     }
     if errors.is_empty() {

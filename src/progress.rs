@@ -15,6 +15,9 @@ pub(crate) struct Progress {
     total: ProgressBar,
 }
 
+/// How often a file's bar redraws (and its rate is sampled).
+const TICK: Duration = Duration::from_millis(200);
+
 const FILE_TEMPLATE: &str =
     "{wide_msg} {bytes:>10}/{total_bytes:<10} {binary_bytes_per_sec:>12} {eta:>4} [{bar:25.cyan/blue}]";
 const TOTAL_TEMPLATE: &str =
@@ -66,7 +69,7 @@ impl Progress {
                 .progress_chars("=> "),
         );
         bar.set_message(name.to_owned());
-        bar.enable_steady_tick(Duration::from_millis(200));
+        bar.enable_steady_tick(TICK);
         FileBar {
             bar,
             total: self.total.clone(),
@@ -115,6 +118,22 @@ impl FileBar {
         self.total.inc(n);
     }
 
+    /// Records `n` bytes the other side already had: the bar moves on, but
+    /// its rate (and the total's) counts only what moves from here, and
+    /// the total no longer waits for them.
+    pub(crate) fn kept(&self, n: u64) {
+        // The estimator records positions only on ticks, and a bar with a
+        // steady tick ignores manual ones: stop it, record the jump, then
+        // forget it, so the rate starts from here.
+        self.bar.disable_steady_tick();
+        self.bar.set_position(self.bar.position() + n);
+        self.bar.tick();
+        self.bar.reset_eta();
+        self.bar.enable_steady_tick(TICK);
+        let left = self.total.length().unwrap_or(0).saturating_sub(n);
+        self.total.set_length(left);
+    }
+
     /// Sets the file's size once it is known (a get learns it from the server).
     pub(crate) fn set_length(&self, size: u64) {
         self.bar.set_length(size);
@@ -147,6 +166,10 @@ impl crate::client::Watch for Progress {
 impl crate::client::WatchFile for FileBar {
     fn inc(&self, n: u64) {
         Self::inc(self, n);
+    }
+
+    fn kept(&self, n: u64) {
+        Self::kept(self, n);
     }
 
     fn set_length(&self, size: u64) {
@@ -205,18 +228,92 @@ impl<'a> MakeWriter<'a> for LogWriter {
     }
 }
 
-/// The closing summary: "3 files, 12.0 MiB in 1.52 s (8.27 MB/s)".
-pub(crate) fn summary(verb: &str, files: usize, bytes: u64, secs: f64) -> String {
-    let rate = if secs > 0.0 {
-        bytes as f64 / secs / 1e6
+/// The closing summary, counting only what moved in this run:
+/// "put 4 files: 140.2 MiB sent in 3.67 s (40.0 MB/s); 432.0 MiB were
+/// already there". `bytes` is the files' whole size, `sent` what crossed
+/// the network this time (a resumed file's rest, nothing for a file that
+/// was already there).
+pub(crate) fn summary(verb: &str, files: usize, bytes: u64, sent: u64, secs: f64) -> String {
+    let files = format!("{verb} {files} file{}", if files == 1 { "" } else { "s" });
+    let kept = bytes.saturating_sub(sent);
+    let kept = if kept > 0 {
+        format!("; {} were already there", Size(kept))
     } else {
-        0.0
+        String::new()
     };
+    if sent == 0 {
+        return format!("{files}: nothing sent{kept}");
+    }
     format!(
-        "{verb} {files} file{}, {} in {secs:.2} s ({rate:.2} MB/s)",
-        if files == 1 { "" } else { "s" },
-        indicatif::BinaryBytes(bytes),
+        "{files}: {} sent in {} ({}){kept}",
+        Size(sent),
+        Seconds(secs),
+        Rate(sent, secs)
     )
+}
+
+/// A size in binary units with one decimal: "140.2 MiB", "512 B".
+struct Size(u64);
+
+impl std::fmt::Display for Size {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
+        if self.0 < 1024 {
+            return write!(f, "{} B", self.0);
+        }
+        let mut v = self.0 as f64 / 1024.0;
+        let mut unit = 0;
+        while v >= 1024.0 && unit < UNITS.len() - 1 {
+            v /= 1024.0;
+            unit += 1;
+        }
+        write!(f, "{v:.1} {}", UNITS[unit])
+    }
+}
+
+/// A duration that reads well at any length: "1 h 02 min", "3 min 05 s",
+/// "3.67 s", "0.42 s", "3.1 ms".
+struct Seconds(f64);
+
+impl std::fmt::Display for Seconds {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = self.0.max(0.0);
+        if s >= 3600.0 {
+            let m = (s / 60.0).round() as u64;
+            write!(f, "{} h {:02} min", m / 60, m % 60)
+        } else if s >= 60.0 {
+            let r = s.round() as u64;
+            write!(f, "{} min {:02} s", r / 60, r % 60)
+        } else if s >= 0.01 {
+            write!(f, "{s:.2} s")
+        } else {
+            write!(f, "{:.1} ms", s * 1e3)
+        }
+    }
+}
+
+/// A rate in decimal megabytes per second (as `cp`, `scp` and network
+/// links count), with three significant digits: "40.0 MB/s", "412 MB/s",
+/// "0.85 MB/s", or "in an instant" for a time too short to measure.
+struct Rate(u64, f64);
+
+impl std::fmt::Display for Rate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let Self(bytes, secs) = *self;
+        // Below a millisecond the clock's resolution and the process's own
+        // start-up dominate: a rate from it would be noise.
+        if secs < 0.001 {
+            return write!(f, "in an instant");
+        }
+        let mb = bytes as f64 / secs / 1e6;
+        if mb >= 100.0 {
+            write!(f, "{mb:.0} MB/s")
+        } else if mb >= 10.0 {
+            write!(f, "{mb:.1} MB/s")
+        } else {
+            write!(f, "{mb:.2} MB/s")
+        }
+    }
 }
 
 #[cfg(test)]
@@ -224,12 +321,67 @@ mod tests {
     use super::*;
 
     #[test]
-    fn summary_reads_well() {
+    fn summary_counts_only_what_was_sent() {
         assert_eq!(
-            summary("put", 1, 2_000_000, 2.0),
-            "put 1 file, 1.91 MiB in 2.00 s (1.00 MB/s)"
+            summary("put", 1, 2_000_000, 2_000_000, 2.0),
+            "put 1 file: 1.9 MiB sent in 2.00 s (1.00 MB/s)"
         );
-        assert!(summary("got", 0, 0, 0.0).starts_with("got 0 files, 0 B"));
+        // The example of issue 11: 140.2 MiB sent of 572.2 MiB.
+        let sent = (140.2 * 1048576.0) as u64;
+        let all = sent + 432 * 1048576;
+        assert_eq!(
+            summary("put", 4, all, sent, 3.67),
+            "put 4 files: 140.2 MiB sent in 3.67 s (40.1 MB/s); 432.0 MiB were already there"
+        );
+        assert_eq!(
+            summary("got", 2, 4096, 0, 0.2),
+            "got 2 files: nothing sent; 4.0 KiB were already there"
+        );
+        assert_eq!(summary("got", 0, 0, 0, 0.0), "got 0 files: nothing sent");
+    }
+
+    #[test]
+    fn short_and_long_times_and_rates_read_well() {
+        // Sub-second runs: no "0.00 s", and a rate only where measurable.
+        assert_eq!(
+            summary("put", 1, 32768, 32768, 0.004),
+            "put 1 file: 32.0 KiB sent in 4.0 ms (8.19 MB/s)"
+        );
+        assert_eq!(
+            summary("put", 1, 10, 10, 0.0002),
+            "put 1 file: 10 B sent in 0.2 ms (in an instant)"
+        );
+        assert_eq!(Seconds(0.42).to_string(), "0.42 s");
+        assert_eq!(Seconds(185.0).to_string(), "3 min 05 s");
+        assert_eq!(Seconds(3725.0).to_string(), "1 h 02 min");
+        assert_eq!(Rate(412_300_000, 1.0).to_string(), "412 MB/s");
+        assert_eq!(Size(5 << 30).to_string(), "5.0 GiB");
+    }
+
+    #[test]
+    fn a_resumed_file_moves_its_bar_but_not_its_rate() {
+        let p = Progress::hidden();
+        p.add_total(200 << 20);
+        let f = p.file_bar("a", 200 << 20);
+        f.kept(100 << 20);
+        assert_eq!(
+            f.bar.position(),
+            100 << 20,
+            "the bar starts where it resumes"
+        );
+        assert_eq!(
+            p.total.length(),
+            Some(100 << 20),
+            "the total: what is left to send"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+        f.inc(1 << 20);
+        // Let the bar's own tick sample it.
+        std::thread::sleep(TICK + Duration::from_millis(150));
+        // 1 MiB in under half a second: a few MB/s, not the 100 MiB
+        // already there.
+        let rate = f.bar.per_sec();
+        assert!(rate > 0.0 && rate < 50e6, "{rate} B/s");
     }
 
     #[test]

@@ -143,7 +143,22 @@ async fn put_killed_on(backend: Backend) {
 
     // The server has not noticed the client is gone (that takes the idle
     // timeout); the rerun takes the partial over from the stale upload.
-    let r = report(&output(put(&["--json"])).await);
+    // Without -q, so that the summary is printed.
+    let mut rerun = qxfer_at(home.path(), server.addr);
+    rerun.arg("put").arg(&src).arg("--json");
+    let out = output(rerun).await;
+    let r = report(&out);
+    // The run's own figures count only what it sent.
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["bytes"], size as u64);
+    assert_eq!(doc["bytes_sent"], r["bytes_sent"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("put 1 file: ")
+            && stderr.contains(" sent in ")
+            && stderr.contains("were already there"),
+        "{stderr}"
+    );
     assert_eq!(r["blake3"], hex(blake3::hash(&data).as_bytes()));
     let resumed = r["resumed_from"].as_u64().unwrap();
     assert!(resumed >= 40 * MIB as u64, "resumed from {resumed}");

@@ -41,10 +41,27 @@ pub trait Watch: Send + Sync {
 pub trait WatchFile: Send + Sync {
     /// `n` more bytes moved.
     fn inc(&self, n: u64);
+    /// `n` bytes the other side already had (where a resumed transfer
+    /// starts, or a whole file already there): done, but not moved in this
+    /// run, so no rate counts them.
+    fn kept(&self, n: u64);
     /// The file's size, once known.
     fn set_length(&self, size: u64);
     /// The file is done (or failed).
     fn finish(self: Box<Self>);
+}
+
+/// A plain closure watches a file by the bytes it reaches: moved and kept
+/// alike (what `Client::put` and `Client::get` callers pass).
+impl<F: Fn(u64) + Send + Sync> WatchFile for F {
+    fn inc(&self, n: u64) {
+        self(n);
+    }
+    fn kept(&self, n: u64) {
+        self(n);
+    }
+    fn set_length(&self, _: u64) {}
+    fn finish(self: Box<Self>) {}
 }
 
 /// A batch nobody watches.
@@ -61,6 +78,7 @@ impl Watch for Unwatched {
 
 impl WatchFile for Unwatched {
     fn inc(&self, _: u64) {}
+    fn kept(&self, _: u64) {}
     fn set_length(&self, _: u64) {}
     fn finish(self: Box<Self>) {}
 }
@@ -273,7 +291,7 @@ impl BatchRun {
         let result = match self.direction {
             Direction::Put => {
                 self.client
-                    .put(&job.local, &job.remote, self.force, &|n| bar.inc(n))
+                    .put(&job.local, &job.remote, self.force, &*bar)
                     .await
             }
             Direction::Get => {
@@ -287,11 +305,17 @@ impl BatchRun {
                             bar.set_length(size);
                             progress.add_total(size);
                         },
-                        &|n| bar.inc(n),
+                        &*bar,
                     )
                     .await
             }
         };
+        if let Ok(r) = &result {
+            if r.already_there && self.direction == Direction::Put {
+                // Counted in the total up front; nothing will move.
+                bar.kept(r.bytes);
+            }
+        }
         bar.finish();
         result.map(|mut r| {
             r.seconds = started.elapsed().as_secs_f64();

@@ -16,6 +16,7 @@ use crate::protocol::{
     RemoteError, Request, Response, Trailer, RESUME_MIN,
 };
 
+use super::batch::WatchFile;
 use super::{reply, unexpected, Client, FileError, TransferReport};
 
 impl Client {
@@ -32,7 +33,7 @@ impl Client {
         dest: &Path,
         force: bool,
         on_start: &Advance<'_>,
-        progress: &Advance<'_>,
+        progress: &dyn WatchFile,
     ) -> Result<TransferReport, FileError> {
         self.get_sized(remote, dest, None, force, on_start, progress)
             .await
@@ -50,7 +51,7 @@ impl Client {
         size_hint: Option<u64>,
         force: bool,
         on_start: &Advance<'_>,
-        progress: &Advance<'_>,
+        progress: &dyn WatchFile,
     ) -> Result<TransferReport, FileError> {
         let d = dest.to_owned();
         if blocking(move || check_local_dest(&d, force)).await? {
@@ -103,7 +104,7 @@ impl Client {
             )));
         };
         on_start(offer.meta.size);
-        progress(start.offset);
+        progress.kept(start.offset);
         let resumed_from = start.offset;
         let result = receive_get(
             &mut recv,
@@ -113,7 +114,7 @@ impl Client {
             &offer,
             force,
             self.pace.clone(),
-            progress,
+            &|n| progress.inc(n),
         )
         .await;
         let receipt = match &result {

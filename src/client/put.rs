@@ -5,7 +5,8 @@ use std::path::Path;
 
 use quinn::VarInt;
 
-use crate::exchange::{self, blocking, file_meta, Advance, Framing, Start, TransferError};
+use super::batch::WatchFile;
+use crate::exchange::{self, blocking, file_meta, Framing, Start, TransferError};
 use crate::protocol::stream::{RESET_SOURCE_FAILED, STOP_REFUSED};
 use crate::protocol::{
     write_frame, Continue, Digest, ErrorCode, FileMeta, FrameError, PutRequest, Receipt,
@@ -29,7 +30,7 @@ impl Client {
         local: &Path,
         remote: &str,
         force: bool,
-        progress: &Advance<'_>,
+        progress: &dyn WatchFile,
     ) -> Result<TransferReport, FileError> {
         let path = local.to_owned();
         let (file, meta) = blocking(move || open_source(&path)).await?;
@@ -66,7 +67,7 @@ impl Client {
         local: &Path,
         remote: &str,
         force: bool,
-        progress: &Advance<'_>,
+        progress: &dyn WatchFile,
         file: File,
         meta: FileMeta,
         resume: bool,
@@ -113,7 +114,7 @@ impl Client {
                 },
             )
             .await?;
-            progress(start.offset);
+            progress.kept(start.offset);
             (file, start)
         } else {
             (file, Start::default())
@@ -123,8 +124,10 @@ impl Client {
         let source_failed = tokio::sync::Notify::new();
         let sending = async {
             let sent =
-                exchange::send_file(file, meta.size, start, framing, pace, &mut send, progress)
-                    .await;
+                exchange::send_file(file, meta.size, start, framing, pace, &mut send, &|n| {
+                    progress.inc(n)
+                })
+                .await;
             let digest = match sent {
                 Ok(digest) => digest,
                 Err(e) => {
