@@ -13,8 +13,8 @@ use tracing_subscriber::EnvFilter;
 
 use crate::client::tree::{self, Tree};
 use crate::client::{
-    run_batch, BatchReport, Client, ClientConfig, ConnectError, Direction, FileError, Job, Watch,
-    CLIENT_IDENTITY,
+    dry_run, run_batch, Action, BatchReport, Client, ClientConfig, ClientFile, ConfigError,
+    ConnectError, Direction, FileError, Filter, FilterError, Job, Planned, Watch, CLIENT_IDENTITY,
 };
 use crate::endpoint::{self, ServerLimits, TransportOpts};
 use crate::exchange::to_system_time;
@@ -24,9 +24,43 @@ use crate::protocol::{Compression, DirMeta, Entry, EntryKind, MAX_FRAME};
 use crate::server::{self, ServeConfig};
 use crate::tls::{AuthorizedClients, ClientVerifier, Fingerprint, Identity, AUTHORIZED_CLIENTS};
 
+/// Exit codes, as rsync documents its own: scripts tell a file that failed
+/// from a server they could not reach or did not trust.
+pub mod exit {
+    /// Every file (or the command) succeeded.
+    pub const OK: u8 = 0;
+    /// Some files failed; the others finished.
+    pub const SOME_FAILED: u8 = 1;
+    /// The command line was wrong (clap's own code for usage errors).
+    pub const USAGE: u8 = 2;
+    /// The server could not be reached, was not a qxfer server, was busy,
+    /// or the connection failed before anything moved.
+    pub const CONNECTION: u8 = 3;
+    /// Trust failed: the server's key changed or did not match --pin, or
+    /// the server refused this client's identity.
+    pub const TRUST: u8 = 4;
+    /// Stopped by Ctrl-C or SIGTERM (128 + SIGINT); rerun to resume.
+    pub const INTERRUPTED: u8 = 130;
+}
+
+const EXIT_CODES_HELP: &str = "\
+Exit codes:
+  0    success
+  1    some files failed (the others finished; each failure is listed)
+  2    usage error (a wrong option, argument or config.toml)
+  3    connection failure: unreachable, not a qxfer server, busy, or lost before anything moved
+  4    trust failure: server key changed or --pin mismatch, or this client refused by the server
+  130  interrupted (Ctrl-C, SIGTERM): run the same command again to resume";
+
 /// Secure, fast file transfer over QUIC.
 #[derive(Debug, Parser)]
-#[command(name = "qxfer", version, about, propagate_version = true)]
+#[command(
+    name = "qxfer",
+    version,
+    about,
+    propagate_version = true,
+    after_help = EXIT_CODES_HELP
+)]
 pub struct Cli {
     /// More log output (-v: info, -vv: debug). RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
@@ -50,11 +84,40 @@ pub enum Command {
     Get(GetArgs),
     /// List a directory on a server.
     Ls(LsArgs),
+    /// Remove files (and with -r directories) on a server.
+    Rm(RmArgs),
+    /// Rename (move) a file or directory on a server.
+    Mv(MvArgs),
+    /// Create directories on a server.
+    Mkdir(MkdirArgs),
     /// Print this client's identity fingerprint (generating the identity on first use).
     ///
     /// Give it to a server's operator, who admits you with
     /// `qxfer serve --allow SHA256:...`.
     Id,
+    /// Print a shell completion script (see the README for where it goes).
+    ///
+    /// bash: `qxfer completions bash > ~/.local/share/bash-completion/completions/qxfer`;
+    /// zsh: into a directory on $fpath as `_qxfer`; fish:
+    /// `~/.config/fish/completions/qxfer.fish`.
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// List the servers named in config.toml, with their pins and the fingerprints known for them.
+    ///
+    /// config.toml lives in the config directory (QXFER_CONFIG_DIR, else
+    /// e.g. ~/.config/qxfer) and names servers for `--server NAME`:
+    ///
+    ///   [servers.home]
+    ///   address = "nas.example.net:65432"
+    ///   pin = "SHA256:..."   # optional: accept only this key
+    Servers,
+    /// Print the manual page (roff), generated from this command line's own definitions.
+    ///
+    /// `qxfer man > ~/.local/share/man/man1/qxfer.1`, then `man qxfer`.
+    Man,
 }
 
 /// Options of `qxfer serve`.
@@ -144,7 +207,8 @@ fn parse_partial_ttl(s: &str) -> Result<Duration, String> {
 /// Options every client command takes.
 #[derive(Debug, Args)]
 pub struct ClientArgs {
-    /// Server address, HOST:PORT.
+    /// Server: a name from config.toml in the config directory (see
+    /// `qxfer servers`), or an address, HOST:PORT.
     #[arg(long, env = "QXFER_SERVER", default_value = "127.0.0.1:65432")]
     pub server: String,
     /// Accept only a server with this fingerprint (SHA256:..., as `qxfer serve` prints).
@@ -185,6 +249,31 @@ pub struct TransferArgs {
     /// 0 gives up at once.
     #[arg(long, value_name = "N", default_value_t = 5)]
     pub retries: u32,
+    /// In directory trees (-r), leave out what matches PATTERN: gitignore
+    /// syntax, matched against paths that start with the tree's own name
+    /// (`*.tmp` and `node_modules/` at any depth, `photos/raw` anchored at
+    /// the top, a trailing `/` for directories only, `!keep.tmp` to take an
+    /// exclusion back). Repeatable. What is excluded is neither sent nor
+    /// created; -v lists it.
+    #[arg(long, value_name = "PATTERN")]
+    pub exclude: Vec<String>,
+    /// Read --exclude patterns from FILE, one per line (blank lines and
+    /// `#` comments skipped, as in .gitignore). Repeatable.
+    #[arg(long, value_name = "FILE")]
+    pub exclude_from: Vec<PathBuf>,
+    /// Move nothing: list what would be sent, skipped (already there,
+    /// judged by size and mtime) or refused (exists; use --force), and
+    /// what --exclude leaves out, and exit as the real run would (1 if it
+    /// would refuse a file).
+    #[arg(short = 'n', long)]
+    pub dry_run: bool,
+    /// After a successful transfer of directory trees (-r), remove at the
+    /// destination what the source no longer has, only inside the
+    /// transferred directories, and never when any file failed. Excluded
+    /// names are kept. A dry run lists what would go. A --read-only server
+    /// refuses it.
+    #[arg(long)]
+    pub delete: bool,
 }
 
 /// Parses `800K`, `50M`, `1.5G` or a plain number of bytes per second.
@@ -270,6 +359,47 @@ pub struct GetArgs {
     pub client: ClientArgs,
 }
 
+/// Options of `qxfer rm`.
+#[derive(Debug, Args)]
+pub struct RmArgs {
+    /// Remote files or directories (paths relative to the server root).
+    #[arg(required = true, value_name = "NAME")]
+    pub names: Vec<String>,
+    /// Remove directories and everything in them (an empty directory goes
+    /// without -r; links are removed as links, never followed).
+    #[arg(short, long)]
+    pub recursive: bool,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+/// Options of `qxfer mv`.
+#[derive(Debug, Args)]
+pub struct MvArgs {
+    /// The remote file or directory to rename.
+    #[arg(value_name = "FROM")]
+    pub from: String,
+    /// Its new name (the full new path; it must not exist, its directory must).
+    #[arg(value_name = "TO")]
+    pub to: String,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+/// Options of `qxfer mkdir`.
+#[derive(Debug, Args)]
+pub struct MkdirArgs {
+    /// Remote directories to create.
+    #[arg(required = true, value_name = "DIR")]
+    pub dirs: Vec<String>,
+    /// Create missing parent directories too, and accept directories that
+    /// already exist (as mkdir -p).
+    #[arg(short, long)]
+    pub parents: bool,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
 /// Options of `qxfer ls`.
 #[derive(Debug, Args)]
 pub struct LsArgs {
@@ -306,8 +436,37 @@ pub fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("qxfer: error: {e:#}");
-            ExitCode::FAILURE
+            ExitCode::from(exit_code_of(&e))
         }
+    }
+}
+
+/// The exit code for a command that failed as a whole (see [`exit`]).
+fn exit_code_of(e: &anyhow::Error) -> u8 {
+    if e.chain().any(|c| {
+        c.downcast_ref::<ConfigError>().is_some() || c.downcast_ref::<FilterError>().is_some()
+    }) {
+        return exit::USAGE;
+    }
+    let Some(connect) = e.chain().find_map(|c| c.downcast_ref::<ConnectError>()) else {
+        // A listing that failed because the connection did.
+        let lost = e
+            .chain()
+            .find_map(|c| c.downcast_ref::<FileError>())
+            .is_some_and(FileError::is_transient);
+        return if lost {
+            exit::CONNECTION
+        } else {
+            exit::SOME_FAILED
+        };
+    };
+    match connect {
+        ConnectError::BadAddress(_) => exit::USAGE,
+        ConnectError::Refused { .. }
+        | ConnectError::HostKeyChanged { .. }
+        | ConnectError::PinMismatch { .. }
+        | ConnectError::Trust(_) => exit::TRUST,
+        _ => exit::CONNECTION,
     }
 }
 
@@ -358,10 +517,28 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
 
     match cli.command {
         Command::Serve(args) => serve(args).await,
-        Command::Put(args) => interruptible(put(args, cli.quiet, &progress), &progress).await,
-        Command::Get(args) => interruptible(get(args, cli.quiet, &progress), &progress).await,
+        Command::Put(args) => {
+            interruptible(put(args, cli.quiet, cli.verbose > 0, &progress), &progress).await
+        }
+        Command::Get(args) => {
+            interruptible(get(args, cli.quiet, cli.verbose > 0, &progress), &progress).await
+        }
         Command::Ls(args) => ls(args).await,
+        Command::Rm(args) => rm(args, cli.verbose > 0).await,
+        Command::Mv(args) => mv(args).await,
+        Command::Mkdir(args) => mkdir(args).await,
         Command::Id => id(),
+        Command::Servers => servers(),
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "qxfer", &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Man => {
+            let cmd = <Cli as clap::CommandFactory>::command();
+            clap_mangen::Man::new(cmd).render(&mut std::io::stdout())?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 
@@ -380,9 +557,140 @@ async fn interruptible(
             progress.finish();
             crate::client::close_all("interrupted").await;
             eprintln!("qxfer: interrupted; run the same command again to resume where it stopped (large files continue from what was already sent)");
-            Ok(ExitCode::from(130))
+            Ok(ExitCode::from(exit::INTERRUPTED))
         }
     }
+}
+
+/// `qxfer rm`: each name removed in turn; a failure is reported and the
+/// others still go. Exit code 1 if any failed.
+async fn rm(args: RmArgs, verbose: bool) -> Result<ExitCode> {
+    let progress = Progress::hidden();
+    let client = connect(&args.client, None, true, &progress).await?;
+    let mut failed = 0;
+    for name in &args.names {
+        match client.remove(name, args.recursive).await {
+            Ok(()) if verbose => eprintln!("qxfer: removed {name}"),
+            Ok(()) => {}
+            Err(e) => {
+                failed += 1;
+                eprintln!("qxfer: error: {}", file_error(name, &e));
+            }
+        }
+    }
+    if let Some(refused) = client.refusal() {
+        return Err(refused.into());
+    }
+    client.close().await;
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        eprintln!("qxfer: {failed} of {} not removed", args.names.len());
+        ExitCode::from(exit::SOME_FAILED)
+    })
+}
+
+/// `qxfer mv FROM TO`.
+async fn mv(args: MvArgs) -> Result<ExitCode> {
+    let progress = Progress::hidden();
+    let client = connect(&args.client, None, true, &progress).await?;
+    let result = client.rename(&args.from, &args.to).await;
+    if let Some(refused) = client.refusal() {
+        return Err(refused.into());
+    }
+    client.close().await;
+    match result {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        Err(e) => {
+            eprintln!("qxfer: error: {}", file_error(&args.from, &e));
+            Ok(ExitCode::from(exit::SOME_FAILED))
+        }
+    }
+}
+
+/// `qxfer mkdir [-p] DIR...`. Without -p, as mkdir: the parent must exist
+/// and the directory must not (checked with a listing first; the server's
+/// mkdir itself always creates parents and accepts what exists).
+async fn mkdir(args: MkdirArgs) -> Result<ExitCode> {
+    let progress = Progress::hidden();
+    let client = connect(&args.client, None, true, &progress).await?;
+    let mut failed = 0;
+    for dir in &args.dirs {
+        let checked = if args.parents {
+            Ok(())
+        } else {
+            mkdir_preconditions(&client, dir).await
+        };
+        let result = match checked {
+            Ok(()) => client
+                .mkdir(dir, None)
+                .await
+                .map_err(|e| file_error(dir, &e)),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = result {
+            failed += 1;
+            eprintln!("qxfer: error: {e}");
+        }
+    }
+    if let Some(refused) = client.refusal() {
+        return Err(refused.into());
+    }
+    client.close().await;
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(exit::SOME_FAILED)
+    })
+}
+
+/// Why `mkdir DIR` without -p must not go ahead: DIR exists, or its parent
+/// does not.
+async fn mkdir_preconditions(client: &Client, dir: &str) -> Result<(), String> {
+    let trimmed = dir.trim_end_matches('/');
+    let (parent, base) = trimmed.rsplit_once('/').unwrap_or(("", trimmed));
+    match client.list(parent).await {
+        Ok(entries) => match entries.iter().find(|e| e.name == base) {
+            Some(_) => Err(format!(
+                "'{dir}' already exists on the server (mkdir -p accepts that)"
+            )),
+            None => Ok(()),
+        },
+        Err(FileError::Remote(e)) if e.code == crate::protocol::ErrorCode::NotFound => Err(
+            format!("cannot create '{dir}': its parent '{parent}' does not exist on the server; use mkdir -p"),
+        ),
+        Err(e) => Err(file_error(dir, &e)),
+    }
+}
+
+/// `qxfer servers`: the names of config.toml, each with its address, its
+/// pin and what known_hosts holds for it.
+fn servers() -> Result<ExitCode> {
+    let dir = config_dir()?;
+    let file = ClientFile::load(&dir)?;
+    if file.servers.is_empty() {
+        println!(
+            "no servers named in {} (add [servers.NAME] with address = \"HOST:PORT\"; see `qxfer servers --help`)",
+            file.path.display()
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    let known = crate::tls::KnownHosts::load(&dir.join("known_hosts"))?;
+    let width = file.servers.keys().map(String::len).max().unwrap_or(0);
+    for s in file.servers.values() {
+        let recorded = crate::client::split_server(&s.address)
+            .ok()
+            .and_then(|(host, port)| known.lookup(&crate::client::known_hosts_key(&host, port)));
+        let pin = s
+            .pin
+            .map_or_else(|| "no pin".to_owned(), |p| format!("pin {p}"));
+        let seen = recorded.map_or_else(
+            || "not contacted yet".to_owned(),
+            |(fp, _)| format!("known {fp}"),
+        );
+        println!("{:width$}  {}  {pin}  {seen}", s.name, s.address);
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn id() -> Result<ExitCode> {
@@ -428,7 +736,11 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
     };
     let identity = Identity::load_or_generate(&args.certs, "server")
         .with_context(|| format!("server identity in {}", args.certs.display()))?;
-    let clients = authorized_clients(&args)?;
+    // What start-up has to say waits for the banner, so that the banner
+    // comes first and everything reads alike (plain lines on stdout);
+    // requests are logged on stderr from then on.
+    let mut notes = Vec::new();
+    let clients = authorized_clients(&args, &mut notes)?;
     let verifier = ClientVerifier::new(clients.clone());
     let endpoint =
         endpoint::server_endpoint(args.listen, &identity, verifier, &args.transport, &limits)?;
@@ -443,6 +755,9 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
     )?;
     writeln!(out, "listening on udp {addr}")?;
     writeln!(out, "fingerprint {}", identity.fingerprint())?;
+    for note in notes {
+        writeln!(out, "{note}")?;
+    }
     out.flush()?;
     drop(out);
     let (first, second) = (signals.clone(), signals);
@@ -463,19 +778,19 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
 /// Builds the server's allowlist: `<certs>/authorized_clients` (after adding
 /// any `--allow`), plus this user's own client identity so that `qxfer serve`
 /// and `qxfer put` work together on one machine with no setup; or everyone
-/// with `--open`.
-fn authorized_clients(args: &ServeArgs) -> Result<Arc<AuthorizedClients>> {
+/// with `--open`. What it did goes into `notes`, printed after the banner.
+fn authorized_clients(args: &ServeArgs, notes: &mut Vec<String>) -> Result<Arc<AuthorizedClients>> {
     let file = args.certs.join(AUTHORIZED_CLIENTS);
     for fp in &args.allow {
         let added = AuthorizedClients::append(&file, *fp, "added by qxfer serve --allow")?;
-        if added {
-            tracing::info!("authorized client {fp} (added to {})", file.display());
+        notes.push(if added {
+            format!("authorized client {fp} (added to {})", file.display())
         } else {
-            tracing::info!("client {fp} was already authorized in {}", file.display());
-        }
+            format!("client {fp} was already authorized in {}", file.display())
+        });
     }
     if args.open {
-        tracing::warn!("*** --open: ANY client that can reach this port may read, write and overwrite files in the root. Use only on a network you trust. ***");
+        notes.push("*** --open: ANY client that can reach this port may read, write and overwrite files in the root. Use only on a network you trust. ***".to_owned());
         return Ok(Arc::new(AuthorizedClients::new(&file, Vec::new(), true)));
     }
     // The server user's own client identity, created now if needed, so the
@@ -486,19 +801,21 @@ fn authorized_clients(args: &ServeArgs) -> Result<Arc<AuthorizedClients>> {
     }) {
         Ok(id) => vec![id.fingerprint()],
         Err(e) => {
-            tracing::warn!("not admitting this user's own client identity: {e:#}");
+            notes.push(format!(
+                "not admitting this user's own client identity: {e:#}"
+            ));
             Vec::new()
         }
     };
     let list = AuthorizedClients::new(&file, own.clone(), false);
-    tracing::info!(
+    notes.push(format!(
         "admitting {} client(s) listed in {} (re-read when it changes){}",
         list.len(),
         file.display(),
         own.first()
             .map(|fp| format!(" and this user's own client identity {fp}"))
             .unwrap_or_default()
-    );
+    ));
     Ok(Arc::new(list))
 }
 
@@ -555,10 +872,17 @@ async fn connect(
     quiet: bool,
     progress: &Progress,
 ) -> Result<Client> {
+    let dir = config_dir()?;
+    let file = ClientFile::load(&dir)?;
+    let (server, pin) = match file.named(&args.server) {
+        // An explicit --pin wins over the file's.
+        Some(named) => (named.address.clone(), args.pin.or(named.pin)),
+        None => (args.server.clone(), args.pin),
+    };
     let config = ClientConfig {
-        server: args.server.clone(),
-        pin: args.pin,
-        config_dir: config_dir()?,
+        server: server.clone(),
+        pin,
+        config_dir: dir,
         transport: args.transport.clone(),
         resume: !transfer.is_some_and(|t| t.no_resume),
         limit_rate: transfer.and_then(|t| t.limit_rate),
@@ -566,20 +890,37 @@ async fn connect(
         reply_timeout: args.timeout,
         connect_timeout: args.connect_timeout,
     };
-    let client = Client::connect(&config).await?;
-    if let (Some((fp, file)), false) = (&client.first_contact, quiet) {
+    let client = match Client::connect(&config).await {
+        Ok(c) => c,
+        // A word that is neither a name in the file nor a host: say both.
+        Err(e @ ConnectError::Resolve { .. }) if !args.server.contains(['.', ':']) => {
+            let known: Vec<&str> = file.servers.keys().map(String::as_str).collect();
+            let names = if known.is_empty() {
+                "it names none".to_owned()
+            } else {
+                format!("names there: {}", known.join(", "))
+            };
+            return Err(anyhow::Error::new(e).context(format!(
+                "unknown server name '{}': not defined in {} ({names}; see `qxfer servers`), and no host has that name",
+                args.server,
+                file.path.display()
+            )));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if let (Some((fp, known)), false) = (&client.first_contact, quiet) {
         progress.suspend(|| {
             eprintln!(
-                "qxfer: first contact with {}: trusting its fingerprint {fp} from now on (saved in {})",
-                args.server,
-                file.display()
+                "qxfer: first contact with {server}: trusting its fingerprint {fp} from now on (saved in {})",
+                known.display()
             )
         });
     }
     Ok(client)
 }
 
-async fn put(args: PutArgs, quiet: bool, progress: &Progress) -> Result<ExitCode> {
+async fn put(args: PutArgs, quiet: bool, verbose: bool, progress: &Progress) -> Result<ExitCode> {
+    let filter = Filter::new(&args.transfer.exclude, &args.transfer.exclude_from)?;
     let mut tree = Tree::default();
     let mut bad = Vec::new();
     for file in &args.files {
@@ -598,7 +939,7 @@ async fn put(args: PutArgs, quiet: bool, progress: &Progress) -> Result<ExitCode
                 file.display()
             ));
         } else if is_dir {
-            match tree::walk_local(file, &remote) {
+            match tree::walk_local(file, &remote, &name, &filter) {
                 Ok(t) => tree.extend(t),
                 Err(e) => bad.push(e.to_string()),
             }
@@ -612,7 +953,29 @@ async fn put(args: PutArgs, quiet: bool, progress: &Progress) -> Result<ExitCode
         }
     }
     report_skipped(&tree.skipped, quiet, progress);
+    report_excluded(&tree.excluded, verbose, progress);
     let client = connect(&args.client, Some(&args.transfer), quiet, progress).await?;
+    if args.transfer.dry_run {
+        let plan = dry_run(&client, Direction::Put, &tree.jobs, args.force).await;
+        let deletes = if args.transfer.delete {
+            tree::remote_extras(&client, &tree, &filter)
+                .await
+                .map(|e| e.paths)
+        } else {
+            Ok(Vec::new())
+        };
+        client.close().await;
+        return finish_dry_run(
+            "put",
+            plan?,
+            &deletes?,
+            &tree.excluded,
+            bad,
+            args.json,
+            quiet,
+        );
+    }
+    let planned = tree.clone();
     let (client, mut report) = Batch::new(Direction::Put, args.parallel, args.force, quiet)
         .run_resilient(client, tree.jobs, &args.client, &args.transfer, progress)
         .await?;
@@ -620,6 +983,29 @@ async fn put(args: PutArgs, quiet: bool, progress: &Progress) -> Result<ExitCode
         report
             .failed
             .extend(tree::finish_remote_dirs(&client, &tree.dirs).await);
+    }
+    if args.transfer.delete && client.refusal().is_none() {
+        if report.failed.is_empty() && bad.is_empty() {
+            let removed = async {
+                let extras = tree::remote_extras(&client, &planned, &filter).await?;
+                let mut failed = Vec::new();
+                for (path, is_dir) in extras.paths {
+                    match client.remove(&path, is_dir).await {
+                        Ok(()) => report_deleted(&path, is_dir, quiet, progress),
+                        Err(e) => failed.push((path, e)),
+                    }
+                }
+                Ok::<_, FileError>(failed)
+            };
+            match removed.await {
+                Ok(failed) => report.failed.extend(failed),
+                Err(e) => report.failed.push(("--delete".to_owned(), e)),
+            }
+        } else if !quiet {
+            progress.suspend(|| {
+                eprintln!("qxfer: --delete: nothing removed, since not every file arrived")
+            });
+        }
     }
     if let Some(refused) = client.refusal() {
         progress.finish();
@@ -639,6 +1025,102 @@ fn file_name(path: &Path) -> Option<String> {
     abs.file_name()?.to_str().map(str::to_owned)
 }
 
+/// Prints a dry run's plan: one line per file on stdout (`send`, `skip`,
+/// `refuse`, `exclude`), or JSON with --json, and a summary on stderr.
+/// Exits as the real run would: 1 if it would refuse a file or fail an
+/// argument.
+fn finish_dry_run(
+    verb: &str,
+    plan: Vec<Planned>,
+    deletes: &[(String, bool)],
+    excluded: &[String],
+    bad: Vec<String>,
+    json: bool,
+    quiet: bool,
+) -> Result<ExitCode> {
+    let count = |a: Action| plan.iter().filter(|p| p.action == a).count();
+    let (send, skip, refuse) = (
+        count(Action::Send),
+        count(Action::Skip),
+        count(Action::Refuse),
+    );
+    let bytes: u64 = plan
+        .iter()
+        .filter(|p| p.action == Action::Send)
+        .filter_map(|p| p.size)
+        .sum();
+    if json {
+        let deleted: Vec<String> = deletes
+            .iter()
+            .map(|(p, d)| if *d { format!("{p}/") } else { p.clone() })
+            .collect();
+        let doc = serde_json::json!({
+            "dry_run": true,
+            "files": plan,
+            "delete": deleted,
+            "excluded": excluded,
+            "errors": bad,
+        });
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+    } else {
+        // What --delete would remove comes first, to be checked first.
+        for (path, is_dir) in deletes {
+            println!("delete  {path}{}", if *is_dir { "/" } else { "" });
+        }
+        for p in &plan {
+            let action = match p.action {
+                Action::Send => "send",
+                Action::Skip => "skip",
+                Action::Refuse => "refuse",
+            };
+            match &p.reason {
+                Some(why) => println!("{action:<7} {}  ({why})", p.name),
+                None => println!("{action:<7} {}", p.name),
+            }
+        }
+        for e in excluded {
+            println!("exclude {e}");
+        }
+    }
+    for e in &bad {
+        eprintln!("qxfer: error: {e}");
+    }
+    if !quiet {
+        eprintln!(
+            "qxfer: dry run, nothing moved: {verb} would send {send} file{} ({}), skip {skip}, refuse {refuse}, delete {}; {} excluded",
+            if send == 1 { "" } else { "s" },
+            indicatif::BinaryBytes(bytes),
+            deletes.len(),
+            excluded.len()
+        );
+    }
+    Ok(if refuse + bad.len() > 0 {
+        ExitCode::from(exit::SOME_FAILED)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// Says what --delete removed (unless -q).
+fn report_deleted(path: &str, is_dir: bool, quiet: bool, progress: &Progress) {
+    if !quiet {
+        let slash = if is_dir { "/" } else { "" };
+        progress.suspend(|| eprintln!("qxfer: deleted {path}{slash}"));
+    }
+}
+
+/// With -v, lists what --exclude left out.
+fn report_excluded(excluded: &[String], verbose: bool, progress: &Progress) {
+    if !verbose || excluded.is_empty() {
+        return;
+    }
+    progress.suspend(|| {
+        for e in excluded {
+            eprintln!("qxfer: excluded {e}");
+        }
+    });
+}
+
 /// Tells the user what a tree walk left out (symlinks, special files).
 fn report_skipped(skipped: &[String], quiet: bool, progress: &Progress) {
     if quiet || skipped.is_empty() {
@@ -651,13 +1133,16 @@ fn report_skipped(skipped: &[String], quiet: bool, progress: &Progress) {
     });
 }
 
-async fn get(args: GetArgs, quiet: bool, progress: &Progress) -> Result<ExitCode> {
+async fn get(args: GetArgs, quiet: bool, verbose: bool, progress: &Progress) -> Result<ExitCode> {
+    let filter = Filter::new(&args.transfer.exclude, &args.transfer.exclude_from)?;
     let out_dir = match args.output {
         Some(dir) => dir,
         None => downloads_dir()?,
     };
-    std::fs::create_dir_all(&out_dir)
-        .with_context(|| format!("cannot create the download folder {}", out_dir.display()))?;
+    if !args.transfer.dry_run {
+        std::fs::create_dir_all(&out_dir)
+            .with_context(|| format!("cannot create the download folder {}", out_dir.display()))?;
+    }
     let client = connect(&args.client, Some(&args.transfer), quiet, progress).await?;
     let mut tree = Tree::default();
     let mut bad = Vec::new();
@@ -671,7 +1156,7 @@ async fn get(args: GetArgs, quiet: bool, progress: &Progress) -> Result<ExitCode
             match remote_dir_meta(&client, name).await {
                 Ok(Some(meta)) => match client.list_tree(name).await {
                     Ok(entries) => {
-                        tree.extend(tree::from_listing(&entries, name, &local, meta));
+                        tree.extend(tree::from_listing(&entries, name, &local, meta, &filter));
                         continue;
                     }
                     Err(e) => {
@@ -694,12 +1179,64 @@ async fn get(args: GetArgs, quiet: bool, progress: &Progress) -> Result<ExitCode
         });
     }
     report_skipped(&tree.skipped, quiet, progress);
+    report_excluded(&tree.excluded, verbose, progress);
+    if args.transfer.dry_run {
+        let plan = dry_run(&client, Direction::Get, &tree.jobs, args.force).await;
+        client.close().await;
+        let deletes = if args.transfer.delete {
+            tree::local_extras(&tree, &filter)?.paths
+        } else {
+            Vec::new()
+        };
+        return finish_dry_run(
+            "get",
+            plan?,
+            &deletes,
+            &tree.excluded,
+            bad,
+            args.json,
+            quiet,
+        );
+    }
+    let planned = tree.clone();
     let mut failed_dirs = tree::create_local_dirs(&tree.dirs);
     let (client, mut report) = Batch::new(Direction::Get, args.parallel, args.force, quiet)
         .run_resilient(client, tree.jobs, &args.client, &args.transfer, progress)
         .await?;
     failed_dirs.extend(tree::finish_local_dirs(&tree.dirs));
     report.failed.extend(failed_dirs);
+    if args.transfer.delete && client.refusal().is_none() {
+        if report.failed.is_empty() && bad.is_empty() {
+            match tree::local_extras(&planned, &filter) {
+                Ok(extras) => {
+                    for (path, is_dir) in extras.paths {
+                        // Neither follows a link: remove_dir_all removes
+                        // links inside as links.
+                        let gone = if is_dir {
+                            std::fs::remove_dir_all(&path)
+                        } else {
+                            std::fs::remove_file(&path)
+                        };
+                        match gone {
+                            Ok(()) => report_deleted(&path, is_dir, quiet, progress),
+                            Err(source) => report.failed.push((
+                                path.clone(),
+                                FileError::Local {
+                                    path: path.into(),
+                                    source,
+                                },
+                            )),
+                        }
+                    }
+                }
+                Err(e) => report.failed.push(("--delete".to_owned(), e)),
+            }
+        } else if !quiet {
+            progress.suspend(|| {
+                eprintln!("qxfer: --delete: nothing removed, since not every file arrived")
+            });
+        }
+    }
     if let Some(refused) = client.refusal() {
         progress.finish();
         return Err(refused.into());
@@ -968,7 +1505,7 @@ fn finish_batch(
         errors.len(),
         errors.len() + report.done.len()
     );
-    Ok(ExitCode::FAILURE)
+    Ok(ExitCode::from(exit::SOME_FAILED))
 }
 
 async fn ls(args: LsArgs) -> Result<ExitCode> {

@@ -36,6 +36,13 @@ fn client(home: &Path, server: &ServeProcess) -> Command {
 fn unknown_clients_are_refused_until_allowed_and_open_admits_anyone() {
     let ops = tempfile::tempdir().unwrap();
     let server = serve(ops.path(), "127.0.0.1:0");
+    // The banner comes first; what start-up has to say follows it, alike.
+    assert!(
+        server.banner[0].starts_with("qxfer "),
+        "{:?}",
+        server.banner
+    );
+    server.wait_for_line("admitting 0 client(s) listed in");
     let user = tempfile::tempdir().unwrap();
     let u = user.path();
     std::fs::write(u.join("f.txt"), b"hello").unwrap();
@@ -55,12 +62,13 @@ fn unknown_clients_are_refused_until_allowed_and_open_admits_anyone() {
         0o600
     );
 
-    // A stranger is refused, told why, and shown its fingerprint.
+    // A stranger is refused, told why, and shown its fingerprint: a
+    // trust failure (exit code 4).
     client(u, &server)
         .current_dir(u)
         .args(["put", "f.txt"])
         .assert()
-        .failure()
+        .code(4)
         .stderr(
             predicate::str::contains("refused this client")
                 .and(predicate::str::contains(fp.as_str()))
@@ -104,8 +112,7 @@ fn unknown_clients_are_refused_until_allowed_and_open_admits_anyone() {
         .arg(open_home.path().join("certs"));
     let open = ServeProcess::spawn_logging(cmd, log);
     client(u, &open).arg("ls").assert().success();
-    let log = std::fs::read_to_string(open_home.path().join("log")).unwrap();
-    assert!(log.contains("--open: ANY client"), "{log}");
+    open.wait_for_line("--open: ANY client");
 }
 
 #[test]
@@ -129,7 +136,44 @@ fn help_and_version() {
         .assert()
         .success()
         .stdout(predicate::str::contains(env!("CARGO_PKG_VERSION")));
-    qxfer(home.path()).arg("put").assert().failure();
+    // Usage errors exit 2, and --help documents every exit code.
+    qxfer(home.path()).arg("put").assert().code(2);
+    qxfer(home.path())
+        .args(["get", "--no-such-flag", "x"])
+        .assert()
+        .code(2);
+    qxfer(home.path()).arg("--help").assert().stdout(
+        predicate::str::contains("Exit codes:")
+            .and(predicate::str::contains("3    connection failure"))
+            .and(predicate::str::contains("4    trust failure")),
+    );
+}
+
+#[test]
+fn completions_and_man_page_are_generated() {
+    let home = tempfile::tempdir().unwrap();
+    qxfer(home.path())
+        .args(["completions", "bash"])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("complete -F").and(predicate::str::contains("qxfer")));
+    for shell in ["zsh", "fish", "powershell", "elvish"] {
+        qxfer(home.path())
+            .args(["completions", shell])
+            .assert()
+            .success()
+            .stdout(predicate::str::contains("put"));
+    }
+    qxfer(home.path())
+        .args(["completions", "tcsh"])
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("invalid value"));
+    qxfer(home.path()).arg("man").assert().success().stdout(
+        predicate::str::contains(".TH qxfer")
+            .and(predicate::str::contains("serve"))
+            .and(predicate::str::contains("Exit codes")),
+    );
 }
 
 both_backends!(serve_put_ls_get_end_to_end, end_to_end_on);
@@ -266,7 +310,7 @@ async fn one_failure_on(backend: Backend) {
         .current_dir(h)
         .args(["put", "taken", "missing", "good"])
         .assert()
-        .failure()
+        .code(1)
         .stderr(
             predicate::str::contains("error: 'taken' already exists on the server")
                 .and(predicate::str::contains("missing:"))
@@ -338,7 +382,7 @@ fn unreachable_server_fails_fast_naming_it() {
     qxfer(home.path())
         .args(["ls", "--server", &addr])
         .assert()
-        .failure()
+        .code(3)
         .stderr(predicate::str::contains(addr.as_str()).and(predicate::str::contains("no answer")));
     assert!(start.elapsed() < Duration::from_secs(8));
 }
@@ -389,7 +433,7 @@ fn identity_survives_restarts_and_a_changed_one_is_refused() {
     std::fs::remove_dir_all(h.join("certs")).unwrap();
     let changed = serve(h, &addr.to_string());
     assert_ne!(changed.fingerprint, fp);
-    client(h, &changed).arg("ls").assert().failure().stderr(
+    client(h, &changed).arg("ls").assert().code(4).stderr(
         predicate::str::contains("SERVER IDENTITY CHANGED")
             .and(predicate::str::contains("known_hosts"))
             .and(predicate::str::contains(changed.fingerprint.as_str())),
@@ -402,12 +446,12 @@ fn identity_survives_restarts_and_a_changed_one_is_refused() {
     client(h, &changed)
         .args(["ls", "--pin", &fp])
         .assert()
-        .failure()
+        .code(4)
         .stderr(predicate::str::contains("pinned"));
     client(h, &changed)
         .args(["ls", "--pin", "SHA256:nonsense"])
         .assert()
-        .failure()
+        .code(2)
         .stderr(predicate::str::contains("invalid fingerprint"));
 }
 
@@ -561,4 +605,87 @@ async fn read_only_on(backend: Backend) {
         .failure()
         .stderr(predicate::str::contains("read-only"));
     assert!(stored_at(&root, "f").await.is_none());
+}
+
+#[test]
+fn servers_by_name_from_config_toml() {
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    let server = serve(h, "127.0.0.1:0");
+    let cfg = h.join("qxfer-config");
+    std::fs::create_dir_all(&cfg).unwrap();
+    std::fs::write(
+        cfg.join("config.toml"),
+        format!(
+            "# my servers\n[servers.home]\naddress = \"{}\"\n\n[servers.pinned]\naddress = \"{}\"\npin = \"{}\"\n",
+            server.addr, server.addr, server.fingerprint
+        ),
+    )
+    .unwrap();
+    // Listed before any contact, with its pin.
+    qxfer(h).arg("servers").assert().success().stdout(
+        predicate::str::contains(format!(
+            "home    {}  no pin  not contacted yet",
+            server.addr
+        ))
+        .and(predicate::str::contains(format!(
+            "pin {}",
+            server.fingerprint
+        ))),
+    );
+    // --server NAME and QXFER_SERVER=NAME reach it.
+    std::fs::write(h.join("f"), b"by name").unwrap();
+    qxfer(h)
+        .current_dir(h)
+        .args(["put", "f", "--server", "home"])
+        .assert()
+        .success();
+    qxfer(h)
+        .env("QXFER_SERVER", "pinned")
+        .arg("ls")
+        .assert()
+        .success()
+        .stdout(predicate::str::contains(" f\n"));
+    qxfer(h)
+        .arg("servers")
+        .assert()
+        .success()
+        .stdout(predicate::str::contains(format!(
+            "known {}",
+            server.fingerprint
+        )));
+    // A name that is neither in the file nor a host.
+    qxfer(h)
+        .args(["ls", "--server", "nosuchserver"])
+        .assert()
+        .code(3)
+        .stderr(
+            predicate::str::contains("unknown server name 'nosuchserver'")
+                .and(predicate::str::contains("names there: home, pinned")),
+        );
+    // A wrong pin in the file is refused like a wrong --pin.
+    let other = "SHA256:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA";
+    std::fs::write(
+        cfg.join("config.toml"),
+        format!(
+            "[servers.home]\naddress = \"{}\"\npin = \"{other}\"\n",
+            server.addr
+        ),
+    )
+    .unwrap();
+    qxfer(h)
+        .args(["ls", "--server", "home"])
+        .assert()
+        .code(4)
+        .stderr(predicate::str::contains("pinned"));
+    // A file that does not parse: its path and line, exit code 2.
+    std::fs::write(cfg.join("config.toml"), "[servers.home]\naddress = 5\n").unwrap();
+    let path = cfg.join("config.toml").display().to_string();
+    for args in [&["ls", "--server", "home"][..], &["servers"][..]] {
+        qxfer(h)
+            .args(args)
+            .assert()
+            .code(2)
+            .stderr(predicate::str::contains(format!("{path}:2: ")));
+    }
 }

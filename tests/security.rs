@@ -394,6 +394,13 @@ async fn name_traversal_in_every_form_is_refused_on(backend: Backend) {
                 let (code, msg) = remote_code(client.list(name).await);
                 assert_eq!(code, ErrorCode::InvalidPath, "ls {what}: {msg}");
             }
+            // rm and mv validate every name the same way, on either side of a rename.
+            let (code, msg) = remote_code(client.remove(name, true).await);
+            assert_eq!(code, ErrorCode::InvalidPath, "rm -r {what}: {msg}");
+            let (code, msg) = remote_code(client.rename(name, "renamed").await);
+            assert_eq!(code, ErrorCode::InvalidPath, "mv {what} renamed: {msg}");
+            let (code, msg) = remote_code(client.rename(SEED, name).await);
+            assert_eq!(code, ErrorCode::InvalidPath, "mv seed {what}: {msg}");
         }
     };
     arena.during(hostile).await;
@@ -415,6 +422,7 @@ async fn symlinks_out_of_the_root_are_refused_for_get_put_and_ls() {
     // A link that stays inside the root is followed for get and ls.
     std::fs::write(root.join("shared.txt"), b"inside").unwrap();
     symlink("../shared.txt", root.join("inner/ok")).unwrap();
+    symlink(&arena.outside, root.join("gone-link")).unwrap();
     let (client, _cfg) = arena.client().await;
     let src = arena.local("new.txt", b"must not land outside");
     let dest = arena.work.path().join("got");
@@ -460,6 +468,24 @@ async fn symlinks_out_of_the_root_are_refused_for_get_put_and_ls() {
             let (code, msg) = remote_code(client.list(name).await);
             assert_eq!(code, ErrorCode::OutsideRoot, "ls {name}: {msg}");
         }
+        // rm and mv go through no link out either; a link itself is
+        // removed as a link, and what it points at stays.
+        for name in [
+            "rel-dir/secret.txt",
+            "abs-dir/secret.txt",
+            "inner/deep-dir/secret.txt",
+        ] {
+            let (code, msg) = remote_code(client.remove(name, false).await);
+            assert_eq!(code, ErrorCode::OutsideRoot, "rm {name}: {msg}");
+            let (code, msg) = remote_code(client.rename(name, "stolen").await);
+            assert_eq!(code, ErrorCode::OutsideRoot, "mv {name} stolen: {msg}");
+        }
+        let (code, msg) = remote_code(client.rename(SEED, "rel-dir/planted").await);
+        assert_eq!(code, ErrorCode::OutsideRoot, "mv into a link out: {msg}");
+        // rm -r of a link to a directory outside removes the link, and
+        // nothing it points at (check() compares the outside afterwards).
+        client.remove("gone-link", true).await.unwrap();
+        assert!(std::fs::symlink_metadata(root.join("gone-link")).is_err());
         // Listing the root shows the links as links, without following them.
         let listed = client.list("").await.unwrap();
         let kind = |n: &str| listed.iter().find(|e| e.name == n).map(|e| e.kind);

@@ -42,7 +42,7 @@ pub enum ConnectError {
     )]
     BadAddress(String),
     /// Name resolution failed.
-    #[error("cannot resolve {server}: {source}")]
+    #[error("cannot resolve {server}")]
     Resolve {
         /// As given.
         server: String,
@@ -174,7 +174,7 @@ pub fn split_server(server: &str) -> Result<(String, u16), ConnectError> {
 
 /// The key a server is filed under in known_hosts: `host:port`, lower case,
 /// IPv6 in brackets.
-pub(super) fn known_hosts_key(host: &str, port: u16) -> String {
+pub(crate) fn known_hosts_key(host: &str, port: u16) -> String {
     let host = host.to_ascii_lowercase();
     if host.contains(':') {
         format!("[{host}]:{port}")

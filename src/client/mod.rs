@@ -21,14 +21,17 @@ use crate::exchange::{self, Pacer};
 use crate::protocol::stream::STOP_REFUSED;
 use crate::protocol::{
     close, read_frame, write_frame, Compression, Digest, DirMeta, Entry, FrameError, ListBatch,
-    ListRequest, MkdirRequest, RemoteError, Request, Response,
+    ListRequest, MkdirRequest, RemoteError, RemoveRequest, RenameRequest, Request, Response,
 };
 use crate::tls::Fingerprint;
 
 mod batch;
 mod connect;
+mod filter;
 mod get;
+mod plan;
 mod put;
+mod servers;
 mod state;
 pub(crate) mod tree;
 
@@ -38,9 +41,13 @@ pub use batch::{
     run_batch, BatchReport, Direction, Job, Unwatched, Watch, WatchFile, SMALL_FILE,
     SMALL_FILE_STREAMS,
 };
+pub(crate) use connect::known_hosts_key;
 use connect::refusal;
 pub use connect::{describe_close, split_server, ConnectError, DEFAULT_CONNECT_TIMEOUT};
+pub use filter::{Filter, FilterError};
 pub use get::{part_path, PART_SUFFIX};
+pub use plan::{dry_run, Action, Planned};
+pub use servers::{ClientFile, ConfigError, NamedServer, CONFIG_FILE};
 use state::{PathMemories, UploadJournal};
 
 /// Port used when `--server` names only a host.
@@ -345,6 +352,43 @@ impl Client {
             Response::Refused(e) => Err(e.into()),
             other => Err(unexpected(&other)),
         }
+    }
+
+    /// Removes the remote file or directory `path`: a file or an empty
+    /// directory, or with `recursive` a directory and everything in it.
+    pub async fn remove(&self, path: &str, recursive: bool) -> Result<(), FileError> {
+        let request = Request::Remove(RemoveRequest {
+            path: path.to_owned(),
+            recursive,
+        });
+        match self.ask(&request).await? {
+            Response::Removed => Ok(()),
+            Response::Refused(e) => Err(e.into()),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Renames the remote file or directory `from` to `to` (which must not exist).
+    pub async fn rename(&self, from: &str, to: &str) -> Result<(), FileError> {
+        let request = Request::Rename(RenameRequest {
+            from: from.to_owned(),
+            to: to.to_owned(),
+        });
+        match self.ask(&request).await? {
+            Response::Renamed => Ok(()),
+            Response::Refused(e) => Err(e.into()),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Sends a request that carries no data and reads the one answer.
+    async fn ask(&self, request: &Request) -> Result<Response, FileError> {
+        let (mut send, mut recv) = self.open().await?;
+        write_frame(&mut send, request).await?;
+        let _ = send.finish();
+        // A recursive remove or a directory rename in an object store
+        // takes a request per object: allow for a large tree.
+        Ok(reply::<Response>(&mut recv, 5 * self.reply_timeout).await?)
     }
 
     async fn list_with(&self, path: &str, recursive: bool) -> Result<Vec<Entry>, FileError> {

@@ -9,13 +9,13 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::client::{Client, FileError, Job};
+use crate::client::{Client, FileError, Filter, Job};
 use crate::exchange::to_timestamp;
 use crate::paths::{join_remote, RemotePath};
 use crate::protocol::{DirMeta, Entry, EntryKind};
 
 /// What a tree transfer moves.
-#[derive(Debug, Default)]
+#[derive(Debug, Clone, Default)]
 pub(crate) struct Tree {
     /// One job per regular file.
     pub(crate) jobs: Vec<Job>,
@@ -23,6 +23,9 @@ pub(crate) struct Tree {
     pub(crate) dirs: Vec<TreeDir>,
     /// What was left out, and why (for the user).
     pub(crate) skipped: Vec<String>,
+    /// What --exclude left out, as the filter saw it (`top/dir/` for a
+    /// directory); beneath an excluded directory nothing is listed.
+    pub(crate) excluded: Vec<String>,
 }
 
 /// One directory of a tree, at both ends.
@@ -44,6 +47,7 @@ impl Tree {
         self.jobs.extend(other.jobs);
         self.dirs.extend(other.dirs);
         self.skipped.extend(other.skipped);
+        self.excluded.extend(other.excluded);
     }
 }
 
@@ -56,8 +60,15 @@ fn dir_meta(md: &std::fs::Metadata) -> DirMeta {
 }
 
 /// Walks the local directory `top` (without following links) for upload
-/// to the remote directory `remote_top`.
-pub(crate) fn walk_local(top: &Path, remote_top: &str) -> Result<Tree, FileError> {
+/// to the remote directory `remote_top`, leaving out what `filter`
+/// excludes (matched against paths that start with `top_name`, the name
+/// the tree has on the server).
+pub(crate) fn walk_local(
+    top: &Path,
+    remote_top: &str,
+    top_name: &str,
+    filter: &Filter,
+) -> Result<Tree, FileError> {
     let local_err = |p: &Path| {
         let p = p.to_owned();
         move |source| FileError::Local { path: p, source }
@@ -70,8 +81,13 @@ pub(crate) fn walk_local(top: &Path, remote_top: &str) -> Result<Tree, FileError
         meta: dir_meta(&md),
         depth: 0,
     });
-    let mut stack = vec![(top.to_owned(), remote_top.to_owned(), 0usize)];
-    while let Some((dir, remote, depth)) = stack.pop() {
+    let mut stack = vec![(
+        top.to_owned(),
+        remote_top.to_owned(),
+        top_name.to_owned(),
+        0usize,
+    )];
+    while let Some((dir, remote, rel_dir, depth)) = stack.pop() {
         let mut items: Vec<_> = std::fs::read_dir(&dir)
             .map_err(local_err(&dir))?
             .collect::<Result<_, _>>()
@@ -93,7 +109,13 @@ pub(crate) fn walk_local(top: &Path, remote_top: &str) -> Result<Tree, FileError
                 }
             };
             let remote = join_remote(Some(&remote), &name);
+            let rel = format!("{rel_dir}/{name}");
             let ft = md.file_type();
+            if filter.excludes(&rel, ft.is_dir()) {
+                tree.excluded
+                    .push(if ft.is_dir() { format!("{rel}/") } else { rel });
+                continue;
+            }
             if ft.is_dir() {
                 tree.dirs.push(TreeDir {
                     remote: remote.clone(),
@@ -101,7 +123,7 @@ pub(crate) fn walk_local(top: &Path, remote_top: &str) -> Result<Tree, FileError
                     meta: dir_meta(&md),
                     depth: depth + 1,
                 });
-                stack.push((path, remote, depth + 1));
+                stack.push((path, remote, rel, depth + 1));
             } else if ft.is_file() && name.ends_with(crate::client::PART_SUFFIX) {
                 tree.skipped.push(format!(
                     "{}: an unfinished qxfer download; skipped",
@@ -131,15 +153,20 @@ pub(crate) fn walk_local(top: &Path, remote_top: &str) -> Result<Tree, FileError
 }
 
 /// Maps a recursive listing of the remote directory `remote_top` (whose own
-/// metadata is `top_meta`) onto the local directory `local_top`. Names are
-/// validated like any remote path, so a hostile server cannot make a
-/// download land outside `local_top`.
+/// metadata is `top_meta`) onto the local directory `local_top`, leaving
+/// out what `filter` excludes (matched against paths that start with the
+/// local top's name). Names are validated like any remote path, so a
+/// hostile server cannot make a download land outside `local_top`.
 pub(crate) fn from_listing(
     entries: &[Entry],
     remote_top: &str,
     local_top: &Path,
     top_meta: DirMeta,
+    filter: &Filter,
 ) -> Tree {
+    let top_name = local_top
+        .file_name()
+        .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
     let mut tree = Tree::default();
     tree.dirs.push(TreeDir {
         remote: remote_top.to_owned(),
@@ -155,6 +182,16 @@ pub(crate) fn from_listing(
             continue;
         };
         let local = local_top.join(rel.relative());
+        let inside = format!("{top_name}/{}", e.name);
+        let is_dir = e.kind == EntryKind::Dir;
+        if filter.excludes(&inside, is_dir) {
+            // Listed once, at the excluded name itself, not for everything beneath it.
+            if filter.excludes_itself(&inside, is_dir) {
+                tree.excluded
+                    .push(if is_dir { format!("{inside}/") } else { inside });
+            }
+            continue;
+        }
         match e.kind {
             EntryKind::File => tree.jobs.push(Job {
                 label: remote.clone(),
@@ -180,6 +217,133 @@ pub(crate) fn from_listing(
         }
     }
     tree
+}
+
+/// What `--delete` removes at the destination of a tree transfer: every
+/// name beneath a transferred directory that the source does not have,
+/// except what `filter` excludes (excluded names are protected, as with
+/// rsync's --delete). A directory is listed once, without its contents.
+#[derive(Debug, Default)]
+pub(crate) struct Extras {
+    /// Paths as the destination names them (remote paths for a put,
+    /// local paths for a get), with whether each is a directory.
+    pub(crate) paths: Vec<(String, bool)>,
+}
+
+impl Tree {
+    /// Every destination name this tree moves (files and directories).
+    fn destination_names(&self, remote: bool) -> std::collections::HashSet<String> {
+        let name = |j: &Job| {
+            if remote {
+                j.remote.clone()
+            } else {
+                j.local.display().to_string()
+            }
+        };
+        let dir = |d: &TreeDir| {
+            if remote {
+                d.remote.clone()
+            } else {
+                d.local.display().to_string()
+            }
+        };
+        self.jobs
+            .iter()
+            .map(name)
+            .chain(self.dirs.iter().map(dir))
+            .collect()
+    }
+
+    /// The tops of the trees (each transferred directory).
+    fn tops(&self) -> impl Iterator<Item = &TreeDir> {
+        self.dirs.iter().filter(|d| d.depth == 0)
+    }
+}
+
+/// Keeps `path` unless a directory already listed contains it.
+fn push_extra(extras: &mut Extras, path: String, is_dir: bool) {
+    let inside = extras
+        .paths
+        .iter()
+        .any(|(d, dir)| *dir && path.starts_with(d.as_str()) && path[d.len()..].starts_with('/'));
+    if !inside {
+        extras.paths.push((path, is_dir));
+    }
+}
+
+/// What the server holds beneath the uploaded trees that `tree` does not.
+pub(crate) async fn remote_extras(
+    client: &Client,
+    tree: &Tree,
+    filter: &Filter,
+) -> Result<Extras, FileError> {
+    let keep = tree.destination_names(true);
+    let mut extras = Extras::default();
+    for top in tree.tops() {
+        let top_name = top.remote.rsplit('/').next().unwrap_or(&top.remote);
+        let mut listed = match client.list_tree(&top.remote).await {
+            Ok(listed) => listed,
+            // Not on the server yet (a dry run before the first upload).
+            Err(FileError::Remote(e)) if e.code == crate::protocol::ErrorCode::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        listed.sort_by(|a, b| a.name.cmp(&b.name));
+        for e in listed {
+            let path = join_remote(Some(&top.remote), &e.name);
+            let is_dir = e.kind == EntryKind::Dir;
+            if keep.contains(&path) || filter.excludes(&format!("{top_name}/{}", e.name), is_dir) {
+                continue;
+            }
+            push_extra(&mut extras, path, is_dir);
+        }
+    }
+    Ok(extras)
+}
+
+/// What the local trees `tree` downloads into hold that the server's do
+/// not. Links are listed as themselves, never followed.
+pub(crate) fn local_extras(tree: &Tree, filter: &Filter) -> Result<Extras, FileError> {
+    let keep = tree.destination_names(false);
+    let mut extras = Extras::default();
+    for top in tree.tops() {
+        let top_name = top
+            .local
+            .file_name()
+            .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+        let mut stack = vec![(top.local.clone(), top_name)];
+        let mut found = Vec::new();
+        while let Some((dir, rel)) = stack.pop() {
+            let items = match std::fs::read_dir(&dir) {
+                Ok(items) => items,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(source) => return Err(FileError::Local { path: dir, source }),
+            };
+            for item in items {
+                let item = item.map_err(|source| FileError::Local {
+                    path: dir.clone(),
+                    source,
+                })?;
+                let path = item.path();
+                let is_dir = item.file_type().is_ok_and(|t| t.is_dir());
+                let name = item.file_name().to_string_lossy().into_owned();
+                let rel = format!("{rel}/{name}");
+                if filter.excludes(&rel, is_dir) {
+                    continue;
+                }
+                let shown = path.display().to_string();
+                if !keep.contains(&shown) {
+                    found.push((shown, is_dir));
+                } else if is_dir {
+                    stack.push((path, rel));
+                }
+            }
+        }
+        found.sort();
+        for (path, is_dir) in found {
+            push_extra(&mut extras, path, is_dir);
+        }
+    }
+    Ok(extras)
 }
 
 /// Creates every directory on the server and applies its metadata, deepest
@@ -291,7 +455,7 @@ mod tests {
             mode: None,
             mtime: None,
         };
-        let tree = from_listing(&listing, "t", top, meta);
+        let tree = from_listing(&listing, "t", top, meta, &Filter::default());
         assert_eq!(tree.jobs.len(), 1);
         assert_eq!(tree.jobs[0].local, Path::new("/dl/t/ok/file"));
         assert_eq!(tree.jobs[0].remote, "t/ok/file");

@@ -513,7 +513,12 @@ fn sync_filesystem_grouped(file: &File) -> std::io::Result<()> {
 /// Renames `from` in `from_dir` to `to` in `to_dir` unless `to` exists.
 /// Where the filesystem lacks RENAME_NOREPLACE, a hard link (which never
 /// replaces) followed by removing the old name does the same.
-fn rename_noreplace(from_dir: &Dir, from: &str, to_dir: &Dir, to: &str) -> std::io::Result<()> {
+pub(crate) fn rename_noreplace(
+    from_dir: &Dir,
+    from: &str,
+    to_dir: &Dir,
+    to: &str,
+) -> std::io::Result<()> {
     #[cfg(any(target_os = "linux", target_os = "android"))]
     {
         use rustix::fs::{renameat_with, RenameFlags};

@@ -35,6 +35,8 @@ pub enum ErrorCode {
     OutsideRoot,
     /// The name is a symbolic link, which a put never replaces or writes through.
     Symlink,
+    /// A directory to remove has something in it, and `recursive` was not set.
+    NotEmpty,
 }
 
 /// Stream codes both sides use to reset or stop a stream.
@@ -75,6 +77,7 @@ impl fmt::Display for ErrorCode {
             Self::TooLarge => "file too large",
             Self::OutsideRoot => "outside the served directory",
             Self::Symlink => "symbolic link",
+            Self::NotEmpty => "directory not empty",
         };
         f.write_str(s)
     }

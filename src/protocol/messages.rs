@@ -16,6 +16,31 @@ pub enum Request {
     List(ListRequest),
     /// Create a directory (and its parents) and optionally set its metadata.
     Mkdir(MkdirRequest),
+    /// Remove a file or a directory (`qxfer rm`).
+    Remove(RemoveRequest),
+    /// Rename a file or a directory (`qxfer mv`).
+    Rename(RenameRequest),
+}
+
+/// Remove the file `path`, or the directory `path`: an empty one always,
+/// one with anything in it only if `recursive` (and then everything in
+/// it; links inside are removed as links, never followed).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemoveRequest {
+    /// The file or directory, relative to the server root.
+    pub path: String,
+    /// Remove a directory with everything in it.
+    pub recursive: bool,
+}
+
+/// Rename `from` to `to` (both relative to the server root). Refused if
+/// `to` exists; `to`'s directory must exist.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RenameRequest {
+    /// What to rename.
+    pub from: String,
+    /// Its new name.
+    pub to: String,
 }
 
 /// Create the directory `path` if missing; then apply `meta` if given.
@@ -186,6 +211,10 @@ pub enum Response {
     /// client to compare with its own. Nothing is written (the rerun of a
     /// finished transfer skips what is already there).
     AlreadyThere(Digest),
+    /// The file or directory is gone (a [`RemoveRequest`]).
+    Removed,
+    /// The file or directory has its new name (a [`RenameRequest`]).
+    Renamed,
 }
 
 /// Sent by the sender after the data: what the receiver must have. A

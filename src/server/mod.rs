@@ -32,6 +32,7 @@ use crate::tls::{peer_fingerprint, Fingerprint};
 
 mod get;
 mod list;
+mod manage;
 mod mkdir;
 mod partials;
 mod put;
@@ -41,6 +42,7 @@ mod tests;
 
 use get::serve_get;
 use list::serve_list;
+use manage::{serve_remove, serve_rename};
 use mkdir::serve_mkdir;
 use partials::{sweep_partials_forever, Partials};
 use put::serve_put;
@@ -496,6 +498,8 @@ async fn handle_stream(mut send: impl ReplyStream, mut recv: impl RequestStream,
         Request::Get(req) => serve_get(req, &ctx, &mut send, &mut recv).await,
         Request::List(req) => serve_list(req, &*config.store, &mut send).await,
         Request::Mkdir(req) => serve_mkdir(req, &config, &mut send).await,
+        Request::Remove(req) => serve_remove(req, &config, &mut send).await,
+        Request::Rename(req) => serve_rename(req, &config, &mut send).await,
     };
     if let Err(err) = result {
         info!("refused: {}", err.message);

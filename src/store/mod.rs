@@ -28,7 +28,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::exchange::{Advance, Buffered, Framing, TransferError};
 use crate::paths::RemotePath;
-use crate::protocol::{Digest, DirMeta, Encoding, Entry, FileMeta, Prefix, RemoteError};
+use crate::protocol::{Digest, DirMeta, Encoding, Entry, ErrorCode, FileMeta, Prefix, RemoteError};
 
 pub(crate) mod local;
 pub(crate) mod object;
@@ -56,6 +56,16 @@ pub(crate) trait Store: Send + Sync + std::fmt::Debug + 'static {
 
     /// Creates the directory `path` and its parents if missing, then applies `meta`.
     async fn mkdir(&self, path: &RemotePath, meta: Option<DirMeta>) -> Result<(), RemoteError>;
+
+    /// Removes the file `path` (a link: the link itself), or the directory
+    /// `path` if it is empty or `recursive` (then with everything in it,
+    /// following no link). A directory with something in it, without
+    /// `recursive`, is refused with [`ErrorCode::NotEmpty`].
+    async fn remove(&self, path: &RemotePath, recursive: bool) -> Result<(), RemoteError>;
+
+    /// Renames the file or directory `from` to `to`, which must not exist
+    /// (whose directory must).
+    async fn rename(&self, from: &RemotePath, to: &RemotePath) -> Result<(), RemoteError>;
 
     /// Opens the file `path` for sending. With `resume`, the client holds
     /// that prefix: the data starts after it if the file's own prefix has
@@ -186,7 +196,7 @@ pub(crate) trait Upload: Send {
 /// The error for data whose BLAKE3 is not the sender's.
 pub(crate) fn corrupt(path: &RemotePath) -> RemoteError {
     RemoteError::new(
-        crate::protocol::ErrorCode::Corrupt,
+        ErrorCode::Corrupt,
         format!("'{path}' arrived corrupted (BLAKE3 mismatch) and was discarded; send it again"),
     )
 }
@@ -194,16 +204,13 @@ pub(crate) fn corrupt(path: &RemotePath) -> RemoteError {
 /// The error for data that did not arrive as it should, other than a
 /// storage failure (which each store words itself).
 pub(crate) fn receive_error(e: TransferError, path: &RemotePath) -> RemoteError {
-    RemoteError::new(
-        crate::protocol::ErrorCode::Protocol,
-        format!("receiving '{path}': {e}"),
-    )
+    RemoteError::new(ErrorCode::Protocol, format!("receiving '{path}': {e}"))
 }
 
 /// The error for a destination name that appeared during an upload.
 pub(crate) fn appeared(path: &RemotePath) -> RemoteError {
     RemoteError::new(
-        crate::protocol::ErrorCode::AlreadyExists,
+        ErrorCode::AlreadyExists,
         format!(
             "'{path}' was created on the server during the upload; use --force to overwrite it"
         ),
@@ -218,10 +225,26 @@ pub(crate) const MAX_TREE_NAME_BYTES: usize = 64 << 20;
 /// The error for a tree past those bounds.
 pub(crate) fn tree_too_large(path: &RemotePath) -> RemoteError {
     RemoteError::new(
-        crate::protocol::ErrorCode::TooLarge,
+        ErrorCode::TooLarge,
         format!(
             "'{path}' holds more than {MAX_TREE_ENTRIES} entries or {} MiB of names; list or fetch a smaller part of it",
             MAX_TREE_NAME_BYTES >> 20
         ),
+    )
+}
+
+/// The refusal of a remove of a directory with something in it.
+pub(crate) fn not_empty(path: &RemotePath) -> RemoteError {
+    RemoteError::new(
+        ErrorCode::NotEmpty,
+        format!("'{path}' is a directory with files in it; use `qxfer rm -r` to remove it and everything in it"),
+    )
+}
+
+/// The refusal of a rename onto a name that exists.
+pub(crate) fn rename_target_exists(from: &RemotePath, to: &RemotePath) -> RemoteError {
+    RemoteError::new(
+        ErrorCode::AlreadyExists,
+        format!("cannot rename '{from}' to '{to}': '{to}' already exists on the server; remove it first or choose another name"),
     )
 }

@@ -369,6 +369,8 @@ pub struct ServeProcess {
     pub addr: SocketAddr,
     pub fingerprint: String,
     pub banner: Vec<String>,
+    /// What it printed on stdout after the banner, as it arrives.
+    pub after_banner: Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl ServeProcess {
@@ -395,12 +397,41 @@ impl ServeProcess {
             .expect("fingerprint line")
             .to_owned();
         // Keep draining stdout so the server never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines {});
+        let after_banner = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let kept = after_banner.clone();
+        std::thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                kept.lock().unwrap().push(line);
+            }
+        });
         Self {
             child,
             addr,
             fingerprint,
             banner,
+            after_banner,
+        }
+    }
+
+    /// Waits (up to 5 s) for a line after the banner containing `text`.
+    pub fn wait_for_line(&self, text: &str) -> String {
+        let start = std::time::Instant::now();
+        loop {
+            if let Some(l) = self
+                .after_banner
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|l| l.contains(text))
+            {
+                return l.clone();
+            }
+            assert!(
+                start.elapsed() < std::time::Duration::from_secs(5),
+                "serve never printed {text:?}: {:?}",
+                self.after_banner.lock().unwrap()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
         }
     }
 }

@@ -119,6 +119,16 @@ impl Store for LocalStore {
         blocking(move || open_for_reading(&root, &p, resume)).await
     }
 
+    async fn remove(&self, path: &RemotePath, recursive: bool) -> Result<(), RemoteError> {
+        let (root, p) = (self.root.clone(), path.clone());
+        blocking(move || remove(&root, &p, recursive)).await
+    }
+
+    async fn rename(&self, from: &RemotePath, to: &RemotePath) -> Result<(), RemoteError> {
+        let (root, from, to) = (self.root.clone(), from.clone(), to.clone());
+        blocking(move || rename(&root, &from, &to)).await
+    }
+
     async fn prepare_put(&self, plan: PutPlan) -> Result<Prepared, RemoteError> {
         let (root, space) = (self.root.clone(), self.space.clone());
         blocking(move || prepare_put(&root, &plan, &space)).await
@@ -130,6 +140,70 @@ impl Store for LocalStore {
             .await
             .map_err(|e| e.to_string())
     }
+}
+
+/// The directory `path` lies in, opened beneath the root (links inside the
+/// root followed, none out of it), and its own name there.
+fn parent_of<'a>(
+    root: &Dir,
+    path: &'a RemotePath,
+    doing: &str,
+) -> Result<(Dir, &'a str), RemoteError> {
+    let name = path
+        .file_name()
+        .expect("a validated path is never the root");
+    let dir = match path.parent() {
+        Some(parent) => root.open_dir(parent),
+        None => root.try_clone(),
+    }
+    .map_err(|e| fs_error(&e, path, doing))?;
+    Ok((dir, name))
+}
+
+/// Removes a file, a link (not what it points at), an empty directory, or
+/// with `recursive` a directory and everything in it (cap-std removes
+/// beneath the root only, following no link). Blocking.
+fn remove(root: &Dir, p: &RemotePath, recursive: bool) -> Result<(), RemoteError> {
+    let (dir, name) = parent_of(root, p, "cannot remove")?;
+    let md = dir
+        .symlink_metadata(name)
+        .map_err(|e| fs_error(&e, p, "cannot remove"))?;
+    if !md.is_dir() {
+        return dir
+            .remove_file(name)
+            .map_err(|e| fs_error(&e, p, "cannot remove"));
+    }
+    match dir.remove_dir(name) {
+        Ok(()) => Ok(()),
+        Err(e)
+            if e.raw_os_error() == Some(libc::ENOTEMPTY)
+                || e.raw_os_error() == Some(libc::EEXIST) =>
+        {
+            if !recursive {
+                return Err(super::not_empty(p));
+            }
+            dir.remove_dir_all(name)
+                .map_err(|e| fs_error(&e, p, "cannot remove"))
+        }
+        Err(e) => Err(fs_error(&e, p, "cannot remove")),
+    }
+}
+
+/// Renames `from` to `to` without ever replacing `to` (RENAME_NOREPLACE).
+/// Blocking.
+fn rename(root: &Dir, from: &RemotePath, to: &RemotePath) -> Result<(), RemoteError> {
+    let (from_dir, from_name) = parent_of(root, from, "cannot rename")?;
+    from_dir
+        .symlink_metadata(from_name)
+        .map_err(|e| fs_error(&e, from, "cannot rename"))?;
+    let (to_dir, to_name) = parent_of(root, to, "cannot rename to")?;
+    exchange::rename_noreplace(&from_dir, from_name, &to_dir, to_name).map_err(|e| {
+        if e.kind() == io::ErrorKind::AlreadyExists {
+            super::rename_target_exists(from, to)
+        } else {
+            fs_error(&e, from, "cannot rename")
+        }
+    })
 }
 
 /// Opens `path` for reading and agrees where sending starts. Blocking.

@@ -62,6 +62,7 @@ use super::{
 };
 
 mod commits;
+mod manage;
 mod read;
 mod upload;
 
@@ -389,6 +390,12 @@ impl Inner {
         seen.insert(key.as_ref().to_owned(), std::time::Instant::now());
     }
 
+    /// Forgets that `key` held no object (it has become a file).
+    fn forget_no_file(&self, key: &Key) {
+        let mut seen = self.no_file.lock().unwrap_or_else(|e| e.into_inner());
+        seen.remove(key.as_ref());
+    }
+
     /// The metadata of a directory from its marker, if it has one.
     async fn dir_meta(&self, dir: &[String]) -> object_store::Result<Option<DirMeta>> {
         let mut parts: Vec<&str> = dir.iter().map(String::as_str).collect();
@@ -473,6 +480,14 @@ impl Store for ObjectRoot {
 
     async fn open(&self, path: &RemotePath, resume: Option<Prefix>) -> Result<Opened, RemoteError> {
         read::open(&self.inner, path, resume).await
+    }
+
+    async fn remove(&self, path: &RemotePath, recursive: bool) -> Result<(), RemoteError> {
+        manage::remove(&self.inner, path, recursive).await
+    }
+
+    async fn rename(&self, from: &RemotePath, to: &RemotePath) -> Result<(), RemoteError> {
+        manage::rename(&self.inner, from, to).await
     }
 
     async fn prepare_put(&self, plan: PutPlan) -> Result<Prepared, RemoteError> {

@@ -1,0 +1,63 @@
+//! Remote management (`qxfer rm` and `qxfer mv`): policy, then the store removes or renames.
+
+use tracing::info;
+
+use crate::paths::RemotePath;
+use crate::protocol::{
+    write_frame, ErrorCode, RemoteError, RemoveRequest, RenameRequest, Response,
+};
+
+use super::stream::ReplyStream;
+use super::{protocol_error, ServeConfig};
+
+/// Refuses a change to the root of a read-only server.
+fn writable(config: &ServeConfig, what: impl FnOnce() -> String) -> Result<(), RemoteError> {
+    if config.read_only {
+        return Err(RemoteError::new(
+            ErrorCode::ReadOnly,
+            format!("{}: this server is read-only", what()),
+        ));
+    }
+    Ok(())
+}
+
+/// Removes a file or a directory beneath the root.
+pub(super) async fn serve_remove(
+    req: RemoveRequest,
+    config: &ServeConfig,
+    send: &mut impl ReplyStream,
+) -> Result<(), RemoteError> {
+    let path = RemotePath::parse(&req.path, false)?;
+    writable(config, || format!("'{path}' was not removed"))?;
+    config.store.remove(&path, req.recursive).await?;
+    write_frame(send, &Response::Removed)
+        .await
+        .map_err(|e| protocol_error(&e))?;
+    send.finish();
+    info!(path = %path, recursive = req.recursive, "removed");
+    Ok(())
+}
+
+/// Renames a file or a directory beneath the root.
+pub(super) async fn serve_rename(
+    req: RenameRequest,
+    config: &ServeConfig,
+    send: &mut impl ReplyStream,
+) -> Result<(), RemoteError> {
+    let from = RemotePath::parse(&req.from, false)?;
+    let to = RemotePath::parse(&req.to, false)?;
+    writable(config, || format!("'{from}' was not renamed"))?;
+    if to.components().starts_with(from.components()) {
+        return Err(RemoteError::new(
+            ErrorCode::InvalidPath,
+            format!("cannot rename '{from}' to '{to}': a directory cannot move into itself"),
+        ));
+    }
+    config.store.rename(&from, &to).await?;
+    write_frame(send, &Response::Renamed)
+        .await
+        .map_err(|e| protocol_error(&e))?;
+    send.finish();
+    info!(from = %from, to = %to, "renamed");
+    Ok(())
+}

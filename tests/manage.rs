@@ -1,0 +1,136 @@
+//! Remote management through the real binary, over a local root and over the object store: `qxfer rm`, `mv` and `mkdir`, their refusals, and a read-only server.
+
+mod common;
+
+use std::process::Output;
+
+use common::{home_for, qxfer_at, stored_at, Backend, TestServer};
+
+/// Runs a finished command line off the async threads (the server under
+/// test lives on them).
+async fn run(mut cmd: std::process::Command) -> Output {
+    tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap()
+}
+
+/// Asserts `out` failed with exit code `code` and said `text` on stderr.
+fn failed_with(out: &Output, code: i32, text: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(code), "{stderr}");
+    assert!(stderr.contains(text), "expected {text:?} in: {stderr}");
+}
+
+fn succeeded(out: &Output) {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+both_backends!(rm_mv_and_mkdir_work_and_refuse_clearly, manage_on);
+
+async fn manage_on(backend: Backend) {
+    let server = TestServer::start_on(backend, "manage").await;
+    for (name, data) in [
+        ("a.txt", &b"a"[..]),
+        ("dir/x", b"x"),
+        ("dir/sub/y", b"y"),
+        ("keep", b"k"),
+    ] {
+        server.place(name, data).await;
+    }
+    let home = home_for(&server);
+    let q = |args: &[&str]| {
+        let mut cmd = qxfer_at(home.path(), server.addr);
+        cmd.args(args);
+        run(cmd)
+    };
+    succeeded(&q(&["mkdir", "empty"]).await);
+
+    // rm: a file; a missing name; a directory with files, without -r; an
+    // empty directory.
+    succeeded(&q(&["rm", "a.txt"]).await);
+    assert!(stored_at(&server.root, "a.txt").await.is_none());
+    failed_with(&q(&["rm", "missing"]).await, 1, "'missing'");
+    failed_with(&q(&["rm", "dir"]).await, 1, "use `qxfer rm -r`");
+    assert_eq!(server.stored("dir/x").await, b"x", "nothing removed");
+    succeeded(&q(&["rm", "empty"]).await);
+    // One failure does not stop the others.
+    let out = q(&["rm", "nope", "keep"]).await;
+    failed_with(&out, 1, "1 of 2 not removed");
+    assert!(stored_at(&server.root, "keep").await.is_none());
+
+    // mv: a file into a subdirectory; onto an existing name; a directory
+    // with everything in it; a missing name; a directory into itself.
+    succeeded(&q(&["mv", "dir/x", "dir/sub/x2"]).await);
+    assert_eq!(server.stored("dir/sub/x2").await, b"x");
+    assert!(stored_at(&server.root, "dir/x").await.is_none());
+    failed_with(
+        &q(&["mv", "dir/sub/y", "dir/sub/x2"]).await,
+        1,
+        "already exists",
+    );
+    assert_eq!(server.stored("dir/sub/y").await, b"y", "nothing replaced");
+    failed_with(&q(&["mv", "dir/sub/y", "nodir/y"]).await, 1, "nodir");
+    succeeded(&q(&["mv", "dir", "moved"]).await);
+    assert_eq!(server.stored("moved/sub/y").await, b"y");
+    assert_eq!(server.stored("moved/sub/x2").await, b"x");
+    failed_with(&q(&["mv", "dir", "other"]).await, 1, "'dir'");
+    failed_with(&q(&["mv", "moved", "moved/inner"]).await, 1, "into itself");
+
+    // mkdir: without -p as mkdir (exists, missing parent), with -p as mkdir -p.
+    succeeded(&q(&["mkdir", "new"]).await);
+    failed_with(&q(&["mkdir", "new"]).await, 1, "already exists");
+    failed_with(&q(&["mkdir", "p/q"]).await, 1, "use mkdir -p");
+    succeeded(&q(&["mkdir", "-p", "p/q", "new"]).await);
+    let out = q(&["ls", "-r", "--json"]).await;
+    succeeded(&out);
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mut names: Vec<&str> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["name"].as_str().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "moved",
+            "moved/sub",
+            "moved/sub/x2",
+            "moved/sub/y",
+            "new",
+            "p",
+            "p/q"
+        ]
+    );
+
+    // rm -r: a whole tree.
+    succeeded(&q(&["rm", "-r", "moved", "p"]).await);
+    assert_eq!(server.stored_tree().await, ["new"]);
+}
+
+both_backends!(a_read_only_server_refuses_rm_mv_and_mkdir, read_only_on);
+
+async fn read_only_on(backend: Backend) {
+    let server = TestServer::start_on_with(backend, "manage", |c| c.read_only = true).await;
+    server.place("f", b"f").await;
+    let home = home_for(&server);
+    let q = |args: &[&str]| {
+        let mut cmd = qxfer_at(home.path(), server.addr);
+        cmd.args(args);
+        run(cmd)
+    };
+    for args in [
+        &["rm", "f"][..],
+        &["rm", "-r", "f"],
+        &["mv", "f", "g"],
+        &["mkdir", "-p", "d"],
+    ] {
+        failed_with(&q(args).await, 1, "read-only");
+    }
+    assert_eq!(server.stored_tree().await, ["f"]);
+}
