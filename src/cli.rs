@@ -340,7 +340,10 @@ pub struct GetArgs {
     /// files are skipped).
     #[arg(short, long)]
     pub recursive: bool,
-    /// Local directory to save into [default: your Downloads folder].
+    /// Local directory to save into [default: your Downloads folder]. `-`
+    /// writes the one file named to standard output instead (nothing else
+    /// goes there; its BLAKE3 is checked at the end, and a mismatch is an
+    /// error exit), so `qxfer get big.log -o - | grep x` works.
     #[arg(short, long, value_name = "DIR")]
     pub output: Option<PathBuf>,
     /// Files of 1 MiB or more in flight at once, each on its own stream
@@ -1134,6 +1137,9 @@ fn report_skipped(skipped: &[String], quiet: bool, progress: &Progress) {
 }
 
 async fn get(args: GetArgs, quiet: bool, verbose: bool, progress: &Progress) -> Result<ExitCode> {
+    if args.output.as_deref() == Some(Path::new("-")) {
+        return get_to_stdout(args, quiet, progress).await;
+    }
     let filter = Filter::new(&args.transfer.exclude, &args.transfer.exclude_from)?;
     let out_dir = match args.output {
         Some(dir) => dir,
@@ -1243,6 +1249,59 @@ async fn get(args: GetArgs, quiet: bool, verbose: bool, progress: &Progress) -> 
     }
     client.close().await;
     finish_batch("got", report, bad, args.json, quiet, progress)
+}
+
+/// `qxfer get NAME -o -`: the file to standard output, verified; bars and
+/// messages on stderr only.
+async fn get_to_stdout(args: GetArgs, quiet: bool, progress: &Progress) -> Result<ExitCode> {
+    let usage = |why: &str| -> Result<ExitCode> {
+        eprintln!("qxfer: error: -o - {why}");
+        Ok(ExitCode::from(exit::USAGE))
+    };
+    if args.names.len() != 1 {
+        return usage("writes one file to standard output; name exactly one");
+    }
+    if args.recursive || args.transfer.delete {
+        return usage("writes one file; -r and --delete need a directory (-o DIR)");
+    }
+    if args.json || args.transfer.dry_run {
+        return usage(
+            "keeps standard output for the file's bytes: --json and --dry-run do not apply",
+        );
+    }
+    let name = &args.names[0];
+    let client = connect(&args.client, Some(&args.transfer), quiet, progress).await?;
+    let watch: Arc<dyn Watch> = Arc::new(progress.clone());
+    let bar = watch.file(name, 0, false);
+    let started = std::time::Instant::now();
+    let result = client.get_to_stdout(name, &*bar).await;
+    bar.finish();
+    progress.finish();
+    if let Some(refused) = client.refusal() {
+        return Err(refused.into());
+    }
+    client.close().await;
+    match result {
+        Ok(r) => {
+            if !quiet {
+                eprintln!(
+                    "{}",
+                    summary(
+                        "got",
+                        1,
+                        r.bytes,
+                        r.bytes_sent,
+                        started.elapsed().as_secs_f64()
+                    )
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            eprintln!("qxfer: error: {}", file_error(name, &e));
+            Ok(ExitCode::from(exit::SOME_FAILED))
+        }
+    }
 }
 
 /// One failed file, for the user: named once (most errors already name

@@ -689,3 +689,45 @@ fn servers_by_name_from_config_toml() {
             .stderr(predicate::str::contains(format!("{path}:2: ")));
     }
 }
+
+both_backends!(
+    a_file_goes_to_standard_output_and_nothing_else_does,
+    stdout_on
+);
+
+async fn stdout_on(backend: Backend) {
+    let server = common::TestServer::start_on(backend, "stdout").await;
+    let data = pattern(3 << 20, 12);
+    server.place("big.log", &data).await;
+    let home = common::home_for(&server);
+    let q = |args: &[&str]| {
+        let mut cmd = qxfer_at(home.path(), server.addr);
+        cmd.args(args);
+        tokio::task::spawn_blocking(move || cmd.output().unwrap())
+    };
+    // The bytes and only them on stdout; the summary on stderr.
+    let out = q(&["get", "big.log", "-o", "-", "--compress", "always"])
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.stdout == data, "stdout holds exactly the file");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("got 1 file: 3.0 MiB sent"));
+    // Errors: a missing file; usage mistakes (exit 2); stdout stays empty.
+    let out = q(&["get", "nope", "-o", "-"]).await.unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stdout.is_empty());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("'nope'"));
+    for args in [
+        &["get", "big.log", "big.log", "-o", "-"][..],
+        &["get", "-r", "big.log", "-o", "-"],
+        &["get", "big.log", "-o", "-", "--json"],
+    ] {
+        let out = q(args).await.unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert!(out.stdout.is_empty());
+    }
+}

@@ -632,6 +632,11 @@ async fn the_loser_of_a_no_clobber_race_frees_its_partial_on(backend: Backend) {
 /// every stream gets `answer` (if any) to its request and then nothing more,
 /// the connection kept alive.
 fn hostile_server(cfg: &std::path::Path, answer: Option<Response>) -> quinn::Endpoint {
+    hostile_server_raw(cfg, answer.map(|a| encode(&a).unwrap()))
+}
+
+/// Like [`hostile_server`], answering every stream with `raw` bytes.
+fn hostile_server_raw(cfg: &std::path::Path, answer: Option<Vec<u8>>) -> quinn::Endpoint {
     let dirs = tempfile::tempdir().unwrap();
     let (endpoint, _, allowlist) =
         common::endpoint_in(dirs.path(), &qxfer::endpoint::ServerLimits::default());
@@ -648,7 +653,7 @@ fn hostile_server(cfg: &std::path::Path, answer: Option<Response>) -> quinn::End
                     let mut buf = [0u8; 4096];
                     let _ = recv.read(&mut buf).await;
                     if let Some(a) = &answer {
-                        let _ = send.write_all(&encode(a).unwrap()).await;
+                        let _ = send.write_all(a).await;
                     }
                     held.push((send, recv));
                 }
@@ -726,5 +731,38 @@ async fn a_resume_offer_beyond_the_file_is_refused() {
     .unwrap_err();
     assert!(err.to_string().contains("offered to continue"), "{err}");
     assert!(!dest.exists());
+    endpoint.close(0u32.into(), b"");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_download_to_stdout_that_does_not_match_its_digest_fails() {
+    use qxfer::protocol::{Encoding, GetOffer, Trailer};
+    let home = tempfile::tempdir().unwrap();
+    let cfg = home.path().join("qxfer-config");
+    let mut raw = encode(&Response::GetAccepted(GetOffer {
+        meta: FileMeta {
+            size: 5,
+            mtime: None,
+            mode: None,
+        },
+        offset: 0,
+        encoding: Encoding::Raw,
+    }))
+    .unwrap();
+    raw.extend_from_slice(b"hello");
+    raw.extend(encode(&Trailer { digest: [0; 32] }).unwrap());
+    let endpoint = hostile_server_raw(&cfg, Some(raw));
+    let mut cmd = common::qxfer_at(home.path(), endpoint.local_addr().unwrap());
+    cmd.args(["get", "x", "-o", "-", "--timeout", "5s"]);
+    let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(out.stdout, b"hello", "streamed as it came");
+    assert!(
+        stderr.contains("do not match the server's BLAKE3"),
+        "{stderr}"
+    );
     endpoint.close(0u32.into(), b"");
 }

@@ -161,7 +161,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let list = dir.path().join("excludes");
         std::fs::write(&list, "# build output\ntarget/\n\nsrc/**/[z-a].rs\n").unwrap();
-        let err = Filter::new(&[], std::slice::from_ref(&list)).unwrap_err().to_string();
+        let err = Filter::new(&[], std::slice::from_ref(&list))
+            .unwrap_err()
+            .to_string();
         assert!(err.starts_with(&format!("{}:4: ", list.display())), "{err}");
         let err = Filter::new(&[], &[dir.path().join("missing")])
             .unwrap_err()

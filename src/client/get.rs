@@ -146,6 +146,92 @@ impl Client {
         })
     }
 
+    /// Downloads the remote file `remote` to standard output, as it
+    /// arrives: nothing else is written there, nothing is resumed or kept,
+    /// and the BLAKE3 is checked at the end (a mismatch is an error, after
+    /// the fact: the reader must discard what it got).
+    pub async fn get_to_stdout(
+        &self,
+        remote: &str,
+        progress: &dyn WatchFile,
+    ) -> Result<TransferReport, FileError> {
+        const STDOUT: &str = "standard output";
+        let (mut send, mut recv) = self.open().await?;
+        let request = Request::Get(GetRequest {
+            path: remote.to_owned(),
+            resume: None,
+            compression: self.compression,
+        });
+        write_frame(&mut send, &request).await?;
+        let offer = match reply::<Response>(&mut recv, self.reply_timeout).await? {
+            Response::GetAccepted(offer) => offer,
+            Response::Refused(e) => return Err(e.into()),
+            other => return Err(unexpected(&other)),
+        };
+        if offer.offset != 0 {
+            return Err(FileError::Protocol(format!(
+                "the server offered to continue {remote} at byte {} of a download that asked for all of it",
+                offer.offset
+            )));
+        }
+        progress.set_length(offer.meta.size);
+        let received = exchange::receive_to_writer(
+            &mut recv,
+            offer.meta.size,
+            std::io::stdout(),
+            offer.encoding,
+            self.pace.clone(),
+            &|n| progress.inc(n),
+        )
+        .await
+        .map_err(|e| match e {
+            TransferError::Write(source) => FileError::Local {
+                path: STDOUT.into(),
+                source,
+            },
+            TransferError::Network(ref io) if is_source_reset(io) => FileError::Protocol(
+                "the server could not read the file to the end (it may have changed); try again"
+                    .into(),
+            ),
+            other => FileError::Transfer {
+                path: STDOUT.into(),
+                source: other,
+            },
+        });
+        let checked = match received {
+            Ok(digest) => match reply::<Trailer>(&mut recv, exchange::STALL_TIMEOUT).await {
+                Ok(trailer) if trailer.digest == digest => Ok(digest),
+                Ok(_) => Err(FileError::CorruptOutput(remote.to_owned())),
+                Err(e) => Err(e.into()),
+            },
+            Err(e) => Err(e),
+        };
+        let receipt = match &checked {
+            Ok(digest) => Receipt::Committed {
+                size: offer.meta.size,
+                digest: *digest,
+            },
+            Err(e) => {
+                let _ = recv.stop(VarInt::from_u32(STOP_REFUSED));
+                Receipt::Failed(RemoteError::new(ErrorCode::Internal, e.to_string()))
+            }
+        };
+        if write_frame(&mut send, &receipt).await.is_ok() && send.finish().is_ok() {
+            let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
+        }
+        checked.map(|digest| TransferReport {
+            name: remote.to_owned(),
+            dest: "-".to_owned(),
+            bytes: offer.meta.size,
+            blake3: digest,
+            resumed_from: 0,
+            bytes_sent: offer.meta.size,
+            notes: Vec::new(),
+            already_there: false,
+            seconds: 0.0,
+        })
+    }
+
     /// `dest` exists: done if it is the remote file already (the server
     /// finds its whole BLAKE3 equal to the prefix we send, which is all of
     /// our file), else the usual "exists, use --force" error.

@@ -110,6 +110,10 @@ pub enum FileError {
     /// The data arrived but did not match what the sender hashed.
     #[error("{0}: data corrupted in transit (BLAKE3 mismatch); nothing was saved, try again")]
     Corrupt(PathBuf),
+    /// Data streamed to standard output did not match the sender's BLAKE3:
+    /// it has been written already, so whoever reads it must discard it.
+    #[error("{0}: the bytes written to standard output do not match the server's BLAKE3 (corrupted in transit); discard that output and try again")]
+    CorruptOutput(String),
     /// The server broke the protocol or the stream failed.
     #[error("{0}")]
     Protocol(String),
@@ -150,7 +154,11 @@ impl FileError {
                     | TransferError::Stalled
             ),
             Self::Protocol(_) => true,
-            Self::Remote(_) | Self::Local { .. } | Self::LocalExists(_) | Self::Corrupt(_) => false,
+            Self::Remote(_)
+            | Self::Local { .. }
+            | Self::LocalExists(_)
+            | Self::Corrupt(_)
+            | Self::CorruptOutput(_) => false,
         }
     }
 }

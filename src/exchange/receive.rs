@@ -285,6 +285,67 @@ where
     Ok(*sink.hasher.finalize().as_bytes())
 }
 
+/// The writing end of a transfer into any writer (standard output): the
+/// bytes in order, hashed as they pass.
+struct WriterSink<W> {
+    out: W,
+    hasher: blake3::Hasher,
+}
+
+impl<W: Write + Send + 'static> PieceSink for WriterSink<W> {
+    fn write(
+        mut self,
+        piece: Piece,
+    ) -> impl std::future::Future<Output = (Self, Result<(), TransferError>)> + Send + 'static {
+        blocking(move || {
+            let result = piece.into_bytes().and_then(|buf| {
+                self.out.write_all(&buf).map_err(TransferError::Write)?;
+                self.hasher.update(&buf);
+                Ok(())
+            });
+            (self, result)
+        })
+    }
+}
+
+/// Receives a whole file of `size` bytes from `input` into `out` (a pipe:
+/// nothing to resume, nothing to commit), flushed at the end. Returns the
+/// BLAKE3 of what was written, for the caller to compare with the sender's.
+pub(crate) async fn receive_to_writer<R, W>(
+    input: &mut R,
+    size: u64,
+    out: W,
+    encoding: Encoding,
+    pace: Option<Arc<Pacer>>,
+    progress: &Advance<'_>,
+) -> Result<Digest, TransferError>
+where
+    R: AsyncRead + Unpin + ?Sized,
+    W: Write + Send + 'static,
+{
+    let sink = WriterSink {
+        out,
+        hasher: blake3::Hasher::new(),
+    };
+    let (sink, result) = receive_pieces(
+        input,
+        size,
+        0,
+        sink,
+        encoding,
+        pace,
+        progress,
+        std::future::pending(),
+    )
+    .await;
+    result?;
+    let WriterSink { mut out, hasher } = sink;
+    blocking(move || out.flush())
+        .await
+        .map_err(TransferError::Write)?;
+    Ok(*hasher.finalize().as_bytes())
+}
+
 /// Receives the bytes from `got` up to `size` from `input` into `sink`,
 /// framed as `encoding` says: the next piece is read from the network while
 /// the previous one is written. Returns the sink (whatever happened) and
