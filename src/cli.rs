@@ -581,16 +581,30 @@ async fn rm(args: RmArgs, verbose: bool) -> Result<ExitCode> {
             }
         }
     }
+    close_checked(client).await?;
+    if failed > 0 {
+        eprintln!("qxfer: {failed} of {} not removed", args.names.len());
+    }
+    Ok(outcome(failed))
+}
+
+/// Closes a connection after requests that carry no files; a refusal of
+/// this client by the server is the command's error (exit code 4).
+async fn close_checked(client: Client) -> Result<()> {
     if let Some(refused) = client.refusal() {
         return Err(refused.into());
     }
     client.close().await;
-    Ok(if failed == 0 {
+    Ok(())
+}
+
+/// The exit code of a command that went through `failed` failures.
+fn outcome(failed: usize) -> ExitCode {
+    if failed == 0 {
         ExitCode::SUCCESS
     } else {
-        eprintln!("qxfer: {failed} of {} not removed", args.names.len());
         ExitCode::from(exit::SOME_FAILED)
-    })
+    }
 }
 
 /// `qxfer mv FROM TO`.
@@ -598,10 +612,7 @@ async fn mv(args: MvArgs) -> Result<ExitCode> {
     let progress = Progress::hidden();
     let client = connect(&args.client, None, true, &progress).await?;
     let result = client.rename(&args.from, &args.to).await;
-    if let Some(refused) = client.refusal() {
-        return Err(refused.into());
-    }
-    client.close().await;
+    close_checked(client).await?;
     match result {
         Ok(()) => Ok(ExitCode::SUCCESS),
         Err(e) => {
@@ -636,15 +647,8 @@ async fn mkdir(args: MkdirArgs) -> Result<ExitCode> {
             eprintln!("qxfer: error: {e}");
         }
     }
-    if let Some(refused) = client.refusal() {
-        return Err(refused.into());
-    }
-    client.close().await;
-    Ok(if failed == 0 {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(exit::SOME_FAILED)
-    })
+    close_checked(client).await?;
+    Ok(outcome(failed))
 }
 
 /// Why `mkdir DIR` without -p must not go ahead: DIR exists, or its parent

@@ -117,22 +117,7 @@ impl Client {
             &|n| progress.inc(n),
         )
         .await;
-        let receipt = match &result {
-            Ok(digest) => Receipt::Committed {
-                size: offer.meta.size,
-                digest: *digest,
-            },
-            Err(e) => {
-                let _ = recv.stop(VarInt::from_u32(STOP_REFUSED));
-                Receipt::Failed(RemoteError::new(ErrorCode::Internal, e.to_string()))
-            }
-        };
-        // The receipt only informs the server's log; the file is already safe.
-        // Wait briefly for it to be acknowledged, so closing the connection
-        // right after does not discard it.
-        if write_frame(&mut send, &receipt).await.is_ok() && send.finish().is_ok() {
-            let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
-        }
+        send_receipt(&mut send, &mut recv, offer.meta.size, &result).await;
         result.map(|digest| TransferReport {
             name: remote.to_owned(),
             dest: dest.display().to_string(),
@@ -206,19 +191,7 @@ impl Client {
             },
             Err(e) => Err(e),
         };
-        let receipt = match &checked {
-            Ok(digest) => Receipt::Committed {
-                size: offer.meta.size,
-                digest: *digest,
-            },
-            Err(e) => {
-                let _ = recv.stop(VarInt::from_u32(STOP_REFUSED));
-                Receipt::Failed(RemoteError::new(ErrorCode::Internal, e.to_string()))
-            }
-        };
-        if write_frame(&mut send, &receipt).await.is_ok() && send.finish().is_ok() {
-            let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
-        }
+        send_receipt(&mut send, &mut recv, offer.meta.size, &checked).await;
         checked.map(|digest| TransferReport {
             name: remote.to_owned(),
             dest: "-".to_owned(),
@@ -386,6 +359,32 @@ pub(super) async fn open_download(
         })
     })
     .await
+}
+
+/// Tells the server how a download of `size` bytes ended: committed with
+/// its digest, or failed (and stops the stream). The receipt only informs
+/// the server's log; the file is already safe. It waits briefly for the
+/// receipt to be acknowledged, so closing the connection right after does
+/// not discard it.
+async fn send_receipt(
+    send: &mut quinn::SendStream,
+    recv: &mut RecvStream,
+    size: u64,
+    result: &Result<Digest, FileError>,
+) {
+    let receipt = match result {
+        Ok(digest) => Receipt::Committed {
+            size,
+            digest: *digest,
+        },
+        Err(e) => {
+            let _ = recv.stop(VarInt::from_u32(STOP_REFUSED));
+            Receipt::Failed(RemoteError::new(ErrorCode::Internal, e.to_string()))
+        }
+    };
+    if write_frame(send, &receipt).await.is_ok() && send.finish().is_ok() {
+        let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
+    }
 }
 
 /// Receives the rest of a download into `incoming`, checks it against the
