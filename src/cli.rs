@@ -656,7 +656,17 @@ async fn mkdir(args: MkdirArgs) -> Result<ExitCode> {
 async fn mkdir_preconditions(client: &Client, dir: &str) -> Result<(), String> {
     let trimmed = dir.trim_end_matches('/');
     let (parent, base) = trimmed.rsplit_once('/').unwrap_or(("", trimmed));
+    let parent_name = parent.rsplit('/').next().unwrap_or(parent);
     match client.list(parent).await {
+        // Listing a file lists the file itself.
+        Ok(entries)
+            if !parent.is_empty()
+                && matches!(entries.as_slice(), [only] if only.kind != EntryKind::Dir && only.name == parent_name) =>
+        {
+            Err(format!(
+                "cannot create '{dir}': '{parent}' on the server is a file, not a directory"
+            ))
+        }
         Ok(entries) => match entries.iter().find(|e| e.name == base) {
             Some(_) => Err(format!(
                 "'{dir}' already exists on the server (mkdir -p accepts that)"
@@ -986,33 +996,16 @@ async fn put(args: PutArgs, quiet: bool, verbose: bool, progress: &Progress) -> 
     let (client, mut report) = Batch::new(Direction::Put, args.parallel, args.force, quiet)
         .run_resilient(client, tree.jobs, &args.client, &args.transfer, progress)
         .await?;
+    // Deletions first, so that the directory times applied next stick.
+    if args.transfer.delete && client.refusal().is_none() {
+        let all_arrived = report.failed.is_empty() && bad.is_empty();
+        let failed = delete_remote(&client, &planned, &filter, all_arrived, quiet, progress).await;
+        report.failed.extend(failed);
+    }
     if !tree.dirs.is_empty() {
         report
             .failed
             .extend(tree::finish_remote_dirs(&client, &tree.dirs).await);
-    }
-    if args.transfer.delete && client.refusal().is_none() {
-        if report.failed.is_empty() && bad.is_empty() {
-            let removed = async {
-                let extras = tree::remote_extras(&client, &planned, &filter).await?;
-                let mut failed = Vec::new();
-                for (path, is_dir) in extras.paths {
-                    match client.remove(&path, is_dir).await {
-                        Ok(()) => report_deleted(&path, is_dir, quiet, progress),
-                        Err(e) => failed.push((path, e)),
-                    }
-                }
-                Ok::<_, FileError>(failed)
-            };
-            match removed.await {
-                Ok(failed) => report.failed.extend(failed),
-                Err(e) => report.failed.push(("--delete".to_owned(), e)),
-            }
-        } else if !quiet {
-            progress.suspend(|| {
-                eprintln!("qxfer: --delete: nothing removed, since not every file arrived")
-            });
-        }
     }
     if let Some(refused) = client.refusal() {
         progress.finish();
@@ -1051,6 +1044,10 @@ fn finish_dry_run(
         count(Action::Skip),
         count(Action::Refuse),
     );
+    // The real run deletes only when every file arrives.
+    let would_delete = refuse == 0 && bad.is_empty();
+    let held_back = !would_delete && !deletes.is_empty();
+    let deletes = if would_delete { deletes } else { &[] };
     let bytes: u64 = plan
         .iter()
         .filter(|p| p.action == Action::Send)
@@ -1073,6 +1070,9 @@ fn finish_dry_run(
         // What --delete would remove comes first, to be checked first.
         for (path, is_dir) in deletes {
             println!("delete  {path}{}", if *is_dir { "/" } else { "" });
+        }
+        if held_back && !quiet {
+            eprintln!("qxfer: --delete would remove nothing: the run would refuse files, and deletes only when every file arrives");
         }
         for p in &plan {
             let action = match p.action {
@@ -1106,6 +1106,77 @@ fn finish_dry_run(
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// `--delete` after a put: removes on the server what the uploaded trees
+/// no longer have, if every file arrived (else says nothing was removed).
+/// Returns the failures.
+async fn delete_remote(
+    client: &Client,
+    planned: &Tree,
+    filter: &Filter,
+    all_arrived: bool,
+    quiet: bool,
+    progress: &Progress,
+) -> Vec<(String, FileError)> {
+    if !all_arrived {
+        report_not_deleted(quiet, progress);
+        return Vec::new();
+    }
+    let extras = match tree::remote_extras(client, planned, filter).await {
+        Ok(extras) => extras,
+        Err(e) => return vec![("--delete".to_owned(), e)],
+    };
+    let mut failed = Vec::new();
+    for (path, is_dir) in extras.paths {
+        match client.remove(&path, is_dir).await {
+            Ok(()) => report_deleted(&path, is_dir, quiet, progress),
+            Err(e) => failed.push((path, e)),
+        }
+    }
+    failed
+}
+
+/// `--delete` after a get: removes locally what the server's trees no
+/// longer have, if every file arrived. Returns the failures.
+fn delete_local(
+    planned: &Tree,
+    filter: &Filter,
+    all_arrived: bool,
+    quiet: bool,
+    progress: &Progress,
+) -> Vec<(String, FileError)> {
+    if !all_arrived {
+        report_not_deleted(quiet, progress);
+        return Vec::new();
+    }
+    let extras = match tree::local_extras(planned, filter) {
+        Ok(extras) => extras,
+        Err(e) => return vec![("--delete".to_owned(), e)],
+    };
+    let mut failed = Vec::new();
+    for (path, is_dir) in extras {
+        // Neither follows a link: remove_dir_all removes links inside as links.
+        let gone = if is_dir {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        };
+        let shown = path.display().to_string();
+        match gone {
+            Ok(()) => report_deleted(&shown, is_dir, quiet, progress),
+            Err(source) => failed.push((shown, FileError::Local { path, source })),
+        }
+    }
+    failed
+}
+
+fn report_not_deleted(quiet: bool, progress: &Progress) {
+    if !quiet {
+        progress.suspend(|| {
+            eprintln!("qxfer: --delete: nothing removed, since not every file arrived")
+        });
+    }
 }
 
 /// Says what --delete removed (unless -q).
@@ -1194,7 +1265,10 @@ async fn get(args: GetArgs, quiet: bool, verbose: bool, progress: &Progress) -> 
         let plan = dry_run(&client, Direction::Get, &tree.jobs, args.force).await;
         client.close().await;
         let deletes = if args.transfer.delete {
-            tree::local_extras(&tree, &filter)?.paths
+            tree::local_extras(&tree, &filter)?
+                .into_iter()
+                .map(|(p, d)| (p.display().to_string(), d))
+                .collect()
         } else {
             Vec::new()
         };
@@ -1213,40 +1287,19 @@ async fn get(args: GetArgs, quiet: bool, verbose: bool, progress: &Progress) -> 
     let (client, mut report) = Batch::new(Direction::Get, args.parallel, args.force, quiet)
         .run_resilient(client, tree.jobs, &args.client, &args.transfer, progress)
         .await?;
+    // Deletions first, so that the directory times applied next stick.
+    if args.transfer.delete && client.refusal().is_none() {
+        let all_arrived = report.failed.is_empty() && failed_dirs.is_empty() && bad.is_empty();
+        report.failed.extend(delete_local(
+            &planned,
+            &filter,
+            all_arrived,
+            quiet,
+            progress,
+        ));
+    }
     failed_dirs.extend(tree::finish_local_dirs(&tree.dirs));
     report.failed.extend(failed_dirs);
-    if args.transfer.delete && client.refusal().is_none() {
-        if report.failed.is_empty() && bad.is_empty() {
-            match tree::local_extras(&planned, &filter) {
-                Ok(extras) => {
-                    for (path, is_dir) in extras.paths {
-                        // Neither follows a link: remove_dir_all removes
-                        // links inside as links.
-                        let gone = if is_dir {
-                            std::fs::remove_dir_all(&path)
-                        } else {
-                            std::fs::remove_file(&path)
-                        };
-                        match gone {
-                            Ok(()) => report_deleted(&path, is_dir, quiet, progress),
-                            Err(source) => report.failed.push((
-                                path.clone(),
-                                FileError::Local {
-                                    path: path.into(),
-                                    source,
-                                },
-                            )),
-                        }
-                    }
-                }
-                Err(e) => report.failed.push(("--delete".to_owned(), e)),
-            }
-        } else if !quiet {
-            progress.suspend(|| {
-                eprintln!("qxfer: --delete: nothing removed, since not every file arrived")
-            });
-        }
-    }
     if let Some(refused) = client.refusal() {
         progress.finish();
         return Err(refused.into());

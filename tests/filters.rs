@@ -295,10 +295,22 @@ async fn delete_on(backend: Backend) {
         ]
     );
 
-    // A file that fails: nothing is deleted.
+    // What an upload skips (a local link) protects that name on the server.
+    server.place("tree/link", b"the server's own file").await;
+    std::os::unix::fs::symlink(h.join("tree/a"), h.join("tree/link")).unwrap();
+    ok(&q(&["put", "-r", "tree", "--delete", "--exclude", "*.log"]).await);
+    assert_eq!(server.stored("tree/link").await, b"the server's own file");
+    std::fs::remove_file(h.join("tree/link")).unwrap();
+    server.remove("tree/link").await;
+
+    // A file that fails: nothing is deleted, and a dry run says so.
     server.place("tree/extra", b"extra").await;
     server.place("tree/conflict", b"theirs").await;
     std::fs::write(h.join("tree/conflict"), b"ours, different").unwrap();
+    let out = q(&["put", "-r", "tree", "--delete", "-n"]).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("delete"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--delete would remove nothing"));
     let out = q(&["put", "-r", "tree", "--delete"]).await;
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("nothing removed"));
@@ -335,6 +347,27 @@ async fn delete_on(backend: Backend) {
         "excluded names are kept"
     );
     assert!(h.join("dl/tree/a").exists() && h.join("dl/tree/sub/b").exists());
+    // Deleting came before the directories' times were applied: they stick.
+    let out = q(&["ls", "--json"]).await;
+    ok(&out);
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let tree_entry = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "tree")
+        .unwrap();
+    let local = std::fs::metadata(h.join("dl/tree"))
+        .unwrap()
+        .modified()
+        .unwrap()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    assert_eq!(
+        tree_entry["mtime"]["secs"].as_u64(),
+        Some(local.as_secs()),
+        "{tree_entry}"
+    );
 }
 
 both_backends!(delete_is_refused_by_a_read_only_server, delete_read_only_on);

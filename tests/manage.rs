@@ -79,11 +79,19 @@ async fn manage_on(backend: Backend) {
     assert_eq!(server.stored("moved/sub/x2").await, b"x");
     failed_with(&q(&["mv", "dir", "other"]).await, 1, "'dir'");
     failed_with(&q(&["mv", "moved", "moved/inner"]).await, 1, "into itself");
+    failed_with(&q(&["mv", "moved", "moved"]).await, 1, "to itself");
 
     // mkdir: without -p as mkdir (exists, missing parent), with -p as mkdir -p.
     succeeded(&q(&["mkdir", "new"]).await);
     failed_with(&q(&["mkdir", "new"]).await, 1, "already exists");
     failed_with(&q(&["mkdir", "p/q"]).await, 1, "use mkdir -p");
+    server.place("file", b"f").await;
+    failed_with(
+        &q(&["mkdir", "file/file"]).await,
+        1,
+        "is a file, not a directory",
+    );
+    succeeded(&q(&["rm", "file"]).await);
     succeeded(&q(&["mkdir", "-p", "p/q", "new"]).await);
     let out = q(&["ls", "-r", "--json"]).await;
     succeeded(&out);

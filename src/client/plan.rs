@@ -64,6 +64,15 @@ async fn remote_entries(
             }
             Err(e) => return Err(e),
         };
+        // Listing a file lists the file itself: a file is where the
+        // directory would be, which the real run refuses.
+        let dir_name = dir.rsplit('/').next().unwrap_or(dir);
+        if let [only] = entries.as_slice() {
+            if !dir.is_empty() && only.kind != EntryKind::Dir && only.name == dir_name {
+                out.insert((*dir).to_owned(), only.clone());
+                continue;
+            }
+        }
         for e in entries {
             let path = if dir.is_empty() {
                 e.name.clone()
@@ -105,7 +114,16 @@ pub async fn dry_run(
                 && local_mtime.is_some()
                 && e.mtime == local_mtime
         };
+        let parent = job.remote.rsplit_once('/').map(|(p, _)| p);
+        let file_above = parent
+            .and_then(|p| remote.get(p))
+            .is_some_and(|e| e.kind != EntryKind::Dir);
         out.push(match direction {
+            Direction::Put if file_above => planned(
+                Action::Refuse,
+                local.as_ref().map(|m| m.len()),
+                Some("a file on the server is where its directory would be"),
+            ),
             Direction::Put => {
                 let size = local.as_ref().map(|m| m.len());
                 match there {

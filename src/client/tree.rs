@@ -26,6 +26,12 @@ pub(crate) struct Tree {
     /// What --exclude left out, as the filter saw it (`top/dir/` for a
     /// directory); beneath an excluded directory nothing is listed.
     pub(crate) excluded: Vec<String>,
+    /// Remote names of what a tree upload skipped (links, special files):
+    /// --delete leaves those names alone on the server.
+    pub(crate) protected_remote: Vec<String>,
+    /// Local paths of what a tree download skipped (the server's links and
+    /// special files): --delete leaves those names alone locally.
+    pub(crate) protected_local: Vec<PathBuf>,
 }
 
 /// One directory of a tree, at both ends.
@@ -48,6 +54,8 @@ impl Tree {
         self.dirs.extend(other.dirs);
         self.skipped.extend(other.skipped);
         self.excluded.extend(other.excluded);
+        self.protected_remote.extend(other.protected_remote);
+        self.protected_local.extend(other.protected_local);
     }
 }
 
@@ -100,15 +108,16 @@ pub(crate) fn walk_local(
                     .push(format!("{}: not a UTF-8 name; skipped", path.display()));
                 continue;
             };
+            let remote = join_remote(Some(&remote), &name);
             let md = match std::fs::symlink_metadata(&path) {
                 Ok(md) => md,
                 Err(e) => {
                     tree.skipped
                         .push(format!("{}: {e}; skipped", path.display()));
+                    tree.protected_remote.push(remote);
                     continue;
                 }
             };
-            let remote = join_remote(Some(&remote), &name);
             let rel = format!("{rel_dir}/{name}");
             let ft = md.file_type();
             if filter.excludes(&rel, ft.is_dir()) {
@@ -129,6 +138,7 @@ pub(crate) fn walk_local(
                     "{}: an unfinished qxfer download; skipped",
                     path.display()
                 ));
+                tree.protected_remote.push(remote);
             } else if ft.is_file() {
                 tree.jobs.push(Job {
                     label: path.display().to_string(),
@@ -141,11 +151,13 @@ pub(crate) fn walk_local(
                     "{}: a symbolic link; skipped (links are never followed or copied)",
                     path.display()
                 ));
+                tree.protected_remote.push(remote);
             } else {
                 tree.skipped.push(format!(
                     "{}: a socket, FIFO or device; skipped (only regular files and directories are copied)",
                     path.display()
                 ));
+                tree.protected_remote.push(remote);
             }
         }
     }
@@ -208,12 +220,18 @@ pub(crate) fn from_listing(
                 },
                 depth: rel.relative().components().count(),
             }),
-            EntryKind::Symlink => tree.skipped.push(format!(
-                "{remote}: a symbolic link on the server; skipped (links are never followed or copied)"
-            )),
-            EntryKind::Other => tree.skipped.push(format!(
-                "{remote}: not a regular file or directory; skipped"
-            )),
+            EntryKind::Symlink => {
+                tree.skipped.push(format!(
+                    "{remote}: a symbolic link on the server; skipped (links are never followed or copied)"
+                ));
+                tree.protected_local.push(local);
+            }
+            EntryKind::Other => {
+                tree.skipped.push(format!(
+                    "{remote}: not a regular file or directory; skipped"
+                ));
+                tree.protected_local.push(local);
+            }
         }
     }
     tree
@@ -221,53 +239,32 @@ pub(crate) fn from_listing(
 
 /// What `--delete` removes at the destination of a tree transfer: every
 /// name beneath a transferred directory that the source does not have,
-/// except what `filter` excludes (excluded names are protected, as with
-/// rsync's --delete). A directory is listed once, without its contents.
+/// except what `filter` excludes and what the walk skipped (links, special
+/// files: protected, as with rsync's --delete). A directory is listed once,
+/// without its contents.
 #[derive(Debug, Default)]
 pub(crate) struct Extras {
-    /// Paths as the destination names them (remote paths for a put,
-    /// local paths for a get), with whether each is a directory.
+    /// Remote paths, with whether each is a directory.
     pub(crate) paths: Vec<(String, bool)>,
+    /// The directories among them, to leave out what lies beneath.
+    dirs: std::collections::HashSet<String>,
 }
 
-impl Tree {
-    /// Every destination name this tree moves (files and directories).
-    fn destination_names(&self, remote: bool) -> std::collections::HashSet<String> {
-        let name = |j: &Job| {
-            if remote {
-                j.remote.clone()
-            } else {
-                j.local.display().to_string()
+impl Extras {
+    /// Keeps `path` unless a directory already listed contains it (paths
+    /// come sorted, so a directory comes before its contents).
+    fn push(&mut self, path: String, is_dir: bool) {
+        let mut above = path.as_str();
+        while let Some((parent, _)) = above.rsplit_once('/') {
+            if self.dirs.contains(parent) {
+                return;
             }
-        };
-        let dir = |d: &TreeDir| {
-            if remote {
-                d.remote.clone()
-            } else {
-                d.local.display().to_string()
-            }
-        };
-        self.jobs
-            .iter()
-            .map(name)
-            .chain(self.dirs.iter().map(dir))
-            .collect()
-    }
-
-    /// The tops of the trees (each transferred directory).
-    fn tops(&self) -> impl Iterator<Item = &TreeDir> {
-        self.dirs.iter().filter(|d| d.depth == 0)
-    }
-}
-
-/// Keeps `path` unless a directory already listed contains it.
-fn push_extra(extras: &mut Extras, path: String, is_dir: bool) {
-    let inside = extras
-        .paths
-        .iter()
-        .any(|(d, dir)| *dir && path.starts_with(d.as_str()) && path[d.len()..].starts_with('/'));
-    if !inside {
-        extras.paths.push((path, is_dir));
+            above = parent;
+        }
+        if is_dir {
+            self.dirs.insert(path.clone());
+        }
+        self.paths.push((path, is_dir));
     }
 }
 
@@ -277,9 +274,15 @@ pub(crate) async fn remote_extras(
     tree: &Tree,
     filter: &Filter,
 ) -> Result<Extras, FileError> {
-    let keep = tree.destination_names(true);
+    let keep: std::collections::HashSet<&str> = tree
+        .jobs
+        .iter()
+        .map(|j| j.remote.as_str())
+        .chain(tree.dirs.iter().map(|d| d.remote.as_str()))
+        .chain(tree.protected_remote.iter().map(String::as_str))
+        .collect();
     let mut extras = Extras::default();
-    for top in tree.tops() {
+    for top in tree.dirs.iter().filter(|d| d.depth == 0) {
         let top_name = top.remote.rsplit('/').next().unwrap_or(&top.remote);
         let mut listed = match client.list_tree(&top.remote).await {
             Ok(listed) => listed,
@@ -287,25 +290,61 @@ pub(crate) async fn remote_extras(
             Err(FileError::Remote(e)) if e.code == crate::protocol::ErrorCode::NotFound => continue,
             Err(e) => return Err(e),
         };
+        // A file where the tree goes lists as itself: nothing beneath it.
+        if let [only] = listed.as_slice() {
+            if only.kind != EntryKind::Dir && only.name == top_name {
+                continue;
+            }
+        }
         listed.sort_by(|a, b| a.name.cmp(&b.name));
         for e in listed {
             let path = join_remote(Some(&top.remote), &e.name);
             let is_dir = e.kind == EntryKind::Dir;
-            if keep.contains(&path) || filter.excludes(&format!("{top_name}/{}", e.name), is_dir) {
+            if keep.contains(path.as_str())
+                || filter.excludes(&format!("{top_name}/{}", e.name), is_dir)
+            {
                 continue;
             }
-            push_extra(&mut extras, path, is_dir);
+            extras.push(path, is_dir);
         }
     }
     Ok(extras)
 }
 
 /// What the local trees `tree` downloads into hold that the server's do
-/// not. Links are listed as themselves, never followed.
-pub(crate) fn local_extras(tree: &Tree, filter: &Filter) -> Result<Extras, FileError> {
-    let keep = tree.destination_names(false);
-    let mut extras = Extras::default();
-    for top in tree.tops() {
+/// not, as local paths with whether each is a directory. Links are listed
+/// as themselves, never followed; a tree whose top is a link is refused.
+pub(crate) fn local_extras(
+    tree: &Tree,
+    filter: &Filter,
+) -> Result<Vec<(PathBuf, bool)>, FileError> {
+    let keep: std::collections::HashSet<&Path> = tree
+        .jobs
+        .iter()
+        .map(|j| j.local.as_path())
+        .chain(tree.dirs.iter().map(|d| d.local.as_path()))
+        .chain(tree.protected_local.iter().map(PathBuf::as_path))
+        .collect();
+    let mut out = Vec::new();
+    for top in tree.dirs.iter().filter(|d| d.depth == 0) {
+        match std::fs::symlink_metadata(&top.local) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(source) => {
+                return Err(FileError::Local {
+                    path: top.local.clone(),
+                    source,
+                })
+            }
+            Ok(md) if !md.is_dir() => {
+                return Err(FileError::Local {
+                    path: top.local.clone(),
+                    source: std::io::Error::other(
+                        "is not a directory (a link?); --delete works only inside real directories",
+                    ),
+                })
+            }
+            Ok(_) => {}
+        }
         let top_name = top
             .local
             .file_name()
@@ -313,37 +352,33 @@ pub(crate) fn local_extras(tree: &Tree, filter: &Filter) -> Result<Extras, FileE
         let mut stack = vec![(top.local.clone(), top_name)];
         let mut found = Vec::new();
         while let Some((dir, rel)) = stack.pop() {
-            let items = match std::fs::read_dir(&dir) {
-                Ok(items) => items,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(source) => return Err(FileError::Local { path: dir, source }),
-            };
+            let items = std::fs::read_dir(&dir).map_err(|source| FileError::Local {
+                path: dir.clone(),
+                source,
+            })?;
             for item in items {
                 let item = item.map_err(|source| FileError::Local {
                     path: dir.clone(),
                     source,
                 })?;
                 let path = item.path();
+                // file_type() does not follow links: a link to a directory is a link.
                 let is_dir = item.file_type().is_ok_and(|t| t.is_dir());
-                let name = item.file_name().to_string_lossy().into_owned();
-                let rel = format!("{rel}/{name}");
+                let rel = format!("{rel}/{}", item.file_name().to_string_lossy());
                 if filter.excludes(&rel, is_dir) {
                     continue;
                 }
-                let shown = path.display().to_string();
-                if !keep.contains(&shown) {
-                    found.push((shown, is_dir));
+                if !keep.contains(path.as_path()) {
+                    found.push((path, is_dir));
                 } else if is_dir {
                     stack.push((path, rel));
                 }
             }
         }
         found.sort();
-        for (path, is_dir) in found {
-            push_extra(&mut extras, path, is_dir);
-        }
+        out.extend(found);
     }
-    Ok(extras)
+    Ok(out)
 }
 
 /// Creates every directory on the server and applies its metadata, deepest

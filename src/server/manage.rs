@@ -47,6 +47,12 @@ pub(super) async fn serve_rename(
     let from = RemotePath::parse(&req.from, false)?;
     let to = RemotePath::parse(&req.to, false)?;
     writable(config, || format!("'{from}' was not renamed"))?;
+    if to == from {
+        return Err(RemoteError::new(
+            ErrorCode::InvalidPath,
+            format!("cannot rename '{from}' to itself"),
+        ));
+    }
     if to.components().starts_with(from.components()) {
         return Err(RemoteError::new(
             ErrorCode::InvalidPath,

@@ -245,6 +245,6 @@ pub(crate) fn not_empty(path: &RemotePath) -> RemoteError {
 pub(crate) fn rename_target_exists(from: &RemotePath, to: &RemotePath) -> RemoteError {
     RemoteError::new(
         ErrorCode::AlreadyExists,
-        format!("cannot rename '{from}' to '{to}': '{to}' already exists on the server; remove it first or choose another name"),
+        format!("cannot rename '{from}' to '{to}': '{to}' already exists on the server; choose another name (after an interrupted rename, `qxfer ls -r` shows what is under each name)"),
     )
 }

@@ -104,6 +104,12 @@ pub(super) async fn rename(
     let failed = |e| store_error(e, from, "cannot rename");
     let failed_to = |e| store_error(e, to, "cannot rename to");
     let (from_key, to_key) = (inner.key(from), inner.key(to));
+    // This server's uploads to the new name wait, and learn of the rename
+    // (a put checked a moment ago would otherwise not check again).
+    let turn = inner
+        .commits
+        .turn(to_key.as_ref(), std::time::Instant::now())
+        .await;
     // The new name: free, and its directory there (the root, or a name
     // something lies beneath, not a file).
     let (taken, has_children, file_above) = futures::try_join!(
@@ -154,10 +160,26 @@ pub(super) async fn rename(
     };
     for (old, new) in &moves {
         let _slot = inner.slot().await;
-        inner.s3.copy(old, new).await.map_err(failed)?;
+        inner.s3.copy(old, new).await.map_err(|e| {
+            let e = store_error(e, from, "cannot rename");
+            RemoteError::new(
+                e.code,
+                format!("{}. '{from}' is untouched; a partial copy may be under '{to}': remove it with `qxfer rm -r {to}` before trying again", e.message),
+            )
+        })?;
     }
+    turn.succeeded();
     for (old, _) in &moves {
-        delete(inner, old).await.map_err(failed)?;
+        delete(inner, old).await.map_err(|e| {
+            let e = store_error(e, from, "cannot remove the old name after renaming");
+            RemoteError::new(
+                e.code,
+                format!(
+                    "{}. Everything is under '{to}' now; finish with `qxfer rm -r {from}`",
+                    e.message
+                ),
+            )
+        })?;
     }
     // The sums describe objects by ETag, which a copy may change: drop
     // them (gets of these files hash as they send instead).
