@@ -521,10 +521,17 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Serve(args) => serve(args).await,
         Command::Put(args) => {
-            interruptible(put(args, cli.quiet, cli.verbose > 0, &progress), &progress).await
+            let command = put(args, cli.quiet, cli.verbose > 0, &progress);
+            interruptible(command, &progress, RESUME_HINT).await
         }
         Command::Get(args) => {
-            interruptible(get(args, cli.quiet, cli.verbose > 0, &progress), &progress).await
+            let hint = if args.output.as_deref() == Some(Path::new("-")) {
+                "interrupted; what went to standard output is incomplete: discard it (a download to standard output starts over when run again)"
+            } else {
+                RESUME_HINT
+            };
+            let command = get(args, cli.quiet, cli.verbose > 0, &progress);
+            interruptible(command, &progress, hint).await
         }
         Command::Ls(args) => ls(args).await,
         Command::Rm(args) => rm(args, cli.verbose > 0).await,
@@ -545,13 +552,17 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
     }
 }
 
+/// What an interrupted transfer says: the server keeps what an upload
+/// sent, and a download's bytes stay in its `.qxfer-part` file.
+const RESUME_HINT: &str = "interrupted; run the same command again to resume where it stopped (large files continue from what was already sent)";
+
 /// Runs a transfer command until it ends or Ctrl-C (or SIGTERM) arrives.
 /// Interrupted, it exits 130 (128 + SIGINT, as shells report it) and says
-/// how to resume: the server keeps what an upload sent, and a download's
-/// bytes stay in its `.qxfer-part` file.
+/// `hint`.
 async fn interruptible(
     command: impl std::future::Future<Output = Result<ExitCode>>,
     progress: &Progress,
+    hint: &str,
 ) -> Result<ExitCode> {
     let signals = shutdown_signals()?;
     tokio::select! {
@@ -559,7 +570,7 @@ async fn interruptible(
         _ = async move { signals.clone().wait_for(|n| *n >= 1).await.is_ok() } => {
             progress.finish();
             crate::client::close_all("interrupted").await;
-            eprintln!("qxfer: interrupted; run the same command again to resume where it stopped (large files continue from what was already sent)");
+            eprintln!("qxfer: {hint}");
             Ok(ExitCode::from(exit::INTERRUPTED))
         }
     }
@@ -570,13 +581,14 @@ async fn interruptible(
 async fn rm(args: RmArgs, verbose: bool) -> Result<ExitCode> {
     let progress = Progress::hidden();
     let client = connect(&args.client, None, true, &progress).await?;
-    let mut failed = 0;
+    let (mut failed, mut lost) = (0, 0);
     for name in &args.names {
         match client.remove(name, args.recursive).await {
             Ok(()) if verbose => eprintln!("qxfer: removed {name}"),
             Ok(()) => {}
             Err(e) => {
                 failed += 1;
+                lost += usize::from(e.is_transient());
                 eprintln!("qxfer: error: {}", file_error(name, &e));
             }
         }
@@ -584,6 +596,10 @@ async fn rm(args: RmArgs, verbose: bool) -> Result<ExitCode> {
     close_checked(client).await?;
     if failed > 0 {
         eprintln!("qxfer: {failed} of {} not removed", args.names.len());
+    }
+    // Every failure the connection's: a connection failure (exit code 3).
+    if failed > 0 && lost == failed {
+        return Ok(ExitCode::from(exit::CONNECTION));
     }
     Ok(outcome(failed))
 }
@@ -617,7 +633,11 @@ async fn mv(args: MvArgs) -> Result<ExitCode> {
         Ok(()) => Ok(ExitCode::SUCCESS),
         Err(e) => {
             eprintln!("qxfer: error: {}", file_error(&args.from, &e));
-            Ok(ExitCode::from(exit::SOME_FAILED))
+            Ok(ExitCode::from(if e.is_transient() {
+                exit::CONNECTION
+            } else {
+                exit::SOME_FAILED
+            }))
         }
     }
 }

@@ -470,3 +470,47 @@ async fn ctrl_c_on(backend: Backend) {
     assert_eq!(r["resumed_from"], held);
     assert_eq!(std::fs::read(out.join("f")).unwrap(), data);
 }
+
+/// Ctrl-C during a download to standard output: exit code 130, and the
+/// message says the output is incomplete instead of offering a resume.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_download_to_stdout_stopped_with_ctrl_c_says_its_output_is_incomplete() {
+    use std::io::Read;
+    let server = TestServer::start().await;
+    server.place("f", &pattern(64 * MIB, 49)).await;
+    let home = home_for(&server);
+    let mut cmd = qxfer_at(home.path(), server.addr);
+    cmd.args(["get", "f", "-o", "-", "--limit-rate", "8M"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    // SAFETY: signal(2) is async-signal-safe, as pre_exec requires.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+            libc::signal(libc::SIGINT, libc::SIG_DFL);
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
+    // Read what it writes, so it never blocks on a full pipe, until some arrived.
+    let mut stdout = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut got = Vec::new();
+        let _ = stdout.read_to_end(&mut got);
+        got.len()
+    });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // SAFETY: kill(2) with a pid we own and a valid signal number.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    let got = reader.join().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    assert!(
+        got > 0 && got < 64 * MIB,
+        "{got} bytes before the interrupt"
+    );
+    assert!(stderr.contains("incomplete: discard it"), "{stderr}");
+    assert!(!stderr.contains("to resume where it stopped"), "{stderr}");
+}
