@@ -703,12 +703,10 @@ async fn stdout_on(backend: Backend) {
     let q = |args: &[&str]| {
         let mut cmd = qxfer_at(home.path(), server.addr);
         cmd.args(args);
-        tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        common::output(cmd)
     };
     // The bytes and only them on stdout; the summary on stderr.
-    let out = q(&["get", "big.log", "-o", "-", "--compress", "always"])
-        .await
-        .unwrap();
+    let out = q(&["get", "big.log", "-o", "-", "--compress", "always"]).await;
     assert!(
         out.status.success(),
         "{}",
@@ -717,7 +715,7 @@ async fn stdout_on(backend: Backend) {
     assert!(out.stdout == data, "stdout holds exactly the file");
     assert!(String::from_utf8_lossy(&out.stderr).contains("got 1 file: 3.0 MiB sent"));
     // Errors: a missing file; usage mistakes (exit 2); stdout stays empty.
-    let out = q(&["get", "nope", "-o", "-"]).await.unwrap();
+    let out = q(&["get", "nope", "-o", "-"]).await;
     assert_eq!(out.status.code(), Some(1));
     assert!(out.stdout.is_empty());
     assert!(String::from_utf8_lossy(&out.stderr).contains("'nope'"));
@@ -726,7 +724,7 @@ async fn stdout_on(backend: Backend) {
         &["get", "-r", "big.log", "-o", "-"],
         &["get", "big.log", "-o", "-", "--json"],
     ] {
-        let out = q(args).await.unwrap();
+        let out = q(args).await;
         assert_eq!(out.status.code(), Some(2), "{args:?}");
         assert!(out.stdout.is_empty());
     }

@@ -754,9 +754,7 @@ async fn a_download_to_stdout_that_does_not_match_its_digest_fails() {
     let endpoint = hostile_server_raw(&cfg, Some(raw));
     let mut cmd = common::qxfer_at(home.path(), endpoint.local_addr().unwrap());
     cmd.args(["get", "x", "-o", "-", "--timeout", "5s"]);
-    let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
-        .await
-        .unwrap();
+    let out = common::output(cmd).await;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert_eq!(out.stdout, b"hello", "streamed as it came");

@@ -5,13 +5,7 @@ mod common;
 use std::path::Path;
 use std::process::Output;
 
-use common::{home_for, qxfer_at, Backend, TestServer};
-
-async fn run(mut cmd: std::process::Command) -> Output {
-    tokio::task::spawn_blocking(move || cmd.output().unwrap())
-        .await
-        .unwrap()
-}
+use common::{home_for, output, qxfer_at, Backend, TestServer};
 
 /// Every path under `dir`, relative, sorted (directories included).
 fn local_tree(dir: &Path) -> Vec<String> {
@@ -58,7 +52,7 @@ async fn exclude_on(backend: Backend) {
     let q = |args: &[&str]| {
         let mut cmd = qxfer_at(h, server.addr);
         cmd.args(args).current_dir(h);
-        run(cmd)
+        output(cmd)
     };
     let out = q(&[
         "put",
@@ -151,7 +145,7 @@ async fn dry_run_on(backend: Backend) {
     let q = |args: &[&str]| {
         let mut cmd = qxfer_at(h, server.addr);
         cmd.args(args).current_dir(h);
-        run(cmd)
+        output(cmd)
     };
     let out = q(&["put", "-r", "tree"]).await;
     assert!(
@@ -235,7 +229,7 @@ async fn delete_on(backend: Backend) {
     let q = |args: &[&str]| {
         let mut cmd = qxfer_at(h, server.addr);
         cmd.args(args).current_dir(h);
-        run(cmd)
+        output(cmd)
     };
     let ok = |out: &Output| {
         assert!(
@@ -380,7 +374,7 @@ async fn delete_read_only_on(backend: Backend) {
     std::fs::create_dir_all(h.join("tree")).unwrap();
     let mut cmd = qxfer_at(h, server.addr);
     cmd.args(["put", "-r", "tree", "--delete"]).current_dir(h);
-    let out = run(cmd).await;
+    let out = output(cmd).await;
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("read-only"));
     assert_eq!(server.stored("tree/extra").await, b"extra");

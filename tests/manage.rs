@@ -4,15 +4,7 @@ mod common;
 
 use std::process::Output;
 
-use common::{home_for, qxfer_at, stored_at, Backend, TestServer};
-
-/// Runs a finished command line off the async threads (the server under
-/// test lives on them).
-async fn run(mut cmd: std::process::Command) -> Output {
-    tokio::task::spawn_blocking(move || cmd.output().unwrap())
-        .await
-        .unwrap()
-}
+use common::{home_for, output, qxfer_at, stored_at, Backend, TestServer};
 
 /// Asserts `out` failed with exit code `code` and said `text` on stderr.
 fn failed_with(out: &Output, code: i32, text: &str) {
@@ -45,7 +37,7 @@ async fn manage_on(backend: Backend) {
     let q = |args: &[&str]| {
         let mut cmd = qxfer_at(home.path(), server.addr);
         cmd.args(args);
-        run(cmd)
+        output(cmd)
     };
     succeeded(&q(&["mkdir", "empty"]).await);
 
@@ -130,7 +122,7 @@ async fn read_only_on(backend: Backend) {
     let q = |args: &[&str]| {
         let mut cmd = qxfer_at(home.path(), server.addr);
         cmd.args(args);
-        run(cmd)
+        output(cmd)
     };
     for args in [
         &["rm", "f"][..],

@@ -8,21 +8,13 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use common::{
-    flip_byte, home_for, partial_bytes_at, pattern, qxfer, qxfer_at, serve_root, stored_at, tree,
-    Backend, ServeProcess, TestServer,
+    flip_byte, home_for, output, partial_bytes_at, pattern, qxfer, qxfer_at, serve_root, stored_at,
+    tree, Backend, ServeProcess, TestServer,
 };
 use qxfer::client::{hex, Client, TransferReport, PART_SUFFIX};
 use qxfer::server::PARTIAL_DIR;
 
 const MIB: usize = 1 << 20;
-
-/// Runs a finished command line off the async threads (the server under
-/// test lives on them).
-async fn output(mut cmd: std::process::Command) -> Output {
-    tokio::task::spawn_blocking(move || cmd.output().unwrap())
-        .await
-        .unwrap()
-}
 
 /// Waits until `len()` reports at least `at_least` bytes.
 async fn wait_for_bytes<F: std::future::Future<Output = u64>>(

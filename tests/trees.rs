@@ -156,10 +156,8 @@ fn build_tree(top: &Path) {
     set_mtime(top, base);
 }
 
-async fn run(mut cmd: std::process::Command) -> Output {
-    let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
-        .await
-        .unwrap();
+async fn run(cmd: std::process::Command) -> Output {
+    let out = common::output(cmd).await;
     assert!(
         out.status.success(),
         "{}",

@@ -52,11 +52,6 @@ pub enum FilterError {
     },
 }
 
-/// The matcher's own words for a bad glob, without its repetition of the pattern.
-fn reason(e: &ignore::Error) -> String {
-    e.to_string()
-}
-
 impl Filter {
     /// Builds the filter from `--exclude` patterns (in order) and then the
     /// lines of each `--exclude-from` file (blank lines and `#` comments
@@ -71,7 +66,7 @@ impl Filter {
                 .add_line(None, pattern)
                 .map_err(|e| FilterError::Pattern {
                     pattern: pattern.clone(),
-                    reason: reason(&e),
+                    reason: e.to_string(),
                 })?;
         }
         for path in files {
@@ -86,13 +81,13 @@ impl Filter {
                         path: path.clone(),
                         line: i + 1,
                         pattern: line.to_owned(),
-                        reason: reason(&e),
+                        reason: e.to_string(),
                     })?;
             }
         }
         let matcher = builder.build().map_err(|e| FilterError::Pattern {
             pattern: patterns.join(" "),
-            reason: reason(&e),
+            reason: e.to_string(),
         })?;
         Ok(Self {
             matcher: Some(matcher),

@@ -169,20 +169,7 @@ impl Client {
             &|n| progress.inc(n),
         )
         .await
-        .map_err(|e| match e {
-            TransferError::Write(source) => FileError::Local {
-                path: STDOUT.into(),
-                source,
-            },
-            TransferError::Network(ref io) if is_source_reset(io) => FileError::Protocol(
-                "the server could not read the file to the end (it may have changed); try again"
-                    .into(),
-            ),
-            other => FileError::Transfer {
-                path: STDOUT.into(),
-                source: other,
-            },
-        });
+        .map_err(|e| download_error(e, Path::new(STDOUT)));
         let checked = match received {
             Ok(digest) => match reply::<Trailer>(&mut recv, exchange::STALL_TIMEOUT).await {
                 Ok(trailer) if trailer.digest == digest => Ok(digest),
@@ -413,16 +400,7 @@ pub(super) async fn receive_get(
         std::future::pending(),
     )
     .await;
-    let digest = received.map_err(|e| match e {
-        TransferError::Write(io) => FileError::local(dest)(io),
-        TransferError::Network(ref io) if is_source_reset(io) => FileError::Protocol(
-            "the server could not read the file to the end (it may have changed); try again".into(),
-        ),
-        other => FileError::Transfer {
-            path: dest.to_owned(),
-            source: other,
-        },
-    })?;
+    let digest = received.map_err(|e| download_error(e, dest))?;
     let trailer: Trailer = reply(recv, exchange::STALL_TIMEOUT).await?;
     if trailer.digest != digest {
         // Never resume from bytes known to be bad.
@@ -438,6 +416,20 @@ pub(super) async fn receive_get(
             CommitError::Io { source, .. } => FileError::local(&d)(source),
         })?;
     Ok(digest)
+}
+
+/// A download to `dest` that failed while its bytes arrived, for the user.
+fn download_error(e: TransferError, dest: &Path) -> FileError {
+    match e {
+        TransferError::Write(io) => FileError::local(dest)(io),
+        TransferError::Network(ref io) if is_source_reset(io) => FileError::Protocol(
+            "the server could not read the file to the end (it may have changed); try again".into(),
+        ),
+        other => FileError::Transfer {
+            path: dest.to_owned(),
+            source: other,
+        },
+    }
 }
 
 pub(super) fn is_source_reset(e: &std::io::Error) -> bool {

@@ -348,14 +348,11 @@ impl Client {
 
     /// Creates the remote directory `path` (and parents) and applies `meta`.
     pub async fn mkdir(&self, path: &str, meta: Option<DirMeta>) -> Result<(), FileError> {
-        let (mut send, mut recv) = self.open().await?;
         let request = Request::Mkdir(MkdirRequest {
             path: path.to_owned(),
             meta,
         });
-        write_frame(&mut send, &request).await?;
-        let _ = send.finish();
-        match reply::<Response>(&mut recv, self.reply_timeout).await? {
+        match self.ask(&request, self.reply_timeout).await? {
             Response::MkdirDone => Ok(()),
             Response::Refused(e) => Err(e.into()),
             other => Err(unexpected(&other)),
@@ -369,7 +366,7 @@ impl Client {
             path: path.to_owned(),
             recursive,
         });
-        match self.ask(&request).await? {
+        match self.ask(&request, 5 * self.reply_timeout).await? {
             Response::Removed => Ok(()),
             Response::Refused(e) => Err(e.into()),
             other => Err(unexpected(&other)),
@@ -382,21 +379,21 @@ impl Client {
             from: from.to_owned(),
             to: to.to_owned(),
         });
-        match self.ask(&request).await? {
+        match self.ask(&request, 5 * self.reply_timeout).await? {
             Response::Renamed => Ok(()),
             Response::Refused(e) => Err(e.into()),
             other => Err(unexpected(&other)),
         }
     }
 
-    /// Sends a request that carries no data and reads the one answer.
-    async fn ask(&self, request: &Request) -> Result<Response, FileError> {
+    /// Sends a request that carries no data and reads the one answer,
+    /// waiting `within` for it (a recursive remove or a directory rename
+    /// in an object store takes a request per object: callers allow more).
+    async fn ask(&self, request: &Request, within: Duration) -> Result<Response, FileError> {
         let (mut send, mut recv) = self.open().await?;
         write_frame(&mut send, request).await?;
         let _ = send.finish();
-        // A recursive remove or a directory rename in an object store
-        // takes a request per object: allow for a large tree.
-        Ok(reply::<Response>(&mut recv, 5 * self.reply_timeout).await?)
+        Ok(reply::<Response>(&mut recv, within).await?)
     }
 
     async fn list_with(&self, path: &str, recursive: bool) -> Result<Vec<Entry>, FileError> {

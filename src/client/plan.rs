@@ -6,7 +6,7 @@
 //! holds the name and --force was not given, the refusals the real run
 //! would report with exit code 1.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeSet, HashMap};
 
 use serde::Serialize;
 
@@ -46,13 +46,12 @@ async fn remote_entries(
     client: &Client,
     jobs: &[Job],
 ) -> Result<HashMap<String, Entry>, FileError> {
-    let mut dirs: BTreeMap<&str, ()> = BTreeMap::new();
-    for job in jobs {
-        let parent = job.remote.rsplit_once('/').map_or("", |(p, _)| p);
-        dirs.insert(parent, ());
-    }
+    let dirs: BTreeSet<&str> = jobs
+        .iter()
+        .map(|job| job.remote.rsplit_once('/').map_or("", |(p, _)| p))
+        .collect();
     let mut out = HashMap::new();
-    for dir in dirs.keys() {
+    for dir in &dirs {
         let entries = match client.list(dir).await {
             Ok(e) => e,
             // Nothing there yet (or a file where the directory would be:

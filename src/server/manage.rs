@@ -8,18 +8,7 @@ use crate::protocol::{
 };
 
 use super::stream::ReplyStream;
-use super::{protocol_error, ServeConfig};
-
-/// Refuses a change to the root of a read-only server.
-fn writable(config: &ServeConfig, what: impl FnOnce() -> String) -> Result<(), RemoteError> {
-    if config.read_only {
-        return Err(RemoteError::new(
-            ErrorCode::ReadOnly,
-            format!("{}: this server is read-only", what()),
-        ));
-    }
-    Ok(())
-}
+use super::{protocol_error, writable, ServeConfig};
 
 /// Removes a file or a directory beneath the root.
 pub(super) async fn serve_remove(

@@ -3,10 +3,10 @@
 use tracing::info;
 
 use crate::paths::RemotePath;
-use crate::protocol::{write_frame, ErrorCode, MkdirRequest, RemoteError, Response};
+use crate::protocol::{write_frame, MkdirRequest, RemoteError, Response};
 
 use super::stream::ReplyStream;
-use super::{protocol_error, ServeConfig};
+use super::{protocol_error, writable, ServeConfig};
 
 /// Creates a directory beneath the root and applies its metadata.
 pub(super) async fn serve_mkdir(
@@ -15,12 +15,7 @@ pub(super) async fn serve_mkdir(
     send: &mut impl ReplyStream,
 ) -> Result<(), RemoteError> {
     let path = RemotePath::parse(&req.path, false)?;
-    if config.read_only {
-        return Err(RemoteError::new(
-            ErrorCode::ReadOnly,
-            format!("'{path}' was not created: this server is read-only"),
-        ));
-    }
+    writable(config, || format!("'{path}' was not created"))?;
     config.store.mkdir(&path, req.meta).await?;
     write_frame(send, &Response::MkdirDone)
         .await

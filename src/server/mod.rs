@@ -535,6 +535,18 @@ fn check_put_allowed(req: &PutRequest, config: &ServeConfig) -> Result<(), Remot
     }
 }
 
+/// Refuses a change to the root of a read-only server: `what` says what
+/// did not happen ("'a' was not created").
+fn writable(config: &ServeConfig, what: impl FnOnce() -> String) -> Result<(), RemoteError> {
+    if config.read_only {
+        return Err(RemoteError::new(
+            ErrorCode::ReadOnly,
+            format!("{}: this server is read-only", what()),
+        ));
+    }
+    Ok(())
+}
+
 /// Sends a refusal as the response header and stops the client's data.
 async fn refuse(send: &mut impl ReplyStream, recv: &mut impl RequestStream, err: RemoteError) {
     let _ = write_frame(send, &Response::Refused(err)).await;

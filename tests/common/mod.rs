@@ -504,9 +504,7 @@ impl TestServer {
 
     /// The bucket and prefix of an object root, if this is one.
     fn object_root(&self) -> Option<(String, String)> {
-        let rest = self.root.to_str()?.strip_prefix("s3://")?;
-        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
-        Some((bucket.to_owned(), prefix.to_owned()))
+        object_parts(&self.root)
     }
 
     /// The bytes stored under the remote name `name`, read from the root
@@ -727,8 +725,22 @@ impl TestServer {
 
 /// The bucket prefix of an `s3://BUCKET/PREFIX` root, if `root` is one.
 fn object_prefix(root: &Path) -> Option<String> {
+    object_parts(root).map(|(_, prefix)| prefix)
+}
+
+/// The bucket and prefix of an `s3://BUCKET/PREFIX` root, if `root` is one.
+fn object_parts(root: &Path) -> Option<(String, String)> {
     let rest = root.to_str()?.strip_prefix("s3://")?;
-    Some(rest.split_once('/').map_or("", |(_, p)| p).to_owned())
+    let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+    Some((bucket.to_owned(), prefix.to_owned()))
+}
+
+/// Runs a finished command line off the async threads (a server under
+/// test may live on them) and returns what it printed and how it exited.
+pub async fn output(mut cmd: Command) -> std::process::Output {
+    tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap()
 }
 
 /// Puts `data` under `name` in `root` (a directory or an s3:// root) from

@@ -7,36 +7,15 @@
 //! reports that the new name exists. A single CopyObject takes at most
 //! 5 GiB on AWS S3; a larger file there cannot be renamed this way.
 
-use futures::TryStreamExt;
 use object_store::path::Path as Key;
-use object_store::{ObjectStore, ObjectStoreExt};
+use object_store::ObjectStoreExt;
 
 use crate::paths::RemotePath;
 use crate::protocol::{ErrorCode, RemoteError};
 use crate::store::{not_empty, rename_target_exists};
 
 use super::read::sums_key;
-use super::{is_not_found, not_a_directory, store_error, Inner, DIR_MARKER, SUMS_DIR};
-
-/// Every key beneath `prefix` (whole path segments: `a/b` lists `a/b/...`).
-async fn keys_under(inner: &Inner, prefix: &Key) -> object_store::Result<Vec<Key>> {
-    let _slot = inner.slot().await;
-    inner
-        .s3
-        .list(Some(prefix))
-        .map_ok(|o| o.location)
-        .try_collect()
-        .await
-}
-
-/// Deletes `key`; one already gone is no error.
-async fn delete(inner: &Inner, key: &Key) -> object_store::Result<()> {
-    let _slot = inner.slot().await;
-    match inner.s3.delete(key).await {
-        Err(e) if !is_not_found(&e) => Err(e),
-        _ => Ok(()),
-    }
-}
+use super::{not_a_directory, store_error, Inner, DIR_MARKER, SUMS_DIR};
 
 /// The sums kept for the files beneath the directory `path`.
 fn sums_dir(inner: &Inner, path: &RemotePath) -> Key {
@@ -62,15 +41,16 @@ pub(super) async fn remove(
     let failed = |e| store_error(e, path, "cannot remove");
     let key = inner.key(path);
     if inner.head(&key).await.map_err(failed)?.is_some() {
-        delete(inner, &key).await.map_err(failed)?;
+        inner.delete_if_there(&key).await.map_err(failed)?;
         // Without its object the sums describe nothing (and a later object
         // of this name has another ETag, so they would never be used).
-        delete(inner, &sums_key(inner, path))
+        inner
+            .delete_if_there(&sums_key(inner, path))
             .await
             .map_err(failed)?;
         return Ok(());
     }
-    let keys = keys_under(inner, &key).await.map_err(failed)?;
+    let keys = inner.keys_under(&key).await.map_err(failed)?;
     if keys.is_empty() {
         return Err(not_found(path, "cannot remove"));
     }
@@ -83,15 +63,16 @@ pub(super) async fn remove(
     // The marker last: until then the directory still lists, even if
     // some deletes fail and the user has to run the remove again.
     for k in keys.iter().filter(|k| **k != marker) {
-        delete(inner, k).await.map_err(failed)?;
+        inner.delete_if_there(k).await.map_err(failed)?;
     }
-    for k in keys_under(inner, &sums_dir(inner, path))
+    for k in inner
+        .keys_under(&sums_dir(inner, path))
         .await
         .map_err(failed)?
     {
-        delete(inner, &k).await.map_err(failed)?;
+        inner.delete_if_there(&k).await.map_err(failed)?;
     }
-    delete(inner, &marker).await.map_err(failed)?;
+    inner.delete_if_there(&marker).await.map_err(failed)?;
     Ok(())
 }
 
@@ -145,7 +126,7 @@ pub(super) async fn rename(
     let moves: Vec<(Key, Key)> = if inner.head(&from_key).await.map_err(failed)?.is_some() {
         vec![(from_key.clone(), to_key.clone())]
     } else {
-        let keys = keys_under(inner, &from_key).await.map_err(failed)?;
+        let keys = inner.keys_under(&from_key).await.map_err(failed)?;
         if keys.is_empty() {
             return Err(not_found(from, "cannot rename"));
         }
@@ -170,7 +151,7 @@ pub(super) async fn rename(
     }
     turn.succeeded();
     for (old, _) in &moves {
-        delete(inner, old).await.map_err(|e| {
+        inner.delete_if_there(old).await.map_err(|e| {
             let e = store_error(e, from, "cannot remove the old name after renaming");
             RemoteError::new(
                 e.code,
@@ -183,14 +164,16 @@ pub(super) async fn rename(
     }
     // The sums describe objects by ETag, which a copy may change: drop
     // them (gets of these files hash as they send instead).
-    delete(inner, &sums_key(inner, from))
+    inner
+        .delete_if_there(&sums_key(inner, from))
         .await
         .map_err(failed)?;
-    for k in keys_under(inner, &sums_dir(inner, from))
+    for k in inner
+        .keys_under(&sums_dir(inner, from))
         .await
         .map_err(failed)?
     {
-        delete(inner, &k).await.map_err(failed)?;
+        inner.delete_if_there(&k).await.map_err(failed)?;
     }
     inner.forget_no_file(&to_key);
     Ok(())

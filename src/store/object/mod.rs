@@ -390,6 +390,25 @@ impl Inner {
         seen.insert(key.as_ref().to_owned(), std::time::Instant::now());
     }
 
+    /// Every key beneath `prefix` (whole path segments: `a/b` lists `a/b/...`).
+    async fn keys_under(&self, prefix: &Key) -> object_store::Result<Vec<Key>> {
+        let _slot = self.slot().await;
+        self.s3
+            .list(Some(prefix))
+            .map_ok(|o| o.location)
+            .try_collect()
+            .await
+    }
+
+    /// Deletes `key`; one already gone is no error.
+    async fn delete_if_there(&self, key: &Key) -> object_store::Result<()> {
+        let _slot = self.slot().await;
+        match self.s3.delete(key).await {
+            Err(e) if !is_not_found(&e) => Err(e),
+            _ => Ok(()),
+        }
+    }
+
     /// Forgets that `key` held no object (it has become a file).
     fn forget_no_file(&self, key: &Key) {
         let mut seen = self.no_file.lock().unwrap_or_else(|e| e.into_inner());

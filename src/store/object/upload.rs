@@ -797,21 +797,8 @@ async fn read_record(
 /// Deletes everything in an upload's record.
 async fn clear_record(inner: &Inner, record: &[String]) -> object_store::Result<()> {
     let dir = inner.key_of(&record.iter().map(String::as_str).collect::<Vec<_>>());
-    let slot = inner.slot().await;
-    let keys: Vec<Key> = inner
-        .s3
-        .list(Some(&dir))
-        .map_ok(|o| o.location)
-        .try_collect()
-        .await?;
-    drop(slot);
-    for key in keys {
-        let _slot = inner.slot().await;
-        match inner.s3.delete(&key).await {
-            Ok(()) => {}
-            Err(e) if is_not_found(&e) => {}
-            Err(e) => return Err(e),
-        }
+    for key in inner.keys_under(&dir).await? {
+        inner.delete_if_there(&key).await?;
     }
     Ok(())
 }
