@@ -521,8 +521,13 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Serve(args) => serve(args).await,
         Command::Put(args) => {
+            let hint = if reads_stdin(&args) {
+                "interrupted; nothing was saved on the server (a piped upload cannot resume: run the pipeline again)"
+            } else {
+                RESUME_HINT
+            };
             let command = put(args, cli.quiet, cli.verbose > 0, &progress);
-            interruptible(command, &progress, RESUME_HINT).await
+            interruptible(command, &progress, hint).await
         }
         Command::Get(args) => {
             let hint = if args.output.as_deref() == Some(Path::new("-")) {
@@ -957,6 +962,13 @@ async fn connect(
 }
 
 async fn put(args: PutArgs, quiet: bool, verbose: bool, progress: &Progress) -> Result<ExitCode> {
+    if reads_stdin(&args) {
+        return put_from_stdin(args, quiet, progress).await;
+    }
+    if args.files.iter().any(|f| f.as_os_str() == "-") {
+        eprintln!("qxfer: error: - (standard input) comes first and alone: qxfer put - NAME; a local file named '-' is ./-");
+        return Ok(ExitCode::from(exit::USAGE));
+    }
     let filter = Filter::new(&args.transfer.exclude, &args.transfer.exclude_from)?;
     let mut tree = Tree::default();
     let mut bad = Vec::new();
@@ -1033,6 +1045,93 @@ async fn put(args: PutArgs, quiet: bool, verbose: bool, progress: &Progress) -> 
     }
     client.close().await;
     finish_batch("put", report, bad, args.json, quiet, progress)
+}
+
+/// Whether a put uploads standard input (`qxfer put - NAME`).
+fn reads_stdin(args: &PutArgs) -> bool {
+    args.files.first().is_some_and(|f| f.as_os_str() == "-")
+}
+
+/// `qxfer put - NAME`: standard input, until it ends, under NAME (placed
+/// in --to DIR if given). Its length is unknown until the end, so there
+/// is no resume: an interrupted or failed run leaves nothing on the
+/// server, and the pipeline must run again.
+async fn put_from_stdin(args: PutArgs, quiet: bool, progress: &Progress) -> Result<ExitCode> {
+    let usage = |why: &str| -> Result<ExitCode> {
+        eprintln!("qxfer: error: put - {why}");
+        Ok(ExitCode::from(exit::USAGE))
+    };
+    let name = match args.files.as_slice() {
+        [_, name] => name,
+        [_] => return usage("needs the name to store standard input under: qxfer put - NAME"),
+        _ => return usage("uploads standard input under one name: qxfer put - NAME (a local file named '-' is ./-)"),
+    };
+    let Some(name) = name.to_str().filter(|n| !n.is_empty()) else {
+        return usage("NAME must be UTF-8");
+    };
+    let t = &args.transfer;
+    if args.recursive || t.delete || !t.exclude.is_empty() || !t.exclude_from.is_empty() {
+        return usage("uploads one stream: -r, --delete and --exclude apply to directories");
+    }
+    let remote = join_remote(args.to.as_deref(), name);
+    let label = format!("- (standard input) as {remote}");
+    let client = connect(&args.client, Some(&args.transfer), quiet, progress).await?;
+    if t.dry_run {
+        // As a put of a file of unknown size and mtime: nothing reads
+        // standard input, so "skip" never applies.
+        let job = Job {
+            label,
+            local: PathBuf::new(),
+            remote,
+            size_hint: None,
+        };
+        let plan = dry_run(&client, Direction::Put, &[job], args.force).await;
+        client.close().await;
+        return finish_dry_run("put", plan?, &[], &[], Vec::new(), args.json, quiet);
+    }
+    let stdin = std::io::stdin();
+    if stdin.is_terminal() && !quiet {
+        progress.suspend(|| eprintln!("qxfer: reading standard input (a terminal) until Ctrl-D"));
+    }
+    let bar = progress.pipe_bar(&label);
+    let started = std::time::Instant::now();
+    let result = client.put_stream(stdin, &remote, args.force, &bar).await;
+    bar.finish();
+    if let Some(refused) = client.refusal() {
+        progress.finish();
+        return Err(refused.into());
+    }
+    client.close().await;
+    let mut report = BatchReport {
+        done: Vec::new(),
+        failed: Vec::new(),
+        retry: Vec::new(),
+        elapsed: started.elapsed(),
+    };
+    let (errors, lost) = match result {
+        Ok(mut r) => {
+            r.seconds = report.elapsed.as_secs_f64();
+            report.done.push(r);
+            (Vec::new(), false)
+        }
+        Err(e) => {
+            let msg = e.to_string();
+            let named = if msg.contains(&remote) || msg.contains("standard input") {
+                msg
+            } else {
+                format!("{label}: {msg}")
+            };
+            let error = format!("{named}; nothing was saved on the server (a piped upload cannot resume: run the pipeline again)");
+            (vec![error], e.is_transient())
+        }
+    };
+    let code = finish_batch("put", report, errors, args.json, quiet, progress)?;
+    // As for any transfer: a lost connection is exit code 3.
+    Ok(if lost {
+        ExitCode::from(exit::CONNECTION)
+    } else {
+        code
+    })
 }
 
 /// The last component of a local path as UTF-8 (`.` and `..` resolved, so

@@ -20,6 +20,9 @@ const TICK: Duration = Duration::from_millis(200);
 
 const FILE_TEMPLATE: &str =
     "{wide_msg} {bytes:>10}/{total_bytes:<10} {binary_bytes_per_sec:>12} {eta:>4} [{bar:25.cyan/blue}]";
+/// Data of unknown length (`put -`): what moved and how fast, no end in sight.
+const PIPE_TEMPLATE: &str =
+    "{wide_msg} {bytes:>10} {binary_bytes_per_sec:>12} {elapsed:>4} {spinner:.cyan}";
 const TOTAL_TEMPLATE: &str =
     "{prefix:.bold} {wide_msg} {bytes:>10}/{total_bytes:<10} {binary_bytes_per_sec:>12} {eta:>4} [{bar:25.green/white}]";
 
@@ -73,6 +76,21 @@ impl Progress {
         FileBar {
             bar,
             total: self.total.clone(),
+        }
+    }
+
+    /// The one bar of an upload from a pipe, whose length nobody knows
+    /// until it ends: bytes so far and the rate, and no total bar (it would
+    /// only repeat them).
+    pub(crate) fn pipe_bar(&self, name: &str) -> FileBar {
+        self.total.finish_and_clear();
+        let bar = self.multi.add(ProgressBar::no_length());
+        bar.set_style(ProgressStyle::with_template(PIPE_TEMPLATE).expect("valid template"));
+        bar.set_message(name.to_owned());
+        bar.enable_steady_tick(TICK);
+        FileBar {
+            bar,
+            total: ProgressBar::hidden(),
         }
     }
 

@@ -159,6 +159,7 @@ impl Client {
                 offer.offset
             )));
         }
+        check_framing(&offer)?;
         progress.set_length(offer.meta.size);
         let received = exchange::receive_to_writer(
             &mut recv,
@@ -374,6 +375,17 @@ async fn send_receipt(
     }
 }
 
+/// A download's data always has the size its offer announces: the
+/// framing of data of unknown length is for uploads from a pipe only.
+fn check_framing(offer: &GetOffer) -> Result<(), FileError> {
+    if offer.encoding.is_sized() {
+        return Ok(());
+    }
+    Err(FileError::Protocol(
+        "the server framed a download as data of unknown length, which only uploads use".into(),
+    ))
+}
+
 /// Receives the rest of a download into `incoming`, checks it against the
 /// server's trailer and commits it under `dest`: the file's BLAKE3.
 #[allow(clippy::too_many_arguments)]
@@ -388,6 +400,7 @@ pub(super) async fn receive_get(
     progress: &Advance<'_>,
 ) -> Result<Digest, FileError> {
     let meta = &offer.meta;
+    check_framing(offer)?;
     let file = incoming.file().map_err(FileError::local(dest))?;
     let received = exchange::receive_file(
         recv,
@@ -400,7 +413,7 @@ pub(super) async fn receive_get(
         std::future::pending(),
     )
     .await;
-    let digest = received.map_err(|e| download_error(e, dest))?;
+    let digest = received.map_err(|e| download_error(e, dest))?.digest;
     let trailer: Trailer = reply(recv, exchange::STALL_TIMEOUT).await?;
     if trailer.digest != digest {
         // Never resume from bytes known to be bad.

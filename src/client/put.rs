@@ -9,7 +9,7 @@ use super::batch::WatchFile;
 use crate::exchange::{self, blocking, file_meta, Framing, Start, TransferError};
 use crate::protocol::stream::{RESET_SOURCE_FAILED, STOP_REFUSED};
 use crate::protocol::{
-    write_frame, Continue, Digest, ErrorCode, FileMeta, FrameError, PutRequest, Receipt,
+    write_frame, Continue, Digest, Encoding, ErrorCode, FileMeta, FrameError, PutRequest, Receipt,
     RemoteError, Request, Response, Trailer, RESUME_MIN,
 };
 
@@ -225,6 +225,105 @@ impl Client {
         }
     }
 }
+
+impl Client {
+    /// Uploads everything `input` gives until it ends (standard input, for
+    /// `qxfer put - NAME`) to the remote path `remote`. Its length is known
+    /// only at its end, so nothing can be resumed: an upload that fails
+    /// leaves nothing on the server, and the data that was read is gone
+    /// from the pipe. Nothing is read before the server accepts the name,
+    /// so a refusal (the name exists, the server is read-only) consumes
+    /// none of the input. The file gets the server's default mode and the
+    /// time of the upload as its mtime.
+    pub async fn put_stream<R>(
+        &self,
+        input: R,
+        remote: &str,
+        force: bool,
+        progress: &dyn WatchFile,
+    ) -> Result<TransferReport, FileError>
+    where
+        R: std::io::Read + Send + 'static,
+    {
+        let label = Path::new(STDIN);
+        let (mut send, mut recv) = self.open().await?;
+        let mut framing = Framing::for_sending(self.compression, Some(&self.conn));
+        framing.encoding = Encoding::Stream;
+        let request = Request::Put(PutRequest {
+            path: remote.to_owned(),
+            meta: FileMeta {
+                size: 0,
+                mtime: None,
+                mode: None,
+            },
+            force,
+            resume: false,
+            encoding: Encoding::Stream,
+        });
+        write_frame(&mut send, &request).await?;
+        match reply::<Response>(&mut recv, self.reply_timeout).await? {
+            Response::PutAccepted(_) => {}
+            Response::Refused(e) => return Err(e.into()),
+            other => return Err(unexpected(&other)),
+        }
+        let sent = exchange::send_pipe(input, framing, self.pace.clone(), &mut send, &|n| {
+            progress.inc(n)
+        })
+        .await;
+        let (size, ours) = match sent {
+            Ok(done) => done,
+            Err(TransferError::Read(e)) => {
+                // Tell the server to drop what it has.
+                let _ = send.reset(VarInt::from_u32(RESET_SOURCE_FAILED));
+                let _ = recv.stop(VarInt::from_u32(STOP_REFUSED));
+                return Err(FileError::Local {
+                    path: label.to_owned(),
+                    source: e,
+                });
+            }
+            Err(source) => {
+                // The server usually says why it stopped taking the data
+                // (too large, a full disk).
+                return Err(
+                    match reply::<Receipt>(&mut recv, self.reply_timeout).await {
+                        Ok(Receipt::Failed(e)) => e.into(),
+                        _ => FileError::Transfer {
+                            path: label.to_owned(),
+                            source,
+                        },
+                    },
+                );
+            }
+        };
+        write_frame(&mut send, &Trailer { digest: ours }).await?;
+        let _ = send.finish();
+        match reply::<Receipt>(&mut recv, self.receipt_within(size)).await? {
+            Receipt::Failed(e) => Err(e.into()),
+            Receipt::Committed {
+                size: theirs,
+                digest,
+            } => {
+                if digest != ours || theirs != size {
+                    return Err(FileError::Corrupt(label.to_owned()));
+                }
+                Ok(TransferReport {
+                    name: "-".to_owned(),
+                    dest: remote.to_owned(),
+                    bytes: size,
+                    blake3: digest,
+                    resumed_from: 0,
+                    bytes_sent: size,
+                    notes: Vec::new(),
+                    already_there: false,
+                    seconds: 0.0,
+                })
+            }
+        }
+    }
+}
+
+/// How errors name the input of `put -`.
+const STDIN: &str = "standard input";
 
 /// Opens a local file to send and reads its metadata.
 ///

@@ -533,7 +533,7 @@ pub(crate) fn rename_noreplace(
 }
 
 /// A random number for temporary names (from the OS, via ring).
-pub(super) fn random_u64() -> u64 {
+pub(crate) fn random_u64() -> u64 {
     use ring::rand::SecureRandom;
     let mut b = [0u8; 8];
     ring::rand::SystemRandom::new()

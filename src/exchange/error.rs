@@ -43,6 +43,25 @@ pub enum TransferError {
     /// No byte moved for [`STALL_TIMEOUT`]: the peer stopped reading or sending.
     #[error("no data moved for {} s: the other side stopped answering; rerun the command to resume", STALL_TIMEOUT.as_secs())]
     Stalled,
+    /// Data of unknown length (a pipe) ended without its end mark: the
+    /// sender was interrupted, so what arrived may be only a part.
+    #[error(
+        "the piped data broke off after {got} bytes, before its end (the sender was interrupted)"
+    )]
+    StreamCut {
+        /// Bytes received.
+        got: u64,
+    },
+    /// Data of unknown length went past the most the receiver takes.
+    #[error("the piped data went past {limit} bytes, the most taken in one piped upload")]
+    TooLong {
+        /// The most accepted.
+        limit: u64,
+    },
+    /// The sender of data of unknown length said for too long that its
+    /// input was silent.
+    #[error("the sender's input gave nothing for {} minutes", super::STREAM_PAUSE_MAX.as_secs() / 60)]
+    PausedTooLong,
 }
 
 /// How long a transfer may go without moving a byte before it fails. QUIC

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncReadExt};
 
-use crate::protocol::{BlockHeader, Digest, Encoding};
+use crate::protocol::{BlockHeader, Digest, Encoding, StreamMark};
 
 use super::*;
 
@@ -135,10 +135,25 @@ where
     (filled, None)
 }
 
-/// Reads the next piece of a file's data at byte `got` of `size`: a chunk
-/// of raw bytes, or one block. A raw chunk cut short comes back with what
-/// arrived and why it ended; a block cut short is an error (its bytes are of
-/// no use without the rest).
+/// What the next read of a file's data found.
+enum Next {
+    /// A piece carrying this many of the file's bytes; if the stream ended
+    /// or failed within it, why.
+    Piece(Piece, usize, Option<Shortfall>),
+    /// The end mark of [`Encoding::Stream`].
+    End,
+}
+
+/// How long the sender of an [`Encoding::Stream`] may go on pausing
+/// (its input silent) before the receiver gives up: a producer that wrote
+/// nothing for an hour is taken for one that hangs.
+pub(crate) const STREAM_PAUSE_MAX: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Reads the next piece of a file's data at byte `got`: a chunk of raw
+/// bytes, or one block. `size` is the file's size, or with
+/// [`Encoding::Stream`] the most it may hold. A raw chunk cut short comes
+/// back with what arrived and why it ended; a block cut short is an error
+/// (its bytes are of no use without the rest).
 async fn read_piece<R, F>(
     input: &mut R,
     size: u64,
@@ -146,44 +161,72 @@ async fn read_piece<R, F>(
     encoding: Encoding,
     pace: Option<&Pacer>,
     stop: &mut std::pin::Pin<&mut F>,
-) -> Result<(Piece, usize, Option<Shortfall>), TransferError>
+) -> Result<Next, TransferError>
 where
     R: AsyncRead + Unpin + ?Sized,
     F: std::future::Future<Output = ()>,
 {
     let short = |why: Shortfall| why.into_error(got, size);
-    match encoding {
+    let malformed = |e: crate::protocol::FrameError| TransferError::Malformed(e.to_string());
+    let header = match encoding {
         Encoding::Raw => {
             let mut buf = vec![0u8; (size - got).min(CHUNK as u64) as usize];
             let (n, ended) = fill(input, &mut buf, pace, stop).await;
             buf.truncate(n);
-            Ok((Piece::Raw(buf), n, ended))
+            return Ok(Next::Piece(Piece::Raw(buf), n, ended));
         }
         Encoding::Blocks => {
             let mut head = [0u8; BlockHeader::LEN];
             if let (_, Some(why)) = fill(input, &mut head, pace, stop).await {
                 return Err(short(why));
             }
-            let header =
-                BlockHeader::decode(&head).map_err(|e| TransferError::Malformed(e.to_string()))?;
-            let raw_len = header.raw_len as usize;
-            if got + raw_len as u64 > size {
+            let header = BlockHeader::decode(&head).map_err(malformed)?;
+            if got + u64::from(header.raw_len) > size {
                 return Err(TransferError::Malformed(format!(
                     "more data than the {size} bytes announced"
                 )));
             }
-            let mut payload = vec![0u8; header.wire_len as usize];
-            if let (_, Some(why)) = fill(input, &mut payload, pace, stop).await {
-                return Err(short(why));
-            }
-            let piece = if header.compressed {
-                Piece::Zstd { payload, raw_len }
-            } else {
-                Piece::Raw(payload)
-            };
-            Ok((piece, raw_len, None))
+            header
         }
+        Encoding::Stream => {
+            let paused = std::time::Instant::now();
+            let header = loop {
+                let mut head = [0u8; BlockHeader::LEN];
+                if let (_, Some(why)) = fill(input, &mut head, pace, stop).await {
+                    return Err(match why {
+                        Shortfall::Eof => TransferError::StreamCut { got },
+                        other => other.into_error(got, size),
+                    });
+                }
+                match BlockHeader::decode_stream(&head).map_err(malformed)? {
+                    StreamMark::Block(header) => break header,
+                    StreamMark::End => return Ok(Next::End),
+                    StreamMark::Pause if paused.elapsed() > STREAM_PAUSE_MAX => {
+                        return Err(TransferError::PausedTooLong);
+                    }
+                    StreamMark::Pause => {}
+                }
+            };
+            if got + u64::from(header.raw_len) > size {
+                return Err(TransferError::TooLong { limit: size });
+            }
+            header
+        }
+    };
+    let raw_len = header.raw_len as usize;
+    let mut payload = vec![0u8; header.wire_len as usize];
+    if let (_, Some(why)) = fill(input, &mut payload, pace, stop).await {
+        return Err(match (why, encoding) {
+            (Shortfall::Eof, Encoding::Stream) => TransferError::StreamCut { got },
+            (why, _) => short(why),
+        });
     }
+    let piece = if header.compressed {
+        Piece::Zstd { payload, raw_len }
+    } else {
+        Piece::Raw(payload)
+    };
+    Ok(Next::Piece(piece, raw_len, None))
 }
 
 /// A small file's data, read whole from the stream before any disk work,
@@ -194,7 +237,7 @@ pub(crate) struct Buffered {
 }
 
 impl Buffered {
-    /// Reads all `size` bytes of a file framed as `encoding`.
+    /// Reads all `size` bytes of a file framed as `encoding` (of a known size).
     pub(crate) async fn read<R>(
         input: &mut R,
         size: u64,
@@ -208,8 +251,13 @@ impl Buffered {
         let mut pieces = Vec::new();
         let mut got = 0;
         while got < size {
-            let (piece, raw, ended) =
-                read_piece(input, size, got, encoding, None, &mut stop).await?;
+            let Next::Piece(piece, raw, ended) =
+                read_piece(input, size, got, encoding, None, &mut stop).await?
+            else {
+                return Err(TransferError::Malformed(
+                    "the end of a stream in data of a known size".into(),
+                ));
+            };
             got += raw as u64;
             if ended.is_some() {
                 return Err(TransferError::Truncated {
@@ -238,9 +286,19 @@ impl Buffered {
     }
 }
 
+/// What arrived of a file: its size and BLAKE3.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Received {
+    /// Bytes of the whole file (including any resumed prefix).
+    pub size: u64,
+    /// BLAKE3 of the whole file.
+    pub digest: Digest,
+}
+
 /// Receives the bytes from `start.offset` up to `size` from `input` into
-/// `file` (positioned at the offset), framed as `encoding` says, and returns
-/// the BLAKE3 digest of the whole file. The data is not synced:
+/// `file` (positioned at the offset), framed as `encoding` says (with
+/// [`Encoding::Stream`], up to its end, `size` being the most it may
+/// hold), and returns the whole file's size and BLAKE3. The data is not synced:
 /// [`IncomingFile::commit`] syncs it with its metadata in one go. If `stop`
 /// completes first, the bytes already received are written and synced, and
 /// the result is [`TransferError::Stopped`]: the partial file is consistent
@@ -255,7 +313,7 @@ pub(crate) async fn receive_file<R>(
     pace: Option<Arc<Pacer>>,
     progress: &Advance<'_>,
     stop: impl std::future::Future<Output = ()>,
-) -> Result<Digest, TransferError>
+) -> Result<Received, TransferError>
 where
     R: AsyncRead + Unpin + ?Sized,
 {
@@ -276,13 +334,18 @@ where
         stop,
     )
     .await;
-    if let Err(e) = result {
-        // Keep what arrived consistent on disk: a resume continues after it.
-        let file = sink.file;
-        let _ = blocking(move || file.sync_data()).await;
-        return Err(e);
+    match result {
+        Ok(size) => Ok(Received {
+            size,
+            digest: *sink.hasher.finalize().as_bytes(),
+        }),
+        Err(e) => {
+            // Keep what arrived consistent on disk: a resume continues after it.
+            let file = sink.file;
+            let _ = blocking(move || file.sync_data()).await;
+            Err(e)
+        }
     }
-    Ok(*sink.hasher.finalize().as_bytes())
 }
 
 /// The writing end of a transfer into any writer (standard output): the
@@ -347,9 +410,11 @@ where
 }
 
 /// Receives the bytes from `got` up to `size` from `input` into `sink`,
-/// framed as `encoding` says: the next piece is read from the network while
-/// the previous one is written. Returns the sink (whatever happened) and
-/// how it ended. A disk error is the real cause when both sides failed.
+/// framed as `encoding` says (with [`Encoding::Stream`], up to its end
+/// mark, `size` being the most it may hold): the next piece is read from
+/// the network while the previous one is written. Returns the sink
+/// (whatever happened) and how it ended: where the data ended, or why it
+/// failed. A disk error is the real cause when both sides failed.
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn receive_pieces<R, K>(
     input: &mut R,
@@ -360,7 +425,7 @@ pub(crate) async fn receive_pieces<R, K>(
     pace: Option<Arc<Pacer>>,
     progress: &Advance<'_>,
     stop: impl std::future::Future<Output = ()>,
-) -> (K, Result<(), TransferError>)
+) -> (K, Result<u64, TransferError>)
 where
     R: AsyncRead + Unpin + ?Sized,
     K: PieceSink,
@@ -381,13 +446,14 @@ where
         Ok(())
     }
     tokio::pin!(stop);
-    let net: Result<(), TransferError> = loop {
-        if got >= size {
-            break Ok(());
+    let net: Result<u64, TransferError> = loop {
+        if encoding.is_sized() && got >= size {
+            break Ok(got);
         }
         let (piece, raw, ended) =
             match read_piece(input, size, got, encoding, pace.as_deref(), &mut stop).await {
-                Ok(read) => read,
+                Ok(Next::Piece(piece, raw, ended)) => (piece, raw, ended),
+                Ok(Next::End) => break Ok(got),
                 Err(e) => break Err(e),
             };
         progress(raw as u64);

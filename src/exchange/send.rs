@@ -124,7 +124,7 @@ impl Framer {
     fn room(&self) -> usize {
         match self.framing.encoding {
             Encoding::Raw => 0,
-            Encoding::Blocks => BlockHeader::LEN,
+            Encoding::Blocks | Encoding::Stream => BlockHeader::LEN,
         }
     }
 
@@ -434,4 +434,136 @@ where
         return Err(TransferError::ChangedWhileSent("it grew"));
     }
     Ok(hasher.map(|h| *h.finalize().as_bytes()))
+}
+
+/// Bytes asked of a pipe per read: a pipe hands over at most what its
+/// buffer holds (64 KiB on Linux) per read anyway.
+const PIPE_READ: usize = 256 * 1024;
+
+/// Reads of a pipe waiting to be sent: the reader may run this far ahead.
+const PIPE_AHEAD: usize = 8;
+
+/// While its input gives nothing for this long, a sender of
+/// [`Encoding::Stream`] tells the receiver it is still there (well within
+/// the receiver's [`STALL_TIMEOUT`]).
+const PAUSE_EVERY: Duration = Duration::from_secs(15);
+
+/// What the pipe's reader hands over.
+enum FromPipe {
+    Bytes(Vec<u8>),
+    /// The input ended after this many bytes, hashing to this.
+    End(u64, Digest),
+    Failed(std::io::Error),
+}
+
+/// Sends everything `input` gives until it ends (standard input: of a
+/// length nobody knows in advance) to `out` as [`Encoding::Stream`]:
+/// blocks (compressed as `framing` says), a pause mark whenever the
+/// input stays silent for [`PAUSE_EVERY`], and the end mark. Returns the
+/// number of bytes and their BLAKE3.
+///
+/// The input is read on a thread of its own, not in the disk pool: a pipe
+/// may block for as long as its writer likes, and a process that gives up
+/// must not wait for that read to return before it can exit.
+pub(crate) async fn send_pipe<R, W>(
+    input: R,
+    framing: Framing,
+    pace: Option<Arc<Pacer>>,
+    out: &mut W,
+    progress: &Advance<'_>,
+) -> Result<(u64, Digest), TransferError>
+where
+    R: Read + Send + 'static,
+    W: AsyncWrite + Unpin + ?Sized,
+{
+    debug_assert_eq!(framing.encoding, Encoding::Stream);
+    let (tx, mut rx) = tokio::sync::mpsc::channel(PIPE_AHEAD);
+    std::thread::Builder::new()
+        .name("qxfer-stdin".into())
+        .spawn(move || read_pipe(input, tx))
+        .map_err(TransferError::Read)?;
+    let mut framer = Framer::new(framing);
+    let room = framer.room();
+    // A read that did not fit in the block before it.
+    let mut carry: Option<Vec<u8>> = None;
+    loop {
+        let first = match carry.take() {
+            Some(bytes) => FromPipe::Bytes(bytes),
+            None => match tokio::time::timeout(PAUSE_EVERY, rx.recv()).await {
+                Err(_) => {
+                    write_paced(out, &BlockHeader::PAUSE, None).await?;
+                    continue;
+                }
+                Ok(Some(next)) => next,
+                Ok(None) => {
+                    return Err(TransferError::Read(std::io::Error::other(
+                        "the reader of the input stopped",
+                    )))
+                }
+            },
+        };
+        // One block: what the reader has ready now, up to a chunk. A
+        // fast producer fills whole chunks; a slow one's bytes go out as
+        // they come instead of waiting for a chunk to fill.
+        let mut buf = vec![0u8; room];
+        let mut end = None;
+        let mut next = Some(first);
+        while let Some(item) = next.take() {
+            match item {
+                FromPipe::Bytes(bytes) => {
+                    let space = CHUNK - (buf.len() - room);
+                    if bytes.len() > space {
+                        buf.extend_from_slice(&bytes[..space]);
+                        carry = Some(bytes[space..].to_vec());
+                        break;
+                    }
+                    buf.extend_from_slice(&bytes);
+                }
+                FromPipe::End(size, digest) => end = Some((size, digest)),
+                FromPipe::Failed(e) => return Err(TransferError::Read(e)),
+            }
+            if end.is_none() && buf.len() - room < CHUNK {
+                next = rx.try_recv().ok();
+            }
+        }
+        if buf.len() > room {
+            let (f, chunk) = blocking(move || {
+                let chunk = framer.frame(buf);
+                (framer, chunk)
+            })
+            .await;
+            framer = f;
+            write_paced(out, &chunk.bytes, pace.as_deref()).await?;
+            progress(chunk.raw as u64);
+        }
+        if let Some(done) = end {
+            write_paced(out, &BlockHeader::END, None).await?;
+            return Ok(done);
+        }
+    }
+}
+
+/// Reads `input` to its end, hashing as it goes, and hands the bytes over
+/// to `tx`; stops early if nobody listens any more. Blocking.
+fn read_pipe<R: Read>(mut input: R, tx: tokio::sync::mpsc::Sender<FromPipe>) {
+    let mut hasher = blake3::Hasher::new();
+    let mut total = 0u64;
+    loop {
+        let mut buf = vec![0u8; PIPE_READ];
+        let item = match input.read(&mut buf) {
+            Ok(0) => FromPipe::End(total, *hasher.finalize().as_bytes()),
+            Ok(n) => {
+                buf.truncate(n);
+                hasher.update(&buf);
+                total += n as u64;
+                FromPipe::Bytes(buf)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => FromPipe::Failed(e),
+        };
+        let last = !matches!(item, FromPipe::Bytes(_));
+        if tx.blocking_send(item).is_err() || last {
+            return;
+        }
+    }
 }

@@ -70,7 +70,7 @@ async fn pipe(src: &Path, framing: Framing, out: File) -> (usize, Result<Digest,
             std::future::pending()
         )
     );
-    let got = got.map_err(|e| e.to_string());
+    let got = got.map(|r| r.digest).map_err(|e| e.to_string());
     if let Ok(digest) = &got {
         assert_eq!(sent.unwrap(), *digest, "both sides hash the file's bytes");
     }
@@ -152,21 +152,147 @@ async fn blocks_compress_what_shrinks_and_send_the_rest_as_it_is() {
 
 /// Feeds `wire` to a receiver expecting `size` bytes in blocks.
 async fn receive_blocks(wire: &[u8], size: u64) -> Result<Vec<u8>, TransferError> {
+    receive_encoded(wire, size, Encoding::Blocks).await
+}
+
+/// Receives `wire`, framed as `encoding`, into a file: what it holds.
+async fn receive_encoded(
+    wire: &[u8],
+    size: u64,
+    encoding: Encoding,
+) -> Result<Vec<u8>, TransferError> {
     let dir = tempfile::tempdir().unwrap();
     let out = File::create(dir.path().join("out")).unwrap();
     let mut input = wire;
-    receive_file(
+    let received = receive_file(
         &mut input,
         size,
         out,
         Start::default(),
-        Encoding::Blocks,
+        encoding,
         None,
         &|_| {},
         std::future::pending(),
     )
     .await?;
-    Ok(std::fs::read(dir.path().join("out")).unwrap())
+    let data = std::fs::read(dir.path().join("out")).unwrap();
+    assert_eq!(received.size, data.len() as u64);
+    assert_eq!(received.digest, *blake3::hash(&data).as_bytes());
+    Ok(data)
+}
+
+/// Sends `input` as a pipe would through an in-memory stream, compressing
+/// as `compress` says, and receives it with at most `most` bytes taken:
+/// what the sender counted and hashed, and what the receiver kept.
+async fn through_stream(
+    input: Vec<u8>,
+    compress: Compressing,
+    most: u64,
+) -> (
+    Result<(u64, Digest), TransferError>,
+    Result<Vec<u8>, TransferError>,
+) {
+    let (mut a, mut b) = tokio::io::duplex(64 * 1024);
+    let framing = Framing {
+        encoding: Encoding::Stream,
+        compress,
+    };
+    let moved = std::sync::atomic::AtomicU64::new(0);
+    let (sent, got) = tokio::join!(
+        async {
+            let sent = send_pipe(std::io::Cursor::new(input), framing, None, &mut a, &|n| {
+                moved.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+            })
+            .await;
+            drop(a);
+            sent
+        },
+        async {
+            let mut wire = Vec::new();
+            tokio::io::AsyncReadExt::read_to_end(&mut b, &mut wire)
+                .await
+                .unwrap();
+            receive_encoded(&wire, most, Encoding::Stream).await
+        }
+    );
+    if let Ok((size, _)) = &sent {
+        assert_eq!(moved.into_inner(), *size, "progress counts every byte");
+    }
+    (sent, got)
+}
+
+#[tokio::test]
+async fn data_of_unknown_length_arrives_whole_up_to_its_end_mark() {
+    // Several chunks and a bit, plain and compressed; and nothing at all.
+    let data = pattern_bytes(3 * CHUNK + 777);
+    for compress in [Compressing::No, Compressing::Yes] {
+        let (sent, got) = through_stream(data.clone(), compress, u64::MAX).await;
+        let (size, digest) = sent.unwrap();
+        assert_eq!(size, data.len() as u64);
+        assert_eq!(digest, *blake3::hash(&data).as_bytes());
+        assert!(got.unwrap() == data);
+    }
+    let (sent, got) = through_stream(Vec::new(), Compressing::No, u64::MAX).await;
+    assert_eq!(sent.unwrap(), (0, *blake3::hash(b"").as_bytes()));
+    assert!(got.unwrap().is_empty());
+    // Exactly at the receiver's limit is fine; a byte more is refused.
+    let (_, got) = through_stream(data.clone(), Compressing::No, data.len() as u64).await;
+    assert!(got.unwrap() == data);
+    let (_, got) = through_stream(data.clone(), Compressing::No, data.len() as u64 - 1).await;
+    let err = got.unwrap_err();
+    assert!(
+        matches!(err, TransferError::TooLong { limit } if limit == data.len() as u64 - 1),
+        "{err:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_stream_without_its_end_mark_is_cut_and_marks_are_checked() {
+    let block = |bytes: &[u8]| {
+        let header = BlockHeader {
+            compressed: false,
+            raw_len: bytes.len() as u32,
+            wire_len: bytes.len() as u32,
+        };
+        [&header.encode()[..], bytes].concat()
+    };
+    let stream =
+        |wire: Vec<u8>| async move { receive_encoded(&wire, u64::MAX, Encoding::Stream).await };
+    // Pauses are skipped; the end mark ends it.
+    let wire = [
+        BlockHeader::PAUSE.to_vec(),
+        block(b"abc"),
+        BlockHeader::PAUSE.to_vec(),
+        block(b"de"),
+        BlockHeader::END.to_vec(),
+    ]
+    .concat();
+    assert_eq!(stream(wire).await.unwrap(), b"abcde");
+    // The sender went away between blocks, or within one: cut, not done.
+    for wire in [
+        block(b"abc"),
+        [block(b"abc"), block(b"defg")[..6].to_vec()].concat(),
+        [block(b"abc"), BlockHeader::PAUSE[..4].to_vec()].concat(),
+    ] {
+        let err = stream(wire).await.unwrap_err();
+        assert!(
+            matches!(err, TransferError::StreamCut { got: 3 }),
+            "{err:?}"
+        );
+    }
+    // Data of a known size has no marks: an end or pause mark there is malformed.
+    for mark in [BlockHeader::END, BlockHeader::PAUSE] {
+        let wire = [block(b"ab"), mark.to_vec()].concat();
+        let err = receive_blocks(&wire, 4).await.unwrap_err();
+        assert!(matches!(err, TransferError::Malformed(_)), "{err:?}");
+    }
+}
+
+/// `n` bytes of a pattern that compresses, though not to nothing.
+fn pattern_bytes(n: usize) -> Vec<u8> {
+    (0..n)
+        .map(|i| ((i / 7) % 251) as u8 ^ (i % 3) as u8)
+        .collect()
 }
 
 #[tokio::test]

@@ -22,9 +22,36 @@ pub struct BlockHeader {
     pub wire_len: u32,
 }
 
+/// What a header of [`Encoding::Stream`] says: a block follows, the
+/// sender's input is silent for now, or the data is over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamMark {
+    /// A block of data.
+    Block(BlockHeader),
+    /// Nothing yet: the sender waits for its input.
+    Pause,
+    /// The data is complete; the trailer follows.
+    End,
+}
+
 impl BlockHeader {
     /// Its size on the wire.
     pub const LEN: usize = 9;
+
+    /// The end of an [`Encoding::Stream`]: a raw block of no bytes.
+    pub const END: [u8; Self::LEN] = [0; Self::LEN];
+
+    /// A pause in an [`Encoding::Stream`]: kind 2, no bytes.
+    pub const PAUSE: [u8; Self::LEN] = [2, 0, 0, 0, 0, 0, 0, 0, 0];
+
+    /// Parses a header of [`Encoding::Stream`]: a block, a pause or the end.
+    pub fn decode_stream(b: &[u8; Self::LEN]) -> Result<StreamMark, FrameError> {
+        Ok(match *b {
+            Self::END => StreamMark::End,
+            Self::PAUSE => StreamMark::Pause,
+            _ => StreamMark::Block(Self::decode(b)?),
+        })
+    }
 
     /// The header's bytes.
     pub fn encode(&self) -> [u8; Self::LEN] {

@@ -69,7 +69,7 @@ pub struct PutRequest {
     /// Destination, relative to the server root.
     pub path: String,
     /// Source metadata; `meta.size` is the exact number of data bytes that
-    /// follow the header.
+    /// follow the header (0 with [`Encoding::Stream`], whose end is marked).
     pub meta: FileMeta,
     /// Replace an existing file instead of refusing.
     pub force: bool,
@@ -90,6 +90,22 @@ pub enum Encoding {
     /// Blocks of at most [`MAX_BLOCK`] bytes each, every one sent as it is
     /// or zstd-compressed, as the sender chose for it (see [`BlockHeader`]).
     Blocks,
+    /// Data of a length not known in advance (`qxfer put - NAME`, standard
+    /// input): blocks as in [`Encoding::Blocks`], as many as come, then
+    /// [`BlockHeader::END`]. While its input is silent the sender sends
+    /// [`BlockHeader::PAUSE`] now and then, so the receiver can tell a
+    /// slow producer from a dead peer. Only a put uses it, and then with
+    /// `meta.size` 0 and no resume: such an upload cannot be resumed (the
+    /// bytes are gone from the pipe), and the receipt gives its size.
+    Stream,
+}
+
+impl Encoding {
+    /// Whether the data's length is announced before it (`meta.size`),
+    /// rather than marked by its end.
+    pub fn is_sized(self) -> bool {
+        self != Self::Stream
+    }
 }
 
 /// Whether the sender may compress (the `--compress` option).

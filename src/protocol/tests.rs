@@ -160,3 +160,29 @@ proptest::proptest! {
         decodes_consistently::<Request>(&frame);
     }
 }
+
+#[test]
+fn stream_marks_are_told_from_blocks() {
+    assert_eq!(
+        BlockHeader::decode_stream(&BlockHeader::END).unwrap(),
+        StreamMark::End
+    );
+    assert_eq!(
+        BlockHeader::decode_stream(&BlockHeader::PAUSE).unwrap(),
+        StreamMark::Pause
+    );
+    let block = BlockHeader {
+        compressed: false,
+        raw_len: 5,
+        wire_len: 5,
+    };
+    assert_eq!(
+        BlockHeader::decode_stream(&block.encode()).unwrap(),
+        StreamMark::Block(block)
+    );
+    // Outside a stream the marks are no blocks; a pause with bytes is no mark.
+    assert!(BlockHeader::decode(&BlockHeader::END).is_err());
+    assert!(BlockHeader::decode(&BlockHeader::PAUSE).is_err());
+    assert!(BlockHeader::decode_stream(&[2, 0, 0, 0, 1, 0, 0, 0, 1]).is_err());
+    assert!(Encoding::Blocks.is_sized() && !Encoding::Stream.is_sized());
+}

@@ -25,7 +25,14 @@ pub(super) async fn serve_put(
     recv: &mut impl RequestStream,
 ) -> Result<(), RemoteError> {
     let path = RemotePath::parse(&req.path, false)?;
-    if !req.resume && req.meta.size < WHOLE_PUT_MAX {
+    let stream = !req.encoding.is_sized();
+    if stream && (req.resume || req.meta.size != 0) {
+        return Err(RemoteError::new(
+            ErrorCode::Protocol,
+            format!("'{path}': data of unknown length comes with size 0 and no resume"),
+        ));
+    }
+    if !stream && !req.resume && req.meta.size < WHOLE_PUT_MAX {
         let units = req.meta.size.div_ceil(WHOLE_UNIT).max(1) as u32;
         if let Ok(budget) = WHOLE_PUT_BUDGET.try_acquire_many(units) {
             let result = serve_whole_put(&req, &path, ctx, send, recv).await;
@@ -36,7 +43,7 @@ pub(super) async fn serve_put(
     // Large files go to a partial keyed by who sends which version of what,
     // kept if the upload is interrupted; only one upload may write it at a
     // time, and a newer one (the client retrying) takes over from an older.
-    let keyed = req.meta.size >= RESUME_MIN;
+    let keyed = !stream && req.meta.size >= RESUME_MIN;
     let mut lease = None;
     let partial = if keyed {
         let name = partial_name(&ctx.client, &path, &req.meta);
@@ -56,6 +63,7 @@ pub(super) async fn serve_put(
         force: req.force,
         partial,
         resume: req.resume,
+        stream,
     };
     let prepared = ctx.config.store.prepare_put(plan).await?;
     let Some((upload, held)) = answer_put(prepared, &path, send, recv).await? else {
@@ -73,7 +81,9 @@ pub(super) async fn serve_put(
     };
     let receipt = match receive_put(&req, &path, upload, held, recv, ctx, stop).await {
         Ok(receipt) => {
-            info!(path = %path, bytes = req.meta.size, "put committed");
+            if let Receipt::Committed { size, .. } = receipt {
+                info!(path = %path, bytes = size, "put committed");
+            }
             receipt
         }
         Err(err) => {
@@ -120,6 +130,7 @@ async fn serve_whole_put(
         force: req.force,
         partial: None,
         resume: false,
+        stream: false,
     };
     let prepared = ctx.config.store.prepare_put(plan).await?;
     let Some((upload, _)) = answer_put(prepared, path, send, recv).await? else {
@@ -240,19 +251,40 @@ async fn receive_put(
         }
     }
     let stats = &ctx.config.stats;
+    // Data of unknown length is bounded by the largest file this server takes.
+    let size = if req.encoding.is_sized() {
+        req.meta.size
+    } else {
+        ctx.config.max_file_size.unwrap_or(u64::MAX)
+    };
     tokio::pin!(stop);
-    let digest = upload
+    let received = upload
         .receive(
             recv,
-            req.meta.size,
+            size,
             req.encoding,
             &|n| {
                 stats.bytes_received.fetch_add(n, Ordering::Relaxed);
             },
             stop,
         )
-        .await?;
-    let trailer: Trailer = read_trailer(recv, path).await?;
+        .await;
+    let checked = match received {
+        Ok(received) => read_trailer(recv, path).await.map(|t| (received, t)),
+        Err(e) => Err(e),
+    };
+    let (received, trailer) = match checked {
+        Ok(both) => both,
+        Err(e) => {
+            // What a pipe sent cannot be resumed (its bytes are gone from
+            // the pipe): nothing is kept of it.
+            if !req.encoding.is_sized() {
+                upload.abandon().await;
+            }
+            return Err(e);
+        }
+    };
+    let digest = received.digest;
     if trailer.digest != digest {
         // Never resume from bytes known to be bad.
         upload.abandon().await;
@@ -263,7 +295,7 @@ async fn receive_put(
         other => other?,
     }
     Ok(Receipt::Committed {
-        size: req.meta.size,
+        size: received.size,
         digest,
     })
 }
@@ -281,7 +313,8 @@ async fn taken_by_this_file(
     digest: crate::protocol::Digest,
     ctx: &Ctx,
 ) -> bool {
-    if err.code != ErrorCode::AlreadyExists || req.force {
+    // (Data from a pipe has no size or mtime to tell the same file by.)
+    if err.code != ErrorCode::AlreadyExists || req.force || !req.encoding.is_sized() {
         return false;
     }
     let plan = PutPlan {
@@ -290,6 +323,7 @@ async fn taken_by_this_file(
         force: false,
         partial: None,
         resume: false,
+        stream: false,
     };
     match ctx.config.store.prepare_put(plan).await {
         Ok(Prepared::Present(there)) if there == digest => {

@@ -406,3 +406,113 @@ async fn a_name_taken_meanwhile_by_this_very_file_is_no_conflict() {
     }
     assert_eq!(std::fs::read(h.path("other")).unwrap(), other);
 }
+
+/// The frames of a put of `data` as data of unknown length, in blocks of
+/// `block` bytes, with its end mark (`ended`) or without.
+fn stream_frames(path: &str, data: &[u8], block: usize, ended: bool) -> Vec<Vec<u8>> {
+    let header = encode(&Request::Put(PutRequest {
+        path: path.into(),
+        meta: FileMeta {
+            size: 0,
+            mtime: None,
+            mode: None,
+        },
+        force: false,
+        resume: false,
+        encoding: Encoding::Stream,
+    }))
+    .unwrap();
+    let mut frames = vec![header];
+    for b in data.chunks(block) {
+        let h = crate::protocol::BlockHeader {
+            compressed: false,
+            raw_len: b.len() as u32,
+            wire_len: b.len() as u32,
+        };
+        frames.push([&h.encode()[..], b].concat());
+    }
+    if ended {
+        frames.push(crate::protocol::BlockHeader::END.to_vec());
+        frames.push(
+            encode(&Trailer {
+                digest: *blake3::hash(data).as_bytes(),
+            })
+            .unwrap(),
+        );
+    }
+    frames
+}
+
+/// Sends `frames`, closes the request, and returns the receipt (after an
+/// accepted put) or the refusal.
+async fn send_put(
+    h: &Harness,
+    frames: &[Vec<u8>],
+) -> Result<Receipt, crate::protocol::RemoteError> {
+    let mut x = h.open(frames).await;
+    drop(std::mem::replace(&mut x.to_server, tokio::io::duplex(1).0));
+    let receipt = match read_frame::<_, Response>(&mut x.from_server).await.unwrap() {
+        Response::PutAccepted(_) => read_frame(&mut x.from_server).await.unwrap(),
+        Response::Refused(e) => return Err(e),
+        other => panic!("{other:?}"),
+    };
+    x.served.await.unwrap();
+    Ok(receipt)
+}
+
+#[tokio::test]
+async fn data_of_unknown_length_is_committed_at_its_end_mark_and_only_then() {
+    let h = Harness::new(|c| c.max_file_size = Some(10_000));
+    let data: Vec<u8> = (0..9_000u32).map(|i| (i % 253) as u8).collect();
+    match send_put(&h, &stream_frames("piped", &data, 4096, true)).await {
+        Ok(Receipt::Committed { size, digest }) => {
+            assert_eq!(size, data.len() as u64, "the receipt gives the size");
+            assert_eq!(digest, *blake3::hash(&data).as_bytes());
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(std::fs::read(h.path("piped")).unwrap(), data);
+    // Cut off before the end mark: nothing under the name, nothing left over.
+    match send_put(&h, &stream_frames("cut", &data, 4096, false)).await {
+        Ok(Receipt::Failed(e)) => {
+            assert!(e.message.contains("'cut' was not saved"), "{}", e.message)
+        }
+        other => panic!("{other:?}"),
+    }
+    // Past the server's largest file: refused as too large.
+    let big = vec![7u8; 10_001];
+    match send_put(&h, &stream_frames("big", &big, 4096, true)).await {
+        Ok(Receipt::Failed(e)) => assert_eq!(e.code, ErrorCode::TooLarge, "{}", e.message),
+        other => panic!("{other:?}"),
+    }
+    // A name that exists is refused before any data is taken.
+    match send_put(&h, &stream_frames("piped", b"other", 4096, true)).await {
+        Err(e) => assert_eq!(e.code, ErrorCode::AlreadyExists, "{}", e.message),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(std::fs::read(h.path("piped")).unwrap(), data);
+    let names: Vec<_> = std::fs::read_dir(h.root.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| !n.starts_with(".qxfer-partial"))
+        .collect();
+    assert_eq!(names, ["piped"], "no temporaries, nothing half-written");
+    // A stream that claims a size or a resume is a malformed request.
+    let mut frames = stream_frames("odd", b"x", 1, true);
+    frames[0] = encode(&Request::Put(PutRequest {
+        path: "odd".into(),
+        meta: FileMeta {
+            size: 1,
+            mtime: None,
+            mode: None,
+        },
+        force: false,
+        resume: false,
+        encoding: Encoding::Stream,
+    }))
+    .unwrap();
+    assert_eq!(
+        send_put(&h, &frames).await.unwrap_err().code,
+        ErrorCode::Protocol
+    );
+}

@@ -26,7 +26,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use crate::exchange::{Advance, Buffered, Framing, TransferError};
+use crate::exchange::{Advance, Buffered, Framing, Received, TransferError};
 use crate::paths::RemotePath;
 use crate::protocol::{Digest, DirMeta, Encoding, Entry, ErrorCode, FileMeta, Prefix, RemoteError};
 
@@ -120,6 +120,9 @@ pub(crate) struct PutPlan {
     pub(crate) partial: Option<String>,
     /// The client will answer an offer to resume.
     pub(crate) resume: bool,
+    /// The data's length is not known until it ends (a pipe): `meta.size`
+    /// is 0, nothing can be reserved for it, and it is never resumed.
+    pub(crate) stream: bool,
 }
 
 /// What a put will do.
@@ -162,9 +165,10 @@ pub(crate) trait Upload: Send {
     async fn restart(&mut self) -> Result<(), RemoteError>;
 
     /// Receives the data from where it starts up to `size` bytes from
-    /// `input` and returns the BLAKE3 of the whole file. If `stop`
-    /// completes first, what arrived is kept consistent for a resume and
-    /// the result is an error.
+    /// `input` (with [`Encoding::Stream`], up to its end, `size` being the
+    /// most it may hold) and returns the whole file's size and BLAKE3. If
+    /// `stop` completes first, what arrived is kept consistent for a
+    /// resume and the result is an error.
     async fn receive(
         &mut self,
         input: &mut Input<'_>,
@@ -172,7 +176,7 @@ pub(crate) trait Upload: Send {
         encoding: Encoding,
         progress: &Advance<'_>,
         stop: Stop<'_>,
-    ) -> Result<Digest, RemoteError>;
+    ) -> Result<Received, RemoteError>;
 
     /// Writes a small file's data, read whole, checks it against `expected`
     /// and commits it: one trip to the storage for the lot.
@@ -204,7 +208,17 @@ pub(crate) fn corrupt(path: &RemotePath) -> RemoteError {
 /// The error for data that did not arrive as it should, other than a
 /// storage failure (which each store words itself).
 pub(crate) fn receive_error(e: TransferError, path: &RemotePath) -> RemoteError {
-    RemoteError::new(ErrorCode::Protocol, format!("receiving '{path}': {e}"))
+    match e {
+        TransferError::TooLong { limit } => RemoteError::new(
+            ErrorCode::TooLarge,
+            format!("'{path}' was not saved: the piped data went past {limit} bytes, the most this server takes in one piped upload; save the data to a file and put that"),
+        ),
+        TransferError::StreamCut { .. } => RemoteError::new(
+            ErrorCode::Protocol,
+            format!("'{path}' was not saved: {e}; run the pipeline again"),
+        ),
+        e => RemoteError::new(ErrorCode::Protocol, format!("receiving '{path}': {e}")),
+    }
 }
 
 /// The error for a destination name that appeared during an upload.

@@ -97,7 +97,7 @@ pub(crate) fn part_size(size: u64) -> u64 {
 }
 
 /// S3's limit on the parts of one multipart upload.
-const MAX_PARTS: u64 = 10_000;
+pub(crate) const MAX_PARTS: u64 = 10_000;
 
 #[cfg(test)]
 mod tests {

@@ -450,7 +450,7 @@ impl Upload for LocalUpload {
         encoding: Encoding,
         progress: &Advance<'_>,
         stop: Stop<'_>,
-    ) -> Result<Digest, RemoteError> {
+    ) -> Result<exchange::Received, RemoteError> {
         let file = self.incoming().file().map_err(self.writing())?;
         let start = self.start.take().unwrap_or_default();
         let reserved = &self.reserved;

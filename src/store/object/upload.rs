@@ -16,7 +16,7 @@ use object_store::{
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
-use crate::exchange::{self, blocking, Advance, Buffered, PieceSink, TransferError};
+use crate::exchange::{self, blocking, Advance, Buffered, PieceSink, Received, TransferError};
 use crate::paths::RemotePath;
 use crate::protocol::{Digest, Encoding, ErrorCode, FileMeta, RemoteError};
 use crate::store::tree_hash::{self, Piece};
@@ -84,12 +84,20 @@ pub(super) async fn prepare(inner: &Arc<Inner>, plan: PutPlan) -> Result<Prepare
         }
         return Err(exists(path));
     }
-    let part_size = tree_hash::part_size(plan.meta.size);
+    // Data from a pipe, of unknown length, goes in parts of the smallest
+    // size (the memory an upload holds is a few parts): at most
+    // [`tree_hash::MAX_PARTS`] of them, so 78 GiB.
+    let part_size = tree_hash::part_size(if plan.stream { 0 } else { plan.meta.size });
     let upload = ObjectUpload {
         inner: inner.clone(),
         path: plan.path.clone(),
         key,
-        size: plan.meta.size,
+        size: if plan.stream {
+            u64::MAX
+        } else {
+            plan.meta.size
+        },
+        stream: plan.stream,
         part_size,
         multipart: None,
         sink: None,
@@ -97,6 +105,18 @@ pub(super) async fn prepare(inner: &Arc<Inner>, plan: PutPlan) -> Result<Prepare
         received: None,
         checked: std::time::Instant::now(),
     };
+    if plan.stream {
+        // Its length is unknown, so it is a multipart upload from the
+        // start, recorded under a name of its own so that the sweep aborts
+        // it should this server die; if it ends within one part, the
+        // commit makes it one PUT instead.
+        let name = format!(
+            "pipe-{:016x}{:016x}",
+            exchange::random_u64(),
+            exchange::random_u64()
+        );
+        return upload.start_multipart(name, &plan).await;
+    }
     match plan.partial.clone() {
         Some(name) if plan.meta.size > part_size => upload.start_multipart(name, &plan).await,
         _ => Ok(Prepared::Receive {
@@ -146,9 +166,12 @@ struct ObjectUpload {
     inner: Arc<Inner>,
     path: RemotePath,
     key: Key,
+    /// The file's size; for data from a pipe, `u64::MAX` until it ended.
     size: u64,
+    /// Data from a pipe, of a length known once it ends.
+    stream: bool,
     part_size: u64,
-    /// For a file of more than one part.
+    /// For a file of more than one part (and for data from a pipe).
     multipart: Option<Multipart>,
     /// What has arrived and is not yet a stored part; taken while receiving.
     sink: Option<PartSink>,
@@ -170,12 +193,13 @@ impl ObjectUpload {
     ) -> Result<Prepared, RemoteError> {
         let failed = |e| store_error(e, &self.path, "cannot create the upload of");
         let record = vec![PARTIAL_DIR.to_owned(), name.clone()];
-        let (same_upload, _) = name.rsplit_once('-').expect("partial names have a version");
         // Uploads of other versions of this file (the source changed) go.
         let mut discarded_stale = false;
-        for (other, _) in recorded_uploads(&self.inner).await.map_err(failed)? {
-            if other.starts_with(same_upload) && other != name {
-                discarded_stale |= abort_recorded(&self.inner, &other).await.is_ok();
+        if let (Some((same_upload, _)), false) = (name.rsplit_once('-'), self.stream) {
+            for (other, _) in recorded_uploads(&self.inner).await.map_err(failed)? {
+                if other.starts_with(same_upload) && other != name {
+                    discarded_stale |= abort_recorded(&self.inner, &other).await.is_ok();
+                }
             }
         }
         let existing = read_record(&self.inner, &record).await.map_err(failed)?;
@@ -451,29 +475,38 @@ impl Upload for ObjectUpload {
         encoding: Encoding,
         progress: &Advance<'_>,
         stop: Stop<'_>,
-    ) -> Result<Digest, RemoteError> {
+    ) -> Result<Received, RemoteError> {
         let sink = self.sink();
         let from = sink.buf_offset;
+        // A pipe's data cannot go past the parts a multipart upload may have.
+        let most = if self.stream {
+            size.min(tree_hash::MAX_PARTS * self.part_size)
+        } else {
+            size
+        };
         let (mut sink, result) =
-            exchange::receive_pieces(input, size, from, sink, encoding, None, progress, stop).await;
+            exchange::receive_pieces(input, most, from, sink, encoding, None, progress, stop).await;
         // Parts already on their way are kept for a resume, whatever happened.
         let settled = sink.settle().await;
         self.keep_stored(&mut sink);
         let path = self.path.clone();
-        let result = result.and(settled).map_err(|e| match e {
+        let result = result.and_then(|size| settled.map(|()| size)).map_err(|e| match e {
             TransferError::Write(io) => RemoteError::new(
                 ErrorCode::Internal,
                 format!("cannot store '{path}' on the server: {io}; try again shortly (the server's log has details)"),
             ),
             other => receive_error(other, &path),
         });
-        result?;
+        let size = result?;
+        if self.stream {
+            self.size = size;
+        }
         // The tail (what is not a stored part yet) is stored at the commit,
         // once the digest matched.
         let digest = self.digest_of(&mut sink).await?;
         self.sink = Some(sink);
         self.received = Some(digest);
-        Ok(digest)
+        Ok(Received { size, digest })
     }
 
     async fn commit_whole(
@@ -508,6 +541,20 @@ impl Upload for ObjectUpload {
             Some(d) => d,
             None => self.digest_of(&mut sink).await?,
         };
+        let within_one_part = self.stream
+            && self
+                .multipart
+                .as_ref()
+                .is_some_and(|m| m.parts.is_empty() && sink.in_flight.is_empty());
+        if within_one_part {
+            // Data from a pipe that ended within its first part: one PUT,
+            // as for any small file, and the multipart upload goes.
+            let m = self.multipart.take().expect("checked above");
+            self.abort(&m.header).await;
+            if let Err(e) = clear_record(&self.inner, &m.record).await {
+                warn!(path = %self.path, "cannot remove the record of a piped upload: {e}");
+            }
+        }
         if self.multipart.is_none() {
             let bytes = Bytes::from(std::mem::take(&mut sink.buf));
             return self.put_single(bytes, digest, meta, force).await;
