@@ -304,7 +304,10 @@ fn parse_rate(s: &str) -> Result<u64, String> {
 /// Options of `qxfer put`.
 #[derive(Debug, Args)]
 pub struct PutArgs {
-    /// Files to upload; each lands under its base name.
+    /// Files to upload; each lands under its base name. `- NAME` uploads
+    /// standard input under NAME until it ends (`tar c dir | qxfer put -
+    /// dir.tar`): its length is unknown, so it cannot resume, and a failed
+    /// or interrupted run saves nothing. A local file named `-` is `./-`.
     #[arg(required = true, value_name = "FILE")]
     pub files: Vec<PathBuf>,
     /// Upload directories and everything in them (symlinks and special

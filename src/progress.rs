@@ -310,9 +310,10 @@ impl std::fmt::Display for Seconds {
     }
 }
 
-/// A rate in decimal megabytes per second (as `cp`, `scp` and network
-/// links count), with three significant digits: "40.0 MB/s", "412 MB/s",
-/// "0.85 MB/s", or "in an instant" for a time too short to measure.
+/// A rate in decimal units per second (as `cp`, `scp` and network links
+/// count), with three significant digits: "40.0 MB/s", "412 MB/s",
+/// "1.50 MB/s", "850 kB/s", "7 B/s", or "in an instant" for a time too
+/// short to measure.
 struct Rate(u64, f64);
 
 impl std::fmt::Display for Rate {
@@ -323,13 +324,20 @@ impl std::fmt::Display for Rate {
         if secs < 0.001 {
             return write!(f, "in an instant");
         }
-        let mb = bytes as f64 / secs / 1e6;
-        if mb >= 100.0 {
-            write!(f, "{mb:.0} MB/s")
-        } else if mb >= 10.0 {
-            write!(f, "{mb:.1} MB/s")
+        let per_sec = bytes as f64 / secs;
+        let (v, unit) = if per_sec >= 1e6 {
+            (per_sec / 1e6, "MB/s")
+        } else if per_sec >= 1e3 {
+            (per_sec / 1e3, "kB/s")
         } else {
-            write!(f, "{mb:.2} MB/s")
+            return write!(f, "{per_sec:.0} B/s");
+        };
+        if v >= 100.0 {
+            write!(f, "{v:.0} {unit}")
+        } else if v >= 10.0 {
+            write!(f, "{v:.1} {unit}")
+        } else {
+            write!(f, "{v:.2} {unit}")
         }
     }
 }
@@ -373,6 +381,9 @@ mod tests {
         assert_eq!(Seconds(185.0).to_string(), "3 min 05 s");
         assert_eq!(Seconds(3725.0).to_string(), "1 h 02 min");
         assert_eq!(Rate(412_300_000, 1.0).to_string(), "412 MB/s");
+        // Slow or tiny: smaller units, never "0.00 MB/s".
+        assert_eq!(Rate(850_000, 1.0).to_string(), "850 kB/s");
+        assert_eq!(Rate(3, 0.43).to_string(), "7 B/s");
         assert_eq!(Size(5 << 30).to_string(), "5.0 GiB");
     }
 
