@@ -1093,6 +1093,7 @@ async fn put_from_stdin(args: PutArgs, quiet: bool, progress: &Progress) -> Resu
         return finish_dry_run("put", plan?, &[], &[], Vec::new(), args.json, quiet);
     }
     let stdin = std::io::stdin();
+    crate::exchange::widen_pipe(&stdin);
     if stdin.is_terminal() && !quiet {
         progress.suspend(|| eprintln!("qxfer: reading standard input (a terminal) until Ctrl-D"));
     }

@@ -272,8 +272,10 @@ impl IncomingFile {
         }
         // A small file's data is made durable together with the others in
         // flight (one sync of the filesystem for all of them); a large one's
-        // on its own, as it is most of what would be flushed anyway.
-        let small = meta.size < GROUP_SYNC_BELOW;
+        // on its own, as it is most of what would be flushed anyway. The
+        // size is the file's own: data from a pipe declared none.
+        let size = self.file.metadata().map_or(meta.size, |m| m.len());
+        let small = size < GROUP_SYNC_BELOW;
         if small {
             sync_filesystem_grouped(&self.file).map_err(io)?;
         } else {

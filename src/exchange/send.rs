@@ -437,8 +437,22 @@ where
 }
 
 /// Bytes asked of a pipe per read: a pipe hands over at most what its
-/// buffer holds (64 KiB on Linux) per read anyway.
-const PIPE_READ: usize = 256 * 1024;
+/// buffer holds per read (see [`widen_pipe`]).
+const PIPE_READ: usize = 1024 * 1024;
+
+/// Asks for a 1 MiB buffer for the pipe `fd` (if it is one), instead of
+/// Linux's 64 KiB: each read then takes up to 1 MiB, and the writer and
+/// the reader switch far less often (1 GiB through a 64 KiB pipe cost
+/// 1.3 s of system time on its own here). A hint: where the system
+/// refuses (another size limit, not a pipe), nothing changes.
+pub(crate) fn widen_pipe(fd: impl std::os::fd::AsFd) {
+    #[cfg(target_os = "linux")]
+    {
+        let _ = rustix::pipe::fcntl_setpipe_size(fd, 1 << 20);
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = fd;
+}
 
 /// Reads of a pipe waiting to be sent: the reader may run this far ahead.
 const PIPE_AHEAD: usize = 8;
@@ -447,6 +461,10 @@ const PIPE_AHEAD: usize = 8;
 /// [`Encoding::Stream`] tells the receiver it is still there (well within
 /// the receiver's [`STALL_TIMEOUT`]).
 const PAUSE_EVERY: Duration = Duration::from_secs(15);
+
+/// How long a block of [`Encoding::Stream`] waits for more of its input
+/// before it goes out part-filled.
+const GATHER: Duration = Duration::from_millis(5);
 
 /// What the pipe's reader hands over.
 enum FromPipe {
@@ -502,9 +520,11 @@ where
                 }
             },
         };
-        // One block: what the reader has ready now, up to a chunk. A
-        // fast producer fills whole chunks; a slow one's bytes go out as
-        // they come instead of waiting for a chunk to fill.
+        // One block: up to a chunk of what the reader hands over with no
+        // gap longer than GATHER. A fast producer fills whole chunks (small
+        // blocks cost both sides a trip to their thread pools each: 64 KiB
+        // blocks halved the rate on loopback); a slow one's bytes go out
+        // within GATHER instead of waiting for a chunk to fill.
         let mut buf = vec![0u8; room];
         let mut end = None;
         let mut next = Some(first);
@@ -523,16 +543,26 @@ where
                 FromPipe::Failed(e) => return Err(TransferError::Read(e)),
             }
             if end.is_none() && buf.len() - room < CHUNK {
-                next = rx.try_recv().ok();
+                next = match rx.try_recv() {
+                    Ok(item) => Some(item),
+                    Err(_) => tokio::time::timeout(GATHER, rx.recv()).await.ok().flatten(),
+                };
             }
         }
         if buf.len() > room {
-            let (f, chunk) = blocking(move || {
-                let chunk = framer.frame(buf);
-                (framer, chunk)
-            })
-            .await;
-            framer = f;
+            // Compressing is CPU work for the pool; framing as it is, a
+            // header written in place.
+            let chunk = if framer.framing.compress.now() {
+                let (f, chunk) = blocking(move || {
+                    let chunk = framer.frame(buf);
+                    (framer, chunk)
+                })
+                .await;
+                framer = f;
+                chunk
+            } else {
+                framer.frame(buf)
+            };
             write_paced(out, &chunk.bytes, pace.as_deref()).await?;
             progress(chunk.raw as u64);
         }
