@@ -243,7 +243,7 @@ impl Client {
         progress: &dyn WatchFile,
     ) -> Result<TransferReport, FileError>
     where
-        R: std::io::Read + Send + 'static,
+        R: std::io::Read + std::os::fd::AsFd + Send + 'static,
     {
         let label = Path::new(STDIN);
         let (mut send, mut recv) = self.open().await?;

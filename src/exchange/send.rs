@@ -2,6 +2,7 @@
 
 use std::fs::File;
 use std::io::Read;
+use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -436,16 +437,12 @@ where
     Ok(hasher.map(|h| *h.finalize().as_bytes()))
 }
 
-/// Bytes asked of a pipe per read: a pipe hands over at most what its
-/// buffer holds per read (see [`widen_pipe`]).
-const PIPE_READ: usize = 1024 * 1024;
-
 /// Asks for a 1 MiB buffer for the pipe `fd` (if it is one), instead of
 /// Linux's 64 KiB: each read then takes up to 1 MiB, and the writer and
 /// the reader switch far less often (1 GiB through a 64 KiB pipe cost
 /// 1.3 s of system time on its own here). A hint: where the system
 /// refuses (another size limit, not a pipe), nothing changes.
-pub(crate) fn widen_pipe(fd: impl std::os::fd::AsFd) {
+pub(crate) fn widen_pipe(fd: impl AsFd) {
     #[cfg(target_os = "linux")]
     {
         let _ = rustix::pipe::fcntl_setpipe_size(fd, 1 << 20);
@@ -454,8 +451,8 @@ pub(crate) fn widen_pipe(fd: impl std::os::fd::AsFd) {
     let _ = fd;
 }
 
-/// Reads of a pipe waiting to be sent: the reader may run this far ahead.
-const PIPE_AHEAD: usize = 8;
+/// Blocks of input the reader may have ready ahead of the network.
+const PIPE_AHEAD: usize = 4;
 
 /// While its input gives nothing for this long, a sender of
 /// [`Encoding::Stream`] tells the receiver it is still there (well within
@@ -463,12 +460,16 @@ const PIPE_AHEAD: usize = 8;
 const PAUSE_EVERY: Duration = Duration::from_secs(15);
 
 /// How long a block of [`Encoding::Stream`] waits for more of its input
-/// before it goes out part-filled.
+/// before it goes out part-filled. A fast producer fills whole blocks
+/// (small blocks cost both sides a trip to their thread pools each: 64 KiB
+/// blocks halved the rate on loopback); a slow one's bytes go out within
+/// this time instead of waiting for a block to fill.
 const GATHER: Duration = Duration::from_millis(5);
 
 /// What the pipe's reader hands over.
 enum FromPipe {
-    Bytes(Vec<u8>),
+    /// A block of input behind room for its header.
+    Block(Vec<u8>),
     /// The input ended after this many bytes, hashing to this.
     End(u64, Digest),
     Failed(std::io::Error),
@@ -480,9 +481,9 @@ enum FromPipe {
 /// input stays silent for [`PAUSE_EVERY`], and the end mark. Returns the
 /// number of bytes and their BLAKE3.
 ///
-/// The input is read on a thread of its own, not in the disk pool: a pipe
-/// may block for as long as its writer likes, and a process that gives up
-/// must not wait for that read to return before it can exit.
+/// The input is read (and hashed) on a thread of its own, not in the disk
+/// pool: a pipe may block for as long as its writer likes, and a process
+/// that gives up must not wait for that read to return before it can exit.
 pub(crate) async fn send_pipe<R, W>(
     input: R,
     framing: Framing,
@@ -491,109 +492,106 @@ pub(crate) async fn send_pipe<R, W>(
     progress: &Advance<'_>,
 ) -> Result<(u64, Digest), TransferError>
 where
-    R: Read + Send + 'static,
+    R: Read + AsFd + Send + 'static,
     W: AsyncWrite + Unpin + ?Sized,
 {
     debug_assert_eq!(framing.encoding, Encoding::Stream);
+    let mut framer = Framer::new(framing);
+    let room = framer.room();
     let (tx, mut rx) = tokio::sync::mpsc::channel(PIPE_AHEAD);
     std::thread::Builder::new()
         .name("qxfer-stdin".into())
-        .spawn(move || read_pipe(input, tx))
+        .spawn(move || read_pipe(input, room, tx))
         .map_err(TransferError::Read)?;
-    let mut framer = Framer::new(framing);
-    let room = framer.room();
-    // A read that did not fit in the block before it.
-    let mut carry: Option<Vec<u8>> = None;
     loop {
-        let first = match carry.take() {
-            Some(bytes) => FromPipe::Bytes(bytes),
-            None => match tokio::time::timeout(PAUSE_EVERY, rx.recv()).await {
-                Err(_) => {
-                    write_paced(out, &BlockHeader::PAUSE, None).await?;
-                    continue;
-                }
-                Ok(Some(next)) => next,
-                Ok(None) => {
-                    return Err(TransferError::Read(std::io::Error::other(
-                        "the reader of the input stopped",
-                    )))
-                }
-            },
+        let buf = match tokio::time::timeout(PAUSE_EVERY, rx.recv()).await {
+            Err(_) => {
+                write_paced(out, &BlockHeader::PAUSE, None).await?;
+                continue;
+            }
+            Ok(Some(FromPipe::Block(buf))) => buf,
+            Ok(Some(FromPipe::End(size, digest))) => {
+                write_paced(out, &BlockHeader::END, None).await?;
+                return Ok((size, digest));
+            }
+            Ok(Some(FromPipe::Failed(e))) => return Err(TransferError::Read(e)),
+            Ok(None) => {
+                return Err(TransferError::Read(std::io::Error::other(
+                    "the reader of the input stopped",
+                )))
+            }
         };
-        // One block: up to a chunk of what the reader hands over with no
-        // gap longer than GATHER. A fast producer fills whole chunks (small
-        // blocks cost both sides a trip to their thread pools each: 64 KiB
-        // blocks halved the rate on loopback); a slow one's bytes go out
-        // within GATHER instead of waiting for a chunk to fill.
-        let mut buf = vec![0u8; room];
-        let mut end = None;
-        let mut next = Some(first);
-        while let Some(item) = next.take() {
-            match item {
-                FromPipe::Bytes(bytes) => {
-                    let space = CHUNK - (buf.len() - room);
-                    if bytes.len() > space {
-                        buf.extend_from_slice(&bytes[..space]);
-                        carry = Some(bytes[space..].to_vec());
-                        break;
-                    }
-                    buf.extend_from_slice(&bytes);
+        // Compressing is CPU work for the pool; framing as it is, a
+        // header written in place.
+        let chunk = if framer.framing.compress.now() {
+            let (f, chunk) = blocking(move || {
+                let chunk = framer.frame(buf);
+                (framer, chunk)
+            })
+            .await;
+            framer = f;
+            chunk
+        } else {
+            framer.frame(buf)
+        };
+        write_paced(out, &chunk.bytes, pace.as_deref()).await?;
+        progress(chunk.raw as u64);
+    }
+}
+
+/// Reads `input` to its end in blocks of up to [`CHUNK`] bytes behind
+/// `room` spare bytes, hashing as it goes, and hands them over to `tx`; a
+/// block goes part-filled once the input has nothing more for [`GATHER`].
+/// Stops early if nobody listens any more. Blocking.
+fn read_pipe<R: Read + AsFd>(mut input: R, room: usize, tx: tokio::sync::mpsc::Sender<FromPipe>) {
+    let mut hasher = blake3::Hasher::new();
+    let mut total = 0u64;
+    loop {
+        let mut buf = vec![0u8; room + CHUNK];
+        let mut filled = room;
+        let mut ended = false;
+        while filled < buf.len() {
+            if filled > room && !readable_within(&input, GATHER) {
+                break;
+            }
+            match input.read(&mut buf[filled..]) {
+                Ok(0) => {
+                    ended = true;
+                    break;
                 }
-                FromPipe::End(size, digest) => end = Some((size, digest)),
-                FromPipe::Failed(e) => return Err(TransferError::Read(e)),
-            }
-            if end.is_none() && buf.len() - room < CHUNK {
-                next = match rx.try_recv() {
-                    Ok(item) => Some(item),
-                    Err(_) => tokio::time::timeout(GATHER, rx.recv()).await.ok().flatten(),
-                };
+                Ok(n) => {
+                    hasher.update(&buf[filled..filled + n]);
+                    filled += n;
+                    total += n as u64;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    let _ = tx.blocking_send(FromPipe::Failed(e));
+                    return;
+                }
             }
         }
-        if buf.len() > room {
-            // Compressing is CPU work for the pool; framing as it is, a
-            // header written in place.
-            let chunk = if framer.framing.compress.now() {
-                let (f, chunk) = blocking(move || {
-                    let chunk = framer.frame(buf);
-                    (framer, chunk)
-                })
-                .await;
-                framer = f;
-                chunk
-            } else {
-                framer.frame(buf)
-            };
-            write_paced(out, &chunk.bytes, pace.as_deref()).await?;
-            progress(chunk.raw as u64);
+        if filled > room {
+            buf.truncate(filled);
+            if tx.blocking_send(FromPipe::Block(buf)).is_err() {
+                return;
+            }
         }
-        if let Some(done) = end {
-            write_paced(out, &BlockHeader::END, None).await?;
-            return Ok(done);
+        if ended {
+            let _ = tx.blocking_send(FromPipe::End(total, *hasher.finalize().as_bytes()));
+            return;
         }
     }
 }
 
-/// Reads `input` to its end, hashing as it goes, and hands the bytes over
-/// to `tx`; stops early if nobody listens any more. Blocking.
-fn read_pipe<R: Read>(mut input: R, tx: tokio::sync::mpsc::Sender<FromPipe>) {
-    let mut hasher = blake3::Hasher::new();
-    let mut total = 0u64;
-    loop {
-        let mut buf = vec![0u8; PIPE_READ];
-        let item = match input.read(&mut buf) {
-            Ok(0) => FromPipe::End(total, *hasher.finalize().as_bytes()),
-            Ok(n) => {
-                buf.truncate(n);
-                hasher.update(&buf);
-                total += n as u64;
-                FromPipe::Bytes(buf)
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => FromPipe::Failed(e),
-        };
-        let last = !matches!(item, FromPipe::Bytes(_));
-        if tx.blocking_send(item).is_err() || last {
-            return;
-        }
-    }
+/// Whether `fd` has something to read (or its end, or an error, which the
+/// read then reports) within `wait`.
+fn readable_within(fd: &impl AsFd, wait: Duration) -> bool {
+    use rustix::event::{poll, PollFd, PollFlags, Timespec};
+    let mut fds = [PollFd::new(fd, PollFlags::IN)];
+    let timeout = Timespec {
+        tv_sec: 0,
+        tv_nsec: wait.subsec_nanos().into(),
+    };
+    !matches!(poll(&mut fds, Some(&timeout)), Ok(0))
 }

@@ -198,9 +198,21 @@ async fn through_stream(
         compress,
     };
     let moved = std::sync::atomic::AtomicU64::new(0);
+    // A real pipe, written in uneven pieces with a pause (longer than a
+    // block waits for more) after the first few bytes.
+    let (r, w) = rustix::pipe::pipe().unwrap();
+    let (r, mut w) = (File::from(r), File::from(w));
+    let writer = std::thread::spawn(move || {
+        let (first, rest) = input.split_at(input.len().min(10));
+        w.write_all(first).unwrap();
+        std::thread::sleep(Duration::from_millis(30));
+        for piece in rest.chunks(300_000) {
+            w.write_all(piece).unwrap();
+        }
+    });
     let (sent, got) = tokio::join!(
         async {
-            let sent = send_pipe(std::io::Cursor::new(input), framing, None, &mut a, &|n| {
+            let sent = send_pipe(r, framing, None, &mut a, &|n| {
                 moved.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
             })
             .await;
@@ -215,6 +227,7 @@ async fn through_stream(
             receive_encoded(&wire, most, Encoding::Stream).await
         }
     );
+    writer.join().unwrap();
     if let Ok((size, _)) = &sent {
         assert_eq!(moved.into_inner(), *size, "progress counts every byte");
     }
