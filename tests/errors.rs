@@ -249,6 +249,21 @@ async fn full_disks_are_reported_on_either_side() {
     std::fs::remove_file(server.root.join("first")).unwrap();
     server.assert_healthy().await;
 
+    // Data of unknown length (put -) reserves nothing up front: it runs
+    // out mid-write, is named, and leaves nothing behind.
+    let input = std::fs::File::open(&src).unwrap();
+    let err = client
+        .put_stream(input, "piped", false, &|_| {})
+        .await
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("'piped'") && msg.contains("disk is full"),
+        "{msg}"
+    );
+    assert!(tree(&server.root).is_empty(), "{:?}", tree(&server.root));
+    server.assert_healthy().await;
+
     // The client's disk: download a file bigger than the tiny disk into it.
     let other = TestServer::start().await;
     std::fs::copy(&src, other.root.join("big")).unwrap();
@@ -762,5 +777,57 @@ async fn a_download_to_stdout_that_does_not_match_its_digest_fails() {
         stderr.contains("do not match the server's BLAKE3"),
         "{stderr}"
     );
+    endpoint.close(0u32.into(), b"");
+}
+
+/// A download framed as data of unknown length (which only uploads use)
+/// is refused before anything is written; an upload from a pipe to a
+/// server that never answers fails in time instead of waiting forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_server_cannot_misuse_data_of_unknown_length() {
+    use qxfer::protocol::{BlockHeader, Encoding, GetOffer};
+    let cfg = tempfile::tempdir().unwrap();
+    let mut raw = encode(&Response::GetAccepted(GetOffer {
+        meta: FileMeta {
+            size: 5,
+            mtime: None,
+            mode: None,
+        },
+        offset: 0,
+        encoding: Encoding::Stream,
+    }))
+    .unwrap();
+    raw.extend_from_slice(&BlockHeader::END);
+    let endpoint = hostile_server_raw(cfg.path(), Some(raw));
+    let config = common::client_config(endpoint.local_addr().unwrap(), cfg.path());
+    let client = Client::connect(&config).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let dest = dir.path().join("g");
+    let err = tokio::time::timeout(
+        Duration::from_secs(20),
+        client.get("g", &dest, false, &|_| {}, &|_| {}),
+    )
+    .await
+    .expect("get must not hang")
+    .unwrap_err();
+    assert!(err.to_string().contains("unknown length"), "{err}");
+    assert!(tree(dir.path()).is_empty(), "{:?}", tree(dir.path()));
+    endpoint.close(0u32.into(), b"");
+
+    let endpoint = hostile_server(cfg.path(), None);
+    let mut config = common::client_config(endpoint.local_addr().unwrap(), cfg.path());
+    config.reply_timeout = Duration::from_secs(2);
+    let client = Client::connect(&config).await.unwrap();
+    let (r, w) = rustix::pipe::pipe().unwrap();
+    let (r, w) = (std::fs::File::from(r), std::fs::File::from(w));
+    let err = tokio::time::timeout(
+        Duration::from_secs(20),
+        client.put_stream(r, "p", false, &|_| {}),
+    )
+    .await
+    .expect("put - must not hang")
+    .unwrap_err();
+    assert!(err.to_string().contains("no answer"), "{err}");
+    drop(w);
     endpoint.close(0u32.into(), b"");
 }

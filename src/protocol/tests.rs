@@ -147,6 +147,12 @@ proptest::proptest! {
             assert!(if h.compressed { h.wire_len < h.raw_len } else { h.wire_len == h.raw_len });
             assert_eq!(h.encode(), bytes);
         }
+        match BlockHeader::decode_stream(&bytes) {
+            Ok(StreamMark::Block(h)) => assert_eq!(h.encode(), bytes),
+            Ok(StreamMark::End) => assert_eq!(bytes, BlockHeader::END),
+            Ok(StreamMark::Pause) => assert_eq!(bytes, BlockHeader::PAUSE),
+            Err(_) => {}
+        }
     }
 
     #[test]

@@ -13,7 +13,7 @@ use libfuzzer_sys::fuzz_target;
 use qxfer::paths::RemotePath;
 use qxfer::protocol::{
     decode, encode, read_frame, BlockHeader, Continue, ListBatch, Receipt, Request, Response,
-    Trailer, MAX_BLOCK,
+    StreamMark, Trailer, MAX_BLOCK,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -44,18 +44,22 @@ fuzz_target!(|data: &[u8]| {
     match which % 8 {
         0 => {
             if let Some(req) = round_trip::<Request>(rest) {
-                let (path, root_ok) = match &req {
-                    Request::Put(p) => (&p.path, false),
-                    Request::Get(g) => (&g.path, false),
-                    Request::List(l) => (&l.path, true),
-                    Request::Mkdir(m) => (&m.path, false),
+                let paths = match &req {
+                    Request::Put(p) => vec![(&p.path, false)],
+                    Request::Get(g) => vec![(&g.path, false)],
+                    Request::List(l) => vec![(&l.path, true)],
+                    Request::Mkdir(m) => vec![(&m.path, false)],
+                    Request::Remove(r) => vec![(&r.path, false)],
+                    Request::Rename(r) => vec![(&r.from, false), (&r.to, false)],
                 };
-                if let Ok(p) = RemotePath::parse(path, root_ok) {
-                    let rel = p.relative();
-                    assert!(rel.is_relative());
-                    assert!(!rel
-                        .components()
-                        .any(|c| matches!(c, std::path::Component::ParentDir)));
+                for (path, root_ok) in paths {
+                    if let Ok(p) = RemotePath::parse(path, root_ok) {
+                        let rel = p.relative();
+                        assert!(rel.is_relative());
+                        assert!(!rel
+                            .components()
+                            .any(|c| matches!(c, std::path::Component::ParentDir)));
+                    }
                 }
             }
         }
@@ -81,6 +85,13 @@ fuzz_target!(|data: &[u8]| {
                 if let Ok(h) = BlockHeader::decode(&bytes) {
                     assert!(h.raw_len >= 1 && h.raw_len <= MAX_BLOCK);
                     assert_eq!(h.encode(), bytes);
+                }
+                // In a stream: a block as above, or exactly one of the marks.
+                match BlockHeader::decode_stream(&bytes) {
+                    Ok(StreamMark::Block(h)) => assert_eq!(h.encode(), bytes),
+                    Ok(StreamMark::End) => assert_eq!(bytes, BlockHeader::END),
+                    Ok(StreamMark::Pause) => assert_eq!(bytes, BlockHeader::PAUSE),
+                    Err(_) => {}
                 }
             }
         }
