@@ -407,13 +407,13 @@ async fn a_name_taken_meanwhile_by_this_very_file_is_no_conflict() {
     assert_eq!(std::fs::read(h.path("other")).unwrap(), other);
 }
 
-/// The frames of a put of `data` as data of unknown length, in blocks of
-/// `block` bytes, with its end mark (`ended`) or without.
-fn stream_frames(path: &str, data: &[u8], block: usize, ended: bool) -> Vec<Vec<u8>> {
-    let header = encode(&Request::Put(PutRequest {
+/// The request of a put of data of unknown length, declaring `size`
+/// (which must be 0).
+fn stream_header(path: &str, size: u64) -> Vec<u8> {
+    encode(&Request::Put(PutRequest {
         path: path.into(),
         meta: FileMeta {
-            size: 0,
+            size,
             mtime: None,
             mode: None,
         },
@@ -421,8 +421,13 @@ fn stream_frames(path: &str, data: &[u8], block: usize, ended: bool) -> Vec<Vec<
         resume: false,
         encoding: Encoding::Stream,
     }))
-    .unwrap();
-    let mut frames = vec![header];
+    .unwrap()
+}
+
+/// The frames of a put of `data` as data of unknown length, in blocks of
+/// `block` bytes, with its end mark (`ended`) or without.
+fn stream_frames(path: &str, data: &[u8], block: usize, ended: bool) -> Vec<Vec<u8>> {
+    let mut frames = vec![stream_header(path, 0)];
     for b in data.chunks(block) {
         let h = crate::protocol::BlockHeader {
             compressed: false,
@@ -499,18 +504,7 @@ async fn data_of_unknown_length_is_committed_at_its_end_mark_and_only_then() {
     assert_eq!(names, ["piped"], "no temporaries, nothing half-written");
     // A stream that claims a size or a resume is a malformed request.
     let mut frames = stream_frames("odd", b"x", 1, true);
-    frames[0] = encode(&Request::Put(PutRequest {
-        path: "odd".into(),
-        meta: FileMeta {
-            size: 1,
-            mtime: None,
-            mode: None,
-        },
-        force: false,
-        resume: false,
-        encoding: Encoding::Stream,
-    }))
-    .unwrap();
+    frames[0] = stream_header("odd", 1);
     assert_eq!(
         send_put(&h, &frames).await.unwrap_err().code,
         ErrorCode::Protocol
