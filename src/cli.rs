@@ -50,7 +50,8 @@ Exit codes:
   2    usage error (a wrong option, argument or config.toml)
   3    connection failure: unreachable, not a qxfer server, busy, or lost before anything moved
   4    trust failure: server key changed or --pin mismatch, or this client refused by the server
-  130  interrupted (Ctrl-C, SIGTERM): run the same command again to resume";
+  130  interrupted (Ctrl-C, SIGTERM): run the same command again to resume
+       (a piped upload, put -, cannot resume: run the pipeline again)";
 
 /// Secure, fast file transfer over QUIC.
 #[derive(Debug, Parser)]
@@ -525,7 +526,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Serve(args) => serve(args).await,
         Command::Put(args) => {
             let hint = if reads_stdin(&args) {
-                "interrupted; nothing was saved on the server (a piped upload cannot resume: run the pipeline again)"
+                "interrupted; a piped upload cannot resume: unless all of it had been sent (check with `qxfer ls`), nothing was saved on the server, so run the pipeline again"
             } else {
                 RESUME_HINT
             };
@@ -1069,9 +1070,12 @@ async fn put_from_stdin(args: PutArgs, quiet: bool, progress: &Progress) -> Resu
         [_] => return usage("needs the name to store standard input under: qxfer put - NAME"),
         _ => return usage("uploads standard input under one name: qxfer put - NAME (a local file named '-' is ./-)"),
     };
-    let Some(name) = name.to_str().filter(|n| !n.is_empty()) else {
+    let Some(name) = name.to_str() else {
         return usage("NAME must be UTF-8");
     };
+    if name.is_empty() {
+        return usage("needs a NAME that is not empty");
+    }
     let t = &args.transfer;
     if args.recursive || t.delete || !t.exclude.is_empty() || !t.exclude_from.is_empty() {
         return usage("uploads one stream: -r, --delete and --exclude apply to directories");
@@ -1099,7 +1103,12 @@ async fn put_from_stdin(args: PutArgs, quiet: bool, progress: &Progress) -> Resu
     }
     let bar = progress.pipe_bar(&label);
     let started = std::time::Instant::now();
-    let result = client.put_stream(stdin, &remote, args.force, &bar).await;
+    let moved = std::sync::atomic::AtomicU64::new(0);
+    let watch = |n| {
+        bar.inc(n);
+        moved.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+    };
+    let result = client.put_stream(stdin, &remote, args.force, &watch).await;
     bar.finish();
     if let Some(refused) = client.refusal() {
         progress.finish();
@@ -1120,17 +1129,26 @@ async fn put_from_stdin(args: PutArgs, quiet: bool, progress: &Progress) -> Resu
         }
         Err(e) => {
             let msg = e.to_string();
-            let named = if msg.contains(&remote) || msg.contains("standard input") {
+            let mut error = if msg.contains(&remote) || msg.contains("standard input") {
                 msg
             } else {
                 format!("{label}: {msg}")
             };
-            let error = format!("{named}; nothing was saved on the server (a piped upload cannot resume: run the pipeline again)");
-            (vec![error], e.is_transient())
+            // What the server refused or failed, it says itself (and it
+            // kept nothing); an upload cut short must start over; one whose
+            // answer went missing may have been saved (the error says so).
+            if e.is_transient() {
+                error.push_str("; nothing was saved on the server (a piped upload cannot resume: run the pipeline again)");
+            } else if !matches!(e, FileError::Unconfirmed { .. }) && !error.contains("saved") {
+                error.push_str("; nothing was saved on the server");
+            }
+            let before_any = moved.load(std::sync::atomic::Ordering::Relaxed) == 0;
+            (vec![error], e.is_transient() && before_any)
         }
     };
     let code = finish_batch("put", report, errors, args.json, quiet, progress)?;
-    // As for any transfer: a lost connection is exit code 3.
+    // As for any transfer: a connection lost before anything moved is
+    // exit code 3; a failure once data moved is 1.
     Ok(if lost {
         ExitCode::from(exit::CONNECTION)
     } else {

@@ -70,6 +70,25 @@ impl Space {
         Ok(granted(fs))
     }
 
+    /// Whether `bytes` more can be written on the filesystem holding `fd`
+    /// without touching what uploads in flight reserved: for data of
+    /// unknown length, which reserves nothing up front and is checked
+    /// before each write instead. Where the free space cannot be read, yes.
+    pub(crate) fn check(&self, fd: impl AsFd, bytes: u64) -> Result<(), NoRoom> {
+        let Ok(st) = rustix::fs::fstatvfs(fd) else {
+            return Ok(());
+        };
+        let held = self.lock().get(&st.f_fsid).copied().unwrap_or(0);
+        let free = st.f_bavail.saturating_mul(st.f_frsize).saturating_sub(held);
+        if bytes > free {
+            return Err(NoRoom {
+                needed: bytes,
+                free,
+            });
+        }
+        Ok(())
+    }
+
     /// Bytes reserved on all filesystems together.
     #[cfg(test)]
     pub(crate) fn total(&self) -> u64 {
@@ -145,7 +164,11 @@ mod tests {
         drop(first);
         assert_eq!(space.total(), 0);
         let second = space.reserve(&dir, big).unwrap();
+        // Data of unknown length may write what nobody reserved, no more.
+        assert!(space.check(&dir, free / 16).is_ok());
+        assert!(space.check(&dir, free - big / 2).is_err());
         drop(second);
         assert_eq!(space.total(), 0, "a dropped reservation frees its bytes");
+        assert!(space.check(&dir, free - big / 2).is_ok());
     }
 }

@@ -264,6 +264,60 @@ async fn full_disks_are_reported_on_either_side() {
     assert!(tree(&server.root).is_empty(), "{:?}", tree(&server.root));
     server.assert_healthy().await;
 
+    // Nor does it take the space a sized upload in flight was promised:
+    // 700 KiB are reserved (header sent, data not yet), so 500 KiB from a
+    // pipe do not fit, and the reserved upload then completes.
+    let (mut send, mut recv) = client.connection().open_bi().await.unwrap();
+    let req = Request::Put(PutRequest {
+        path: "promised".into(),
+        meta: FileMeta {
+            size: 700 << 10,
+            mtime: None,
+            mode: None,
+        },
+        force: false,
+        resume: false,
+        encoding: qxfer::protocol::Encoding::Raw,
+    });
+    send.write_all(&encode(&req).unwrap()).await.unwrap();
+    assert!(matches!(
+        read_frame::<_, Response>(&mut recv).await.unwrap(),
+        Response::PutAccepted(_)
+    ));
+    let small = dir.path().join("small");
+    std::fs::write(&small, pattern(500 << 10, 8)).unwrap();
+    let err = client
+        .put_stream(
+            std::fs::File::open(&small).unwrap(),
+            "piped",
+            false,
+            &|_| {},
+        )
+        .await
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("'piped'") && msg.contains("promised to uploads in flight"),
+        "{msg}"
+    );
+    let data = pattern(700 << 10, 9);
+    send.write_all(&data).await.unwrap();
+    send.write_all(
+        &encode(&qxfer::protocol::Trailer {
+            digest: *blake3::hash(&data).as_bytes(),
+        })
+        .unwrap(),
+    )
+    .await
+    .unwrap();
+    send.finish().unwrap();
+    assert!(matches!(
+        read_frame::<_, Receipt>(&mut recv).await.unwrap(),
+        Receipt::Committed { .. }
+    ));
+    assert_eq!(tree(&server.root), ["promised"]);
+    std::fs::remove_file(server.root.join("promised")).unwrap();
+
     // The client's disk: download a file bigger than the tiny disk into it.
     let other = TestServer::start().await;
     std::fs::copy(&src, other.root.join("big")).unwrap();

@@ -114,3 +114,55 @@ async fn the_sweep_aborts_uploads_nobody_came_back_for() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// The sweep never takes a piped upload that is still running for one its
+/// server left behind: with a TTL of one second, an upload from a pipe
+/// that stored a part and then waits on its input for three seconds
+/// (sweeps run meanwhile) still completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sweep_leaves_a_running_piped_upload_alone() {
+    use std::io::Write;
+    let g = garage();
+    let url = g.fresh_root("pipesweep");
+    let dirs = tempfile::tempdir().unwrap();
+    let server = TestServer::start_object_configured(
+        tempfile::tempdir().unwrap(),
+        &dirs.path().join("certs"),
+        &url,
+        0,
+        |c| c.partial_ttl = Duration::from_secs(1),
+    )
+    .await;
+    let cfg = tempfile::tempdir().unwrap();
+    let client = Client::connect(&server.client_config(cfg.path()))
+        .await
+        .unwrap();
+    let data = pattern(10 * MIB, 13);
+    let (r, w) = rustix::pipe::pipe().unwrap();
+    let (r, mut w) = (std::fs::File::from(r), std::fs::File::from(w));
+    let c = client.clone();
+    let upload = tokio::spawn(async move { c.put_stream(r, "piped", false, &|_| {}).await });
+    let (head, tail) = data.split_at(9 * MIB);
+    let (head, tail) = (head.to_vec(), tail.to_vec());
+    let mut w = tokio::task::spawn_blocking(move || {
+        w.write_all(&head).unwrap();
+        w
+    })
+    .await
+    .unwrap();
+    wait_for_parts(&url, 1).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    tokio::task::spawn_blocking(move || {
+        w.write_all(&tail).unwrap();
+    })
+    .await
+    .unwrap();
+    let report = upload.await.unwrap().unwrap();
+    assert_eq!(report.bytes, data.len() as u64);
+    assert!(server.stored("piped").await == data);
+    assert!(!keys(&url)
+        .await
+        .iter()
+        .any(|k| k.starts_with(".qxfer-partial/")));
+    client.close().await;
+}

@@ -409,6 +409,7 @@ pub(super) async fn receive_get(
         start,
         offer.encoding,
         pace,
+        None,
         progress,
         std::future::pending(),
     )

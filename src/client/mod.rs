@@ -117,6 +117,15 @@ pub enum FileError {
     /// The server broke the protocol or the stream failed.
     #[error("{0}")]
     Protocol(String),
+    /// All of an upload from a pipe was sent, but the server's word on it
+    /// never came: it may or may not have been saved.
+    #[error("'{name}': all of standard input was sent, but the server's answer did not come ({why}); it may have been saved: check with `qxfer ls {name}` before running the pipeline again")]
+    Unconfirmed {
+        /// The remote name.
+        name: String,
+        /// What happened instead of the answer.
+        why: String,
+    },
 }
 
 impl FileError {
@@ -158,7 +167,8 @@ impl FileError {
             | Self::Local { .. }
             | Self::LocalExists(_)
             | Self::Corrupt(_)
-            | Self::CorruptOutput(_) => false,
+            | Self::CorruptOutput(_)
+            | Self::Unconfirmed { .. } => false,
         }
     }
 }

@@ -235,6 +235,10 @@ impl Client {
     /// so a refusal (the name exists, the server is read-only) consumes
     /// none of the input. The file gets the server's default mode and the
     /// time of the upload as its mtime.
+    ///
+    /// `input` is read on a thread of its own until it ends, even if the
+    /// upload fails first: pass something that is fine to leave so (the
+    /// command line passes its standard input and then exits).
     pub async fn put_stream<R>(
         &self,
         input: R,
@@ -263,7 +267,16 @@ impl Client {
         write_frame(&mut send, &request).await?;
         match reply::<Response>(&mut recv, self.reply_timeout).await? {
             Response::PutAccepted(_) => {}
-            Response::Refused(e) => return Err(e.into()),
+            Response::Refused(mut e) => {
+                if e.code == ErrorCode::Protocol {
+                    // Data of unknown length came with this client's
+                    // version of the protocol; an older server refuses it
+                    // as a malformed request.
+                    e.message
+                        .push_str(" (a server older than this client cannot take `put -`)");
+                }
+                return Err(e.into());
+            }
             other => return Err(unexpected(&other)),
         }
         let sent = exchange::send_pipe(input, framing, self.pace.clone(), &mut send, &|n| {
@@ -284,20 +297,33 @@ impl Client {
             Err(source) => {
                 // The server usually says why it stopped taking the data
                 // (too large, a full disk).
-                return Err(
-                    match reply::<Receipt>(&mut recv, self.reply_timeout).await {
-                        Ok(Receipt::Failed(e)) => e.into(),
-                        _ => FileError::Transfer {
-                            path: label.to_owned(),
-                            source,
-                        },
+                let answer = reply::<Receipt>(&mut recv, self.reply_timeout).await;
+                return Err(match answer {
+                    Ok(Receipt::Failed(e)) => e.into(),
+                    // ("Rerun to resume" is no advice for a pipe.)
+                    _ if matches!(source, TransferError::Stalled) => FileError::Protocol(format!(
+                        "the server took none of the data for {} s",
+                        exchange::STALL_TIMEOUT.as_secs()
+                    )),
+                    _ => FileError::Transfer {
+                        path: label.to_owned(),
+                        source,
                     },
-                );
+                });
             }
         };
-        write_frame(&mut send, &Trailer { digest: ours }).await?;
+        let unconfirmed = |why: String| FileError::Unconfirmed {
+            name: remote.to_owned(),
+            why,
+        };
+        write_frame(&mut send, &Trailer { digest: ours })
+            .await
+            .map_err(|e| unconfirmed(e.to_string()))?;
         let _ = send.finish();
-        match reply::<Receipt>(&mut recv, self.receipt_within(size)).await? {
+        let receipt = reply::<Receipt>(&mut recv, self.receipt_within(size))
+            .await
+            .map_err(|e| unconfirmed(e.to_string()))?;
+        match receipt {
             Receipt::Failed(e) => Err(e.into()),
             Receipt::Committed {
                 size: theirs,

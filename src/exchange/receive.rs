@@ -29,6 +29,9 @@ struct FileSink {
     /// The file's full size: the last chunk needs no early writeback, as the
     /// commit's fsync follows at once.
     size: u64,
+    /// For data of unknown length, which reserved no space: checked before
+    /// each write, so it never takes what uploads in flight reserved.
+    room: Option<Arc<crate::space::Space>>,
 }
 
 /// What arrived for the disk: file bytes, or a compressed block of them.
@@ -63,6 +66,18 @@ impl PieceSink for FileSink {
 impl FileSink {
     /// Writes and hashes `buf`, and starts its writeback. Blocking.
     fn write_bytes(mut self, buf: &[u8]) -> (Self, Result<(), TransferError>) {
+        if let Some(space) = &self.room {
+            if let Err(no) = space.check(&self.file, buf.len() as u64) {
+                let full = std::io::Error::new(
+                    std::io::ErrorKind::StorageFull,
+                    format!(
+                        "{} bytes free, the rest promised to uploads in flight",
+                        no.free
+                    ),
+                );
+                return (self, Err(TransferError::Write(full)));
+            }
+        }
         if let Err(e) = self.file.write_all(buf) {
             return (self, Err(TransferError::Write(e)));
         }
@@ -298,7 +313,9 @@ pub(crate) struct Received {
 /// Receives the bytes from `start.offset` up to `size` from `input` into
 /// `file` (positioned at the offset), framed as `encoding` says (with
 /// [`Encoding::Stream`], up to its end, `size` being the most it may
-/// hold), and returns the whole file's size and BLAKE3. The data is not synced:
+/// hold), and returns the whole file's size and BLAKE3. With `room`, each
+/// write first checks the free space left beside what uploads in flight
+/// reserved (for data of unknown length). The data is not synced:
 /// [`IncomingFile::commit`] syncs it with its metadata in one go. If `stop`
 /// completes first, the bytes already received are written and synced, and
 /// the result is [`TransferError::Stopped`]: the partial file is consistent
@@ -311,6 +328,7 @@ pub(crate) async fn receive_file<R>(
     start: Start,
     encoding: Encoding,
     pace: Option<Arc<Pacer>>,
+    room: Option<Arc<crate::space::Space>>,
     progress: &Advance<'_>,
     stop: impl std::future::Future<Output = ()>,
 ) -> Result<Received, TransferError>
@@ -322,6 +340,7 @@ where
         hasher: start.hasher,
         written: start.offset,
         size,
+        room,
     };
     let (sink, result) = receive_pieces(
         input,

@@ -466,6 +466,11 @@ const PAUSE_EVERY: Duration = Duration::from_secs(15);
 /// this time instead of waiting for a block to fill.
 const GATHER: Duration = Duration::from_millis(5);
 
+/// The longest a block gathers at all: a producer that trickles (a byte
+/// every few milliseconds, a serial console) still has its bytes sent
+/// this often, not once a whole block is full.
+const GATHER_MAX: Duration = Duration::from_millis(200);
+
 /// What the pipe's reader hands over.
 enum FromPipe {
     /// A block of input behind room for its header.
@@ -541,8 +546,9 @@ where
 
 /// Reads `input` to its end in blocks of up to [`CHUNK`] bytes behind
 /// `room` spare bytes, hashing as it goes, and hands them over to `tx`; a
-/// block goes part-filled once the input has nothing more for [`GATHER`].
-/// Stops early if nobody listens any more. Blocking.
+/// block goes part-filled once the input has nothing more for [`GATHER`],
+/// or [`GATHER_MAX`] after its first byte. Stops early if nobody listens
+/// any more. Blocking.
 fn read_pipe<R: Read + AsFd>(mut input: R, room: usize, tx: tokio::sync::mpsc::Sender<FromPipe>) {
     let mut hasher = blake3::Hasher::new();
     let mut total = 0u64;
@@ -550,9 +556,13 @@ fn read_pipe<R: Read + AsFd>(mut input: R, room: usize, tx: tokio::sync::mpsc::S
         let mut buf = vec![0u8; room + CHUNK];
         let mut filled = room;
         let mut ended = false;
+        let mut first_byte = None;
         while filled < buf.len() {
-            if filled > room && !readable_within(&input, GATHER) {
-                break;
+            if let Some(at) = first_byte {
+                let waited = std::time::Instant::now().duration_since(at);
+                if waited >= GATHER_MAX || !readable_within(&input, Some(GATHER)) {
+                    break;
+                }
             }
             match input.read(&mut buf[filled..]) {
                 Ok(0) => {
@@ -563,8 +573,14 @@ fn read_pipe<R: Read + AsFd>(mut input: R, room: usize, tx: tokio::sync::mpsc::S
                     hasher.update(&buf[filled..filled + n]);
                     filled += n;
                     total += n as u64;
+                    first_byte.get_or_insert_with(std::time::Instant::now);
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                // Standard input left non-blocking by whoever set it up:
+                // wait for it as for a blocking one.
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    readable_within(&input, first_byte.map(|_| GATHER));
+                }
                 Err(e) => {
                     let _ = tx.blocking_send(FromPipe::Failed(e));
                     return;
@@ -585,13 +601,13 @@ fn read_pipe<R: Read + AsFd>(mut input: R, room: usize, tx: tokio::sync::mpsc::S
 }
 
 /// Whether `fd` has something to read (or its end, or an error, which the
-/// read then reports) within `wait`.
-fn readable_within(fd: &impl AsFd, wait: Duration) -> bool {
+/// read then reports) within `wait` (under a second), or at all (`None`).
+fn readable_within(fd: &impl AsFd, wait: Option<Duration>) -> bool {
     use rustix::event::{poll, PollFd, PollFlags, Timespec};
     let mut fds = [PollFd::new(fd, PollFlags::IN)];
-    let timeout = Timespec {
+    let timeout = wait.map(|w| Timespec {
         tv_sec: 0,
-        tv_nsec: wait.subsec_nanos().into(),
-    };
-    !matches!(poll(&mut fds, Some(&timeout)), Ok(0))
+        tv_nsec: w.subsec_nanos().into(),
+    });
+    !matches!(poll(&mut fds, timeout.as_ref()), Ok(0))
 }

@@ -66,6 +66,7 @@ async fn pipe(src: &Path, framing: Framing, out: File) -> (usize, Result<Digest,
             Start::default(),
             encoding,
             None,
+            None,
             &|_| {},
             std::future::pending()
         )
@@ -170,6 +171,7 @@ async fn receive_encoded(
         out,
         Start::default(),
         encoding,
+        None,
         None,
         &|_| {},
         std::future::pending(),
@@ -364,6 +366,7 @@ async fn truncated_stream_is_an_error_and_leaves_nothing() {
         Start::default(),
         Encoding::Raw,
         None,
+        None,
         &|_| {},
         std::future::pending(),
     )
@@ -540,4 +543,50 @@ fn incoming_at(dest: &Path) -> std::io::Result<IncomingFile> {
     let dir = Dir::open_ambient_dir(dest.parent().unwrap(), ambient_authority())?;
     let name = dest.file_name().unwrap().to_str().unwrap();
     IncomingFile::create_in(dir.try_clone()?, dir, name, dest.to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trickling_pipe_has_its_bytes_sent_before_a_block_fills() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use tokio::io::AsyncReadExt;
+    // A byte every 2 ms (no gap long enough to end a block) for 1.2 s.
+    let (r, w) = rustix::pipe::pipe().unwrap();
+    let (r, mut w) = (File::from(r), File::from(w));
+    let done = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let done = done.clone();
+        std::thread::spawn(move || {
+            for _ in 0..600 {
+                w.write_all(b"x").unwrap();
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            done.store(true, Ordering::SeqCst);
+        })
+    };
+    let (mut a, mut b) = tokio::io::duplex(64 * 1024);
+    let framing = Framing {
+        encoding: Encoding::Stream,
+        compress: Compressing::No,
+    };
+    let (sent, first_block_early) = tokio::join!(
+        async {
+            let sent = send_pipe(r, framing, None, &mut a, &|_| {}).await;
+            drop(a);
+            sent
+        },
+        async {
+            let mut head = [0u8; BlockHeader::LEN];
+            b.read_exact(&mut head).await.unwrap();
+            let early = !done.load(Ordering::SeqCst);
+            let mut rest = Vec::new();
+            b.read_to_end(&mut rest).await.unwrap();
+            early
+        }
+    );
+    writer.join().unwrap();
+    assert_eq!(sent.unwrap().0, 600);
+    assert!(
+        first_block_early,
+        "the first bytes went out while the input was still trickling"
+    );
 }

@@ -147,5 +147,15 @@ pub(super) fn partial_name(client: &Fingerprint, path: &RemotePath, meta: &FileM
     )
 }
 
+/// A fresh name for an upload from a pipe (`put -`): such uploads are
+/// never resumed, so nothing else ever has the same name.
+pub(super) fn pipe_name() -> String {
+    format!(
+        "pipe-{:016x}{:016x}",
+        crate::exchange::random_u64(),
+        crate::exchange::random_u64()
+    )
+}
+
 /// Prefix of resumable partials in the partial store.
 const PART_PREFIX: &str = "part-";

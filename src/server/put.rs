@@ -6,7 +6,7 @@ use std::time::Duration;
 use tokio::io::AsyncReadExt;
 use tracing::info;
 
-use crate::exchange::Buffered;
+use crate::exchange::{Buffered, Received};
 use crate::paths::RemotePath;
 use crate::protocol::{
     read_frame, write_frame, Continue, ErrorCode, FrameError, PutOffer, PutRequest, Receipt,
@@ -14,7 +14,7 @@ use crate::protocol::{
 };
 use crate::store::{corrupt, Held, Prepared, PutPlan, Upload};
 
-use super::partials::partial_name;
+use super::partials::{partial_name, pipe_name};
 use super::stream::{ReplyStream, RequestStream};
 use super::{protocol_error, Ctx, RECEIPT_TIMEOUT, STOP_REFUSED};
 
@@ -43,10 +43,17 @@ pub(super) async fn serve_put(
     // Large files go to a partial keyed by who sends which version of what,
     // kept if the upload is interrupted; only one upload may write it at a
     // time, and a newer one (the client retrying) takes over from an older.
+    // Data from a pipe gets a name of its own, leased for as long as it
+    // runs, so that the sweep never takes a store's record of it (an
+    // object store's multipart upload) for one its server left behind.
     let keyed = !stream && req.meta.size >= RESUME_MIN;
     let mut lease = None;
-    let partial = if keyed {
-        let name = partial_name(&ctx.client, &path, &req.meta);
+    let partial = if keyed || stream {
+        let name = if stream {
+            pipe_name()
+        } else {
+            partial_name(&ctx.client, &path, &req.meta)
+        };
         lease = Some(ctx.partials.acquire(&name).await.ok_or_else(|| {
             RemoteError::new(
                 ErrorCode::Protocol,
@@ -66,7 +73,7 @@ pub(super) async fn serve_put(
         stream,
     };
     let prepared = ctx.config.store.prepare_put(plan).await?;
-    let Some((upload, held)) = answer_put(prepared, &path, send, recv).await? else {
+    let Some((upload, held)) = answer_put(prepared, &path, !keyed, send, recv).await? else {
         return Ok(());
     };
     if held.offset > 0 {
@@ -79,7 +86,8 @@ pub(super) async fn serve_put(
             None => std::future::pending().await,
         }
     };
-    let receipt = match receive_put(&req, &path, upload, held, recv, ctx, stop).await {
+    let (receipt, abandoned) = receive_put(&req, &path, upload, held, recv, ctx, stop).await;
+    let receipt = match receipt {
         Ok(receipt) => {
             if let Receipt::Committed { size, .. } = receipt {
                 info!(path = %path, bytes = size, "put committed");
@@ -92,7 +100,18 @@ pub(super) async fn serve_put(
             Receipt::Failed(err)
         }
     };
-    drop(lease);
+    // The client hears why first; deleting what a failed upload from a
+    // pipe left (thousands of parts, in an object store) may take a while.
+    if let Some(upload) = abandoned {
+        let path = path.clone();
+        tokio::spawn(async move {
+            upload.abandon().await;
+            drop(lease);
+            info!(path = %path, "discarded what the failed piped upload had sent");
+        });
+    } else {
+        drop(lease);
+    }
     let _ = write_frame(send, &receipt).await;
     send.finish();
     Ok(())
@@ -133,7 +152,7 @@ async fn serve_whole_put(
         stream: false,
     };
     let prepared = ctx.config.store.prepare_put(plan).await?;
-    let Some((upload, _)) = answer_put(prepared, path, send, recv).await? else {
+    let Some((upload, _)) = answer_put(prepared, path, true, send, recv).await? else {
         return Ok(());
     };
     let received = async {
@@ -179,10 +198,13 @@ async fn serve_whole_put(
 
 /// Answers a prepared put: `PutAccepted` with what the server holds of it
 /// (and the upload to receive into), or, if the same file is already
-/// there, `AlreadyThere` and no more (None).
+/// there, `AlreadyThere` and no more (None). If the client is gone before
+/// it hears the answer and `give_up_if_gone`, the upload is abandoned (one
+/// that cannot be resumed keeps nothing worth keeping).
 async fn answer_put(
     prepared: Prepared,
     path: &RemotePath,
+    give_up_if_gone: bool,
     send: &mut impl ReplyStream,
     recv: &mut impl RequestStream,
 ) -> Result<Option<(Box<dyn Upload>, Held)>, RemoteError> {
@@ -205,9 +227,12 @@ async fn answer_put(
         prefix: held.prefix,
         discarded_stale,
     };
-    write_frame(send, &Response::PutAccepted(offer))
-        .await
-        .map_err(|e| protocol_error(&e))?;
+    if let Err(e) = write_frame(send, &Response::PutAccepted(offer)).await {
+        if give_up_if_gone {
+            upload.abandon().await;
+        }
+        return Err(protocol_error(&e));
+    }
     Ok(Some((upload, held)))
 }
 
@@ -218,6 +243,10 @@ fn continue_timeout(offset: u64) -> Duration {
     RECEIPT_TIMEOUT + Duration::from_secs(offset / (50 << 20))
 }
 
+/// Receives, checks and commits an accepted put: the receipt, and (when
+/// it failed) an upload for the caller to abandon once the client has
+/// heard why: one whose bytes are known to be bad, or one from a pipe,
+/// which can never be resumed.
 async fn receive_put(
     req: &PutRequest,
     path: &RemotePath,
@@ -226,7 +255,44 @@ async fn receive_put(
     recv: &mut impl RequestStream,
     ctx: &Ctx,
     stop: impl std::future::Future<Output = ()> + Send,
-) -> Result<Receipt, RemoteError> {
+) -> (Result<Receipt, RemoteError>, Option<Box<dyn Upload>>) {
+    let stream = !req.encoding.is_sized();
+    let received = match receive_data(req, path, &mut upload, held, recv, ctx, stop).await {
+        Ok(received) => received,
+        Err(e) => return (Err(e), stream.then_some(upload)),
+    };
+    let trailer = match read_trailer(recv, path).await {
+        Ok(trailer) => trailer,
+        Err(e) => return (Err(e), stream.then_some(upload)),
+    };
+    let digest = received.digest;
+    if trailer.digest != digest {
+        // Never resume from bytes known to be bad.
+        return (Err(corrupt(path)), Some(upload));
+    }
+    match upload.commit(req.meta, req.force).await {
+        Err(e) if taken_by_this_file(&e, req, path, digest, ctx).await => {}
+        Err(e) => return (Err(e), None),
+        Ok(()) => {}
+    }
+    let receipt = Receipt::Committed {
+        size: received.size,
+        digest,
+    };
+    (Ok(receipt), None)
+}
+
+/// The data phase of an accepted put: the client's answer to a resume
+/// offer, then the bytes.
+async fn receive_data(
+    req: &PutRequest,
+    path: &RemotePath,
+    upload: &mut Box<dyn Upload>,
+    held: Held,
+    recv: &mut impl RequestStream,
+    ctx: &Ctx,
+    stop: impl std::future::Future<Output = ()> + Send,
+) -> Result<Received, RemoteError> {
     if req.resume {
         // The client has compared prefixes and says where its data starts.
         let answer = tokio::time::timeout(
@@ -258,7 +324,7 @@ async fn receive_put(
         ctx.config.max_file_size.unwrap_or(u64::MAX)
     };
     tokio::pin!(stop);
-    let received = upload
+    upload
         .receive(
             recv,
             size,
@@ -268,36 +334,7 @@ async fn receive_put(
             },
             stop,
         )
-        .await;
-    let checked = match received {
-        Ok(received) => read_trailer(recv, path).await.map(|t| (received, t)),
-        Err(e) => Err(e),
-    };
-    let (received, trailer) = match checked {
-        Ok(both) => both,
-        Err(e) => {
-            // What a pipe sent cannot be resumed (its bytes are gone from
-            // the pipe): nothing is kept of it.
-            if !req.encoding.is_sized() {
-                upload.abandon().await;
-            }
-            return Err(e);
-        }
-    };
-    let digest = received.digest;
-    if trailer.digest != digest {
-        // Never resume from bytes known to be bad.
-        upload.abandon().await;
-        return Err(corrupt(path));
-    }
-    match upload.commit(req.meta, req.force).await {
-        Err(e) if taken_by_this_file(&e, req, path, digest, ctx).await => {}
-        other => other?,
-    }
-    Ok(Receipt::Committed {
-        size: received.size,
-        digest,
-    })
+        .await
 }
 
 /// Whether a commit refused because the name was taken meanwhile (`err`)
@@ -339,7 +376,7 @@ async fn taken_by_this_file(
 }
 
 /// Reads the trailer and checks the stream ends right after it: bytes beyond
-/// the declared size are an error, not silently dropped.
+/// the declared size (or the end mark) are an error, not silently dropped.
 async fn read_trailer(
     recv: &mut impl RequestStream,
     path: &RemotePath,
@@ -347,7 +384,7 @@ async fn read_trailer(
     let mismatch = |e: FrameError| {
         RemoteError::new(
             ErrorCode::Corrupt,
-            format!("'{path}': the data did not match its declared size ({e}); nothing was saved"),
+            format!("'{path}': the data did not end where it should (at its declared size or end mark: {e}); nothing was saved"),
         )
     };
     let trailer = tokio::time::timeout(RECEIPT_TIMEOUT, read_frame::<_, Trailer>(recv))

@@ -121,7 +121,8 @@ pub(crate) struct PutPlan {
     /// The client will answer an offer to resume.
     pub(crate) resume: bool,
     /// The data's length is not known until it ends (a pipe): `meta.size`
-    /// is 0, nothing can be reserved for it, and it is never resumed.
+    /// is 0, space is checked as it arrives, and it is never resumed
+    /// (`partial` then names it only for the server's bookkeeping).
     pub(crate) stream: bool,
 }
 
@@ -211,7 +212,7 @@ pub(crate) fn receive_error(e: TransferError, path: &RemotePath) -> RemoteError 
     match e {
         TransferError::TooLong { limit } => RemoteError::new(
             ErrorCode::TooLarge,
-            format!("'{path}' was not saved: the piped data went past {limit} bytes, the most this server takes in one piped upload; save the data to a file and put that"),
+            format!("'{path}' was not saved: the piped data went past {limit} bytes, the largest file this server takes (its --max-file-size)"),
         ),
         TransferError::StreamCut { .. } => RemoteError::new(
             ErrorCode::Protocol,

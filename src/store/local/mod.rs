@@ -335,7 +335,9 @@ fn prepare_put(root: &Dir, plan: &PutPlan, space: &Arc<Space>) -> Result<Prepare
     }
     let creating = |e: io::Error| fs_error(&e, path, "cannot create the upload of");
     let label = PathBuf::from(path.to_string());
-    let Some(partial) = plan.partial.as_deref() else {
+    // Data from a pipe cannot be resumed: a temporary like a small file's,
+    // whatever name the server leased for it.
+    let Some(partial) = plan.partial.as_deref().filter(|_| !plan.stream) else {
         // Not resumable: an anonymous temporary in the destination directory
         // where the system allows, else a named one in the partial store.
         let reserved = reserve_space(space, &dest_dir, size, path)?;
@@ -353,7 +355,15 @@ fn prepare_put(root: &Dir, plan: &PutPlan, space: &Arc<Space>) -> Result<Prepare
                     .map_err(|e| fs_error(&e, path, "cannot create"))?
             }
         };
-        return Ok(receive(incoming, Start::default(), reserved, path, false));
+        let room = plan.stream.then(|| space.clone());
+        return Ok(receive(
+            incoming,
+            Start::default(),
+            reserved,
+            room,
+            path,
+            false,
+        ));
     };
     let store = partials::partial_store(root).map_err(creating)?;
     // Partials of other versions of this upload (the source changed) go.
@@ -379,7 +389,14 @@ fn prepare_put(root: &Dir, plan: &PutPlan, space: &Arc<Space>) -> Result<Prepare
     }
     .map_err(creating)?;
     let reserved = reserve_space(space, &store_fs, size - start.offset, path)?;
-    Ok(receive(incoming, start, reserved, path, discarded_stale))
+    Ok(receive(
+        incoming,
+        start,
+        reserved,
+        None,
+        path,
+        discarded_stale,
+    ))
 }
 
 /// A put that will receive into `incoming` from `start`.
@@ -387,6 +404,7 @@ fn receive(
     incoming: IncomingFile,
     start: Start,
     reserved: Reservation,
+    room: Option<Arc<Space>>,
     path: &RemotePath,
     discarded_stale: bool,
 ) -> Prepared {
@@ -399,6 +417,7 @@ fn receive(
             incoming: Some(incoming),
             start: Some(start),
             reserved,
+            room,
             path: path.clone(),
         }),
         held,
@@ -414,6 +433,9 @@ struct LocalUpload {
     start: Option<Start>,
     /// The disk space held until the commit.
     reserved: Reservation,
+    /// For data of unknown length (which reserved nothing): the space to
+    /// check before each write.
+    room: Option<Arc<Space>>,
     path: RemotePath,
 }
 
@@ -461,6 +483,7 @@ impl Upload for LocalUpload {
             start,
             encoding,
             None,
+            self.room.clone(),
             &|n| {
                 progress(n);
                 reserved.wrote(n);

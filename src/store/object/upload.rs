@@ -107,14 +107,13 @@ pub(super) async fn prepare(inner: &Arc<Inner>, plan: PutPlan) -> Result<Prepare
     };
     if plan.stream {
         // Its length is unknown, so it is a multipart upload from the
-        // start, recorded under a name of its own so that the sweep aborts
-        // it should this server die; if it ends within one part, the
-        // commit makes it one PUT instead.
-        let name = format!(
-            "pipe-{:016x}{:016x}",
-            exchange::random_u64(),
-            exchange::random_u64()
-        );
+        // start, recorded under the name the server leased for it (so the
+        // sweep aborts it only should this server die); if it ends within
+        // one part, the commit makes it one PUT instead.
+        let name = plan
+            .partial
+            .clone()
+            .expect("the server names piped uploads");
         return upload.start_multipart(name, &plan).await;
     }
     match plan.partial.clone() {
@@ -491,6 +490,10 @@ impl Upload for ObjectUpload {
         self.keep_stored(&mut sink);
         let path = self.path.clone();
         let result = result.and_then(|size| settled.map(|()| size)).map_err(|e| match e {
+            TransferError::TooLong { limit } if limit < size => RemoteError::new(
+                ErrorCode::TooLarge,
+                format!("'{path}' was not saved: the piped data went past {limit} bytes, the most an object-store root takes from a pipe ({} parts of {} MiB); save the data to a file and put that", tree_hash::MAX_PARTS, self.part_size >> 20),
+            ),
             TransferError::Write(io) => RemoteError::new(
                 ErrorCode::Internal,
                 format!("cannot store '{path}' on the server: {io}; try again shortly (the server's log has details)"),
