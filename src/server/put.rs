@@ -245,8 +245,7 @@ fn continue_timeout(offset: u64) -> Duration {
 
 /// Receives, checks and commits an accepted put: the receipt, and (when
 /// it failed) an upload for the caller to abandon once the client has
-/// heard why: one whose bytes are known to be bad, or one from a pipe,
-/// which can never be resumed.
+/// heard why: a failed one from a pipe, which can never be resumed.
 async fn receive_put(
     req: &PutRequest,
     path: &RemotePath,
@@ -267,8 +266,14 @@ async fn receive_put(
     };
     let digest = received.digest;
     if trailer.digest != digest {
-        // Never resume from bytes known to be bad.
-        return (Err(corrupt(path)), Some(upload));
+        // Never resume from bytes known to be bad: gone before the client
+        // hears of it (and can rerun), unless it is a pipe's, which no
+        // rerun resumes.
+        if stream {
+            return (Err(corrupt(path)), Some(upload));
+        }
+        upload.abandon().await;
+        return (Err(corrupt(path)), None);
     }
     match upload.commit(req.meta, req.force).await {
         Err(e) if taken_by_this_file(&e, req, path, digest, ctx).await => {}
