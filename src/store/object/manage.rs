@@ -7,6 +7,7 @@
 //! reports that the new name exists. A single CopyObject takes at most
 //! 5 GiB on AWS S3; a larger file there cannot be renamed this way.
 
+use futures::stream::{self, StreamExt, TryStreamExt};
 use object_store::path::Path as Key;
 use object_store::ObjectStoreExt;
 
@@ -16,6 +17,9 @@ use crate::store::{not_empty, rename_target_exists};
 
 use super::read::sums_key;
 use super::{not_a_directory, store_error, Inner, DIR_MARKER, SUMS_DIR};
+
+/// Objects a rename copies at once.
+const COPIES_AT_ONCE: usize = 16;
 
 /// The sums kept for the files beneath the directory `path`.
 fn sums_dir(inner: &Inner, path: &RemotePath) -> Key {
@@ -62,16 +66,12 @@ pub(super) async fn remove(
     }
     // The marker last: until then the directory still lists, even if
     // some deletes fail and the user has to run the remove again.
-    for k in keys.iter().filter(|k| **k != marker) {
-        inner.delete_if_there(k).await.map_err(failed)?;
-    }
-    for k in inner
-        .keys_under(&sums_dir(inner, path))
+    let files: Vec<Key> = keys.into_iter().filter(|k| *k != marker).collect();
+    inner.delete_all(files).await.map_err(failed)?;
+    inner
+        .delete_under(&sums_dir(inner, path))
         .await
-        .map_err(failed)?
-    {
-        inner.delete_if_there(&k).await.map_err(failed)?;
-    }
+        .map_err(failed)?;
     inner.delete_if_there(&marker).await.map_err(failed)?;
     Ok(())
 }
@@ -139,42 +139,45 @@ pub(super) async fn rename(
             })
             .collect()
     };
-    for (old, new) in &moves {
-        let _slot = inner.slot().await;
-        inner.s3.copy(old, new).await.map_err(|e| {
+    // Copies go COPIES_AT_ONCE at a time (each takes a store slot): a
+    // directory of 2,000 files took 2,000 copies in a row.
+    stream::iter(moves.clone())
+        .map(|(old, new)| async move {
+            let _slot = inner.slot().await;
+            inner.s3.copy(&old, &new).await
+        })
+        .buffer_unordered(COPIES_AT_ONCE)
+        .try_collect::<Vec<()>>()
+        .await
+        .map_err(|e| {
             let e = store_error(e, from, "cannot rename");
             RemoteError::new(
                 e.code,
                 format!("{}. '{from}' is untouched; a partial copy may be under '{to}': remove it with `qxfer rm -r {to}` before trying again", e.message),
             )
         })?;
-    }
     turn.succeeded();
-    for (old, _) in &moves {
-        inner.delete_if_there(old).await.map_err(|e| {
-            let e = store_error(e, from, "cannot remove the old name after renaming");
-            RemoteError::new(
-                e.code,
-                format!(
-                    "{}. Everything is under '{to}' now; finish with `qxfer rm -r {from}`",
-                    e.message
-                ),
-            )
-        })?;
-    }
+    let olds = moves.into_iter().map(|(old, _)| old).collect();
+    inner.delete_all(olds).await.map_err(|e| {
+        let e = store_error(e, from, "cannot remove the old name after renaming");
+        RemoteError::new(
+            e.code,
+            format!(
+                "{}. Everything is under '{to}' now; finish with `qxfer rm -r {from}`",
+                e.message
+            ),
+        )
+    })?;
     // The sums describe objects by ETag, which a copy may change: drop
     // them (gets of these files hash as they send instead).
     inner
         .delete_if_there(&sums_key(inner, from))
         .await
         .map_err(failed)?;
-    for k in inner
-        .keys_under(&sums_dir(inner, from))
+    inner
+        .delete_under(&sums_dir(inner, from))
         .await
-        .map_err(failed)?
-    {
-        inner.delete_if_there(&k).await.map_err(failed)?;
-    }
+        .map_err(failed)?;
     inner.forget_no_file(&to_key);
     Ok(())
 }

@@ -400,6 +400,34 @@ impl Inner {
             .await
     }
 
+    /// Deletes `keys` in as few requests as the store allows (S3's
+    /// DeleteObjects takes 1,000 keys a request: a directory of 2,000 files
+    /// is two requests, not 2,000 in a row); keys already gone are no
+    /// error. One slot for the lot: object_store sends at most 20 of those
+    /// requests at once, and only past 20,000 keys.
+    async fn delete_all(&self, keys: Vec<Key>) -> object_store::Result<()> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let _slot = self.slot().await;
+        let mut deleted = self
+            .s3
+            .delete_stream(stream::iter(keys.into_iter().map(Ok)).boxed());
+        while let Some(result) = deleted.next().await {
+            match result {
+                Err(e) if !is_not_found(&e) => return Err(e),
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes everything beneath `prefix`.
+    async fn delete_under(&self, prefix: &Key) -> object_store::Result<()> {
+        let keys = self.keys_under(prefix).await?;
+        self.delete_all(keys).await
+    }
+
     /// Deletes `key`; one already gone is no error.
     async fn delete_if_there(&self, key: &Key) -> object_store::Result<()> {
         let _slot = self.slot().await;

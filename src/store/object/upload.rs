@@ -847,9 +847,7 @@ async fn read_record(
 /// Deletes everything in an upload's record.
 async fn clear_record(inner: &Inner, record: &[String]) -> object_store::Result<()> {
     let dir = inner.key_of(&record.iter().map(String::as_str).collect::<Vec<_>>());
-    for key in inner.keys_under(&dir).await? {
-        inner.delete_if_there(&key).await?;
-    }
+    inner.delete_under(&dir).await?;
     Ok(())
 }
 
