@@ -134,3 +134,39 @@ async fn read_only_on(backend: Backend) {
     }
     assert_eq!(server.stored_tree().await, ["f"]);
 }
+
+both_backends!(
+    a_tree_of_more_than_a_thousand_files_moves_and_goes,
+    big_tree_on
+);
+
+/// More files than one bulk delete takes (1,000 keys a request in an
+/// object store): a rename and then a remove of the whole tree leave
+/// nothing behind, under either name.
+async fn big_tree_on(backend: Backend) {
+    let server = TestServer::start_on(backend, "bigtree").await;
+    let names: Vec<String> = (0..1_010)
+        .map(|i| format!("big/d{}/f{i:04}", i % 7))
+        .collect();
+    futures::future::join_all(names.iter().map(|n| server.place(n, n.as_bytes()))).await;
+    let home = home_for(&server);
+    let q = |args: &[&str]| {
+        let mut cmd = qxfer_at(home.path(), server.addr);
+        cmd.args(args);
+        output(cmd)
+    };
+    succeeded(&q(&["mv", "big", "moved"]).await);
+    assert_eq!(
+        stored_at(&server.root, "moved/d3/f0003").await.as_deref(),
+        Some(&b"big/d3/f0003"[..])
+    );
+    assert!(stored_at(&server.root, "big/d3/f0003").await.is_none());
+    succeeded(&q(&["rm", "-r", "moved"]).await);
+    let left = server.stored_tree().await;
+    assert!(
+        left.is_empty(),
+        "{} left, such as {:?}",
+        left.len(),
+        left.first()
+    );
+}
