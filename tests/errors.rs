@@ -7,9 +7,7 @@ use std::time::{Duration, Instant};
 
 use common::{is_root, pattern, remote_code, tree, Backend, TestServer};
 use qxfer::client::{Client, ConnectError};
-use qxfer::protocol::{
-    encode, read_frame, ErrorCode, FileMeta, PutRequest, Receipt, Request, Response,
-};
+use qxfer::protocol::{encode, read_frame, ErrorCode, FileMeta, Receipt, Response};
 use qxfer::tls::Identity;
 
 both_backends!(
@@ -185,6 +183,25 @@ impl Drop for TinyDisk {
     }
 }
 
+/// Opens a raw put of `size` bytes for `name` over `client`'s connection
+/// and waits for the server to accept it (its space reserved), the data
+/// not yet sent.
+async fn accepted_put(
+    client: &Client,
+    name: &str,
+    size: u64,
+) -> (quinn::SendStream, quinn::RecvStream) {
+    let (mut send, mut recv) = client.connection().open_bi().await.unwrap();
+    send.write_all(&common::put_header(name, size))
+        .await
+        .unwrap();
+    assert!(matches!(
+        read_frame::<_, Response>(&mut recv).await.unwrap(),
+        Response::PutAccepted(_)
+    ));
+    (send, recv)
+}
+
 /// Local root only: a tmpfs that fills up. The object store's nearest
 /// failure, a store that stops answering, is tested in tests/object_faults.rs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -209,23 +226,7 @@ async fn full_disks_are_reported_on_either_side() {
     // check while the disk is empty, then another writer on the server's
     // machine fills the disk (qxfer's own uploads would count the space the
     // first one reserved), and only then does the first one send its data.
-    let (mut send, mut recv) = client.connection().open_bi().await.unwrap();
-    let req = Request::Put(PutRequest {
-        path: "late".into(),
-        meta: FileMeta {
-            size: 700 << 10,
-            mtime: None,
-            mode: None,
-        },
-        force: false,
-        resume: false,
-        encoding: qxfer::protocol::Encoding::Raw,
-    });
-    send.write_all(&encode(&req).unwrap()).await.unwrap();
-    assert!(matches!(
-        read_frame::<_, Response>(&mut recv).await.unwrap(),
-        Response::PutAccepted(_)
-    ));
+    let (mut send, mut recv) = accepted_put(&client, "late", 700 << 10).await;
     std::fs::write(server.root.join("first"), pattern(700 << 10, 5)).unwrap();
     let data = pattern(700 << 10, 6);
     let _ = send.write_all(&data).await;
@@ -267,23 +268,7 @@ async fn full_disks_are_reported_on_either_side() {
     // Nor does it take the space a sized upload in flight was promised:
     // 700 KiB are reserved (header sent, data not yet), so 500 KiB from a
     // pipe do not fit, and the reserved upload then completes.
-    let (mut send, mut recv) = client.connection().open_bi().await.unwrap();
-    let req = Request::Put(PutRequest {
-        path: "promised".into(),
-        meta: FileMeta {
-            size: 700 << 10,
-            mtime: None,
-            mode: None,
-        },
-        force: false,
-        resume: false,
-        encoding: qxfer::protocol::Encoding::Raw,
-    });
-    send.write_all(&encode(&req).unwrap()).await.unwrap();
-    assert!(matches!(
-        read_frame::<_, Response>(&mut recv).await.unwrap(),
-        Response::PutAccepted(_)
-    ));
+    let (mut send, mut recv) = accepted_put(&client, "promised", 700 << 10).await;
     let small = dir.path().join("small");
     std::fs::write(&small, pattern(500 << 10, 8)).unwrap();
     let err = client
