@@ -409,14 +409,25 @@ impl Inner {
         if keys.is_empty() {
             return Ok(());
         }
-        let _slot = self.slot().await;
+        let slot = self.slot().await;
         let mut deleted = self
             .s3
-            .delete_stream(stream::iter(keys.into_iter().map(Ok)).boxed());
+            .delete_stream(stream::iter(keys.clone().into_iter().map(Ok)).boxed());
+        let mut failed = None;
         while let Some(result) = deleted.next().await {
             match result {
-                Err(e) if !is_not_found(&e) => return Err(e),
+                Err(e) if !is_not_found(&e) => failed = Some(e),
                 _ => {}
+            }
+        }
+        drop((deleted, slot));
+        // A key the bulk request could not delete is reported inside its
+        // answer, which no retry covers: delete each key on its own then
+        // (with the client's retries; those already gone cost a request).
+        if let Some(e) = failed {
+            warn!("a bulk delete failed in part ({e}); deleting key by key");
+            for key in &keys {
+                self.delete_if_there(key).await?;
             }
         }
         Ok(())
