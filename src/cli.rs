@@ -1103,12 +1103,8 @@ async fn put_from_stdin(args: PutArgs, quiet: bool, progress: &Progress) -> Resu
     }
     let bar = progress.pipe_bar(&label);
     let started = std::time::Instant::now();
-    let moved = std::sync::atomic::AtomicU64::new(0);
-    let watch = |n| {
-        bar.inc(n);
-        moved.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
-    };
-    let result = client.put_stream(stdin, &remote, args.force, &watch).await;
+    let result = client.put_stream(stdin, &remote, args.force, &bar).await;
+    let before_any = bar.position() == 0;
     bar.finish();
     if let Some(refused) = client.refusal() {
         progress.finish();
@@ -1142,7 +1138,6 @@ async fn put_from_stdin(args: PutArgs, quiet: bool, progress: &Progress) -> Resu
             } else if !matches!(e, FileError::Unconfirmed { .. }) && !error.contains("saved") {
                 error.push_str("; nothing was saved on the server");
             }
-            let before_any = moved.load(std::sync::atomic::Ordering::Relaxed) == 0;
             (vec![error], e.is_transient() && before_any)
         }
     };

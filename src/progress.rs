@@ -152,6 +152,11 @@ impl FileBar {
         self.total.set_length(left);
     }
 
+    /// Bytes moved so far (and kept, for a resumed file).
+    pub(crate) fn position(&self) -> u64 {
+        self.bar.position()
+    }
+
     /// Sets the file's size once it is known (a get learns it from the server).
     pub(crate) fn set_length(&self, size: u64) {
         self.bar.set_length(size);

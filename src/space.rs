@@ -58,14 +58,7 @@ impl Space {
         };
         let fs = st.f_fsid;
         let mut reserved = self.lock();
-        let held = reserved.get(&fs).copied().unwrap_or(0);
-        let free = st.f_bavail.saturating_mul(st.f_frsize).saturating_sub(held);
-        if bytes > free {
-            return Err(NoRoom {
-                needed: bytes,
-                free,
-            });
-        }
+        fits(&st, &reserved, bytes)?;
         *reserved.entry(fs).or_default() += bytes;
         Ok(granted(fs))
     }
@@ -78,15 +71,7 @@ impl Space {
         let Ok(st) = rustix::fs::fstatvfs(fd) else {
             return Ok(());
         };
-        let held = self.lock().get(&st.f_fsid).copied().unwrap_or(0);
-        let free = st.f_bavail.saturating_mul(st.f_frsize).saturating_sub(held);
-        if bytes > free {
-            return Err(NoRoom {
-                needed: bytes,
-                free,
-            });
-        }
-        Ok(())
+        fits(&st, &self.lock(), bytes)
     }
 
     /// Bytes reserved on all filesystems together.
@@ -111,6 +96,20 @@ impl Space {
             }
         }
     }
+}
+
+/// Whether `bytes` fit in the free space `st` reports less what is
+/// `reserved` on that filesystem.
+fn fits(st: &rustix::fs::StatVfs, reserved: &HashMap<u64, u64>, bytes: u64) -> Result<(), NoRoom> {
+    let held = reserved.get(&st.f_fsid).copied().unwrap_or(0);
+    let free = st.f_bavail.saturating_mul(st.f_frsize).saturating_sub(held);
+    if bytes > free {
+        return Err(NoRoom {
+            needed: bytes,
+            free,
+        });
+    }
+    Ok(())
 }
 
 impl Reservation {

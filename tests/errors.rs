@@ -682,6 +682,17 @@ async fn the_loser_of_a_no_clobber_race_frees_its_partial_on(backend: Backend) {
     server.assert_healthy().await;
 }
 
+/// Gets "g" into `dest` from a hostile server: it must fail, and soon.
+async fn failing_get(client: &Client, dest: &std::path::Path) -> qxfer::client::FileError {
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        client.get("g", dest, false, &|_| {}, &|_| {}),
+    )
+    .await
+    .expect("get must not hang")
+    .unwrap_err()
+}
+
 /// A real qxfer endpoint (TLS, ALPN, the client in `cfg` admitted) whose
 /// every stream gets `answer` (if any) to its request and then nothing more,
 /// the connection kept alive.
@@ -776,13 +787,7 @@ async fn a_resume_offer_beyond_the_file_is_refused() {
         pattern(held as usize, 40),
     )
     .unwrap();
-    let err = tokio::time::timeout(
-        Duration::from_secs(20),
-        client.get("g", &dest, false, &|_| {}, &|_| {}),
-    )
-    .await
-    .expect("get must not hang")
-    .unwrap_err();
+    let err = failing_get(&client, &dest).await;
     assert!(err.to_string().contains("offered to continue"), "{err}");
     assert!(!dest.exists());
     endpoint.close(0u32.into(), b"");
@@ -842,13 +847,7 @@ async fn a_hostile_server_cannot_misuse_data_of_unknown_length() {
     let client = Client::connect(&config).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let dest = dir.path().join("g");
-    let err = tokio::time::timeout(
-        Duration::from_secs(20),
-        client.get("g", &dest, false, &|_| {}, &|_| {}),
-    )
-    .await
-    .expect("get must not hang")
-    .unwrap_err();
+    let err = failing_get(&client, &dest).await;
     assert!(err.to_string().contains("unknown length"), "{err}");
     assert!(tree(dir.path()).is_empty(), "{:?}", tree(dir.path()));
     endpoint.close(0u32.into(), b"");

@@ -181,7 +181,11 @@ where
     R: AsyncRead + Unpin + ?Sized,
     F: std::future::Future<Output = ()>,
 {
-    let short = |why: Shortfall| why.into_error(got, size);
+    // Data of unknown length that ends without its end mark was cut off.
+    let short = |why: Shortfall| match (why, encoding) {
+        (Shortfall::Eof, Encoding::Stream) => TransferError::StreamCut { got },
+        (why, _) => why.into_error(got, size),
+    };
     let malformed = |e: crate::protocol::FrameError| TransferError::Malformed(e.to_string());
     let header = match encoding {
         Encoding::Raw => {
@@ -208,10 +212,7 @@ where
             let header = loop {
                 let mut head = [0u8; BlockHeader::LEN];
                 if let (_, Some(why)) = fill(input, &mut head, pace, stop).await {
-                    return Err(match why {
-                        Shortfall::Eof => TransferError::StreamCut { got },
-                        other => other.into_error(got, size),
-                    });
+                    return Err(short(why));
                 }
                 match BlockHeader::decode_stream(&head).map_err(malformed)? {
                     StreamMark::Block(header) => break header,
@@ -231,10 +232,7 @@ where
     let raw_len = header.raw_len as usize;
     let mut payload = vec![0u8; header.wire_len as usize];
     if let (_, Some(why)) = fill(input, &mut payload, pace, stop).await {
-        return Err(match (why, encoding) {
-            (Shortfall::Eof, Encoding::Stream) => TransferError::StreamCut { got },
-            (why, _) => short(why),
-        });
+        return Err(short(why));
     }
     let piece = if header.compressed {
         Piece::Zstd { payload, raw_len }

@@ -194,7 +194,8 @@ impl ObjectUpload {
         let record = vec![PARTIAL_DIR.to_owned(), name.clone()];
         // Uploads of other versions of this file (the source changed) go.
         let mut discarded_stale = false;
-        if let (Some((same_upload, _)), false) = (name.rsplit_once('-'), self.stream) {
+        if !self.stream {
+            let (same_upload, _) = name.rsplit_once('-').expect("partial names have a version");
             for (other, _) in recorded_uploads(&self.inner).await.map_err(failed)? {
                 if other.starts_with(same_upload) && other != name {
                     discarded_stale |= abort_recorded(&self.inner, &other).await.is_ok();
@@ -477,12 +478,9 @@ impl Upload for ObjectUpload {
     ) -> Result<Received, RemoteError> {
         let sink = self.sink();
         let from = sink.buf_offset;
-        // A pipe's data cannot go past the parts a multipart upload may have.
-        let most = if self.stream {
-            size.min(tree_hash::MAX_PARTS * self.part_size)
-        } else {
-            size
-        };
+        // Nor past the parts a multipart upload may have (a sized file's
+        // part size is chosen so that it never does; a pipe's might).
+        let most = size.min(tree_hash::MAX_PARTS * self.part_size);
         let (mut sink, result) =
             exchange::receive_pieces(input, most, from, sink, encoding, None, progress, stop).await;
         // Parts already on their way are kept for a resume, whatever happened.
