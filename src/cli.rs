@@ -146,6 +146,12 @@ pub struct ServeArgs {
     /// Refuse uploads larger than this many bytes.
     #[arg(long, value_name = "BYTES")]
     pub max_file_size: Option<u64>,
+    /// With an s3:// root: the most memory all uploads together may hold
+    /// in buffers (each reserves what it will hold before it is accepted:
+    /// a small file whole, a large one three parts of 8 MiB or more);
+    /// past it, uploads wait and are then refused as busy (clients retry).
+    #[arg(long, value_name = "BYTES", default_value_t = server::DEFAULT_UPLOAD_MEMORY, value_parser = clap::value_parser!(u64).range(1 << 20..))]
+    pub upload_memory: u64,
     /// Most clients connected at once; more are refused.
     #[arg(long, default_value_t = server::DEFAULT_MAX_CONNECTIONS as u32, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections: u32,
@@ -752,6 +758,7 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
         Some(url) => {
             let options = server::S3Options {
                 endpoint: args.s3_endpoint.clone(),
+                upload_memory: Some(args.upload_memory),
                 ..server::S3Options::default()
             };
             ServeConfig::object_store(url, &options, args.read_only)
@@ -1002,11 +1009,13 @@ async fn put(args: PutArgs, quiet: bool, verbose: bool, progress: &Progress) -> 
                 local: file.clone(),
                 remote,
                 size_hint: None,
+                within: None,
             });
         }
     }
     report_skipped(&tree.skipped, quiet, progress);
     report_excluded(&tree.excluded, verbose, progress);
+    bad.extend(tree.failed.iter().cloned());
     let client = connect(&args.client, Some(&args.transfer), quiet, progress).await?;
     if args.transfer.dry_run {
         let plan = dry_run(&client, Direction::Put, &tree.jobs, args.force).await;
@@ -1091,6 +1100,7 @@ async fn put_from_stdin(args: PutArgs, quiet: bool, progress: &Progress) -> Resu
             local: PathBuf::new(),
             remote,
             size_hint: None,
+            within: None,
         };
         let plan = dry_run(&client, Direction::Put, &[job], args.force).await;
         client.close().await;
@@ -1291,17 +1301,14 @@ fn delete_local(
         Err(e) => return vec![("--delete".to_owned(), e)],
     };
     let mut failed = Vec::new();
-    for (path, is_dir) in extras {
-        // Neither follows a link: remove_dir_all removes links inside as links.
-        let gone = if is_dir {
-            std::fs::remove_dir_all(&path)
-        } else {
-            std::fs::remove_file(&path)
-        };
-        let shown = path.display().to_string();
-        match gone {
-            Ok(()) => report_deleted(&shown, is_dir, quiet, progress),
-            Err(source) => failed.push((shown, FileError::Local { path, source })),
+    for extra in extras {
+        // Through a handle on its directory, reached from the top without
+        // following a link (one swapped in since the walk is refused), and
+        // following none inside: remove_dir_all removes links as links.
+        let shown = extra.path.display().to_string();
+        match crate::client::remove_below(&extra.top, &extra.path, extra.is_dir) {
+            Ok(()) => report_deleted(&shown, extra.is_dir, quiet, progress),
+            Err(e) => failed.push((shown, e)),
         }
     }
     failed
@@ -1393,17 +1400,19 @@ async fn get(args: GetArgs, quiet: bool, verbose: bool, progress: &Progress) -> 
             local,
             remote: name.clone(),
             size_hint: None,
+            within: None,
         });
     }
     report_skipped(&tree.skipped, quiet, progress);
     report_excluded(&tree.excluded, verbose, progress);
+    bad.extend(tree.failed.iter().cloned());
     if args.transfer.dry_run {
         let plan = dry_run(&client, Direction::Get, &tree.jobs, args.force).await;
         client.close().await;
         let deletes = if args.transfer.delete {
             tree::local_extras(&tree, &filter)?
                 .into_iter()
-                .map(|(p, d)| (p.display().to_string(), d))
+                .map(|e| (e.path.display().to_string(), e.is_dir))
                 .collect()
         } else {
             Vec::new()
@@ -1491,7 +1500,13 @@ async fn get_to_stdout(args: GetArgs, quiet: bool, progress: &Progress) -> Resul
             Ok(ExitCode::SUCCESS)
         }
         Err(e) => {
-            eprintln!("qxfer: error: {}", file_error(name, &e));
+            // Nothing of a download to standard output can be resumed: what
+            // went out is already in the reader's hands.
+            let mut line = named(name, &e);
+            if e.is_transient() {
+                line.push_str(" (the server may be down or unreachable); what was written to standard output is incomplete: discard it and run the command again");
+            }
+            eprintln!("qxfer: error: {line}");
             Ok(ExitCode::from(exit::SOME_FAILED))
         }
     }
@@ -1500,18 +1515,23 @@ async fn get_to_stdout(args: GetArgs, quiet: bool, progress: &Progress) -> Resul
 /// One failed file, for the user: named once (most errors already name
 /// it), and for a failure of the connection, what to do about it.
 fn file_error(label: &str, e: &FileError) -> String {
-    let msg = e.to_string();
-    let mut line = if msg.contains(label) {
-        msg
-    } else {
-        format!("{label}: {msg}")
-    };
+    let mut line = named(label, e);
     if e.is_transient() {
         line.push_str(
             " (the server may be down or unreachable; run the same command again to resume)",
         );
     }
     line
+}
+
+/// An error's message, with `label` in front unless it names it already.
+fn named(label: &str, e: &FileError) -> String {
+    let msg = e.to_string();
+    if msg.contains(label) {
+        msg
+    } else {
+        format!("{label}: {msg}")
+    }
 }
 
 /// How a put or get batch runs.
@@ -1724,12 +1744,14 @@ fn finish_batch(
     }
     let bytes: u64 = report.done.iter().map(|r| r.bytes).sum();
     let sent: u64 = report.done.iter().map(|r| r.bytes_sent).sum();
+    let wire: u64 = report.done.iter().map(|r| r.wire_bytes).sum();
     if json {
         let doc = serde_json::json!({
             "files": report.done,
             "errors": errors,
             "bytes": bytes,
             "bytes_sent": sent,
+            "wire_bytes": wire,
             "seconds": report.elapsed.as_secs_f64(),
         });
         println!("{}", serde_json::to_string_pretty(&doc)?);

@@ -102,6 +102,18 @@ pub enum TrustError {
         /// What is wrong with it.
         why: String,
     },
+    /// A line of a list of fingerprints (known_hosts) cannot be read. The
+    /// file holds no identity: the advice is to fix that one line, never to
+    /// move the file away (which would make every server a first contact).
+    #[error("{path} line {line}: {why}; each line reads `HOST:PORT SHA256:...` (as qxfer writes it on a first contact): fix that line, or delete it to learn that server's fingerprint again on the next contact")]
+    BadLine {
+        /// The file concerned.
+        path: PathBuf,
+        /// The line number, from 1.
+        line: usize,
+        /// What is wrong with it.
+        why: String,
+    },
     /// rcgen failed to generate a certificate.
     #[error("generating a certificate: {0}")]
     Generate(#[from] rcgen::Error),
@@ -267,16 +279,18 @@ impl KnownHosts {
         for (n, line) in content_lines(&text) {
             let mut parts = line.split_whitespace();
             let (Some(host), Some(fp)) = (parts.next(), parts.next()) else {
-                return Err(TrustError::BadFile {
+                return Err(TrustError::BadLine {
                     path: path.to_owned(),
-                    why: format!("line {n} is not `HOST:PORT SHA256:...`"),
+                    line: n,
+                    why: "no fingerprint after the address".to_owned(),
                 });
             };
             let fp = fp
                 .parse()
-                .map_err(|e: BadFingerprint| TrustError::BadFile {
+                .map_err(|e: BadFingerprint| TrustError::BadLine {
                     path: path.to_owned(),
-                    why: format!("line {n}: {e}"),
+                    line: n,
+                    why: e.to_string(),
                 })?;
             entries.push((host.to_owned(), fp, n));
         }

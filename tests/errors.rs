@@ -315,9 +315,18 @@ async fn full_disks_are_reported_on_either_side() {
         .unwrap_err();
     let msg = err.to_string();
     assert!(msg.contains("disk is full") && msg.contains("big"), "{msg}");
-    // Nothing under the final name; the bytes that fit stay in the
-    // partial, for a rerun to continue once space is freed.
-    assert_eq!(tree(&out), ["big.qxfer-part"]);
+    // Nothing under the final name, and nothing kept: the bytes that fit
+    // are the space the rerun (or any other download) needs, so the
+    // unfinished download is deleted, and the message says so.
+    assert!(msg.contains("was deleted"), "{msg}");
+    assert!(tree(&out).is_empty(), "{:?}", tree(&out));
+    let small = dir.path().join("small");
+    std::fs::write(&small, pattern(300 << 10, 10)).unwrap();
+    std::fs::copy(&small, other.root.join("small")).unwrap();
+    client2
+        .get("small", &out.join("small"), false, &|_| {}, &|_| {})
+        .await
+        .expect("a later download finds the space");
     other.assert_healthy().await;
     client.close().await;
     client2.close().await;
@@ -463,6 +472,7 @@ async fn put_while_changing(
             local: p.clone(),
             remote: p.file_name().unwrap().to_str().unwrap().to_owned(),
             size_hint: None,
+            within: None,
         })
         .collect();
     let target = big.clone();

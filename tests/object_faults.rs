@@ -1,13 +1,17 @@
-//! The object store under faults, in a Garage cluster of its own: a node killed mid-transfer, and uploads abandoned by their server.
+//! The object store under faults and attack, in a Garage cluster of its own: a node killed mid-transfer, uploads abandoned by their server, declared sizes and names that once crashed or leaked, and what a server reads from the store and holds in memory.
 
 mod common;
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::garage::{garage, keys, wait_for_parts};
-use common::{pattern, TestServer};
+use common::garage::{bucket, garage, keys, wait_for_parts, CountingProxy};
+use common::{pattern, qxfer, qxfer_at, serve_root, ServeProcess, TestServer};
+use object_store::ObjectStoreExt;
 use qxfer::client::Client;
+use qxfer::endpoint::ServerLimits;
+use qxfer::protocol::ErrorCode;
+use qxfer::server::ServeConfig;
 
 const MIB: usize = 1 << 20;
 
@@ -164,5 +168,338 @@ async fn the_sweep_leaves_a_running_piped_upload_alone() {
         .await
         .iter()
         .any(|k| k.starts_with(".qxfer-partial/")));
+    client.close().await;
+}
+
+/// A server over `url` that reaches the store through `endpoint` (a
+/// [`CountingProxy`]), its policy adjusted by `configure`.
+async fn server_via(
+    url: &str,
+    endpoint: &str,
+    configure: impl FnOnce(&mut ServeConfig),
+) -> TestServer {
+    let mut options = garage().options(0);
+    options.endpoint = Some(endpoint.to_owned());
+    let mut config = ServeConfig::object_store(url, &options, false)
+        .await
+        .unwrap();
+    configure(&mut config);
+    TestServer::start_config(
+        tempfile::tempdir().unwrap(),
+        config,
+        ServerLimits::default(),
+    )
+    .await
+}
+
+/// A declared size no store takes once made the server reserve a part
+/// buffer of 1/10,000 of it (512 TiB for 4 EiB) and abort, every client
+/// lost. Through the binary: the put is refused, naming the limit, and the
+/// same server process goes on serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_declared_size_no_store_takes_is_refused_and_the_server_lives() {
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path().to_owned();
+    let root = common::Backend::Object.root_for_process(h.join("root"), "huge");
+    let mut cmd = qxfer(&h);
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--certs"])
+        .arg(h.join("certs"));
+    serve_root(&mut cmd, &root);
+    let mut serve = ServeProcess::spawn(cmd);
+    // Sparse files on tmpfs (a disk's filesystem caps files at 16 TiB).
+    let shm = tempfile::tempdir_in("/dev/shm").unwrap();
+    for (name, size) in [("huge", 4u64 << 60), ("biggest", i64::MAX as u64)] {
+        let path = shm.path().join(name);
+        std::fs::File::create(&path).unwrap().set_len(size).unwrap();
+        let out = common::output({
+            let mut c = qxfer_at(&h, serve.addr);
+            c.arg("put").arg(&path);
+            c
+        })
+        .await;
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(err.contains(name) && err.contains("5 TiB"), "{err}");
+        assert!(
+            serve.child.try_wait().unwrap().is_none(),
+            "the server died: {err}"
+        );
+    }
+    let small = shm.path().join("small");
+    std::fs::write(&small, b"still serving").unwrap();
+    let mut put = qxfer_at(&h, serve.addr);
+    put.arg("put").arg(&small);
+    let out = common::output(put).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The peak resident memory of process `pid`, in bytes.
+fn peak_memory(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .unwrap()
+        .trim()
+        .trim_end_matches(" kB")
+        .trim()
+        .parse()
+        .unwrap();
+    kib << 10
+}
+
+/// A file with neither a stored BLAKE3 nor sums (written by another tool,
+/// or renamed) is proven to a resuming client by reading its prefix: that
+/// read once went into one buffer, so asking again for a finished download
+/// (the prefix is the whole file) cost the server the file's size in memory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proving_a_prefix_holds_a_few_mib_however_long_it_is() {
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path().to_owned();
+    let url = garage().fresh_root("prove");
+    let mut cmd = qxfer(&h);
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--certs"])
+        .arg(h.join("certs"));
+    serve_root(&mut cmd, Path::new(&url));
+    let serve = ServeProcess::spawn(cmd);
+    let size = 160 * MIB;
+    let data = pattern(size, 21);
+    common::place_at(Path::new(&url), "plain", &data).await;
+    let out_dir = h.join("out");
+    let get = || {
+        let mut c = qxfer_at(&h, serve.addr);
+        c.args(["get", "plain", "-o"]).arg(&out_dir);
+        c
+    };
+    let first = common::output(get()).await;
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    let before = peak_memory(serve.child.id());
+    // Again: the whole file is the prefix the server must prove.
+    let again = common::output(get()).await;
+    assert!(
+        again.status.success(),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    let grew = peak_memory(serve.child.id()).saturating_sub(before);
+    assert!(
+        grew < 48 * MIB as u64,
+        "proving a {size}-byte prefix raised the server's peak by {grew} bytes"
+    );
+    assert_eq!(std::fs::read(out_dir.join("plain")).unwrap(), data);
+}
+
+/// The record of an upload keeps its key as the store spells it
+/// (percent-encoded past ASCII); aborting once encoded that again, the
+/// store answered 404 for the wrong key, and the parts stayed for good.
+/// Here an interrupted upload of `ü.bin` is made stale (its source
+/// changed): the next put aborts it, and its upload id is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abandoned_upload_of_a_non_ascii_name_is_really_aborted() {
+    use object_store::multipart::MultipartStore;
+    let url = garage().fresh_root("umlaut");
+    let server = TestServer::start_object(&url, 0).await;
+    let cfg = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("ü.bin");
+    std::fs::write(&src, pattern(40 * MIB, 22)).unwrap();
+    let client = slow_client(&server, cfg.path(), 16 * MIB as u64).await;
+    let c = client.clone();
+    let s = src.clone();
+    let upload = tokio::spawn(async move { c.put(&s, "ü.bin", false, &|_| {}).await });
+    wait_for_parts(&url, 1).await;
+    client.connection().close(0u32.into(), b"gone");
+    assert!(upload.await.unwrap().is_err());
+    let record = keys(&url)
+        .await
+        .into_iter()
+        .find(|k| k.starts_with(".qxfer-partial/") && k.ends_with("/upload"))
+        .expect("the interrupted upload is recorded");
+    let prefix = url.split_once("://").unwrap().1.split_once('/').unwrap().1;
+    let header: serde_json::Value = serde_json::from_slice(
+        &bucket()
+            .get(&object_store::path::Path::from(format!(
+                "{prefix}/{record}"
+            )))
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    let key = object_store::path::Path::parse(header["key"].as_str().unwrap()).unwrap();
+    let id = header["upload_id"].as_str().unwrap().to_owned();
+    // The probe: a part more for the upload, taken while it exists.
+    let probe = || async {
+        bucket()
+            .put_part(&key, &id, 3, object_store::PutPayload::from_static(b"x"))
+            .await
+    };
+    probe().await.expect("the interrupted upload takes parts");
+    // The source changes: its old upload is stale, and the put aborts it.
+    let f = std::fs::File::options().write(true).open(&src).unwrap();
+    f.set_modified(std::time::SystemTime::now() - Duration::from_secs(60))
+        .unwrap();
+    drop(f);
+    // The same client identity: its upload of this name, another version,
+    // slowed down so that the old upload is looked at before the new one
+    // completes (Garage drops the uploads of a key older than one that
+    // completes, which would hide the leak).
+    let fresh = slow_client(&server, cfg.path(), 16 * MIB as u64).await;
+    let c = fresh.clone();
+    let s = src.clone();
+    let second = tokio::spawn(async move { c.put(&s, "ü.bin", false, &|_| {}).await });
+    let started = Instant::now();
+    while keys(&url).await.contains(&record) {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "never replaced"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        probe().await.is_err(),
+        "the abandoned upload {id} of {key} still takes parts"
+    );
+    let report = second.await.unwrap().unwrap();
+    assert!(
+        report.notes.iter().any(|n| n.contains("changed")),
+        "{:?}",
+        report.notes
+    );
+    assert!(!keys(&url)
+        .await
+        .iter()
+        .any(|k| k.starts_with(".qxfer-partial/")));
+    fresh.close().await;
+}
+
+/// A record listing the file's short last part too (a commit that stored
+/// it and then failed) once made every resume start past the end of the
+/// file, failing until the sweep took the record. The resume continues
+/// after the whole parts instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_of_more_parts_than_the_file_holds_still_resumes() {
+    let url = garage().fresh_root("overshoot");
+    let server = TestServer::start_object(&url, 0).await;
+    let cfg = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("f");
+    // 8 + 8 + 4 MiB: two whole parts and a short one.
+    let data = pattern(20 * MIB, 23);
+    std::fs::write(&src, &data).unwrap();
+    let client = slow_client(&server, cfg.path(), 8 * MIB as u64).await;
+    let c = client.clone();
+    let s = src.clone();
+    let upload = tokio::spawn(async move { c.put(&s, "f", false, &|_| {}).await });
+    wait_for_parts(&url, 2).await;
+    client.connection().close(0u32.into(), b"gone");
+    assert!(upload.await.unwrap().is_err());
+    // Record a third part, as a failed commit of the short tail leaves it.
+    let prefix = url.split_once("://").unwrap().1.split_once('/').unwrap().1;
+    let second = keys(&url)
+        .await
+        .into_iter()
+        .find(|k| k.ends_with("/part-00001"))
+        .expect("two parts recorded");
+    let from = object_store::path::Path::from(format!("{prefix}/{second}"));
+    let to = object_store::path::Path::from(format!(
+        "{prefix}/{}",
+        second.replace("part-00001", "part-00002")
+    ));
+    bucket().copy(&from, &to).await.unwrap();
+    let fresh = Client::connect(&server.client_config(cfg.path()))
+        .await
+        .unwrap();
+    let report = fresh.put(&src, "f", false, &|_| {}).await.unwrap();
+    assert_eq!(
+        report.resumed_from,
+        16 * MIB as u64,
+        "continues after the whole parts"
+    );
+    assert_eq!(server.stored("f").await, data);
+    fresh.close().await;
+}
+
+/// Memory for uploads is reserved server-wide before a put is accepted: a
+/// put that needs more than the whole budget is refused at once, naming
+/// it; one that does not fit beside those in flight waits for them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upload_memory_is_bounded_for_the_whole_server() {
+    let url = garage().fresh_root("memory");
+    let mut options = garage().options(0);
+    options.upload_memory = Some(MIB as u64);
+    let config = ServeConfig::object_store(&url, &options, false)
+        .await
+        .unwrap();
+    let server = TestServer::start_config(
+        tempfile::tempdir().unwrap(),
+        config,
+        ServerLimits::default(),
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    // A multipart upload holds three 8 MiB parts: more than the budget.
+    let big = dir.path().join("big");
+    std::fs::write(&big, pattern(12 * MIB, 24)).unwrap();
+    let (client, _cfg) = server.client().await;
+    let (code, msg) = common::remote_code(client.put(&big, "big", false, &|_| {}).await);
+    assert_eq!(code, ErrorCode::TooLarge, "{msg}");
+    assert!(
+        msg.contains("'big'") && msg.contains("--upload-memory"),
+        "{msg}"
+    );
+    // Two files of 700 KiB do not fit together: the second waits until
+    // the first (slowed down) is done.
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    std::fs::write(&a, pattern(700 << 10, 25)).unwrap();
+    std::fs::write(&b, pattern(700 << 10, 26)).unwrap();
+    let cfg = tempfile::tempdir().unwrap();
+    let slow = slow_client(&server, cfg.path(), 350 << 10).await;
+    let first = tokio::spawn(async move {
+        slow.put(&a, "a", false, &|_| {}).await.unwrap();
+        Instant::now()
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    client.put(&b, "b", false, &|_| {}).await.unwrap();
+    let second_done = Instant::now();
+    let first_done = first.await.unwrap();
+    assert!(
+        second_done >= first_done,
+        "the second put did not wait for the memory the first held"
+    );
+    client.close().await;
+}
+
+/// "Already there" for a file uploaded in parts takes its digest from the
+/// sums kept beside it: a rerun once read the whole object back from the
+/// store to hash it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_uploaded_in_parts_is_found_already_there_without_reading_it() {
+    let proxy = CountingProxy::start().await;
+    let url = garage().fresh_root("present");
+    let server = server_via(&url, &proxy.endpoint, |_| {}).await;
+    let (client, _cfg) = server.client().await;
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("big");
+    std::fs::write(&src, pattern(40 * MIB, 27)).unwrap();
+    client.put(&src, "big", false, &|_| {}).await.unwrap();
+    let before = proxy.read_from_store();
+    let again = client.put(&src, "big", false, &|_| {}).await.unwrap();
+    assert!(again.already_there);
+    let read = proxy.read_from_store() - before;
+    assert!(
+        read < MIB as u64,
+        "the store sent {read} bytes to tell it was there"
+    );
     client.close().await;
 }

@@ -98,6 +98,7 @@ async fn two_hundred_files_at_once_over_one_connection_on(backend: Backend) {
             local: up.join(&name),
             remote: format!("many/{name}"),
             size_hint: None,
+            within: None,
         });
     }
     let progress: std::sync::Arc<dyn Watch> = std::sync::Arc::new(Unwatched);
@@ -117,6 +118,7 @@ async fn two_hundred_files_at_once_over_one_connection_on(backend: Backend) {
             local: down.join(&j.label),
             remote: j.remote.clone(),
             size_hint: None,
+            within: None,
         })
         .collect();
     let report = run_batch(&client, Direction::Get, gets, 64, false, &progress).await;

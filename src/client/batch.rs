@@ -22,6 +22,9 @@ pub struct Job {
     pub remote: String,
     /// The size, if known before the transfer (a get from a listing).
     pub size_hint: Option<u64>,
+    /// For a get into a tree (`get -r`): the tree's local top, below which
+    /// the download never follows a link. `None` for a file on its own.
+    pub within: Option<PathBuf>,
 }
 
 /// What a batch tells whoever watches it as files move. The command line
@@ -299,6 +302,7 @@ impl BatchRun {
                     .get_sized(
                         &job.remote,
                         &job.local,
+                        job.within.as_deref(),
                         job.size_hint,
                         self.force,
                         &|size| {

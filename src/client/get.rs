@@ -17,6 +17,7 @@ use crate::protocol::{
 };
 
 use super::batch::WatchFile;
+use super::dest::Dest;
 use super::{reply, unexpected, Client, FileError, TransferReport};
 
 impl Client {
@@ -35,37 +36,43 @@ impl Client {
         on_start: &Advance<'_>,
         progress: &dyn WatchFile,
     ) -> Result<TransferReport, FileError> {
-        self.get_sized(remote, dest, None, force, on_start, progress)
+        self.get_sized(remote, dest, None, None, force, on_start, progress)
             .await
     }
 
-    /// [`Client::get`] of a file whose size is known from a listing. A file
-    /// under [`RESUME_MIN`] bytes is received into an anonymous temporary
-    /// beside `dest` instead of `DEST.qxfer-part`: it is not worth resuming,
-    /// and a thousand small downloads then leave no names to create, lock
-    /// and rename, nor anything behind if interrupted.
+    /// [`Client::get`] of a file whose size is known from a listing, into
+    /// the download tree whose top is `within` (if any): below that top no
+    /// link is ever followed (see the `dest` module). A file under
+    /// [`RESUME_MIN`] bytes is received into an anonymous temporary beside
+    /// `dest` instead of `DEST.qxfer-part`: it is not worth resuming, and a
+    /// thousand small downloads then leave no names to create, lock and
+    /// rename, nor anything behind if interrupted.
+    #[allow(clippy::too_many_arguments)]
     pub async fn get_sized(
         &self,
         remote: &str,
         dest: &Path,
+        within: Option<&Path>,
         size_hint: Option<u64>,
         force: bool,
         on_start: &Advance<'_>,
         progress: &dyn WatchFile,
     ) -> Result<TransferReport, FileError> {
-        let d = dest.to_owned();
-        if blocking(move || check_local_dest(&d, force)).await? {
-            return self.already_here(remote, dest).await;
+        let (d, w) = (dest.to_owned(), within.map(Path::to_owned));
+        let target = Arc::new(blocking(move || Dest::open(&d, w.as_deref())).await?);
+        let t = target.clone();
+        if blocking(move || check_local_dest(&t, force)).await? {
+            return self.already_here(remote, target).await;
         }
         let small = size_hint.is_some_and(|s| s < RESUME_MIN);
         let anonymous = if small {
-            open_anonymous_download(dest).await?
+            open_anonymous_download(target.clone()).await?
         } else {
             None
         };
         let (incoming, start) = match anonymous {
             Some(incoming) => (incoming, Start::default()),
-            None => open_download(dest, self.resume).await?,
+            None => open_download(target.clone(), self.resume).await?,
         };
         let (mut send, mut recv) = self.open().await?;
         let request = Request::Get(GetRequest {
@@ -106,6 +113,7 @@ impl Client {
         on_start(offer.meta.size);
         progress.kept(start.offset);
         let resumed_from = start.offset;
+        let mut wire_bytes = 0;
         let result = receive_get(
             &mut recv,
             dest,
@@ -117,6 +125,10 @@ impl Client {
             &|n| progress.inc(n),
         )
         .await;
+        let result = result.map(|(digest, wire)| {
+            wire_bytes = wire;
+            digest
+        });
         send_receipt(&mut send, &mut recv, offer.meta.size, &result).await;
         result.map(|digest| TransferReport {
             name: remote.to_owned(),
@@ -125,6 +137,7 @@ impl Client {
             blake3: digest,
             resumed_from,
             bytes_sent: offer.meta.size - resumed_from,
+            wire_bytes,
             notes,
             already_there: false,
             seconds: 0.0,
@@ -161,8 +174,9 @@ impl Client {
         }
         check_framing(&offer)?;
         progress.set_length(offer.meta.size);
+        let mut wire = exchange::Counted::new(&mut recv);
         let received = exchange::receive_to_writer(
-            &mut recv,
+            &mut wire,
             offer.meta.size,
             std::io::stdout(),
             offer.encoding,
@@ -171,6 +185,7 @@ impl Client {
         )
         .await
         .map_err(|e| download_error(e, Path::new(STDOUT)));
+        let wire_bytes = wire.count();
         let checked = match received {
             Ok(digest) => match reply::<Trailer>(&mut recv, exchange::STALL_TIMEOUT).await {
                 Ok(trailer) if trailer.digest == digest => Ok(digest),
@@ -187,6 +202,7 @@ impl Client {
             blake3: digest,
             resumed_from: 0,
             bytes_sent: offer.meta.size,
+            wire_bytes,
             notes: Vec::new(),
             already_there: false,
             seconds: 0.0,
@@ -199,14 +215,21 @@ impl Client {
     pub(super) async fn already_here(
         &self,
         remote: &str,
-        dest: &Path,
+        target: Arc<Dest>,
     ) -> Result<TransferReport, FileError> {
-        let d = dest.to_owned();
-        let size = blocking(move || std::fs::metadata(d))
-            .await
-            .map_err(FileError::local(dest))?
-            .len();
-        let ours = hash_file(dest).await?;
+        let dest = &target.path.clone();
+        let t = target.clone();
+        let (size, ours) = blocking(move || {
+            // The name, not what a link there points at (a link is no
+            // file, and check_local_dest refused it already).
+            let mut opts = cap_std::fs::OpenOptions::new();
+            cap_std::fs::OpenOptionsExt::custom_flags(opts.read(true), libc::O_NOFOLLOW);
+            let mut file = t.dir.open_with(&t.name, &opts)?.into_std();
+            let size = file.metadata()?.len();
+            Ok((size, exchange::file_digest(&mut file)?))
+        })
+        .await
+        .map_err(FileError::local(dest))?;
         let (mut send, mut recv) = self.open().await?;
         let request = Request::Get(GetRequest {
             path: remote.to_owned(),
@@ -249,14 +272,14 @@ impl Client {
 /// Checks the local destination: `Ok(true)` if a regular file is there and
 /// `force` is off (it may be this very file, from an earlier run), an error
 /// for a directory or something else in the way.
-pub(super) fn check_local_dest(dest: &Path, force: bool) -> Result<bool, FileError> {
-    match std::fs::symlink_metadata(dest) {
+pub(super) fn check_local_dest(dest: &Dest, force: bool) -> Result<bool, FileError> {
+    match dest.dir.symlink_metadata(&dest.name) {
         Ok(md) if md.is_dir() => Err(FileError::Local {
-            path: dest.to_owned(),
+            path: dest.path.clone(),
             source: std::io::Error::other("is a directory; choose another -o or name"),
         }),
         Ok(md) if !force && md.is_file() => Ok(true),
-        Ok(_) if !force => Err(FileError::LocalExists(dest.to_owned())),
+        Ok(_) if !force => Err(FileError::LocalExists(dest.path.clone())),
         _ => Ok(false),
     }
 }
@@ -269,61 +292,66 @@ pub(super) async fn hash_file(path: &Path) -> Result<Digest, FileError> {
         .map_err(FileError::local(path))
 }
 
-/// Where a download to `dest` keeps its bytes until it is complete.
+/// Where a download to `dest` keeps its bytes until it is complete:
+/// `NAME.qxfer-part` beside it. A name too long for that (the suffix would
+/// pass the 255 bytes a file name may have) keeps as much of its start as
+/// fits, then `~` and 16 hex digits of its BLAKE3: still one name per
+/// destination, so an interrupted download of it resumes too.
 pub fn part_path(dest: &Path) -> PathBuf {
-    let mut name = dest.file_name().unwrap_or_default().to_os_string();
-    name.push(PART_SUFFIX);
-    dest.with_file_name(name)
+    use std::os::unix::ffi::{OsStrExt, OsStringExt};
+    const NAME_MAX: usize = 255;
+    let full = dest.file_name().unwrap_or_default().as_bytes();
+    let mut name = full.to_vec();
+    if full.len() + PART_SUFFIX.len() > NAME_MAX {
+        let tag = &blake3::hash(full).to_hex()[..16];
+        let keep = NAME_MAX - PART_SUFFIX.len() - 1 - tag.len();
+        // Cut where a UTF-8 character starts, so the name stays readable.
+        let mut cut = keep;
+        while cut > 0 && (full[cut] & 0xC0) == 0x80 {
+            cut -= 1;
+        }
+        name.truncate(cut);
+        name.push(b'~');
+        name.extend_from_slice(tag.as_bytes());
+    }
+    name.extend_from_slice(PART_SUFFIX.as_bytes());
+    dest.with_file_name(std::ffi::OsString::from_vec(name))
 }
 
 /// Suffix of partial downloads beside their destination.
 pub const PART_SUFFIX: &str = ".qxfer-part";
 
-/// An anonymous temporary beside `dest`, if the system allows one.
+/// An anonymous temporary beside the destination, if the system allows one.
 pub(super) async fn open_anonymous_download(
-    dest: &Path,
+    target: Arc<Dest>,
 ) -> Result<Option<IncomingFile>, FileError> {
-    let d = dest.to_owned();
+    let path = target.path.clone();
     blocking(move || {
-        let dir = match d.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p,
-            _ => Path::new("."),
-        };
-        let Some(name) = d.file_name().and_then(|n| n.to_str()) else {
-            return Ok(None); // open_download explains
-        };
-        let dir = cap_std::fs::Dir::open_ambient_dir(dir, cap_std::ambient_authority())
-            .map_err(FileError::local(&d))?;
-        IncomingFile::create_anonymous(dir, name, d.clone()).map_err(FileError::local(&d))
+        let dir = target.dir.try_clone()?;
+        IncomingFile::create_anonymous(dir, &target.name, target.path.clone())
     })
     .await
+    .map_err(FileError::local(&path))
 }
 
-/// Opens `DEST.qxfer-part` and, if `resume` and it holds bytes, hashes them.
+/// Opens `DEST.qxfer-part` beside the destination and, if `resume` and it
+/// holds bytes, hashes them.
 pub(super) async fn open_download(
-    dest: &Path,
+    target: Arc<Dest>,
     resume: bool,
 ) -> Result<(IncomingFile, Start), FileError> {
-    let d = dest.to_owned();
     blocking(move || {
-        let local = FileError::local(&d);
-        let dir = match d.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p,
-            _ => Path::new("."),
-        };
-        let name = d
-            .file_name()
-            .and_then(|n| n.to_str())
-            .ok_or_else(|| FileError::Local {
-                path: d.clone(),
-                source: std::io::Error::other("has no UTF-8 file name"),
-            })?;
-        let part = part_path(&d);
-        let part_name = part.file_name().and_then(|n| n.to_str()).expect("UTF-8");
+        let part = part_path(&target.path);
+        let part_name = part.file_name().expect("a part has a name").to_owned();
         let open = || -> std::io::Result<(IncomingFile, Start)> {
-            let dir = cap_std::fs::Dir::open_ambient_dir(dir, cap_std::ambient_authority())?;
-            let incoming =
-                IncomingFile::open_partial(dir.try_clone()?, part_name, dir, name, d.clone())?;
+            let dir = target.dir.try_clone()?;
+            let incoming = IncomingFile::open_partial(
+                dir.try_clone()?,
+                &part_name,
+                dir,
+                &target.name,
+                target.path.clone(),
+            )?;
             let held = incoming.held()?;
             let start = if resume && held > 0 {
                 incoming.prefix(held)?
@@ -342,7 +370,7 @@ pub(super) async fn open_download(
                     ),
                 }
             } else {
-                local(e)
+                FileError::local(&target.path)(e)
             }
         })
     })
@@ -398,12 +426,13 @@ pub(super) async fn receive_get(
     force: bool,
     pace: Option<Arc<Pacer>>,
     progress: &Advance<'_>,
-) -> Result<Digest, FileError> {
+) -> Result<(Digest, u64), FileError> {
     let meta = &offer.meta;
     check_framing(offer)?;
     let file = incoming.file().map_err(FileError::local(dest))?;
+    let mut wire = exchange::Counted::new(recv);
     let received = exchange::receive_file(
-        recv,
+        &mut wire,
         meta.size,
         file,
         start,
@@ -414,6 +443,23 @@ pub(super) async fn receive_get(
         std::future::pending(),
     )
     .await;
+    let wire_bytes = wire.count();
+    let received = match received {
+        // What a full disk cut short is not kept for a resume (as the
+        // server does): its bytes are the space the rerun, or any other
+        // download, needs.
+        Err(TransferError::Write(io)) if exchange::is_disk_full(&io) => {
+            incoming.discard();
+            return Err(FileError::Local {
+                path: dest.to_owned(),
+                source: std::io::Error::new(
+                    io.kind(),
+                    format!("{io}; the local disk is full: the unfinished download was deleted to give its space back; free space there and run the same command again"),
+                ),
+            });
+        }
+        other => other,
+    };
     let digest = received.map_err(|e| download_error(e, dest))?.digest;
     let trailer: Trailer = reply(recv, exchange::STALL_TIMEOUT).await?;
     if trailer.digest != digest {
@@ -429,7 +475,7 @@ pub(super) async fn receive_get(
             CommitError::Exists(p) => FileError::LocalExists(p),
             CommitError::Io { source, .. } => FileError::local(&d)(source),
         })?;
-    Ok(digest)
+    Ok((digest, wire_bytes))
 }
 
 /// A download to `dest` that failed while its bytes arrived, for the user.
@@ -451,4 +497,29 @@ pub(super) fn is_source_reset(e: &std::io::Error) -> bool {
         e.get_ref().and_then(|inner| inner.downcast_ref::<quinn::ReadError>()),
         Some(quinn::ReadError::Reset(code)) if *code == VarInt::from_u32(RESET_SOURCE_FAILED)
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn part_names_always_fit_and_stay_one_per_destination() {
+        assert_eq!(
+            part_path(Path::new("/d/notes.txt")),
+            Path::new("/d/notes.txt.qxfer-part")
+        );
+        for len in [240, 244, 245, 250, 255] {
+            let long = "é".repeat(len / 2) + &"x".repeat(len % 2);
+            assert_eq!(long.len(), len);
+            let part = part_path(&Path::new("/d").join(&long));
+            let name = part.file_name().unwrap().to_str().expect("still UTF-8");
+            assert!(name.len() <= 255, "{len}: {}", name.len());
+            assert!(name.ends_with(PART_SUFFIX));
+            assert_eq!(part, part_path(&Path::new("/d").join(&long)), "stable");
+        }
+        let a = part_path(Path::new(&format!("{}a", "x".repeat(254))));
+        let b = part_path(Path::new(&format!("{}b", "x".repeat(254))));
+        assert_ne!(a, b, "names that share their start get different parts");
+    }
 }

@@ -27,6 +27,7 @@ use crate::tls::Fingerprint;
 
 mod batch;
 mod connect;
+mod dest;
 mod filter;
 mod get;
 mod plan;
@@ -44,6 +45,7 @@ pub use batch::{
 pub(crate) use connect::known_hosts_key;
 use connect::refusal;
 pub use connect::{describe_close, split_server, ConnectError, DEFAULT_CONNECT_TIMEOUT};
+pub(crate) use dest::remove_below;
 pub use filter::{Filter, FilterError};
 pub use get::{part_path, PART_SUFFIX};
 pub use plan::{dry_run, Action, Planned};
@@ -163,8 +165,8 @@ impl FileError {
                     | TransferError::Stalled
             ),
             Self::Protocol(_) => true,
-            Self::Remote(_)
-            | Self::Local { .. }
+            Self::Remote(e) => e.code == crate::protocol::ErrorCode::Busy,
+            Self::Local { .. }
             | Self::LocalExists(_)
             | Self::Corrupt(_)
             | Self::CorruptOutput(_)
@@ -194,8 +196,12 @@ pub struct TransferReport {
     /// Bytes that were already at the receiver from an interrupted
     /// transfer and were not sent again.
     pub resumed_from: u64,
-    /// Bytes that crossed the network for this file this time.
+    /// Bytes of the file's contents that crossed the network this time
+    /// (after a resume, before compression).
     pub bytes_sent: u64,
+    /// Bytes its data took on the wire this time: `bytes_sent` after
+    /// compression, with the framing of its blocks.
+    pub wire_bytes: u64,
     /// Things the user should know (a resume that had to start over...).
     pub notes: Vec<String>,
     /// The destination already held this file (same contents, checked by
@@ -216,6 +222,7 @@ impl TransferReport {
             blake3,
             resumed_from: size,
             bytes_sent: 0,
+            wire_bytes: 0,
             notes: Vec::new(),
             already_there: true,
             seconds: 0.0,

@@ -123,11 +123,13 @@ impl Client {
         let pace = self.pace.clone();
         let source_failed = tokio::sync::Notify::new();
         let sending = async {
+            let mut wire = exchange::Counted::new(&mut send);
             let sent =
-                exchange::send_file(file, meta.size, start, framing, pace, &mut send, &|n| {
+                exchange::send_file(file, meta.size, start, framing, pace, &mut wire, &|n| {
                     progress.inc(n)
                 })
                 .await;
+            let wire_bytes = wire.count();
             let digest = match sent {
                 Ok(digest) => digest,
                 Err(e) => {
@@ -148,7 +150,7 @@ impl Client {
                     other => TransferError::Network(std::io::Error::other(other)),
                 })?;
             let _ = send.finish();
-            Ok::<_, TransferError>(digest)
+            Ok::<_, TransferError>((digest, wire_bytes))
         };
         // Pipelined, the response arrives while the data goes out (unless
         // our own file fails first: then the answer no longer matters).
@@ -205,7 +207,7 @@ impl Client {
                 path: local.to_owned(),
                 source,
             }),
-            (Ok(Receipt::Committed { size, digest }), Ok(ours)) => {
+            (Ok(Receipt::Committed { size, digest }), Ok((ours, wire_bytes))) => {
                 if digest != ours || size != meta.size {
                     return Err(FileError::Corrupt(local.to_owned()));
                 }
@@ -216,6 +218,7 @@ impl Client {
                     blake3: digest,
                     resumed_from,
                     bytes_sent: size - resumed_from,
+                    wire_bytes,
                     notes,
                     already_there: false,
                     seconds: 0.0,
@@ -279,10 +282,12 @@ impl Client {
             }
             other => return Err(unexpected(&other)),
         }
-        let sent = exchange::send_pipe(input, framing, self.pace.clone(), &mut send, &|n| {
+        let mut wire = exchange::Counted::new(&mut send);
+        let sent = exchange::send_pipe(input, framing, self.pace.clone(), &mut wire, &|n| {
             progress.inc(n)
         })
         .await;
+        let wire_bytes = wire.count();
         let (size, ours) = match sent {
             Ok(done) => done,
             Err(TransferError::Read(e)) => {
@@ -339,6 +344,7 @@ impl Client {
                     blake3: digest,
                     resumed_from: 0,
                     bytes_sent: size,
+                    wire_bytes,
                     notes: Vec::new(),
                     already_there: false,
                     seconds: 0.0,

@@ -23,6 +23,9 @@ pub(crate) struct Tree {
     pub(crate) dirs: Vec<TreeDir>,
     /// What was left out, and why (for the user).
     pub(crate) skipped: Vec<String>,
+    /// What could not be read or named, and why: each one a failure of
+    /// the command (exit 1, listed in `--json`'s errors), never a silent gap.
+    pub(crate) failed: Vec<String>,
     /// What --exclude left out, as the filter saw it (`top/dir/` for a
     /// directory); beneath an excluded directory nothing is listed.
     pub(crate) excluded: Vec<String>,
@@ -41,6 +44,8 @@ pub(crate) struct TreeDir {
     pub(crate) remote: String,
     /// Its local path.
     pub(crate) local: PathBuf,
+    /// The local top of its tree (itself for the top).
+    pub(crate) top: PathBuf,
     /// Mode and mtime to give it.
     pub(crate) meta: DirMeta,
     /// Components below the top of the tree (the top is 0).
@@ -53,6 +58,7 @@ impl Tree {
         self.jobs.extend(other.jobs);
         self.dirs.extend(other.dirs);
         self.skipped.extend(other.skipped);
+        self.failed.extend(other.failed);
         self.excluded.extend(other.excluded);
         self.protected_remote.extend(other.protected_remote);
         self.protected_local.extend(other.protected_local);
@@ -86,6 +92,7 @@ pub(crate) fn walk_local(
     tree.dirs.push(TreeDir {
         remote: remote_top.to_owned(),
         local: top.to_owned(),
+        top: top.to_owned(),
         meta: dir_meta(&md),
         depth: 0,
     });
@@ -96,10 +103,24 @@ pub(crate) fn walk_local(
         0usize,
     )];
     while let Some((dir, remote, rel_dir, depth)) = stack.pop() {
-        let mut items: Vec<_> = std::fs::read_dir(&dir)
-            .map_err(local_err(&dir))?
-            .collect::<Result<_, _>>()
-            .map_err(local_err(&dir))?;
+        let items = std::fs::read_dir(&dir).and_then(|d| d.collect::<Result<Vec<_>, _>>());
+        let mut items = match items {
+            Ok(items) => items,
+            // The top itself: nothing of the tree can be sent.
+            Err(e) if depth == 0 => return Err(local_err(&dir)(e)),
+            // A directory inside that cannot be read fails on its own (as
+            // an unreadable file does): what is beside and around it is
+            // still sent, its name on the server is left alone by
+            // --delete, and the command says what is missing.
+            Err(e) => {
+                tree.failed.push(format!(
+                    "{}: cannot read this directory ({e}); nothing in it was sent",
+                    dir.display()
+                ));
+                tree.protected_remote.push(remote);
+                continue;
+            }
+        };
         items.sort_by_key(|e| e.file_name());
         for item in items {
             let path = item.path();
@@ -129,6 +150,7 @@ pub(crate) fn walk_local(
                 tree.dirs.push(TreeDir {
                     remote: remote.clone(),
                     local: path.clone(),
+                    top: top.to_owned(),
                     meta: dir_meta(&md),
                     depth: depth + 1,
                 });
@@ -145,6 +167,7 @@ pub(crate) fn walk_local(
                     local: path,
                     remote,
                     size_hint: Some(md.len()),
+                    within: None,
                 });
             } else if ft.is_symlink() {
                 tree.skipped.push(format!(
@@ -183,6 +206,7 @@ pub(crate) fn from_listing(
     tree.dirs.push(TreeDir {
         remote: remote_top.to_owned(),
         local: local_top.to_owned(),
+        top: local_top.to_owned(),
         meta: top_meta,
         depth: 0,
     });
@@ -210,10 +234,12 @@ pub(crate) fn from_listing(
                 local,
                 remote,
                 size_hint: Some(e.size),
+                within: Some(local_top.to_owned()),
             }),
             EntryKind::Dir => tree.dirs.push(TreeDir {
                 remote,
                 local,
+                top: local_top.to_owned(),
                 meta: DirMeta {
                     mode: e.mode,
                     mtime: e.mtime,
@@ -311,13 +337,24 @@ pub(crate) async fn remote_extras(
     Ok(extras)
 }
 
+/// A name at the destination of a tree download that the server's tree
+/// does not have (what `--delete` removes).
+#[derive(Debug, Clone)]
+pub(crate) struct LocalExtra {
+    /// The top of its tree, below which it is reached without links.
+    pub(crate) top: PathBuf,
+    /// Its path.
+    pub(crate) path: PathBuf,
+    /// Whether it is a directory (removed with everything in it).
+    pub(crate) is_dir: bool,
+}
+
 /// What the local trees `tree` downloads into hold that the server's do
-/// not, as local paths with whether each is a directory. Links are listed
-/// as themselves, never followed; a tree whose top is a link is refused.
-pub(crate) fn local_extras(
-    tree: &Tree,
-    filter: &Filter,
-) -> Result<Vec<(PathBuf, bool)>, FileError> {
+/// not. Walked through directory handles opened without following links:
+/// a link is listed as itself, never followed, and one swapped in for a
+/// directory meanwhile is refused; a tree whose top is a link is refused.
+pub(crate) fn local_extras(tree: &Tree, filter: &Filter) -> Result<Vec<LocalExtra>, FileError> {
+    use cap_std::fs::Dir;
     let keep: std::collections::HashSet<&Path> = tree
         .jobs
         .iter()
@@ -349,33 +386,39 @@ pub(crate) fn local_extras(
             .local
             .file_name()
             .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
-        let mut stack = vec![(top.local.clone(), top_name)];
+        // Directories still to walk, by path below the top: each is opened
+        // when its turn comes (a handle per pending directory could run out
+        // of descriptors in a wide tree).
+        let mut stack = vec![(PathBuf::new(), top_name)];
         let mut found = Vec::new();
-        while let Some((dir, rel)) = stack.pop() {
-            let items = std::fs::read_dir(&dir).map_err(|source| FileError::Local {
-                path: dir.clone(),
+        while let Some((rel_dir, rel)) = stack.pop() {
+            let dir: Dir = super::dest::open_below(&top.local, &rel_dir, false)?;
+            let listing_error = |source| FileError::Local {
+                path: top.local.join(&rel_dir),
                 source,
-            })?;
-            for item in items {
-                let item = item.map_err(|source| FileError::Local {
-                    path: dir.clone(),
-                    source,
-                })?;
-                let path = item.path();
-                // file_type() does not follow links: a link to a directory is a link.
+            };
+            for item in dir.entries().map_err(listing_error)? {
+                let item = item.map_err(listing_error)?;
+                let name = item.file_name();
+                let path = top.local.join(&rel_dir).join(&name);
+                // The entry's own type: a link to a directory is a link.
                 let is_dir = item.file_type().is_ok_and(|t| t.is_dir());
-                let rel = format!("{rel}/{}", item.file_name().to_string_lossy());
+                let rel = format!("{rel}/{}", name.to_string_lossy());
                 if filter.excludes(&rel, is_dir) {
                     continue;
                 }
                 if !keep.contains(path.as_path()) {
-                    found.push((path, is_dir));
+                    found.push(LocalExtra {
+                        top: top.local.clone(),
+                        path,
+                        is_dir,
+                    });
                 } else if is_dir {
-                    stack.push((path, rel));
+                    stack.push((rel_dir.join(&name), rel));
                 }
             }
         }
-        found.sort();
+        found.sort_by(|a, b| a.path.cmp(&b.path));
         out.extend(found);
     }
     Ok(out)
@@ -414,19 +457,21 @@ pub(crate) async fn finish_remote_dirs(
     failed
 }
 
-/// Creates every local directory of a download (before its files arrive).
+/// Creates every local directory of a download (before its files
+/// arrive): the top as named, everything below it through handles that
+/// follow no link (see the `dest` module).
 pub(crate) fn create_local_dirs(dirs: &[TreeDir]) -> Vec<(String, FileError)> {
     dirs.iter()
         .filter_map(|d| {
-            std::fs::create_dir_all(&d.local).err().map(|source| {
-                (
-                    d.remote.clone(),
-                    FileError::Local {
-                        path: d.local.clone(),
-                        source,
-                    },
-                )
-            })
+            let made = if d.depth == 0 {
+                std::fs::create_dir_all(&d.local).map_err(|source| FileError::Local {
+                    path: d.local.clone(),
+                    source,
+                })
+            } else {
+                below(d).and_then(|rel| super::dest::open_below(&d.top, rel, true).map(drop))
+            };
+            made.err().map(|e| (d.remote.clone(), e))
         })
         .collect()
 }
@@ -436,22 +481,36 @@ pub(crate) fn finish_local_dirs(dirs: &[TreeDir]) -> Vec<(String, FileError)> {
     let mut failed = Vec::new();
     for level in levels(dirs) {
         for d in level {
-            if let Err(source) = apply_local(d) {
-                failed.push((
-                    d.remote.clone(),
-                    FileError::Local {
-                        path: d.local.clone(),
-                        source,
-                    },
-                ));
+            if let Err(e) = apply_local(d) {
+                failed.push((d.remote.clone(), e));
             }
         }
     }
     failed
 }
 
-fn apply_local(d: &TreeDir) -> std::io::Result<()> {
-    crate::exchange::set_dir_meta(&std::fs::File::open(&d.local)?, &d.meta)
+/// Sets a downloaded directory's mode and mtime through its handle (below
+/// the top, reached without following a link).
+fn apply_local(d: &TreeDir) -> Result<(), FileError> {
+    let local = |source| FileError::Local {
+        path: d.local.clone(),
+        source,
+    };
+    let dir = if d.depth == 0 {
+        cap_std::fs::Dir::open_ambient_dir(&d.local, cap_std::ambient_authority()).map_err(local)?
+    } else {
+        super::dest::open_below(&d.top, below(d)?, false)?
+    };
+    let handle = crate::exchange::open_dir_handle(&dir).map_err(local)?;
+    crate::exchange::set_dir_meta(&handle, &d.meta).map_err(local)
+}
+
+/// A directory's path relative to its tree's top.
+fn below(d: &TreeDir) -> Result<&Path, FileError> {
+    d.local.strip_prefix(&d.top).map_err(|_| FileError::Local {
+        path: d.local.clone(),
+        source: std::io::Error::other("is not below its tree's top"),
+    })
 }
 
 /// Directories grouped by depth, deepest group first.
@@ -504,6 +563,7 @@ mod tests {
         let d = |depth| TreeDir {
             remote: String::new(),
             local: PathBuf::new(),
+            top: PathBuf::new(),
             meta: DirMeta {
                 mode: None,
                 mtime: None,

@@ -22,10 +22,12 @@ use super::*;
 pub(crate) struct IncomingFile {
     tmp_dir: Dir,
     /// `None` for an anonymous temporary (see [`IncomingFile::create_anonymous`]).
-    tmp_name: Option<String>,
+    tmp_name: Option<std::ffi::OsString>,
     file: File,
     dest_dir: Dir,
-    dest_name: String,
+    /// The destination's name in `dest_dir`: bytes, as the OS takes them
+    /// (a name need not be UTF-8).
+    dest_name: std::ffi::OsString,
     /// The destination as shown in messages.
     label: PathBuf,
     done: bool,
@@ -91,6 +93,12 @@ fn lock_for_writing(file: &File) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Whether `name` is one component of a path (no `/`, not empty).
+fn is_one_name(name: &std::ffi::OsStr) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    !name.is_empty() && !name.as_bytes().contains(&b'/')
+}
+
 /// Prefix of the temporaries [`IncomingFile`] creates.
 pub(crate) const TMP_PREFIX: &str = ".qxfer-tmp-";
 
@@ -101,10 +109,11 @@ impl IncomingFile {
     pub(crate) fn create_in(
         tmp_dir: Dir,
         dest_dir: Dir,
-        dest_name: &str,
+        dest_name: impl AsRef<std::ffi::OsStr>,
         label: PathBuf,
     ) -> std::io::Result<Self> {
-        debug_assert!(!dest_name.contains('/') && !dest_name.is_empty());
+        let dest_name = dest_name.as_ref();
+        debug_assert!(is_one_name(dest_name));
         let mut opts = OpenOptions::new();
         opts.read(true).write(true).create_new(true).mode(0o600);
         let mut attempt = 0;
@@ -117,7 +126,7 @@ impl IncomingFile {
                     lock_for_writing(&file)?;
                     return Ok(Self {
                         tmp_dir,
-                        tmp_name: Some(tmp_name),
+                        tmp_name: Some(tmp_name.into()),
                         file,
                         dest_dir,
                         dest_name: dest_name.to_owned(),
@@ -146,10 +155,11 @@ impl IncomingFile {
     #[cfg(target_os = "linux")]
     pub(crate) fn create_anonymous(
         dest_dir: Dir,
-        dest_name: &str,
+        dest_name: impl AsRef<std::ffi::OsStr>,
         label: PathBuf,
     ) -> std::io::Result<Option<Self>> {
-        debug_assert!(!dest_name.contains('/') && !dest_name.is_empty());
+        let dest_name = dest_name.as_ref();
+        debug_assert!(is_one_name(dest_name));
         if !anonymous_temporaries_work(&dest_dir) {
             return Ok(None);
         }
@@ -172,7 +182,7 @@ impl IncomingFile {
     #[cfg(not(target_os = "linux"))]
     pub(crate) fn create_anonymous(
         _dest_dir: Dir,
-        _dest_name: &str,
+        _dest_name: impl AsRef<std::ffi::OsStr>,
         _label: PathBuf,
     ) -> std::io::Result<Option<Self>> {
         Ok(None)
@@ -185,18 +195,19 @@ impl IncomingFile {
     /// keeps two transfers from writing the same partial at once.
     pub(crate) fn open_partial(
         tmp_dir: Dir,
-        name: &str,
+        name: impl AsRef<std::ffi::OsStr>,
         dest_dir: Dir,
-        dest_name: &str,
+        dest_name: impl AsRef<std::ffi::OsStr>,
         label: PathBuf,
     ) -> std::io::Result<Self> {
+        let dest_name = dest_name.as_ref();
         let mut opts = OpenOptions::new();
         opts.read(true).write(true).create(true).mode(0o600);
-        let file = tmp_dir.open_with(name, &opts)?.into_std();
+        let file = tmp_dir.open_with(name.as_ref(), &opts)?.into_std();
         lock_for_writing(&file)?;
         Ok(Self {
             tmp_dir,
-            tmp_name: Some(name.to_owned()),
+            tmp_name: Some(name.as_ref().to_owned()),
             file,
             dest_dir,
             dest_name: dest_name.to_owned(),
@@ -319,7 +330,7 @@ impl IncomingFile {
             return link_fd(&self.file, &self.dest_dir, &self.dest_name);
         }
         let tmp = format!("{TMP_PREFIX}{:016x}", random_u64());
-        link_fd(&self.file, &self.dest_dir, &tmp)?;
+        link_fd(&self.file, &self.dest_dir, tmp.as_ref())?;
         self.dest_dir
             .rename(&tmp, &self.dest_dir, &self.dest_name)
             .inspect_err(|_| {
@@ -355,7 +366,7 @@ fn open_anonymous(dir: &Dir) -> std::io::Result<Option<File>> {
 /// `AT_EMPTY_PATH` needs CAP_DAC_READ_SEARCH; without it, the same through
 /// `/proc/self/fd`.
 #[cfg(target_os = "linux")]
-fn link_fd(file: &File, dir: &Dir, name: &str) -> std::io::Result<()> {
+fn link_fd(file: &File, dir: &Dir, name: &std::ffi::OsStr) -> std::io::Result<()> {
     use rustix::fs::{linkat, AtFlags, CWD};
     use rustix::io::Errno;
     use std::os::fd::AsRawFd;
@@ -380,7 +391,7 @@ fn anonymous_temporaries_work(dir: &Dir) -> bool {
             return false;
         };
         let probe = format!("{TMP_PREFIX}probe-{:016x}", random_u64());
-        let linked = link_fd(&file, dir, &probe).is_ok();
+        let linked = link_fd(&file, dir, probe.as_ref()).is_ok();
         if linked {
             let _ = dir.remove_file(&probe);
         }
@@ -404,7 +415,7 @@ impl Drop for IncomingFile {
 /// A readable handle on the directory `dir` refers to. cap-std holds
 /// directories as O_PATH handles, which can be neither synced nor changed,
 /// so this opens "." beneath it.
-pub(super) fn open_dir_handle(dir: &Dir) -> std::io::Result<File> {
+pub(crate) fn open_dir_handle(dir: &Dir) -> std::io::Result<File> {
     use rustix::fs::{openat, Mode, OFlags};
     let fd = openat(
         dir,
@@ -517,10 +528,11 @@ fn sync_filesystem_grouped(file: &File) -> std::io::Result<()> {
 /// replaces) followed by removing the old name does the same.
 pub(crate) fn rename_noreplace(
     from_dir: &Dir,
-    from: &str,
+    from: impl AsRef<std::ffi::OsStr>,
     to_dir: &Dir,
-    to: &str,
+    to: impl AsRef<std::ffi::OsStr>,
 ) -> std::io::Result<()> {
+    let (from, to) = (from.as_ref(), to.as_ref());
     #[cfg(any(target_os = "linux", target_os = "android"))]
     {
         use rustix::fs::{renameat_with, RenameFlags};

@@ -12,10 +12,12 @@
 //! One module per job: `send` and `receive` (the two ends of a file's
 //! bytes), `compress` (zstd blocks), `pace` (`--limit-rate`), `start`
 //! (resume prefixes), `pool` (the disk threads), `commit` (atomic commits
-//! on either side), `meta` (mtimes and modes), `error`.
+//! on either side), `meta` (mtimes and modes), `counted` (bytes on the
+//! wire), `error`.
 
 mod commit;
 mod compress;
+mod counted;
 mod error;
 mod meta;
 mod pace;
@@ -28,6 +30,7 @@ mod tests;
 
 pub(crate) use commit::*;
 use compress::*;
+pub(crate) use counted::Counted;
 pub use error::TransferError;
 pub(crate) use error::*;
 pub(crate) use meta::*;

@@ -84,9 +84,10 @@ impl Compressing {
     }
 }
 
-/// After this many blocks in a row that did not compress, stop trying for a
-/// while (twice as long after each further miss): random or already
-/// compressed data costs one attempt per 64 MiB, not one per block.
+/// With `--compress auto`: after blocks in a row that did not compress,
+/// stop trying for a while (twice as long after each further miss, up to
+/// this many blocks): random or already compressed data costs one attempt
+/// per 64 MiB, not one per block.
 const MAX_SKIP: u32 = 64;
 
 /// The reading end of a transfer: the file, the hash so far, how far it
@@ -139,12 +140,17 @@ impl Framer {
             return WireChunk { bytes: buf, raw };
         }
         if self.framing.compress.now() {
-            if self.skip > 0 {
+            // `--compress always` tries every block: a long stretch that
+            // does not compress (a packed archive in a tar) may be followed
+            // by one that does. zstd gives up on a block that cannot
+            // shrink early (its output buffer is smaller than the input).
+            let always = matches!(self.framing.compress, Compressing::Yes);
+            if self.skip > 0 && !always {
                 self.skip -= 1;
             } else if let Some(bytes) = compress_block(&buf[room..]) {
                 self.misses = 0;
                 return WireChunk { bytes, raw };
-            } else {
+            } else if !always {
                 self.misses = (self.misses + 1).min(6);
                 self.skip = (1u32 << self.misses).min(MAX_SKIP) - 1;
             }

@@ -37,6 +37,9 @@ pub enum ErrorCode {
     Symlink,
     /// A directory to remove has something in it, and `recursive` was not set.
     NotEmpty,
+    /// The server is at one of its limits right now (the memory its uploads
+    /// may hold, say): the same request may well succeed shortly.
+    Busy,
 }
 
 /// Stream codes both sides use to reset or stop a stream.
@@ -78,6 +81,7 @@ impl fmt::Display for ErrorCode {
             Self::OutsideRoot => "outside the served directory",
             Self::Symlink => "symbolic link",
             Self::NotEmpty => "directory not empty",
+            Self::Busy => "server busy",
         };
         f.write_str(s)
     }

@@ -115,6 +115,9 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 256;
 pub use crate::store::local::RootError as StartupError;
 pub use crate::store::object::S3Options;
 
+/// Default for [`S3Options::upload_memory`] (`serve --upload-memory`).
+pub const DEFAULT_UPLOAD_MEMORY: u64 = crate::store::object::DEFAULT_UPLOAD_MEMORY;
+
 impl ServeConfig {
     /// Serves the directory `root`: creates it if missing, checks it is a
     /// writable directory, and resolves it to an absolute path.

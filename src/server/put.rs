@@ -71,6 +71,7 @@ pub(super) async fn serve_put(
         partial,
         resume: req.resume,
         stream,
+        client: ctx.client,
     };
     let prepared = ctx.config.store.prepare_put(plan).await?;
     let Some((upload, held)) = answer_put(prepared, &path, !keyed, send, recv).await? else {
@@ -150,6 +151,7 @@ async fn serve_whole_put(
         partial: None,
         resume: false,
         stream: false,
+        client: ctx.client,
     };
     let prepared = ctx.config.store.prepare_put(plan).await?;
     let Some((upload, _)) = answer_put(prepared, path, true, send, recv).await? else {
@@ -366,6 +368,7 @@ async fn taken_by_this_file(
         partial: None,
         resume: false,
         stream: false,
+        client: ctx.client,
     };
     match ctx.config.store.prepare_put(plan).await {
         Ok(Prepared::Present(there)) if there == digest => {

@@ -124,6 +124,9 @@ pub(crate) struct PutPlan {
     /// is 0, space is checked as it arrives, and it is never resumed
     /// (`partial` then names it only for the server's bookkeeping).
     pub(crate) stream: bool,
+    /// Who sends it: what one client identity may hold of a shared
+    /// resource (an object root's upload memory) is bounded.
+    pub(crate) client: crate::tls::Fingerprint,
 }
 
 /// What a put will do.

@@ -93,6 +93,8 @@ fn subtree(pieces: &[Piece], start: u64, len: u64) -> ChainingValue {
 /// upload is four parts (see the object store), so up to 80 GiB it is 32 MiB.
 pub(crate) fn part_size(size: u64) -> u64 {
     const MIN: u64 = 8 << 20;
+    // Never wraps (the quotient is far below 2^63 for any u64); callers
+    // bound the size before it sizes memory.
     MIN.max(size.div_ceil(MAX_PARTS).next_power_of_two())
 }
 
@@ -164,7 +166,7 @@ mod tests {
 
     #[test]
     fn part_sizes_are_powers_of_two_within_the_part_limit() {
-        for size in [0, 1, 8 << 20, 80 << 30, (80 << 30) + 1, 5 << 40] {
+        for size in [0, 1, 8 << 20, 80 << 30, (80 << 30) + 1, 5 << 40, u64::MAX] {
             let p = part_size(size);
             assert!(p.is_power_of_two() && p >= 8 << 20);
             assert!(size.div_ceil(p) <= MAX_PARTS, "{size}");

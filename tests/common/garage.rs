@@ -89,6 +89,7 @@ impl Garage {
             access_key_id: Some(self.key_id.clone()),
             secret_access_key: Some(self.secret.clone()),
             region: Some(self.region.clone()),
+            upload_memory: None,
         }
     }
 
@@ -158,5 +159,76 @@ pub async fn wait_for_parts(url: &str, n: usize) {
             "no parts stored: {stored:?}"
         );
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+/// A TCP relay between a qxfer server and the cluster's first node that
+/// counts the bytes the store sends back: what a server read from the
+/// store, seen from outside it.
+pub struct CountingProxy {
+    /// The address to give the server as its S3 endpoint.
+    pub endpoint: String,
+    read: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl CountingProxy {
+    /// Starts relaying to the cluster's first node.
+    pub async fn start() -> Self {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        use std::sync::Arc;
+        let target = garage()
+            .endpoint
+            .strip_prefix("http://")
+            .unwrap()
+            .to_owned();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let read = Arc::new(AtomicU64::new(0));
+        let counted = read.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let (target, counted) = (target.clone(), counted.clone());
+                tokio::spawn(async move {
+                    let Ok(store) = tokio::net::TcpStream::connect(&target).await else {
+                        return;
+                    };
+                    let (mut cr, mut cw) = client.into_split();
+                    let (mut sr, mut sw) = store.into_split();
+                    let up = tokio::spawn(async move {
+                        let _ = tokio::io::copy(&mut cr, &mut sw).await;
+                    });
+                    let mut buf = vec![0u8; 64 << 10];
+                    loop {
+                        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                        let n = match sr.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        counted.fetch_add(n as u64, Ordering::Relaxed);
+                        if cw.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                    up.abort();
+                });
+            }
+        });
+        Self {
+            endpoint,
+            read,
+            task,
+        }
+    }
+
+    /// Bytes the store has sent back so far.
+    pub fn read_from_store(&self) -> u64 {
+        self.read.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Drop for CountingProxy {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }

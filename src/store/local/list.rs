@@ -43,44 +43,175 @@ pub(super) fn list(
     Ok(out)
 }
 
+/// Directory handles a tree listing keeps open at most: those of the
+/// directories along the path being walked, the deepest ones. A handle per
+/// directory still to walk (as this once kept) ran a tree of more
+/// directories than the descriptor limit out of descriptors, failing the
+/// listing and every other request of the server meanwhile.
+const MAX_OPEN: usize = 16;
+
+/// One directory on the path being walked.
+struct Frame {
+    /// Its handle, unless it was closed to stay within [`MAX_OPEN`].
+    dir: Option<Dir>,
+    /// Its name in its parent (empty for the listed directory).
+    name: std::ffi::OsString,
+    /// Its device and inode, to reopen it by name and know it is the same.
+    id: (u64, u64),
+    /// Its path for messages.
+    shown: RemotePath,
+    /// Its subdirectories not walked yet, last first.
+    subdirs: Vec<(std::ffi::OsString, String)>,
+}
+
 /// Everything beneath `dir`, depth first, names relative to it.
 fn walk_tree(dir: Dir, path: &RemotePath) -> Result<Vec<Entry>, RemoteError> {
     let mut out = Vec::new();
     let mut name_bytes = 0;
-    // (directory handle, its path relative to the listed one, its path for messages)
-    let mut stack = vec![(dir, String::new(), path.clone())];
-    while let Some((dir, prefix, shown)) = stack.pop() {
-        // One that cannot be read fails the listing: a `get -r` must not
-        // report success with a subtree silently missing.
-        for (name, md) in visible_entries(&dir, &shown)? {
-            let full = if prefix.is_empty() {
-                name.clone()
-            } else {
-                format!("{prefix}/{name}")
-            };
-            if md.is_dir() {
-                let joined = match path.to_string() {
-                    p if p.is_empty() => full.clone(),
-                    p => format!("{p}/{full}"),
-                };
-                let sub = RemotePath::parse(&joined, false).unwrap_or_else(|_| path.clone());
-                // open_dir_nofollow: a directory swapped for a link since
-                // the lstat is refused, not followed. One deleted meanwhile
-                // is simply gone.
-                match dir.open_dir_nofollow(&name) {
-                    Ok(handle) => stack.push((handle, full.clone(), sub)),
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                    Err(e) => return Err(fs_error(&e, &sub, "cannot list")),
-                }
-            }
-            name_bytes += full.len();
-            out.push(entry(full, &md));
-            if out.len() > MAX_TREE_ENTRIES || name_bytes > MAX_TREE_NAME_BYTES {
-                return Err(tree_too_large(path));
-            }
-        }
+    let top_id = dir_id(&dir).map_err(|e| fs_error(&e, path, "cannot list"))?;
+    let mut stack = Vec::new();
+    enter(
+        &mut stack,
+        dir,
+        std::ffi::OsString::new(),
+        top_id,
+        String::new(),
+        path.clone(),
+        path,
+        &mut out,
+        &mut name_bytes,
+    )?;
+    while let Some(top) = stack.last_mut() {
+        let Some((name, full)) = top.subdirs.pop() else {
+            stack.pop();
+            continue;
+        };
+        let parent = reopened(&mut stack)?;
+        let sub = sub_path(path, &full);
+        // open_dir_nofollow: a directory swapped for a link since the
+        // lstat is refused, not followed. One deleted meanwhile is gone.
+        let handle = match parent.open_dir_nofollow(&name) {
+            Ok(handle) => handle,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(fs_error(&e, &sub, "cannot list")),
+        };
+        let id = dir_id(&handle).map_err(|e| fs_error(&e, &sub, "cannot list"))?;
+        enter(
+            &mut stack,
+            handle,
+            name,
+            id,
+            full,
+            sub,
+            path,
+            &mut out,
+            &mut name_bytes,
+        )?;
     }
     Ok(out)
+}
+
+/// Lists the directory `dir` into `out` and pushes it on the walk's stack,
+/// closing the handle of the directory [`MAX_OPEN`] levels up.
+#[allow(clippy::too_many_arguments)]
+fn enter(
+    stack: &mut Vec<Frame>,
+    dir: Dir,
+    name: std::ffi::OsString,
+    id: (u64, u64),
+    prefix: String,
+    shown: RemotePath,
+    path: &RemotePath,
+    out: &mut Vec<Entry>,
+    name_bytes: &mut usize,
+) -> Result<(), RemoteError> {
+    let mut subdirs = Vec::new();
+    // One that cannot be read fails the listing: a `get -r` must not
+    // report success with a subtree silently missing.
+    for (entry_name, md) in visible_entries(&dir, &shown)? {
+        let full = if prefix.is_empty() {
+            entry_name.clone()
+        } else {
+            format!("{prefix}/{entry_name}")
+        };
+        if md.is_dir() {
+            subdirs.push((std::ffi::OsString::from(&entry_name), full.clone()));
+        }
+        *name_bytes += full.len();
+        out.push(entry(full, &md));
+        if out.len() > MAX_TREE_ENTRIES || *name_bytes > MAX_TREE_NAME_BYTES {
+            return Err(tree_too_large(path));
+        }
+    }
+    subdirs.reverse();
+    stack.push(Frame {
+        dir: Some(dir),
+        name,
+        id,
+        shown,
+        subdirs,
+    });
+    // The listed directory's own handle stays: every other can be
+    // reopened from it.
+    if stack.len() > MAX_OPEN + 1 {
+        let far = stack.len() - MAX_OPEN - 1;
+        stack[far].dir = None;
+    }
+    Ok(())
+}
+
+/// The handle of the deepest directory on the stack, reopened by name from
+/// the nearest one still open if it was closed (each step without
+/// following links, and checked to be the very directory listed before).
+fn reopened(stack: &mut [Frame]) -> Result<&Dir, RemoteError> {
+    let last = stack.len() - 1;
+    if stack[last].dir.is_none() {
+        let open = stack
+            .iter()
+            .rposition(|f| f.dir.is_some())
+            .expect("the listed directory's handle stays open");
+        for i in open + 1..=last {
+            let (above, below) = stack.split_at_mut(i);
+            let frame = &mut below[0];
+            let parent = above[i - 1].dir.as_ref().expect("opened on the way down");
+            let moved = || {
+                fs_error(
+                    &io::Error::other("it was moved or replaced while being listed; list it again"),
+                    &frame.shown,
+                    "cannot list",
+                )
+            };
+            let dir = parent
+                .open_dir_nofollow(&frame.name)
+                .map_err(|e| fs_error(&e, &frame.shown, "cannot list"))?;
+            if dir_id(&dir).map_err(|e| fs_error(&e, &frame.shown, "cannot list"))? != frame.id {
+                return Err(moved());
+            }
+            frame.dir = Some(dir);
+        }
+        // Stay within the bound: the reopened ones replace those above.
+        let keep_from = (last + 1).saturating_sub(MAX_OPEN);
+        for f in stack.iter_mut().take(keep_from).skip(1) {
+            f.dir = None;
+        }
+    }
+    Ok(stack[last].dir.as_ref().expect("just reopened"))
+}
+
+/// A directory's device and inode.
+fn dir_id(dir: &Dir) -> io::Result<(u64, u64)> {
+    use cap_std::fs::MetadataExt;
+    let md = dir.dir_metadata()?;
+    Ok((md.dev(), md.ino()))
+}
+
+/// The path of `full` (relative to the listed `path`) for messages.
+fn sub_path(path: &RemotePath, full: &str) -> RemotePath {
+    let joined = match path.to_string() {
+        p if p.is_empty() => full.to_owned(),
+        p => format!("{p}/{full}"),
+    };
+    RemotePath::parse(&joined, false).unwrap_or_else(|_| path.clone())
 }
 
 /// The entries of `dir` with their lstat metadata, qxfer's own names

@@ -63,8 +63,11 @@ use super::{
 
 mod commits;
 mod manage;
+mod memory;
 mod read;
 mod upload;
+
+pub(crate) use memory::DEFAULT_UPLOAD_MEMORY;
 
 /// A bucket (and a prefix in it) served as the root.
 #[derive(Debug)]
@@ -86,6 +89,8 @@ struct Inner {
     commits: commits::Commits,
     /// Slots for requests to the store (see [`MAX_REQUESTS`]).
     slots: tokio::sync::Semaphore,
+    /// The memory uploads may hold in buffers, server-wide.
+    memory: memory::UploadMemory,
 }
 
 /// Requests to the store in flight at once, per server. Each holds an HTTP
@@ -148,6 +153,10 @@ pub struct S3Options {
     pub secret_access_key: Option<String>,
     /// Region (Garage's default is `garage`).
     pub region: Option<String>,
+    /// The most memory all uploads together may hold in buffers (a part
+    /// being filled and the parts being stored, per upload); default
+    /// [`DEFAULT_UPLOAD_MEMORY`] (`serve --upload-memory`).
+    pub upload_memory: Option<u64>,
 }
 
 impl ObjectRoot {
@@ -218,6 +227,7 @@ impl ObjectRoot {
             no_file: Default::default(),
             commits: Default::default(),
             slots: tokio::sync::Semaphore::new(MAX_REQUESTS),
+            memory: memory::UploadMemory::new(0),
         };
         let at = endpoint.unwrap_or("AWS S3");
         let unusable = |doing: &str, e: object_store::Error| {
@@ -263,6 +273,9 @@ impl ObjectRoot {
                 no_file: Default::default(),
                 commits: Default::default(),
                 slots: tokio::sync::Semaphore::new(MAX_REQUESTS),
+                memory: memory::UploadMemory::new(
+                    options.upload_memory.unwrap_or(DEFAULT_UPLOAD_MEMORY),
+                ),
             }),
         })
     }

@@ -1,6 +1,7 @@
 //! Reading a file from the object store: its metadata and digest, the proof of a resuming client's prefix, and a ranged read of the rest.
 
 use async_trait::async_trait;
+use blake3::hazmat::HasherExt;
 use futures::TryStreamExt;
 use object_store::path::Path as Key;
 use object_store::{GetOptions, GetRange, ObjectStore, ObjectStoreExt};
@@ -55,7 +56,7 @@ pub(super) fn sums_key(inner: &Inner, path: &RemotePath) -> Key {
 }
 
 /// The sums of the object `path` as it is now (its ETag), if there are any.
-async fn sums_of(inner: &Inner, path: &RemotePath, etag: Option<&str>) -> Option<Sums> {
+pub(super) async fn sums_of(inner: &Inner, path: &RemotePath, etag: Option<&str>) -> Option<Sums> {
     let etag = etag?;
     let slot = inner.slot().await;
     let body = match inner.s3.get(&sums_key(inner, path)).await {
@@ -138,6 +139,9 @@ pub(super) async fn open(
     })
 }
 
+/// Bytes of a ranged read hashed at a time.
+const HASH_BATCH: usize = 4 << 20;
+
 /// What a resuming client's prefix proved.
 enum Proof {
     /// The object starts with the same bytes (and, where the digest is not
@@ -184,24 +188,25 @@ impl Reading<'_> {
             let tail_at = whole as u64 * sums.part_size;
             let mut first_root = (whole > 0).then_some(sums.first_root);
             if k > tail_at {
-                let tail = self.range(tail_at, k).await?;
-                let (piece, root) =
-                    exchange::blocking(move || tree_hash::hash_piece(tail_at, &tail)).await;
+                let mut hasher = blake3::Hasher::new();
+                if tail_at > 0 {
+                    hasher.set_input_offset(tail_at);
+                }
+                let hasher = self.hash_range(tail_at, k, hasher).await?;
+                let piece = Piece {
+                    offset: tail_at,
+                    len: k - tail_at,
+                    cv: hasher.finalize_non_root(),
+                };
                 pieces.push(piece);
-                first_root = first_root.or(root);
+                first_root = first_root.or((tail_at == 0).then(|| *hasher.finalize().as_bytes()));
             }
             return Ok(match tree_hash::digest(&pieces, first_root) {
                 Some(ours) => verdict(ours),
                 None => Proof::Differs,
             });
         }
-        let bytes = self.range(0, k).await?;
-        let hasher = exchange::blocking(move || {
-            let mut h = blake3::Hasher::new();
-            h.update(&bytes);
-            h
-        })
-        .await;
+        let hasher = self.hash_range(0, k, blake3::Hasher::new()).await?;
         Ok(if *hasher.finalize().as_bytes() == prefix.digest {
             Proof::Matches(Some(Box::new(hasher)))
         } else {
@@ -209,27 +214,68 @@ impl Reading<'_> {
         })
     }
 
-    /// The bytes `from..to` of the object, if it is still the version opened.
-    async fn range(&self, from: u64, to: u64) -> Result<bytes::Bytes, RemoteError> {
+    /// Feeds the bytes `from..to` of the object (if it is still the version
+    /// opened) to `hasher` as they arrive: a few MiB in memory at a time,
+    /// however long the range (a finished download asked again proves the
+    /// whole file). Like a download's read, it takes no request slot for
+    /// the time the bytes take to come.
+    async fn hash_range(
+        &self,
+        from: u64,
+        to: u64,
+        mut hasher: blake3::Hasher,
+    ) -> Result<blake3::Hasher, RemoteError> {
+        let failed = |e| store_error(e, self.path, "cannot read");
         let opts = GetOptions {
             range: Some(GetRange::Bounded(from..to)),
             if_match: self.etag.map(str::to_owned),
             ..GetOptions::default()
         };
-        let read = async {
-            let _slot = self.inner.slot().await;
-            self.inner.s3.get_opts(self.key, opts).await?.bytes().await
-        };
-        let bytes = read
+        let got = self
+            .inner
+            .s3
+            .get_opts(self.key, opts)
             .await
-            .map_err(|e| store_error(e, self.path, "cannot read"))?;
-        if bytes.len() as u64 != to - from {
+            .map_err(failed)?;
+        let mut chunks = got.into_stream();
+        let mut batch = Vec::new();
+        let (mut batched, mut seen) = (0usize, 0u64);
+        loop {
+            let next = chunks.try_next().await.map_err(failed)?;
+            if let Some(chunk) = &next {
+                seen += chunk.len() as u64;
+                if seen > to - from {
+                    break;
+                }
+                batched += chunk.len();
+            }
+            let end = next.is_none();
+            if let Some(chunk) = next {
+                batch.push(chunk);
+            }
+            // Hashing is CPU work: off the async threads, a batch at a time.
+            if batched >= HASH_BATCH || (end && batched > 0) {
+                let chunks = std::mem::take(&mut batch);
+                hasher = exchange::blocking(move || {
+                    for c in &chunks {
+                        hasher.update(c);
+                    }
+                    hasher
+                })
+                .await;
+                batched = 0;
+            }
+            if end {
+                break;
+            }
+        }
+        if seen != to - from {
             return Err(RemoteError::new(
                 ErrorCode::Internal,
-                format!("cannot read '{}' on the server: the object store returned {} bytes instead of {}; try again", self.path, bytes.len(), to - from),
+                format!("cannot read '{}' on the server: the object store returned {seen} bytes or more instead of {}; try again", self.path, to - from),
             ));
         }
-        Ok(bytes)
+        Ok(hasher)
     }
 }
 

@@ -77,17 +77,43 @@ pub(super) async fn prepare(inner: &Arc<Inner>, plan: PutPlan) -> Result<Prepare
             && plan.meta.mtime.is_some()
             && meta.mtime == plan.meta.mtime;
         if same {
-            let attributes = head.attributes;
+            let etag = head.meta.e_tag.clone();
             return Ok(Prepared::Present(
-                present_digest(inner, path, &attributes).await?,
+                present_digest(inner, path, &head.attributes, etag.as_deref()).await?,
             ));
         }
         return Err(exists(path));
+    }
+    // The declared size is bounded before it sizes anything (the part
+    // size, and from it the memory reserved).
+    if !plan.stream && plan.meta.size > MAX_OBJECT_SIZE {
+        return Err(RemoteError::new(
+            ErrorCode::TooLarge,
+            format!(
+                "'{path}' declares {} bytes, more than an object store takes in one object ({MAX_OBJECT_SIZE} bytes, 5 TiB)",
+                plan.meta.size
+            ),
+        ));
     }
     // Data from a pipe, of unknown length, goes in parts of the smallest
     // size (the memory an upload holds is a few parts): at most
     // [`tree_hash::MAX_PARTS`] of them, so 78 GiB.
     let part_size = tree_hash::part_size(if plan.stream { 0 } else { plan.meta.size });
+    let multipart = plan.stream || plan.meta.size > part_size;
+    if multipart && plan.partial.is_none() {
+        return Err(RemoteError::new(
+            ErrorCode::Internal,
+            format!("'{path}': an upload of more than one part needs a partial name"),
+        ));
+    }
+    // What it will hold at most: the file, or a part filling and the parts
+    // being stored.
+    let holds = if multipart {
+        part_size * (PARTS_IN_FLIGHT as u64 + 1)
+    } else {
+        plan.meta.size
+    };
+    let memory = inner.memory.reserve(holds, &plan.client, path).await?;
     let upload = ObjectUpload {
         inner: inner.clone(),
         path: plan.path.clone(),
@@ -104,6 +130,7 @@ pub(super) async fn prepare(inner: &Arc<Inner>, plan: PutPlan) -> Result<Prepare
         declared: plan.meta,
         received: None,
         checked: std::time::Instant::now(),
+        _memory: memory,
     };
     if plan.stream {
         // Its length is unknown, so it is a multipart upload from the
@@ -117,7 +144,7 @@ pub(super) async fn prepare(inner: &Arc<Inner>, plan: PutPlan) -> Result<Prepare
         return upload.start_multipart(name, &plan).await;
     }
     match plan.partial.clone() {
-        Some(name) if plan.meta.size > part_size => upload.start_multipart(name, &plan).await,
+        Some(name) if multipart => upload.start_multipart(name, &plan).await,
         _ => Ok(Prepared::Receive {
             upload: Box::new(upload),
             held: Held::none(),
@@ -126,15 +153,20 @@ pub(super) async fn prepare(inner: &Arc<Inner>, plan: PutPlan) -> Result<Prepare
     }
 }
 
-/// The BLAKE3 of an object already there: stored with it, in its sums, or
-/// (written by another tool) computed by reading it.
+/// The BLAKE3 of an object already there: stored with it, in its sums
+/// (a file uploaded in parts, as long as they describe this very object),
+/// or (written by another tool, or renamed) computed by reading it.
 async fn present_digest(
     inner: &Inner,
     path: &RemotePath,
     attributes: &Attributes,
+    etag: Option<&str>,
 ) -> Result<Digest, RemoteError> {
     if let Some(d) = stored_digest(attributes) {
         return Ok(d);
+    }
+    if let Some(sums) = super::read::sums_of(inner, path, etag).await {
+        return Ok(sums.digest);
     }
     let opened = super::read::open(inner, path, None).await?;
     // Hash the object by sending it nowhere.
@@ -180,6 +212,8 @@ struct ObjectUpload {
     received: Option<Digest>,
     /// When the destination was found free.
     checked: std::time::Instant,
+    /// The memory its buffers may take, reserved until it ends.
+    _memory: super::memory::Reserved,
 }
 
 impl ObjectUpload {
@@ -206,6 +240,15 @@ impl ObjectUpload {
         let key_text = self.key.to_string();
         let usable = existing.filter(|(h, _)| {
             h.key == key_text && h.size == self.size && h.part_size == self.part_size
+        });
+        // A record may list the file's short last part too (stored by a
+        // commit that then failed): a resume continues after the whole
+        // parts only (receiving would otherwise start past the end, and the
+        // upload could not go on until the sweep took it).
+        let whole_parts = (self.size / self.part_size) as usize;
+        let usable = usable.map(|(h, mut parts)| {
+            parts.truncate(whole_parts);
+            (h, parts)
         });
         let (header, parts) = match usable {
             Some((header, parts)) if plan.resume => (header, parts),
@@ -266,12 +309,8 @@ impl ObjectUpload {
 
     /// Aborts a multipart upload (it may already be gone).
     async fn abort(&self, header: &Header) {
-        let key = Key::from(header.key.as_str());
-        let _slot = self.inner.slot().await;
-        match self.inner.s3.abort_multipart(&key, &header.upload_id).await {
-            Ok(()) => {}
-            Err(e) if is_not_found(&e) => {}
-            Err(e) => warn!(path = %self.path, "cannot abort an old multipart upload: {e}"),
+        if let Err(e) = abort_upload(&self.inner, header).await {
+            warn!(path = %self.path, "cannot abort an old multipart upload: {e}");
         }
     }
 
@@ -420,6 +459,11 @@ impl ObjectUpload {
         Ok(())
     }
 }
+
+/// The largest object an object root takes: S3's limit (10,000 parts of
+/// at most 5 GiB). Past it the part size, and the memory an upload
+/// reserves, would grow without bound.
+pub(super) const MAX_OBJECT_SIZE: u64 = 5 << 40;
 
 /// A single PUT whose destination was found free longer ago than this
 /// checks again before it writes.
@@ -872,16 +916,31 @@ async fn abort_recorded(inner: &Inner, name: &str) -> object_store::Result<()> {
     let record = vec![PARTIAL_DIR.to_owned(), name.to_owned()];
     if let Ok(Some(header)) = get_json::<Header>(inner, &record_key(inner, &record, "upload")).await
     {
-        let key = Key::from(header.key.as_str());
-        let slot = inner.slot().await;
-        match inner.s3.abort_multipart(&key, &header.upload_id).await {
-            Ok(()) => {}
-            Err(e) if is_not_found(&e) => {}
-            Err(e) => return Err(e),
-        }
-        drop(slot);
+        abort_upload(inner, &header).await?;
     }
     clear_record(inner, &record).await
+}
+
+/// Aborts the multipart upload a record's header names; one already gone
+/// is no error. The header keeps the key as the store spells it (already
+/// percent-encoded where a name is not plain ASCII), so it is parsed as it
+/// is: `Key::from` would encode it again (`%C3%BC` becoming `%25C3%25BC`),
+/// the store would answer 404 for that other key, and the parts of the
+/// real upload would stay in the bucket for good.
+async fn abort_upload(inner: &Inner, header: &Header) -> object_store::Result<()> {
+    let key = Key::parse(&header.key).map_err(|e| object_store::Error::Generic {
+        store: "qxfer",
+        source: format!(
+            "an upload record names the key {:?}, which is not one: {e}",
+            header.key
+        )
+        .into(),
+    })?;
+    let _slot = inner.slot().await;
+    match inner.s3.abort_multipart(&key, &header.upload_id).await {
+        Err(e) if !is_not_found(&e) => Err(e),
+        _ => Ok(()),
+    }
 }
 
 /// Aborts the multipart uploads whose record has not changed for `ttl`
