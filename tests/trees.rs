@@ -95,9 +95,9 @@ fn set_mtime(p: &Path, t: SystemTime) {
     std::fs::File::open(p).unwrap().set_modified(t).unwrap();
 }
 
-/// 2,000 files in 50 directories (some empty, some nested), with varied
+/// `files` files in 50 directories (some empty, some nested), with varied
 /// sizes, modes and mtimes, plus a symlink and a FIFO that must be skipped.
-fn build_tree(top: &Path) {
+fn build_tree(top: &Path, files: usize) {
     let dir_modes = [0o755, 0o750, 0o700];
     let file_modes = [0o644, 0o600, 0o640, 0o755, 0o700, 0o444];
     let dirs: Vec<String> = (0..50)
@@ -110,7 +110,7 @@ fn build_tree(top: &Path) {
     for d in &dirs {
         std::fs::create_dir_all(top.join(d)).unwrap();
     }
-    // Every tenth directory stays empty; the rest share the 2,000 files.
+    // Every tenth directory stays empty; the rest share the files.
     let full: Vec<&String> = dirs
         .iter()
         .enumerate()
@@ -118,7 +118,7 @@ fn build_tree(top: &Path) {
         .map(|(_, d)| d)
         .collect();
     let base = UNIX_EPOCH + Duration::new(1_600_000_000, 0);
-    for i in 0..2000usize {
+    for i in 0..files {
         let p = top
             .join(full[i % full.len()])
             .join(format!("file {i:04}.dat"));
@@ -176,11 +176,20 @@ async fn a_tree_of_2000_files_round_trips_identically_on(backend: Backend) {
     let home = home_for(&server);
     let h = home.path();
     let src = h.join("tree");
-    build_tree(&src);
+    // On an object root each new file costs the three-node test cluster
+    // some nine requests (checks, its lease, the write), and CPU-bound it
+    // takes ~50 ms a file: 600 files show the same (every kind of entry,
+    // mode and mtime, nesting, empty directories); the throughput of many
+    // small files into a store is measured in docs/bench/run.
+    let files = match backend {
+        Backend::Local => 2000,
+        Backend::Object => 600,
+    };
+    build_tree(&src, files);
     let mut want = manifest(&src);
     want.remove("d00/link");
     want.remove("d01/fifo");
-    assert_eq!(want.values().filter(|v| v.0 == "file").count(), 2000);
+    assert_eq!(want.values().filter(|v| v.0 == "file").count(), files);
     assert_eq!(want.values().filter(|v| v.0 == "dir").count(), 50);
     let client = |args: &[&str]| {
         let mut cmd = qxfer_at(h, server.addr);
@@ -196,7 +205,7 @@ async fn a_tree_of_2000_files_round_trips_identically_on(backend: Backend) {
     );
     assert!(stderr.contains("d01/fifo: a socket, FIFO or device; skipped"));
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(report["files"].as_array().unwrap().len(), 2000);
+    assert_eq!(report["files"].as_array().unwrap().len(), files);
     assert!(report["files"][0]["blake3"].as_str().unwrap().len() == 64);
     assert_eq!(
         stored_manifest(&server, "tree").await,
@@ -206,7 +215,7 @@ async fn a_tree_of_2000_files_round_trips_identically_on(backend: Backend) {
 
     let out = run(client(&["ls", "-r", "tree", "--json"])).await;
     let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(listed.as_array().unwrap().len(), 2050);
+    assert_eq!(listed.as_array().unwrap().len(), files + 50);
 
     let dl = h.join("dl");
     run(client(&[

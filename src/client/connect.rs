@@ -71,12 +71,10 @@ pub enum ConnectError {
         addr: SocketAddr,
     },
     /// The server is at its connection limit.
-    #[error("{server} ({addr}) refused the connection: it is serving as many clients as it allows (--max-connections); try again later")]
+    #[error("{server} refused the connection: it is serving as many clients as it allows (--max-connections); try again later")]
     Busy {
         /// As given.
         server: String,
-        /// As resolved.
-        addr: SocketAddr,
     },
     /// The server does not admit this client's identity.
     #[error("the server {server} refused this client: it does not know this client's identity.\nGive the server's operator your fingerprint, which `qxfer id` prints:\n    {fingerprint}\nand ask them to run `qxfer serve --allow {fingerprint}` (or add it to certs/authorized_clients).")]
@@ -324,6 +322,11 @@ pub(super) fn refusal(
                 server: server.to_owned(),
             })
         }
+        ConnectionError::ApplicationClosed(c) if c.error_code == VarInt::from_u32(close::BUSY) => {
+            Some(ConnectError::Busy {
+                server: server.to_owned(),
+            })
+        }
         _ => None,
     }
 }
@@ -443,7 +446,7 @@ pub(super) fn connect_failure(
         ConnectionError::ConnectionClosed(close)
             if close.error_code == TransportErrorCode::CONNECTION_REFUSED =>
         {
-            ConnectError::Busy { server, addr }
+            ConnectError::Busy { server }
         }
         source => ConnectError::Connection {
             server,

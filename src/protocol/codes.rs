@@ -61,6 +61,10 @@ pub mod close {
     /// no longer serve): reconnect and resume, to it once restarted or to
     /// another server.
     pub const SHUTTING_DOWN: u32 = 3;
+    /// The server serves as many connections as it allows
+    /// (`--max-connections`); this one completed its handshake just as
+    /// the last slot went. Try again later, as for a refused handshake.
+    pub const BUSY: u32 = 4;
 }
 
 impl fmt::Display for ErrorCode {

@@ -15,7 +15,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -181,12 +181,23 @@ pub async fn run_until(
     shutdown: impl Future<Output = ()>,
     stop_now: impl Future<Output = ()>,
 ) {
+    // Before the first request: what a crashed run of this same server
+    // (same host, address and root) still held in a shared store is let go.
+    if let Ok(addr) = endpoint.local_addr() {
+        let tag =
+            crate::store::object::holder_tag(&addr.to_string(), &config.root.display().to_string());
+        match config.store.adopt(&tag).await {
+            Ok(0) => {}
+            Ok(n) => info!("let go of {n} lease(s) a previous run of this server left"),
+            Err(e) => warn!("cannot look for leases a previous run of this server left: {e}"),
+        }
+    }
     let slots = Arc::new(tokio::sync::Semaphore::new(config.max_connections));
     let per_client: PerClient = Arc::default();
     let partials: Arc<Partials> = Arc::default();
     let config = Arc::new(config);
     let sweeper = tokio::spawn(sweep_partials_forever(config.clone(), partials.clone()));
-    let handshaking = Arc::new(AtomicUsize::new(0));
+    let handshaking = Handshakes::new();
     let activity = Activity::default();
     tokio::pin!(shutdown);
     loop {
@@ -202,28 +213,35 @@ pub async fn run_until(
         // a long path, on every connection) is not worth it: QUIC already
         // caps what an unvalidated address is sent at three times what it
         // sent (RFC 9000, 8.1), so nothing is amplified toward a victim.
-        if !incoming.remote_address_validated()
-            && handshaking.load(Ordering::Relaxed) >= RETRY_ABOVE_HANDSHAKES
-        {
+        if !incoming.remote_address_validated() && handshaking.count() >= RETRY_ABOVE_HANDSHAKES {
             let _ = incoming.retry();
             continue;
         }
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
+        // Every slot taken by an established client: no handshake at all.
+        if slots.available_permits() == 0 {
             warn!(remote = %incoming.remote_address(), "connection refused: {} connections already open (--max-connections)", config.max_connections);
+            incoming.refuse();
+            continue;
+        }
+        // Handshakes have a budget of their own (and one address only a
+        // share of it under pressure): a flood of Initials that answer the
+        // Retry and then fall silent takes no established client's slot.
+        let Some(handshake) = handshaking.start(incoming.remote_address().ip()) else {
+            debug!(remote = %incoming.remote_address(), "handshake refused: too many in flight");
             incoming.refuse();
             continue;
         };
         let span = info_span!("conn", remote = %incoming.remote_address());
         let (config, per_client, partials) = (config.clone(), per_client.clone(), partials.clone());
-        let handshake = Handshaking::start(&handshaking);
         let activity = activity.clone();
         let all = slots.clone();
         tokio::spawn(
             async move {
                 let max = config.max_connections;
-                handle_connection(incoming, handshake, config, per_client, partials, activity)
-                    .await;
-                drop(slot);
+                handle_connection(
+                    incoming, handshake, &all, config, per_client, partials, activity,
+                )
+                .await;
                 if all.available_permits() == max {
                     release_memory().await;
                 }
@@ -312,19 +330,74 @@ impl Drop for InFlight {
 /// a flood of spoofed ones reaches it at once and then stalls.
 const RETRY_ABOVE_HANDSHAKES: usize = 16;
 
-/// Counts one handshake in progress until dropped.
-struct Handshaking(Arc<AtomicUsize>);
+/// Most handshakes in progress at once. They hold no connection slot (the
+/// slot is taken once the client has proven who it is), only a few KiB
+/// of state each, for at most [`HANDSHAKE_TIMEOUT`].
+const MAX_HANDSHAKES: usize = 1024;
 
-impl Handshaking {
-    fn start(count: &Arc<AtomicUsize>) -> Self {
-        count.fetch_add(1, Ordering::Relaxed);
-        Self(count.clone())
+/// Past this many handshakes in progress, one address may have at most
+/// [`PER_ADDRESS_UNDER_PRESSURE`] of them: a flood from one place cannot
+/// keep everyone else's handshakes out, while a burst of many clients
+/// behind one address (a NAT, a CI farm) is never refused on an idle server.
+const PRESSURE_ABOVE: usize = 256;
+const PER_ADDRESS_UNDER_PRESSURE: usize = 32;
+
+/// A handshake not complete within this long is dropped (QUIC's own limit
+/// is the idle timeout, 30 s): a peer that answered the Retry and then
+/// fell silent holds its share of the handshake budget no longer.
+/// Generous for a lossy path: a client's own patience is 5 s of silence
+/// plus 30 s once the server answered, and it tries again.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The handshakes in progress, in all and per address.
+#[derive(Clone)]
+struct Handshakes(Arc<Mutex<(usize, HashMap<std::net::IpAddr, usize>)>>);
+
+impl Handshakes {
+    fn new() -> Self {
+        Self(Arc::default())
     }
+
+    fn count(&self) -> usize {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).0
+    }
+
+    /// Counts a handshake from `ip`, unless the budget (or, under
+    /// pressure, that address's share of it) is spent.
+    fn start(&self, ip: std::net::IpAddr) -> Option<Handshaking> {
+        let mut guard = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let (total, per_ip) = &mut *guard;
+        let mine = per_ip.get(&ip).copied().unwrap_or(0);
+        let pressed = *total >= PRESSURE_ABOVE && mine >= PER_ADDRESS_UNDER_PRESSURE;
+        if *total >= MAX_HANDSHAKES || pressed {
+            return None;
+        }
+        *total += 1;
+        *per_ip.entry(ip).or_insert(0) += 1;
+        Some(Handshaking {
+            all: self.clone(),
+            ip,
+        })
+    }
+}
+
+/// Counts one handshake in progress until dropped.
+struct Handshaking {
+    all: Handshakes,
+    ip: std::net::IpAddr,
 }
 
 impl Drop for Handshaking {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        let mut guard = self.all.0.lock().unwrap_or_else(|e| e.into_inner());
+        let (total, per_ip) = &mut *guard;
+        *total -= 1;
+        if let Some(n) = per_ip.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                per_ip.remove(&self.ip);
+            }
+        }
     }
 }
 
@@ -368,21 +441,37 @@ impl Drop for ClientSlot {
 async fn handle_connection(
     incoming: quinn::Incoming,
     handshake: Handshaking,
+    slots: &Arc<tokio::sync::Semaphore>,
     config: Arc<ServeConfig>,
     per_client: PerClient,
     partials: Arc<Partials>,
     activity: Activity,
 ) {
     // Awaiting the full handshake (never `into_0rtt`) means no request is
-    // read before the client has proven its identity: 0-RTT never starts a put.
-    let established = incoming.await;
+    // read before the client has proven its identity: 0-RTT never starts a
+    // put. Dropped unfinished, the connection is closed.
+    let established = tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming).await;
     drop(handshake);
     let conn = match established {
-        Ok(conn) => conn,
-        Err(e) => {
+        Ok(Ok(conn)) => conn,
+        Ok(Err(e)) => {
             info!("handshake failed: {e}");
             return;
         }
+        Err(_) => {
+            debug!("handshake not complete within {HANDSHAKE_TIMEOUT:?}; dropped");
+            return;
+        }
+    };
+    // The slot is taken only now, by a client that completed its
+    // handshake (the check before it began may have raced with others).
+    let Ok(_slot) = slots.clone().try_acquire_owned() else {
+        warn!(
+            "connection closed: {} connections already open (--max-connections)",
+            config.max_connections
+        );
+        conn.close(VarInt::from_u32(close::BUSY), b"server busy");
+        return;
     };
     let Some(fp) = peer_fingerprint(&conn) else {
         // The verifier makes a certificate mandatory; this is defence in depth.

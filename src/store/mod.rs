@@ -79,6 +79,14 @@ pub(crate) trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// older than `ttl`, except what `in_use` says an upload is writing.
     /// Returns how many went.
     async fn sweep(&self, ttl: Duration, in_use: InUse) -> Result<usize, String>;
+
+    /// Called once as a server starts serving, with a tag no other live
+    /// server has (see [`crate::store::object`]'s leases): a store shared
+    /// between servers takes back what a crashed predecessor of the same
+    /// tag held. Returns how many such holds it let go.
+    async fn adopt(&self, _holder: &str) -> Result<usize, String> {
+        Ok(0)
+    }
 }
 
 /// A file opened for sending.

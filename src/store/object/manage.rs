@@ -15,6 +15,9 @@ use crate::paths::RemotePath;
 use crate::protocol::{ErrorCode, RemoteError};
 use crate::store::{not_empty, rename_target_exists};
 
+use std::sync::Arc;
+
+use super::leases::Leases;
 use super::read::sums_key;
 use super::{not_a_directory, store_error, Inner, DIR_MARKER, SUMS_DIR};
 
@@ -77,20 +80,39 @@ pub(super) async fn remove(
 }
 
 /// Renames the file or directory `from` to `to`.
+///
+/// Every name it moves is leased, under both names (see leases.rs), and
+/// no lease may be held beneath either name meanwhile: an upload to a name
+/// under `to` cannot be overwritten by a copy, nor one to a name under
+/// `from` (`--force`) deleted after its old version was copied. Uploads of
+/// such names wait (as busy) until the rename is done.
 pub(super) async fn rename(
-    inner: &Inner,
+    inner: &Arc<Inner>,
     from: &RemotePath,
     to: &RemotePath,
 ) -> Result<(), RemoteError> {
     let failed = |e| store_error(e, from, "cannot rename");
     let failed_to = |e| store_error(e, to, "cannot rename to");
     let (from_key, to_key) = (inner.key(from), inner.key(to));
-    // This server's uploads to the new name wait, and learn of the rename
-    // (a put checked a moment ago would otherwise not check again).
-    let turn = inner
-        .commits
-        .turn(to_key.as_ref(), std::time::Instant::now())
-        .await;
+    let moves: Vec<(Key, Key)> = if inner.head(&from_key).await.map_err(failed)?.is_some() {
+        vec![(from_key.clone(), to_key.clone())]
+    } else {
+        let keys = inner.keys_under(&from_key).await.map_err(failed)?;
+        if keys.is_empty() {
+            return Err(not_found(from, "cannot rename"));
+        }
+        let depth = from_key.parts().count();
+        keys.into_iter()
+            .map(|k| {
+                let rest: Vec<_> = k.parts().skip(depth).collect();
+                let new = Key::from_iter(to_key.parts().chain(rest));
+                (k, new)
+            })
+            .collect()
+    };
+    // Both names are leased: nothing beneath either is written meanwhile.
+    let names = vec![from.components().to_vec(), to.components().to_vec()];
+    let leases = Leases::take_all(inner, names, from).await?;
     // The new name: free, and its directory there (the root, or a name
     // something lies beneath, not a file).
     let (taken, has_children, file_above) = futures::try_join!(
@@ -123,22 +145,6 @@ pub(super) async fn rename(
             ));
         }
     }
-    let moves: Vec<(Key, Key)> = if inner.head(&from_key).await.map_err(failed)?.is_some() {
-        vec![(from_key.clone(), to_key.clone())]
-    } else {
-        let keys = inner.keys_under(&from_key).await.map_err(failed)?;
-        if keys.is_empty() {
-            return Err(not_found(from, "cannot rename"));
-        }
-        let depth = from_key.parts().count();
-        keys.into_iter()
-            .map(|k| {
-                let rest: Vec<_> = k.parts().skip(depth).collect();
-                let new = Key::from_iter(to_key.parts().chain(rest));
-                (k, new)
-            })
-            .collect()
-    };
     // Copies go COPIES_AT_ONCE at a time (each takes a store slot): a
     // directory of 2,000 files took 2,000 copies in a row.
     stream::iter(moves.clone())
@@ -156,7 +162,7 @@ pub(super) async fn rename(
                 format!("{}. '{from}' is untouched; a partial copy may be under '{to}': remove it with `qxfer rm -r {to}` before trying again", e.message),
             )
         })?;
-    turn.succeeded();
+    leases.check(from)?;
     let olds = moves.into_iter().map(|(old, _)| old).collect();
     inner.delete_all(olds).await.map_err(|e| {
         let e = store_error(e, from, "cannot remove the old name after renaming");
@@ -178,6 +184,7 @@ pub(super) async fn rename(
         .delete_under(&sums_dir(inner, from))
         .await
         .map_err(failed)?;
-    inner.forget_no_file(&to_key);
+    inner.forget_no_file(&to.to_string());
+    leases.release();
     Ok(())
 }

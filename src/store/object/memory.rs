@@ -11,6 +11,13 @@
 //! [`WAIT`] is refused as [`ErrorCode::Busy`], which clients retry; one
 //! larger than the whole budget is refused as too large.
 //!
+//! Each upload reserves at least [`AT_LEAST`], however small its file: the
+//! budget then bounds how many uploads run at once too (256 with the
+//! default budget, 64 per identity), and with them the leases on names
+//! this server keeps fresh in a shared store (see leases.rs): 512 small
+//! files of one `put -r` each holding a lease while they queued for the
+//! store once kept so many leases to rewrite that some lapsed.
+//!
 //! One client identity may hold at most a quarter of the budget (see
 //! [`SHARE`]): a flood of stalled uploads from one identity (640 of 2 MiB
 //! in the load test) would otherwise take all of it, and every other
@@ -34,8 +41,13 @@ pub(crate) const DEFAULT_UPLOAD_MEMORY: u64 = 1 << 30;
 const UNIT: u64 = 64 << 10;
 
 /// How long an upload waits for memory before it is refused as busy: well
-/// within a client's wait for an answer (60 s by default).
-const WAIT: Duration = Duration::from_secs(20);
+/// within a client's wait for an answer (60 s by default). Most waits are
+/// for the client's own earlier uploads (a tree of thousands of small
+/// files, hundreds at once, into a busy store).
+const WAIT: Duration = Duration::from_secs(40);
+
+/// The least an upload reserves (see the module's notes).
+const AT_LEAST: u64 = 4 << 20;
 
 /// One client identity may hold 1/SHARE of the budget.
 const SHARE: u64 = 4;
@@ -48,6 +60,9 @@ const REMEMBERED: usize = 1024;
 pub(super) struct UploadMemory {
     free: Arc<Semaphore>,
     units: u64,
+    /// The least one upload reserves, in bytes ([`AT_LEAST`], or the
+    /// whole budget if smaller).
+    at_least: u64,
     /// What each client identity may still take of its share.
     shares: Mutex<HashMap<Fingerprint, Arc<Semaphore>>>,
 }
@@ -65,7 +80,17 @@ impl UploadMemory {
         Self {
             free: Arc::new(Semaphore::new(units as usize)),
             units,
+            at_least: AT_LEAST.min(units * UNIT),
             shares: Mutex::default(),
+        }
+    }
+
+    /// A budget of `bytes` where an upload reserves only what it asks.
+    #[cfg(test)]
+    fn by_bytes(bytes: u64) -> Self {
+        Self {
+            at_least: 0,
+            ..Self::new(bytes)
         }
     }
 
@@ -105,10 +130,7 @@ impl UploadMemory {
         path: &RemotePath,
         wait: Duration,
     ) -> Result<Reserved, RemoteError> {
-        if bytes == 0 {
-            return Ok(Reserved { _permits: None });
-        }
-        let units = bytes.div_ceil(UNIT);
+        let units = bytes.max(self.at_least).max(1).div_ceil(UNIT);
         if units > self.units {
             return Err(RemoteError::new(
                 ErrorCode::TooLarge,
@@ -169,8 +191,29 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn every_upload_takes_at_least_its_floor_so_few_run_at_once() {
+        let memory = UploadMemory::new(64 * AT_LEAST);
+        let c: Vec<_> = (0..4).map(client).collect();
+        let mut held = Vec::new();
+        for n in 0..64 {
+            held.push(memory.reserve(10, &c[n % 4], &path()).await.unwrap());
+        }
+        assert_eq!(memory.free(), 0, "64 one-byte uploads take the budget");
+        let e = memory
+            .reserve_within(10, &client(9), &path(), Duration::from_millis(100))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code, ErrorCode::Busy);
+        // A budget smaller than the floor: one upload at a time, not none.
+        let small = UploadMemory::new(UNIT);
+        let one = small.reserve(10, &client(1), &path()).await.unwrap();
+        drop(one);
+        assert_eq!(small.free(), UNIT);
+    }
+
+    #[tokio::test]
     async fn reservations_come_back_when_dropped() {
-        let memory = UploadMemory::new(16 * UNIT);
+        let memory = UploadMemory::by_bytes(16 * UNIT);
         let a = memory.reserve(3 * UNIT, &client(1), &path()).await.unwrap();
         assert_eq!(memory.free(), 13 * UNIT);
         let b = memory.reserve(1, &client(2), &path()).await.unwrap();
@@ -183,7 +226,7 @@ mod tests {
 
     #[tokio::test]
     async fn more_than_the_whole_budget_is_too_large_at_once() {
-        let memory = UploadMemory::new(4 * UNIT);
+        let memory = UploadMemory::by_bytes(4 * UNIT);
         let e = memory
             .reserve(4 * UNIT + 1, &client(1), &path())
             .await
@@ -195,7 +238,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_full_budget_waits_then_says_busy() {
-        let memory = Arc::new(UploadMemory::new(8 * UNIT));
+        let memory = Arc::new(UploadMemory::by_bytes(8 * UNIT));
         let wait = Duration::from_millis(300);
         let held: Vec<_> = (0..4).map(client).collect();
         let mut reserved = Vec::new();
@@ -223,7 +266,7 @@ mod tests {
 
     #[tokio::test]
     async fn one_client_cannot_take_what_others_need() {
-        let memory = UploadMemory::new(16 * UNIT);
+        let memory = UploadMemory::by_bytes(16 * UNIT);
         let wait = Duration::from_millis(200);
         let greedy = client(1);
         // Its share is a quarter: 4 units, then it waits on itself.

@@ -61,12 +61,13 @@ use super::{
     tree_too_large, InUse, Opened, Prepared, PutPlan, Store, MAX_TREE_ENTRIES, MAX_TREE_NAME_BYTES,
 };
 
-mod commits;
+mod leases;
 mod manage;
 mod memory;
 mod read;
 mod upload;
 
+pub(crate) use leases::holder_tag;
 pub(crate) use memory::DEFAULT_UPLOAD_MEMORY;
 
 /// A bucket (and a prefix in it) served as the root.
@@ -81,14 +82,20 @@ struct Inner {
     s3: AmazonS3,
     /// The prefix every key starts with (empty: the whole bucket).
     prefix: Vec<String>,
-    /// Keys recently seen to hold no object, with when: the parents of a
+    /// Directories (names joined with `/`) seen to be no file, with the
+    /// epoch of this server's leases beneath them then: the parents of a
     /// put must not be files, and a tree upload would otherwise ask that
-    /// of the same few directories for every file (see [`NO_FILE_TTL`]).
-    no_file: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
-    /// This server's commits, one at a time per key.
-    commits: commits::Commits,
+    /// of the same few directories for every file. Trusted only while the
+    /// epoch lasts ([`leases::Held`]).
+    no_file: std::sync::Mutex<std::collections::HashMap<String, u64>>,
+    /// The leases this server holds, by directory.
+    held: leases::Held,
     /// Slots for requests to the store (see [`MAX_REQUESTS`]).
     slots: tokio::sync::Semaphore,
+    /// Slots for the requests of leases (see [`LEASE_REQUESTS`]).
+    lease_slots: tokio::sync::Semaphore,
+    /// The tag this server's lease ids start with ([`leases::adopt`]).
+    holder: std::sync::Mutex<String>,
     /// The memory uploads may hold in buffers, server-wide.
     memory: memory::UploadMemory,
 }
@@ -101,15 +108,15 @@ struct Inner {
 /// otherwise hold one, and those are bounded by the streams a server admits.
 const MAX_REQUESTS: usize = 64;
 
+/// Requests for leases in flight at once, per server: apart from the
+/// others, so that a lease is taken and kept fresh while data requests
+/// queue (512 puts of a tree waiting for [`MAX_REQUESTS`] slots once kept
+/// the leases of the last ones from being rewritten for 20 s).
+const LEASE_REQUESTS: usize = 32;
+
 /// Idle connections to the store kept for reuse, and for how long.
 const IDLE_CONNECTIONS: usize = 16;
 const IDLE_FOR: Duration = Duration::from_secs(20);
-
-/// How long a key seen to hold no object is trusted to stay so. Another
-/// server could create a file where this one saw a directory's name free
-/// within this window; S3 lets both exist, and listings then show the name
-/// twice, once as a file and once as a directory.
-const NO_FILE_TTL: Duration = Duration::from_secs(10);
 
 /// Most keys remembered in [`Inner::no_file`].
 const NO_FILE_MAX: usize = 10_000;
@@ -225,8 +232,10 @@ impl ObjectRoot {
             })?,
             prefix: prefix.clone(),
             no_file: Default::default(),
-            commits: Default::default(),
+            held: Default::default(),
             slots: tokio::sync::Semaphore::new(MAX_REQUESTS),
+            lease_slots: tokio::sync::Semaphore::new(LEASE_REQUESTS),
+            holder: std::sync::Mutex::new(random_holder()),
             memory: memory::UploadMemory::new(0),
         };
         let at = endpoint.unwrap_or("AWS S3");
@@ -254,7 +263,9 @@ impl ObjectRoot {
             .await
             .map_err(|e| unusable("list", e))?;
         if !read_only {
-            let key = probe.key_of(&[PARTIAL_DIR, &format!("probe-{:016x}", rand_u64())]);
+            // Not in the partial store: Garage's listings may show a
+            // deleted key for a moment, and a probe is no upload.
+            let key = probe.key_of(&[&format!("{RESERVED_PREFIX}probe-{:016x}", rand_u64())]);
             probe
                 .s3
                 .put(&key, PutPayload::from_static(b"qxfer write check"))
@@ -271,8 +282,10 @@ impl ObjectRoot {
                 s3,
                 prefix,
                 no_file: Default::default(),
-                commits: Default::default(),
+                held: Default::default(),
                 slots: tokio::sync::Semaphore::new(MAX_REQUESTS),
+                lease_slots: tokio::sync::Semaphore::new(LEASE_REQUESTS),
+                holder: std::sync::Mutex::new(random_holder()),
                 memory: memory::UploadMemory::new(
                     options.upload_memory.unwrap_or(DEFAULT_UPLOAD_MEMORY),
                 ),
@@ -292,6 +305,12 @@ fn fixed_mmap_threshold() {
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
     }
+}
+
+/// A holder tag for a server that was never told its own (one per process
+/// run: nothing of a predecessor's is adopted).
+fn random_holder() -> String {
+    format!("{:016x}", rand_u64())
 }
 
 /// Splits `s3://BUCKET[/PREFIX]`; the prefix's parts obey the rules of remote paths.
@@ -326,6 +345,14 @@ impl Inner {
         )
     }
 
+    /// The names (decoded) of `key`'s parts beneath the prefix.
+    fn names_of(&self, key: &Key) -> Vec<String> {
+        key.parts()
+            .skip(self.prefix.len())
+            .map(|p| decoded(p.as_ref()))
+            .collect()
+    }
+
     /// The key of a remote path.
     fn key(&self, path: &RemotePath) -> Key {
         let parts: Vec<&str> = path.components().iter().map(String::as_str).collect();
@@ -345,6 +372,27 @@ impl Inner {
             .acquire()
             .await
             .expect("the slots are never closed")
+    }
+
+    /// Waits for a slot to send the store a lease's request (see
+    /// [`LEASE_REQUESTS`]); held like [`Inner::slot`].
+    async fn lease_slot(&self) -> tokio::sync::SemaphorePermit<'_> {
+        self.lease_slots
+            .acquire()
+            .await
+            .expect("the slots are never closed")
+    }
+
+    /// The tag this server's lease ids start with.
+    fn holder(&self) -> String {
+        self.holder
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn set_holder(&self, holder: &str) {
+        *self.holder.lock().unwrap_or_else(|e| e.into_inner()) = holder.to_owned();
     }
 
     /// A HEAD that returns the object's metadata too; `None` if there is no such object.
@@ -371,14 +419,16 @@ impl Inner {
     /// Whether an ancestor of `path` is a file (where a directory must be).
     async fn file_on_the_way(&self, path: &RemotePath) -> object_store::Result<bool> {
         let parts: Vec<&str> = path.components().iter().map(String::as_str).collect();
-        let keys: Vec<Key> = (1..parts.len())
-            .map(|n| self.key_of(&parts[..n]))
-            .filter(|k| !self.known_no_file(k))
+        let dirs: Vec<String> = (1..parts.len())
+            .map(|n| parts[..n].join("/"))
+            .filter(|d| !self.known_no_file(d))
             .collect();
-        let checks = keys.iter().map(|key| async move {
-            let found = self.head(key).await?.is_some();
-            if !found {
-                self.saw_no_file(key);
+        let checks = dirs.iter().map(|dir| async move {
+            let parts: Vec<&str> = dir.split('/').collect();
+            let epoch = self.held.epoch(dir);
+            let found = self.head(&self.key_of(&parts)).await?.is_some();
+            if let (false, Some(epoch)) = (found, epoch) {
+                self.saw_no_file(dir, epoch);
             }
             Ok::<_, object_store::Error>(found)
         });
@@ -386,21 +436,26 @@ impl Inner {
         Ok(found.into_iter().any(|f| f))
     }
 
-    fn known_no_file(&self, key: &Key) -> bool {
+    /// Whether `dir` was seen to be no file while this server has held a
+    /// lease beneath it, without a break, ever since (see leases.rs:
+    /// no server can have made a file of that name meanwhile).
+    fn known_no_file(&self, dir: &str) -> bool {
+        let Some(now) = self.held.epoch(dir) else {
+            return false;
+        };
         let seen = self.no_file.lock().unwrap_or_else(|e| e.into_inner());
-        seen.get(key.as_ref())
-            .is_some_and(|at| at.elapsed() < NO_FILE_TTL)
+        seen.get(dir) == Some(&now)
     }
 
-    fn saw_no_file(&self, key: &Key) {
+    fn saw_no_file(&self, dir: &str, epoch: u64) {
         let mut seen = self.no_file.lock().unwrap_or_else(|e| e.into_inner());
         if seen.len() >= NO_FILE_MAX {
-            seen.retain(|_, at| at.elapsed() < NO_FILE_TTL);
+            seen.retain(|d, e| self.held.epoch(d) == Some(*e));
             if seen.len() >= NO_FILE_MAX {
                 seen.clear();
             }
         }
-        seen.insert(key.as_ref().to_owned(), std::time::Instant::now());
+        seen.insert(dir.to_owned(), epoch);
     }
 
     /// Every key beneath `prefix` (whole path segments: `a/b` lists `a/b/...`).
@@ -462,9 +517,9 @@ impl Inner {
     }
 
     /// Forgets that `key` held no object (it has become a file).
-    fn forget_no_file(&self, key: &Key) {
+    fn forget_no_file(&self, dir: &str) {
         let mut seen = self.no_file.lock().unwrap_or_else(|e| e.into_inner());
-        seen.remove(key.as_ref());
+        seen.remove(dir);
     }
 
     /// The metadata of a directory from its marker, if it has one.
@@ -567,6 +622,12 @@ impl Store for ObjectRoot {
 
     async fn sweep(&self, ttl: Duration, in_use: InUse) -> Result<usize, String> {
         upload::sweep(&self.inner, ttl, in_use)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    async fn adopt(&self, holder: &str) -> Result<usize, String> {
+        leases::adopt(&self.inner, holder)
             .await
             .map_err(|e| e.to_string())
     }

@@ -24,6 +24,8 @@ use crate::store::{
     appeared, corrupt, receive_error, Held, InUse, Input, Prepared, PutPlan, Stop, Upload,
 };
 
+use super::leases::Leases;
+use super::memory;
 use super::read::{hex32, sums_key, Sums};
 use super::{
     exists, file_meta, is_not_found, put_mode, put_times_and_mode, store_error, stored_digest,
@@ -54,14 +56,77 @@ struct PartRecord {
 /// Checks the destination of a put and prepares the upload.
 pub(super) async fn prepare(inner: &Arc<Inner>, plan: PutPlan) -> Result<Prepared, RemoteError> {
     let path = &plan.path;
+    // The declared size is bounded before it sizes anything (the part
+    // size, and from it the memory reserved).
+    if !plan.stream && plan.meta.size > MAX_OBJECT_SIZE {
+        return Err(RemoteError::new(
+            ErrorCode::TooLarge,
+            format!(
+                "'{path}' declares {} bytes, more than an object store takes in one object ({MAX_OBJECT_SIZE} bytes, 5 TiB)",
+                plan.meta.size
+            ),
+        ));
+    }
+    // Data from a pipe, of unknown length, goes in parts of the smallest
+    // size (the memory an upload holds is a few parts): at most
+    // [`tree_hash::MAX_PARTS`] of them, so 78 GiB.
+    let part_size = tree_hash::part_size(if plan.stream { 0 } else { plan.meta.size });
+    let multipart = plan.stream || plan.meta.size > part_size;
+    // What it will hold at most: the file, or a part filling and the parts
+    // being stored. Reserved before the lease: the budget bounds how many
+    // uploads run at once (see memory.rs), and with them how many leases
+    // this server keeps fresh; those waiting hold none.
+    let holds = if multipart {
+        part_size * (PARTS_IN_FLIGHT as u64 + 1)
+    } else {
+        plan.meta.size
+    };
+    let memory = inner.memory.reserve(holds, &plan.client, path).await?;
+    // The name is this upload's alone from before it is checked until it
+    // is written (see leases.rs): no other server's upload can take it
+    // between the two.
     let key = inner.key(path);
-    let failed = |e| store_error(e, path, "cannot check");
-    let (head, is_dir, file_above) = futures::try_join!(
-        inner.head(&key),
-        inner.has_children(&key),
-        inner.file_on_the_way(path),
-    )
-    .map_err(failed)?;
+    let (lease, checked) =
+        Leases::take_checking(inner, vec![path.components().to_vec()], path, || async {
+            futures::try_join!(
+                inner.head(&key),
+                inner.has_children(&key),
+                inner.file_on_the_way(path),
+            )
+        })
+        .await?;
+    let mut lease = Some(lease);
+    let prepared = match checked {
+        Ok(found) => {
+            prepare_leased(
+                inner, &plan, &mut lease, memory, part_size, multipart, found,
+            )
+            .await
+        }
+        Err(e) => Err(store_error(e, path, "cannot check")),
+    };
+    // Refused, or the file is already there: the name is given back.
+    if let Some(lease) = lease {
+        lease.release();
+    }
+    prepared
+}
+
+/// [`prepare`] under the lease, which the upload takes if it is to receive.
+/// `found`: what the name is (its HEAD), whether it is a directory and
+/// whether a file is in the way above it, as seen under the lease.
+async fn prepare_leased(
+    inner: &Arc<Inner>,
+    plan: &PutPlan,
+    lease: &mut Option<Leases>,
+    memory: memory::Reserved,
+    part_size: u64,
+    multipart: bool,
+    found: (Option<object_store::GetResult>, bool, bool),
+) -> Result<Prepared, RemoteError> {
+    let path = &plan.path;
+    let key = inner.key(path);
+    let (head, is_dir, file_above) = found;
     if is_dir {
         return Err(RemoteError::new(
             ErrorCode::IsDirectory,
@@ -84,36 +149,12 @@ pub(super) async fn prepare(inner: &Arc<Inner>, plan: PutPlan) -> Result<Prepare
         }
         return Err(exists(path));
     }
-    // The declared size is bounded before it sizes anything (the part
-    // size, and from it the memory reserved).
-    if !plan.stream && plan.meta.size > MAX_OBJECT_SIZE {
-        return Err(RemoteError::new(
-            ErrorCode::TooLarge,
-            format!(
-                "'{path}' declares {} bytes, more than an object store takes in one object ({MAX_OBJECT_SIZE} bytes, 5 TiB)",
-                plan.meta.size
-            ),
-        ));
-    }
-    // Data from a pipe, of unknown length, goes in parts of the smallest
-    // size (the memory an upload holds is a few parts): at most
-    // [`tree_hash::MAX_PARTS`] of them, so 78 GiB.
-    let part_size = tree_hash::part_size(if plan.stream { 0 } else { plan.meta.size });
-    let multipart = plan.stream || plan.meta.size > part_size;
     if multipart && plan.partial.is_none() {
         return Err(RemoteError::new(
             ErrorCode::Internal,
             format!("'{path}': an upload of more than one part needs a partial name"),
         ));
     }
-    // What it will hold at most: the file, or a part filling and the parts
-    // being stored.
-    let holds = if multipart {
-        part_size * (PARTS_IN_FLIGHT as u64 + 1)
-    } else {
-        plan.meta.size
-    };
-    let memory = inner.memory.reserve(holds, &plan.client, path).await?;
     let upload = ObjectUpload {
         inner: inner.clone(),
         path: plan.path.clone(),
@@ -129,7 +170,7 @@ pub(super) async fn prepare(inner: &Arc<Inner>, plan: PutPlan) -> Result<Prepare
         sink: None,
         declared: plan.meta,
         received: None,
-        checked: std::time::Instant::now(),
+        lease: lease.take(),
         _memory: memory,
     };
     if plan.stream {
@@ -141,10 +182,10 @@ pub(super) async fn prepare(inner: &Arc<Inner>, plan: PutPlan) -> Result<Prepare
             .partial
             .clone()
             .expect("the server names piped uploads");
-        return upload.start_multipart(name, &plan).await;
+        return upload.start_multipart(name, plan).await;
     }
     match plan.partial.clone() {
-        Some(name) if multipart => upload.start_multipart(name, &plan).await,
+        Some(name) if multipart => upload.start_multipart(name, plan).await,
         _ => Ok(Prepared::Receive {
             upload: Box::new(upload),
             held: Held::none(),
@@ -210,10 +251,10 @@ struct ObjectUpload {
     declared: FileMeta,
     /// The BLAKE3 of what was received.
     received: Option<Digest>,
-    /// When the destination was found free.
-    checked: std::time::Instant,
+    /// The name's lease, held until the upload is committed or given up.
+    lease: Option<Leases>,
     /// The memory its buffers may take, reserved until it ends.
-    _memory: super::memory::Reserved,
+    _memory: memory::Reserved,
 }
 
 impl ObjectUpload {
@@ -399,16 +440,11 @@ impl ObjectUpload {
     ) -> Result<(), RemoteError> {
         let path = self.path.clone();
         let failed = |e| store_error(e, &path, "cannot commit");
-        // Checked under this server's turn for the key, so that of its own
-        // uploads racing to one name only the first completes.
-        let inner = self.inner.clone();
-        let turn = inner.commits.turn(self.key.as_ref(), self.checked).await;
-        if !force && self.inner.head(&self.key).await.map_err(failed)?.is_some() {
-            return Err(appeared(&self.path));
-        }
+        let _ = force;
         let settled = sink.settle().await;
         self.keep_stored(&mut sink);
         settled.map_err(|e| receive_error(e, &path))?;
+        self.lease()?.check(&path)?;
         let m = self
             .multipart
             .as_mut()
@@ -440,7 +476,6 @@ impl ObjectUpload {
             .await
             .map_err(failed)?;
         drop(slot);
-        turn.succeeded();
         let sums = Sums {
             etag: done.e_tag.unwrap_or_default(),
             size: self.size,
@@ -464,10 +499,6 @@ impl ObjectUpload {
 /// at most 5 GiB). Past it the part size, and the memory an upload
 /// reserves, would grow without bound.
 pub(super) const MAX_OBJECT_SIZE: u64 = 5 << 40;
-
-/// A single PUT whose destination was found free longer ago than this
-/// checks again before it writes.
-const RECHECK_AFTER: Duration = Duration::from_secs(1);
 
 /// The pieces the stored parts are, in order (each a whole part).
 fn part_pieces(parts: &[PartRecord], part_size: u64) -> Vec<Piece> {
@@ -568,16 +599,40 @@ impl Upload for ObjectUpload {
             (out, digest)
         })
         .await;
-        let digest = digest.map_err(|e| receive_error(e, &path))?;
-        if digest != expected {
-            return Err(corrupt(&path));
-        }
-        self.put_single(Bytes::from(bytes), digest, meta, force)
-            .await?;
-        Ok(digest)
+        let result = match digest.map_err(|e| receive_error(e, &path)) {
+            Ok(d) if d != expected => Err(corrupt(&path)),
+            Ok(d) => self
+                .put_single(Bytes::from(bytes), d, meta, force)
+                .await
+                .map(|()| d),
+            Err(e) => Err(e),
+        };
+        // Given back before the client hears the outcome: its next request
+        // for the name must not find this upload still holding it.
+        self.release().await;
+        result
     }
 
     async fn commit(mut self: Box<Self>, meta: FileMeta, force: bool) -> Result<(), RemoteError> {
+        let result = self.commit_held(meta, force).await;
+        self.release().await;
+        result
+    }
+
+    async fn abandon(mut self: Box<Self>) {
+        if let Some(m) = self.multipart.take() {
+            self.abort(&m.header).await;
+            if let Err(e) = clear_record(&self.inner, &m.record).await {
+                warn!(path = %self.path, "cannot remove the record of an abandoned upload: {e}");
+            }
+        }
+        self.release().await;
+    }
+}
+
+impl ObjectUpload {
+    /// Commits under the name's lease (see [`Upload::commit`]).
+    async fn commit_held(&mut self, meta: FileMeta, force: bool) -> Result<(), RemoteError> {
         let mut sink = match self.sink.take() {
             Some(sink) => sink,
             None => self.sink(),
@@ -613,18 +668,26 @@ impl Upload for ObjectUpload {
         }
         result
     }
-
-    async fn abandon(mut self: Box<Self>) {
-        if let Some(m) = self.multipart.take() {
-            self.abort(&m.header).await;
-            if let Err(e) = clear_record(&self.inner, &m.record).await {
-                warn!(path = %self.path, "cannot remove the record of an abandoned upload: {e}");
-            }
-        }
-    }
 }
 
 impl ObjectUpload {
+    /// The name's lease, which an upload holds until it ends.
+    fn lease(&self) -> Result<&Leases, RemoteError> {
+        self.lease.as_ref().ok_or_else(|| {
+            RemoteError::new(
+                ErrorCode::Internal,
+                format!("'{}': the upload no longer holds its name", self.path),
+            )
+        })
+    }
+
+    /// Gives the name back (after the write, or when the upload ends).
+    async fn release(&mut self) {
+        if let Some(lease) = self.lease.take() {
+            lease.release();
+        }
+    }
+
     /// Writes a file of one piece with one PUT: its mtime, mode and BLAKE3
     /// as metadata; refused if the name is taken (where the store can tell).
     async fn put_single(
@@ -635,22 +698,9 @@ impl ObjectUpload {
         force: bool,
     ) -> Result<(), RemoteError> {
         let failed = |e| store_error(e, &self.path, "cannot commit");
-        // Checked again unless it was checked a moment ago (a small file
-        // arrives within milliseconds; asking twice cost a tree upload a
-        // request per file) and no other upload of this server has
-        // committed the name since.
-        let turn = self
-            .inner
-            .commits
-            .turn(self.key.as_ref(), self.checked)
-            .await;
-        if !force && turn.committed_since {
-            return Err(appeared(&self.path));
-        }
-        let recheck = !force && self.checked.elapsed() > RECHECK_AFTER;
-        if recheck && self.inner.head(&self.key).await.map_err(failed)?.is_some() {
-            return Err(appeared(&self.path));
-        }
+        // The name was found free under the lease, which no other upload
+        // could take since: no second look.
+        self.lease()?.check(&self.path)?;
         let mut attributes = Attributes::new();
         put_times_and_mode(&mut attributes, meta.mtime, meta.mode);
         attributes.insert(
@@ -670,10 +720,7 @@ impl ObjectUpload {
             .await;
         drop(slot);
         match put {
-            Ok(_) => {
-                turn.succeeded();
-                Ok(())
-            }
+            Ok(_) => Ok(()),
             Err(object_store::Error::AlreadyExists { .. })
             | Err(object_store::Error::Precondition { .. }) => Err(appeared(&self.path)),
             Err(e) => Err(failed(e)),
@@ -959,6 +1006,11 @@ pub(super) async fn sweep(
         if age <= ttl || in_use(&name) {
             continue;
         }
+        // A live upload on any server holds a lease on its destination,
+        // kept fresh while it runs, however long its next part takes.
+        if destination_leased(inner, &name).await? {
+            continue;
+        }
         match abort_recorded(inner, &name).await {
             Ok(()) => {
                 info!(upload = %name, "aborted a stale multipart upload");
@@ -967,7 +1019,26 @@ pub(super) async fn sweep(
             Err(e) => warn!(upload = %name, "cannot abort a stale multipart upload: {e}"),
         }
     }
+    match super::leases::sweep(inner).await {
+        Ok(0) => {}
+        Ok(n) => info!("deleted {n} leases left by servers that stopped"),
+        Err(e) => warn!("cannot delete stale leases: {e}"),
+    }
     Ok(removed)
+}
+
+/// Whether the destination of the upload recorded under `name` is leased
+/// (someone is writing it now).
+async fn destination_leased(inner: &Inner, name: &str) -> object_store::Result<bool> {
+    let record = vec![PARTIAL_DIR.to_owned(), name.to_owned()];
+    let Ok(Some(header)) = get_json::<Header>(inner, &record_key(inner, &record, "upload")).await
+    else {
+        return Ok(false);
+    };
+    let Ok(key) = Key::parse(&header.key) else {
+        return Ok(false);
+    };
+    super::leases::is_leased(inner, &inner.names_of(&key)).await
 }
 
 async fn put_json<T: Serialize>(inner: &Inner, key: &Key, value: &T) -> object_store::Result<()> {
