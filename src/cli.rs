@@ -985,10 +985,7 @@ async fn put(args: PutArgs, quiet: bool, verbose: bool, progress: &Progress) -> 
     let mut bad = Vec::new();
     for file in &args.files {
         let Some(name) = file_name(file) else {
-            bad.push(format!(
-                "{}: has no usable file name (it must end in a UTF-8 name)",
-                file.display()
-            ));
+            bad.push(format!("{}: has no usable file name", file.display()));
             continue;
         };
         let remote = join_remote(args.to.as_deref(), &name);
@@ -1161,14 +1158,15 @@ async fn put_from_stdin(args: PutArgs, quiet: bool, progress: &Progress) -> Resu
     })
 }
 
-/// The last component of a local path as UTF-8 (`.` and `..` resolved, so
-/// `put -r .` uploads the current directory under its own name).
+/// The last component of a local path in its wire form (bytes that are
+/// not UTF-8 escaped: see paths.rs; `.` and `..` resolved, so `put -r .`
+/// uploads the current directory under its own name).
 fn file_name(path: &Path) -> Option<String> {
     if let Some(n) = path.file_name() {
-        return n.to_str().map(str::to_owned);
+        return Some(crate::paths::name_to_wire(n));
     }
     let abs = std::fs::canonicalize(path).ok()?;
-    abs.file_name()?.to_str().map(str::to_owned)
+    Some(crate::paths::name_to_wire(abs.file_name()?))
 }
 
 /// Prints a dry run's plan: one line per file on stdout (`send`, `skip`,
@@ -1700,14 +1698,14 @@ async fn remote_dir_meta(client: &Client, name: &str) -> Result<Option<DirMeta>>
         }))
 }
 
-/// The local file name for a remote path: its last component, if that is a
-/// plain name (never `..`, so a download stays in the output folder).
-fn local_name(remote: &str) -> Option<&str> {
+/// The local file name for a remote path: its last component as bytes
+/// (escapes undone, paths.rs), if that is a plain name (never `..`, so a
+/// download stays in the output folder).
+fn local_name(remote: &str) -> Option<std::ffi::OsString> {
     let base = remote.trim_end_matches('/').rsplit('/').next()?;
     match base {
         "" | "." | ".." => None,
-        b if b.contains('\\') || b.contains('\0') => None,
-        b => Some(b),
+        b => crate::paths::name_from_wire(b),
     }
 }
 
@@ -1845,7 +1843,11 @@ pub fn format_entry(e: &Entry) -> String {
         .map(|t| humantime::format_rfc3339_seconds(t).to_string())
         .unwrap_or_else(|| "-".repeat(20));
     let slash = if e.kind == EntryKind::Dir { "/" } else { "" };
-    format!("{kind} {:>14} {mtime} {}{slash}", e.size, e.name)
+    // Shown, not raw: a name's control characters or bytes that are not
+    // UTF-8 are escaped and the name quoted (paths.rs); --json gives the
+    // wire form.
+    let name = crate::paths::shown(&e.name);
+    format!("{kind} {:>14} {mtime} {name}{slash}", e.size)
 }
 
 #[cfg(test)]
@@ -1871,11 +1873,28 @@ mod tests {
 
     #[test]
     fn local_names_stay_in_the_output_folder() {
-        assert_eq!(local_name("a/b.txt"), Some("b.txt"));
-        assert_eq!(local_name("b.txt"), Some("b.txt"));
+        let some = |s: &str| Some(std::ffi::OsString::from(s));
+        assert_eq!(local_name("a/b.txt"), some("b.txt"));
+        assert_eq!(local_name("b.txt"), some("b.txt"));
         assert_eq!(local_name("a/.."), None);
         assert_eq!(local_name(""), None);
-        assert_eq!(local_name("dir/"), Some("dir"));
+        assert_eq!(local_name("dir/"), some("dir"));
+        assert_eq!(
+            local_name("a\\b"),
+            some("a\\b"),
+            "a backslash is a plain byte"
+        );
+        assert_eq!(
+            local_name("caf\u{FDDE}\u{FDE9}"),
+            Some(std::os::unix::ffi::OsStringExt::from_vec(
+                b"caf\xe9".to_vec()
+            ))
+        );
+        assert_eq!(
+            local_name("x\u{FDD2}"),
+            None,
+            "not the one form of any name"
+        );
     }
 
     #[test]

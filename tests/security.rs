@@ -369,14 +369,11 @@ async fn name_traversal_in_every_form_is_refused_on(backend: Backend) {
         ("bare slash", "/".into()),
         ("NUL", "a\0b".into()),
         ("NUL hiding ..", "ok\0/../../x".into()),
-        ("backslash ..", "..\\outside\\secret.txt".into()),
-        ("backslash", "a\\b".into()),
         ("drive with backslash", "C:\\secret".into()),
         ("drive relative", "c:secret".into()),
         ("drive with slash", "D:/secret".into()),
         ("4,098 bytes", too_long),
         ("4,096-byte component", long_component),
-        ("control character", "a\nb".into()),
         ("reserved partial store", format!("{PARTIAL_DIR}/x")),
         ("reserved temporary", ".qxfer-tmp-0123".into()),
         ("empty", String::new()),
@@ -404,8 +401,15 @@ async fn name_traversal_in_every_form_is_refused_on(backend: Backend) {
         }
     };
     arena.during(hostile).await;
+    // A backslash or a control character is a plain byte of a Linux name
+    // (refused before issue 18, so such files could not be copied): each
+    // such name is one file inside the root, never a way out of it.
+    let plain = ["..\\outside\\secret.txt", "a\\b", "a\nb"];
+    for name in plain {
+        client.put(&src, name, true, &|_| {}).await.unwrap();
+    }
     client.close().await;
-    arena.check(&[]).await;
+    arena.check(&plain).await;
 }
 
 #[tokio::test]

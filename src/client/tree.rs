@@ -124,11 +124,9 @@ pub(crate) fn walk_local(
         items.sort_by_key(|e| e.file_name());
         for item in items {
             let path = item.path();
-            let Some(name) = item.file_name().to_str().map(str::to_owned) else {
-                tree.skipped
-                    .push(format!("{}: not a UTF-8 name; skipped", path.display()));
-                continue;
-            };
+            // Any name travels: bytes that are not UTF-8 in their escape
+            // (paths.rs), so a tree arrives whole on a Linux server.
+            let name = crate::paths::name_to_wire(&item.file_name());
             let remote = join_remote(Some(&remote), &name);
             let md = match std::fs::symlink_metadata(&path) {
                 Ok(md) => md,
@@ -163,7 +161,7 @@ pub(crate) fn walk_local(
                 tree.protected_remote.push(remote);
             } else if ft.is_file() {
                 tree.jobs.push(Job {
-                    label: path.display().to_string(),
+                    label: crate::paths::shown_local(&path),
                     local: path,
                     remote,
                     size_hint: Some(md.len()),
@@ -201,7 +199,7 @@ pub(crate) fn from_listing(
 ) -> Tree {
     let top_name = local_top
         .file_name()
-        .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+        .map_or_else(String::new, crate::paths::name_to_wire);
     let mut tree = Tree::default();
     tree.dirs.push(TreeDir {
         remote: remote_top.to_owned(),
@@ -212,9 +210,13 @@ pub(crate) fn from_listing(
     });
     for e in entries {
         let remote = join_remote(Some(remote_top), &e.name);
+        let shown = crate::paths::shown(&remote);
+        // A name this side cannot make (or a hostile server's unsafe one)
+        // fails that file: the copy is incomplete and the exit code says so.
         let Ok(rel) = RemotePath::parse(&e.name, false) else {
-            tree.skipped
-                .push(format!("{remote}: not a safe relative name; skipped"));
+            tree.failed.push(format!(
+                "{shown}: the server listed a name that is not a safe relative name here; not downloaded"
+            ));
             continue;
         };
         let local = local_top.join(rel.relative());
@@ -230,7 +232,7 @@ pub(crate) fn from_listing(
         }
         match e.kind {
             EntryKind::File => tree.jobs.push(Job {
-                label: remote.clone(),
+                label: shown,
                 local,
                 remote,
                 size_hint: Some(e.size),
@@ -248,14 +250,13 @@ pub(crate) fn from_listing(
             }),
             EntryKind::Symlink => {
                 tree.skipped.push(format!(
-                    "{remote}: a symbolic link on the server; skipped (links are never followed or copied)"
+                    "{shown}: a symbolic link on the server; skipped (links are never followed or copied)"
                 ));
                 tree.protected_local.push(local);
             }
             EntryKind::Other => {
-                tree.skipped.push(format!(
-                    "{remote}: not a regular file or directory; skipped"
-                ));
+                tree.skipped
+                    .push(format!("{shown}: not a regular file or directory; skipped"));
                 tree.protected_local.push(local);
             }
         }
@@ -385,7 +386,7 @@ pub(crate) fn local_extras(tree: &Tree, filter: &Filter) -> Result<Vec<LocalExtr
         let top_name = top
             .local
             .file_name()
-            .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+            .map_or_else(String::new, crate::paths::name_to_wire);
         // Directories still to walk, by path below the top: each is opened
         // when its turn comes (a handle per pending directory could run out
         // of descriptors in a wide tree).
@@ -403,7 +404,7 @@ pub(crate) fn local_extras(tree: &Tree, filter: &Filter) -> Result<Vec<LocalExtr
                 let path = top.local.join(&rel_dir).join(&name);
                 // The entry's own type: a link to a directory is a link.
                 let is_dir = item.file_type().is_ok_and(|t| t.is_dir());
-                let rel = format!("{rel}/{}", name.to_string_lossy());
+                let rel = format!("{rel}/{}", crate::paths::name_to_wire(&name));
                 if filter.excludes(&rel, is_dir) {
                     continue;
                 }
@@ -555,7 +556,9 @@ mod tests {
         assert_eq!(tree.jobs[0].remote, "t/ok/file");
         assert_eq!(tree.dirs.len(), 2);
         assert!(tree.dirs.iter().all(|d| d.local.starts_with(top)));
-        assert_eq!(tree.skipped.len(), 4, "{:?}", tree.skipped);
+        // The unsafe names fail (the copy is incomplete); the link is skipped.
+        assert_eq!(tree.failed.len(), 3, "{:?}", tree.failed);
+        assert_eq!(tree.skipped.len(), 1, "{:?}", tree.skipped);
     }
 
     #[test]

@@ -132,7 +132,7 @@ pub(super) async fn sweep_partials_forever(config: Arc<ServeConfig>, partials: A
 pub(super) fn partial_name(client: &Fingerprint, path: &RemotePath, meta: &FileMeta) -> String {
     let mut who = blake3::Hasher::new();
     who.update(client.as_bytes());
-    who.update(path.to_string().as_bytes());
+    who.update(path.wire().as_bytes());
     let mut version = blake3::Hasher::new();
     version.update(&meta.size.to_le_bytes());
     if let Some(t) = meta.mtime {

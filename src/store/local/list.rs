@@ -135,7 +135,7 @@ fn enter(
             format!("{prefix}/{entry_name}")
         };
         if md.is_dir() {
-            subdirs.push((std::ffi::OsString::from(&entry_name), full.clone()));
+            subdirs.push((local_name(&entry_name), full.clone()));
         }
         *name_bytes += full.len();
         out.push(entry(full, &md));
@@ -207,11 +207,16 @@ fn dir_id(dir: &Dir) -> io::Result<(u64, u64)> {
 
 /// The path of `full` (relative to the listed `path`) for messages.
 fn sub_path(path: &RemotePath, full: &str) -> RemotePath {
-    let joined = match path.to_string() {
+    let joined = match path.wire() {
         p if p.is_empty() => full.to_owned(),
         p => format!("{p}/{full}"),
     };
     RemotePath::parse(&joined, false).unwrap_or_else(|_| path.clone())
+}
+
+/// The local name (bytes) of a name [`visible_entries`] gave.
+fn local_name(wire: &str) -> std::ffi::OsString {
+    crate::paths::name_from_wire(wire).expect("names listed here are wire forms of local names")
 }
 
 /// The entries of `dir` with their lstat metadata, qxfer's own names
@@ -224,7 +229,9 @@ fn visible_entries(
     let mut out = Vec::new();
     for item in dir.entries().map_err(listing)? {
         let item = item.map_err(listing)?;
-        let name = item.file_name().to_string_lossy().into_owned();
+        // Any name is listed, in its wire form (bytes that are not UTF-8
+        // escaped: paths.rs), never skipped or mangled.
+        let name = crate::paths::name_to_wire(&item.file_name());
         if name.starts_with(RESERVED_PREFIX) {
             continue;
         }

@@ -144,13 +144,13 @@ impl Store for LocalStore {
 
 /// The directory `path` lies in, opened beneath the root (links inside the
 /// root followed, none out of it), and its own name there.
-fn parent_of<'a>(
+fn parent_of(
     root: &Dir,
-    path: &'a RemotePath,
+    path: &RemotePath,
     doing: &str,
-) -> Result<(Dir, &'a str), RemoteError> {
+) -> Result<(Dir, std::ffi::OsString), RemoteError> {
     let name = path
-        .file_name()
+        .local_file_name()
         .expect("a validated path is never the root");
     let dir = match path.parent() {
         Some(parent) => root.open_dir(parent),
@@ -165,6 +165,7 @@ fn parent_of<'a>(
 /// beneath the root only, following no link). Blocking.
 fn remove(root: &Dir, p: &RemotePath, recursive: bool) -> Result<(), RemoteError> {
     let (dir, name) = parent_of(root, p, "cannot remove")?;
+    let name = name.as_os_str();
     let md = dir
         .symlink_metadata(name)
         .map_err(|e| fs_error(&e, p, "cannot remove"))?;
@@ -193,10 +194,12 @@ fn remove(root: &Dir, p: &RemotePath, recursive: bool) -> Result<(), RemoteError
 /// Blocking.
 fn rename(root: &Dir, from: &RemotePath, to: &RemotePath) -> Result<(), RemoteError> {
     let (from_dir, from_name) = parent_of(root, from, "cannot rename")?;
+    let from_name = from_name.as_os_str();
     from_dir
         .symlink_metadata(from_name)
         .map_err(|e| fs_error(&e, from, "cannot rename"))?;
     let (to_dir, to_name) = parent_of(root, to, "cannot rename to")?;
+    let to_name = to_name.as_os_str();
     exchange::rename_noreplace(&from_dir, from_name, &to_dir, to_name).map_err(|e| {
         if e.kind() == io::ErrorKind::AlreadyExists {
             super::rename_target_exists(from, to)
@@ -289,7 +292,10 @@ fn prepare_put(root: &Dir, plan: &PutPlan, space: &Arc<Space>) -> Result<Prepare
         path, meta, force, ..
     } = plan;
     let (size, meta_mtime) = (meta.size, meta.mtime);
-    let name = path.file_name().expect("a put path is never the root");
+    let name = path
+        .local_file_name()
+        .expect("a put path is never the root");
+    let name = name.as_os_str();
     let dest_dir = match path.parent() {
         Some(parent) => open_or_create_dir(root, &parent, path)?,
         None => root
@@ -334,7 +340,7 @@ fn prepare_put(root: &Dir, plan: &PutPlan, space: &Arc<Space>) -> Result<Prepare
         Err(e) => return Err(fs_error(&e, path, "cannot check")),
     }
     let creating = |e: io::Error| fs_error(&e, path, "cannot create the upload of");
-    let label = PathBuf::from(path.to_string());
+    let label = PathBuf::from(path.wire());
     // Data from a pipe cannot be resumed: a temporary like a small file's,
     // whatever name the server leased for it.
     let Some(partial) = plan.partial.as_deref().filter(|_| !plan.stream) else {
