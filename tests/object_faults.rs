@@ -709,3 +709,62 @@ async fn a_file_and_a_directory_never_share_a_name() {
     ca.close().await;
     cb.close().await;
 }
+
+/// A listing looks up every file it shows (a HEAD each: listings carry no
+/// metadata), 32 at a time, once from the server's 64 store slots: two big
+/// `ls -r` took every slot and every other request queued behind them.
+/// Lookups now have slots of their own: four listings of 600 entries at
+/// once, through a store that answers in 20 ms, keep at most some 30
+/// requests in flight, and a put made meanwhile is not held up by them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listings_leave_the_store_to_other_requests() {
+    use futures::StreamExt;
+    let url = garage().fresh_root("lookups");
+    let prefix = url
+        .split_once("://")
+        .unwrap()
+        .1
+        .split_once('/')
+        .unwrap()
+        .1
+        .to_owned();
+    let placing = (0..600).map(|i| {
+        let key = object_store::path::Path::from(format!("{prefix}/t/d{}/f{i}", i % 6));
+        async move { bucket().put(&key, vec![b'x'; 16].into()).await.unwrap() }
+    });
+    futures::stream::iter(placing)
+        .buffer_unordered(32)
+        .collect::<Vec<_>>()
+        .await;
+    let proxy = CountingProxy::start_slowed(Duration::from_millis(20)).await;
+    let server = server_via(&url, &proxy.endpoint, |_| {}).await;
+    let cfg = tempfile::tempdir().unwrap();
+    let client = Client::connect(&server.client_config(cfg.path()))
+        .await
+        .unwrap();
+    let listings = (0..4).map(|_| {
+        let c = client.clone();
+        tokio::spawn(async move { c.list_tree("t").await })
+    });
+    let listings: Vec<_> = listings.collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("small");
+    std::fs::write(&src, b"small").unwrap();
+    let started = Instant::now();
+    client.put(&src, "small", false, &|_| {}).await.unwrap();
+    let put_took = started.elapsed();
+    for l in listings {
+        assert_eq!(l.await.unwrap().unwrap().len(), 606);
+    }
+    let most = proxy.most_open();
+    assert!(
+        most <= 40,
+        "{most} requests to the store in flight at once while four listings ran"
+    );
+    assert!(
+        put_took < Duration::from_secs(2),
+        "the put took {put_took:?}"
+    );
+    client.close().await;
+}

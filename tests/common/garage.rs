@@ -174,12 +174,21 @@ pub struct CountingProxy {
     /// The address to give the server as its S3 endpoint.
     pub endpoint: String,
     read: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// Connections open now, and the most at once.
+    open: std::sync::Arc<(std::sync::atomic::AtomicU64, std::sync::atomic::AtomicU64)>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl CountingProxy {
     /// Starts relaying to the cluster's first node.
     pub async fn start() -> Self {
+        Self::start_slowed(std::time::Duration::ZERO).await
+    }
+
+    /// Like [`CountingProxy::start`], holding each answer of the store back
+    /// by `delay` (a store far away, or busy): requests overlap as they
+    /// would on such a store.
+    pub async fn start_slowed(delay: std::time::Duration) -> Self {
         use std::sync::atomic::{AtomicU64, Ordering};
         use std::sync::Arc;
         let target = garage()
@@ -191,10 +200,22 @@ impl CountingProxy {
         let endpoint = format!("http://{}", listener.local_addr().unwrap());
         let read = Arc::new(AtomicU64::new(0));
         let counted = read.clone();
+        let open = Arc::new((AtomicU64::new(0), AtomicU64::new(0)));
+        let gauge = open.clone();
         let task = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let (target, counted) = (target.clone(), counted.clone());
+                let gauge = gauge.clone();
+                let now = gauge.0.fetch_add(1, Ordering::SeqCst) + 1;
+                gauge.1.fetch_max(now, Ordering::SeqCst);
                 tokio::spawn(async move {
+                    struct Closed(Arc<(AtomicU64, AtomicU64)>);
+                    impl Drop for Closed {
+                        fn drop(&mut self) {
+                            self.0 .0.fetch_sub(1, Ordering::SeqCst);
+                        }
+                    }
+                    let _closed = Closed(gauge);
                     let Ok(store) = tokio::net::TcpStream::connect(&target).await else {
                         return;
                     };
@@ -210,6 +231,9 @@ impl CountingProxy {
                             Ok(0) | Err(_) => break,
                             Ok(n) => n,
                         };
+                        if !delay.is_zero() {
+                            tokio::time::sleep(delay).await;
+                        }
                         counted.fetch_add(n as u64, Ordering::Relaxed);
                         if cw.write_all(&buf[..n]).await.is_err() {
                             break;
@@ -222,8 +246,15 @@ impl CountingProxy {
         Self {
             endpoint,
             read,
+            open,
             task,
         }
+    }
+
+    /// The most connections to the store open at once so far: with HTTP/1
+    /// one request each, so the most requests in flight at once.
+    pub fn most_open(&self) -> u64 {
+        self.open.1.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Bytes the store has sent back so far.

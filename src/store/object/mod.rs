@@ -94,6 +94,8 @@ struct Inner {
     slots: tokio::sync::Semaphore,
     /// Slots for the requests of leases (see [`LEASE_REQUESTS`]).
     lease_slots: tokio::sync::Semaphore,
+    /// Slots for listings' lookups (see [`LOOKUP_REQUESTS`]).
+    lookup_slots: tokio::sync::Semaphore,
     /// The tag this server's lease ids start with ([`leases::adopt`]).
     holder: std::sync::Mutex<String>,
     /// The memory uploads may hold in buffers, server-wide.
@@ -127,8 +129,13 @@ const DIR_MARKER: &str = ".qxfer-dir";
 const SUMS_DIR: &str = ".qxfer-sums";
 /// Where multipart uploads in progress are recorded.
 const PARTIAL_DIR: &str = ".qxfer-partial";
-/// Requests in flight at once for one listing's metadata.
-const LIST_CONCURRENCY: usize = 32;
+/// Lookups in flight at once for one listing's metadata.
+const LIST_CONCURRENCY: usize = 16;
+
+/// Lookups for listings in flight at once, per server, from slots apart
+/// from [`MAX_REQUESTS`]: two `ls -r` of big trees once took 64 of the 64
+/// slots (32 each), and every other request queued behind their lookups.
+const LOOKUP_REQUESTS: usize = 24;
 
 /// Metadata names (sent as `x-amz-meta-<name>`).
 const META_MTIME: &str = "qxfer-mtime";
@@ -235,6 +242,7 @@ impl ObjectRoot {
             held: Default::default(),
             slots: tokio::sync::Semaphore::new(MAX_REQUESTS),
             lease_slots: tokio::sync::Semaphore::new(LEASE_REQUESTS),
+            lookup_slots: tokio::sync::Semaphore::new(LOOKUP_REQUESTS),
             holder: std::sync::Mutex::new(random_holder()),
             memory: memory::UploadMemory::new(0),
         };
@@ -285,6 +293,7 @@ impl ObjectRoot {
                 held: Default::default(),
                 slots: tokio::sync::Semaphore::new(MAX_REQUESTS),
                 lease_slots: tokio::sync::Semaphore::new(LEASE_REQUESTS),
+                lookup_slots: tokio::sync::Semaphore::new(LOOKUP_REQUESTS),
                 holder: std::sync::Mutex::new(random_holder()),
                 memory: memory::UploadMemory::new(
                     options.upload_memory.unwrap_or(DEFAULT_UPLOAD_MEMORY),
@@ -402,6 +411,30 @@ impl Inner {
             ..GetOptions::default()
         };
         let _slot = self.slot().await;
+        self.head_now(key, opts).await
+    }
+
+    /// [`Inner::head`] for a listing's lookup of one entry: from slots of
+    /// their own ([`LOOKUP_REQUESTS`]), so listings of big trees, however
+    /// many at once, leave the store's other slots to every other request.
+    async fn head_listed(&self, key: &Key) -> object_store::Result<Option<GetResult>> {
+        let opts = GetOptions {
+            head: true,
+            ..GetOptions::default()
+        };
+        let _slot = self
+            .lookup_slots
+            .acquire()
+            .await
+            .expect("the slots are never closed");
+        self.head_now(key, opts).await
+    }
+
+    async fn head_now(
+        &self,
+        key: &Key,
+        opts: GetOptions,
+    ) -> object_store::Result<Option<GetResult>> {
         match self.s3.get_opts(key, opts).await {
             Ok(r) => Ok(Some(r)),
             Err(object_store::Error::NotFound { .. }) => Ok(None),
@@ -526,7 +559,7 @@ impl Inner {
     async fn dir_meta(&self, dir: &[String]) -> object_store::Result<Option<DirMeta>> {
         let mut parts: Vec<&str> = dir.iter().map(String::as_str).collect();
         parts.push(DIR_MARKER);
-        Ok(self.head(&self.key_of(&parts)).await?.map(|h| {
+        Ok(self.head_listed(&self.key_of(&parts)).await?.map(|h| {
             let (mtime, mode) = times_and_mode(&h.attributes);
             DirMeta { mode, mtime }
         }))
@@ -768,7 +801,7 @@ async fn file_entries(
         .map(|(name, object)| {
             let inner = inner.clone();
             async move {
-                match inner.head(&object.location).await? {
+                match inner.head_listed(&object.location).await? {
                     Some(h) => Ok(Some(file_entry(name, &h.meta, &h.attributes))),
                     // Deleted since it was listed: not part of the listing.
                     None => Ok(None),
