@@ -238,6 +238,13 @@ pub struct ClientArgs {
 /// Options put and get share.
 #[derive(Debug, Args)]
 pub struct TransferArgs {
+    /// Sync rather than copy: send new files, replace files that differ,
+    /// and leave alone files whose size and mtime match the other side's
+    /// without reading them (rsync's quick check). Without it an existing
+    /// file is never replaced (unless --force, which re-sends every file).
+    /// With --delete it mirrors.
+    #[arg(long)]
+    pub sync: bool,
     /// Start interrupted transfers over instead of continuing them.
     #[arg(long)]
     pub no_resume: bool,
@@ -1015,7 +1022,14 @@ async fn put(args: PutArgs, quiet: bool, verbose: bool, progress: &Progress) -> 
     bad.extend(tree.failed.iter().cloned());
     let client = connect(&args.client, Some(&args.transfer), quiet, progress).await?;
     if args.transfer.dry_run {
-        let plan = dry_run(&client, Direction::Put, &tree.jobs, args.force).await;
+        let plan = dry_run(
+            &client,
+            Direction::Put,
+            &tree.jobs,
+            args.force,
+            args.transfer.sync,
+        )
+        .await;
         let deletes = if args.transfer.delete {
             tree::remote_extras(&client, &tree, &filter)
                 .await
@@ -1035,8 +1049,14 @@ async fn put(args: PutArgs, quiet: bool, verbose: bool, progress: &Progress) -> 
         );
     }
     let planned = tree.clone();
-    let (client, mut report) = Batch::new(Direction::Put, args.parallel, args.force, quiet)
-        .run_resilient(client, tree.jobs, &args.client, &args.transfer, progress)
+    let (jobs, unchanged) = if args.transfer.sync {
+        quick_check(&client, Direction::Put, tree.jobs, &mut bad).await?
+    } else {
+        (tree.jobs, Vec::new())
+    };
+    let replace = args.force || args.transfer.sync;
+    let (client, mut report) = Batch::new(Direction::Put, args.parallel, replace, quiet)
+        .run_resilient(client, jobs, &args.client, &args.transfer, progress)
         .await?;
     // Deletions first, so that the directory times applied next stick.
     if args.transfer.delete && client.refusal().is_none() {
@@ -1054,7 +1074,7 @@ async fn put(args: PutArgs, quiet: bool, verbose: bool, progress: &Progress) -> 
         return Err(refused.into());
     }
     client.close().await;
-    finish_batch("put", report, bad, args.json, quiet, progress)
+    finish_batch("put", report, &unchanged, bad, args.json, quiet, progress)
 }
 
 /// Whether a put uploads standard input (`qxfer put - NAME`).
@@ -1099,7 +1119,7 @@ async fn put_from_stdin(args: PutArgs, quiet: bool, progress: &Progress) -> Resu
             size_hint: None,
             within: None,
         };
-        let plan = dry_run(&client, Direction::Put, &[job], args.force).await;
+        let plan = dry_run(&client, Direction::Put, &[job], args.force, false).await;
         client.close().await;
         return finish_dry_run("put", plan?, &[], &[], Vec::new(), args.json, quiet);
     }
@@ -1148,7 +1168,7 @@ async fn put_from_stdin(args: PutArgs, quiet: bool, progress: &Progress) -> Resu
             (vec![error], e.is_transient() && before_any)
         }
     };
-    let code = finish_batch("put", report, errors, args.json, quiet, progress)?;
+    let code = finish_batch("put", report, &[], errors, args.json, quiet, progress)?;
     // As for any transfer: a connection lost before anything moved is
     // exit code 3; a failure once data moved is 1.
     Ok(if lost {
@@ -1405,7 +1425,14 @@ async fn get(args: GetArgs, quiet: bool, verbose: bool, progress: &Progress) -> 
     report_excluded(&tree.excluded, verbose, progress);
     bad.extend(tree.failed.iter().cloned());
     if args.transfer.dry_run {
-        let plan = dry_run(&client, Direction::Get, &tree.jobs, args.force).await;
+        let plan = dry_run(
+            &client,
+            Direction::Get,
+            &tree.jobs,
+            args.force,
+            args.transfer.sync,
+        )
+        .await;
         client.close().await;
         let deletes = if args.transfer.delete {
             tree::local_extras(&tree, &filter)?
@@ -1427,8 +1454,14 @@ async fn get(args: GetArgs, quiet: bool, verbose: bool, progress: &Progress) -> 
     }
     let planned = tree.clone();
     let mut failed_dirs = tree::create_local_dirs(&tree.dirs);
-    let (client, mut report) = Batch::new(Direction::Get, args.parallel, args.force, quiet)
-        .run_resilient(client, tree.jobs, &args.client, &args.transfer, progress)
+    let (jobs, unchanged) = if args.transfer.sync {
+        quick_check(&client, Direction::Get, tree.jobs, &mut bad).await?
+    } else {
+        (tree.jobs, Vec::new())
+    };
+    let replace = args.force || args.transfer.sync;
+    let (client, mut report) = Batch::new(Direction::Get, args.parallel, replace, quiet)
+        .run_resilient(client, jobs, &args.client, &args.transfer, progress)
         .await?;
     // Deletions first, so that the directory times applied next stick.
     if args.transfer.delete && client.refusal().is_none() {
@@ -1448,7 +1481,7 @@ async fn get(args: GetArgs, quiet: bool, verbose: bool, progress: &Progress) -> 
         return Err(refused.into());
     }
     client.close().await;
-    finish_batch("got", report, bad, args.json, quiet, progress)
+    finish_batch("got", report, &unchanged, bad, args.json, quiet, progress)
 }
 
 /// `qxfer get NAME -o -`: the file to standard output, verified; bars and
@@ -1709,9 +1742,39 @@ fn local_name(remote: &str) -> Option<std::ffi::OsString> {
     }
 }
 
+/// `--sync`'s quick check (rsync's): of `jobs`, those whose size and
+/// mtime match the other side's are left alone, read by neither side; the
+/// rest run, replacing what differs. One listing per directory decides.
+/// Files the run would refuse (a directory or link in the way) are
+/// reported in `bad` and not run. Returns the jobs to run and the labels
+/// of those left alone.
+async fn quick_check(
+    client: &Client,
+    direction: Direction,
+    jobs: Vec<Job>,
+    bad: &mut Vec<String>,
+) -> Result<(Vec<Job>, Vec<String>)> {
+    let plan = dry_run(client, direction, &jobs, false, true).await?;
+    let mut run = Vec::with_capacity(jobs.len());
+    let mut unchanged = Vec::new();
+    for (job, planned) in jobs.into_iter().zip(plan) {
+        match planned.action {
+            Action::Send => run.push(job),
+            Action::Skip => unchanged.push(job.label),
+            Action::Refuse => bad.push(format!(
+                "{}: {}",
+                job.label,
+                planned.reason.as_deref().unwrap_or("refused")
+            )),
+        }
+    }
+    Ok((run, unchanged))
+}
+
 fn finish_batch(
     verb: &str,
     report: BatchReport,
+    unchanged: &[String],
     mut errors: Vec<String>,
     json: bool,
     quiet: bool,
@@ -1722,6 +1785,12 @@ fn finish_batch(
     if !quiet {
         for note in report.done.iter().flat_map(|r| &r.notes) {
             eprintln!("qxfer: note: {note}");
+        }
+        if !unchanged.is_empty() {
+            eprintln!(
+                "qxfer: {} file(s) unchanged (same size and mtime); left alone",
+                unchanged.len()
+            );
         }
         let present = report.done.iter().filter(|r| r.already_there).count();
         if present > 0 {
@@ -1746,6 +1815,7 @@ fn finish_batch(
     if json {
         let doc = serde_json::json!({
             "files": report.done,
+            "unchanged": unchanged,
             "errors": errors,
             "bytes": bytes,
             "bytes_sent": sent,

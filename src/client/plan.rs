@@ -84,12 +84,15 @@ async fn remote_entries(
     Ok(out)
 }
 
-/// What a put or get of `jobs` would do, in order.
+/// What a put or get of `jobs` would do, in order. With `sync`, a file
+/// whose size and mtime match the other side's is skipped (rsync's quick
+/// check: neither side reads it) and any other existing file is replaced.
 pub async fn dry_run(
     client: &Client,
     direction: Direction,
     jobs: &[Job],
     force: bool,
+    sync: bool,
 ) -> Result<Vec<Planned>, FileError> {
     let remote = remote_entries(client, jobs).await?;
     let mut out = Vec::with_capacity(jobs.len());
@@ -137,6 +140,14 @@ pub async fn dry_run(
                         size,
                         Some("a link or special file on the server has that name"),
                     ),
+                    Some(e) if sync && same(e) => {
+                        planned(Action::Skip, size, Some("unchanged (same size and mtime)"))
+                    }
+                    Some(_) if sync => planned(
+                        Action::Send,
+                        size,
+                        Some("replaces the server's file: size or mtime differ (--sync)"),
+                    ),
                     Some(_) if force => planned(
                         Action::Send,
                         size,
@@ -169,6 +180,14 @@ pub async fn dry_run(
                         Some("a local directory has that name"),
                     ),
                     (Some(_), None) => planned(Action::Send, size, None),
+                    (Some(e), Some(_)) if sync && same(e) => {
+                        planned(Action::Skip, size, Some("unchanged (same size and mtime)"))
+                    }
+                    (Some(_), Some(_)) if sync => planned(
+                        Action::Send,
+                        size,
+                        Some("replaces the local file: size or mtime differ (--sync)"),
+                    ),
                     (Some(_), Some(_)) if force => planned(
                         Action::Send,
                         size,
