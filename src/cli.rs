@@ -242,8 +242,8 @@ pub struct TransferArgs {
     /// and leave alone files whose size and mtime match the other side's
     /// without reading them (rsync's quick check). Without it an existing
     /// file is never replaced (unless --force, which re-sends every file).
-    /// With --delete it mirrors.
-    #[arg(long)]
+    /// With --delete it mirrors. Not with --force, which re-sends every file.
+    #[arg(long, conflicts_with = "force")]
     pub sync: bool,
     /// Start interrupted transfers over instead of continuing them.
     #[arg(long)]

@@ -229,8 +229,19 @@ async fn interrupted_put(server: &TestServer, cfg: &Path, src: &Path, name: &str
     wait_for_bytes("the server's partial", bytes, || server.partial_bytes()).await;
     client.connection().close(0u32.into(), b"gone");
     assert!(upload.await.unwrap().is_err());
-    // Let the server finish writing what it received.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Let the server finish writing what it received: on an object root a
+    // part still in flight lands after the drop (a fixed 200 ms once saw
+    // 8 MiB, and the resume then 16), so wait until its partial stops
+    // growing.
+    let mut last = server.partial_bytes().await;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let now = server.partial_bytes().await;
+        if now == last {
+            break;
+        }
+        last = now;
+    }
 }
 
 /// A put from the client identity in `cfg` (partials belong to an identity).

@@ -352,6 +352,11 @@ async fn sync_on(backend: Backend) {
     got.retain(|_, v| v.0 == "file");
     assert_eq!(got, want, "the server holds the source's files");
 
+    // --force re-sends everything: it and --sync contradict each other.
+    let out = common::output(client(&["put", "-r", "proj", "--sync", "--force"])).await;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot be used with"));
+
     // Without --sync a changed file is still refused, as before.
     std::fs::write(src.join("a"), pattern(1000, 11)).unwrap();
     set_mtime(&src.join("a"), 1_700_000_100);

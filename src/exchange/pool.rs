@@ -13,9 +13,16 @@ static DISK_SLOTS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(DI
 
 /// Runs blocking filesystem work off the async threads, at most
 /// [`DISK_THREADS`] at once.
+///
+/// A panic in `f` is passed on. A task that never ran because the runtime
+/// is shutting down (a client stopped with Ctrl-C) leaves its caller
+/// waiting, to be dropped by the same shutdown: that is not a panic
+/// (it used to print one, with a backtrace, on every interrupted get).
 pub(crate) async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
     let _slot = DISK_SLOTS.acquire().await.expect("never closed");
-    tokio::task::spawn_blocking(f)
-        .await
-        .expect("filesystem task panicked")
+    match tokio::task::spawn_blocking(f).await {
+        Ok(v) => v,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(_) => std::future::pending().await,
+    }
 }
