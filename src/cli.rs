@@ -1049,11 +1049,8 @@ async fn put(args: PutArgs, quiet: bool, verbose: bool, progress: &Progress) -> 
         );
     }
     let planned = tree.clone();
-    let (jobs, unchanged) = if args.transfer.sync {
-        quick_check(&client, Direction::Put, tree.jobs, &mut bad).await?
-    } else {
-        (tree.jobs, Vec::new())
-    };
+    let (jobs, unchanged) =
+        quick_check(&client, Direction::Put, &args.transfer, tree.jobs, &mut bad).await?;
     let replace = args.force || args.transfer.sync;
     let (client, mut report) = Batch::new(Direction::Put, args.parallel, replace, quiet)
         .run_resilient(client, jobs, &args.client, &args.transfer, progress)
@@ -1454,11 +1451,8 @@ async fn get(args: GetArgs, quiet: bool, verbose: bool, progress: &Progress) -> 
     }
     let planned = tree.clone();
     let mut failed_dirs = tree::create_local_dirs(&tree.dirs);
-    let (jobs, unchanged) = if args.transfer.sync {
-        quick_check(&client, Direction::Get, tree.jobs, &mut bad).await?
-    } else {
-        (tree.jobs, Vec::new())
-    };
+    let (jobs, unchanged) =
+        quick_check(&client, Direction::Get, &args.transfer, tree.jobs, &mut bad).await?;
     let replace = args.force || args.transfer.sync;
     let (client, mut report) = Batch::new(Direction::Get, args.parallel, replace, quiet)
         .run_resilient(client, jobs, &args.client, &args.transfer, progress)
@@ -1747,13 +1741,17 @@ fn local_name(remote: &str) -> Option<std::ffi::OsString> {
 /// rest run, replacing what differs. One listing per directory decides.
 /// Files the run would refuse (a directory or link in the way) are
 /// reported in `bad` and not run. Returns the jobs to run and the labels
-/// of those left alone.
+/// of those left alone: without --sync, every job and none.
 async fn quick_check(
     client: &Client,
     direction: Direction,
+    transfer: &TransferArgs,
     jobs: Vec<Job>,
     bad: &mut Vec<String>,
 ) -> Result<(Vec<Job>, Vec<String>)> {
+    if !transfer.sync {
+        return Ok((jobs, Vec::new()));
+    }
     let plan = dry_run(client, direction, &jobs, false, true).await?;
     let mut run = Vec::with_capacity(jobs.len());
     let mut unchanged = Vec::new();

@@ -305,24 +305,13 @@ fn garbage_flood(
     secs: f64,
 ) -> usize {
     let socket = std::net::UdpSocket::bind((from, 0)).unwrap();
-    let mut x: u64 = 0x2545_F491_4F6C_DD1D;
-    let mut next = || {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        x
-    };
-    let mut packet = vec![0u8; 1200];
     let started = Instant::now();
     let mut sent = 0;
     // Paced in batches of 1/100 s.
     let batch = (per_second / 100).max(1);
     while started.elapsed().as_secs_f64() < secs {
         for _ in 0..batch {
-            for chunk in packet.chunks_mut(8) {
-                let r = next().to_le_bytes();
-                chunk.copy_from_slice(&r[..chunk.len()]);
-            }
+            let mut packet = pattern(1200, sent as u64 + 1);
             if sent % 2 == 0 {
                 // Long header, Initial, version 1, 8-byte DCID and SCID,
                 // no token, then bytes no key decrypts.

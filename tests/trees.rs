@@ -325,19 +325,20 @@ async fn sync_on(backend: Backend) {
         cmd.args(args).current_dir(h);
         cmd
     };
-    let set_mtime = |p: &Path, secs: u64| {
+    let set_mtime = |p: &Path, t: SystemTime| {
         std::fs::File::options()
             .write(true)
             .open(p)
             .unwrap()
-            .set_modified(UNIX_EPOCH + Duration::from_secs(secs))
+            .set_modified(t)
             .unwrap();
     };
+    let at = |secs: u64| UNIX_EPOCH + Duration::from_secs(secs);
     run(client(&["put", "-r", "proj", "--json"])).await;
 
     // b changes (same size, another mtime), d is new.
     std::fs::write(src.join("b"), pattern(2000, 22)).unwrap();
-    set_mtime(&src.join("b"), 1_700_000_000);
+    set_mtime(&src.join("b"), at(1_700_000_000));
     std::fs::write(src.join("sub/d"), pattern(500, 4)).unwrap();
     let out = run(client(&["put", "-r", "proj", "--sync", "--json"])).await;
     assert_eq!(reported(&out, "files"), ["b", "sub/d"]);
@@ -359,7 +360,7 @@ async fn sync_on(backend: Backend) {
 
     // Without --sync a changed file is still refused, as before.
     std::fs::write(src.join("a"), pattern(1000, 11)).unwrap();
-    set_mtime(&src.join("a"), 1_700_000_100);
+    set_mtime(&src.join("a"), at(1_700_000_100));
     let out = common::output(client(&["put", "-r", "proj", "--json"])).await;
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--force"));
@@ -390,12 +391,7 @@ async fn sync_on(backend: Backend) {
         let a = server.root.join("proj/a");
         let mtime = std::fs::metadata(&a).unwrap().modified().unwrap();
         std::fs::write(&a, pattern(1000, 99)).unwrap();
-        std::fs::File::options()
-            .write(true)
-            .open(&a)
-            .unwrap()
-            .set_modified(mtime)
-            .unwrap();
+        set_mtime(&a, mtime);
         let out = run(client(&["put", "-r", "proj", "--sync", "--json"])).await;
         assert_eq!(reported(&out, "files"), Vec::<String>::new());
         assert_eq!(server.stored("proj/a").await, pattern(1000, 99));
