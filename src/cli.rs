@@ -947,6 +947,7 @@ async fn connect(
         resume: !transfer.is_some_and(|t| t.no_resume),
         limit_rate: transfer.and_then(|t| t.limit_rate),
         compression: transfer.map_or(Compression::Auto, |t| t.compress),
+        delta: transfer.is_some_and(|t| t.sync),
         reply_timeout: args.timeout,
         connect_timeout: args.connect_timeout,
     };

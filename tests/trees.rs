@@ -397,3 +397,82 @@ async fn sync_on(backend: Backend) {
         assert_eq!(server.stored("proj/a").await, pattern(1000, 99));
     }
 }
+
+both_backends!(sync_sends_a_changed_file_as_a_delta_both_ways, delta_on);
+
+/// The `files` entry of a one-file `--json` report.
+fn the_file(out: &Output) -> serde_json::Value {
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    report["files"][0].clone()
+}
+
+/// `--sync` replaces a changed file with a delta against the version the
+/// receiver holds (issue 19): only the chunks around a change cross, in
+/// both directions, whether the change rewrites bytes in place or shifts
+/// everything after it; the result is the sender's file exactly. A file
+/// below the delta threshold, or one whose receiver has nothing to build
+/// on, goes whole.
+async fn delta_on(backend: Backend) {
+    const MIB: usize = 1 << 20;
+    let server = TestServer::start_on(backend, "delta").await;
+    let home = home_for(&server);
+    let h = home.path();
+    let client = |args: &[&str]| {
+        let mut cmd = qxfer_at(h, server.addr);
+        cmd.args(args).current_dir(h);
+        cmd
+    };
+    let v1 = pattern(12 * MIB, 1);
+    std::fs::write(h.join("big"), &v1).unwrap();
+    run(client(&["put", "big", "--json"])).await;
+
+    // 1 MiB rewritten in the middle; the size stays.
+    let v2 = [&v1[..5 * MIB], &pattern(MIB, 2), &v1[6 * MIB..]].concat();
+    std::fs::write(h.join("big"), &v2).unwrap();
+    let f = the_file(&run(client(&["put", "big", "--sync", "--json"])).await);
+    assert_eq!(f["delta"], true, "{f}");
+    let sent = f["bytes_sent"].as_u64().unwrap();
+    assert!(sent >= MIB as u64 && sent < (MIB + MIB / 2) as u64, "{f}");
+    assert!(f["wire_bytes"].as_u64().unwrap() < 2 * MIB as u64, "{f}");
+    assert_eq!(f["bytes"], 12 * MIB);
+    assert!(server.stored("big").await == v2, "the server holds v2");
+
+    // 100 bytes inserted at the start shift everything after them.
+    let v3 = [&pattern(100, 3), &v2[..]].concat();
+    std::fs::write(h.join("big"), &v3).unwrap();
+    let f = the_file(&run(client(&["put", "big", "--sync", "--json"])).await);
+    assert_eq!(f["delta"], true, "{f}");
+    assert!(f["bytes_sent"].as_u64().unwrap() < 300_000, "{f}");
+    assert!(server.stored("big").await == v3);
+
+    // Downloads: a copy here, then the server's version changes.
+    run(client(&["get", "big", "-o", "dl", "--json"])).await;
+    let v4 = [&v3[..2 * MIB], &v3[2 * MIB + 4096..], &pattern(MIB, 4)].concat();
+    std::fs::write(h.join("big"), &v4).unwrap();
+    run(client(&["put", "big", "--sync", "--json"])).await;
+    let f = the_file(&run(client(&["get", "big", "-o", "dl", "--sync", "--json"])).await);
+    assert_eq!(f["delta"], true, "{f}");
+    let sent = f["bytes_sent"].as_u64().unwrap();
+    assert!(sent >= MIB as u64 && sent < (MIB + MIB / 2) as u64, "{f}");
+    assert!(
+        std::fs::read(h.join("dl/big")).unwrap() == v4,
+        "the download is v4"
+    );
+
+    // Shrunk below the threshold: whole. Emptied: whole (nothing to send).
+    std::fs::write(h.join("big"), pattern(100_000, 5)).unwrap();
+    let f = the_file(&run(client(&["put", "big", "--sync", "--json"])).await);
+    assert_eq!(f["delta"], false, "{f}");
+    assert_eq!(server.stored("big").await, pattern(100_000, 5));
+    // A server version below the threshold, a large new one: nothing to
+    // build on, so the delta is all new bytes, still correct.
+    let v5 = pattern(3 * MIB, 6);
+    std::fs::write(h.join("big"), &v5).unwrap();
+    let f = the_file(&run(client(&["put", "big", "--sync", "--json"])).await);
+    assert_eq!(f["bytes_sent"], 3 * MIB, "{f}");
+    assert!(server.stored("big").await == v5);
+    std::fs::write(h.join("big"), b"").unwrap();
+    run(client(&["put", "big", "--sync", "--json"])).await;
+    assert_eq!(server.stored("big").await, b"");
+    assert!(server.partials().await.is_empty(), "no temporaries left");
+}

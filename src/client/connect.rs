@@ -292,6 +292,7 @@ impl Client {
             resume: config.resume,
             pace: config.limit_rate.map(|r| Arc::new(Pacer::new(r))),
             compression: config.compression,
+            delta: config.delta,
             reply_timeout: config.reply_timeout,
             first_contact,
         })

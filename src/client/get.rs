@@ -8,12 +8,13 @@ use std::time::Duration;
 use quinn::{RecvStream, VarInt};
 
 use crate::exchange::{
-    self, blocking, Advance, CommitError, IncomingFile, Pacer, Start, TransferError,
+    self, blocking, Advance, CommitError, Cutter, DeltaSent, IncomingFile, Pacer, Start,
+    TransferError, DELTA_MIN,
 };
 use crate::protocol::stream::{RESET_SOURCE_FAILED, STOP_REFUSED};
 use crate::protocol::{
-    write_frame, Compression, Digest, ErrorCode, GetOffer, GetRequest, Prefix, Receipt,
-    RemoteError, Request, Response, Trailer, RESUME_MIN,
+    write_frame, Compression, DeltaBase, Digest, Encoding, ErrorCode, GetDeltaRequest, GetOffer,
+    GetRequest, Prefix, Receipt, RemoteError, Request, Response, Trailer, RESUME_MIN,
 };
 
 use super::batch::WatchFile;
@@ -74,17 +75,59 @@ impl Client {
             Some(incoming) => (incoming, Start::default()),
             None => open_download(target.clone(), self.resume).await?,
         };
+        // Replacing a file in sync mode: the server sends a delta against
+        // the version here, which the request describes.
+        let old = if self.delta && force && size_hint.is_none_or(|s| s >= DELTA_MIN) {
+            let t = target.clone();
+            blocking(move || open_old_version(&t)).await
+        } else {
+            None
+        };
         let (mut send, mut recv) = self.open().await?;
-        let request = Request::Get(GetRequest {
+        let get = GetRequest {
             path: remote.to_owned(),
             resume: (start.offset > 0).then(|| Prefix {
                 offset: start.offset,
                 digest: start.prefix_digest(),
             }),
             compression: self.compression,
-        });
+        };
+        let request = match &old {
+            Some(old) => Request::GetDelta(GetDeltaRequest {
+                get,
+                base: DeltaBase {
+                    size: old.size,
+                    avg_chunk: Cutter::for_size(old.size).avg(),
+                },
+            }),
+            None => Request::Get(get),
+        };
         write_frame(&mut send, &request).await?;
-        let offer = match reply::<Response>(&mut recv, self.within(start.offset)).await? {
+        let describing = async {
+            let Some(old) = &old else {
+                return Ok(());
+            };
+            let described =
+                exchange::send_chunks(&old.bytes, old.size, Cutter::for_size(old.size), &mut send)
+                    .await;
+            if let Err(TransferError::OldVersion(_)) = &described {
+                // The server waits for the rest of the description.
+                let _ = send.reset(VarInt::from_u32(RESET_SOURCE_FAILED));
+            }
+            described
+        };
+        let waiting = start.offset.max(old.as_ref().map_or(0, |o| o.size));
+        let (described, offer) = tokio::join!(
+            describing,
+            reply::<Response>(&mut recv, self.within(waiting))
+        );
+        if let Err(TransferError::OldVersion(e)) = described {
+            return Err(FileError::Local {
+                path: dest.to_owned(),
+                source: e,
+            });
+        }
+        let offer = match offer? {
             Response::GetAccepted(offer) => offer,
             Response::Refused(e) => return Err(e.into()),
             other => return Err(unexpected(&other)),
@@ -114,19 +157,22 @@ impl Client {
         progress.kept(start.offset);
         let resumed_from = start.offset;
         let mut wire_bytes = 0;
+        let mut delta = None;
         let result = receive_get(
             &mut recv,
             dest,
             incoming,
             start,
             &offer,
+            old.as_ref(),
             force,
             self.pace.clone(),
             &|n| progress.inc(n),
         )
         .await;
-        let result = result.map(|(digest, wire)| {
+        let result = result.map(|(digest, wire, d)| {
             wire_bytes = wire;
+            delta = d;
             digest
         });
         send_receipt(&mut send, &mut recv, offer.meta.size, &result).await;
@@ -136,10 +182,11 @@ impl Client {
             bytes: offer.meta.size,
             blake3: digest,
             resumed_from,
-            bytes_sent: offer.meta.size - resumed_from,
+            bytes_sent: delta.map_or(offer.meta.size - resumed_from, |d| d.literal),
             wire_bytes,
             notes,
             already_there: false,
+            delta: delta.is_some(),
             seconds: 0.0,
         })
     }
@@ -205,6 +252,7 @@ impl Client {
             wire_bytes,
             notes: Vec::new(),
             already_there: false,
+            delta: false,
             seconds: 0.0,
         })
     }
@@ -414,8 +462,32 @@ fn check_framing(offer: &GetOffer) -> Result<(), FileError> {
     ))
 }
 
-/// Receives the rest of a download into `incoming`, checks it against the
-/// server's trailer and commits it under `dest`: the file's BLAKE3.
+/// The version of a file the client holds, for a delta get.
+pub(super) struct OldVersion {
+    bytes: exchange::FileBytes,
+    size: u64,
+}
+
+/// Opens the regular file at `dest` (never through a link) as the old
+/// version of a delta get, if it is one worth building on: at least
+/// [`DELTA_MIN`] bytes and not too large to describe. Blocking.
+fn open_old_version(dest: &Dest) -> Option<OldVersion> {
+    let mut opts = cap_std::fs::OpenOptions::new();
+    cap_std::fs::OpenOptionsExt::custom_flags(opts.read(true), libc::O_NOFOLLOW | libc::O_NONBLOCK);
+    let file = dest.dir.open_with(&dest.name, &opts).ok()?.into_std();
+    let md = file.metadata().ok()?;
+    let size = md.len();
+    let usable = md.is_file() && size >= DELTA_MIN && Cutter::for_size(size).can_describe(size);
+    usable.then(|| OldVersion {
+        bytes: exchange::FileBytes::new(file),
+        size,
+    })
+}
+
+/// Receives the rest of a download into `incoming` (as a delta against
+/// `old` if the offer says so), checks it against the server's trailer
+/// and commits it under `dest`: the file's BLAKE3, the bytes on the wire,
+/// and for a delta what it copied and what crossed.
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn receive_get(
     recv: &mut RecvStream,
@@ -423,26 +495,70 @@ pub(super) async fn receive_get(
     incoming: IncomingFile,
     start: Start,
     offer: &GetOffer,
+    old: Option<&OldVersion>,
     force: bool,
     pace: Option<Arc<Pacer>>,
     progress: &Advance<'_>,
-) -> Result<(Digest, u64), FileError> {
+) -> Result<(Digest, u64, Option<DeltaSent>), FileError> {
     let meta = &offer.meta;
     check_framing(offer)?;
     let file = incoming.file().map_err(FileError::local(dest))?;
     let mut wire = exchange::Counted::new(recv);
-    let received = exchange::receive_file(
-        &mut wire,
-        meta.size,
-        file,
-        start,
-        offer.encoding,
-        pace,
-        None,
-        progress,
-        std::future::pending(),
-    )
-    .await;
+    let mut delta = None;
+    let received = if offer.encoding == Encoding::Delta {
+        let Some(old) = old else {
+            return Err(FileError::Protocol(format!(
+                "the server sent {} as a delta, which this download did not ask for",
+                dest.display()
+            )));
+        };
+        let expect = meta.size - start.offset;
+        let wire = &mut wire;
+        // The assembled bytes go through the usual receiving path; the
+        // rate limit applies where bytes cross, which a copy does not.
+        let (made, received) = exchange::through_pipe(
+            |mut w| async move {
+                exchange::assemble(wire, &old.bytes, old.size, expect, &mut w, &|_| {}).await
+            },
+            |mut r| async move {
+                exchange::receive_file(
+                    &mut r,
+                    meta.size,
+                    file,
+                    start,
+                    Encoding::Raw,
+                    None,
+                    None,
+                    progress,
+                    std::future::pending(),
+                )
+                .await
+            },
+        )
+        .await;
+        let _ = pace;
+        match (made, received) {
+            (Ok(d), received) => {
+                delta = Some(d);
+                received
+            }
+            (Err(TransferError::Write(_)), Err(e)) => Err(e),
+            (Err(e), _) => Err(e),
+        }
+    } else {
+        exchange::receive_file(
+            &mut wire,
+            meta.size,
+            file,
+            start,
+            offer.encoding,
+            pace,
+            None,
+            progress,
+            std::future::pending(),
+        )
+        .await
+    };
     let wire_bytes = wire.count();
     let received = match received {
         // What a full disk cut short is not kept for a resume (as the
@@ -475,7 +591,7 @@ pub(super) async fn receive_get(
             CommitError::Exists(p) => FileError::LocalExists(p),
             CommitError::Io { source, .. } => FileError::local(&d)(source),
         })?;
-    Ok((digest, wire_bytes))
+    Ok((digest, wire_bytes, delta))
 }
 
 /// A download to `dest` that failed while its bytes arrived, for the user.

@@ -78,6 +78,9 @@ pub struct ClientConfig {
     pub limit_rate: Option<u64>,
     /// Whether files may travel compressed (`--compress`).
     pub compression: Compression,
+    /// Send a file that replaces another as a delta against it (`--sync`):
+    /// only the chunks the receiver's version lacks cross.
+    pub delta: bool,
     /// How long to wait for the server's answer to a request (`--timeout`).
     pub reply_timeout: Duration,
     /// How long a connection attempt may go unanswered (`--connect-timeout`).
@@ -207,6 +210,9 @@ pub struct TransferReport {
     /// The destination already held this file (same contents, checked by
     /// BLAKE3 on both sides), so nothing moved: a rerun of a finished command.
     pub already_there: bool,
+    /// It went as a delta against the version the receiver held (`--sync`):
+    /// `bytes_sent` counts only the new bytes, the rest was copied there.
+    pub delta: bool,
     /// Seconds from this file's request to its commit (its stream's share
     /// of a batch, for per-file rates when many move at once).
     pub seconds: f64,
@@ -225,6 +231,7 @@ impl TransferReport {
             wire_bytes: 0,
             notes: Vec::new(),
             already_there: true,
+            delta: false,
             seconds: 0.0,
         }
     }
@@ -248,6 +255,7 @@ pub struct Client {
     resume: bool,
     pace: Option<Arc<Pacer>>,
     compression: Compression,
+    delta: bool,
     reply_timeout: Duration,
     /// Set when this connection was the first contact and the fingerprint was
     /// added to known_hosts.

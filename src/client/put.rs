@@ -6,11 +6,11 @@ use std::path::Path;
 use quinn::VarInt;
 
 use super::batch::WatchFile;
-use crate::exchange::{self, blocking, file_meta, Framing, Start, TransferError};
+use crate::exchange::{self, blocking, file_meta, Framing, Start, TransferError, DELTA_MIN};
 use crate::protocol::stream::{RESET_SOURCE_FAILED, STOP_REFUSED};
 use crate::protocol::{
-    write_frame, Continue, Digest, Encoding, ErrorCode, FileMeta, FrameError, PutRequest, Receipt,
-    RemoteError, Request, Response, Trailer, RESUME_MIN,
+    write_frame, Continue, DeltaBase, Digest, Encoding, ErrorCode, FileMeta, FrameError,
+    PutRequest, Receipt, RemoteError, Request, Response, Trailer, RESUME_MIN,
 };
 
 use super::get::hash_file;
@@ -73,7 +73,13 @@ impl Client {
         resume: bool,
     ) -> Result<TransferReport, FileError> {
         let (mut send, mut recv) = self.open().await?;
-        let framing = Framing::for_sending(self.compression, Some(&self.conn));
+        let mut framing = Framing::for_sending(self.compression, Some(&self.conn));
+        // Replacing a file in sync mode: as a delta against the version the
+        // server holds, which it describes after its answer.
+        let delta = self.delta && force && meta.size >= DELTA_MIN;
+        if delta {
+            framing.encoding = Encoding::Delta;
+        }
         let request = Request::Put(PutRequest {
             path: remote.to_owned(),
             meta,
@@ -83,7 +89,10 @@ impl Client {
         });
         write_frame(&mut send, &request).await?;
         let mut notes = Vec::new();
-        let (file, start) = if resume {
+        // In resume mode, and for a delta, the data waits for the answer.
+        let waits = resume || delta;
+        let mut base = None;
+        let (file, start) = if waits {
             let offer = match reply::<Response>(&mut recv, self.within(meta.size)).await? {
                 Response::PutAccepted(offer) => offer,
                 Response::AlreadyThere(digest) => {
@@ -98,37 +107,72 @@ impl Client {
                     local.display()
                 ));
             }
-            let (file, start) = check_offer(file, meta.size, offer.offset, offer.prefix)
-                .await
-                .map_err(FileError::local(local))?;
-            if offer.offset > 0 && start.offset == 0 {
-                notes.push(format!(
+            if delta {
+                let described = reply::<DeltaBase>(&mut recv, self.within(meta.size)).await?;
+                let index = exchange::read_chunks(&mut recv, described)
+                    .await
+                    .map_err(|e| FileError::Protocol(format!("{remote}: {e}")))?;
+                base = Some(std::sync::Arc::new(index));
+            }
+            if !resume {
+                (file, Start::default())
+            } else {
+                let (file, start) = check_offer(file, meta.size, offer.offset, offer.prefix)
+                    .await
+                    .map_err(FileError::local(local))?;
+                if offer.offset > 0 && start.offset == 0 {
+                    notes.push(format!(
                     "{}: what the server kept of an earlier upload does not match this file; starting over",
                     local.display()
                 ));
+                }
+                write_frame(
+                    &mut send,
+                    &Continue {
+                        offset: start.offset,
+                    },
+                )
+                .await?;
+                progress.kept(start.offset);
+                (file, start)
             }
-            write_frame(
-                &mut send,
-                &Continue {
-                    offset: start.offset,
-                },
-            )
-            .await?;
-            progress.kept(start.offset);
-            (file, start)
         } else {
             (file, Start::default())
         };
         let resumed_from = start.offset;
         let pace = self.pace.clone();
         let source_failed = tokio::sync::Notify::new();
+        let mut bytes_sent = meta.size - resumed_from;
         let sending = async {
             let mut wire = exchange::Counted::new(&mut send);
-            let sent =
-                exchange::send_file(file, meta.size, start, framing, pace, &mut wire, &|n| {
-                    progress.inc(n)
-                })
-                .await;
+            let sent = match base {
+                Some(base) => {
+                    let src = exchange::FileBytes::new(file);
+                    let offset = start.offset;
+                    exchange::send_delta(
+                        &src,
+                        meta.size,
+                        offset,
+                        base,
+                        framing,
+                        pace,
+                        &mut wire,
+                        &|n| progress.inc(n),
+                        &|n| progress.kept(n),
+                    )
+                    .await
+                    .map(|(digest, delta)| {
+                        bytes_sent = delta.literal;
+                        digest
+                    })
+                }
+                None => {
+                    exchange::send_file(file, meta.size, start, framing, pace, &mut wire, &|n| {
+                        progress.inc(n)
+                    })
+                    .await
+                }
+            };
             let wire_bytes = wire.count();
             let digest = match sent {
                 Ok(digest) => digest,
@@ -154,7 +198,7 @@ impl Client {
         };
         // Pipelined, the response arrives while the data goes out (unless
         // our own file fails first: then the answer no longer matters).
-        let (sent, response) = if resume {
+        let (sent, response) = if waits {
             (sending.await, None)
         } else {
             tokio::join!(sending, async {
@@ -217,10 +261,11 @@ impl Client {
                     bytes: size,
                     blake3: digest,
                     resumed_from,
-                    bytes_sent: size - resumed_from,
+                    bytes_sent,
                     wire_bytes,
                     notes,
                     already_there: false,
+                    delta,
                     seconds: 0.0,
                 })
             }
@@ -347,6 +392,7 @@ impl Client {
                     wire_bytes,
                     notes: Vec::new(),
                     already_there: false,
+                    delta: false,
                     seconds: 0.0,
                 })
             }

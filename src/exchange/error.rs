@@ -37,6 +37,10 @@ pub enum TransferError {
     /// The receiver was told to stop (a newer transfer of the same file took over).
     #[error("stopped: a newer transfer of the same file took over")]
     Stopped,
+    /// The earlier version a delta builds on could not be read (it went
+    /// away or changed while the new one was assembled from it).
+    #[error("cannot read the earlier version the changes apply to: {0}; send the file again")]
+    OldVersion(#[source] std::io::Error),
     /// The peer's data did not follow the protocol (a malformed block).
     #[error("malformed data from the peer: {0}")]
     Malformed(String),

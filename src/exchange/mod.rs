@@ -10,14 +10,16 @@
 //! name, synced, and only then renamed into place ([`IncomingFile`]).
 //!
 //! One module per job: `send` and `receive` (the two ends of a file's
-//! bytes), `compress` (zstd blocks), `pace` (`--limit-rate`), `start`
-//! (resume prefixes), `pool` (the disk threads), `commit` (atomic commits
+//! bytes), `delta` (a changed file as copies of the receiver's old
+//! version and new blocks), `compress` (zstd blocks), `pace`
+//! (`--limit-rate`), `start` (resume prefixes), `pool` (the disk threads), `commit` (atomic commits
 //! on either side), `meta` (mtimes and modes), `counted` (bytes on the
 //! wire), `error`.
 
 mod commit;
 mod compress;
 mod counted;
+mod delta;
 mod error;
 mod meta;
 mod pace;
@@ -31,6 +33,7 @@ mod tests;
 pub(crate) use commit::*;
 use compress::*;
 pub(crate) use counted::Counted;
+pub(crate) use delta::*;
 pub use error::TransferError;
 pub(crate) use error::*;
 pub(crate) use meta::*;

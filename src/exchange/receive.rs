@@ -188,6 +188,13 @@ where
     };
     let malformed = |e: crate::protocol::FrameError| TransferError::Malformed(e.to_string());
     let header = match encoding {
+        // A delta is assembled first (see `delta`), and what it makes
+        // arrives here raw; its ops never reach this reader.
+        Encoding::Delta => {
+            return Err(TransferError::Malformed(
+                "delta data where a file's bytes were expected".to_owned(),
+            ))
+        }
         Encoding::Raw => {
             let mut buf = vec![0u8; (size - got).min(CHUNK as u64) as usize];
             let (n, ended) = fill(input, &mut buf, pace, stop).await;

@@ -105,7 +105,7 @@ struct Source {
 
 /// Puts chunks of file bytes into the wire's framing, compressing blocks
 /// while that pays.
-struct Framer {
+pub(super) struct Framer {
     framing: Framing,
     /// Blocks in a row that did not compress, and blocks left to send
     /// without trying.
@@ -114,7 +114,7 @@ struct Framer {
 }
 
 impl Framer {
-    fn new(framing: Framing) -> Self {
+    pub(super) fn new(framing: Framing) -> Self {
         Self {
             framing,
             misses: 0,
@@ -123,17 +123,17 @@ impl Framer {
     }
 
     /// Spare bytes a chunk needs in front of it for its block header.
-    fn room(&self) -> usize {
+    pub(super) fn room(&self) -> usize {
         match self.framing.encoding {
             Encoding::Raw => 0,
-            Encoding::Blocks | Encoding::Stream => BlockHeader::LEN,
+            Encoding::Blocks | Encoding::Stream | Encoding::Delta => BlockHeader::LEN,
         }
     }
 
     /// Frames `buf`, whose first [`Framer::room`] bytes are spare: a
     /// block sent raw is the buffer itself, not a copy. Blocking (it may
     /// compress).
-    fn frame(&mut self, mut buf: Vec<u8>) -> WireChunk {
+    pub(super) fn frame(&mut self, mut buf: Vec<u8>) -> WireChunk {
         let room = self.room();
         let raw = buf.len() - room;
         if room == 0 {
@@ -169,15 +169,15 @@ impl Framer {
 /// modification time and change time (the latter moves on any write, even
 /// one that restores the mtime).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Snapshot {
-    size: u64,
+pub(super) struct Snapshot {
+    pub(super) size: u64,
     mtime: (i64, i64),
     ctime: (i64, i64),
 }
 
 impl Snapshot {
     #[cfg(unix)]
-    fn of(file: &File) -> Option<Self> {
+    pub(super) fn of(file: &File) -> Option<Self> {
         use std::os::unix::fs::MetadataExt;
         let md = file.metadata().ok()?;
         Some(Self {
@@ -195,9 +195,9 @@ impl Snapshot {
 
 /// A chunk ready for the wire: the bytes to send and how many bytes of the
 /// file they carry.
-struct WireChunk {
-    bytes: Vec<u8>,
-    raw: usize,
+pub(super) struct WireChunk {
+    pub(super) bytes: Vec<u8>,
+    pub(super) raw: usize,
 }
 
 type SourceTask = tokio::task::JoinHandle<(Source, Result<WireChunk, TransferError>)>;
@@ -339,7 +339,7 @@ where
 
 /// Writes `bytes` to `out`, in slices paced by `pace` if given; fails if
 /// the peer takes none of a slice for [`STALL_TIMEOUT`].
-async fn write_paced<W>(
+pub(super) async fn write_paced<W>(
     out: &mut W,
     bytes: &[u8],
     pace: Option<&Pacer>,

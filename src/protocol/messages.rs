@@ -20,6 +20,69 @@ pub enum Request {
     Remove(RemoveRequest),
     /// Rename a file or a directory (`qxfer mv`).
     Rename(RenameRequest),
+    /// Download a file the client holds an older version of, as a delta
+    /// against it: the [`DeltaBase`] in the request, then that version's
+    /// chunks as [`ChunkBatch`] frames, then the server answers (see
+    /// [`Encoding::Delta`]). Appended in protocol 3 (`--sync`).
+    GetDelta(GetDeltaRequest),
+}
+
+/// A get whose client holds an older version of the file (`get --sync`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GetDeltaRequest {
+    /// The get itself.
+    pub get: GetRequest,
+    /// The client's version, whose chunks follow this frame.
+    pub base: DeltaBase,
+}
+
+/// The version of a file a receiver holds, described for a delta: its
+/// size and the average chunk size it was cut with (FastCDC 2020, minimum
+/// a quarter and maximum four times the average). Its chunks follow as
+/// [`ChunkBatch`] frames, in file order, and must add up to `size`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeltaBase {
+    /// Bytes of the old version (0: there is none to build on).
+    pub size: u64,
+    /// The average chunk size: a power of two from [`MIN_AVG_CHUNK`] to
+    /// [`MAX_AVG_CHUNK`].
+    pub avg_chunk: u32,
+}
+
+/// Up to [`CHUNKS_PER_BATCH`] chunks of a [`DeltaBase`], in file order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkBatch {
+    /// The chunks.
+    pub chunks: Vec<ChunkSum>,
+    /// Whether more batches follow.
+    pub more: bool,
+}
+
+/// One chunk of a receiver's version: its length and BLAKE3.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkSum {
+    /// Bytes in the chunk (1 to four times the average).
+    pub len: u32,
+    /// Its BLAKE3.
+    pub digest: Digest,
+}
+
+/// One instruction of [`Encoding::Delta`] data: how the receiver makes the
+/// next bytes of the new version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DeltaOp {
+    /// Copy `len` bytes of the receiver's old version from offset `from`.
+    Copy {
+        /// Where in the old version.
+        from: u64,
+        /// How many bytes (at least 1).
+        len: u64,
+    },
+    /// New bytes: one block of [`Encoding::Blocks`] (header and payload)
+    /// follows this frame.
+    Block,
+    /// The data is complete; the trailer follows.
+    End,
 }
 
 /// Remove the file `path`, or the directory `path`: an empty one always,
@@ -98,6 +161,16 @@ pub enum Encoding {
     /// `meta.size` 0 and no resume: such an upload cannot be resumed (the
     /// bytes are gone from the pipe), and the receipt gives its size.
     Stream,
+    /// The file as a delta against the version the receiver holds: a
+    /// sequence of [`DeltaOp`] frames (copies of the old version's bytes,
+    /// and new bytes as blocks) making exactly `size - offset` bytes, then
+    /// [`DeltaOp::End`]. In a put (`put --sync`), the server follows its
+    /// [`PutOffer`] with a [`DeltaBase`] and its chunks, and the client
+    /// sends the data once it has them (after its [`Continue`], in resume
+    /// mode); in a get, the client's [`Request::GetDelta`] carries them and
+    /// the server's [`GetOffer`] says `Delta` when it sends one. Appended
+    /// in protocol 3.
+    Delta,
 }
 
 impl Encoding {

@@ -1,17 +1,18 @@
-//! A get on the server: opens the file in the store, offers a resume, sends the data and its digest, waits for the receipt.
+//! A get on the server: opens the file in the store, offers a resume, sends the data (or a delta against the client's version) and its digest, waits for the receipt.
 
 use std::sync::atomic::Ordering;
 
 use tracing::{info, warn};
 
-use crate::exchange::Framing;
+use crate::exchange::{read_chunks, send_delta, Framing};
 use crate::paths::RemotePath;
 use crate::protocol::{
-    read_frame, write_frame, GetOffer, GetRequest, Receipt, RemoteError, Response, Trailer,
+    read_frame, write_frame, Encoding, ErrorCode, GetDeltaRequest, GetOffer, GetRequest, Receipt,
+    RemoteError, Response, Trailer,
 };
 
 use super::stream::{ReplyStream, RequestStream};
-use super::{protocol_error, Ctx, RECEIPT_TIMEOUT, RESET_SOURCE_FAILED};
+use super::{protocol_error, Ctx, RECEIPT_TIMEOUT, RESET_SOURCE_FAILED, STOP_REFUSED};
 
 pub(super) async fn serve_get(
     req: GetRequest,
@@ -44,14 +45,95 @@ pub(super) async fn serve_get(
             return Ok(());
         }
     };
+    finish_get(&path, meta.size, digest, send, recv).await;
+    Ok(())
+}
+
+/// Delta gets served at once: each holds the client's description of its
+/// version in memory (up to some 6 MiB, see `MAX_DELTA_CHUNKS`). Past
+/// this, a delta get is answered with the whole file.
+const DELTA_GETS: usize = 16;
+static DELTA_SLOTS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(DELTA_GETS);
+
+/// A get whose client holds an older version (`get --sync`): its
+/// description is read first, then the file goes as copies of the
+/// client's chunks and new blocks. Busy, or given a description that
+/// does not hold, the server sends the whole file instead (or refuses).
+pub(super) async fn serve_get_delta(
+    req: GetDeltaRequest,
+    ctx: &Ctx,
+    send: &mut impl ReplyStream,
+    recv: &mut impl RequestStream,
+) -> Result<(), RemoteError> {
+    let Ok(_slot) = DELTA_SLOTS.try_acquire() else {
+        info!(path = %req.get.path, "busy with delta gets; sending the whole file");
+        recv.stop(STOP_REFUSED);
+        return serve_get(req.get, ctx, send, recv).await;
+    };
+    let path = RemotePath::parse(&req.get.path, false)?;
+    let base = read_chunks(recv, req.base)
+        .await
+        .map_err(|e| RemoteError::new(ErrorCode::Protocol, format!("'{path}': {e}")))?;
+    let opened = ctx.config.store.open(&path, req.get.resume).await?;
+    let meta = opened.meta;
+    let mut framing = Framing::for_sending(req.get.compression, ctx.conn.as_ref());
+    framing.encoding = Encoding::Delta;
+    let offer = GetOffer {
+        meta,
+        offset: opened.offset,
+        encoding: Encoding::Delta,
+    };
+    write_frame(send, &Response::GetAccepted(offer))
+        .await
+        .map_err(|e| protocol_error(&e))?;
+    let stats = &ctx.config.stats;
+    let counted = |n| {
+        stats.bytes_sent.fetch_add(n, Ordering::Relaxed);
+    };
+    let src = opened.reader.into_bytes();
+    let sent = send_delta(
+        src.as_ref(),
+        meta.size,
+        opened.offset,
+        std::sync::Arc::new(base),
+        framing,
+        None,
+        send,
+        &counted,
+        &|_| {},
+    )
+    .await;
+    let digest = match sent {
+        Ok((digest, sent)) => {
+            info!(path = %path, copied = sent.copied, new = sent.literal, "delta sent");
+            digest
+        }
+        Err(e) => {
+            warn!(path = %path, "delta get failed: {e}");
+            send.reset(RESET_SOURCE_FAILED);
+            return Ok(());
+        }
+    };
+    finish_get(&path, meta.size, digest, send, recv).await;
+    Ok(())
+}
+
+/// The end of a get: the trailer, then the client's receipt (for the log).
+async fn finish_get(
+    path: &RemotePath,
+    size: u64,
+    digest: crate::protocol::Digest,
+    send: &mut impl ReplyStream,
+    recv: &mut impl RequestStream,
+) {
     if write_frame(send, &Trailer { digest }).await.is_err() {
         info!(path = %path, "get aborted by the client");
-        return Ok(());
+        return;
     }
     send.finish();
     match tokio::time::timeout(RECEIPT_TIMEOUT, read_frame::<_, Receipt>(recv)).await {
         Ok(Ok(Receipt::Committed { .. })) => {
-            info!(path = %path, bytes = meta.size, "get completed")
+            info!(path = %path, bytes = size, "get completed")
         }
         Ok(Ok(Receipt::Failed(e))) => {
             info!(path = %path, "get failed on the client: {}", e.message)
@@ -59,5 +141,4 @@ pub(super) async fn serve_get(
         Ok(Err(e)) => info!(path = %path, "get: no receipt from the client: {e}"),
         Err(_) => info!(path = %path, "get: no receipt from the client in time"),
     }
-    Ok(())
 }

@@ -40,7 +40,7 @@ mod stream;
 #[cfg(test)]
 mod tests;
 
-use get::serve_get;
+use get::{serve_get, serve_get_delta};
 use list::serve_list;
 use manage::{serve_remove, serve_rename};
 use mkdir::serve_mkdir;
@@ -598,6 +598,7 @@ async fn handle_stream(mut send: impl ReplyStream, mut recv: impl RequestStream,
             Err(e) => Err(e),
         },
         Request::Get(req) => serve_get(req, &ctx, &mut send, &mut recv).await,
+        Request::GetDelta(req) => serve_get_delta(req, &ctx, &mut send, &mut recv).await,
         Request::List(req) => serve_list(req, &*config.store, &mut send).await,
         Request::Mkdir(req) => serve_mkdir(req, &config, &mut send).await,
         Request::Remove(req) => serve_remove(req, &config, &mut send).await,

@@ -6,11 +6,14 @@ use std::time::Duration;
 use tokio::io::AsyncReadExt;
 use tracing::info;
 
-use crate::exchange::{Buffered, Received};
+use crate::exchange::{
+    assemble, send_chunks, through_pipe, Buffered, ByteSource, ByteStream, Cutter, Received,
+    TransferError,
+};
 use crate::paths::RemotePath;
 use crate::protocol::{
-    read_frame, write_frame, Continue, ErrorCode, FrameError, PutOffer, PutRequest, Receipt,
-    RemoteError, Response, Trailer, RESUME_MIN,
+    read_frame, write_frame, Continue, DeltaBase, Encoding, ErrorCode, FrameError, PutOffer,
+    PutRequest, Receipt, RemoteError, Response, Trailer, RESUME_MIN,
 };
 use crate::store::{corrupt, Held, Prepared, PutPlan, Upload};
 
@@ -32,7 +35,8 @@ pub(super) async fn serve_put(
             format!("'{path}': data of unknown length comes with size 0 and no resume"),
         ));
     }
-    if !stream && !req.resume && req.meta.size < WHOLE_PUT_MAX {
+    let delta = req.encoding == Encoding::Delta;
+    if !stream && !delta && !req.resume && req.meta.size < WHOLE_PUT_MAX {
         let units = req.meta.size.div_ceil(WHOLE_UNIT).max(1) as u32;
         if let Ok(budget) = WHOLE_PUT_BUDGET.try_acquire_many(units) {
             let result = serve_whole_put(&req, &path, ctx, send, recv).await;
@@ -87,7 +91,7 @@ pub(super) async fn serve_put(
             None => std::future::pending().await,
         }
     };
-    let (receipt, abandoned) = receive_put(&req, &path, upload, held, recv, ctx, stop).await;
+    let (receipt, abandoned) = receive_put(&req, &path, upload, held, send, recv, ctx, stop).await;
     let receipt = match receipt {
         Ok(receipt) => {
             if let Receipt::Committed { size, .. } = receipt {
@@ -248,17 +252,19 @@ fn continue_timeout(offset: u64) -> Duration {
 /// Receives, checks and commits an accepted put: the receipt, and (when
 /// it failed) an upload for the caller to abandon once the client has
 /// heard why: a failed one from a pipe, which can never be resumed.
+#[allow(clippy::too_many_arguments)]
 async fn receive_put(
     req: &PutRequest,
     path: &RemotePath,
     mut upload: Box<dyn Upload>,
     held: Held,
+    send: &mut impl ReplyStream,
     recv: &mut impl RequestStream,
     ctx: &Ctx,
     stop: impl std::future::Future<Output = ()> + Send,
 ) -> (Result<Receipt, RemoteError>, Option<Box<dyn Upload>>) {
     let stream = !req.encoding.is_sized();
-    let received = match receive_data(req, path, &mut upload, held, recv, ctx, stop).await {
+    let received = match receive_data(req, path, &mut upload, held, send, recv, ctx, stop).await {
         Ok(received) => received,
         Err(e) => return (Err(e), stream.then_some(upload)),
     };
@@ -289,17 +295,25 @@ async fn receive_put(
     (Ok(receipt), None)
 }
 
-/// The data phase of an accepted put: the client's answer to a resume
-/// offer, then the bytes.
+/// The data phase of an accepted put: for a delta, the description of the
+/// version here; the client's answer to a resume offer; then the bytes.
+#[allow(clippy::too_many_arguments)]
 async fn receive_data(
     req: &PutRequest,
     path: &RemotePath,
     upload: &mut Box<dyn Upload>,
     held: Held,
+    send: &mut impl ReplyStream,
     recv: &mut impl RequestStream,
     ctx: &Ctx,
     stop: impl std::future::Future<Output = ()> + Send,
 ) -> Result<Received, RemoteError> {
+    let old = if req.encoding == Encoding::Delta {
+        Some(describe_old(path, ctx, send).await?)
+    } else {
+        None
+    };
+    let mut start = held.offset;
     if req.resume {
         // The client has compared prefixes and says where its data starts.
         let answer = tokio::time::timeout(
@@ -321,6 +335,7 @@ async fn receive_data(
             }
             info!(path = %path, "the client's data differs from the partial upload; starting over");
             upload.restart().await?;
+            start = 0;
         }
     }
     let stats = &ctx.config.stats;
@@ -331,17 +346,90 @@ async fn receive_data(
         ctx.config.max_file_size.unwrap_or(u64::MAX)
     };
     tokio::pin!(stop);
-    upload
-        .receive(
-            recv,
-            size,
-            req.encoding,
-            &|n| {
-                stats.bytes_received.fetch_add(n, Ordering::Relaxed);
-            },
-            stop,
-        )
-        .await
+    let counted = |n| {
+        stats.bytes_received.fetch_add(n, Ordering::Relaxed);
+    };
+    let Some((old, old_size)) = old else {
+        return upload
+            .receive(recv, size, req.encoding, &counted, stop)
+            .await;
+    };
+    // A delta: assembled from the version here and the client's new
+    // blocks, and received from that as plain bytes, through the store's
+    // usual path (temporary, hash, commit).
+    let old: &dyn ByteSource = old.as_deref().unwrap_or(&NoVersion);
+    let (made, received) = through_pipe(
+        |mut w| async move { assemble(recv, old, old_size, size - start, &mut w, &|_| {}).await },
+        |mut r| async move {
+            upload
+                .receive(&mut r, size, Encoding::Raw, &counted, stop)
+                .await
+        },
+    )
+    .await;
+    match (made, received) {
+        (Ok(_), received) => received,
+        // The store stopped taking the bytes (a full disk): its reason.
+        (Err(TransferError::Write(_)), Err(e)) => Err(e),
+        (Err(e), _) => Err(crate::store::receive_error(e, path)),
+    }
+}
+
+/// No earlier version: a delta against it can copy nothing.
+struct NoVersion;
+
+#[async_trait::async_trait]
+impl ByteSource for NoVersion {
+    async fn range(&self, _from: u64, _to: u64) -> std::io::Result<ByteStream> {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            "there is no earlier version",
+        ))
+    }
+}
+
+/// For a delta put: tells the client what the server holds under `path`
+/// (a [`DeltaBase`] and its chunks; nothing if no file is there, or one too
+/// large to describe), and returns it to be copied from, with its size.
+async fn describe_old(
+    path: &RemotePath,
+    ctx: &Ctx,
+    send: &mut impl ReplyStream,
+) -> Result<(Option<Box<dyn ByteSource>>, u64), RemoteError> {
+    let opened = match ctx.config.store.open(path, None).await {
+        Ok(opened) => Some(opened),
+        Err(e) if matches!(e.code, ErrorCode::NotFound | ErrorCode::IsDirectory) => None,
+        Err(e) => return Err(e),
+    };
+    let (old, size) = match opened {
+        Some(o) if Cutter::for_size(o.meta.size).can_describe(o.meta.size) => {
+            (Some(o.reader.into_bytes()), o.meta.size)
+        }
+        _ => (None, 0),
+    };
+    let cutter = Cutter::for_size(size);
+    let base = DeltaBase {
+        size,
+        avg_chunk: cutter.avg(),
+    };
+    let sent = async {
+        write_frame(send, &base).await.map_err(|e| match e {
+            FrameError::Io(io) => TransferError::Network(io),
+            other => TransferError::Malformed(other.to_string()),
+        })?;
+        match &old {
+            Some(old) => send_chunks(old.as_ref(), size, cutter, send).await,
+            None => send_chunks(&NoVersion, 0, cutter, send).await,
+        }
+    };
+    sent.await.map_err(|e| match e {
+        TransferError::OldVersion(io) => RemoteError::new(
+            ErrorCode::Internal,
+            format!("'{path}': cannot read the version on the server to compare: {io}; send it with --force instead"),
+        ),
+        e => RemoteError::new(ErrorCode::Protocol, format!("'{path}': {e}")),
+    })?;
+    Ok((old, size))
 }
 
 /// Whether a commit refused because the name was taken meanwhile (`err`)

@@ -26,7 +26,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use crate::exchange::{Advance, Buffered, Framing, Received, TransferError};
+use crate::exchange::{Advance, Buffered, ByteSource, Framing, Received, TransferError};
 use crate::paths::RemotePath;
 use crate::protocol::{Digest, DirMeta, Encoding, Entry, ErrorCode, FileMeta, Prefix, RemoteError};
 
@@ -112,6 +112,11 @@ pub(crate) trait Reader: Send {
         out: &mut Output<'_>,
         progress: &Advance<'_>,
     ) -> Result<Digest, TransferError>;
+
+    /// The file's bytes at any offset instead, unframed: what a delta reads
+    /// (the old version a delta put is assembled from, or the new one a
+    /// delta get is cut from). Reads are pinned to the version opened.
+    fn into_bytes(self: Box<Self>) -> Box<dyn ByteSource>;
 }
 
 /// What a put asks of a store.
@@ -228,6 +233,10 @@ pub(crate) fn receive_error(e: TransferError, path: &RemotePath) -> RemoteError 
         TransferError::StreamCut { .. } => RemoteError::new(
             ErrorCode::Protocol,
             format!("'{path}' was not saved: {e}; run the pipeline again"),
+        ),
+        TransferError::OldVersion(_) => RemoteError::new(
+            ErrorCode::Internal,
+            format!("'{path}' was not saved: {e}"),
         ),
         e => RemoteError::new(ErrorCode::Protocol, format!("receiving '{path}': {e}")),
     }

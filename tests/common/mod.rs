@@ -221,6 +221,7 @@ pub fn client_config(addr: SocketAddr, config_dir: &Path) -> ClientConfig {
         limit_rate: None,
         compression: Default::default(),
         reply_timeout: qxfer::client::DEFAULT_REPLY_TIMEOUT,
+        delta: false,
         connect_timeout: qxfer::client::DEFAULT_CONNECT_TIMEOUT,
     }
 }

@@ -25,8 +25,8 @@ use cap_std::ambient_authority;
 use cap_std::fs::{Dir, OpenOptions, OpenOptionsExt};
 
 use crate::exchange::{
-    self, blocking, file_meta, to_timestamp, Advance, Buffered, CommitError, Framing, IncomingFile,
-    Start, TransferError,
+    self, blocking, file_meta, to_timestamp, Advance, Buffered, ByteSource, CommitError, Framing,
+    IncomingFile, Start, TransferError,
 };
 use crate::paths::RemotePath;
 use crate::protocol::{Digest, DirMeta, Encoding, Entry, ErrorCode, FileMeta, Prefix, RemoteError};
@@ -280,6 +280,10 @@ impl Reader for FileReader {
             self.file, self.size, self.start, framing, None, out, progress,
         )
         .await
+    }
+
+    fn into_bytes(self: Box<Self>) -> Box<dyn ByteSource> {
+        Box::new(exchange::FileBytes::new(self.file))
     }
 }
 

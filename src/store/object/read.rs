@@ -1,13 +1,13 @@
-//! Reading a file from the object store: its metadata and digest, the proof of a resuming client's prefix, and a ranged read of the rest.
+//! Reading a file from the object store: its metadata and digest, the proof of a resuming client's prefix, a ranged read of the rest, and ranged reads for a delta.
 
 use async_trait::async_trait;
 use blake3::hazmat::HasherExt;
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use object_store::path::Path as Key;
 use object_store::{GetOptions, GetRange, ObjectStore, ObjectStoreExt};
 use serde::{Deserialize, Serialize};
 
-use crate::exchange::{self, Advance, Framing, TransferError};
+use crate::exchange::{self, Advance, ByteSource, ByteStream, Framing, TransferError};
 use crate::paths::RemotePath;
 use crate::protocol::{Digest, ErrorCode, Prefix, RemoteError};
 use crate::store::tree_hash::{self, Piece};
@@ -337,6 +337,45 @@ impl Reader for ObjectReader {
             .digest
             .or(computed)
             .expect("a reader without a stored digest hashes what it sends"))
+    }
+
+    fn into_bytes(self: Box<Self>) -> Box<dyn ByteSource> {
+        Box::new(ObjectBytes {
+            s3: self.s3,
+            key: self.key,
+            etag: self.etag,
+        })
+    }
+}
+
+/// An object's bytes for a delta: ranged reads pinned to the ETag it was
+/// opened with, so a replaced object fails the read rather than mixing
+/// versions. Like [`ObjectReader`], a read takes no request slot.
+struct ObjectBytes {
+    s3: object_store::aws::AmazonS3,
+    key: Key,
+    etag: Option<String>,
+}
+
+#[async_trait]
+impl ByteSource for ObjectBytes {
+    async fn range(&self, from: u64, to: u64) -> std::io::Result<ByteStream> {
+        if from >= to {
+            return Ok(futures::stream::empty().boxed());
+        }
+        let opts = GetOptions {
+            range: Some(GetRange::Bounded(from..to)),
+            if_match: self.etag.clone(),
+            ..GetOptions::default()
+        };
+        let got = self.s3.get_opts(&self.key, opts).await.map_err(|e| {
+            if is_not_found(&e) {
+                std::io::Error::new(std::io::ErrorKind::NotFound, "the object is gone")
+            } else {
+                std::io::Error::other(e)
+            }
+        })?;
+        Ok(got.into_stream().map_err(std::io::Error::other).boxed())
     }
 }
 

@@ -1,0 +1,740 @@
+//! Delta transfer, both ends: the receiver describes the version it holds in content-defined chunks, the sender sends its new version as copies of those chunks and new blocks, and the receiver assembles the result.
+//!
+//! Chunks are cut with FastCDC (2020), so an insertion or a deletion moves
+//! only the chunks around it; a fixed-block scheme would see every block
+//! after an insertion at the start as new. Each chunk is named by its
+//! BLAKE3. Whatever the delta says, the receiver checks the file it
+//! assembled against the sender's BLAKE3 of the whole new version before
+//! anything is committed, so a chunk that matched by accident, a hostile
+//! sender's copies or an old version that changed meanwhile can only fail
+//! the transfer, never corrupt a file.
+//!
+//! The sequence on the wire: the receiver's [`DeltaBase`] and its
+//! [`ChunkBatch`]es ([`send_chunks`] / [`read_chunks`]), then the sender's
+//! [`DeltaOp`]s ([`send_delta`] / [`assemble`]), then the usual trailer.
+//! The server's put and get handlers and the client's put and get all use
+//! these four; who describes and who sends depends only on the direction.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use fastcdc::v2020::{cut, select_masks, Normalization};
+use futures::stream::{BoxStream, StreamExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::protocol::{
+    read_frame, write_frame, BlockHeader, ChunkBatch, ChunkSum, DeltaBase, DeltaOp, Digest,
+    FrameError, CHUNKS_PER_BATCH, MAX_AVG_CHUNK, MAX_BLOCK, MAX_DELTA_CHUNKS, MIN_AVG_CHUNK,
+};
+
+use super::*;
+
+/// Files smaller than this are sent whole even when an older version is
+/// there: describing the old version and matching chunks costs a round
+/// trip and a read of both versions, which for a small file takes longer
+/// than sending it (docs/BENCHMARKS.md, "Delta threshold").
+pub(crate) const DELTA_MIN: u64 = 1 << 20;
+
+/// Chunks the receiver aims for when it picks the average size from its
+/// version's size: 8,192 chunks of 16 KiB up to 128 MiB, then larger
+/// chunks (a 1 GiB file: 128 KiB), so the description stays near
+/// 300 KB and the sender's index near 1 MiB.
+const CHUNKS_PER_FILE: u64 = 8192;
+
+/// How a file is cut into chunks: FastCDC 2020 with normalisation level 1,
+/// the minimum a quarter and the maximum four times the average.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Cutter {
+    min: usize,
+    avg: usize,
+    max: usize,
+    mask_s: u64,
+    mask_l: u64,
+}
+
+impl Cutter {
+    /// The cutter a receiver uses for its version of `size` bytes.
+    pub(crate) fn for_size(size: u64) -> Self {
+        let avg = (size / CHUNKS_PER_FILE)
+            .next_power_of_two()
+            .clamp(u64::from(MIN_AVG_CHUNK), u64::from(MAX_AVG_CHUNK));
+        Self::with_avg(avg as u32).expect("a power of two within the bounds")
+    }
+
+    /// The cutter of average `avg`, if it is one a [`DeltaBase`] may name.
+    pub(crate) fn with_avg(avg: u32) -> Option<Self> {
+        if !avg.is_power_of_two() || !(MIN_AVG_CHUNK..=MAX_AVG_CHUNK).contains(&avg) {
+            return None;
+        }
+        let avg = avg as usize;
+        let (mask_s, mask_l) = select_masks(avg, Normalization::Level1);
+        Some(Self {
+            min: avg / 4,
+            avg,
+            max: avg * 4,
+            mask_s,
+            mask_l,
+        })
+    }
+
+    /// Whether a version of `size` bytes can be described within
+    /// [`MAX_DELTA_CHUNKS`] however it is cut (every chunk the minimum):
+    /// up to 128 GiB. A larger file is sent whole.
+    pub(crate) fn can_describe(&self, size: u64) -> bool {
+        size / (self.min as u64) < MAX_DELTA_CHUNKS
+    }
+
+    /// The average chunk size, as a [`DeltaBase`] names it.
+    pub(crate) fn avg(&self) -> u32 {
+        self.avg as u32
+    }
+
+    /// The length of the chunk at the start of `buf`, if the bytes there
+    /// decide it: a cut found before the end of `buf`, a chunk of the
+    /// maximum length, or (`last`: nothing follows `buf`) the rest.
+    fn next(&self, buf: &[u8], last: bool) -> Option<usize> {
+        if buf.is_empty() {
+            return None;
+        }
+        let (_, n) = cut(
+            buf,
+            self.min,
+            self.avg,
+            self.max,
+            self.mask_s,
+            self.mask_l,
+            self.mask_s << 1,
+            self.mask_l << 1,
+        );
+        (n < buf.len() || last || buf.len() >= self.max).then_some(n)
+    }
+}
+
+/// Cuts a byte stream into chunks as it is read: push what was read, take
+/// the chunks it completes. Holds at most one read and one chunk.
+struct Chunks {
+    cutter: Cutter,
+    buf: Vec<u8>,
+    at: usize,
+}
+
+impl Chunks {
+    fn new(cutter: Cutter) -> Self {
+        Self {
+            cutter,
+            buf: Vec::new(),
+            at: 0,
+        }
+    }
+
+    fn push(&mut self, data: &[u8]) {
+        self.buf.drain(..self.at);
+        self.at = 0;
+        self.buf.extend_from_slice(data);
+    }
+
+    /// The next chunk the bytes so far decide (with `last`, all there are).
+    fn next(&mut self, last: bool) -> Option<&[u8]> {
+        let n = self.cutter.next(&self.buf[self.at..], last)?;
+        let start = self.at;
+        self.at += n;
+        Some(&self.buf[start..start + n])
+    }
+}
+
+/// A file's bytes as a delta reads them: a local file, or a store's file
+/// (the old version a receiver holds, or the new one a server sends).
+#[async_trait]
+pub(crate) trait ByteSource: Send + Sync {
+    /// The bytes `from..to`, as they come. A file that ends before `to`
+    /// yields an error (of kind `UnexpectedEof`) when the stream ends.
+    async fn range(&self, from: u64, to: u64) -> std::io::Result<ByteStream>;
+
+    /// Fails if the file changed since it was opened (it was read while
+    /// being written). A store whose reads are pinned to one version
+    /// cannot change under them and says so.
+    async fn check_unchanged(&self) -> Result<(), TransferError> {
+        Ok(())
+    }
+}
+
+/// What [`ByteSource::range`] gives.
+pub(crate) type ByteStream = BoxStream<'static, std::io::Result<Bytes>>;
+
+/// A local file read through the disk pool, a chunk at a time.
+pub(crate) struct FileBytes {
+    file: Arc<File>,
+    before: Option<Snapshot>,
+}
+
+impl FileBytes {
+    pub(crate) fn new(file: File) -> Self {
+        let before = Snapshot::of(&file);
+        Self {
+            file: Arc::new(file),
+            before,
+        }
+    }
+}
+
+#[async_trait]
+impl ByteSource for FileBytes {
+    async fn range(&self, from: u64, to: u64) -> std::io::Result<ByteStream> {
+        let file = self.file.clone();
+        let stream = futures::stream::try_unfold(from, move |at| {
+            let file = file.clone();
+            async move {
+                if at >= to {
+                    return Ok(None);
+                }
+                let want = (to - at).min(CHUNK as u64) as usize;
+                let buf = blocking(move || {
+                    use std::os::unix::fs::FileExt;
+                    let mut buf = vec![0u8; want];
+                    file.read_exact_at(&mut buf, at).map(|()| buf)
+                })
+                .await?;
+                Ok(Some((Bytes::from(buf), at + want as u64)))
+            }
+        });
+        Ok(stream.boxed())
+    }
+
+    async fn check_unchanged(&self) -> Result<(), TransferError> {
+        let (file, before) = (self.file.clone(), self.before);
+        let after = blocking(move || Snapshot::of(&file)).await;
+        match (before, after) {
+            (Some(b), Some(a)) if b.size != a.size => {
+                Err(TransferError::ChangedWhileSent("its size changed"))
+            }
+            (Some(b), Some(a)) if b != a => {
+                Err(TransferError::ChangedWhileSent("it was written to"))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Reads `from..to` of `src` in pieces of about [`CHUNK`] bytes (a store
+/// streams smaller ones), checking that exactly that many come.
+struct Pieces {
+    stream: ByteStream,
+    left: u64,
+    held: Vec<u8>,
+}
+
+impl Pieces {
+    async fn open(src: &dyn ByteSource, from: u64, to: u64) -> std::io::Result<Self> {
+        Ok(Self {
+            stream: src.range(from, to).await?,
+            left: to - from,
+            held: Vec::new(),
+        })
+    }
+
+    /// The next piece, or None once all arrived.
+    async fn next(&mut self) -> std::io::Result<Option<Vec<u8>>> {
+        let want = self.left.min(CHUNK as u64) as usize;
+        if want == 0 {
+            return Ok(None);
+        }
+        while self.held.len() < want {
+            match self.stream.next().await {
+                Some(bytes) => {
+                    let bytes = bytes?;
+                    if (self.held.len() + bytes.len()) as u64 > self.left {
+                        return Err(std::io::Error::new(
+                            std::io::ErrorKind::InvalidData,
+                            "the file is longer than announced",
+                        ));
+                    }
+                    if self.held.is_empty() && bytes.len() == want {
+                        self.held = Vec::from(bytes);
+                    } else {
+                        self.held.extend_from_slice(&bytes);
+                    }
+                }
+                None => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "the file ended early",
+                    ))
+                }
+            }
+        }
+        let rest = self.held.split_off(want);
+        let piece = std::mem::replace(&mut self.held, rest);
+        self.left -= want as u64;
+        Ok(Some(piece))
+    }
+}
+
+fn network(e: FrameError) -> TransferError {
+    match e {
+        FrameError::Io(io) => TransferError::Network(io),
+        FrameError::Truncated => TransferError::Network(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            e.to_string(),
+        )),
+        other => TransferError::Malformed(other.to_string()),
+    }
+}
+
+/// The receiver's side, first: describes its version `old` (`size` bytes,
+/// cut by `cutter`) as [`ChunkBatch`] frames to `out`. The caller has sent
+/// the [`DeltaBase`] naming `size` and `cutter`.
+pub(crate) async fn send_chunks<W>(
+    old: &dyn ByteSource,
+    size: u64,
+    cutter: Cutter,
+    out: &mut W,
+) -> Result<(), TransferError>
+where
+    W: AsyncWrite + Unpin,
+{
+    let mut pieces = Pieces::open(old, 0, size)
+        .await
+        .map_err(TransferError::OldVersion)?;
+    let mut chunks = Chunks::new(cutter);
+    let mut batch = Vec::new();
+    let mut read = 0u64;
+    loop {
+        let piece = pieces.next().await.map_err(TransferError::OldVersion)?;
+        let last = piece.is_none();
+        if let Some(p) = &piece {
+            read += p.len() as u64;
+        }
+        // Cutting and hashing are CPU work: off the async threads.
+        let sums;
+        (chunks, sums) = blocking(move || {
+            let mut sums = Vec::new();
+            if let Some(p) = piece {
+                chunks.push(&p);
+            }
+            while let Some(c) = chunks.next(last) {
+                sums.push(ChunkSum {
+                    len: c.len() as u32,
+                    digest: *blake3::hash(c).as_bytes(),
+                });
+            }
+            (chunks, sums)
+        })
+        .await;
+        batch.extend(sums);
+        while batch.len() >= CHUNKS_PER_BATCH {
+            let rest = batch.split_off(CHUNKS_PER_BATCH);
+            let full = ChunkBatch {
+                chunks: std::mem::replace(&mut batch, rest),
+                more: true,
+            };
+            write_stalled(out, &full).await?;
+        }
+        if last {
+            debug_assert_eq!(read, size);
+            let end = ChunkBatch {
+                chunks: batch,
+                more: false,
+            };
+            return write_stalled(out, &end).await;
+        }
+    }
+}
+
+/// Writes one frame, failing if the peer takes none of it for [`STALL_TIMEOUT`].
+async fn write_stalled<W, T>(out: &mut W, msg: &T) -> Result<(), TransferError>
+where
+    W: AsyncWrite + Unpin,
+    T: serde::Serialize,
+{
+    tokio::time::timeout(STALL_TIMEOUT, write_frame(out, msg))
+        .await
+        .map_err(|_| TransferError::Stalled)?
+        .map_err(network)
+}
+
+/// Reads one frame, failing if nothing arrives for [`STALL_TIMEOUT`].
+async fn read_stalled<R, T>(input: &mut R) -> Result<T, TransferError>
+where
+    R: AsyncRead + Unpin,
+    T: serde::de::DeserializeOwned,
+{
+    tokio::time::timeout(STALL_TIMEOUT, read_frame(input))
+        .await
+        .map_err(|_| TransferError::Stalled)?
+        .map_err(network)
+}
+
+/// A stream that ended in the middle is a transfer cut short.
+fn ended(e: TransferError, got: u64, expected: u64) -> TransferError {
+    match e {
+        TransferError::Network(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => {
+            TransferError::Truncated { got, expected }
+        }
+        e => e,
+    }
+}
+
+/// The receiver's version as the sender knows it: where each chunk is.
+pub(crate) struct BaseIndex {
+    cutter: Cutter,
+    /// Each chunk's offset and length, by BLAKE3 (the first of equal ones).
+    chunks: HashMap<Digest, (u64, u32)>,
+}
+
+/// The sender's side, first: reads the receiver's description of its
+/// version (`base`, whose chunks follow on `input`), checking it as it
+/// comes: a valid average, chunks no longer than the cutter makes, no
+/// more than [`MAX_DELTA_CHUNKS`] of them, adding up to `base.size`.
+pub(crate) async fn read_chunks<R>(
+    input: &mut R,
+    base: DeltaBase,
+) -> Result<BaseIndex, TransferError>
+where
+    R: AsyncRead + Unpin,
+{
+    let bad = |why: String| {
+        TransferError::Malformed(format!("the description of the old version: {why}"))
+    };
+    let cutter = Cutter::with_avg(base.avg_chunk)
+        .ok_or_else(|| bad(format!("average chunk of {} bytes", base.avg_chunk)))?;
+    let mut chunks = HashMap::new();
+    let (mut offset, mut count) = (0u64, 0u64);
+    loop {
+        let batch: ChunkBatch = read_stalled(input)
+            .await
+            .map_err(|e| ended(e, offset, base.size))?;
+        count += batch.chunks.len() as u64;
+        if count > MAX_DELTA_CHUNKS {
+            return Err(bad(format!("more than {MAX_DELTA_CHUNKS} chunks")));
+        }
+        for c in batch.chunks {
+            if c.len == 0 || c.len as usize > cutter.max {
+                return Err(bad(format!("a chunk of {} bytes", c.len)));
+            }
+            if offset + u64::from(c.len) > base.size {
+                return Err(bad(format!("chunks past its {} bytes", base.size)));
+            }
+            chunks.entry(c.digest).or_insert((offset, c.len));
+            offset += u64::from(c.len);
+        }
+        if !batch.more {
+            break;
+        }
+    }
+    if offset != base.size {
+        return Err(bad(format!(
+            "chunks of {offset} bytes for a version of {}",
+            base.size
+        )));
+    }
+    Ok(BaseIndex { cutter, chunks })
+}
+
+/// What crossed in a delta: bytes of the new version copied from the old
+/// one, and bytes sent anew (before compression).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct DeltaSent {
+    pub(crate) copied: u64,
+    pub(crate) literal: u64,
+}
+
+/// One thing to put on the wire.
+enum Out {
+    Copy { from: u64, len: u64 },
+    Block(WireChunk),
+}
+
+/// The sender's state between pieces, moved into the disk pool and back.
+struct Matcher {
+    chunks: Chunks,
+    hasher: blake3::Hasher,
+    framer: Framer,
+    base: Arc<BaseIndex>,
+    /// Where the next chunk starts in the new version.
+    pos: u64,
+    /// Bytes before this offset the receiver holds already (a resume).
+    skip: u64,
+    /// A copy not sent yet (the next may extend it).
+    copy: Option<(u64, u64)>,
+    /// New bytes not sent yet, behind room for a block header.
+    literal: Vec<u8>,
+}
+
+impl Matcher {
+    /// Takes the chunks `piece` completes (with `last`, the rest) and
+    /// turns them into copies and blocks. Blocking (hashing, compressing).
+    fn take(&mut self, piece: Option<Vec<u8>>, last: bool) -> Vec<Out> {
+        let mut out = Vec::new();
+        if let Some(p) = &piece {
+            self.hasher.update(p);
+            self.chunks.push(p);
+        }
+        let room = self.framer.room();
+        let find = !self.base.chunks.is_empty();
+        while let Some(c) = self.chunks.next(last) {
+            let (pos, len) = (self.pos, c.len() as u64);
+            self.pos += len;
+            if pos + len <= self.skip {
+                continue;
+            }
+            let lo = self.skip.saturating_sub(pos);
+            let found = if find {
+                self.base
+                    .chunks
+                    .get(blake3::hash(c).as_bytes())
+                    .filter(|(_, l)| u64::from(*l) == len)
+                    .map(|(from, _)| *from)
+            } else {
+                None
+            };
+            match found {
+                Some(from) => {
+                    Self::flush_literal(&mut self.literal, &mut self.framer, room, &mut out);
+                    let (from, len) = (from + lo, len - lo);
+                    match &mut self.copy {
+                        Some((f, l)) if *f + *l == from => *l += len,
+                        copy => {
+                            if let Some((f, l)) = copy.take() {
+                                out.push(Out::Copy { from: f, len: l });
+                            }
+                            *copy = Some((from, len));
+                        }
+                    }
+                }
+                None => {
+                    if let Some((from, len)) = self.copy.take() {
+                        out.push(Out::Copy { from, len });
+                    }
+                    let mut rest = &c[lo as usize..];
+                    while !rest.is_empty() {
+                        if self.literal.is_empty() {
+                            self.literal.resize(room, 0);
+                        }
+                        let take = rest
+                            .len()
+                            .min(room + MAX_BLOCK as usize - self.literal.len());
+                        self.literal.extend_from_slice(&rest[..take]);
+                        rest = &rest[take..];
+                        if self.literal.len() == room + MAX_BLOCK as usize {
+                            Self::flush_literal(
+                                &mut self.literal,
+                                &mut self.framer,
+                                room,
+                                &mut out,
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        if last {
+            Self::flush_literal(&mut self.literal, &mut self.framer, room, &mut out);
+            if let Some((from, len)) = self.copy.take() {
+                out.push(Out::Copy { from, len });
+            }
+        }
+        out
+    }
+
+    fn flush_literal(literal: &mut Vec<u8>, framer: &mut Framer, room: usize, out: &mut Vec<Out>) {
+        if literal.len() > room {
+            out.push(Out::Block(framer.frame(std::mem::take(literal))));
+        }
+    }
+}
+
+/// The sender's side: sends `src` (`size` bytes, the receiver holding the
+/// first `start` already) to `out` as copies of the receiver's chunks in
+/// `base` and new blocks framed by `framing`, ending with
+/// [`DeltaOp::End`]. Returns the BLAKE3 of the whole new version and what
+/// crossed. `progress` counts new bytes as they go, `kept` the bytes the
+/// receiver copies.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn send_delta<W>(
+    src: &dyn ByteSource,
+    size: u64,
+    start: u64,
+    base: Arc<BaseIndex>,
+    framing: Framing,
+    pace: Option<Arc<Pacer>>,
+    out: &mut W,
+    progress: &Advance<'_>,
+    kept: &Advance<'_>,
+) -> Result<(Digest, DeltaSent), TransferError>
+where
+    W: AsyncWrite + Unpin,
+{
+    let mut pieces = Pieces::open(src, 0, size).await.map_err(read_error)?;
+    let mut matcher = Matcher {
+        chunks: Chunks::new(base.cutter),
+        hasher: blake3::Hasher::new(),
+        framer: Framer::new(framing),
+        base,
+        pos: 0,
+        skip: start,
+        copy: None,
+        literal: Vec::new(),
+    };
+    let mut sent = DeltaSent::default();
+    loop {
+        let piece = pieces.next().await.map_err(read_error)?;
+        let last = piece.is_none();
+        let outs;
+        (matcher, outs) = blocking(move || {
+            let outs = matcher.take(piece, last);
+            (matcher, outs)
+        })
+        .await;
+        for o in outs {
+            match o {
+                Out::Copy { from, len } => {
+                    write_stalled(out, &DeltaOp::Copy { from, len }).await?;
+                    sent.copied += len;
+                    kept(len);
+                }
+                Out::Block(chunk) => {
+                    write_stalled(out, &DeltaOp::Block).await?;
+                    write_paced(out, &chunk.bytes, pace.as_deref()).await?;
+                    sent.literal += chunk.raw as u64;
+                    progress(chunk.raw as u64);
+                }
+            }
+        }
+        if last {
+            break;
+        }
+    }
+    src.check_unchanged().await?;
+    write_stalled(out, &DeltaOp::End).await?;
+    Ok((*matcher.hasher.finalize().as_bytes(), sent))
+}
+
+/// A read of the sender's own file failed: it shrank (the stream ended
+/// early), grew, or could not be read.
+fn read_error(e: std::io::Error) -> TransferError {
+    match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => TransferError::ChangedWhileSent("it shrank"),
+        std::io::ErrorKind::InvalidData => TransferError::ChangedWhileSent("it grew"),
+        _ => TransferError::Read(e),
+    }
+}
+
+/// The receiver's side: reads a delta from `input` and writes the bytes
+/// it makes, exactly `expect` of them, to `made`: copies read from `old`
+/// (its version, of `old_size` bytes), new blocks decoded. Every op is
+/// checked before it is acted on: a copy within the old version, nothing
+/// past `expect`, blocks as [`BlockHeader::decode`] allows.
+pub(crate) async fn assemble<R, W>(
+    input: &mut R,
+    old: &dyn ByteSource,
+    old_size: u64,
+    expect: u64,
+    made: &mut W,
+    progress: &Advance<'_>,
+) -> Result<DeltaSent, TransferError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut got = DeltaSent::default();
+    let mut written = 0u64;
+    let past = |n: u64, written: u64| {
+        TransferError::Malformed(format!(
+            "a delta that makes more than the {expect} bytes announced ({} or more)",
+            written + n
+        ))
+    };
+    loop {
+        let op = read_stalled::<_, DeltaOp>(input)
+            .await
+            .map_err(|e| ended(e, written, expect))?;
+        match op {
+            DeltaOp::Copy { from, len } => {
+                if len == 0 || from.checked_add(len).is_none_or(|end| end > old_size) {
+                    return Err(TransferError::Malformed(format!(
+                        "a copy of {len} bytes at {from} of an old version of {old_size} bytes"
+                    )));
+                }
+                if written + len > expect {
+                    return Err(past(len, written));
+                }
+                let mut pieces = Pieces::open(old, from, from + len)
+                    .await
+                    .map_err(TransferError::OldVersion)?;
+                while let Some(p) = pieces.next().await.map_err(TransferError::OldVersion)? {
+                    made.write_all(&p).await.map_err(TransferError::Write)?;
+                }
+                written += len;
+                got.copied += len;
+            }
+            DeltaOp::Block => {
+                let mut head = [0u8; BlockHeader::LEN];
+                read_exact_stalled(input, &mut head).await?;
+                let header = BlockHeader::decode(&head)
+                    .map_err(|e| TransferError::Malformed(e.to_string()))?;
+                let raw_len = u64::from(header.raw_len);
+                if written + raw_len > expect {
+                    return Err(past(raw_len, written));
+                }
+                let mut payload = vec![0u8; header.wire_len as usize];
+                read_exact_stalled(input, &mut payload).await?;
+                let bytes = if header.compressed {
+                    let raw = header.raw_len as usize;
+                    blocking(move || decompress_block(&payload, raw)).await?
+                } else {
+                    payload
+                };
+                made.write_all(&bytes).await.map_err(TransferError::Write)?;
+                written += raw_len;
+                got.literal += raw_len;
+                progress(raw_len);
+            }
+            DeltaOp::End => {
+                if written != expect {
+                    return Err(TransferError::Truncated {
+                        got: written,
+                        expected: expect,
+                    });
+                }
+                made.flush().await.map_err(TransferError::Write)?;
+                return Ok(got);
+            }
+        }
+    }
+}
+
+/// Fills `buf` from `input`, failing if nothing arrives for [`STALL_TIMEOUT`].
+async fn read_exact_stalled<R>(input: &mut R, buf: &mut [u8]) -> Result<(), TransferError>
+where
+    R: AsyncRead + Unpin,
+{
+    match tokio::time::timeout(STALL_TIMEOUT, input.read_exact(buf)).await {
+        Err(_) => Err(TransferError::Stalled),
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(
+            TransferError::Malformed("the delta broke off inside a block".to_owned()),
+        ),
+        Ok(Err(e)) => Err(TransferError::Network(e)),
+        Ok(Ok(_)) => Ok(()),
+    }
+}
+
+/// Runs a delta's receiving end: `assemble` writes into one end of an
+/// in-memory pipe while `receive` reads the other as plain bytes (the
+/// store's or the local file's usual receiving path: its temporary, hash,
+/// sync and commit). Each takes its end and drops it when done, so either
+/// failing ends the other: the receiver sees the data end early, the
+/// assembler a closed pipe ([`TransferError::Write`]).
+pub(crate) async fn through_pipe<A, B, T>(
+    assemble: impl FnOnce(tokio::io::DuplexStream) -> A,
+    receive: impl FnOnce(tokio::io::DuplexStream) -> B,
+) -> (Result<DeltaSent, TransferError>, T)
+where
+    A: std::future::Future<Output = Result<DeltaSent, TransferError>>,
+    B: std::future::Future<Output = T>,
+{
+    let (w, r) = tokio::io::duplex(2 * CHUNK);
+    tokio::join!(assemble(w), receive(r))
+}
