@@ -11,10 +11,13 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
-use crate::client::tree::{self, Tree};
+use std::collections::HashMap;
+
+use crate::client::tree::{self, Tree, TreeDir};
 use crate::client::{
-    dry_run, run_batch, Action, BatchReport, Client, ClientConfig, ClientFile, ConfigError,
-    ConnectError, Direction, FileError, Filter, FilterError, Job, Planned, Watch, CLIENT_IDENTITY,
+    dry_run, plan_with_listing, run_batch, Action, BatchReport, Client, ClientConfig, ClientFile,
+    ConfigError, ConnectError, Direction, FileError, Filter, FilterError, Job, Planned, Watch,
+    CLIENT_IDENTITY,
 };
 use crate::endpoint::{self, ServerLimits, TransportOpts};
 use crate::exchange::to_system_time;
@@ -245,6 +248,11 @@ pub struct TransferArgs {
     /// With --delete it mirrors. Not with --force, which re-sends every file.
     #[arg(long, conflicts_with = "force")]
     pub sync: bool,
+    /// Sync, comparing files of the same size by BLAKE3 instead of size
+    /// and mtime (rsync's --checksum): both sides read them (the server
+    /// remembers its digests until a file changes). Implies --sync.
+    #[arg(long, conflicts_with = "force")]
+    pub checksum: bool,
     /// Start interrupted transfers over instead of continuing them.
     #[arg(long)]
     pub no_resume: bool,
@@ -537,7 +545,8 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
 
     match cli.command {
         Command::Serve(args) => serve(args).await,
-        Command::Put(args) => {
+        Command::Put(mut args) => {
+            args.transfer.sync |= args.transfer.checksum;
             let hint = if reads_stdin(&args) {
                 "interrupted; a piped upload cannot resume: unless all of it had been sent (check with `qxfer ls`), nothing was saved on the server, so run the pipeline again"
             } else {
@@ -546,7 +555,8 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             let command = put(args, cli.quiet, cli.verbose > 0, &progress);
             interruptible(command, &progress, hint).await
         }
-        Command::Get(args) => {
+        Command::Get(mut args) => {
+            args.transfer.sync |= args.transfer.checksum;
             let hint = if args.output.as_deref() == Some(Path::new("-")) {
                 "interrupted; what went to standard output is incomplete: discard it (a download to standard output starts over when run again)"
             } else {
@@ -1023,14 +1033,16 @@ async fn put(args: PutArgs, quiet: bool, verbose: bool, progress: &Progress) -> 
     bad.extend(tree.failed.iter().cloned());
     let client = connect(&args.client, Some(&args.transfer), quiet, progress).await?;
     if args.transfer.dry_run {
-        let plan = dry_run(
+        let plan = plan_with_listing(
             &client,
             Direction::Put,
             &tree.jobs,
             args.force,
             args.transfer.sync,
+            args.transfer.checksum,
         )
-        .await;
+        .await
+        .map(|(plan, _)| plan);
         let deletes = if args.transfer.delete {
             tree::remote_extras(&client, &tree, &filter)
                 .await
@@ -1050,8 +1062,21 @@ async fn put(args: PutArgs, quiet: bool, verbose: bool, progress: &Progress) -> 
         );
     }
     let planned = tree.clone();
-    let (jobs, unchanged) =
+    let (jobs, unchanged, listed) =
         quick_check(&client, Direction::Put, &args.transfer, tree.jobs, &mut bad).await?;
+    // A re-sync leaves directories that match on the server alone (unless
+    // --delete may remove something in them).
+    let dirs: Vec<TreeDir> = match &listed {
+        Some(remote) if !args.transfer.delete => {
+            let in_place = tree::dirs_in_place(&tree.dirs, remote, &jobs);
+            tree.dirs
+                .iter()
+                .filter(|d| !in_place.contains(&d.remote))
+                .cloned()
+                .collect()
+        }
+        _ => tree.dirs.clone(),
+    };
     let replace = args.force || args.transfer.sync;
     let (client, mut report) = Batch::new(Direction::Put, args.parallel, replace, quiet)
         .run_resilient(client, jobs, &args.client, &args.transfer, progress)
@@ -1062,10 +1087,10 @@ async fn put(args: PutArgs, quiet: bool, verbose: bool, progress: &Progress) -> 
         let failed = delete_remote(&client, &planned, &filter, all_arrived, quiet, progress).await;
         report.failed.extend(failed);
     }
-    if !tree.dirs.is_empty() {
+    if !dirs.is_empty() {
         report
             .failed
-            .extend(tree::finish_remote_dirs(&client, &tree.dirs).await);
+            .extend(tree::finish_remote_dirs(&client, &dirs).await);
     }
     if let Some(refused) = client.refusal() {
         progress.finish();
@@ -1215,6 +1240,11 @@ fn finish_dry_run(
         .filter(|p| p.action == Action::Send)
         .filter_map(|p| p.size)
         .sum();
+    // Deltas send only what changed: their bytes are an upper bound.
+    let (deltas, delta_bytes) = plan
+        .iter()
+        .filter(|p| p.action == Action::Send && p.delta)
+        .fold((0usize, 0u64), |(n, b), p| (n + 1, b + p.size.unwrap_or(0)));
     if json {
         let deleted: Vec<String> = deletes
             .iter()
@@ -1242,8 +1272,13 @@ fn finish_dry_run(
                 Action::Skip => "skip",
                 Action::Refuse => "refuse",
             };
+            let delta = if p.delta {
+                "; as a delta: only changed chunks cross"
+            } else {
+                ""
+            };
             match &p.reason {
-                Some(why) => println!("{action:<7} {}  ({why})", p.name),
+                Some(why) => println!("{action:<7} {}  ({why}{delta})", p.name),
                 None => println!("{action:<7} {}", p.name),
             }
         }
@@ -1255,8 +1290,16 @@ fn finish_dry_run(
         eprintln!("qxfer: error: {e}");
     }
     if !quiet {
+        let deltas = if deltas > 0 {
+            format!(
+                "; {deltas} of them ({}) as deltas, of which only the changed chunks cross",
+                indicatif::BinaryBytes(delta_bytes)
+            )
+        } else {
+            String::new()
+        };
         eprintln!(
-            "qxfer: dry run, nothing moved: {verb} would send {send} file{} ({}), skip {skip}, refuse {refuse}, delete {}; {} excluded",
+            "qxfer: dry run, nothing moved: {verb} would send {send} file{} ({}{deltas}), skip {skip}, refuse {refuse}, delete {}; {} excluded",
             if send == 1 { "" } else { "s" },
             indicatif::BinaryBytes(bytes),
             deletes.len(),
@@ -1423,14 +1466,16 @@ async fn get(args: GetArgs, quiet: bool, verbose: bool, progress: &Progress) -> 
     report_excluded(&tree.excluded, verbose, progress);
     bad.extend(tree.failed.iter().cloned());
     if args.transfer.dry_run {
-        let plan = dry_run(
+        let plan = plan_with_listing(
             &client,
             Direction::Get,
             &tree.jobs,
             args.force,
             args.transfer.sync,
+            args.transfer.checksum,
         )
-        .await;
+        .await
+        .map(|(plan, _)| plan);
         client.close().await;
         let deletes = if args.transfer.delete {
             tree::local_extras(&tree, &filter)?
@@ -1452,7 +1497,7 @@ async fn get(args: GetArgs, quiet: bool, verbose: bool, progress: &Progress) -> 
     }
     let planned = tree.clone();
     let mut failed_dirs = tree::create_local_dirs(&tree.dirs);
-    let (jobs, unchanged) =
+    let (jobs, unchanged, _) =
         quick_check(&client, Direction::Get, &args.transfer, tree.jobs, &mut bad).await?;
     let replace = args.force || args.transfer.sync;
     let (client, mut report) = Batch::new(Direction::Get, args.parallel, replace, quiet)
@@ -1749,11 +1794,12 @@ async fn quick_check(
     transfer: &TransferArgs,
     jobs: Vec<Job>,
     bad: &mut Vec<String>,
-) -> Result<(Vec<Job>, Vec<String>)> {
+) -> Result<(Vec<Job>, Vec<String>, Option<HashMap<String, Entry>>)> {
     if !transfer.sync {
-        return Ok((jobs, Vec::new()));
+        return Ok((jobs, Vec::new(), None));
     }
-    let plan = dry_run(client, direction, &jobs, false, true).await?;
+    let (plan, listed) =
+        plan_with_listing(client, direction, &jobs, false, true, transfer.checksum).await?;
     let mut run = Vec::with_capacity(jobs.len());
     let mut unchanged = Vec::new();
     for (job, planned) in jobs.into_iter().zip(plan) {
@@ -1767,7 +1813,7 @@ async fn quick_check(
             )),
         }
     }
-    Ok((run, unchanged))
+    Ok((run, unchanged, Some(listed)))
 }
 
 fn finish_batch(

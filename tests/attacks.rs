@@ -499,3 +499,120 @@ async fn a_name_that_cannot_be_made_here_fails_its_file() {
     assert!(errors.contains("bad"), "{report}");
     assert_eq!(std::fs::read(dl.join("t/fine")).unwrap(), b"fine");
 }
+
+both_backends!(
+    a_hostile_delta_put_is_refused_and_the_old_version_stays,
+    hostile_delta_on
+);
+
+/// A client that sends a delta put (issue 19) whose ops copy past the
+/// server's version, make more than the declared size, or assemble a file
+/// that does not hash to its trailer: each is refused with a message that
+/// says what was wrong, nothing is committed, the file the server held is
+/// untouched, nothing is left behind, and the server goes on serving.
+async fn hostile_delta_on(backend: Backend) {
+    use qxfer::protocol::{
+        encode, read_frame, BlockHeader, ChunkBatch, DeltaBase, DeltaOp, Encoding, FileMeta,
+        PutRequest, Receipt, Request, Response, Trailer,
+    };
+    let server = TestServer::start_on(backend, "hostile-delta").await;
+    let (client, _cfg) = server.client().await;
+    let dir = tempfile::tempdir().unwrap();
+    let old = pattern(2 * MIB, 1);
+    std::fs::write(dir.path().join("f"), &old).unwrap();
+    client
+        .put(&dir.path().join("f"), "f", false, &|_| {})
+        .await
+        .unwrap();
+    let size = (2 * MIB) as u64;
+    let attempt = |ops: Vec<u8>, digest: [u8; 32]| {
+        let client = &client;
+        async move {
+            let (mut send, mut recv) = client.connection().open_bi().await.unwrap();
+            let request = Request::Put(PutRequest {
+                path: "f".into(),
+                meta: FileMeta {
+                    size,
+                    mtime: None,
+                    mode: None,
+                },
+                force: true,
+                resume: false,
+                encoding: Encoding::Delta,
+            });
+            send.write_all(&encode(&request).unwrap()).await.unwrap();
+            let accepted = read_frame::<_, Response>(&mut recv).await.unwrap();
+            assert!(matches!(accepted, Response::PutAccepted(_)), "{accepted:?}");
+            let base = read_frame::<_, DeltaBase>(&mut recv).await.unwrap();
+            assert_eq!(base.size, size, "the server describes what it holds");
+            while read_frame::<_, ChunkBatch>(&mut recv).await.unwrap().more {}
+            let _ = send.write_all(&ops).await;
+            let _ = send.write_all(&encode(&Trailer { digest }).unwrap()).await;
+            let _ = send.finish();
+            match read_frame::<_, Receipt>(&mut recv).await.unwrap() {
+                Receipt::Failed(e) => e.message,
+                other => panic!("a hostile delta was taken: {other:?}"),
+            }
+        }
+    };
+    let frames =
+        |ops: &[DeltaOp]| -> Vec<u8> { ops.iter().flat_map(|o| encode(o).unwrap()).collect() };
+    let right = *blake3::hash(&old).as_bytes();
+
+    let msg = attempt(
+        frames(&[
+            DeltaOp::Copy {
+                from: size - 10,
+                len: 20,
+            },
+            DeltaOp::End,
+        ]),
+        right,
+    )
+    .await;
+    assert!(
+        msg.contains("'f'") && msg.contains("copy of 20 bytes"),
+        "{msg}"
+    );
+    let msg = attempt(
+        frames(&[
+            DeltaOp::Copy { from: 0, len: size },
+            DeltaOp::Copy { from: 0, len: 1 },
+            DeltaOp::End,
+        ]),
+        right,
+    )
+    .await;
+    assert!(msg.contains("more than the"), "{msg}");
+    // Well-formed ops, a file that is not what the trailer says.
+    let block = [
+        frames(&[
+            DeltaOp::Copy {
+                from: 0,
+                len: size - 4,
+            },
+            DeltaOp::Block,
+        ]),
+        BlockHeader {
+            compressed: false,
+            raw_len: 4,
+            wire_len: 4,
+        }
+        .encode()
+        .to_vec(),
+        b"evil".to_vec(),
+        frames(&[DeltaOp::End]),
+    ]
+    .concat();
+    let msg = attempt(block, right).await;
+    assert!(msg.contains("corrupted"), "{msg}");
+
+    assert!(server.stored("f").await == old, "the old version is intact");
+    assert!(
+        server.partials().await.is_empty(),
+        "{:?}",
+        server.partials().await
+    );
+    client.list("").await.expect("the server goes on serving");
+    server.assert_healthy().await;
+}

@@ -517,3 +517,82 @@ async fn a_download_to_stdout_stopped_with_ctrl_c_says_its_output_is_incomplete(
     assert!(stderr.contains("incomplete: discard it"), "{stderr}");
     assert!(!stderr.contains("to resume where it stopped"), "{stderr}");
 }
+
+both_backends!(
+    an_interrupted_delta_resumes_in_both_directions,
+    delta_killed_on
+);
+
+/// A delta (`--sync`, issue 19) killed half way resumes like any
+/// transfer: the rerun continues after what the receiver kept, still as a
+/// delta, and the result is the sender's file exactly. Half of the new
+/// version is new bytes, sent at a limited rate so the kill lands in them.
+async fn delta_killed_on(backend: Backend) {
+    let server = TestServer::start_on(backend, "delta-resume").await;
+    let size = 64 * MIB;
+    let v1 = pattern(size, 50);
+    let v2 = [&v1[..size / 2], &pattern(size / 2, 51)[..]].concat();
+    let home = home_for(&server);
+    let h = home.path();
+    let src = h.join("big");
+    std::fs::write(&src, &v1).unwrap();
+    let q = |args: &[&str]| {
+        let mut cmd = qxfer_at(h, server.addr);
+        cmd.args(args).current_dir(h);
+        cmd
+    };
+    report(&output(q(&["put", "big", "--json"])).await);
+    report(&output(q(&["get", "big", "-o", "dl", "--json"])).await);
+
+    // Upload: the server holds v1; v2 goes as a delta and is killed.
+    std::fs::write(&src, &v2).unwrap();
+    let mut child = q(&["put", "big", "-q", "--sync", "--limit-rate", "8M"])
+        .spawn()
+        .unwrap();
+    wait_for_bytes("the server's partial", 40 * MIB as u64, || {
+        server.partial_bytes()
+    })
+    .await;
+    kill(&mut child);
+    assert!(
+        server.stored("big").await == v1,
+        "v1 stays until v2 is whole"
+    );
+    let r = report(&output(q(&["put", "big", "--sync", "--json"])).await);
+    assert_eq!(r["delta"], true, "{r}");
+    let resumed = r["resumed_from"].as_u64().unwrap();
+    assert!(resumed >= 40 * MIB as u64, "{r}");
+    assert!(
+        r["bytes_sent"].as_u64().unwrap() <= (size as u64 - resumed),
+        "{r}"
+    );
+    assert_eq!(r["blake3"], hex(blake3::hash(&v2).as_bytes()));
+    assert!(server.stored("big").await == v2);
+
+    // Download: dl/big is v1, the server's is v2.
+    let part = h.join(format!("dl/big{PART_SUFFIX}"));
+    let mut child = q(&[
+        "get",
+        "big",
+        "-q",
+        "-o",
+        "dl",
+        "--sync",
+        "--limit-rate",
+        "8M",
+    ])
+    .spawn()
+    .unwrap();
+    wait_for_bytes("the partial download", 40 * MIB as u64, || async {
+        file_len(&part)
+    })
+    .await;
+    kill(&mut child);
+    assert!(std::fs::read(h.join("dl/big")).unwrap() == v1, "v1 stays");
+    let r = report(&output(q(&["get", "big", "-o", "dl", "--sync", "--json"])).await);
+    assert_eq!(r["delta"], true, "{r}");
+    let resumed = r["resumed_from"].as_u64().unwrap();
+    assert!(resumed >= 40 * MIB as u64, "{r}");
+    assert!(std::fs::read(h.join("dl/big")).unwrap() == v2);
+    assert!(!part.exists());
+}

@@ -476,3 +476,79 @@ async fn delta_on(backend: Backend) {
     assert_eq!(server.stored("big").await, b"");
     assert!(server.partials().await.is_empty(), "no temporaries left");
 }
+
+both_backends!(checksum_catches_what_size_and_mtime_miss, checksum_on);
+
+/// `--checksum` (issue 19) compares files of the same size by BLAKE3, as
+/// rsync's: a file changed behind an unchanged size and mtime, which the
+/// quick check leaves alone, is sent, both ways, and files that match are
+/// left alone (a rerun sends nothing).
+async fn checksum_on(backend: Backend) {
+    let server = TestServer::start_on(backend, "checksum").await;
+    let home = home_for(&server);
+    let h = home.path();
+    let src = h.join("proj");
+    std::fs::create_dir_all(src.join("sub")).unwrap();
+    std::fs::write(src.join("a"), pattern(1000, 1)).unwrap();
+    std::fs::write(src.join("b"), pattern(2000, 2)).unwrap();
+    std::fs::write(src.join("sub/c"), pattern(3 << 20, 3)).unwrap();
+    let client = |args: &[&str]| {
+        let mut cmd = qxfer_at(h, server.addr);
+        cmd.args(args).current_dir(h);
+        cmd
+    };
+    // Rewrites `p` with other bytes of the same length and puts its mtime back.
+    let behind_its_back = |p: &Path, seed: u64| {
+        let md = std::fs::metadata(p).unwrap();
+        std::fs::write(p, pattern(md.len() as usize, seed)).unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(p)
+            .unwrap()
+            .set_modified(md.modified().unwrap())
+            .unwrap();
+    };
+    run(client(&["put", "-r", "proj", "--json"])).await;
+    behind_its_back(&src.join("a"), 11);
+    behind_its_back(&src.join("sub/c"), 33);
+    let out = run(client(&["put", "-r", "proj", "--sync", "--json"])).await;
+    assert_eq!(
+        reported(&out, "files"),
+        Vec::<String>::new(),
+        "the quick check misses it"
+    );
+    let out = run(client(&["put", "-r", "proj", "--checksum", "--json"])).await;
+    assert_eq!(reported(&out, "files"), ["a", "sub/c"]);
+    assert_eq!(reported(&out, "unchanged"), ["b"]);
+    assert_eq!(server.stored("proj/a").await, pattern(1000, 11));
+    assert!(server.stored("proj/sub/c").await == pattern(3 << 20, 33));
+    // Everything matches now: nothing is sent (the server answers from
+    // what it hashed the last time, or keeps with the object).
+    let out = run(client(&["put", "-r", "proj", "--checksum", "--json"])).await;
+    assert_eq!(reported(&out, "files"), Vec::<String>::new());
+    assert_eq!(reported(&out, "unchanged"), ["a", "b", "sub/c"]);
+
+    run(client(&["get", "-r", "proj", "-o", "dl", "--json"])).await;
+    behind_its_back(&h.join("dl/proj/b"), 22);
+    let out = run(client(&[
+        "get",
+        "-r",
+        "proj",
+        "-o",
+        "dl",
+        "--checksum",
+        "--json",
+    ]))
+    .await;
+    assert_eq!(reported(&out, "files"), ["b"]);
+    assert_eq!(
+        std::fs::read(h.join("dl/proj/b")).unwrap(),
+        pattern(2000, 2)
+    );
+    let out = common::output(client(&["put", "-r", "proj", "--checksum", "--force"])).await;
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "--checksum and --force contradict"
+    );
+}

@@ -168,6 +168,7 @@ impl Client {
             force,
             self.pace.clone(),
             &|n| progress.inc(n),
+            &|n| progress.kept(n),
         )
         .await;
         let result = result.map(|(digest, wire, d)| {
@@ -499,6 +500,7 @@ pub(super) async fn receive_get(
     force: bool,
     pace: Option<Arc<Pacer>>,
     progress: &Advance<'_>,
+    kept: &Advance<'_>,
 ) -> Result<(Digest, u64, Option<DeltaSent>), FileError> {
     let meta = &offer.meta;
     check_framing(offer)?;
@@ -515,10 +517,17 @@ pub(super) async fn receive_get(
         let expect = meta.size - start.offset;
         let wire = &mut wire;
         // The assembled bytes go through the usual receiving path; the
-        // rate limit applies where bytes cross, which a copy does not.
+        // rate limit applies where bytes cross (the new blocks), which a
+        // copy does not.
         let (made, received) = exchange::through_pipe(
+            // Bars and rates count what crossed: new bytes as they
+            // arrive, copies as bytes kept.
             |mut w| async move {
-                exchange::assemble(wire, &old.bytes, old.size, expect, &mut w, &|_| {}).await
+                let pace = pace.as_deref();
+                exchange::assemble(
+                    wire, &old.bytes, old.size, expect, &mut w, pace, progress, kept,
+                )
+                .await
             },
             |mut r| async move {
                 exchange::receive_file(
@@ -529,14 +538,13 @@ pub(super) async fn receive_get(
                     Encoding::Raw,
                     None,
                     None,
-                    progress,
+                    &|_| {},
                     std::future::pending(),
                 )
                 .await
             },
         )
         .await;
-        let _ = pace;
         match (made, received) {
             (Ok(d), received) => {
                 delta = Some(d);

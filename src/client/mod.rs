@@ -20,8 +20,9 @@ use crate::endpoint::TransportOpts;
 use crate::exchange::{self, Pacer};
 use crate::protocol::stream::STOP_REFUSED;
 use crate::protocol::{
-    close, read_frame, write_frame, Compression, Digest, DirMeta, Entry, FrameError, ListBatch,
-    ListRequest, MkdirRequest, RemoteError, RemoveRequest, RenameRequest, Request, Response,
+    close, read_frame, write_frame, Compression, Digest, DigestsRequest, DirMeta, Entry,
+    FrameError, ListBatch, ListRequest, MkdirRequest, RemoteError, RemoveRequest, RenameRequest,
+    Request, Response,
 };
 use crate::tls::Fingerprint;
 
@@ -48,6 +49,7 @@ pub use connect::{describe_close, split_server, ConnectError, DEFAULT_CONNECT_TI
 pub(crate) use dest::remove_below;
 pub use filter::{Filter, FilterError};
 pub use get::{part_path, PART_SUFFIX};
+pub(crate) use plan::plan_with_listing;
 pub use plan::{dry_run, Action, Planned};
 pub use servers::{ClientFile, ConfigError, NamedServer, CONFIG_FILE};
 use state::{PathMemories, UploadJournal};
@@ -369,6 +371,26 @@ impl Client {
     /// relative to it. Links are listed, never followed.
     pub async fn list_tree(&self, path: &str) -> Result<Vec<Entry>, FileError> {
         self.list_with(path, true).await
+    }
+
+    /// The BLAKE3 of each remote file in `paths` (at most
+    /// [`MAX_DIGEST_PATHS`](crate::protocol::MAX_DIGEST_PATHS)), in order;
+    /// `None` where the server has no regular file.
+    pub(crate) async fn digests(&self, paths: &[String]) -> Result<Vec<Option<Digest>>, FileError> {
+        let request = Request::Digests(DigestsRequest {
+            paths: paths.to_vec(),
+        });
+        // The server may have to read every file.
+        match self.ask(&request, 10 * self.reply_timeout).await? {
+            Response::Digests(d) if d.len() == paths.len() => Ok(d),
+            Response::Digests(d) => Err(FileError::Protocol(format!(
+                "the server sent {} digests for {} files",
+                d.len(),
+                paths.len()
+            ))),
+            Response::Refused(e) => Err(e.into()),
+            other => Err(unexpected(&other)),
+        }
     }
 
     /// Creates the remote directory `path` (and parents) and applies `meta`.

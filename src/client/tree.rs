@@ -458,6 +458,35 @@ pub(crate) async fn finish_remote_dirs(
     failed
 }
 
+/// The directories of a `--sync` upload that need no request: the
+/// server lists each as a directory with this mode and mtime already, no
+/// file is sent into it, and no directory is created in it (either would
+/// move its mtime). A no-op re-sync of a tree then sends no request per
+/// directory at all.
+pub(crate) fn dirs_in_place(
+    dirs: &[TreeDir],
+    remote: &std::collections::HashMap<String, Entry>,
+    sent: &[Job],
+) -> std::collections::HashSet<String> {
+    use crate::protocol::EntryKind;
+    let parent = |p: &str| p.rsplit_once('/').map_or("", |(d, _)| d).to_owned();
+    let mut touched: std::collections::HashSet<String> =
+        sent.iter().map(|j| parent(&j.remote)).collect();
+    for d in dirs {
+        if !remote.contains_key(&d.remote) {
+            touched.insert(parent(&d.remote));
+        }
+    }
+    dirs.iter()
+        .filter(|d| {
+            remote.get(&d.remote).is_some_and(|e| {
+                e.kind == EntryKind::Dir && e.mode == d.meta.mode && e.mtime == d.meta.mtime
+            }) && !touched.contains(&d.remote)
+        })
+        .map(|d| d.remote.clone())
+        .collect()
+}
+
 /// Creates every local directory of a download (before its files
 /// arrive): the top as named, everything below it through handles that
 /// follow no link (see the `dest` module).

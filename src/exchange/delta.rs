@@ -272,6 +272,20 @@ impl Pieces {
     }
 }
 
+/// The BLAKE3 of the `size` bytes of `src`, hashed off the async threads.
+pub(crate) async fn hash_source(src: &dyn ByteSource, size: u64) -> std::io::Result<Digest> {
+    let mut pieces = Pieces::open(src, 0, size).await?;
+    let mut hasher = blake3::Hasher::new();
+    while let Some(p) = pieces.next().await? {
+        hasher = blocking(move || {
+            hasher.update(&p);
+            hasher
+        })
+        .await;
+    }
+    Ok(*hasher.finalize().as_bytes())
+}
+
 fn network(e: FrameError) -> TransferError {
     match e {
         FrameError::Io(io) => TransferError::Network(io),
@@ -624,16 +638,20 @@ fn read_error(e: std::io::Error) -> TransferError {
 
 /// The receiver's side: reads a delta from `input` and writes the bytes
 /// it makes, exactly `expect` of them, to `made`: copies read from `old`
-/// (its version, of `old_size` bytes), new blocks decoded. Every op is
+/// (its version, of `old_size` bytes), new blocks decoded (read no faster
+/// than `pace` allows). `progress` counts new bytes, `kept` copied ones. Every op is
 /// checked before it is acted on: a copy within the old version, nothing
 /// past `expect`, blocks as [`BlockHeader::decode`] allows.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn assemble<R, W>(
     input: &mut R,
     old: &dyn ByteSource,
     old_size: u64,
     expect: u64,
     made: &mut W,
+    pace: Option<&Pacer>,
     progress: &Advance<'_>,
+    kept: &Advance<'_>,
 ) -> Result<DeltaSent, TransferError>
 where
     R: AsyncRead + Unpin,
@@ -669,6 +687,7 @@ where
                 }
                 written += len;
                 got.copied += len;
+                kept(len);
             }
             DeltaOp::Block => {
                 let mut head = [0u8; BlockHeader::LEN];
@@ -680,7 +699,15 @@ where
                     return Err(past(raw_len, written));
                 }
                 let mut payload = vec![0u8; header.wire_len as usize];
-                read_exact_stalled(input, &mut payload).await?;
+                // `--limit-rate` on a download: new bytes are read as
+                // they are due, and flow control slows the sender.
+                let step = pace.map_or(payload.len().max(1), Pacer::slice);
+                for slice in payload.chunks_mut(step) {
+                    if let Some(p) = pace {
+                        p.take(slice.len()).await;
+                    }
+                    read_exact_stalled(input, slice).await?;
+                }
                 let bytes = if header.compressed {
                     let raw = header.raw_len as usize;
                     blocking(move || decompress_block(&payload, raw)).await?
@@ -724,17 +751,34 @@ where
 /// Runs a delta's receiving end: `assemble` writes into one end of an
 /// in-memory pipe while `receive` reads the other as plain bytes (the
 /// store's or the local file's usual receiving path: its temporary, hash,
-/// sync and commit). Each takes its end and drops it when done, so either
-/// failing ends the other: the receiver sees the data end early, the
-/// assembler a closed pipe ([`TransferError::Write`]).
-pub(crate) async fn through_pipe<A, B, T>(
+/// sync and commit). Each takes its end and drops it when done, so the
+/// assembler failing ends the receiver (its data ends early); the
+/// receiver failing (a full disk, a newer upload taking over) ends the
+/// assembler at once, even one waiting for the peer's next op.
+pub(crate) async fn through_pipe<A, B, T, E>(
     assemble: impl FnOnce(tokio::io::DuplexStream) -> A,
     receive: impl FnOnce(tokio::io::DuplexStream) -> B,
-) -> (Result<DeltaSent, TransferError>, T)
+) -> (Result<DeltaSent, TransferError>, Result<T, E>)
 where
     A: std::future::Future<Output = Result<DeltaSent, TransferError>>,
-    B: std::future::Future<Output = T>,
+    B: std::future::Future<Output = Result<T, E>>,
 {
     let (w, r) = tokio::io::duplex(2 * CHUNK);
-    tokio::join!(assemble(w), receive(r))
+    let assembling = assemble(w);
+    let receiving = receive(r);
+    tokio::pin!(assembling, receiving);
+    tokio::select! {
+        made = &mut assembling => (made, receiving.await),
+        received = &mut receiving => match received {
+            // All bytes are in; the assembler still reads the end mark.
+            Ok(t) => (assembling.await, Ok(t)),
+            Err(e) => {
+                let stopped = std::io::Error::new(
+                    std::io::ErrorKind::BrokenPipe,
+                    "the receiving end stopped",
+                );
+                (Err(TransferError::Write(stopped)), Err(e))
+            }
+        },
+    }
 }

@@ -662,9 +662,18 @@ async fn delta_of(old: &[u8], new: &[u8], start: u64) -> (Vec<u8>, Digest, Delta
     .unwrap();
     let mut made = Vec::new();
     let expect = new.len() as u64 - start;
-    let got = assemble(&mut &ops[..], &old_src, size, expect, &mut made, &|_| {})
-        .await
-        .unwrap();
+    let got = assemble(
+        &mut &ops[..],
+        &old_src,
+        size,
+        expect,
+        &mut made,
+        None,
+        &|_| {},
+        &|_| {},
+    )
+    .await
+    .unwrap();
     assert_eq!(got, sent, "both ends count the same copies and new bytes");
     assert_eq!(sent.copied + sent.literal, expect);
     (made, digest, sent)
@@ -789,6 +798,8 @@ async fn compressed_new_blocks_of_a_delta_assemble() {
         old.len() as u64,
         new.len() as u64,
         &mut made,
+        None,
+        &|_| {},
         &|_| {},
     )
     .await
@@ -811,7 +822,17 @@ async fn a_hostile_delta_is_refused_before_it_is_acted_on() {
         let old = &old;
         async move {
             let mut made = Vec::new();
-            let r = assemble(&mut &wire[..], old, 1000, expect, &mut made, &|_| {}).await;
+            let r = assemble(
+                &mut &wire[..],
+                old,
+                1000,
+                expect,
+                &mut made,
+                None,
+                &|_| {},
+                &|_| {},
+            )
+            .await;
             (r, made)
         }
     };

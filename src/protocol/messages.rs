@@ -25,6 +25,16 @@ pub enum Request {
     /// chunks as [`ChunkBatch`] frames, then the server answers (see
     /// [`Encoding::Delta`]). Appended in protocol 3 (`--sync`).
     GetDelta(GetDeltaRequest),
+    /// The BLAKE3 of each of these files (`--checksum`), answered with
+    /// [`Response::Digests`]. Appended in protocol 3.
+    Digests(DigestsRequest),
+}
+
+/// Ask for the BLAKE3 of up to [`MAX_DIGEST_PATHS`] files at once.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DigestsRequest {
+    /// The files, relative to the server root.
+    pub paths: Vec<String>,
 }
 
 /// A get whose client holds an older version of the file (`get --sync`).
@@ -304,6 +314,10 @@ pub enum Response {
     Removed,
     /// The file or directory has its new name (a [`RenameRequest`]).
     Renamed,
+    /// The BLAKE3 of each file a [`DigestsRequest`] named, in its order;
+    /// `None` where no regular file is (or it cannot be read). Appended in
+    /// protocol 3.
+    Digests(Vec<Option<Digest>>),
 }
 
 /// Sent by the sender after the data: what the receiver must have. A

@@ -43,5 +43,9 @@ pub const MAX_DELTA_CHUNKS: u64 = 1 << 17;
 /// Most chunks in one [`ChunkBatch`] frame (37 bytes each, within [`MAX_FRAME`]).
 pub const CHUNKS_PER_BATCH: usize = 1024;
 
+/// Most files one [`DigestsRequest`] names: their answer (33 bytes each)
+/// fits one frame.
+pub const MAX_DIGEST_PATHS: usize = 1024;
+
 /// A BLAKE3 digest of a file's contents.
 pub type Digest = [u8; 32];

@@ -1,10 +1,11 @@
-//! Listings on the server: what the store lists, sent in batches that fit the frame limit.
+//! Listings on the server: what the store lists, sent in batches that fit the frame limit; and the digests `--checksum` compares.
 
 use tracing::info;
 
 use crate::paths::RemotePath;
 use crate::protocol::{
-    write_frame, Entry, FrameError, ListBatch, ListRequest, RemoteError, Response,
+    write_frame, DigestsRequest, Entry, ErrorCode, FrameError, ListBatch, ListRequest, RemoteError,
+    Response, MAX_DIGEST_PATHS,
 };
 use crate::store::Store;
 
@@ -61,3 +62,44 @@ fn batches(entries: Vec<Entry>) -> Vec<Vec<Entry>> {
 /// Name bytes per listing frame, leaving room under the 64 KiB frame limit
 /// for the other fields (at most ~40 bytes per entry, 128 entries).
 const LIST_BATCH_BYTES: usize = 48 * 1024;
+
+/// Files whose digests one request computes at once: a store reads up to
+/// this many files side by side.
+const DIGESTS_AT_ONCE: usize = 8;
+
+/// `--checksum`: the BLAKE3 of each named file, from the store (which may
+/// keep it, or cache it) or by reading it. A file that is not there, or
+/// not a regular file, or cannot be read, gets `None`: the client then
+/// sends it, as it would any file whose digest differs.
+pub(super) async fn serve_digests(
+    req: DigestsRequest,
+    store: &dyn Store,
+    send: &mut impl ReplyStream,
+) -> Result<(), RemoteError> {
+    use futures::StreamExt;
+    if req.paths.len() > MAX_DIGEST_PATHS {
+        return Err(RemoteError::new(
+            ErrorCode::Protocol,
+            format!(
+                "{} files in one digest request; at most {MAX_DIGEST_PATHS}",
+                req.paths.len()
+            ),
+        ));
+    }
+    let paths = req
+        .paths
+        .iter()
+        .map(|p| RemotePath::parse(p, false))
+        .collect::<Result<Vec<_>, _>>()?;
+    let digests: Vec<_> = futures::stream::iter(paths)
+        .map(|p| async move { store.digest(&p).await.ok().flatten() })
+        .buffered(DIGESTS_AT_ONCE)
+        .collect()
+        .await;
+    let n = digests.len();
+    if write_frame(send, &Response::Digests(digests)).await.is_ok() {
+        send.finish();
+        info!(files = n, "digests sent");
+    }
+    Ok(())
+}

@@ -41,7 +41,7 @@ mod stream;
 mod tests;
 
 use get::{serve_get, serve_get_delta};
-use list::serve_list;
+use list::{serve_digests, serve_list};
 use manage::{serve_remove, serve_rename};
 use mkdir::serve_mkdir;
 use partials::{sweep_partials_forever, Partials};
@@ -599,6 +599,7 @@ async fn handle_stream(mut send: impl ReplyStream, mut recv: impl RequestStream,
         },
         Request::Get(req) => serve_get(req, &ctx, &mut send, &mut recv).await,
         Request::GetDelta(req) => serve_get_delta(req, &ctx, &mut send, &mut recv).await,
+        Request::Digests(req) => serve_digests(req, &*config.store, &mut send).await,
         Request::List(req) => serve_list(req, &*config.store, &mut send).await,
         Request::Mkdir(req) => serve_mkdir(req, &config, &mut send).await,
         Request::Remove(req) => serve_remove(req, &config, &mut send).await,

@@ -359,7 +359,19 @@ async fn receive_data(
     // usual path (temporary, hash, commit).
     let old: &dyn ByteSource = old.as_deref().unwrap_or(&NoVersion);
     let (made, received) = through_pipe(
-        |mut w| async move { assemble(recv, old, old_size, size - start, &mut w, &|_| {}).await },
+        |mut w| async move {
+            assemble(
+                recv,
+                old,
+                old_size,
+                size - start,
+                &mut w,
+                None,
+                &|_| {},
+                &|_| {},
+            )
+            .await
+        },
         |mut r| async move {
             upload
                 .receive(&mut r, size, Encoding::Raw, &counted, stop)

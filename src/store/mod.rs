@@ -26,7 +26,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use crate::exchange::{Advance, Buffered, ByteSource, Framing, Received, TransferError};
+use crate::exchange::{self, Advance, Buffered, ByteSource, Framing, Received, TransferError};
 use crate::paths::RemotePath;
 use crate::protocol::{Digest, DirMeta, Encoding, Entry, ErrorCode, FileMeta, Prefix, RemoteError};
 
@@ -71,6 +71,30 @@ pub(crate) trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// that prefix: the data starts after it if the file's own prefix has
     /// the same BLAKE3, else at 0.
     async fn open(&self, path: &RemotePath, resume: Option<Prefix>) -> Result<Opened, RemoteError>;
+
+    /// The BLAKE3 of the regular file `path`, or None if no regular file
+    /// is there (`--checksum`). This reads the file unless the store keeps
+    /// its digest (an object's metadata) or a store overrides it with a
+    /// cache (the local root's, keyed by inode, size, mtime and ctime).
+    async fn digest(&self, path: &RemotePath) -> Result<Option<Digest>, RemoteError> {
+        let opened = match self.open(path, None).await {
+            Ok(o) => o,
+            Err(e) if matches!(e.code, ErrorCode::NotFound | ErrorCode::IsDirectory) => {
+                return Ok(None)
+            }
+            Err(e) => return Err(e),
+        };
+        if let Some(d) = opened.reader.stored_digest() {
+            return Ok(Some(d));
+        }
+        let size = opened.meta.size;
+        exchange::hash_source(opened.reader.into_bytes().as_ref(), size)
+            .await
+            .map(Some)
+            .map_err(|e| {
+                RemoteError::new(ErrorCode::Internal, format!("cannot read '{path}': {e}"))
+            })
+    }
 
     /// Checks the destination of a put and prepares what receives it.
     async fn prepare_put(&self, plan: PutPlan) -> Result<Prepared, RemoteError>;
@@ -117,6 +141,11 @@ pub(crate) trait Reader: Send {
     /// (the old version a delta put is assembled from, or the new one a
     /// delta get is cut from). Reads are pinned to the version opened.
     fn into_bytes(self: Box<Self>) -> Box<dyn ByteSource>;
+
+    /// The BLAKE3 the store keeps with the file, if it keeps one.
+    fn stored_digest(&self) -> Option<Digest> {
+        None
+    }
 }
 
 /// What a put asks of a store.

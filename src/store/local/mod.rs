@@ -48,6 +48,72 @@ pub(crate) struct LocalStore {
     root: Arc<Dir>,
     /// Disk space reserved by uploads in flight.
     space: Arc<Space>,
+    /// Digests hashed for `--checksum`.
+    digests: Arc<DigestCache>,
+}
+
+/// The digests this server hashed for `--checksum`, by device and inode,
+/// each valid while the file's size, mtime and ctime stay as they were
+/// (any write moves the ctime, even one that puts the mtime back), so an
+/// unchanged tree is hashed once per server run, not once per re-sync.
+/// Emptied when it reaches [`DIGEST_CACHE`] entries (about 8 MB).
+#[derive(Debug, Default)]
+struct DigestCache(std::sync::Mutex<std::collections::HashMap<(u64, u64), (Stamp, Digest)>>);
+
+/// Size, mtime and ctime: what tells a file's versions apart without reading it.
+type Stamp = (u64, (i64, i64), (i64, i64));
+
+const DIGEST_CACHE: usize = 100_000;
+
+fn stamp(md: &std::fs::Metadata) -> Stamp {
+    use std::os::unix::fs::MetadataExt;
+    (
+        md.len(),
+        (md.mtime(), md.mtime_nsec()),
+        (md.ctime(), md.ctime_nsec()),
+    )
+}
+
+/// The digest of the regular file `p` (None if there is none), from the
+/// cache while the file is as it was when hashed. Blocking.
+fn digest_of(
+    root: &Dir,
+    p: &RemotePath,
+    cache: &DigestCache,
+) -> Result<Option<Digest>, RemoteError> {
+    use std::os::unix::fs::MetadataExt;
+    let mut opts = OpenOptions::new();
+    opts.read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY);
+    let mut file = match root.open_with(p.relative(), &opts) {
+        Ok(f) => f.into_std(),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(fs_error(&e, p, "cannot open")),
+    };
+    let reading = |e: io::Error| fs_error(&e, p, "cannot read");
+    let md = file.metadata().map_err(reading)?;
+    if !md.is_file() {
+        return Ok(None);
+    }
+    let (key, before) = ((md.dev(), md.ino()), stamp(&md));
+    let mut held = cache.0.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((s, d)) = held.get(&key) {
+        if *s == before {
+            return Ok(Some(*d));
+        }
+    }
+    drop(held);
+    let digest = exchange::file_digest(&mut file).map_err(reading)?;
+    // Written to while it was read: the digest is of no version; the
+    // client sends the file, which is what a changing file needs anyway.
+    if stamp(&file.metadata().map_err(reading)?) == before {
+        held = cache.0.lock().unwrap_or_else(|e| e.into_inner());
+        if held.len() >= DIGEST_CACHE {
+            held.clear();
+        }
+        held.insert(key, (before, digest));
+    }
+    Ok(Some(digest))
 }
 
 /// Errors that stop a local root from being used.
@@ -89,6 +155,7 @@ impl LocalStore {
         let store = Self {
             root: Arc::new(dir),
             space: Arc::default(),
+            digests: Arc::default(),
         };
         Ok((store, root))
     }
@@ -117,6 +184,11 @@ impl Store for LocalStore {
     async fn open(&self, path: &RemotePath, resume: Option<Prefix>) -> Result<Opened, RemoteError> {
         let (root, p) = (self.root.clone(), path.clone());
         blocking(move || open_for_reading(&root, &p, resume)).await
+    }
+
+    async fn digest(&self, path: &RemotePath) -> Result<Option<Digest>, RemoteError> {
+        let (root, p, cache) = (self.root.clone(), path.clone(), self.digests.clone());
+        blocking(move || digest_of(&root, &p, &cache)).await
     }
 
     async fn remove(&self, path: &RemotePath, recursive: bool) -> Result<(), RemoteError> {

@@ -339,6 +339,10 @@ impl Reader for ObjectReader {
             .expect("a reader without a stored digest hashes what it sends"))
     }
 
+    fn stored_digest(&self) -> Option<Digest> {
+        self.digest
+    }
+
     fn into_bytes(self: Box<Self>) -> Box<dyn ByteSource> {
         Box::new(ObjectBytes {
             s3: self.s3,
