@@ -108,11 +108,26 @@ impl Client {
                 ));
             }
             if delta {
+                // Our file is cut while the server describes its own.
                 let described = reply::<DeltaBase>(&mut recv, self.within(meta.size)).await?;
-                let index = exchange::read_chunks(&mut recv, described)
-                    .await
-                    .map_err(|e| FileError::Protocol(format!("{remote}: {e}")))?;
-                base = Some(std::sync::Arc::new(index));
+                let cutter = exchange::Cutter::with_avg(described.avg_chunk).ok_or_else(|| {
+                    FileError::Protocol(format!(
+                        "{remote}: the server cut its version in chunks of {} bytes",
+                        described.avg_chunk
+                    ))
+                })?;
+                let src =
+                    exchange::FileBytes::new(file.try_clone().map_err(FileError::local(local))?);
+                let (index, cut) = tokio::join!(
+                    exchange::read_chunks(&mut recv, described),
+                    exchange::cut_source(&src, meta.size, cutter)
+                );
+                let index = index.map_err(|e| FileError::Protocol(format!("{remote}: {e}")))?;
+                let cut = cut.map_err(|source| FileError::Transfer {
+                    path: local.to_owned(),
+                    source,
+                })?;
+                base = Some((index, cut, src));
             }
             if !resume {
                 (file, Start::default())
@@ -146,14 +161,13 @@ impl Client {
         let sending = async {
             let mut wire = exchange::Counted::new(&mut send);
             let sent = match base {
-                Some(base) => {
-                    let src = exchange::FileBytes::new(file);
-                    let offset = start.offset;
-                    exchange::send_delta(
+                Some((index, cut, src)) => {
+                    drop(file);
+                    exchange::send_cut(
                         &src,
-                        meta.size,
-                        offset,
-                        base,
+                        cut,
+                        start.offset,
+                        &index,
                         framing,
                         pace,
                         &mut wire,

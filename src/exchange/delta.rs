@@ -27,7 +27,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::protocol::{
     read_frame, write_frame, BlockHeader, ChunkBatch, ChunkSum, DeltaBase, DeltaOp, Digest,
-    FrameError, CHUNKS_PER_BATCH, MAX_AVG_CHUNK, MAX_BLOCK, MAX_DELTA_CHUNKS, MIN_AVG_CHUNK,
+    FrameError, CHUNKS_PER_BATCH, MAX_AVG_CHUNK, MAX_DELTA_CHUNKS, MIN_AVG_CHUNK,
 };
 
 use super::*;
@@ -455,117 +455,169 @@ pub(crate) struct DeltaSent {
     pub(crate) literal: u64,
 }
 
-/// One thing to put on the wire.
-enum Out {
-    Copy { from: u64, len: u64 },
-    Block(WireChunk),
+/// The sender's own version cut into chunks: each chunk's offset, length
+/// and BLAKE3, and the whole file's BLAKE3. The sender cuts while the
+/// receiver describes its version (the two take about as long), so the
+/// match that follows costs nothing but lookups.
+pub(crate) struct Cut {
+    cutter: Cutter,
+    chunks: Vec<(u64, u32, Digest)>,
+    digest: Digest,
 }
 
-/// The sender's state between pieces, moved into the disk pool and back.
-struct Matcher {
-    chunks: Chunks,
-    hasher: blake3::Hasher,
-    framer: Framer,
-    base: Arc<BaseIndex>,
-    /// Where the next chunk starts in the new version.
-    pos: u64,
-    /// Bytes before this offset the receiver holds already (a resume).
-    skip: u64,
-    /// A copy not sent yet (the next may extend it).
-    copy: Option<(u64, u64)>,
-    /// New bytes not sent yet, behind room for a block header.
-    literal: Vec<u8>,
-}
-
-impl Matcher {
-    /// Takes the chunks `piece` completes (with `last`, the rest) and
-    /// turns them into copies and blocks. Blocking (hashing, compressing).
-    fn take(&mut self, piece: Option<Vec<u8>>, last: bool) -> Vec<Out> {
-        let mut out = Vec::new();
-        if let Some(p) = &piece {
-            self.hasher.update(p);
-            self.chunks.push(p);
-        }
-        let room = self.framer.room();
-        let find = !self.base.chunks.is_empty();
-        while let Some(c) = self.chunks.next(last) {
-            let (pos, len) = (self.pos, c.len() as u64);
-            self.pos += len;
-            if pos + len <= self.skip {
-                continue;
+/// The sender's side, first: cuts `src` (`size` bytes) as `cutter` does.
+pub(crate) async fn cut_source(
+    src: &dyn ByteSource,
+    size: u64,
+    cutter: Cutter,
+) -> Result<Cut, TransferError> {
+    let mut pieces = Pieces::open(src, 0, size).await.map_err(read_error)?;
+    let state = (Chunks::new(cutter), blake3::Hasher::new(), Vec::new(), 0u64);
+    let mut state = Some(state);
+    loop {
+        let piece = pieces.next().await.map_err(read_error)?;
+        let last = piece.is_none();
+        let (mut chunks, mut hasher, mut list, mut pos) = state.take().expect("kept");
+        // Cutting and hashing are CPU work: off the async threads.
+        let back = blocking(move || {
+            if let Some(p) = &piece {
+                hasher.update(p);
+                chunks.push(p);
             }
-            let lo = self.skip.saturating_sub(pos);
-            let found = if find {
-                self.base
-                    .chunks
-                    .get(blake3::hash(c).as_bytes())
-                    .filter(|(_, l)| u64::from(*l) == len)
-                    .map(|(from, _)| *from)
-            } else {
-                None
-            };
-            match found {
-                Some(from) => {
-                    Self::flush_literal(&mut self.literal, &mut self.framer, room, &mut out);
-                    let (from, len) = (from + lo, len - lo);
-                    match &mut self.copy {
-                        Some((f, l)) if *f + *l == from => *l += len,
-                        copy => {
-                            if let Some((f, l)) = copy.take() {
-                                out.push(Out::Copy { from: f, len: l });
-                            }
-                            *copy = Some((from, len));
-                        }
-                    }
-                }
-                None => {
-                    if let Some((from, len)) = self.copy.take() {
-                        out.push(Out::Copy { from, len });
-                    }
-                    let mut rest = &c[lo as usize..];
-                    while !rest.is_empty() {
-                        if self.literal.is_empty() {
-                            self.literal.resize(room, 0);
-                        }
-                        let take = rest
-                            .len()
-                            .min(room + MAX_BLOCK as usize - self.literal.len());
-                        self.literal.extend_from_slice(&rest[..take]);
-                        rest = &rest[take..];
-                        if self.literal.len() == room + MAX_BLOCK as usize {
-                            Self::flush_literal(
-                                &mut self.literal,
-                                &mut self.framer,
-                                room,
-                                &mut out,
-                            );
-                        }
-                    }
-                }
+            while let Some(c) = chunks.next(last) {
+                list.push((pos, c.len() as u32, *blake3::hash(c).as_bytes()));
+                pos += c.len() as u64;
             }
-        }
+            (chunks, hasher, list, pos)
+        })
+        .await;
         if last {
-            Self::flush_literal(&mut self.literal, &mut self.framer, room, &mut out);
-            if let Some((from, len)) = self.copy.take() {
-                out.push(Out::Copy { from, len });
-            }
+            let (_, hasher, chunks, _) = back;
+            return Ok(Cut {
+                cutter,
+                chunks,
+                digest: *hasher.finalize().as_bytes(),
+            });
         }
-        out
-    }
-
-    fn flush_literal(literal: &mut Vec<u8>, framer: &mut Framer, room: usize, out: &mut Vec<Out>) {
-        if literal.len() > room {
-            out.push(Out::Block(framer.frame(std::mem::take(literal))));
-        }
+        state = Some(back);
     }
 }
 
-/// The sender's side: sends `src` (`size` bytes, the receiver holding the
-/// first `start` already) to `out` as copies of the receiver's chunks in
-/// `base` and new blocks framed by `framing`, ending with
-/// [`DeltaOp::End`]. Returns the BLAKE3 of the whole new version and what
-/// crossed. `progress` counts new bytes as they go, `kept` the bytes the
-/// receiver copies.
+/// What the receiver is told to do with a stretch of the new version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    /// Copy `len` bytes of its version from `from`.
+    Copy { from: u64, len: u64 },
+    /// Take `len` new bytes: the sender's from `at`.
+    New { at: u64, len: u64 },
+}
+
+/// The steps that make the new version from `start` on, in order, with
+/// neighbouring copies and neighbouring new stretches merged.
+fn steps(cut: &Cut, base: &BaseIndex, start: u64) -> Vec<Step> {
+    let mut out: Vec<Step> = Vec::new();
+    for &(pos, len, digest) in &cut.chunks {
+        let (pos, len) = (pos, u64::from(len));
+        if pos + len <= start {
+            continue;
+        }
+        let skip = start.saturating_sub(pos);
+        let found = base
+            .chunks
+            .get(&digest)
+            .filter(|(_, l)| u64::from(*l) == len)
+            .map(|(from, _)| *from);
+        let step = match found {
+            Some(from) => Step::Copy {
+                from: from + skip,
+                len: len - skip,
+            },
+            None => Step::New {
+                at: pos + skip,
+                len: len - skip,
+            },
+        };
+        match (out.last_mut(), step) {
+            (Some(Step::Copy { from, len }), Step::Copy { from: f, len: l })
+                if *from + *len == f =>
+            {
+                *len += l
+            }
+            (Some(Step::New { at, len }), Step::New { at: a, len: l }) if *at + *len == a => {
+                *len += l
+            }
+            _ => out.push(step),
+        }
+    }
+    out
+}
+
+/// The sender's side, then: sends the new version `src` (`size` bytes, cut
+/// as `cut`, the receiver holding the first `start` already) to `out` as
+/// copies of the receiver's chunks in `base` and new blocks framed by
+/// `framing`, ending with [`DeltaOp::End`]. New bytes are read again from
+/// `src` as they go (a source that changed since it was cut fails).
+/// Returns the BLAKE3 of the whole new version and what crossed;
+/// `progress` counts new bytes as they go, `kept` the bytes the receiver
+/// copies.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn send_cut<W>(
+    src: &dyn ByteSource,
+    cut: Cut,
+    start: u64,
+    base: &BaseIndex,
+    framing: Framing,
+    pace: Option<Arc<Pacer>>,
+    out: &mut W,
+    progress: &Advance<'_>,
+    kept: &Advance<'_>,
+) -> Result<(Digest, DeltaSent), TransferError>
+where
+    W: AsyncWrite + Unpin,
+{
+    if cut.cutter != base.cutter {
+        return Err(TransferError::Malformed(
+            "the old version was cut with other chunk sizes than the new".to_owned(),
+        ));
+    }
+    let mut framer = Some(Framer::new(framing));
+    let mut sent = DeltaSent::default();
+    for step in steps(&cut, base, start) {
+        match step {
+            Step::Copy { from, len } => {
+                write_stalled(out, &DeltaOp::Copy { from, len }).await?;
+                sent.copied += len;
+                kept(len);
+            }
+            Step::New { at, len } => {
+                let mut pieces = Pieces::open(src, at, at + len).await.map_err(read_error)?;
+                while let Some(piece) = pieces.next().await.map_err(read_error)? {
+                    let mut f = framer.take().expect("kept");
+                    let (f, block) = blocking(move || {
+                        let mut buf = vec![0u8; f.room()];
+                        buf.extend_from_slice(&piece);
+                        let block = f.frame(buf);
+                        (f, block)
+                    })
+                    .await;
+                    framer = Some(f);
+                    write_stalled(out, &DeltaOp::Block).await?;
+                    write_paced(out, &block.bytes, pace.as_deref()).await?;
+                    sent.literal += block.raw as u64;
+                    progress(block.raw as u64);
+                }
+            }
+        }
+    }
+    src.check_unchanged().await?;
+    write_stalled(out, &DeltaOp::End).await?;
+    Ok((cut.digest, sent))
+}
+
+/// Both of the sender's steps, one after the other: cuts `src` (`size`
+/// bytes) as `base` was cut, then sends it (see [`send_cut`]). The peers
+/// overlap the two with the receiver's description; tests need not.
+#[cfg(test)]
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn send_delta<W>(
     src: &dyn ByteSource,
@@ -581,49 +633,8 @@ pub(crate) async fn send_delta<W>(
 where
     W: AsyncWrite + Unpin,
 {
-    let mut pieces = Pieces::open(src, 0, size).await.map_err(read_error)?;
-    let mut matcher = Matcher {
-        chunks: Chunks::new(base.cutter),
-        hasher: blake3::Hasher::new(),
-        framer: Framer::new(framing),
-        base,
-        pos: 0,
-        skip: start,
-        copy: None,
-        literal: Vec::new(),
-    };
-    let mut sent = DeltaSent::default();
-    loop {
-        let piece = pieces.next().await.map_err(read_error)?;
-        let last = piece.is_none();
-        let outs;
-        (matcher, outs) = blocking(move || {
-            let outs = matcher.take(piece, last);
-            (matcher, outs)
-        })
-        .await;
-        for o in outs {
-            match o {
-                Out::Copy { from, len } => {
-                    write_stalled(out, &DeltaOp::Copy { from, len }).await?;
-                    sent.copied += len;
-                    kept(len);
-                }
-                Out::Block(chunk) => {
-                    write_stalled(out, &DeltaOp::Block).await?;
-                    write_paced(out, &chunk.bytes, pace.as_deref()).await?;
-                    sent.literal += chunk.raw as u64;
-                    progress(chunk.raw as u64);
-                }
-            }
-        }
-        if last {
-            break;
-        }
-    }
-    src.check_unchanged().await?;
-    write_stalled(out, &DeltaOp::End).await?;
-    Ok((*matcher.hasher.finalize().as_bytes(), sent))
+    let cut = cut_source(src, size, base.cutter).await?;
+    send_cut(src, cut, start, &base, framing, pace, out, progress, kept).await
 }
 
 /// A read of the sender's own file failed: it shrank (the stream ended

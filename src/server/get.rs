@@ -4,7 +4,7 @@ use std::sync::atomic::Ordering;
 
 use tracing::{info, warn};
 
-use crate::exchange::{read_chunks, send_delta, Framing};
+use crate::exchange::{cut_source, read_chunks, send_cut, Cutter, Framing};
 use crate::paths::RemotePath;
 use crate::protocol::{
     read_frame, write_frame, Encoding, ErrorCode, GetDeltaRequest, GetOffer, GetRequest, Receipt,
@@ -71,11 +71,30 @@ pub(super) async fn serve_get_delta(
         return serve_get(req.get, ctx, send, recv).await;
     };
     let path = RemotePath::parse(&req.get.path, false)?;
-    let base = read_chunks(recv, req.base)
-        .await
-        .map_err(|e| RemoteError::new(ErrorCode::Protocol, format!("'{path}': {e}")))?;
     let opened = ctx.config.store.open(&path, req.get.resume).await?;
     let meta = opened.meta;
+    let cutter = Cutter::with_avg(req.base.avg_chunk).ok_or_else(|| {
+        RemoteError::new(
+            ErrorCode::Protocol,
+            format!(
+                "'{path}': an old version cut in chunks of {} bytes",
+                req.base.avg_chunk
+            ),
+        )
+    })?;
+    // The file is cut while the client's description arrives.
+    let src = opened.reader.into_bytes();
+    let (base, cut) = tokio::join!(
+        read_chunks(recv, req.base),
+        cut_source(src.as_ref(), meta.size, cutter)
+    );
+    let base = base.map_err(|e| RemoteError::new(ErrorCode::Protocol, format!("'{path}': {e}")))?;
+    let cut = cut.map_err(|e| {
+        RemoteError::new(
+            ErrorCode::Internal,
+            format!("cannot read '{path}' on the server: {e}; try again"),
+        )
+    })?;
     let mut framing = Framing::for_sending(req.get.compression, ctx.conn.as_ref());
     framing.encoding = Encoding::Delta;
     let offer = GetOffer {
@@ -90,12 +109,11 @@ pub(super) async fn serve_get_delta(
     let counted = |n| {
         stats.bytes_sent.fetch_add(n, Ordering::Relaxed);
     };
-    let src = opened.reader.into_bytes();
-    let sent = send_delta(
+    let sent = send_cut(
         src.as_ref(),
-        meta.size,
+        cut,
         opened.offset,
-        std::sync::Arc::new(base),
+        &base,
         framing,
         None,
         send,
