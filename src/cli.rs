@@ -1077,6 +1077,14 @@ async fn put(args: PutArgs, quiet: bool, verbose: bool, progress: &Progress) -> 
         }
         _ => tree.dirs.clone(),
     };
+    let all_exist = !args.transfer.delete
+        && listed.as_ref().is_some_and(|remote| {
+            dirs.iter().all(|d| {
+                remote
+                    .get(&d.remote)
+                    .is_some_and(|e| e.kind == EntryKind::Dir)
+            })
+        });
     let replace = args.force || args.transfer.sync;
     let (client, mut report) = Batch::new(Direction::Put, args.parallel, replace, quiet)
         .run_resilient(client, jobs, &args.client, &args.transfer, progress)
@@ -1090,7 +1098,7 @@ async fn put(args: PutArgs, quiet: bool, verbose: bool, progress: &Progress) -> 
     if !dirs.is_empty() {
         report
             .failed
-            .extend(tree::finish_remote_dirs(&client, &dirs).await);
+            .extend(tree::finish_remote_dirs(&client, &dirs, all_exist).await);
     }
     if let Some(refused) = client.refusal() {
         progress.finish();

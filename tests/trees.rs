@@ -352,6 +352,14 @@ async fn sync_on(backend: Backend) {
     want.retain(|_, v| v.0 == "file");
     got.retain(|_, v| v.0 == "file");
     assert_eq!(got, want, "the server holds the source's files");
+    // Directories too: those the re-sync changed something in (a file
+    // replaced in proj, one created in sub) got their times back in one
+    // round of requests; the others were left alone.
+    assert_eq!(
+        stored_manifest(&server, "proj").await,
+        manifest(&src),
+        "directories' modes and mtimes"
+    );
 
     // --force re-sends everything: it and --sync contradict each other.
     let out = common::output(client(&["put", "-r", "proj", "--sync", "--force"])).await;

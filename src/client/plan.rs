@@ -304,22 +304,45 @@ async fn equal_digests(
             })
         })
         .collect();
-    let ours = futures::stream::iter(candidates.iter().map(|job| {
-        let path = job.local.clone();
+    // Hashed in groups of up to 64 files or 16 MiB per trip to the disk
+    // pool: a source tree's files are small, and a trip each cost more
+    // than hashing them.
+    let mut groups: Vec<Vec<std::path::PathBuf>> = Vec::new();
+    let mut group_bytes = 0u64;
+    for job in &candidates {
+        let size = remote.get(&job.remote).map_or(0, |e| e.size);
+        match groups.last_mut() {
+            Some(g) if g.len() < 64 && group_bytes + size <= 16 << 20 => {
+                g.push(job.local.clone());
+                group_bytes += size;
+            }
+            _ => {
+                groups.push(vec![job.local.clone()]);
+                group_bytes = size;
+            }
+        }
+    }
+    let ours = futures::stream::iter(groups.into_iter().map(|paths| {
         blocking(move || {
-            std::fs::File::open(&path)
-                .and_then(|mut f| file_digest(&mut f))
-                .ok()
+            paths
+                .iter()
+                .map(|p| {
+                    std::fs::File::open(p)
+                        .and_then(|mut f| file_digest(&mut f))
+                        .ok()
+                })
+                .collect::<Vec<Option<Digest>>>()
         })
     }))
-    .buffered(16)
-    .collect::<Vec<Option<Digest>>>();
+    .buffered(4)
+    .collect::<Vec<Vec<Option<Digest>>>>();
     let paths: Vec<String> = candidates.iter().map(|j| j.remote.clone()).collect();
     let theirs = futures::stream::iter(digest_batches(&paths))
         .map(|batch| client.digests(batch))
         .buffered(4)
         .collect::<Vec<_>>();
     let (ours, theirs) = tokio::join!(ours, theirs);
+    let ours: Vec<Option<Digest>> = ours.into_iter().flatten().collect();
     let mut theirs_all = Vec::with_capacity(paths.len());
     for batch in theirs {
         theirs_all.extend(batch?);

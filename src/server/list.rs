@@ -63,10 +63,6 @@ fn batches(entries: Vec<Entry>) -> Vec<Vec<Entry>> {
 /// for the other fields (at most ~40 bytes per entry, 128 entries).
 const LIST_BATCH_BYTES: usize = 48 * 1024;
 
-/// Files whose digests one request computes at once: a store reads up to
-/// this many files side by side.
-const DIGESTS_AT_ONCE: usize = 8;
-
 /// `--checksum`: the BLAKE3 of each named file, from the store (which may
 /// keep it, or cache it) or by reading it. A file that is not there, or
 /// not a regular file, or cannot be read, gets `None`: the client then
@@ -76,7 +72,6 @@ pub(super) async fn serve_digests(
     store: &dyn Store,
     send: &mut impl ReplyStream,
 ) -> Result<(), RemoteError> {
-    use futures::StreamExt;
     if req.paths.len() > MAX_DIGEST_PATHS {
         return Err(RemoteError::new(
             ErrorCode::Protocol,
@@ -91,11 +86,7 @@ pub(super) async fn serve_digests(
         .iter()
         .map(|p| RemotePath::parse(p, false))
         .collect::<Result<Vec<_>, _>>()?;
-    let digests: Vec<_> = futures::stream::iter(paths)
-        .map(|p| async move { store.digest(&p).await.ok().flatten() })
-        .buffered(DIGESTS_AT_ONCE)
-        .collect()
-        .await;
+    let digests = store.digests(paths).await;
     let n = digests.len();
     if write_frame(send, &Response::Digests(digests)).await.is_ok() {
         send.finish();

@@ -96,6 +96,19 @@ pub(crate) trait Store: Send + Sync + std::fmt::Debug + 'static {
             })
     }
 
+    /// [`Store::digest`] of each of `paths`, in order; `None` also where
+    /// one could not be had (the client then sends that file). A store
+    /// answers a few at a time; the local root in groups, one trip to the
+    /// disk pool each.
+    async fn digests(&self, paths: Vec<RemotePath>) -> Vec<Option<Digest>> {
+        use futures::StreamExt;
+        futures::stream::iter(paths)
+            .map(|p| async move { self.digest(&p).await.ok().flatten() })
+            .buffered(8)
+            .collect()
+            .await
+    }
+
     /// Checks the destination of a put and prepares what receives it.
     async fn prepare_put(&self, plan: PutPlan) -> Result<Prepared, RemoteError>;
 

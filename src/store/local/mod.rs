@@ -191,6 +191,25 @@ impl Store for LocalStore {
         blocking(move || digest_of(&root, &p, &cache)).await
     }
 
+    async fn digests(&self, paths: Vec<RemotePath>) -> Vec<Option<Digest>> {
+        use futures::StreamExt;
+        let groups: Vec<Vec<RemotePath>> = paths.chunks(64).map(<[_]>::to_vec).collect();
+        let done: Vec<Vec<Option<Digest>>> = futures::stream::iter(groups)
+            .map(|group| {
+                let (root, cache) = (self.root.clone(), self.digests.clone());
+                blocking(move || {
+                    group
+                        .iter()
+                        .map(|p| digest_of(&root, p, &cache).ok().flatten())
+                        .collect()
+                })
+            })
+            .buffered(2)
+            .collect()
+            .await;
+        done.into_iter().flatten().collect()
+    }
+
     async fn remove(&self, path: &RemotePath, recursive: bool) -> Result<(), RemoteError> {
         let (root, p) = (self.root.clone(), path.clone());
         blocking(move || remove(&root, &p, recursive)).await
