@@ -287,7 +287,7 @@ pub(crate) async fn plan_with_listing(
 /// Which `jobs` hold the same contents on both sides (`--checksum`): of
 /// the regular files of equal size here and on the server, those whose
 /// BLAKE3 agree. This side hashes its files in the disk pool while the
-/// server's digests are asked for, a few requests at a time.
+/// server's digests are asked for, up to 16 requests (16,384 files) at once.
 async fn equal_digests(
     client: &Client,
     jobs: &[Job],
@@ -334,12 +334,12 @@ async fn equal_digests(
                 .collect::<Vec<Option<Digest>>>()
         })
     }))
-    .buffered(4)
+    .buffered(8)
     .collect::<Vec<Vec<Option<Digest>>>>();
     let paths: Vec<String> = candidates.iter().map(|j| j.remote.clone()).collect();
     let theirs = futures::stream::iter(digest_batches(&paths))
         .map(|batch| client.digests(batch))
-        .buffered(4)
+        .buffered(16)
         .collect::<Vec<_>>();
     let (ours, theirs) = tokio::join!(ours, theirs);
     let ours: Vec<Option<Digest>> = ours.into_iter().flatten().collect();
