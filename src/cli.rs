@@ -13,7 +13,7 @@ use tracing_subscriber::EnvFilter;
 
 use std::collections::HashMap;
 
-use crate::client::tree::{self, Tree, TreeDir};
+use crate::client::tree::{self, Tree};
 use crate::client::{
     dry_run, plan_with_listing, run_batch, Action, BatchReport, Client, ClientConfig, ClientFile,
     ConfigError, ConnectError, Direction, FileError, Filter, FilterError, Job, Planned, Watch,
@@ -1033,7 +1033,7 @@ async fn put(args: PutArgs, quiet: bool, verbose: bool, progress: &Progress) -> 
     bad.extend(tree.failed.iter().cloned());
     let client = connect(&args.client, Some(&args.transfer), quiet, progress).await?;
     if args.transfer.dry_run {
-        let plan = plan_with_listing(
+        let plan = dry_run(
             &client,
             Direction::Put,
             &tree.jobs,
@@ -1041,8 +1041,7 @@ async fn put(args: PutArgs, quiet: bool, verbose: bool, progress: &Progress) -> 
             args.transfer.sync,
             args.transfer.checksum,
         )
-        .await
-        .map(|(plan, _)| plan);
+        .await;
         let deletes = if args.transfer.delete {
             tree::remote_extras(&client, &tree, &filter)
                 .await
@@ -1066,25 +1065,10 @@ async fn put(args: PutArgs, quiet: bool, verbose: bool, progress: &Progress) -> 
         quick_check(&client, Direction::Put, &args.transfer, tree.jobs, &mut bad).await?;
     // A re-sync leaves directories that match on the server alone (unless
     // --delete may remove something in them).
-    let dirs: Vec<TreeDir> = match &listed {
-        Some(remote) if !args.transfer.delete => {
-            let in_place = tree::dirs_in_place(&tree.dirs, remote, &jobs);
-            tree.dirs
-                .iter()
-                .filter(|d| !in_place.contains(&d.remote))
-                .cloned()
-                .collect()
-        }
-        _ => tree.dirs.clone(),
+    let (dirs, all_exist) = match &listed {
+        Some(remote) if !args.transfer.delete => tree::dirs_to_finish(&tree.dirs, remote, &jobs),
+        _ => (tree.dirs.clone(), false),
     };
-    let all_exist = !args.transfer.delete
-        && listed.as_ref().is_some_and(|remote| {
-            dirs.iter().all(|d| {
-                remote
-                    .get(&d.remote)
-                    .is_some_and(|e| e.kind == EntryKind::Dir)
-            })
-        });
     let replace = args.force || args.transfer.sync;
     let (client, mut report) = Batch::new(Direction::Put, args.parallel, replace, quiet)
         .run_resilient(client, jobs, &args.client, &args.transfer, progress)
@@ -1150,7 +1134,7 @@ async fn put_from_stdin(args: PutArgs, quiet: bool, progress: &Progress) -> Resu
             size_hint: None,
             within: None,
         };
-        let plan = dry_run(&client, Direction::Put, &[job], args.force, false).await;
+        let plan = dry_run(&client, Direction::Put, &[job], args.force, false, false).await;
         client.close().await;
         return finish_dry_run("put", plan?, &[], &[], Vec::new(), args.json, quiet);
     }
@@ -1474,7 +1458,7 @@ async fn get(args: GetArgs, quiet: bool, verbose: bool, progress: &Progress) -> 
     report_excluded(&tree.excluded, verbose, progress);
     bad.extend(tree.failed.iter().cloned());
     if args.transfer.dry_run {
-        let plan = plan_with_listing(
+        let plan = dry_run(
             &client,
             Direction::Get,
             &tree.jobs,
@@ -1482,8 +1466,7 @@ async fn get(args: GetArgs, quiet: bool, verbose: bool, progress: &Progress) -> 
             args.transfer.sync,
             args.transfer.checksum,
         )
-        .await
-        .map(|(plan, _)| plan);
+        .await;
         client.close().await;
         let deletes = if args.transfer.delete {
             tree::local_extras(&tree, &filter)?
@@ -1791,11 +1774,12 @@ fn local_name(remote: &str) -> Option<std::ffi::OsString> {
 }
 
 /// `--sync`'s quick check (rsync's): of `jobs`, those whose size and
-/// mtime match the other side's are left alone, read by neither side; the
-/// rest run, replacing what differs. One listing per directory decides.
-/// Files the run would refuse (a directory or link in the way) are
-/// reported in `bad` and not run. Returns the jobs to run and the labels
-/// of those left alone: without --sync, every job and none.
+/// mtime (with `--checksum`, BLAKE3) match the other side's are left
+/// alone; the rest run, replacing what differs. One listing of each tree
+/// decides. Files the run would refuse (a directory or link in the way)
+/// are reported in `bad` and not run. Returns the jobs to run, the labels
+/// of those left alone and the listing: without --sync, every job, none
+/// and none.
 async fn quick_check(
     client: &Client,
     direction: Direction,
@@ -1841,7 +1825,7 @@ fn finish_batch(
         }
         if !unchanged.is_empty() {
             eprintln!(
-                "qxfer: {} file(s) unchanged (same size and mtime); left alone",
+                "qxfer: {} file(s) unchanged (same size and mtime, or BLAKE3 with --checksum); left alone",
                 unchanged.len()
             );
         }

@@ -519,7 +519,7 @@ pub(super) async fn receive_get(
         // The assembled bytes go through the usual receiving path; the
         // rate limit applies where bytes cross (the new blocks), which a
         // copy does not.
-        let (made, received) = exchange::through_pipe(
+        let made = exchange::through_pipe(
             // Bars and rates count what crossed: new bytes as they
             // arrive, copies as bytes kept.
             |mut w| async move {
@@ -545,13 +545,12 @@ pub(super) async fn receive_get(
             },
         )
         .await;
-        match (made, received) {
-            (Ok(d), received) => {
+        match made {
+            Ok((d, received)) => {
                 delta = Some(d);
-                received
+                Ok(received)
             }
-            (Err(TransferError::Write(_)), Err(e)) => Err(e),
-            (Err(e), _) => Err(e),
+            Err(exchange::PipeError::Made(e) | exchange::PipeError::Received(e)) => Err(e),
         }
     } else {
         exchange::receive_file(

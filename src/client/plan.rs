@@ -124,9 +124,10 @@ pub async fn dry_run(
     jobs: &[Job],
     force: bool,
     sync: bool,
+    checksum: bool,
 ) -> Result<Vec<Planned>, FileError> {
     Ok(
-        plan_with_listing(client, direction, jobs, force, sync, false)
+        plan_with_listing(client, direction, jobs, force, sync, checksum)
             .await?
             .0,
     )
@@ -146,8 +147,12 @@ pub(crate) async fn plan_with_listing(
     checksum: bool,
 ) -> Result<(Vec<Planned>, HashMap<String, Entry>), FileError> {
     let remote = remote_entries(client, jobs).await?;
+    let locals: Vec<Option<std::fs::Metadata>> = jobs
+        .iter()
+        .map(|job| std::fs::symlink_metadata(&job.local).ok())
+        .collect();
     let equal = if sync && checksum {
-        equal_digests(client, jobs, &remote).await?
+        equal_digests(client, jobs, &locals, &remote).await?
     } else {
         HashSet::new()
     };
@@ -157,9 +162,8 @@ pub(crate) async fn plan_with_listing(
         "unchanged (same size and mtime)"
     };
     let mut out = Vec::with_capacity(jobs.len());
-    for job in jobs {
+    for (job, local) in jobs.iter().zip(locals) {
         let there = remote.get(&job.remote);
-        let local = std::fs::symlink_metadata(&job.local).ok();
         let local_mtime = local
             .as_ref()
             .and_then(|m| m.modified().ok())
@@ -171,8 +175,10 @@ pub(crate) async fn plan_with_listing(
             reason: reason.map(str::to_owned),
             delta: false,
         };
-        let as_delta = |mut p: Planned, old: Option<u64>| {
-            p.delta = p.size.is_some_and(|s| s >= DELTA_MIN) && old.is_some_and(|s| s >= DELTA_MIN);
+        // The new version must reach the threshold, and for a get (where
+        // this side describes its file) the old one too.
+        let as_delta = |mut p: Planned, old_usable: bool| {
+            p.delta = old_usable && p.size.is_some_and(|s| s >= DELTA_MIN);
             p
         };
         let same = |e: &Entry| {
@@ -210,14 +216,14 @@ pub(crate) async fn plan_with_listing(
                         Some("a link or special file on the server has that name"),
                     ),
                     Some(e) if sync && same(e) => planned(Action::Skip, size, Some(unchanged)),
-                    Some(e) if sync => as_delta(
+                    Some(_) if sync => as_delta(
                         planned(
                             Action::Send,
                             size,
                             Some("replaces the server's file: size or mtime differ (--sync)"),
                         ),
                         // The server describes whatever it holds.
-                        Some(e.size.max(DELTA_MIN)),
+                        true,
                     ),
                     Some(_) if force => planned(
                         Action::Send,
@@ -260,7 +266,7 @@ pub(crate) async fn plan_with_listing(
                             size,
                             Some("replaces the local file: size or mtime differ (--sync)"),
                         ),
-                        m.is_file().then_some(m.len()),
+                        m.is_file() && m.len() >= DELTA_MIN,
                     ),
                     (Some(_), Some(_)) if force => planned(
                         Action::Send,
@@ -291,18 +297,22 @@ pub(crate) async fn plan_with_listing(
 async fn equal_digests(
     client: &Client,
     jobs: &[Job],
+    locals: &[Option<std::fs::Metadata>],
     remote: &HashMap<String, Entry>,
 ) -> Result<HashSet<String>, FileError> {
     use futures::StreamExt;
     let candidates: Vec<&Job> = jobs
         .iter()
-        .filter(|job| {
+        .zip(locals)
+        .filter(|(job, local)| {
             remote.get(&job.remote).is_some_and(|e| {
                 e.kind == EntryKind::File
-                    && std::fs::symlink_metadata(&job.local)
-                        .is_ok_and(|m| m.is_file() && m.len() == e.size)
+                    && local
+                        .as_ref()
+                        .is_some_and(|m| m.is_file() && m.len() == e.size)
             })
         })
+        .map(|(job, _)| job)
         .collect();
     // Hashed in groups of up to 64 files or 16 MiB per trip to the disk
     // pool: a source tree's files are small, and a trip each cost more

@@ -469,33 +469,36 @@ pub(crate) async fn finish_remote_dirs(
     failed
 }
 
-/// The directories of a `--sync` upload that need no request: the
-/// server lists each as a directory with this mode and mtime already, no
-/// file is sent into it, and no directory is created in it (either would
-/// move its mtime). A no-op re-sync of a tree then sends no request per
-/// directory at all.
-pub(crate) fn dirs_in_place(
+/// The directories of a `--sync` upload that need a request, and whether
+/// all of them exist on the server already (see [`finish_remote_dirs`]).
+/// A directory needs none when the server lists it with this mode and
+/// mtime, no file is sent into it, and no directory is created in it
+/// (either would move its mtime): a no-op re-sync of a tree then sends no
+/// request per directory at all.
+pub(crate) fn dirs_to_finish(
     dirs: &[TreeDir],
     remote: &std::collections::HashMap<String, Entry>,
     sent: &[Job],
-) -> std::collections::HashSet<String> {
-    use crate::protocol::EntryKind;
+) -> (Vec<TreeDir>, bool) {
     let parent = |p: &str| p.rsplit_once('/').map_or("", |(d, _)| d).to_owned();
+    let listed = |d: &TreeDir| remote.get(&d.remote).filter(|e| e.kind == EntryKind::Dir);
     let mut touched: std::collections::HashSet<String> =
         sent.iter().map(|j| parent(&j.remote)).collect();
-    for d in dirs {
-        if !remote.contains_key(&d.remote) {
-            touched.insert(parent(&d.remote));
-        }
-    }
-    dirs.iter()
+    touched.extend(
+        dirs.iter()
+            .filter(|d| listed(d).is_none())
+            .map(|d| parent(&d.remote)),
+    );
+    let needed: Vec<TreeDir> = dirs
+        .iter()
         .filter(|d| {
-            remote.get(&d.remote).is_some_and(|e| {
-                e.kind == EntryKind::Dir && e.mode == d.meta.mode && e.mtime == d.meta.mtime
-            }) && !touched.contains(&d.remote)
+            touched.contains(&d.remote)
+                || !listed(d).is_some_and(|e| e.mode == d.meta.mode && e.mtime == d.meta.mtime)
         })
-        .map(|d| d.remote.clone())
-        .collect()
+        .cloned()
+        .collect();
+    let all_exist = needed.iter().all(|d| listed(d).is_some());
+    (needed, all_exist)
 }
 
 /// Creates every local directory of a download (before its files

@@ -765,11 +765,12 @@ where
 /// sync and commit). Each takes its end and drops it when done, so the
 /// assembler failing ends the receiver (its data ends early); the
 /// receiver failing (a full disk, a newer upload taking over) ends the
-/// assembler at once, even one waiting for the peer's next op.
+/// assembler at once, even one waiting for the peer's next op. The error
+/// returned is the one that ended the transfer.
 pub(crate) async fn through_pipe<A, B, T, E>(
     assemble: impl FnOnce(tokio::io::DuplexStream) -> A,
     receive: impl FnOnce(tokio::io::DuplexStream) -> B,
-) -> (Result<DeltaSent, TransferError>, Result<T, E>)
+) -> Result<(DeltaSent, T), PipeError<E>>
 where
     A: std::future::Future<Output = Result<DeltaSent, TransferError>>,
     B: std::future::Future<Output = Result<T, E>>,
@@ -779,17 +780,40 @@ where
     let receiving = receive(r);
     tokio::pin!(assembling, receiving);
     tokio::select! {
-        made = &mut assembling => (made, receiving.await),
+        made = &mut assembling => match (made, receiving.await) {
+            (Ok(d), Ok(t)) => Ok((d, t)),
+            // The receiving end stopped taking bytes first: its reason.
+            (Err(TransferError::Write(_)) | Ok(_), Err(e)) => Err(PipeError::Received(e)),
+            (Err(e), _) => Err(PipeError::Made(e)),
+        },
         received = &mut receiving => match received {
             // All bytes are in; the assembler still reads the end mark.
-            Ok(t) => (assembling.await, Ok(t)),
-            Err(e) => {
-                let stopped = std::io::Error::new(
-                    std::io::ErrorKind::BrokenPipe,
-                    "the receiving end stopped",
-                );
-                (Err(TransferError::Write(stopped)), Err(e))
-            }
+            Ok(t) => assembling.await.map(|d| (d, t)).map_err(PipeError::Made),
+            Err(e) => Err(PipeError::Received(e)),
         },
+    }
+}
+
+/// Why a delta's receiving end failed: the delta itself, or the receiver.
+#[derive(Debug)]
+pub(crate) enum PipeError<E> {
+    Made(TransferError),
+    Received(E),
+}
+
+/// No earlier version (nothing under the name): a description of it is
+/// empty, and a delta against it can copy nothing.
+pub(crate) struct NoVersion;
+
+#[async_trait]
+impl ByteSource for NoVersion {
+    async fn range(&self, from: u64, to: u64) -> std::io::Result<ByteStream> {
+        if from >= to {
+            return Ok(futures::stream::empty().boxed());
+        }
+        Err(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            "there is no earlier version",
+        ))
     }
 }

@@ -7,8 +7,8 @@ use tokio::io::AsyncReadExt;
 use tracing::info;
 
 use crate::exchange::{
-    assemble, send_chunks, through_pipe, Buffered, ByteSource, ByteStream, Cutter, Received,
-    TransferError,
+    assemble, send_chunks, through_pipe, Buffered, ByteSource, Cutter, NoVersion, PipeError,
+    Received, TransferError,
 };
 use crate::paths::RemotePath;
 use crate::protocol::{
@@ -358,7 +358,7 @@ async fn receive_data(
     // blocks, and received from that as plain bytes, through the store's
     // usual path (temporary, hash, commit).
     let old: &dyn ByteSource = old.as_deref().unwrap_or(&NoVersion);
-    let (made, received) = through_pipe(
+    let made = through_pipe(
         |mut w| async move {
             assemble(
                 recv,
@@ -379,24 +379,10 @@ async fn receive_data(
         },
     )
     .await;
-    match (made, received) {
-        (Ok(_), received) => received,
-        // The store stopped taking the bytes (a full disk): its reason.
-        (Err(TransferError::Write(_)), Err(e)) => Err(e),
-        (Err(e), _) => Err(crate::store::receive_error(e, path)),
-    }
-}
-
-/// No earlier version: a delta against it can copy nothing.
-struct NoVersion;
-
-#[async_trait::async_trait]
-impl ByteSource for NoVersion {
-    async fn range(&self, _from: u64, _to: u64) -> std::io::Result<ByteStream> {
-        Err(std::io::Error::new(
-            std::io::ErrorKind::NotFound,
-            "there is no earlier version",
-        ))
+    match made {
+        Ok((_, received)) => Ok(received),
+        Err(PipeError::Received(e)) => Err(e),
+        Err(PipeError::Made(e)) => Err(crate::store::receive_error(e, path)),
     }
 }
 
