@@ -560,3 +560,147 @@ async fn checksum_on(backend: Backend) {
         "--checksum and --force contradict"
     );
 }
+
+/// A filesystem of its own (XFS in a loop-mounted image), unmounted on drop.
+struct SharingFs {
+    mnt: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl SharingFs {
+    /// An XFS (which shares data between files) of 512 MiB, if this
+    /// machine can make one: root, mkfs.xfs and a loop device. Else why not.
+    fn make() -> Result<Self, String> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return Err("not root (a loop mount needs it)".into());
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("xfs.img");
+        let mnt = dir.path().join("mnt");
+        std::fs::File::create(&img)
+            .unwrap()
+            .set_len(512 << 20)
+            .unwrap();
+        std::fs::create_dir(&mnt).unwrap();
+        let ok = |cmd: &mut std::process::Command| {
+            cmd.output()
+                .map_err(|e| format!("{cmd:?}: {e}"))
+                .and_then(|o| {
+                    o.status
+                        .success()
+                        .then_some(())
+                        .ok_or_else(|| format!("{cmd:?}: {}", String::from_utf8_lossy(&o.stderr)))
+                })
+        };
+        ok(std::process::Command::new("mkfs.xfs")
+            .args(["-q", "-f"])
+            .arg(&img))?;
+        ok(std::process::Command::new("mount")
+            .args(["-o", "loop"])
+            .arg(&img)
+            .arg(&mnt))?;
+        Ok(Self { mnt, _dir: dir })
+    }
+}
+
+impl Drop for SharingFs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.mnt)
+            .status();
+    }
+}
+
+/// Whether `path`'s data shares extents with another file (filefrag's
+/// "shared" flag).
+fn shares_data(path: &Path) -> bool {
+    let out = std::process::Command::new("filefrag")
+        .arg("-v")
+        .arg(path)
+        .output()
+        .expect("filefrag (e2fsprogs)");
+    String::from_utf8_lossy(&out.stdout).contains("shared")
+}
+
+/// On a filesystem that shares data between files (issue 19: the 1 GiB
+/// delta), a delta in either direction starts the new version as a clone
+/// of the old and writes only what changed: the result is the new version,
+/// and it shares the unchanged data with the old one (kept here under a
+/// second name to see it), on the server for a put and on the client for
+/// a get.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delta_on_a_filesystem_that_shares_data_writes_only_what_changed() {
+    const MIB: usize = 1 << 20;
+    let fs = match SharingFs::make() {
+        Ok(fs) => fs,
+        Err(why) => {
+            eprintln!("skipped: cannot make an XFS to test on: {why}");
+            return;
+        }
+    };
+    let root = fs.mnt.join("root");
+    let server = TestServer::start_in(tempfile::tempdir().unwrap(), &root).await;
+    let home = home_for(&server);
+    let work = fs.mnt.join("work");
+    std::fs::create_dir(&work).unwrap();
+    let client = |args: &[&str]| {
+        let mut cmd = qxfer_at(home.path(), server.addr);
+        cmd.args(args).current_dir(&work);
+        cmd
+    };
+    let v1 = pattern(16 * MIB, 1);
+    std::fs::write(work.join("big"), &v1).unwrap();
+    run(client(&["put", "big", "--json"])).await;
+    run(client(&["get", "big", "-o", "dl", "--json"])).await;
+
+    // Upload: 1 MiB rewritten in the middle.
+    std::fs::hard_link(root.join("big"), root.join("v1")).unwrap();
+    let v2 = [&v1[..7 * MIB], &pattern(MIB, 2), &v1[8 * MIB..]].concat();
+    std::fs::write(work.join("big"), &v2).unwrap();
+    let f = the_file(&run(client(&["put", "big", "--sync", "--json"])).await);
+    assert_eq!(f["delta"], true, "{f}");
+    assert!(server.stored("big").await == v2, "the server holds v2");
+    assert!(std::fs::read(root.join("v1")).unwrap() == v1, "v1 intact");
+    assert!(shares_data(&root.join("big")), "v2 shares v1's data");
+
+    // Again, against the version the last delta made (whose chunks the
+    // server remembers), now with 100 bytes inserted at the start.
+    let v3 = [&pattern(100, 3), &v2[..]].concat();
+    std::fs::write(work.join("big"), &v3).unwrap();
+    let f = the_file(&run(client(&["put", "big", "--sync", "--json"])).await);
+    assert_eq!(f["delta"], true, "{f}");
+    assert!(f["bytes_sent"].as_u64().unwrap() < 300_000, "{f}");
+    assert!(server.stored("big").await == v3, "the server holds v3");
+
+    // Download of v3 over the client's v1: everything moved by 100 bytes,
+    // so nothing can be shared (only written), but it is still a delta.
+    let f = the_file(&run(client(&["get", "big", "-o", "dl", "--sync", "--json"])).await);
+    assert_eq!(f["delta"], true, "{f}");
+    assert!(
+        std::fs::read(work.join("dl/big")).unwrap() == v3,
+        "the download is v3"
+    );
+
+    // Download of v4 (1 MiB rewritten in place) over the client's v3.
+    std::fs::hard_link(work.join("dl/big"), work.join("dl-v3")).unwrap();
+    let v4 = [&v3[..3 * MIB], &pattern(MIB, 4), &v3[4 * MIB..]].concat();
+    std::fs::write(work.join("big"), &v4).unwrap();
+    run(client(&["put", "big", "--sync", "--json"])).await;
+    let f = the_file(&run(client(&["get", "big", "-o", "dl", "--sync", "--json"])).await);
+    assert_eq!(f["delta"], true, "{f}");
+    assert!(
+        std::fs::read(work.join("dl/big")).unwrap() == v4,
+        "the download is v4"
+    );
+    assert!(
+        std::fs::read(work.join("dl-v3")).unwrap() == v3,
+        "v3 intact"
+    );
+    assert!(
+        shares_data(&work.join("dl/big")),
+        "the download shares v3's data"
+    );
+    assert!(server.partials().await.is_empty(), "no temporaries left");
+}

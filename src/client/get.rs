@@ -516,41 +516,69 @@ pub(super) async fn receive_get(
         };
         let expect = meta.size - start.offset;
         let wire = &mut wire;
-        // The assembled bytes go through the usual receiving path; the
-        // rate limit applies where bytes cross (the new blocks), which a
-        // copy does not.
-        let made = exchange::through_pipe(
-            // Bars and rates count what crossed: new bytes as they
-            // arrive, copies as bytes kept.
-            |mut w| async move {
-                let pace = pace.as_deref();
-                exchange::assemble(
-                    wire, &old.bytes, old.size, expect, &mut w, pace, progress, kept,
-                )
-                .await
-            },
-            |mut r| async move {
-                exchange::receive_file(
-                    &mut r,
-                    meta.size,
-                    file,
-                    start,
-                    Encoding::Raw,
-                    None,
-                    None,
-                    &|_| {},
-                    std::future::pending(),
-                )
-                .await
-            },
-        )
-        .await;
-        match made {
-            Ok((d, received)) => {
-                delta = Some(d);
-                Ok(received)
+        // Where the filesystem shares data between files, the new version
+        // starts as a clone of the old and only what differs is written.
+        let cloned = if start.offset == 0 {
+            let made = file.try_clone().map_err(FileError::local(dest))?;
+            let pace = pace.as_deref();
+            exchange::assemble_cloned(
+                &mut *wire,
+                &old.bytes,
+                old.size,
+                made,
+                expect,
+                Cutter::for_size(old.size),
+                pace,
+                progress,
+                kept,
+                std::future::pending(),
+            )
+            .await
+        } else {
+            None
+        };
+        if let Some(made) = cloned {
+            made.map(|made| {
+                delta = Some(made.sent);
+                made.received
+            })
+        } else {
+            // The assembled bytes go through the usual receiving path; the
+            // rate limit applies where bytes cross (the new blocks), which a
+            // copy does not.
+            let made = exchange::through_pipe(
+                // Bars and rates count what crossed: new bytes as they
+                // arrive, copies as bytes kept.
+                |mut w| async move {
+                    let pace = pace.as_deref();
+                    exchange::assemble(
+                        wire, &old.bytes, old.size, expect, &mut w, pace, progress, kept,
+                    )
+                    .await
+                },
+                |mut r| async move {
+                    exchange::receive_file(
+                        &mut r,
+                        meta.size,
+                        file,
+                        start,
+                        Encoding::Raw,
+                        None,
+                        None,
+                        &|_| {},
+                        std::future::pending(),
+                    )
+                    .await
+                },
+            )
+            .await;
+            match made {
+                Ok((d, received)) => {
+                    delta = Some(d);
+                    Ok(received)
+                }
+                Err(exchange::PipeError::Made(e) | exchange::PipeError::Received(e)) => Err(e),
             }
-            Err(exchange::PipeError::Made(e) | exchange::PipeError::Received(e)) => Err(e),
         }
     } else {
         exchange::receive_file(

@@ -30,6 +30,7 @@ use crate::protocol::{
     FrameError, CHUNKS_PER_BATCH, MAX_AVG_CHUNK, MAX_DELTA_CHUNKS, MIN_AVG_CHUNK,
 };
 
+use super::described;
 use super::*;
 
 /// Files smaller than this are sent whole even when an older version is
@@ -159,6 +160,12 @@ pub(crate) trait ByteSource: Send + Sync {
     async fn check_unchanged(&self) -> Result<(), TransferError> {
         Ok(())
     }
+
+    /// The local file behind it, if it is one: a delta against it may be
+    /// made by sharing its data (see [`assemble_cloned`]).
+    fn as_file(&self) -> Option<&FileBytes> {
+        None
+    }
 }
 
 /// What [`ByteSource::range`] gives.
@@ -168,14 +175,36 @@ pub(crate) type ByteStream = BoxStream<'static, std::io::Result<Bytes>>;
 pub(crate) struct FileBytes {
     file: Arc<File>,
     before: Option<Snapshot>,
+    /// Which version of which file it is, for the descriptions cache.
+    key: Option<FileKey>,
 }
 
 impl FileBytes {
     pub(crate) fn new(file: File) -> Self {
         let before = Snapshot::of(&file);
+        let key = FileKey::of(&file);
         Self {
             file: Arc::new(file),
             before,
+            key,
+        }
+    }
+
+    /// What this process remembers of the file cut by `cutter` (see
+    /// `described`), if it is `size` bytes as expected.
+    fn recall(&self, size: u64, cutter: Cutter) -> Option<Description> {
+        let key = self.key.as_ref()?;
+        let d = described::recall(key, cutter.avg())?;
+        (d.chunks.iter().map(|c| u64::from(c.len)).sum::<u64>() == size).then_some(d)
+    }
+
+    /// Remembers the file's chunks (and digest), if it did not change
+    /// while they were computed.
+    async fn remember(&self, cutter: Cutter, chunks: Arc<[ChunkSum]>, digest: Option<Digest>) {
+        if let Some(key) = self.key {
+            if self.check_unchanged().await.is_ok() {
+                described::remember(key, cutter.avg(), Description { chunks, digest });
+            }
         }
     }
 }
@@ -201,6 +230,10 @@ impl ByteSource for FileBytes {
             }
         });
         Ok(stream.boxed())
+    }
+
+    fn as_file(&self) -> Option<&FileBytes> {
+        Some(self)
     }
 
     async fn check_unchanged(&self) -> Result<(), TransferError> {
@@ -309,34 +342,67 @@ pub(crate) async fn send_chunks<W>(
 where
     W: AsyncWrite + Unpin,
 {
+    // Cut before, and unchanged since: nothing to read.
+    if let Some(d) = old.as_file().and_then(|f| f.recall(size, cutter)) {
+        let mut batches = d.chunks.chunks(CHUNKS_PER_BATCH).peekable();
+        while let Some(b) = batches.next() {
+            let batch = ChunkBatch {
+                chunks: b.to_vec(),
+                more: batches.peek().is_some(),
+            };
+            write_stalled(out, &batch).await?;
+        }
+        if d.chunks.is_empty() {
+            let end = ChunkBatch {
+                chunks: Vec::new(),
+                more: false,
+            };
+            write_stalled(out, &end).await?;
+        }
+        return Ok(());
+    }
     let mut pieces = Pieces::open(old, 0, size)
         .await
         .map_err(TransferError::OldVersion)?;
     let mut chunks = Chunks::new(cutter);
     let mut batch = Vec::new();
+    let mut all = Vec::new();
     let mut read = 0u64;
+    let mut piece = pieces.next().await.map_err(TransferError::OldVersion)?;
     loop {
-        let piece = pieces.next().await.map_err(TransferError::OldVersion)?;
         let last = piece.is_none();
         if let Some(p) = &piece {
             read += p.len() as u64;
         }
-        // Cutting and hashing are CPU work: off the async threads.
-        let sums;
-        (chunks, sums) = blocking(move || {
-            let mut sums = Vec::new();
-            if let Some(p) = piece {
-                chunks.push(&p);
-            }
-            while let Some(c) = chunks.next(last) {
-                sums.push(ChunkSum {
-                    len: c.len() as u32,
-                    digest: *blake3::hash(c).as_bytes(),
-                });
-            }
-            (chunks, sums)
-        })
-        .await;
+        // Cutting and hashing are CPU work, off the async threads, while
+        // the next piece is read.
+        let this = piece.take();
+        let (next, (c, sums)) = tokio::join!(
+            async {
+                match last {
+                    true => Ok(None),
+                    false => pieces.next().await,
+                }
+            },
+            blocking(move || {
+                let mut sums = Vec::new();
+                if let Some(p) = this {
+                    chunks.push(&p);
+                }
+                while let Some(c) = chunks.next(last) {
+                    sums.push(ChunkSum {
+                        len: c.len() as u32,
+                        digest: *blake3::hash(c).as_bytes(),
+                    });
+                }
+                (chunks, sums)
+            })
+        );
+        chunks = c;
+        piece = next.map_err(TransferError::OldVersion)?;
+        if old.as_file().is_some() {
+            all.extend_from_slice(&sums);
+        }
         batch.extend(sums);
         while batch.len() >= CHUNKS_PER_BATCH {
             let rest = batch.split_off(CHUNKS_PER_BATCH);
@@ -352,7 +418,11 @@ where
                 chunks: batch,
                 more: false,
             };
-            return write_stalled(out, &end).await;
+            write_stalled(out, &end).await?;
+            if let Some(f) = old.as_file() {
+                f.remember(cutter, all.into(), None).await;
+            }
+            return Ok(());
         }
     }
 }
@@ -471,35 +541,81 @@ pub(crate) async fn cut_source(
     size: u64,
     cutter: Cutter,
 ) -> Result<Cut, TransferError> {
+    // Cut before, and unchanged since: at most a hash to take.
+    if let Some(d) = src.as_file().and_then(|f| f.recall(size, cutter)) {
+        let digest = match d.digest {
+            Some(digest) => digest,
+            None => hash_source(src, size).await.map_err(read_error)?,
+        };
+        let mut pos = 0;
+        let chunks = d
+            .chunks
+            .iter()
+            .map(|c| {
+                pos += u64::from(c.len);
+                (pos - u64::from(c.len), c.len, c.digest)
+            })
+            .collect();
+        return Ok(Cut {
+            cutter,
+            chunks,
+            digest,
+        });
+    }
     let mut pieces = Pieces::open(src, 0, size).await.map_err(read_error)?;
-    let state = (Chunks::new(cutter), blake3::Hasher::new(), Vec::new(), 0u64);
-    let mut state = Some(state);
+    let (mut chunks, mut hasher, mut list, mut pos) =
+        (Chunks::new(cutter), blake3::Hasher::new(), Vec::new(), 0u64);
+    let mut piece = pieces.next().await.map_err(read_error)?.map(Arc::new);
     loop {
-        let piece = pieces.next().await.map_err(read_error)?;
         let last = piece.is_none();
-        let (mut chunks, mut hasher, mut list, mut pos) = state.take().expect("kept");
-        // Cutting and hashing are CPU work: off the async threads.
-        let back = blocking(move || {
-            if let Some(p) = &piece {
-                hasher.update(p);
-                chunks.push(p);
-            }
-            while let Some(c) = chunks.next(last) {
-                list.push((pos, c.len() as u32, *blake3::hash(c).as_bytes()));
-                pos += c.len() as u64;
-            }
-            (chunks, hasher, list, pos)
-        })
-        .await;
+        // Cutting and hashing are CPU work, off the async threads; the
+        // whole file's hash, the chunks and the next read go side by
+        // side (a sender's file is cut while the receiver describes its
+        // own, so this is the time the delta waits for).
+        let (p1, p2) = (piece.clone(), piece.take());
+        let (next, h, c) = tokio::join!(
+            async {
+                match last {
+                    true => Ok(None),
+                    false => pieces.next().await.map(|p| p.map(Arc::new)),
+                }
+            },
+            blocking(move || {
+                if let Some(p) = p1 {
+                    hasher.update(&p);
+                }
+                hasher
+            }),
+            blocking(move || {
+                if let Some(p) = p2 {
+                    chunks.push(&p);
+                }
+                while let Some(c) = chunks.next(last) {
+                    list.push((pos, c.len() as u32, *blake3::hash(c).as_bytes()));
+                    pos += c.len() as u64;
+                }
+                (chunks, list, pos)
+            })
+        );
+        hasher = h;
+        (chunks, list, pos) = c;
+        piece = next.map_err(read_error)?;
         if last {
-            let (_, hasher, chunks, _) = back;
+            let chunks = list;
+            let digest = *hasher.finalize().as_bytes();
+            if let Some(f) = src.as_file() {
+                let sums = chunks
+                    .iter()
+                    .map(|&(_, len, digest)| ChunkSum { len, digest })
+                    .collect();
+                f.remember(cutter, sums, Some(digest)).await;
+            }
             return Ok(Cut {
                 cutter,
                 chunks,
-                digest: *hasher.finalize().as_bytes(),
+                digest,
             });
         }
-        state = Some(back);
     }
 }
 
@@ -668,6 +784,44 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
+    let mut target = Target::Stream(made);
+    apply(
+        input,
+        old,
+        old_size,
+        expect,
+        &mut target,
+        pace,
+        progress,
+        kept,
+    )
+    .await
+}
+
+/// Where [`apply`] puts the new version.
+enum Target<'a, W> {
+    /// Written out in order, copies included.
+    Stream(&'a mut W),
+    /// Patched into a file that already holds the old version's data.
+    Patch(&'a mut Patched),
+}
+
+/// The op loop of [`assemble`] and [`assemble_cloned`].
+#[allow(clippy::too_many_arguments)]
+async fn apply<R, W>(
+    input: &mut R,
+    old: &dyn ByteSource,
+    old_size: u64,
+    expect: u64,
+    made: &mut Target<'_, W>,
+    pace: Option<&Pacer>,
+    progress: &Advance<'_>,
+    kept: &Advance<'_>,
+) -> Result<DeltaSent, TransferError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
     let mut got = DeltaSent::default();
     let mut written = 0u64;
     let past = |n: u64, written: u64| {
@@ -690,11 +844,18 @@ where
                 if written + len > expect {
                     return Err(past(len, written));
                 }
-                let mut pieces = Pieces::open(old, from, from + len)
-                    .await
-                    .map_err(TransferError::OldVersion)?;
-                while let Some(p) = pieces.next().await.map_err(TransferError::OldVersion)? {
-                    made.write_all(&p).await.map_err(TransferError::Write)?;
+                match made {
+                    Target::Stream(w) => {
+                        let mut pieces = Pieces::open(old, from, from + len)
+                            .await
+                            .map_err(TransferError::OldVersion)?;
+                        while let Some(p) =
+                            pieces.next().await.map_err(TransferError::OldVersion)?
+                        {
+                            w.write_all(&p).await.map_err(TransferError::Write)?;
+                        }
+                    }
+                    Target::Patch(p) => p.copy(from, len).await?,
                 }
                 written += len;
                 got.copied += len;
@@ -725,7 +886,10 @@ where
                 } else {
                     payload
                 };
-                made.write_all(&bytes).await.map_err(TransferError::Write)?;
+                match made {
+                    Target::Stream(w) => w.write_all(&bytes).await.map_err(TransferError::Write)?,
+                    Target::Patch(p) => p.write(bytes).await?,
+                }
                 written += raw_len;
                 got.literal += raw_len;
                 progress(raw_len);
@@ -737,11 +901,324 @@ where
                         expected: expect,
                     });
                 }
-                made.flush().await.map_err(TransferError::Write)?;
+                if let Target::Stream(w) = made {
+                    w.flush().await.map_err(TransferError::Write)?;
+                }
                 return Ok(got);
             }
         }
     }
+}
+
+/// Shares all of `old`'s data with `made` (FICLONE), if the filesystem
+/// can share extents between files (XFS, btrfs, bcachefs) and both are on
+/// it. Blocking.
+fn share_data(made: &File, old: &File) -> bool {
+    #[cfg(target_os = "linux")]
+    {
+        rustix::fs::ioctl_ficlone(made, old).is_ok()
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = (made, old);
+        false
+    }
+}
+
+/// A new version being made in a file that starts as a clone of the old
+/// one: a copy from where it already sits costs a read for the hash and
+/// no write; everything else is written at its place. Every byte up to
+/// `pos` is the new version's. On the way it tells the new version's
+/// chunks (copies are whole chunks of the old version as described here,
+/// new bytes are cut here), for the descriptions cache.
+pub(crate) struct Patched {
+    made: Arc<File>,
+    old: Arc<File>,
+    pos: u64,
+    hasher: Option<blake3::Hasher>,
+    cutter: Cutter,
+    /// The new version's chunks so far; None once they cannot be told (a
+    /// copy that is not of whole chunks, or too many of them).
+    chunks: Option<Vec<ChunkSum>>,
+    /// The old version's chunks as described here, and where each starts.
+    old_chunks: Option<(Arc<[ChunkSum]>, Vec<u64>)>,
+    /// New bytes not yet cut into whole chunks.
+    cutting: Option<Chunks>,
+}
+
+impl Patched {
+    /// Copies `len` bytes of the old version at `from` to `pos`, hashing them.
+    async fn copy(&mut self, from: u64, len: u64) -> Result<(), TransferError> {
+        self.end_new().await;
+        self.take_old(from, len);
+        // Where the bytes already are (the clone put them there), nothing
+        // is written: that is what sharing saves. The next piece is read
+        // while this one is hashed.
+        let in_place = from == self.pos;
+        let end = from + len;
+        let read = |at: u64| {
+            let old = self.old.clone();
+            async move {
+                if at >= end {
+                    return Ok(None);
+                }
+                let want = (end - at).min(CHUNK as u64) as usize;
+                blocking(move || {
+                    use std::os::unix::fs::FileExt;
+                    let mut buf = vec![0u8; want];
+                    old.read_exact_at(&mut buf, at).map(|()| Some(buf))
+                })
+                .await
+                .map_err(TransferError::OldVersion)
+            }
+        };
+        let mut at = from;
+        let mut piece = read(at).await?;
+        while let Some(buf) = piece.take() {
+            let n = buf.len() as u64;
+            let (made, to) = (self.made.clone(), self.pos);
+            let mut hasher = self.hasher.take().expect("kept");
+            let (next, done) = tokio::join!(
+                read(at + n),
+                blocking(move || {
+                    use std::os::unix::fs::FileExt;
+                    if !in_place {
+                        made.write_all_at(&buf, to).map_err(TransferError::Write)?;
+                    }
+                    hasher.update(&buf);
+                    Ok::<_, TransferError>(hasher)
+                })
+            );
+            self.hasher = Some(done?);
+            self.pos += n;
+            at += n;
+            piece = next?;
+        }
+        Ok(())
+    }
+
+    /// Writes new bytes at `pos`, hashing them and cutting them into chunks.
+    async fn write(&mut self, bytes: Vec<u8>) -> Result<(), TransferError> {
+        let (made, to) = (self.made.clone(), self.pos);
+        let mut hasher = self.hasher.take().expect("kept");
+        let tell = self.chunks.is_some();
+        let mut cutting = self
+            .cutting
+            .take()
+            .unwrap_or_else(|| Chunks::new(self.cutter));
+        let n = bytes.len() as u64;
+        let (hasher, cutting, sums) = blocking(move || {
+            use std::os::unix::fs::FileExt;
+            made.write_all_at(&bytes, to)
+                .map_err(TransferError::Write)?;
+            hasher.update(&bytes);
+            let mut sums = Vec::new();
+            if tell {
+                cutting.push(&bytes);
+                while let Some(c) = cutting.next(false) {
+                    sums.push(ChunkSum {
+                        len: c.len() as u32,
+                        digest: *blake3::hash(c).as_bytes(),
+                    });
+                }
+            }
+            Ok::<_, TransferError>((hasher, cutting, sums))
+        })
+        .await?;
+        self.hasher = Some(hasher);
+        self.cutting = Some(cutting);
+        self.add(sums);
+        self.pos += n;
+        Ok(())
+    }
+
+    /// Cuts the rest of a stretch of new bytes (a copy or the end follows).
+    async fn end_new(&mut self) {
+        let Some(mut cutting) = self.cutting.take() else {
+            return;
+        };
+        if self.chunks.is_none() {
+            return;
+        }
+        let sums = blocking(move || {
+            let mut sums = Vec::new();
+            while let Some(c) = cutting.next(true) {
+                sums.push(ChunkSum {
+                    len: c.len() as u32,
+                    digest: *blake3::hash(c).as_bytes(),
+                });
+            }
+            sums
+        })
+        .await;
+        self.add(sums);
+    }
+
+    /// Tells the chunks of a copy: whole chunks of the old version, or
+    /// (a copy that starts or ends inside one) no longer anything.
+    fn take_old(&mut self, from: u64, len: u64) {
+        let Some((sums, starts)) = &self.old_chunks else {
+            self.chunks = None;
+            return;
+        };
+        let Ok(first) = starts.binary_search(&from) else {
+            self.chunks = None;
+            return;
+        };
+        let end = from + len;
+        let count = starts[first..].partition_point(|&s| s < end);
+        let last = first + count - 1;
+        if starts[last] + u64::from(sums[last].len) != end {
+            self.chunks = None;
+            return;
+        }
+        let taken = sums[first..first + count].to_vec();
+        self.add(taken);
+    }
+
+    fn add(&mut self, sums: Vec<ChunkSum>) {
+        if let Some(list) = &mut self.chunks {
+            if list.len() + sums.len() > MAX_DELTA_CHUNKS as usize {
+                self.chunks = None;
+            } else {
+                list.extend(sums);
+            }
+        }
+    }
+}
+
+/// The receiver's side on a filesystem that shares data between files:
+/// like [`assemble`] into the empty file `made`, but `made` first becomes
+/// a clone of `old` (no data copied), so copies from where they already
+/// sit are only read for the hash, and only the new bytes and moved ones
+/// are written: the commit then syncs those alone, not the whole file.
+/// Returns None, having read nothing, where the filesystem cannot share
+/// (ext4, tmpfs, another filesystem than `old`'s); else what [`assemble`]
+/// returns and the new version's size and BLAKE3. The old version is
+/// read for the hash (its data is in memory from the description), so it
+/// must not have changed since it was opened: that is checked at the end.
+/// However this ends, `made` then holds a prefix of the new version (the
+/// rest of the clone cut off), which a resume can build on.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn assemble_cloned<R>(
+    input: &mut R,
+    old: &FileBytes,
+    old_size: u64,
+    made: File,
+    expect: u64,
+    cutter: Cutter,
+    pace: Option<&Pacer>,
+    progress: &Advance<'_>,
+    kept: &Advance<'_>,
+    stop: impl std::future::Future<Output = ()>,
+) -> Option<Result<Cloned, TransferError>>
+where
+    R: AsyncRead + Unpin,
+{
+    let made = Arc::new(made);
+    let (m, o) = (made.clone(), old.file.clone());
+    if !blocking(move || share_data(&m, &o)).await {
+        return None;
+    }
+    Some(
+        assemble_patched(
+            input, old, old_size, made, expect, cutter, pace, progress, kept, stop,
+        )
+        .await,
+    )
+}
+
+/// [`assemble_cloned`] once `made` holds the old version's data.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn assemble_patched<R>(
+    input: &mut R,
+    old: &FileBytes,
+    old_size: u64,
+    made: Arc<File>,
+    expect: u64,
+    cutter: Cutter,
+    pace: Option<&Pacer>,
+    progress: &Advance<'_>,
+    kept: &Advance<'_>,
+    stop: impl std::future::Future<Output = ()>,
+) -> Result<Cloned, TransferError>
+where
+    R: AsyncRead + Unpin,
+{
+    let old_chunks = old.recall(old_size, cutter).map(|d| {
+        let mut at = 0;
+        let starts = d
+            .chunks
+            .iter()
+            .map(|c| {
+                at += u64::from(c.len);
+                at - u64::from(c.len)
+            })
+            .collect();
+        (d.chunks, starts)
+    });
+    let mut patched = Patched {
+        made: made.clone(),
+        old: old.file.clone(),
+        pos: 0,
+        hasher: Some(blake3::Hasher::new()),
+        cutter,
+        chunks: Some(Vec::new()),
+        old_chunks,
+        cutting: None,
+    };
+    let result = {
+        let mut target = Target::<tokio::io::Sink>::Patch(&mut patched);
+        let applying = apply(
+            input,
+            old,
+            old_size,
+            expect,
+            &mut target,
+            pace,
+            progress,
+            kept,
+        );
+        tokio::select! {
+            r = applying => r,
+            () = stop => Err(TransferError::Stopped),
+        }
+    };
+    if result.is_ok() {
+        patched.end_new().await;
+    }
+    let result = match result {
+        Ok(d) => old.check_unchanged().await.map(|()| d).map_err(|_| {
+            TransferError::OldVersion(std::io::Error::other(
+                "the old version changed while the new one was made from it",
+            ))
+        }),
+        Err(e) => Err(e),
+    };
+    // What lies past `pos` is the old version's, not the new one's.
+    let (pos, m) = (patched.pos, made.clone());
+    let cut = blocking(move || m.set_len(pos)).await;
+    let sent = result.and_then(|d| cut.map(|()| d).map_err(TransferError::Write));
+    sent.map(|sent| {
+        let digest = *patched.hasher.as_ref().expect("kept").finalize().as_bytes();
+        Cloned {
+            sent,
+            received: Received { size: pos, digest },
+            described: patched.chunks.map(|c| Description {
+                chunks: c.into(),
+                digest: Some(digest),
+            }),
+        }
+    })
+}
+
+/// What [`assemble_cloned`] made.
+pub(crate) struct Cloned {
+    pub(crate) sent: DeltaSent,
+    pub(crate) received: Received,
+    /// The new version's chunks, where they could be told: to remember
+    /// once it is committed (see `described`).
+    pub(crate) described: Option<Description>,
 }
 
 /// Fills `buf` from `input`, failing if nothing arrives for [`STALL_TIMEOUT`].

@@ -11,7 +11,7 @@
 //!
 //! One module per job: `send` and `receive` (the two ends of a file's
 //! bytes), `delta` (a changed file as copies of the receiver's old
-//! version and new blocks), `compress` (zstd blocks), `pace`
+//! version and new blocks), `described` (the chunks of files cut before), `compress` (zstd blocks), `pace`
 //! (`--limit-rate`), `start` (resume prefixes), `pool` (the disk threads), `commit` (atomic commits
 //! on either side), `meta` (mtimes and modes), `counted` (bytes on the
 //! wire), `error`.
@@ -20,6 +20,7 @@ mod commit;
 mod compress;
 mod counted;
 mod delta;
+mod described;
 mod error;
 mod meta;
 mod pace;
@@ -34,6 +35,7 @@ pub(crate) use commit::*;
 use compress::*;
 pub(crate) use counted::Counted;
 pub(crate) use delta::*;
+pub(crate) use described::{remember as remember_described, Description, FileKey};
 pub use error::TransferError;
 pub(crate) use error::*;
 pub(crate) use meta::*;

@@ -983,3 +983,247 @@ async fn a_hostile_description_of_the_old_version_is_refused() {
         .await
         .contains("more than 131072 chunks"));
 }
+
+/// Describes the local file `path` as a receiver does (through the
+/// descriptions cache): the chunks it sends.
+async fn describe_file(path: &Path, cutter: Cutter) -> Vec<crate::protocol::ChunkSum> {
+    let src = FileBytes::new(File::open(path).unwrap());
+    let size = std::fs::metadata(path).unwrap().len();
+    let mut described = Vec::new();
+    send_chunks(&src, size, cutter, &mut described)
+        .await
+        .unwrap();
+    let mut chunks = Vec::new();
+    let mut input = &described[..];
+    loop {
+        let batch: crate::protocol::ChunkBatch =
+            crate::protocol::read_frame(&mut input).await.unwrap();
+        chunks.extend(batch.chunks);
+        if !batch.more {
+            return chunks;
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_delta_patched_into_a_copy_of_the_old_version_makes_the_new_and_tells_its_chunks() {
+    // What a filesystem that shares data does with a clone is what a copy
+    // of the old file's bytes gives here: the same start for the patching.
+    const MIB: usize = 1 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let old = noise(6 * MIB, 11);
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("unchanged", old.clone()),
+        (
+            "1 MiB rewritten in the middle",
+            [&old[..3 * MIB], &noise(MIB, 12), &old[4 * MIB..]].concat(),
+        ),
+        (
+            "100 bytes inserted at the start",
+            [&noise(100, 13), &old[..]].concat(),
+        ),
+        (
+            "10 KiB deleted in the middle",
+            [&old[..2 * MIB], &old[2 * MIB + 10_240..]].concat(),
+        ),
+        ("grown", [&old[..], &noise(MIB, 14)].concat()),
+        ("shrunk", old[..5 * MIB].to_vec()),
+        ("all new", noise(2 * MIB, 15)),
+    ];
+    let cutter = Cutter::for_size(old.len() as u64);
+    for (i, (what, new)) in cases.into_iter().enumerate() {
+        let old_path = dir.path().join(format!("old{i}"));
+        let new_path = dir.path().join(format!("new{i}"));
+        std::fs::write(&old_path, &old).unwrap();
+        std::fs::write(&new_path, &new).unwrap();
+        // The receiver describes its version (and remembers it).
+        let chunks = describe_file(&old_path, cutter).await;
+        let mut frames = Vec::new();
+        crate::protocol::write_frame(
+            &mut frames,
+            &crate::protocol::ChunkBatch {
+                chunks: chunks.clone(),
+                more: false,
+            },
+        )
+        .await
+        .unwrap();
+        let base = crate::protocol::DeltaBase {
+            size: old.len() as u64,
+            avg_chunk: cutter.avg(),
+        };
+        let index = read_chunks(&mut &frames[..], base).await.unwrap();
+        let new_src = FileBytes::new(File::open(&new_path).unwrap());
+        let mut ops = Vec::new();
+        let (digest, sent) = send_delta(
+            &new_src,
+            new.len() as u64,
+            0,
+            Arc::new(index),
+            DELTA_FRAMING,
+            None,
+            &mut ops,
+            &|_| {},
+            &|_| {},
+        )
+        .await
+        .unwrap();
+        let made_path = dir.path().join(format!("made{i}"));
+        std::fs::copy(&old_path, &made_path).unwrap();
+        let made = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&made_path)
+            .unwrap();
+        let old_src = FileBytes::new(File::open(&old_path).unwrap());
+        let got = assemble_patched(
+            &mut &ops[..],
+            &old_src,
+            old.len() as u64,
+            Arc::new(made),
+            new.len() as u64,
+            cutter,
+            None,
+            &|_| {},
+            &|_| {},
+            std::future::pending(),
+        )
+        .await
+        .unwrap();
+        assert!(
+            std::fs::read(&made_path).unwrap() == new,
+            "{what}: the file made differs"
+        );
+        assert_eq!(got.sent, sent, "{what}");
+        assert_eq!(got.received.size, new.len() as u64, "{what}");
+        assert_eq!(got.received.digest, digest, "{what}");
+        assert_eq!(digest, *blake3::hash(&new).as_bytes(), "{what}");
+        // The chunks it tells are the new version's as a cut of it finds.
+        let told = got.described.expect("the chunks of an honest delta");
+        let fresh = describe_file(&new_path, cutter).await;
+        assert!(
+            told.chunks[..] == fresh[..],
+            "{what}: other chunks than a cut finds"
+        );
+        assert_eq!(told.digest, Some(digest));
+    }
+}
+
+#[tokio::test]
+async fn a_patched_delta_cut_short_leaves_a_prefix_of_the_new_version() {
+    const MIB: usize = 1 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let old = noise(4 * MIB, 21);
+    let new = [&old[..MIB], &noise(MIB, 22), &old[2 * MIB..]].concat();
+    let (old_path, new_path) = (dir.path().join("old"), dir.path().join("new"));
+    std::fs::write(&old_path, &old).unwrap();
+    std::fs::write(&new_path, &new).unwrap();
+    let cutter = Cutter::for_size(old.len() as u64);
+    let chunks = describe_file(&old_path, cutter).await;
+    let mut frames = Vec::new();
+    crate::protocol::write_frame(
+        &mut frames,
+        &crate::protocol::ChunkBatch {
+            chunks,
+            more: false,
+        },
+    )
+    .await
+    .unwrap();
+    let base = crate::protocol::DeltaBase {
+        size: old.len() as u64,
+        avg_chunk: cutter.avg(),
+    };
+    let index = read_chunks(&mut &frames[..], base).await.unwrap();
+    let mut ops = Vec::new();
+    let new_src = FileBytes::new(File::open(&new_path).unwrap());
+    send_delta(
+        &new_src,
+        new.len() as u64,
+        0,
+        Arc::new(index),
+        DELTA_FRAMING,
+        None,
+        &mut ops,
+        &|_| {},
+        &|_| {},
+    )
+    .await
+    .unwrap();
+    // The connection breaks a little past the new block.
+    let cut_at = ops.len() * 2 / 3;
+    let made_path = dir.path().join("made");
+    std::fs::copy(&old_path, &made_path).unwrap();
+    let made = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&made_path)
+        .unwrap();
+    let old_src = FileBytes::new(File::open(&old_path).unwrap());
+    let err = assemble_patched(
+        &mut &ops[..cut_at],
+        &old_src,
+        old.len() as u64,
+        Arc::new(made),
+        new.len() as u64,
+        cutter,
+        None,
+        &|_| {},
+        &|_| {},
+        std::future::pending(),
+    )
+    .await
+    .err()
+    .expect("a delta cut short fails");
+    assert!(
+        matches!(
+            err,
+            TransferError::Truncated { .. } | TransferError::Malformed(_)
+        ),
+        "{err}"
+    );
+    let held = std::fs::read(&made_path).unwrap();
+    assert!(
+        !held.is_empty() && held.len() < new.len(),
+        "{} bytes held",
+        held.len()
+    );
+    assert!(
+        held == new[..held.len()],
+        "what is held is a prefix of the new version"
+    );
+}
+
+#[tokio::test]
+async fn a_remembered_description_is_used_only_while_the_file_is_unchanged() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("f");
+    let data = noise(3 << 20, 31);
+    std::fs::write(&path, &data).unwrap();
+    let cutter = Cutter::for_size(data.len() as u64);
+    let first = describe_file(&path, cutter).await;
+    assert_eq!(describe_file(&path, cutter).await, first, "recalled as cut");
+    // Rewritten in place with its size and mtime kept: the ctime moved,
+    // so the file is cut again.
+    let mtime = std::fs::metadata(&path).unwrap().modified().unwrap();
+    let changed = [
+        &data[..1 << 20],
+        &noise(4096, 32),
+        &data[(1 << 20) + 4096..],
+    ]
+    .concat();
+    {
+        let mut f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        f.write_all(&changed).unwrap();
+        f.set_modified(mtime).unwrap();
+    }
+    let again = describe_file(&path, cutter).await;
+    assert_ne!(again, first);
+    let copy = dir.path().join("copy");
+    std::fs::write(&copy, &changed).unwrap();
+    assert_eq!(
+        again,
+        describe_file(&copy, cutter).await,
+        "the changed file's own chunks"
+    );
+}

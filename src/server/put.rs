@@ -15,7 +15,7 @@ use crate::protocol::{
     read_frame, write_frame, Continue, DeltaBase, Encoding, ErrorCode, FrameError, PutOffer,
     PutRequest, Receipt, RemoteError, Response, Trailer, RESUME_MIN,
 };
-use crate::store::{corrupt, Held, Prepared, PutPlan, Upload};
+use crate::store::{corrupt, Held, Prepared, PutPlan, Stop, Upload};
 
 use super::partials::{partial_name, pipe_name};
 use super::stream::{ReplyStream, RequestStream};
@@ -358,6 +358,17 @@ async fn receive_data(
     // blocks, and received from that as plain bytes, through the store's
     // usual path (temporary, hash, commit).
     let old: &dyn ByteSource = old.as_deref().unwrap_or(&NoVersion);
+    if let Some(file) = old.as_file().filter(|_| start == 0) {
+        // Where the filesystem shares data between files, the new version
+        // starts as a clone of the old and only what differs is written.
+        let stop: Stop<'_> = stop.as_mut();
+        if let Some(received) = upload
+            .receive_cloned(recv, file, old_size, Cutter::for_size(old_size), size, stop)
+            .await
+        {
+            return received;
+        }
+    }
     let made = through_pipe(
         |mut w| async move {
             assemble(

@@ -237,6 +237,22 @@ pub(crate) trait Upload: Send {
         stop: Stop<'_>,
     ) -> Result<Received, RemoteError>;
 
+    /// Receives a delta from byte 0 against `old` (a local file of
+    /// `old_size` bytes) by cloning it and writing only what differs
+    /// (see [`exchange::assemble_cloned`]), where this store and the
+    /// filesystem can; None, having read nothing, where they cannot.
+    async fn receive_cloned(
+        &mut self,
+        _input: &mut Input<'_>,
+        _old: &exchange::FileBytes,
+        _old_size: u64,
+        _cutter: exchange::Cutter,
+        _size: u64,
+        _stop: Stop<'_>,
+    ) -> Option<Result<Received, RemoteError>> {
+        None
+    }
+
     /// Writes a small file's data, read whole, checks it against `expected`
     /// and commits it: one trip to the storage for the lot.
     async fn commit_whole(

@@ -25,8 +25,8 @@ use cap_std::ambient_authority;
 use cap_std::fs::{Dir, OpenOptions, OpenOptionsExt};
 
 use crate::exchange::{
-    self, blocking, file_meta, to_timestamp, Advance, Buffered, ByteSource, CommitError, Framing,
-    IncomingFile, Start, TransferError,
+    self, blocking, file_meta, to_timestamp, Advance, Buffered, ByteSource, CommitError, FileKey,
+    Framing, IncomingFile, Start, TransferError,
 };
 use crate::paths::RemotePath;
 use crate::protocol::{Digest, DirMeta, Encoding, Entry, ErrorCode, FileMeta, Prefix, RemoteError};
@@ -520,6 +520,7 @@ fn receive(
             reserved,
             room,
             path: path.clone(),
+            described: None,
         }),
         held,
         discarded_stale,
@@ -538,6 +539,8 @@ struct LocalUpload {
     /// check before each write.
     room: Option<Arc<Space>>,
     path: RemotePath,
+    /// The chunks of a file made by a delta, to remember once committed.
+    described: Option<(u32, exchange::Description)>,
 }
 
 impl LocalUpload {
@@ -604,6 +607,54 @@ impl Upload for LocalUpload {
         })
     }
 
+    async fn receive_cloned(
+        &mut self,
+        input: &mut Input<'_>,
+        old: &exchange::FileBytes,
+        old_size: u64,
+        cutter: exchange::Cutter,
+        size: u64,
+        stop: Stop<'_>,
+    ) -> Option<Result<exchange::Received, RemoteError>> {
+        // Only a fresh temporary (not a resumed partial, not data of
+        // unknown length) can start as a clone.
+        if self.start.as_ref().is_some_and(|s| s.offset > 0) || self.room.is_some() {
+            return None;
+        }
+        let file = match self.incoming().file() {
+            Ok(f) => f,
+            Err(e) => return Some(Err(self.writing()(e))),
+        };
+        let mut input = input;
+        let made = exchange::assemble_cloned(
+            &mut input,
+            old,
+            old_size,
+            file,
+            size,
+            cutter,
+            None,
+            &|_| {},
+            &|_| {},
+            stop,
+        )
+        .await?;
+        Some(
+            made.map(|made| {
+                self.described = made.described.map(|d| (cutter.avg(), d));
+                made.received
+            })
+            .map_err(|e| {
+                if matches!(&e, TransferError::Write(io) if exchange::is_disk_full(io)) {
+                    if let Some(incoming) = self.incoming.take() {
+                        incoming.discard();
+                    }
+                }
+                self.receive_error(e)
+            }),
+        )
+    }
+
     async fn commit_whole(
         mut self: Box<Self>,
         data: Buffered,
@@ -637,9 +688,19 @@ impl Upload for LocalUpload {
     async fn commit(mut self: Box<Self>, meta: FileMeta, force: bool) -> Result<(), RemoteError> {
         let incoming = self.incoming.take().expect("the upload is still open");
         let path = self.path.clone();
-        blocking(move || incoming.commit(&meta, force))
-            .await
-            .map_err(|e| commit_error(e, &path))
+        let described = self.described.take();
+        blocking(move || {
+            let file = described.as_ref().and_then(|_| incoming.file().ok());
+            incoming.commit(&meta, force)?;
+            // Known as it is committed: its next delta, either way, need
+            // not read it again (see exchange's `described`).
+            if let (Some((avg, d)), Some(key)) = (described, file.as_ref().and_then(FileKey::of)) {
+                exchange::remember_described(key, avg, d);
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| commit_error(e, &path))
     }
 
     async fn abandon(mut self: Box<Self>) {
