@@ -13,10 +13,13 @@
 //! bytes themselves: nothing a peer sent is kept.
 //!
 //! Bounded by [`MAX_CACHED_CHUNKS`] chunks (about 50 MB); emptied when
-//! full, as the server's digest cache is.
+//! full, as the server's digest cache is. Only a process that says so
+//! ([`keep`]: the server) remembers anything: a client sees each file once
+//! a run, and would only hold the memory.
 
 use std::collections::HashMap;
 use std::fs::File;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
 
 use crate::protocol::{ChunkSum, Digest};
@@ -74,6 +77,13 @@ struct Held {
 
 static HELD: LazyLock<Mutex<Held>> = LazyLock::new(Mutex::default);
 
+static KEEPING: AtomicBool = AtomicBool::new(false);
+
+/// From now on, this process remembers the descriptions it makes.
+pub(crate) fn keep() {
+    KEEPING.store(true, Ordering::Relaxed);
+}
+
 fn held() -> std::sync::MutexGuard<'static, Held> {
     HELD.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -90,7 +100,7 @@ pub(crate) fn recall(key: &FileKey, avg: u32) -> Option<Description> {
 /// (replacing what was kept for an older version of that file).
 pub(crate) fn remember(key: FileKey, avg: u32, description: Description) {
     let n = description.chunks.len();
-    if n > MAX_CACHED_CHUNKS {
+    if !KEEPING.load(Ordering::Relaxed) || n > MAX_CACHED_CHUNKS {
         return;
     }
     let mut held = held();

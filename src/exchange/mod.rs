@@ -35,7 +35,9 @@ pub(crate) use commit::*;
 use compress::*;
 pub(crate) use counted::Counted;
 pub(crate) use delta::*;
-pub(crate) use described::{remember as remember_described, Description, FileKey};
+pub(crate) use described::{
+    keep as keep_descriptions, remember as remember_described, Description, FileKey,
+};
 pub use error::TransferError;
 pub(crate) use error::*;
 pub(crate) use meta::*;
