@@ -987,7 +987,7 @@ async fn a_hostile_description_of_the_old_version_is_refused() {
 /// Describes the local file `path` as a receiver does (through the
 /// descriptions cache): the chunks it sends.
 async fn describe_file(path: &Path, cutter: Cutter) -> Vec<crate::protocol::ChunkSum> {
-    super::described::keep();
+    keep_descriptions();
     let src = FileBytes::new(File::open(path).unwrap());
     let size = std::fs::metadata(path).unwrap().len();
     let mut described = Vec::new();
