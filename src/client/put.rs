@@ -118,10 +118,9 @@ impl Client {
                 })?;
                 let src =
                     exchange::FileBytes::new(file.try_clone().map_err(FileError::local(local))?);
-                let (index, cut) = tokio::join!(
-                    exchange::read_chunks(&mut recv, described),
-                    exchange::cut_source(&src, meta.size, cutter)
-                );
+                let (index, cut) =
+                    exchange::cut_while_described(&mut recv, described, &src, meta.size, cutter)
+                        .await;
                 let index = index.map_err(|e| FileError::Protocol(format!("{remote}: {e}")))?;
                 let cut = cut.map_err(|source| FileError::Transfer {
                     path: local.to_owned(),

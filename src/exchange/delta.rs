@@ -15,8 +15,9 @@
 //! The server's put and get handlers and the client's put and get all use
 //! these four; who describes and who sends depends only on the direction.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fs::File;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -330,6 +331,14 @@ fn network(e: FrameError) -> TransferError {
     }
 }
 
+/// Versions at least this large are described in two halves at once,
+/// each on its own thread: the description is what the other side waits
+/// for. The second half's chunks start at its first byte instead of where
+/// a cut of the whole would put them, which costs a chunk or two of
+/// matching around the middle (a sender that follows the description,
+/// see [`cut_along`], loses nothing).
+const DESCRIBE_IN_HALVES: u64 = 64 << 20;
+
 /// The receiver's side, first: describes its version `old` (`size` bytes,
 /// cut by `cutter`) as [`ChunkBatch`] frames to `out`. The caller has sent
 /// the [`DeltaBase`] naming `size` and `cutter`.
@@ -342,38 +351,84 @@ pub(crate) async fn send_chunks<W>(
 where
     W: AsyncWrite + Unpin,
 {
-    // Cut before, and unchanged since: nothing to read.
-    if let Some(d) = old.as_file().and_then(|f| f.recall(size, cutter)) {
-        let mut batches = d.chunks.chunks(CHUNKS_PER_BATCH).peekable();
-        while let Some(b) = batches.next() {
-            let batch = ChunkBatch {
-                chunks: b.to_vec(),
-                more: batches.peek().is_some(),
-            };
-            write_stalled(out, &batch).await?;
-        }
-        if d.chunks.is_empty() {
-            let end = ChunkBatch {
-                chunks: Vec::new(),
-                more: false,
-            };
-            write_stalled(out, &end).await?;
-        }
-        return Ok(());
+    send_chunks_halving(old, size, cutter, out, DESCRIBE_IN_HALVES).await
+}
+
+/// [`send_chunks`], in halves from `halves` bytes on.
+pub(crate) async fn send_chunks_halving<W>(
+    old: &dyn ByteSource,
+    size: u64,
+    cutter: Cutter,
+    out: &mut W,
+    halves: u64,
+) -> Result<(), TransferError>
+where
+    W: AsyncWrite + Unpin,
+{
+    // Cut before, and unchanged since: nothing to read. Else the chunks
+    // go out in batches as they are cut (a peer waits at most a minute
+    // for the next), the second half's once the first half's are out.
+    let (chunks, sent): (Arc<[ChunkSum]>, usize) =
+        match old.as_file().and_then(|f| f.recall(size, cutter)) {
+            Some(d) => (d.chunks, 0),
+            None if size >= halves => {
+                let mid = size / 2;
+                let (first, second) = tokio::join!(
+                    describe_range(old, 0, mid, cutter, Some(&mut *out)),
+                    describe_range::<W>(old, mid, size, cutter, None)
+                );
+                let (mut all, sent) = first?;
+                all.extend(second?.0);
+                (all.into(), sent)
+            }
+            None => {
+                let (all, sent) = describe_range(old, 0, size, cutter, Some(&mut *out)).await?;
+                (all.into(), sent)
+            }
+        };
+    let mut batches = chunks[sent..].chunks(CHUNKS_PER_BATCH).peekable();
+    while let Some(b) = batches.next() {
+        let batch = ChunkBatch {
+            chunks: b.to_vec(),
+            more: batches.peek().is_some(),
+        };
+        write_stalled(out, &batch).await?;
     }
-    let mut pieces = Pieces::open(old, 0, size)
+    if chunks.len() == sent {
+        let end = ChunkBatch {
+            chunks: Vec::new(),
+            more: false,
+        };
+        write_stalled(out, &end).await?;
+    }
+    if let Some(f) = old.as_file() {
+        f.remember(cutter, chunks, None).await;
+    }
+    Ok(())
+}
+
+/// Cuts `from..to` of `old` into chunks (the last ending at `to`), reading
+/// the next piece while the current one is cut and hashed; with `out`,
+/// writes each full batch of them as it fills. All the chunks, and how
+/// many of them were written.
+async fn describe_range<W>(
+    old: &dyn ByteSource,
+    from: u64,
+    to: u64,
+    cutter: Cutter,
+    mut out: Option<&mut W>,
+) -> Result<(Vec<ChunkSum>, usize), TransferError>
+where
+    W: AsyncWrite + Unpin,
+{
+    let mut pieces = Pieces::open(old, from, to)
         .await
         .map_err(TransferError::OldVersion)?;
     let mut chunks = Chunks::new(cutter);
-    let mut batch = Vec::new();
-    let mut all = Vec::new();
-    let mut read = 0u64;
+    let (mut all, mut sent) = (Vec::new(), 0);
     let mut piece = pieces.next().await.map_err(TransferError::OldVersion)?;
     loop {
         let last = piece.is_none();
-        if let Some(p) = &piece {
-            read += p.len() as u64;
-        }
         // Cutting and hashing are CPU work, off the async threads, while
         // the next piece is read.
         let this = piece.take();
@@ -399,30 +454,20 @@ where
             })
         );
         chunks = c;
-        piece = next.map_err(TransferError::OldVersion)?;
-        if old.as_file().is_some() {
-            all.extend_from_slice(&sums);
-        }
-        batch.extend(sums);
-        while batch.len() >= CHUNKS_PER_BATCH {
-            let rest = batch.split_off(CHUNKS_PER_BATCH);
-            let full = ChunkBatch {
-                chunks: std::mem::replace(&mut batch, rest),
-                more: true,
-            };
-            write_stalled(out, &full).await?;
-        }
-        if last {
-            debug_assert_eq!(read, size);
-            let end = ChunkBatch {
-                chunks: batch,
-                more: false,
-            };
-            write_stalled(out, &end).await?;
-            if let Some(f) = old.as_file() {
-                f.remember(cutter, all.into(), None).await;
+        all.extend(sums);
+        if let Some(out) = out.as_mut() {
+            while all.len() - sent > CHUNKS_PER_BATCH {
+                let batch = ChunkBatch {
+                    chunks: all[sent..sent + CHUNKS_PER_BATCH].to_vec(),
+                    more: true,
+                };
+                write_stalled(&mut **out, &batch).await?;
+                sent += CHUNKS_PER_BATCH;
             }
-            return Ok(());
+        }
+        piece = next.map_err(TransferError::OldVersion)?;
+        if last {
+            return Ok((all, sent));
         }
     }
 }
@@ -464,8 +509,8 @@ fn ended(e: TransferError, got: u64, expected: u64) -> TransferError {
 /// The receiver's version as the sender knows it: where each chunk is.
 pub(crate) struct BaseIndex {
     cutter: Cutter,
-    /// Each chunk's offset and length, by BLAKE3 (the first of equal ones).
-    chunks: HashMap<Digest, (u64, u32)>,
+    /// The chunks, shared with the threads that match against them.
+    view: Arc<BaseView>,
 }
 
 /// The sender's side, first: reads the receiver's description of its
@@ -485,6 +530,7 @@ where
     let cutter = Cutter::with_avg(base.avg_chunk)
         .ok_or_else(|| bad(format!("average chunk of {} bytes", base.avg_chunk)))?;
     let mut chunks = HashMap::new();
+    let mut list = Vec::new();
     let (mut offset, mut count) = (0u64, 0u64);
     loop {
         let batch: ChunkBatch = read_stalled(input)
@@ -502,6 +548,7 @@ where
                 return Err(bad(format!("chunks past its {} bytes", base.size)));
             }
             chunks.entry(c.digest).or_insert((offset, c.len));
+            list.push((offset, c.len, c.digest));
             offset += u64::from(c.len);
         }
         if !batch.more {
@@ -514,7 +561,13 @@ where
             base.size
         )));
     }
-    Ok(BaseIndex { cutter, chunks })
+    Ok(BaseIndex {
+        cutter,
+        view: Arc::new(BaseView {
+            list,
+            by_digest: chunks,
+        }),
+    })
 }
 
 /// What crossed in a delta: bytes of the new version copied from the old
@@ -536,10 +589,21 @@ pub(crate) struct Cut {
 }
 
 /// The sender's side, first: cuts `src` (`size` bytes) as `cutter` does.
+#[cfg(test)]
 pub(crate) async fn cut_source(
     src: &dyn ByteSource,
     size: u64,
     cutter: Cutter,
+) -> Result<Cut, TransferError> {
+    cut_counted(src, size, cutter, &AtomicU64::new(0)).await
+}
+
+/// [`cut_source`], counting in `done` the bytes cut so far.
+async fn cut_counted(
+    src: &dyn ByteSource,
+    size: u64,
+    cutter: Cutter,
+    done: &AtomicU64,
 ) -> Result<Cut, TransferError> {
     // Cut before, and unchanged since: at most a hash to take.
     if let Some(d) = src.as_file().and_then(|f| f.recall(size, cutter)) {
@@ -599,6 +663,7 @@ pub(crate) async fn cut_source(
         );
         hasher = h;
         (chunks, list, pos) = c;
+        done.store(pos, Ordering::Relaxed);
         piece = next.map_err(read_error)?;
         if last {
             let chunks = list;
@@ -615,6 +680,224 @@ pub(crate) async fn cut_source(
                 chunks,
                 digest,
             });
+        }
+    }
+}
+
+/// The sender's side, first, as the peers run it: cuts `src` (`size`
+/// bytes) while the receiver's description (`base`, its chunks following
+/// on `input`) arrives. A description that arrives before a quarter of
+/// the file is cut (the receiver remembered it, or its version is small)
+/// is followed instead ([`cut_along`]): where the versions agree that
+/// hashes the sender's bytes at the receiver's chunks, without cutting
+/// them, in about half the time of a cut. One that arrives later (the
+/// receiver read and cut its version meanwhile) finds the cut far enough
+/// along that finishing it is cheaper than starting again.
+pub(crate) async fn cut_while_described<R>(
+    input: &mut R,
+    base: DeltaBase,
+    src: &dyn ByteSource,
+    size: u64,
+    cutter: Cutter,
+) -> (Result<BaseIndex, TransferError>, Result<Cut, TransferError>)
+where
+    R: AsyncRead + Unpin,
+{
+    let done = AtomicU64::new(0);
+    let reading = read_chunks(input, base);
+    let cutting = cut_counted(src, size, cutter, &done);
+    tokio::pin!(reading, cutting);
+    tokio::select! {
+        index = &mut reading => match index {
+            Ok(index) if done.load(Ordering::Relaxed) < size / 4 && index.cutter == cutter => {
+                let cut = cut_along(src, size, &index).await;
+                (Ok(index), cut)
+            }
+            index => (index, cutting.await),
+        },
+        cut = &mut cutting => (reading.await, cut),
+    }
+}
+
+/// How far ahead of the current position [`cut_along`] holds the file.
+const LOOKAHEAD: u64 = 8 << 20;
+
+/// The sender's version cut along the receiver's chunks: at each position
+/// the receiver's next chunk is tried first (the sender's bytes of its
+/// length hashed and compared); where they differ, the sender's own bytes
+/// are cut as [`cut_source`] cuts them until a chunk found again among
+/// the receiver's puts it back in step. An edit in place costs a hash of
+/// each chunk and the cut of the chunks around the edit; an insertion or
+/// a deletion, the cut up to where the data agrees again. The whole file
+/// is hashed at the same time, on another thread.
+pub(crate) async fn cut_along(
+    src: &dyn ByteSource,
+    size: u64,
+    base: &BaseIndex,
+) -> Result<Cut, TransferError> {
+    let mut pieces = Pieces::open(src, 0, size).await.map_err(read_error)?;
+    let mut window = Window::default();
+    let mut state = Along::default();
+    let mut hasher = blake3::Hasher::new();
+    let (cutter, index) = (base.cutter, base.view.clone());
+    while state.pos < size {
+        // Bytes up to the lookahead (or the end), hashed whole as they come.
+        let mut fresh = Vec::new();
+        while window.end < size && window.end < state.pos + LOOKAHEAD + cutter.max as u64 {
+            let p = Arc::new(
+                pieces
+                    .next()
+                    .await
+                    .map_err(read_error)?
+                    .ok_or_else(|| read_error(std::io::ErrorKind::UnexpectedEof.into()))?,
+            );
+            window.push(p.clone());
+            fresh.push(p);
+        }
+        let (w, idx) = (window.clone(), index.clone());
+        let (h, st) = tokio::join!(
+            blocking(move || {
+                for p in fresh {
+                    hasher.update(&p);
+                }
+                hasher
+            }),
+            blocking(move || {
+                state.advance(&w, size, cutter, &idx);
+                state
+            })
+        );
+        (hasher, state) = (h, st);
+        window.forget_before(state.pos);
+    }
+    debug_assert!(pieces.next().await.ok().flatten().is_none());
+    Ok(Cut {
+        cutter,
+        chunks: state.chunks,
+        digest: *hasher.finalize().as_bytes(),
+    })
+}
+
+/// The receiver's chunks as the sender holds them.
+struct BaseView {
+    /// In order: offset, length, BLAKE3.
+    list: Vec<(u64, u32, Digest)>,
+    /// Each chunk's offset and length, by BLAKE3 (the first of equal ones).
+    by_digest: HashMap<Digest, (u64, u32)>,
+}
+
+/// The sender's bytes [`cut_along`] holds: pieces in order, `end` the
+/// offset just past the last.
+#[derive(Clone, Default)]
+struct Window {
+    pieces: VecDeque<(u64, Arc<Vec<u8>>)>,
+    end: u64,
+}
+
+impl Window {
+    fn push(&mut self, p: Arc<Vec<u8>>) {
+        let n = p.len() as u64;
+        self.pieces.push_back((self.end, p));
+        self.end += n;
+    }
+
+    /// Drops the pieces wholly before `pos`.
+    fn forget_before(&mut self, pos: u64) {
+        while let Some((at, p)) = self.pieces.front() {
+            if at + p.len() as u64 > pos {
+                break;
+            }
+            self.pieces.pop_front();
+        }
+    }
+
+    /// The bytes `from..to` (held), as slices in order.
+    fn slices(&self, from: u64, to: u64) -> impl Iterator<Item = &[u8]> {
+        self.pieces.iter().filter_map(move |(at, p)| {
+            let end = at + p.len() as u64;
+            if end <= from || *at >= to {
+                return None;
+            }
+            let a = from.max(*at) - at;
+            let b = to.min(end) - at;
+            Some(&p[a as usize..b as usize])
+        })
+    }
+
+    fn hash(&self, from: u64, to: u64) -> Digest {
+        let mut h = blake3::Hasher::new();
+        for s in self.slices(from, to) {
+            h.update(s);
+        }
+        *h.finalize().as_bytes()
+    }
+}
+
+/// Where [`cut_along`] is: the sender's position, the receiver's chunk
+/// tried next (while in step), and the chunks so far.
+#[derive(Default)]
+struct Along {
+    pos: u64,
+    next: usize,
+    cutting: bool,
+    chunks: Vec<(u64, u32, Digest)>,
+}
+
+impl Along {
+    /// Goes as far as the bytes held allow. Blocking (CPU).
+    fn advance(&mut self, w: &Window, size: u64, cutter: Cutter, base: &BaseView) {
+        while self.pos < size {
+            if !self.cutting {
+                match base.list.get(self.next) {
+                    Some(&(_, len, digest)) if self.pos + u64::from(len) <= size => {
+                        let end = self.pos + u64::from(len);
+                        if end > w.end {
+                            return;
+                        }
+                        if w.hash(self.pos, end) == digest {
+                            self.chunks.push((self.pos, len, digest));
+                            self.pos = end;
+                            self.next += 1;
+                            continue;
+                        }
+                        self.cutting = true;
+                    }
+                    _ => self.cutting = true,
+                }
+            }
+            // Out of step: cut the sender's bytes until a chunk is found
+            // again (or more bytes are needed), taking a few chunks' worth
+            // of them at a time.
+            let (mut held, mut held_to, mut at) = (Vec::new(), self.pos, 0);
+            while self.cutting {
+                let rest = &held[at..];
+                let Some(n) = cutter.next(rest, held_to == size) else {
+                    if held_to == w.end {
+                        return;
+                    }
+                    let to = (held_to + 4 * cutter.max as u64).min(w.end);
+                    held.drain(..at);
+                    at = 0;
+                    for piece in w.slices(held_to, to) {
+                        held.extend_from_slice(piece);
+                    }
+                    held_to = to;
+                    continue;
+                };
+                let digest = *blake3::hash(&rest[..n]).as_bytes();
+                self.chunks.push((self.pos, n as u32, digest));
+                self.pos += n as u64;
+                at += n;
+                if let Some(&(from, len)) = base.by_digest.get(&digest) {
+                    if len as usize == n {
+                        // Back in step after that chunk of the receiver's.
+                        if let Ok(i) = base.list.binary_search_by_key(&from, |c| c.0) {
+                            self.next = i + 1;
+                            self.cutting = false;
+                        }
+                    }
+                }
+            }
         }
     }
 }
@@ -639,7 +922,8 @@ fn steps(cut: &Cut, base: &BaseIndex, start: u64) -> Vec<Step> {
         }
         let skip = start.saturating_sub(pos);
         let found = base
-            .chunks
+            .view
+            .by_digest
             .get(&digest)
             .filter(|(_, l)| u64::from(*l) == len)
             .map(|(from, _)| *from);

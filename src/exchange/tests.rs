@@ -1228,3 +1228,182 @@ async fn a_remembered_description_is_used_only_while_the_file_is_unchanged() {
         "the changed file's own chunks"
     );
 }
+
+#[tokio::test]
+async fn a_delta_cut_along_the_receivers_chunks_sends_only_what_changed() {
+    // What a sender does when the description arrives first: hash its
+    // bytes at the receiver's chunks, and cut only where they differ.
+    const MIB: usize = 1 << 20;
+    let old = noise(8 * MIB, 41);
+    let mut edits = old.clone();
+    for at in [MIB / 3, 3 * MIB, 5 * MIB + 77, 7 * MIB] {
+        edits[at..at + 1000].copy_from_slice(&noise(1000, at as u64));
+    }
+    let cases: Vec<(&str, Vec<u8>, usize)> = vec![
+        ("unchanged", old.clone(), 0),
+        (
+            "1 MiB rewritten in the middle",
+            [&old[..3 * MIB], &noise(MIB, 42), &old[4 * MIB..]].concat(),
+            MIB,
+        ),
+        (
+            "100 bytes inserted at the start",
+            [&noise(100, 43), &old[..]].concat(),
+            100,
+        ),
+        (
+            "100 bytes inserted in the middle",
+            [&old[..5 * MIB], &noise(100, 44), &old[5 * MIB..]].concat(),
+            100,
+        ),
+        (
+            "10 KiB deleted in the middle",
+            [&old[..2 * MIB], &old[2 * MIB + 10_240..]].concat(),
+            0,
+        ),
+        ("four small edits", edits, 4 * 1000),
+        ("grown", [&old[..], &noise(MIB, 45)].concat(), MIB),
+        ("shrunk", old[..5 * MIB].to_vec(), 0),
+        (
+            "the first half moved to the end",
+            [&old[4 * MIB..], &old[..4 * MIB]].concat(),
+            0,
+        ),
+        ("all new", noise(3 * MIB, 46), 3 * MIB),
+        ("emptied", Vec::new(), 0),
+    ];
+    let old_src = Mem(bytes::Bytes::copy_from_slice(&old));
+    let size = old.len() as u64;
+    let cutter = Cutter::for_size(size);
+    let mut described = Vec::new();
+    send_chunks(&old_src, size, cutter, &mut described)
+        .await
+        .unwrap();
+    for (what, new, changed) in cases {
+        let base = crate::protocol::DeltaBase {
+            size,
+            avg_chunk: cutter.avg(),
+        };
+        let index = read_chunks(&mut &described[..], base).await.unwrap();
+        let new_src = Mem(bytes::Bytes::copy_from_slice(&new));
+        let cut = cut_along(&new_src, new.len() as u64, &index).await.unwrap();
+        let mut ops = Vec::new();
+        let (digest, sent) = send_cut(
+            &new_src,
+            cut,
+            0,
+            &index,
+            DELTA_FRAMING,
+            None,
+            &mut ops,
+            &|_| {},
+            &|_| {},
+        )
+        .await
+        .unwrap();
+        assert_eq!(digest, *blake3::hash(&new).as_bytes(), "{what}");
+        let mut made = Vec::new();
+        let got = assemble(
+            &mut &ops[..],
+            &old_src,
+            size,
+            new.len() as u64,
+            &mut made,
+            None,
+            &|_| {},
+            &|_| {},
+        )
+        .await
+        .unwrap();
+        assert!(made == new, "{what}: the assembled file differs");
+        assert_eq!(got, sent, "{what}");
+        // Each change costs the chunks it touches: at most two of the
+        // largest (4 x 16 KiB here) around it.
+        let edits = if what == "four small edits" { 4 } else { 1 };
+        assert!(
+            sent.literal <= (changed + edits * 2 * 64 * 1024) as u64,
+            "{what}: {} new bytes for a change of {changed}",
+            sent.literal
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_version_described_in_halves_still_makes_small_deltas() {
+    const MIB: usize = 1 << 20;
+    let old = noise(8 * MIB, 51);
+    let size = old.len() as u64;
+    let cutter = Cutter::for_size(size);
+    let old_src = Mem(bytes::Bytes::copy_from_slice(&old));
+    let mut described = Vec::new();
+    send_chunks_halving(&old_src, size, cutter, &mut described, MIB as u64)
+        .await
+        .unwrap();
+    let base = crate::protocol::DeltaBase {
+        size,
+        avg_chunk: cutter.avg(),
+    };
+    let index = read_chunks(&mut &described[..], base).await.unwrap();
+    let (mut input, mut at, mut bounds) = (&described[..], 0, Vec::new());
+    loop {
+        let batch: crate::protocol::ChunkBatch =
+            crate::protocol::read_frame(&mut input).await.unwrap();
+        for c in &batch.chunks {
+            at += u64::from(c.len);
+            bounds.push(at);
+        }
+        if !batch.more {
+            break;
+        }
+    }
+    assert!(
+        bounds.contains(&(size / 2)),
+        "the halves meet at a chunk boundary"
+    );
+    assert_eq!(at, size);
+    // An edit either side of the middle, sent by a sender that cuts its
+    // own file and by one that follows the description.
+    let mut new = old.clone();
+    new[MIB..MIB + 500].copy_from_slice(&noise(500, 52));
+    new[6 * MIB..6 * MIB + 500].copy_from_slice(&noise(500, 53));
+    let index = Arc::new(index);
+    let new_src = Mem(bytes::Bytes::copy_from_slice(&new));
+    let cut = cut_along(&new_src, size, &index).await.unwrap();
+    for (how, cut) in [
+        ("along", cut),
+        ("own cut", cut_source(&new_src, size, cutter).await.unwrap()),
+    ] {
+        let mut ops = Vec::new();
+        let (_, sent) = send_cut(
+            &new_src,
+            cut,
+            0,
+            &index,
+            DELTA_FRAMING,
+            None,
+            &mut ops,
+            &|_| {},
+            &|_| {},
+        )
+        .await
+        .unwrap();
+        let mut made = Vec::new();
+        assemble(
+            &mut &ops[..],
+            &old_src,
+            size,
+            size,
+            &mut made,
+            None,
+            &|_| {},
+            &|_| {},
+        )
+        .await
+        .unwrap();
+        assert!(made == new, "{how}: the assembled file differs");
+        // Two edits of at most two chunks each, and for the sender's own
+        // cut the chunks it sees differently around the middle.
+        let most = if how == "along" { 4 } else { 8 } * 64 * 1024;
+        assert!(sent.literal <= most, "{how}: {} new bytes", sent.literal);
+    }
+}

@@ -4,7 +4,7 @@ use std::sync::atomic::Ordering;
 
 use tracing::{info, warn};
 
-use crate::exchange::{cut_source, read_chunks, send_cut, Cutter, Framing};
+use crate::exchange::{cut_while_described, send_cut, Cutter, Framing};
 use crate::paths::RemotePath;
 use crate::protocol::{
     read_frame, write_frame, Encoding, ErrorCode, GetDeltaRequest, GetOffer, GetRequest, Receipt,
@@ -84,10 +84,7 @@ pub(super) async fn serve_get_delta(
     })?;
     // The file is cut while the client's description arrives.
     let src = opened.reader.into_bytes();
-    let (base, cut) = tokio::join!(
-        read_chunks(recv, req.base),
-        cut_source(src.as_ref(), meta.size, cutter)
-    );
+    let (base, cut) = cut_while_described(recv, req.base, src.as_ref(), meta.size, cutter).await;
     let base = base.map_err(|e| RemoteError::new(ErrorCode::Protocol, format!("'{path}': {e}")))?;
     let cut = cut.map_err(|e| {
         RemoteError::new(
