@@ -31,6 +31,7 @@ use crate::protocol::{
     FrameError, CHUNKS_PER_BATCH, MAX_AVG_CHUNK, MAX_DELTA_CHUNKS, MIN_AVG_CHUNK,
 };
 
+use super::blocks::{Blocks, BLOCK};
 use super::described;
 use super::*;
 
@@ -204,7 +205,16 @@ impl FileBytes {
     async fn remember(&self, cutter: Cutter, chunks: Arc<[ChunkSum]>, digest: Option<Digest>) {
         if let Some(key) = self.key {
             if self.check_unchanged().await.is_ok() {
-                described::remember(key, cutter.avg(), Description { chunks, digest });
+                let values = None;
+                described::remember(
+                    key,
+                    cutter.avg(),
+                    Description {
+                        chunks,
+                        digest,
+                        values,
+                    },
+                );
             }
         }
     }
@@ -1219,7 +1229,12 @@ pub(crate) struct Patched {
     made: Arc<File>,
     old: Arc<File>,
     pos: u64,
-    hasher: Option<blake3::Hasher>,
+    /// The new version hashed so far.
+    blocks: Option<Blocks>,
+    /// The chaining values of the old version's whole blocks, where this
+    /// process remembers them: a block an in-place copy covers whole is
+    /// taken by its value, not read.
+    old_values: Option<Arc<[blake3::hazmat::ChainingValue]>>,
     cutter: Cutter,
     /// The new version's chunks so far; None once they cannot be told (a
     /// copy that is not of whole chunks, or too many of them).
@@ -1236,10 +1251,53 @@ impl Patched {
         self.end_new().await;
         self.take_old(from, len);
         // Where the bytes already are (the clone put them there), nothing
-        // is written: that is what sharing saves. The next piece is read
-        // while this one is hashed.
+        // is written: that is what sharing saves; and a whole block whose
+        // value is known is not even read.
         let in_place = from == self.pos;
         let end = from + len;
+        let mut at = from;
+        while at < end {
+            match self.next_known(at, end).filter(|_| in_place) {
+                Some(k) if k == at => {
+                    let values = self.old_values.as_ref().expect("known");
+                    let value = values[(k / BLOCK) as usize];
+                    self.blocks.as_mut().expect("kept").push_value(value);
+                    self.pos += BLOCK;
+                    at += BLOCK;
+                }
+                Some(k) => {
+                    self.copy_bytes(at, k, in_place).await?;
+                    at = k;
+                }
+                None => {
+                    self.copy_bytes(at, end, in_place).await?;
+                    at = end;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The first block boundary from `at` on whose whole block ends by
+    /// `end` and has a known value, if any.
+    fn next_known(&self, at: u64, end: u64) -> Option<u64> {
+        let values = self.old_values.as_ref()?;
+        if !self.blocks.as_ref()?.takes_values() {
+            return None;
+        }
+        let k = at.div_ceil(BLOCK) * BLOCK;
+        (k + BLOCK <= end && ((k / BLOCK) as usize) < values.len()).then_some(k)
+    }
+
+    /// Copies the old version's bytes `from..end` to `pos` (unless they are
+    /// already there), hashing them; the next piece is read while this one
+    /// is hashed.
+    async fn copy_bytes(
+        &mut self,
+        from: u64,
+        end: u64,
+        in_place: bool,
+    ) -> Result<(), TransferError> {
         let read = |at: u64| {
             let old = self.old.clone();
             async move {
@@ -1261,7 +1319,7 @@ impl Patched {
         while let Some(buf) = piece.take() {
             let n = buf.len() as u64;
             let (made, to) = (self.made.clone(), self.pos);
-            let mut hasher = self.hasher.take().expect("kept");
+            let mut blocks = self.blocks.take().expect("kept");
             let (next, done) = tokio::join!(
                 read(at + n),
                 blocking(move || {
@@ -1269,11 +1327,11 @@ impl Patched {
                     if !in_place {
                         made.write_all_at(&buf, to).map_err(TransferError::Write)?;
                     }
-                    hasher.update(&buf);
-                    Ok::<_, TransferError>(hasher)
+                    blocks.update(&buf);
+                    Ok::<_, TransferError>(blocks)
                 })
             );
-            self.hasher = Some(done?);
+            self.blocks = Some(done?);
             self.pos += n;
             at += n;
             piece = next?;
@@ -1284,18 +1342,18 @@ impl Patched {
     /// Writes new bytes at `pos`, hashing them and cutting them into chunks.
     async fn write(&mut self, bytes: Vec<u8>) -> Result<(), TransferError> {
         let (made, to) = (self.made.clone(), self.pos);
-        let mut hasher = self.hasher.take().expect("kept");
+        let mut blocks = self.blocks.take().expect("kept");
         let tell = self.chunks.is_some();
         let mut cutting = self
             .cutting
             .take()
             .unwrap_or_else(|| Chunks::new(self.cutter));
         let n = bytes.len() as u64;
-        let (hasher, cutting, sums) = blocking(move || {
+        let (blocks, cutting, sums) = blocking(move || {
             use std::os::unix::fs::FileExt;
             made.write_all_at(&bytes, to)
                 .map_err(TransferError::Write)?;
-            hasher.update(&bytes);
+            blocks.update(&bytes);
             let mut sums = Vec::new();
             if tell {
                 cutting.push(&bytes);
@@ -1306,10 +1364,10 @@ impl Patched {
                     });
                 }
             }
-            Ok::<_, TransferError>((hasher, cutting, sums))
+            Ok::<_, TransferError>((blocks, cutting, sums))
         })
         .await?;
-        self.hasher = Some(hasher);
+        self.blocks = Some(blocks);
         self.cutting = Some(cutting);
         self.add(sums);
         self.pos += n;
@@ -1429,7 +1487,9 @@ pub(crate) async fn assemble_patched<R>(
 where
     R: AsyncRead + Unpin,
 {
-    let old_chunks = old.recall(old_size, cutter).map(|d| {
+    let recalled = old.recall(old_size, cutter);
+    let old_values = recalled.as_ref().and_then(|d| d.values.clone());
+    let old_chunks = recalled.map(|d| {
         let mut at = 0;
         let starts = d
             .chunks
@@ -1445,7 +1505,8 @@ where
         made: made.clone(),
         old: old.file.clone(),
         pos: 0,
-        hasher: Some(blake3::Hasher::new()),
+        blocks: Some(Blocks::new(expect)),
+        old_values,
         cutter,
         chunks: Some(Vec::new()),
         old_chunks,
@@ -1483,16 +1544,18 @@ where
     let (pos, m) = (patched.pos, made.clone());
     let cut = blocking(move || m.set_len(pos)).await;
     let sent = result.and_then(|d| cut.map(|()| d).map_err(TransferError::Write));
-    sent.map(|sent| {
-        let digest = *patched.hasher.as_ref().expect("kept").finalize().as_bytes();
-        Cloned {
-            sent,
-            received: Received { size: pos, digest },
-            described: patched.chunks.map(|c| Description {
-                chunks: c.into(),
-                digest: Some(digest),
-            }),
-        }
+    let sent = sent?;
+    let blocks = patched.blocks.take().expect("kept");
+    let values: Arc<[_]> = blocks.values().into();
+    let digest = blocks.finish();
+    Ok(Cloned {
+        sent,
+        received: Received { size: pos, digest },
+        described: patched.chunks.map(|c| Description {
+            chunks: c.into(),
+            digest: Some(digest),
+            values: Some(values),
+        }),
     })
 }
 

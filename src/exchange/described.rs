@@ -67,6 +67,9 @@ pub(crate) struct Description {
     pub(crate) chunks: Arc<[ChunkSum]>,
     /// The whole file's BLAKE3, where it was hashed too.
     pub(crate) digest: Option<Digest>,
+    /// The BLAKE3 chaining values of its whole 1 MiB blocks, where they
+    /// were taken (see `blocks`).
+    pub(crate) values: Option<Arc<[blake3::hazmat::ChainingValue]>>,
 }
 
 #[derive(Default)]

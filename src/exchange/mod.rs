@@ -11,11 +11,13 @@
 //!
 //! One module per job: `send` and `receive` (the two ends of a file's
 //! bytes), `delta` (a changed file as copies of the receiver's old
-//! version and new blocks), `described` (the chunks of files cut before), `compress` (zstd blocks), `pace`
+//! version and new blocks), `described` (the chunks of files cut before),
+//! `blocks` (a file's BLAKE3 from its 1 MiB blocks' values), `compress` (zstd blocks), `pace`
 //! (`--limit-rate`), `start` (resume prefixes), `pool` (the disk threads), `commit` (atomic commits
 //! on either side), `meta` (mtimes and modes), `counted` (bytes on the
 //! wire), `error`.
 
+mod blocks;
 mod commit;
 mod compress;
 mod counted;

@@ -1407,3 +1407,98 @@ async fn a_version_described_in_halves_still_makes_small_deltas() {
         assert!(sent.literal <= most, "{how}: {} new bytes", sent.literal);
     }
 }
+
+#[tokio::test]
+async fn a_second_patched_delta_builds_on_what_the_first_remembered() {
+    // The server remembers a file made by a delta with its chunks and its
+    // blocks' values; the next delta against it takes the blocks it
+    // leaves in place by value and must still make the right file.
+    const MIB: usize = 1 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let v1 = noise(5 * MIB + 12_345, 61);
+    let v2 = [
+        &v1[..2 * MIB + 100],
+        &noise(3000, 62),
+        &v1[2 * MIB + 3100..],
+    ]
+    .concat();
+    let v3 = [
+        &v2[..4 * MIB + 7],
+        &noise(200_000, 63),
+        &v2[4 * MIB + 200_007..],
+    ]
+    .concat();
+    let cutter = Cutter::for_size(v1.len() as u64);
+    let mut old_path = dir.path().join("v1");
+    std::fs::write(&old_path, &v1).unwrap();
+    for (i, new) in [&v2, &v3].into_iter().enumerate() {
+        let new_path = dir.path().join(format!("new{i}"));
+        std::fs::write(&new_path, new).unwrap();
+        let chunks = describe_file(&old_path, cutter).await;
+        let mut frames = Vec::new();
+        crate::protocol::write_frame(
+            &mut frames,
+            &crate::protocol::ChunkBatch {
+                chunks,
+                more: false,
+            },
+        )
+        .await
+        .unwrap();
+        let size = std::fs::metadata(&old_path).unwrap().len();
+        let base = crate::protocol::DeltaBase {
+            size,
+            avg_chunk: cutter.avg(),
+        };
+        let index = read_chunks(&mut &frames[..], base).await.unwrap();
+        let new_src = FileBytes::new(File::open(&new_path).unwrap());
+        let mut ops = Vec::new();
+        send_delta(
+            &new_src,
+            new.len() as u64,
+            0,
+            Arc::new(index),
+            DELTA_FRAMING,
+            None,
+            &mut ops,
+            &|_| {},
+            &|_| {},
+        )
+        .await
+        .unwrap();
+        let made_path = dir.path().join(format!("made{i}"));
+        std::fs::copy(&old_path, &made_path).unwrap();
+        let made = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&made_path)
+            .unwrap();
+        let old_src = FileBytes::new(File::open(&old_path).unwrap());
+        let got = assemble_patched(
+            &mut &ops[..],
+            &old_src,
+            size,
+            Arc::new(made),
+            new.len() as u64,
+            cutter,
+            None,
+            &|_| {},
+            &|_| {},
+            std::future::pending(),
+        )
+        .await
+        .unwrap();
+        assert!(std::fs::read(&made_path).unwrap() == *new, "delta {i}");
+        assert_eq!(
+            got.received.digest,
+            *blake3::hash(new).as_bytes(),
+            "delta {i}"
+        );
+        let told = got.described.expect("told");
+        assert_eq!(told.values.as_ref().map(|v| v.len()), Some(new.len() / MIB));
+        // As the store does once the file is committed.
+        let key = FileKey::of(&File::open(&made_path).unwrap()).unwrap();
+        remember_described(key, cutter.avg(), told);
+        old_path = made_path;
+    }
+}
