@@ -378,24 +378,25 @@ where
     // Cut before, and unchanged since: nothing to read. Else the chunks
     // go out in batches as they are cut (a peer waits at most a minute
     // for the next), the second half's once the first half's are out.
-    let (chunks, sent): (Arc<[ChunkSum]>, usize) =
-        match old.as_file().and_then(|f| f.recall(size, cutter)) {
-            Some(d) => (d.chunks, 0),
-            None if size >= halves => {
-                let mid = size / 2;
-                let (first, second) = tokio::join!(
-                    describe_range(old, 0, mid, cutter, Some(&mut *out)),
-                    describe_range::<W>(old, mid, size, cutter, None)
-                );
-                let (mut all, sent) = first?;
-                all.extend(second?.0);
-                (all.into(), sent)
-            }
-            None => {
-                let (all, sent) = describe_range(old, 0, size, cutter, Some(&mut *out)).await?;
-                (all.into(), sent)
-            }
-        };
+    let recalled = old.as_file().and_then(|f| f.recall(size, cutter));
+    let fresh = recalled.is_none();
+    let (chunks, sent): (Arc<[ChunkSum]>, usize) = match recalled {
+        Some(d) => (d.chunks, 0),
+        None if size >= halves => {
+            let mid = size / 2;
+            let (first, second) = tokio::join!(
+                describe_range(old, 0, mid, cutter, Some(&mut *out)),
+                describe_range::<W>(old, mid, size, cutter, None)
+            );
+            let (mut all, sent) = first?;
+            all.extend(second?.0);
+            (all.into(), sent)
+        }
+        None => {
+            let (all, sent) = describe_range(old, 0, size, cutter, Some(&mut *out)).await?;
+            (all.into(), sent)
+        }
+    };
     let mut batches = chunks[sent..].chunks(CHUNKS_PER_BATCH).peekable();
     while let Some(b) = batches.next() {
         let batch = ChunkBatch {
@@ -411,7 +412,7 @@ where
         };
         write_stalled(out, &end).await?;
     }
-    if let Some(f) = old.as_file() {
+    if let Some(f) = old.as_file().filter(|_| fresh) {
         f.remember(cutter, chunks, None).await;
     }
     Ok(())

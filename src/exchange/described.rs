@@ -100,13 +100,21 @@ pub(crate) fn recall(key: &FileKey, avg: u32) -> Option<Description> {
 }
 
 /// Keeps the description of the file version `key` cut at average `avg`
-/// (replacing what was kept for an older version of that file).
-pub(crate) fn remember(key: FileKey, avg: u32, description: Description) {
+/// (replacing what was kept for an older version of that file; what is
+/// kept of this very version and not in `description`, such as its
+/// digest, stays).
+pub(crate) fn remember(key: FileKey, avg: u32, mut description: Description) {
     let n = description.chunks.len();
     if !KEEPING.load(Ordering::Relaxed) || n > MAX_CACHED_CHUNKS {
         return;
     }
     let mut held = held();
+    if let Some((k, a, kept)) = held.by_file.get(&(key.dev, key.ino)) {
+        if *k == key && *a == avg {
+            description.digest = description.digest.or(kept.digest);
+            description.values = description.values.take().or_else(|| kept.values.clone());
+        }
+    }
     if held.chunks + n > MAX_CACHED_CHUNKS {
         held.by_file.clear();
         held.chunks = 0;
@@ -118,4 +126,41 @@ pub(crate) fn remember(key: FileKey, avg: u32, description: Description) {
         held.chunks -= old.chunks.len();
     }
     held.chunks += n;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_description_without_a_digest_or_values_keeps_those_already_kept() {
+        keep();
+        let file = tempfile::tempfile().unwrap();
+        file.set_len(3 << 20).unwrap();
+        let key = FileKey::of(&file).unwrap();
+        let chunks: Arc<[ChunkSum]> = vec![ChunkSum {
+            len: 3 << 20,
+            digest: [1; 32],
+        }]
+        .into();
+        let full = Description {
+            chunks: chunks.clone(),
+            digest: Some([2; 32]),
+            values: Some(vec![[3; 32]; 3].into()),
+        };
+        remember(key, 1 << 20, full);
+        let bare = Description {
+            chunks,
+            digest: None,
+            values: None,
+        };
+        remember(key, 1 << 20, bare);
+        let d = recall(&key, 1 << 20).unwrap();
+        assert_eq!(d.digest, Some([2; 32]));
+        assert_eq!(d.values.unwrap().len(), 3);
+        assert!(
+            recall(&key, 1 << 19).is_none(),
+            "another average is another cut"
+        );
+    }
 }
