@@ -679,12 +679,16 @@ async fn delta_of(old: &[u8], new: &[u8], start: u64) -> (Vec<u8>, Digest, Delta
     (made, digest, sent)
 }
 
-#[tokio::test]
-async fn a_delta_sends_only_what_changed_whatever_moved() {
+/// The changes the delta tests make to `old` (8 MiB of noise): what, the
+/// new version, and how many of its bytes are new (at most).
+fn edits_of(old: &[u8]) -> Vec<(&'static str, Vec<u8>, usize)> {
     const MIB: usize = 1 << 20;
-    let old = noise(8 * MIB, 1);
-    let cases: Vec<(&str, Vec<u8>, usize)> = vec![
-        ("unchanged", old.clone(), 0),
+    let mut small = old.to_vec();
+    for at in [MIB / 3, 3 * MIB, 5 * MIB + 77, 7 * MIB] {
+        small[at..at + 1000].copy_from_slice(&noise(1000, at as u64));
+    }
+    vec![
+        ("unchanged", old.to_vec(), 0),
         (
             "1 MiB rewritten in the middle",
             [&old[..3 * MIB], &noise(MIB, 2), &old[4 * MIB..]].concat(),
@@ -692,7 +696,7 @@ async fn a_delta_sends_only_what_changed_whatever_moved() {
         ),
         (
             "100 bytes inserted at the start",
-            [&noise(100, 3), &old[..]].concat(),
+            [&noise(100, 3), old].concat(),
             100,
         ),
         (
@@ -705,25 +709,41 @@ async fn a_delta_sends_only_what_changed_whatever_moved() {
             [&old[..2 * MIB], &old[2 * MIB + 10_240..]].concat(),
             0,
         ),
-        ("grown", [&old[..], &noise(MIB, 5)].concat(), MIB),
+        ("four small edits", small, 4 * 1000),
+        ("grown", [old, &noise(MIB, 5)].concat(), MIB),
         ("shrunk", old[..5 * MIB].to_vec(), 0),
+        (
+            "the first half moved to the end",
+            [&old[4 * MIB..], &old[..4 * MIB]].concat(),
+            0,
+        ),
+        ("all new", noise(3 * MIB, 6), 3 * MIB),
         ("emptied", Vec::new(), 0),
-    ];
-    for (what, new, changed) in cases {
+    ]
+}
+
+/// The most new bytes a delta of the change `what` (of `changed` bytes)
+/// may send: the chunks each edit touches, at most two of the largest
+/// (4 x 16 KiB here) around it.
+fn allowed(what: &str, changed: usize) -> u64 {
+    let edits = if what == "four small edits" { 4 } else { 1 };
+    (changed + edits * 2 * 64 * 1024) as u64
+}
+
+#[tokio::test]
+async fn a_delta_sends_only_what_changed_whatever_moved() {
+    let old = noise(8 << 20, 1);
+    for (what, new, changed) in edits_of(&old) {
         let (made, digest, sent) = delta_of(&old, &new, 0).await;
         assert!(made == new, "{what}: the assembled file differs");
         assert_eq!(digest, *blake3::hash(&new).as_bytes(), "{what}");
-        // A change costs the chunks it touches: at most a largest chunk
-        // (4 x 16 KiB here) on either side of it.
         assert!(
-            sent.literal <= (changed + 2 * 64 * 1024) as u64,
+            sent.literal <= allowed(what, changed),
             "{what}: {} new bytes for a change of {changed}",
             sent.literal
         );
     }
-    let all_new = noise(3 * MIB, 6);
-    let (made, _, sent) = delta_of(&old, &all_new, 0).await;
-    assert!(made == all_new && sent.literal == all_new.len() as u64);
+    let all_new = noise(3 << 20, 6);
     let (made, _, sent) = delta_of(&[], &all_new, 0).await;
     assert!(
         made == all_new && sent.copied == 0,
@@ -987,13 +1007,7 @@ async fn a_hostile_description_of_the_old_version_is_refused() {
 /// Describes the local file `path` as a receiver does (through the
 /// descriptions cache): the chunks it sends.
 async fn describe_file(path: &Path, cutter: Cutter) -> Vec<crate::protocol::ChunkSum> {
-    keep_descriptions();
-    let src = FileBytes::new(File::open(path).unwrap());
-    let size = std::fs::metadata(path).unwrap().len();
-    let mut described = Vec::new();
-    send_chunks(&src, size, cutter, &mut described)
-        .await
-        .unwrap();
+    let (described, _) = described_file(path, cutter).await;
     let mut chunks = Vec::new();
     let mut input = &described[..];
     loop {
@@ -1006,93 +1020,94 @@ async fn describe_file(path: &Path, cutter: Cutter) -> Vec<crate::protocol::Chun
     }
 }
 
+/// The frames a receiver sends to describe the local file `path`, and its size.
+async fn described_file(path: &Path, cutter: Cutter) -> (Vec<u8>, u64) {
+    keep_descriptions();
+    let src = FileBytes::new(File::open(path).unwrap());
+    let size = std::fs::metadata(path).unwrap().len();
+    let mut described = Vec::new();
+    send_chunks(&src, size, cutter, &mut described)
+        .await
+        .unwrap();
+    (described, size)
+}
+
+/// A whole delta between two local files: the receiver describes `old`,
+/// the sender cuts `new` and sends it against that. The ops, the
+/// sender's digest, and what it sent.
+async fn delta_between(old: &Path, new: &Path, cutter: Cutter) -> (Vec<u8>, Digest, DeltaSent) {
+    let (described, size) = described_file(old, cutter).await;
+    let base = crate::protocol::DeltaBase {
+        size,
+        avg_chunk: cutter.avg(),
+    };
+    let index = read_chunks(&mut &described[..], base).await.unwrap();
+    let new_src = FileBytes::new(File::open(new).unwrap());
+    let mut ops = Vec::new();
+    let (digest, sent) = send_delta(
+        &new_src,
+        std::fs::metadata(new).unwrap().len(),
+        0,
+        Arc::new(index),
+        DELTA_FRAMING,
+        None,
+        &mut ops,
+        &|_| {},
+        &|_| {},
+    )
+    .await
+    .unwrap();
+    (ops, digest, sent)
+}
+
+/// Makes `made` a copy of `old` (what a clone gives) and patches the new
+/// version of `new_len` bytes into it from `ops`.
+async fn patch_copy(
+    old: &Path,
+    made: &Path,
+    ops: &[u8],
+    new_len: u64,
+    cutter: Cutter,
+) -> Result<Cloned, TransferError> {
+    std::fs::copy(old, made).unwrap();
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(made)
+        .unwrap();
+    let old_src = FileBytes::new(File::open(old).unwrap());
+    assemble_patched(
+        &mut &ops[..],
+        &old_src,
+        std::fs::metadata(old).unwrap().len(),
+        Arc::new(file),
+        new_len,
+        cutter,
+        None,
+        &|_| {},
+        &|_| {},
+        std::future::pending(),
+    )
+    .await
+}
+
 #[tokio::test]
 async fn a_delta_patched_into_a_copy_of_the_old_version_makes_the_new_and_tells_its_chunks() {
     // What a filesystem that shares data does with a clone is what a copy
     // of the old file's bytes gives here: the same start for the patching.
-    const MIB: usize = 1 << 20;
     let dir = tempfile::tempdir().unwrap();
-    let old = noise(6 * MIB, 11);
-    let cases: Vec<(&str, Vec<u8>)> = vec![
-        ("unchanged", old.clone()),
-        (
-            "1 MiB rewritten in the middle",
-            [&old[..3 * MIB], &noise(MIB, 12), &old[4 * MIB..]].concat(),
-        ),
-        (
-            "100 bytes inserted at the start",
-            [&noise(100, 13), &old[..]].concat(),
-        ),
-        (
-            "10 KiB deleted in the middle",
-            [&old[..2 * MIB], &old[2 * MIB + 10_240..]].concat(),
-        ),
-        ("grown", [&old[..], &noise(MIB, 14)].concat()),
-        ("shrunk", old[..5 * MIB].to_vec()),
-        ("all new", noise(2 * MIB, 15)),
-    ];
+    let old = noise(8 << 20, 11);
     let cutter = Cutter::for_size(old.len() as u64);
-    for (i, (what, new)) in cases.into_iter().enumerate() {
-        let old_path = dir.path().join(format!("old{i}"));
-        let new_path = dir.path().join(format!("new{i}"));
-        std::fs::write(&old_path, &old).unwrap();
-        std::fs::write(&new_path, &new).unwrap();
-        // The receiver describes its version (and remembers it).
-        let chunks = describe_file(&old_path, cutter).await;
-        let mut frames = Vec::new();
-        crate::protocol::write_frame(
-            &mut frames,
-            &crate::protocol::ChunkBatch {
-                chunks: chunks.clone(),
-                more: false,
-            },
-        )
-        .await
-        .unwrap();
-        let base = crate::protocol::DeltaBase {
-            size: old.len() as u64,
-            avg_chunk: cutter.avg(),
-        };
-        let index = read_chunks(&mut &frames[..], base).await.unwrap();
-        let new_src = FileBytes::new(File::open(&new_path).unwrap());
-        let mut ops = Vec::new();
-        let (digest, sent) = send_delta(
-            &new_src,
-            new.len() as u64,
-            0,
-            Arc::new(index),
-            DELTA_FRAMING,
-            None,
-            &mut ops,
-            &|_| {},
-            &|_| {},
-        )
-        .await
-        .unwrap();
-        let made_path = dir.path().join(format!("made{i}"));
-        std::fs::copy(&old_path, &made_path).unwrap();
-        let made = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&made_path)
+    for (i, (what, new, _)) in edits_of(&old).into_iter().enumerate() {
+        let path = |name: &str| dir.path().join(format!("{name}{i}"));
+        std::fs::write(path("old"), &old).unwrap();
+        std::fs::write(path("new"), &new).unwrap();
+        let (ops, digest, sent) = delta_between(&path("old"), &path("new"), cutter).await;
+        let got = patch_copy(&path("old"), &path("made"), &ops, new.len() as u64, cutter)
+            .await
             .unwrap();
-        let old_src = FileBytes::new(File::open(&old_path).unwrap());
-        let got = assemble_patched(
-            &mut &ops[..],
-            &old_src,
-            old.len() as u64,
-            Arc::new(made),
-            new.len() as u64,
-            cutter,
-            None,
-            &|_| {},
-            &|_| {},
-            std::future::pending(),
-        )
-        .await
-        .unwrap();
         assert!(
-            std::fs::read(&made_path).unwrap() == new,
+            std::fs::read(path("made")).unwrap() == new,
             "{what}: the file made differs"
         );
         assert_eq!(got.sent, sent, "{what}");
@@ -1101,7 +1116,7 @@ async fn a_delta_patched_into_a_copy_of_the_old_version_makes_the_new_and_tells_
         assert_eq!(digest, *blake3::hash(&new).as_bytes(), "{what}");
         // The chunks it tells are the new version's as a cut of it finds.
         let told = got.described.expect("the chunks of an honest delta");
-        let fresh = describe_file(&new_path, cutter).await;
+        let fresh = describe_file(&path("new"), cutter).await;
         assert!(
             told.chunks[..] == fresh[..],
             "{what}: other chunks than a cut finds"
@@ -1116,62 +1131,19 @@ async fn a_patched_delta_cut_short_leaves_a_prefix_of_the_new_version() {
     let dir = tempfile::tempdir().unwrap();
     let old = noise(4 * MIB, 21);
     let new = [&old[..MIB], &noise(MIB, 22), &old[2 * MIB..]].concat();
-    let (old_path, new_path) = (dir.path().join("old"), dir.path().join("new"));
-    std::fs::write(&old_path, &old).unwrap();
-    std::fs::write(&new_path, &new).unwrap();
+    let path = |name: &str| dir.path().join(name);
+    std::fs::write(path("old"), &old).unwrap();
+    std::fs::write(path("new"), &new).unwrap();
     let cutter = Cutter::for_size(old.len() as u64);
-    let chunks = describe_file(&old_path, cutter).await;
-    let mut frames = Vec::new();
-    crate::protocol::write_frame(
-        &mut frames,
-        &crate::protocol::ChunkBatch {
-            chunks,
-            more: false,
-        },
-    )
-    .await
-    .unwrap();
-    let base = crate::protocol::DeltaBase {
-        size: old.len() as u64,
-        avg_chunk: cutter.avg(),
-    };
-    let index = read_chunks(&mut &frames[..], base).await.unwrap();
-    let mut ops = Vec::new();
-    let new_src = FileBytes::new(File::open(&new_path).unwrap());
-    send_delta(
-        &new_src,
-        new.len() as u64,
-        0,
-        Arc::new(index),
-        DELTA_FRAMING,
-        None,
-        &mut ops,
-        &|_| {},
-        &|_| {},
-    )
-    .await
-    .unwrap();
+    let (ops, _, _) = delta_between(&path("old"), &path("new"), cutter).await;
     // The connection breaks a little past the new block.
     let cut_at = ops.len() * 2 / 3;
-    let made_path = dir.path().join("made");
-    std::fs::copy(&old_path, &made_path).unwrap();
-    let made = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&made_path)
-        .unwrap();
-    let old_src = FileBytes::new(File::open(&old_path).unwrap());
-    let err = assemble_patched(
-        &mut &ops[..cut_at],
-        &old_src,
-        old.len() as u64,
-        Arc::new(made),
+    let err = patch_copy(
+        &path("old"),
+        &path("made"),
+        &ops[..cut_at],
         new.len() as u64,
         cutter,
-        None,
-        &|_| {},
-        &|_| {},
-        std::future::pending(),
     )
     .await
     .err()
@@ -1183,7 +1155,7 @@ async fn a_patched_delta_cut_short_leaves_a_prefix_of_the_new_version() {
         ),
         "{err}"
     );
-    let held = std::fs::read(&made_path).unwrap();
+    let held = std::fs::read(path("made")).unwrap();
     assert!(
         !held.is_empty() && held.len() < new.len(),
         "{} bytes held",
@@ -1233,45 +1205,7 @@ async fn a_remembered_description_is_used_only_while_the_file_is_unchanged() {
 async fn a_delta_cut_along_the_receivers_chunks_sends_only_what_changed() {
     // What a sender does when the description arrives first: hash its
     // bytes at the receiver's chunks, and cut only where they differ.
-    const MIB: usize = 1 << 20;
-    let old = noise(8 * MIB, 41);
-    let mut edits = old.clone();
-    for at in [MIB / 3, 3 * MIB, 5 * MIB + 77, 7 * MIB] {
-        edits[at..at + 1000].copy_from_slice(&noise(1000, at as u64));
-    }
-    let cases: Vec<(&str, Vec<u8>, usize)> = vec![
-        ("unchanged", old.clone(), 0),
-        (
-            "1 MiB rewritten in the middle",
-            [&old[..3 * MIB], &noise(MIB, 42), &old[4 * MIB..]].concat(),
-            MIB,
-        ),
-        (
-            "100 bytes inserted at the start",
-            [&noise(100, 43), &old[..]].concat(),
-            100,
-        ),
-        (
-            "100 bytes inserted in the middle",
-            [&old[..5 * MIB], &noise(100, 44), &old[5 * MIB..]].concat(),
-            100,
-        ),
-        (
-            "10 KiB deleted in the middle",
-            [&old[..2 * MIB], &old[2 * MIB + 10_240..]].concat(),
-            0,
-        ),
-        ("four small edits", edits, 4 * 1000),
-        ("grown", [&old[..], &noise(MIB, 45)].concat(), MIB),
-        ("shrunk", old[..5 * MIB].to_vec(), 0),
-        (
-            "the first half moved to the end",
-            [&old[4 * MIB..], &old[..4 * MIB]].concat(),
-            0,
-        ),
-        ("all new", noise(3 * MIB, 46), 3 * MIB),
-        ("emptied", Vec::new(), 0),
-    ];
+    let old = noise(8 << 20, 41);
     let old_src = Mem(bytes::Bytes::copy_from_slice(&old));
     let size = old.len() as u64;
     let cutter = Cutter::for_size(size);
@@ -1279,7 +1213,7 @@ async fn a_delta_cut_along_the_receivers_chunks_sends_only_what_changed() {
     send_chunks(&old_src, size, cutter, &mut described)
         .await
         .unwrap();
-    for (what, new, changed) in cases {
+    for (what, new, changed) in edits_of(&old) {
         let base = crate::protocol::DeltaBase {
             size,
             avg_chunk: cutter.avg(),
@@ -1287,45 +1221,56 @@ async fn a_delta_cut_along_the_receivers_chunks_sends_only_what_changed() {
         let index = read_chunks(&mut &described[..], base).await.unwrap();
         let new_src = Mem(bytes::Bytes::copy_from_slice(&new));
         let cut = cut_along(&new_src, new.len() as u64, &index).await.unwrap();
-        let mut ops = Vec::new();
-        let (digest, sent) = send_cut(
-            &new_src,
-            cut,
-            0,
-            &index,
-            DELTA_FRAMING,
-            None,
-            &mut ops,
-            &|_| {},
-            &|_| {},
-        )
-        .await
-        .unwrap();
+        let (made, digest, sent) = send_and_assemble(&old_src, &new_src, cut, &index, size).await;
         assert_eq!(digest, *blake3::hash(&new).as_bytes(), "{what}");
-        let mut made = Vec::new();
-        let got = assemble(
-            &mut &ops[..],
-            &old_src,
-            size,
-            new.len() as u64,
-            &mut made,
-            None,
-            &|_| {},
-            &|_| {},
-        )
-        .await
-        .unwrap();
         assert!(made == new, "{what}: the assembled file differs");
-        assert_eq!(got, sent, "{what}");
-        // Each change costs the chunks it touches: at most two of the
-        // largest (4 x 16 KiB here) around it.
-        let edits = if what == "four small edits" { 4 } else { 1 };
         assert!(
-            sent.literal <= (changed + edits * 2 * 64 * 1024) as u64,
+            sent.literal <= allowed(what, changed),
             "{what}: {} new bytes for a change of {changed}",
             sent.literal
         );
     }
+}
+
+/// Sends `new_src` as `cut` against `index` (the receiver's `old_src` of
+/// `old_size` bytes) and assembles it: the bytes made, the sender's
+/// digest, and what crossed (both ends counting the same).
+async fn send_and_assemble(
+    old_src: &Mem,
+    new_src: &Mem,
+    cut: Cut,
+    index: &BaseIndex,
+    old_size: u64,
+) -> (Vec<u8>, Digest, DeltaSent) {
+    let mut ops = Vec::new();
+    let (digest, sent) = send_cut(
+        new_src,
+        cut,
+        0,
+        index,
+        DELTA_FRAMING,
+        None,
+        &mut ops,
+        &|_| {},
+        &|_| {},
+    )
+    .await
+    .unwrap();
+    let mut made = Vec::new();
+    let got = assemble(
+        &mut &ops[..],
+        old_src,
+        old_size,
+        new_src.0.len() as u64,
+        &mut made,
+        None,
+        &|_| {},
+        &|_| {},
+    )
+    .await
+    .unwrap();
+    assert_eq!(got, sent, "both ends count the same copies and new bytes");
+    (made, digest, sent)
 }
 
 #[tokio::test]
@@ -1373,33 +1318,7 @@ async fn a_version_described_in_halves_still_makes_small_deltas() {
         ("along", cut),
         ("own cut", cut_source(&new_src, size, cutter).await.unwrap()),
     ] {
-        let mut ops = Vec::new();
-        let (_, sent) = send_cut(
-            &new_src,
-            cut,
-            0,
-            &index,
-            DELTA_FRAMING,
-            None,
-            &mut ops,
-            &|_| {},
-            &|_| {},
-        )
-        .await
-        .unwrap();
-        let mut made = Vec::new();
-        assemble(
-            &mut &ops[..],
-            &old_src,
-            size,
-            size,
-            &mut made,
-            None,
-            &|_| {},
-            &|_| {},
-        )
-        .await
-        .unwrap();
+        let (made, _, sent) = send_and_assemble(&old_src, &new_src, cut, &index, size).await;
         assert!(made == new, "{how}: the assembled file differs");
         // Two edits of at most two chunks each, and for the sender's own
         // cut the chunks it sees differently around the middle.
@@ -1433,61 +1352,12 @@ async fn a_second_patched_delta_builds_on_what_the_first_remembered() {
     std::fs::write(&old_path, &v1).unwrap();
     for (i, new) in [&v2, &v3].into_iter().enumerate() {
         let new_path = dir.path().join(format!("new{i}"));
-        std::fs::write(&new_path, new).unwrap();
-        let chunks = describe_file(&old_path, cutter).await;
-        let mut frames = Vec::new();
-        crate::protocol::write_frame(
-            &mut frames,
-            &crate::protocol::ChunkBatch {
-                chunks,
-                more: false,
-            },
-        )
-        .await
-        .unwrap();
-        let size = std::fs::metadata(&old_path).unwrap().len();
-        let base = crate::protocol::DeltaBase {
-            size,
-            avg_chunk: cutter.avg(),
-        };
-        let index = read_chunks(&mut &frames[..], base).await.unwrap();
-        let new_src = FileBytes::new(File::open(&new_path).unwrap());
-        let mut ops = Vec::new();
-        send_delta(
-            &new_src,
-            new.len() as u64,
-            0,
-            Arc::new(index),
-            DELTA_FRAMING,
-            None,
-            &mut ops,
-            &|_| {},
-            &|_| {},
-        )
-        .await
-        .unwrap();
         let made_path = dir.path().join(format!("made{i}"));
-        std::fs::copy(&old_path, &made_path).unwrap();
-        let made = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&made_path)
+        std::fs::write(&new_path, new).unwrap();
+        let (ops, _, _) = delta_between(&old_path, &new_path, cutter).await;
+        let got = patch_copy(&old_path, &made_path, &ops, new.len() as u64, cutter)
+            .await
             .unwrap();
-        let old_src = FileBytes::new(File::open(&old_path).unwrap());
-        let got = assemble_patched(
-            &mut &ops[..],
-            &old_src,
-            size,
-            Arc::new(made),
-            new.len() as u64,
-            cutter,
-            None,
-            &|_| {},
-            &|_| {},
-            std::future::pending(),
-        )
-        .await
-        .unwrap();
         assert!(std::fs::read(&made_path).unwrap() == *new, "delta {i}");
         assert_eq!(
             got.received.digest,
