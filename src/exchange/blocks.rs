@@ -151,21 +151,9 @@ mod tests {
         h.finalize_non_root()
     }
 
-    fn bytes(len: usize) -> Vec<u8> {
-        let mut x = 0x2545_F491_4F6C_DD1Du64;
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
-    }
-
     #[test]
     fn the_hash_from_blocks_is_blake3_whatever_the_length() {
-        let data = bytes(5 * BLOCK as usize + 3000);
+        let data = crate::exchange::tests::noise(5 * BLOCK as usize + 3000, 71);
         let b = BLOCK as usize;
         for len in [
             0,

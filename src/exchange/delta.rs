@@ -139,6 +139,19 @@ impl Chunks {
         self.buf.extend_from_slice(data);
     }
 
+    /// Every chunk the bytes so far decide (with `last`, all there are),
+    /// each with its BLAKE3. Blocking (CPU).
+    fn sums(&mut self, last: bool) -> Vec<ChunkSum> {
+        let mut sums = Vec::new();
+        while let Some(c) = self.next(last) {
+            sums.push(ChunkSum {
+                len: c.len() as u32,
+                digest: *blake3::hash(c).as_bytes(),
+            });
+        }
+        sums
+    }
+
     /// The next chunk the bytes so far decide (with `last`, all there are).
     fn next(&mut self, last: bool) -> Option<&[u8]> {
         let n = self.cutter.next(&self.buf[self.at..], last)?;
@@ -203,6 +216,9 @@ impl FileBytes {
     /// Remembers the file's chunks (and digest), if it did not change
     /// while they were computed.
     async fn remember(&self, cutter: Cutter, chunks: Arc<[ChunkSum]>, digest: Option<Digest>) {
+        if !described::keeping() {
+            return;
+        }
         if let Some(key) = self.key {
             if self.check_unchanged().await.is_ok() {
                 let values = None;
@@ -451,16 +467,10 @@ where
                 }
             },
             blocking(move || {
-                let mut sums = Vec::new();
                 if let Some(p) = this {
                     chunks.push(&p);
                 }
-                while let Some(c) = chunks.next(last) {
-                    sums.push(ChunkSum {
-                        len: c.len() as u32,
-                        digest: *blake3::hash(c).as_bytes(),
-                    });
-                }
+                let sums = chunks.sums(last);
                 (chunks, sums)
             })
         );
@@ -665,9 +675,9 @@ async fn cut_counted(
                 if let Some(p) = p2 {
                     chunks.push(&p);
                 }
-                while let Some(c) = chunks.next(last) {
-                    list.push((pos, c.len() as u32, *blake3::hash(c).as_bytes()));
-                    pos += c.len() as u64;
+                for c in chunks.sums(last) {
+                    list.push((pos, c.len, c.digest));
+                    pos += u64::from(c.len);
                 }
                 (chunks, list, pos)
             })
@@ -679,7 +689,7 @@ async fn cut_counted(
         if last {
             let chunks = list;
             let digest = *hasher.finalize().as_bytes();
-            if let Some(f) = src.as_file() {
+            if let Some(f) = src.as_file().filter(|_| described::keeping()) {
                 let sums = chunks
                     .iter()
                     .map(|&(_, len, digest)| ChunkSum { len, digest })
@@ -1358,12 +1368,7 @@ impl Patched {
             let mut sums = Vec::new();
             if tell {
                 cutting.push(&bytes);
-                while let Some(c) = cutting.next(false) {
-                    sums.push(ChunkSum {
-                        len: c.len() as u32,
-                        digest: *blake3::hash(c).as_bytes(),
-                    });
-                }
+                sums = cutting.sums(false);
             }
             Ok::<_, TransferError>((blocks, cutting, sums))
         })
@@ -1383,17 +1388,7 @@ impl Patched {
         if self.chunks.is_none() {
             return;
         }
-        let sums = blocking(move || {
-            let mut sums = Vec::new();
-            while let Some(c) = cutting.next(true) {
-                sums.push(ChunkSum {
-                    len: c.len() as u32,
-                    digest: *blake3::hash(c).as_bytes(),
-                });
-            }
-            sums
-        })
-        .await;
+        let sums = blocking(move || cutting.sums(true)).await;
         self.add(sums);
     }
 

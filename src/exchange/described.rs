@@ -87,6 +87,12 @@ pub(crate) fn keep() {
     KEEPING.store(true, Ordering::Relaxed);
 }
 
+/// Whether this process remembers descriptions (else nothing need be
+/// gathered for [`remember`]).
+pub(crate) fn keeping() -> bool {
+    KEEPING.load(Ordering::Relaxed)
+}
+
 fn held() -> std::sync::MutexGuard<'static, Held> {
     HELD.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -105,7 +111,7 @@ pub(crate) fn recall(key: &FileKey, avg: u32) -> Option<Description> {
 /// digest, stays).
 pub(crate) fn remember(key: FileKey, avg: u32, mut description: Description) {
     let n = description.chunks.len();
-    if !KEEPING.load(Ordering::Relaxed) || n > MAX_CACHED_CHUNKS {
+    if !keeping() || n > MAX_CACHED_CHUNKS {
         return;
     }
     let mut held = held();

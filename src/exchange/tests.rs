@@ -610,7 +610,7 @@ impl ByteSource for Mem {
 }
 
 /// Bytes that look random (content-defined chunking needs variety).
-fn noise(len: usize, seed: u64) -> Vec<u8> {
+pub(super) fn noise(len: usize, seed: u64) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     (0..len)
         .map(|_| {
@@ -637,29 +637,12 @@ async fn delta_of(old: &[u8], new: &[u8], start: u64) -> (Vec<u8>, Digest, Delta
     );
     let size = old.len() as u64;
     let cutter = Cutter::for_size(size);
-    let base = crate::protocol::DeltaBase {
-        size,
-        avg_chunk: cutter.avg(),
-    };
     let mut described = Vec::new();
     send_chunks(&old_src, size, cutter, &mut described)
         .await
         .unwrap();
-    let index = read_chunks(&mut &described[..], base).await.unwrap();
-    let mut ops = Vec::new();
-    let (digest, sent) = send_delta(
-        &new_src,
-        new.len() as u64,
-        start,
-        Arc::new(index),
-        DELTA_FRAMING,
-        None,
-        &mut ops,
-        &|_| {},
-        &|_| {},
-    )
-    .await
-    .unwrap();
+    let (ops, digest, sent) =
+        send_against(&described, size, cutter, &new_src, new.len() as u64, start).await;
     let mut made = Vec::new();
     let expect = new.len() as u64 - start;
     let got = assemble(
@@ -1037,17 +1020,33 @@ async fn described_file(path: &Path, cutter: Cutter) -> (Vec<u8>, u64) {
 /// sender's digest, and what it sent.
 async fn delta_between(old: &Path, new: &Path, cutter: Cutter) -> (Vec<u8>, Digest, DeltaSent) {
     let (described, size) = described_file(old, cutter).await;
+    let new_src = FileBytes::new(File::open(new).unwrap());
+    let new_len = std::fs::metadata(new).unwrap().len();
+    send_against(&described, size, cutter, &new_src, new_len, 0).await
+}
+
+/// The sender's side of a delta of `new_src` (`new_len` bytes, the
+/// receiver holding its first `start`) against the receiver's version of
+/// `old_size` bytes that `described` describes: the ops, the sender's
+/// digest, and what it sent.
+async fn send_against(
+    described: &[u8],
+    old_size: u64,
+    cutter: Cutter,
+    new_src: &dyn ByteSource,
+    new_len: u64,
+    start: u64,
+) -> (Vec<u8>, Digest, DeltaSent) {
     let base = crate::protocol::DeltaBase {
-        size,
+        size: old_size,
         avg_chunk: cutter.avg(),
     };
     let index = read_chunks(&mut &described[..], base).await.unwrap();
-    let new_src = FileBytes::new(File::open(new).unwrap());
     let mut ops = Vec::new();
     let (digest, sent) = send_delta(
-        &new_src,
-        std::fs::metadata(new).unwrap().len(),
-        0,
+        new_src,
+        new_len,
+        start,
         Arc::new(index),
         DELTA_FRAMING,
         None,

@@ -552,6 +552,18 @@ impl LocalUpload {
         |e| fs_error(&e, &self.path, "cannot write")
     }
 
+    /// Receiving failed with `e`: what a full disk cut short is not kept
+    /// for a resume (its bytes are the space the next upload, or this
+    /// one's retry, needs). The error to answer with.
+    fn failed(&mut self, e: TransferError) -> RemoteError {
+        if matches!(&e, TransferError::Write(io) if exchange::is_disk_full(io)) {
+            if let Some(incoming) = self.incoming.take() {
+                incoming.discard();
+            }
+        }
+        self.receive_error(e)
+    }
+
     /// The error for data that did not arrive as it should.
     fn receive_error(&self, e: TransferError) -> RemoteError {
         match e {
@@ -595,16 +607,7 @@ impl Upload for LocalUpload {
             stop,
         )
         .await;
-        received.map_err(|e| {
-            // What a full disk cut short is not kept for a resume: its bytes
-            // are the space the next upload (or this one's retry) needs.
-            if matches!(&e, TransferError::Write(io) if exchange::is_disk_full(io)) {
-                if let Some(incoming) = self.incoming.take() {
-                    incoming.discard();
-                }
-            }
-            self.receive_error(e)
-        })
+        received.map_err(|e| self.failed(e))
     }
 
     async fn receive_cloned(
@@ -644,14 +647,7 @@ impl Upload for LocalUpload {
                 self.described = made.described.map(|d| (cutter.avg(), d));
                 made.received
             })
-            .map_err(|e| {
-                if matches!(&e, TransferError::Write(io) if exchange::is_disk_full(io)) {
-                    if let Some(incoming) = self.incoming.take() {
-                        incoming.discard();
-                    }
-                }
-                self.receive_error(e)
-            }),
+            .map_err(|e| self.failed(e)),
         )
     }
 
