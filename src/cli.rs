@@ -15,9 +15,9 @@ use std::collections::HashMap;
 
 use crate::client::tree::{self, Tree};
 use crate::client::{
-    dry_run, plan_with_listing, run_batch, Action, BatchReport, Client, ClientConfig, ClientFile,
-    ConfigError, ConnectError, Direction, FileError, Filter, FilterError, Job, Planned, Watch,
-    CLIENT_IDENTITY,
+    dry_run, fix_meta, plan_with_listing, run_batch, Action, BatchReport, Client, ClientConfig,
+    ClientFile, ConfigError, ConnectError, Direction, FileError, Filter, FilterError, Job, Planned,
+    Watch, CLIENT_IDENTITY,
 };
 use crate::endpoint::{self, ServerLimits, TransportOpts};
 use crate::exchange::to_system_time;
@@ -1183,7 +1183,15 @@ async fn put_from_stdin(args: PutArgs, quiet: bool, progress: &Progress) -> Resu
             (vec![error], e.is_transient() && before_any)
         }
     };
-    let code = finish_batch("put", report, &[], errors, args.json, quiet, progress)?;
+    let code = finish_batch(
+        "put",
+        report,
+        &Unchanged::default(),
+        errors,
+        args.json,
+        quiet,
+        progress,
+    )?;
     // As for any transfer: a connection lost before anything moved is
     // exit code 3; a failure once data moved is 1.
     Ok(if lost {
@@ -1777,8 +1785,9 @@ fn local_name(remote: &str) -> Option<std::ffi::OsString> {
 /// mtime (with `--checksum`, BLAKE3) match the other side's are left
 /// alone; the rest run, replacing what differs. One listing of each tree
 /// decides. Files the run would refuse (a directory or link in the way)
-/// are reported in `bad` and not run. Returns the jobs to run, the labels
-/// of those left alone and the listing: without --sync, every job, none
+/// are reported in `bad` and not run. Those left alone whose mtime or
+/// mode differ from their source's take the source's. Returns the jobs to
+/// run, those left alone and the listing: without --sync, every job, none
 /// and none.
 async fn quick_check(
     client: &Client,
@@ -1786,18 +1795,24 @@ async fn quick_check(
     transfer: &TransferArgs,
     jobs: Vec<Job>,
     bad: &mut Vec<String>,
-) -> Result<(Vec<Job>, Vec<String>, Option<HashMap<String, Entry>>)> {
+) -> Result<(Vec<Job>, Unchanged, Option<HashMap<String, Entry>>)> {
     if !transfer.sync {
-        return Ok((jobs, Vec::new(), None));
+        return Ok((jobs, Unchanged::default(), None));
     }
     let (plan, listed) =
         plan_with_listing(client, direction, &jobs, false, true, transfer.checksum).await?;
     let mut run = Vec::with_capacity(jobs.len());
     let mut unchanged = Vec::new();
+    let mut fixes = Vec::new();
     for (job, planned) in jobs.into_iter().zip(plan) {
         match planned.action {
             Action::Send => run.push(job),
-            Action::Skip => unchanged.push(job.label),
+            Action::Skip => {
+                unchanged.push(job.label.clone());
+                if let Some(fix) = planned.fix {
+                    fixes.push((job, fix));
+                }
+            }
             Action::Refuse => bad.push(format!(
                 "{}: {}",
                 job.label,
@@ -1805,13 +1820,33 @@ async fn quick_check(
             )),
         }
     }
-    Ok((run, unchanged, Some(listed)))
+    // Left alone, but with the source's mtime and mode (rsync -a does the
+    // same): without it a --checksum run would leave the times apart, and
+    // every later quick check would see the file as changed.
+    let (meta_set, failed) = fix_meta(client, direction, fixes).await;
+    bad.extend(failed);
+    Ok((
+        run,
+        Unchanged {
+            labels: unchanged,
+            meta_set,
+        },
+        Some(listed),
+    ))
+}
+
+/// The files `--sync` left alone, and those of them that took their
+/// source's mtime or mode.
+#[derive(Default)]
+struct Unchanged {
+    labels: Vec<String>,
+    meta_set: Vec<String>,
 }
 
 fn finish_batch(
     verb: &str,
     report: BatchReport,
-    unchanged: &[String],
+    unchanged: &Unchanged,
     mut errors: Vec<String>,
     json: bool,
     quiet: bool,
@@ -1823,10 +1858,14 @@ fn finish_batch(
         for note in report.done.iter().flat_map(|r| &r.notes) {
             eprintln!("qxfer: note: {note}");
         }
-        if !unchanged.is_empty() {
+        if !unchanged.labels.is_empty() {
+            let fixed = match unchanged.meta_set.len() {
+                0 => String::new(),
+                n => format!(" ({n} of them given the source's mtime or mode)"),
+            };
             eprintln!(
-                "qxfer: {} file(s) unchanged (same size and mtime, or BLAKE3 with --checksum); left alone",
-                unchanged.len()
+                "qxfer: {} file(s) unchanged (same size and mtime, or BLAKE3 with --checksum); left alone{fixed}",
+                unchanged.labels.len()
             );
         }
         let present = report.done.iter().filter(|r| r.already_there).count();
@@ -1852,7 +1891,8 @@ fn finish_batch(
     if json {
         let doc = serde_json::json!({
             "files": report.done,
-            "unchanged": unchanged,
+            "unchanged": unchanged.labels,
+            "meta_set": unchanged.meta_set,
             "errors": errors,
             "bytes": bytes,
             "bytes_sent": sent,

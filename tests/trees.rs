@@ -535,8 +535,59 @@ async fn checksum_on(backend: Backend) {
     let out = run(client(&["put", "-r", "proj", "--checksum", "--json"])).await;
     assert_eq!(reported(&out, "files"), Vec::<String>::new());
     assert_eq!(reported(&out, "unchanged"), ["a", "b", "sub/c"]);
+    assert_eq!(reported(&out, "meta_set"), Vec::<String>::new());
+
+    // Same contents, another mtime (a) or mode (b): left alone, but given
+    // the source's, as rsync -a does; nothing is sent, and a quick check
+    // afterwards finds them unchanged.
+    let then = SystemTime::UNIX_EPOCH + Duration::new(1_500_000_000, 250_000_000);
+    set_mtime(&src.join("a"), then);
+    std::fs::set_permissions(src.join("b"), std::fs::Permissions::from_mode(0o700)).unwrap();
+    let dry = run(client(&["put", "-r", "proj", "--checksum", "-n", "--json"])).await;
+    let dry = String::from_utf8_lossy(&dry.stdout);
+    assert_eq!(dry.matches("\"sets_meta\": true").count(), 2, "{dry}");
+    let out = run(client(&["put", "-r", "proj", "--checksum", "--json"])).await;
+    assert_eq!(reported(&out, "files"), Vec::<String>::new());
+    assert_eq!(reported(&out, "meta_set"), ["a", "b"]);
+    let stored = stored_manifest(&server, "proj").await;
+    let here = manifest(&src);
+    for name in ["a", "b", "sub/c"] {
+        assert_eq!(
+            stored[name], here[name],
+            "{name}: the server's copy takes the source's mtime and mode"
+        );
+    }
+    let out = run(client(&["put", "-r", "proj", "--sync", "--json"])).await;
+    assert_eq!(reported(&out, "files"), Vec::<String>::new());
+    assert_eq!(reported(&out, "meta_set"), Vec::<String>::new());
+    // The quick check matched, the mode alone differs: it takes it too.
+    std::fs::set_permissions(src.join("a"), std::fs::Permissions::from_mode(0o750)).unwrap();
+    let out = run(client(&["put", "-r", "proj", "--sync", "--json"])).await;
+    assert_eq!(reported(&out, "meta_set"), ["a"]);
+    assert_eq!(
+        stored_manifest(&server, "proj").await["a"],
+        manifest(&src)["a"]
+    );
 
     run(client(&["get", "-r", "proj", "-o", "dl", "--json"])).await;
+    // The other way: this side's copy takes the server's mtime.
+    set_mtime(&h.join("dl/proj/sub/c"), then);
+    let out = run(client(&[
+        "get",
+        "-r",
+        "proj",
+        "-o",
+        "dl",
+        "--checksum",
+        "--json",
+    ]))
+    .await;
+    assert_eq!(reported(&out, "files"), Vec::<String>::new());
+    assert_eq!(reported(&out, "meta_set"), ["sub/c"]);
+    assert_eq!(
+        manifest(&h.join("dl/proj"))["sub/c"],
+        manifest(&src)["sub/c"]
+    );
     behind_its_back(&h.join("dl/proj/b"), 22);
     let out = run(client(&[
         "get",

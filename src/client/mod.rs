@@ -20,9 +20,9 @@ use crate::endpoint::TransportOpts;
 use crate::exchange::{self, Pacer};
 use crate::protocol::stream::STOP_REFUSED;
 use crate::protocol::{
-    close, read_frame, write_frame, Compression, Digest, DigestsRequest, DirMeta, Entry,
+    close, read_frame, write_frame, Compression, Digest, DigestsRequest, DirMeta, Entry, FileMeta,
     FrameError, ListBatch, ListRequest, MkdirRequest, RemoteError, RemoveRequest, RenameRequest,
-    Request, Response,
+    Request, Response, SetMetaRequest,
 };
 use crate::tls::Fingerprint;
 
@@ -49,8 +49,8 @@ pub use connect::{describe_close, split_server, ConnectError, DEFAULT_CONNECT_TI
 pub(crate) use dest::remove_below;
 pub use filter::{Filter, FilterError};
 pub use get::{part_path, PART_SUFFIX};
-pub(crate) use plan::plan_with_listing;
 pub use plan::{dry_run, Action, Planned};
+pub(crate) use plan::{fix_meta, plan_with_listing};
 pub use servers::{ClientFile, ConfigError, NamedServer, CONFIG_FILE};
 use state::{PathMemories, UploadJournal};
 
@@ -388,6 +388,28 @@ impl Client {
                 d.len(),
                 paths.len()
             ))),
+            Response::Refused(e) => Err(e.into()),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Gives the server's file `path`, whose contents this side holds too
+    /// (the same BLAKE3 `digest`, or without one the same size and mtime),
+    /// the mtime and mode of `meta`.
+    pub(crate) async fn set_meta(
+        &self,
+        path: &str,
+        meta: FileMeta,
+        digest: Option<Digest>,
+    ) -> Result<(), FileError> {
+        let request = Request::SetMeta(SetMetaRequest {
+            path: path.to_owned(),
+            meta,
+            digest,
+        });
+        // An object store writes the file again.
+        match self.ask(&request, 10 * self.reply_timeout).await? {
+            Response::MetaSet => Ok(()),
             Response::Refused(e) => Err(e.into()),
             other => Err(unexpected(&other)),
         }

@@ -6,12 +6,12 @@
 //! holds the name and --force was not given, the refusals the real run
 //! would report with exit code 1.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap};
 
 use serde::Serialize;
 
-use crate::exchange::{blocking, file_digest, to_timestamp, DELTA_MIN};
-use crate::protocol::{Digest, Entry, EntryKind, ErrorCode, MAX_DIGEST_PATHS};
+use crate::exchange::{blocking, file_digest, to_timestamp, DELTA_MIN, KEPT_MODE_BITS};
+use crate::protocol::{Digest, Entry, EntryKind, ErrorCode, FileMeta, MAX_DIGEST_PATHS};
 
 use super::{Client, Direction, FileError, Job};
 
@@ -42,6 +42,22 @@ pub struct Planned {
     /// the chunks the receiver's version lacks would cross, which nothing
     /// short of reading both versions can tell in advance.
     pub delta: bool,
+    /// It would be left alone but given the source's mtime or mode, which
+    /// differ (`--sync`: rsync -a does the same).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub sets_meta: bool,
+    /// What that takes.
+    #[serde(skip)]
+    pub(crate) fix: Option<MetaFix>,
+}
+
+/// The mtime and mode a file left alone takes from its source: `meta` is
+/// the source's, `digest` what both sides hashed (`--checksum`; without
+/// it the size and mtime matched).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct MetaFix {
+    pub(crate) meta: FileMeta,
+    pub(crate) digest: Option<Digest>,
 }
 
 /// The remote entries of the directories `jobs` name, by remote path. A
@@ -154,7 +170,7 @@ pub(crate) async fn plan_with_listing(
     let equal = if sync && checksum {
         equal_digests(client, jobs, &locals, &remote).await?
     } else {
-        HashSet::new()
+        HashMap::new()
     };
     let unchanged = if checksum {
         "unchanged (same BLAKE3)"
@@ -174,6 +190,50 @@ pub(crate) async fn plan_with_listing(
             size,
             reason: reason.map(str::to_owned),
             delta: false,
+            sets_meta: false,
+            fix: None,
+        };
+        // A file left alone by --sync whose mtime or mode differ from its
+        // source's takes them (the mode as a transfer would give it).
+        let local_mode = local.as_ref().map(|m| {
+            use std::os::unix::fs::PermissionsExt;
+            m.permissions().mode() & 0o7777
+        });
+        let fixing = |mut p: Planned, e: &Entry| {
+            let (source, dest_mtime, dest_mode) = match direction {
+                Direction::Put => (
+                    FileMeta {
+                        size: e.size,
+                        mtime: local_mtime,
+                        mode: local_mode,
+                    },
+                    e.mtime,
+                    e.mode,
+                ),
+                Direction::Get => (
+                    FileMeta {
+                        size: e.size,
+                        mtime: e.mtime,
+                        mode: e.mode,
+                    },
+                    local_mtime,
+                    local_mode,
+                ),
+            };
+            let mtime_differs = source.mtime.is_some() && source.mtime != dest_mtime;
+            let mode_differs =
+                matches!((source.mode, dest_mode), (Some(s), Some(d)) if s & KEPT_MODE_BITS != d);
+            if mtime_differs || mode_differs {
+                p.sets_meta = true;
+                p.fix = Some(MetaFix {
+                    meta: source,
+                    digest: equal.get(&job.remote).copied(),
+                });
+                if let Some(r) = &mut p.reason {
+                    r.push_str("; takes the source's mtime and mode");
+                }
+            }
+            p
         };
         // The new version must reach the threshold, and for a get (where
         // this side describes its file) the old one too.
@@ -183,7 +243,7 @@ pub(crate) async fn plan_with_listing(
         };
         let same = |e: &Entry| {
             if sync && checksum {
-                return equal.contains(&job.remote);
+                return equal.contains_key(&job.remote);
             }
             local
                 .as_ref()
@@ -215,7 +275,9 @@ pub(crate) async fn plan_with_listing(
                         size,
                         Some("a link or special file on the server has that name"),
                     ),
-                    Some(e) if sync && same(e) => planned(Action::Skip, size, Some(unchanged)),
+                    Some(e) if sync && same(e) => {
+                        fixing(planned(Action::Skip, size, Some(unchanged)), e)
+                    }
                     Some(_) if sync => as_delta(
                         planned(
                             Action::Send,
@@ -258,7 +320,7 @@ pub(crate) async fn plan_with_listing(
                     ),
                     (Some(_), None) => planned(Action::Send, size, None),
                     (Some(e), Some(_)) if sync && same(e) => {
-                        planned(Action::Skip, size, Some(unchanged))
+                        fixing(planned(Action::Skip, size, Some(unchanged)), e)
                     }
                     (Some(_), Some(m)) if sync => as_delta(
                         planned(
@@ -292,14 +354,14 @@ pub(crate) async fn plan_with_listing(
 
 /// Which `jobs` hold the same contents on both sides (`--checksum`): of
 /// the regular files of equal size here and on the server, those whose
-/// BLAKE3 agree. This side hashes its files in the disk pool while the
+/// BLAKE3 agree, with it. This side hashes its files in the disk pool while the
 /// server's digests are asked for, up to 16 requests (16,384 files) at once.
 async fn equal_digests(
     client: &Client,
     jobs: &[Job],
     locals: &[Option<std::fs::Metadata>],
     remote: &HashMap<String, Entry>,
-) -> Result<HashSet<String>, FileError> {
+) -> Result<HashMap<String, Digest>, FileError> {
     use futures::StreamExt;
     let candidates: Vec<&Job> = jobs
         .iter()
@@ -360,8 +422,10 @@ async fn equal_digests(
     Ok(candidates
         .iter()
         .zip(ours.iter().zip(theirs_all))
-        .filter(|(_, (a, b))| a.is_some() && *a == b)
-        .map(|(job, _)| job.remote.clone())
+        .filter_map(|(job, (a, b))| match (a, b) {
+            (Some(a), Some(b)) if *a == b => Some((job.remote.clone(), b)),
+            _ => None,
+        })
         .collect())
 }
 
@@ -381,4 +445,81 @@ fn digest_batches(paths: &[String]) -> Vec<&[String]> {
         out.push(&paths[start..]);
     }
     out
+}
+
+/// Gives each file `--sync` left alone its source's mtime and mode, where
+/// they differ: on the server through [`Client::set_meta`] (16 at once),
+/// here through the file's descriptor (opened without following a link).
+/// Returns the labels of those done and the failures, one line each.
+pub(crate) async fn fix_meta(
+    client: &Client,
+    direction: Direction,
+    fixes: Vec<(Job, MetaFix)>,
+) -> (Vec<String>, Vec<String>) {
+    use futures::StreamExt;
+    let results: Vec<(String, Result<(), String>)> = match direction {
+        Direction::Put => {
+            futures::stream::iter(fixes)
+                .map(|(job, fix)| async move {
+                    let done = client
+                        .set_meta(&job.remote, fix.meta, fix.digest)
+                        .await
+                        .map_err(|e| e.to_string());
+                    (job.label, done)
+                })
+                .buffered(16)
+                .collect()
+                .await
+        }
+        Direction::Get => {
+            blocking(move || {
+                fixes
+                    .into_iter()
+                    .map(|(job, fix)| {
+                        let done = fix_local_meta(&job.local, &fix).map_err(|e| {
+                            format!("cannot set its mtime and mode: {e}; check the file's owner and permissions")
+                        });
+                        (job.label, done)
+                    })
+                    .collect()
+            })
+            .await
+        }
+    };
+    let (mut done, mut failed) = (Vec::new(), Vec::new());
+    for (label, result) in results {
+        match result {
+            Ok(()) => done.push(label),
+            Err(e) => failed.push(format!("{label}: {e}")),
+        }
+    }
+    (done, failed)
+}
+
+/// [`fix_meta`] for one local file: it must still be the regular file of
+/// the size compared (and without a digest, of the mtime). Blocking.
+fn fix_local_meta(path: &std::path::Path, fix: &MetaFix) -> std::io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)?;
+    let md = file.metadata()?;
+    let mtime = md.modified().ok().and_then(to_timestamp);
+    if !md.is_file()
+        || md.len() != fix.meta.size
+        || (fix.digest.is_none() && mtime != fix.meta.mtime)
+    {
+        return Err(std::io::Error::other("it changed since it was compared"));
+    }
+    if let Some(mode) = fix.meta.mode {
+        let mode = mode & KEPT_MODE_BITS;
+        if md.permissions().mode() & 0o7777 != mode {
+            file.set_permissions(std::fs::Permissions::from_mode(mode))?;
+        }
+    }
+    if let Some(t) = fix.meta.mtime.and_then(crate::exchange::to_system_time) {
+        file.set_modified(t)?;
+    }
+    Ok(())
 }

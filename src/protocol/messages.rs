@@ -28,6 +28,25 @@ pub enum Request {
     /// The BLAKE3 of each of these files (`--checksum`), answered with
     /// [`Response::Digests`]. Appended in protocol 3.
     Digests(DigestsRequest),
+    /// Give a file whose contents the client holds too the mtime and mode
+    /// of the client's copy (`put --sync` of a file left alone), answered
+    /// with [`Response::MetaSet`]. Appended in protocol 3.
+    SetMeta(SetMetaRequest),
+}
+
+/// Set the mtime and mode of the regular file `path` to `meta`'s, if it
+/// still is what the client compared: `meta.size` bytes and, with
+/// `digest`, that BLAKE3; without one (the quick check matched), its mtime
+/// must already be `meta.mtime`, so only the mode may change. Contents
+/// are never touched; a link is refused, not followed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SetMetaRequest {
+    /// The file, relative to the server root.
+    pub path: String,
+    /// Its size as compared, and the mtime and mode to give it.
+    pub meta: FileMeta,
+    /// The BLAKE3 both sides found (`--checksum`).
+    pub digest: Option<Digest>,
 }
 
 /// Ask for the BLAKE3 of up to [`MAX_DIGEST_PATHS`] files at once.
@@ -318,6 +337,9 @@ pub enum Response {
     /// `None` where no regular file is (or it cannot be read). Appended in
     /// protocol 3.
     Digests(Vec<Option<Digest>>),
+    /// The file has the mtime and mode a [`SetMetaRequest`] asked for.
+    /// Appended in protocol 3.
+    MetaSet,
 }
 
 /// Sent by the sender after the data: what the receiver must have. A

@@ -1,11 +1,12 @@
-//! Remote management (`qxfer rm` and `qxfer mv`): policy, then the store removes or renames.
+//! Remote management (`qxfer rm`, `qxfer mv`, and the mtime and mode `put --sync` sets on files it leaves alone): policy, then the store acts.
 
 use tracing::info;
 
 use crate::paths::RemotePath;
 use crate::protocol::{
-    write_frame, ErrorCode, RemoteError, RemoveRequest, RenameRequest, Response,
+    write_frame, ErrorCode, RemoteError, RemoveRequest, RenameRequest, Response, SetMetaRequest,
 };
+use crate::tls::Fingerprint;
 
 use super::stream::ReplyStream;
 use super::{protocol_error, writable, ServeConfig};
@@ -54,5 +55,41 @@ pub(super) async fn serve_rename(
         .map_err(|e| protocol_error(&e))?;
     send.finish();
     info!(from = %from, to = %to, "renamed");
+    Ok(())
+}
+
+/// Gives a file the client holds the same contents of its copy's mtime
+/// and mode (`put --sync` of a file it leaves alone).
+pub(super) async fn serve_set_meta(
+    req: SetMetaRequest,
+    config: &ServeConfig,
+    client: Fingerprint,
+    send: &mut impl ReplyStream,
+) -> Result<(), RemoteError> {
+    let path = RemotePath::parse(&req.path, false)?;
+    writable(config, || {
+        format!("the mtime and mode of '{path}' were not set")
+    })?;
+    if let Some(max) = config.max_file_size {
+        // The object store's way writes the file again.
+        if req.meta.size > max {
+            return Err(RemoteError::new(
+                ErrorCode::TooLarge,
+                format!(
+                    "'{path}' is {} bytes; this server accepts files of at most {max} bytes",
+                    req.meta.size
+                ),
+            ));
+        }
+    }
+    config
+        .store
+        .set_meta(&path, req.meta, req.digest, client)
+        .await?;
+    write_frame(send, &Response::MetaSet)
+        .await
+        .map_err(|e| protocol_error(&e))?;
+    send.finish();
+    info!(path = %path, "mtime and mode set");
     Ok(())
 }

@@ -42,7 +42,7 @@ mod tests;
 
 use get::{serve_get, serve_get_delta};
 use list::{serve_digests, serve_list};
-use manage::{serve_remove, serve_rename};
+use manage::{serve_remove, serve_rename, serve_set_meta};
 use mkdir::serve_mkdir;
 use partials::{sweep_partials_forever, Partials};
 use put::serve_put;
@@ -607,6 +607,7 @@ async fn handle_stream(mut send: impl ReplyStream, mut recv: impl RequestStream,
         Request::Mkdir(req) => serve_mkdir(req, &config, &mut send).await,
         Request::Remove(req) => serve_remove(req, &config, &mut send).await,
         Request::Rename(req) => serve_rename(req, &config, &mut send).await,
+        Request::SetMeta(req) => serve_set_meta(req, &config, ctx.client, &mut send).await,
     };
     if let Err(err) = result {
         info!("refused: {}", err.message);

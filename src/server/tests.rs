@@ -13,7 +13,7 @@ use super::{handle_stream, Ctx, ServeConfig};
 use crate::protocol::{
     encode, read_frame, write_frame, Compression, Encoding, EntryKind, ErrorCode, FileMeta,
     GetRequest, ListBatch, ListRequest, MkdirRequest, PutRequest, Receipt, Request, Response,
-    Trailer,
+    SetMetaRequest, Timestamp, Trailer,
 };
 use crate::tls::Fingerprint;
 
@@ -509,4 +509,95 @@ async fn data_of_unknown_length_is_committed_at_its_end_mark_and_only_then() {
         send_put(&h, &frames).await.unwrap_err().code,
         ErrorCode::Protocol
     );
+}
+
+/// `put --sync` sets the mtime and mode of a file it leaves alone, and
+/// only of the file the client compared: the same size and BLAKE3 (or
+/// without a digest, the same mtime). A wrong digest, a changed size or
+/// mtime, a link at the name or a read-only server change nothing.
+#[tokio::test]
+async fn mtime_and_mode_are_set_only_on_the_file_compared() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let h = Harness::new(|_| {});
+    put(&h, "f", b"hello").await;
+    let digest = *blake3::hash(b"hello").as_bytes();
+    let stamp = |p: &std::path::Path| {
+        let md = std::fs::metadata(p).unwrap();
+        (md.mtime(), md.permissions().mode() & 0o7777)
+    };
+    let before = stamp(&h.path("f"));
+    let ask = |path: &str, meta: FileMeta, digest| {
+        encode(&Request::SetMeta(SetMetaRequest {
+            path: path.into(),
+            meta,
+            digest,
+        }))
+        .unwrap()
+    };
+    let wanted = FileMeta {
+        size: 5,
+        mtime: Some(Timestamp {
+            secs: 1_500_000_000,
+            nanos: 0,
+        }),
+        mode: Some(0o600),
+    };
+    let refused = |r: Response, code: ErrorCode| match r {
+        Response::Refused(e) => assert_eq!(e.code, code, "{e:?}"),
+        other => panic!("expected a refusal, got {other:?}"),
+    };
+    let wrong = *blake3::hash(b"other").as_bytes();
+    refused(
+        answer(&h, ask("f", wanted, Some(wrong))).await,
+        ErrorCode::Corrupt,
+    );
+    let longer = FileMeta { size: 6, ..wanted };
+    refused(
+        answer(&h, ask("f", longer, Some(digest))).await,
+        ErrorCode::Corrupt,
+    );
+    // No digest: the mtime must already be the one asked for.
+    refused(answer(&h, ask("f", wanted, None)).await, ErrorCode::Corrupt);
+    std::os::unix::fs::symlink("f", h.path("link")).unwrap();
+    refused(
+        answer(&h, ask("link", wanted, Some(digest))).await,
+        ErrorCode::Symlink,
+    );
+    refused(
+        answer(&h, ask("missing", wanted, Some(digest))).await,
+        ErrorCode::NotFound,
+    );
+    assert_eq!(stamp(&h.path("f")), before, "nothing changed");
+
+    assert_eq!(
+        answer(&h, ask("f", wanted, Some(digest))).await,
+        Response::MetaSet
+    );
+    assert_eq!(stamp(&h.path("f")), (1_500_000_000, 0o600));
+    assert_eq!(std::fs::read(h.path("f")).unwrap(), b"hello");
+    // The quick check's case: same mtime, another mode.
+    let mode_only = FileMeta {
+        mode: Some(0o644),
+        ..wanted
+    };
+    assert_eq!(
+        answer(&h, ask("f", mode_only, None)).await,
+        Response::MetaSet
+    );
+    assert_eq!(stamp(&h.path("f")), (1_500_000_000, 0o644));
+
+    let ro = Harness::new(|c| c.read_only = true);
+    std::fs::write(ro.path("f"), b"hello").unwrap();
+    refused(
+        answer(&ro, ask("f", wanted, Some(digest))).await,
+        ErrorCode::ReadOnly,
+    );
+}
+
+/// Sends one request that carries no data and returns the answer.
+async fn answer(h: &Harness, frame: Vec<u8>) -> Response {
+    let mut x = h.open(&[frame]).await;
+    let r: Response = read_frame(&mut x.from_server).await.unwrap();
+    x.served.await.unwrap();
+    r
 }

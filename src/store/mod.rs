@@ -112,6 +112,78 @@ pub(crate) trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// Checks the destination of a put and prepares what receives it.
     async fn prepare_put(&self, plan: PutPlan) -> Result<Prepared, RemoteError>;
 
+    /// Gives the regular file `path` the mtime and mode of `meta`, if it
+    /// still is `meta.size` bytes with the BLAKE3 `digest` (without one,
+    /// if its mtime already is `meta.mtime`: only the mode changes). Its
+    /// contents stay as they are, and a link is refused.
+    ///
+    /// This default suits a store that cannot change a file's metadata in
+    /// place (an object's is fixed when it is written, and the S3 copy
+    /// `object_store` offers keeps it): the file is written again under
+    /// its own name from its own bytes, through [`Store::prepare_put`] like
+    /// any upload, and committed only if what was read hashes to the
+    /// digest compared. It costs a read and a write inside the store and
+    /// nothing on the wire. The local root overrides it with fchmod and
+    /// futimens on the file itself.
+    async fn set_meta(
+        &self,
+        path: &RemotePath,
+        meta: FileMeta,
+        digest: Option<Digest>,
+        client: crate::tls::Fingerprint,
+    ) -> Result<(), RemoteError> {
+        let opened = self.open(path, None).await?;
+        let now = opened.meta;
+        check_set_meta(path, &now, &meta, digest)?;
+        let expected = match (digest, opened.reader.stored_digest()) {
+            (Some(d), _) | (None, Some(d)) => Some(d),
+            (None, None) => None,
+        };
+        let plan = PutPlan {
+            path: path.clone(),
+            meta,
+            force: true,
+            partial: None,
+            resume: false,
+            stream: false,
+            client,
+        };
+        let Prepared::Receive { mut upload, .. } = self.prepare_put(plan).await? else {
+            unreachable!("a forced put never finds its file already there")
+        };
+        let bytes = opened.reader.into_bytes();
+        let result: Result<Received, RemoteError> = async {
+            let stream = bytes.range(0, now.size).await.map_err(|e| {
+                RemoteError::new(
+                    ErrorCode::Internal,
+                    format!("cannot read '{path}' to set its mtime and mode: {e}"),
+                )
+            })?;
+            let mut input = tokio_util::io::StreamReader::new(stream);
+            let stop = std::pin::pin!(std::future::pending::<()>());
+            upload
+                .receive(&mut input, now.size, Encoding::Raw, &|_| {}, stop)
+                .await
+        }
+        .await;
+        match result {
+            Ok(r) if expected.is_none_or(|d| d == r.digest) && r.size == now.size => {
+                upload.commit(meta, true).await
+            }
+            Ok(_) => {
+                upload.abandon().await;
+                Err(RemoteError::new(
+                    ErrorCode::Corrupt,
+                    format!("'{path}' changed on the server while its mtime and mode were set; nothing was changed, run the command again"),
+                ))
+            }
+            Err(e) => {
+                upload.abandon().await;
+                Err(e)
+            }
+        }
+    }
+
     /// Deletes (or aborts) what interrupted uploads left behind once it is
     /// older than `ttl`, except what `in_use` says an upload is writing.
     /// Returns how many went.
@@ -270,6 +342,24 @@ pub(crate) trait Upload: Send {
     /// Gives the upload up and deletes what it holds, resumable or not
     /// (its bytes are known to be bad, or the space is needed).
     async fn abandon(self: Box<Self>);
+}
+
+/// Whether a file of metadata `now` may take `wanted`'s mtime and mode
+/// (see [`Store::set_meta`]): the size the client compared, and with no
+/// digest to vouch for the contents, the mtime the quick check matched.
+pub(crate) fn check_set_meta(
+    path: &RemotePath,
+    now: &FileMeta,
+    wanted: &FileMeta,
+    digest: Option<Digest>,
+) -> Result<(), RemoteError> {
+    if now.size != wanted.size || (digest.is_none() && now.mtime != wanted.mtime) {
+        return Err(RemoteError::new(
+            ErrorCode::Corrupt,
+            format!("'{path}' changed on the server since it was compared; its mtime and mode were left alone, run the command again"),
+        ));
+    }
+    Ok(())
 }
 
 /// The error for data whose BLAKE3 is not the sender's.

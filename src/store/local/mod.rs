@@ -81,7 +81,6 @@ fn digest_of(
     p: &RemotePath,
     cache: &DigestCache,
 ) -> Result<Option<Digest>, RemoteError> {
-    use std::os::unix::fs::MetadataExt;
     let mut opts = OpenOptions::new();
     opts.read(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY);
@@ -95,25 +94,110 @@ fn digest_of(
     if !md.is_file() {
         return Ok(None);
     }
-    let (key, before) = ((md.dev(), md.ino()), stamp(&md));
-    let mut held = cache.0.lock().unwrap_or_else(|e| e.into_inner());
+    cached_digest(&mut file, &md, cache)
+        .map(Some)
+        .map_err(reading)
+}
+
+/// The digest of the open regular `file` (whose metadata is `md`), from
+/// the cache while the file is as it was when hashed. Blocking.
+fn cached_digest(
+    file: &mut std::fs::File,
+    md: &std::fs::Metadata,
+    cache: &DigestCache,
+) -> io::Result<Digest> {
+    use std::os::unix::fs::MetadataExt;
+    let (key, before) = ((md.dev(), md.ino()), stamp(md));
+    let held = cache.0.lock().unwrap_or_else(|e| e.into_inner());
     if let Some((s, d)) = held.get(&key) {
         if *s == before {
-            return Ok(Some(*d));
+            return Ok(*d);
         }
     }
     drop(held);
-    let digest = exchange::file_digest(&mut file).map_err(reading)?;
+    let digest = exchange::file_digest(file)?;
     // Written to while it was read: the digest is of no version; the
     // client sends the file, which is what a changing file needs anyway.
-    if stamp(&file.metadata().map_err(reading)?) == before {
-        held = cache.0.lock().unwrap_or_else(|e| e.into_inner());
+    if stamp(&file.metadata()?) == before {
+        cache.keep(key, before, digest);
+    }
+    Ok(digest)
+}
+
+impl DigestCache {
+    fn keep(&self, key: (u64, u64), stamp: Stamp, digest: Digest) {
+        let mut held = self.0.lock().unwrap_or_else(|e| e.into_inner());
         if held.len() >= DIGEST_CACHE {
             held.clear();
         }
-        held.insert(key, (before, digest));
+        held.insert(key, (stamp, digest));
     }
-    Ok(Some(digest))
+}
+
+/// [`Store::set_meta`] in place: the file is opened beneath the root
+/// without following a link at its name, checked (size, and the digest or
+/// the mtime), and given the mode and mtime through its descriptor, so
+/// what changes is the file that was checked. The change is not synced:
+/// lost in a crash, it is made again by the next run. Blocking.
+fn set_meta(
+    root: &Dir,
+    p: &RemotePath,
+    meta: &FileMeta,
+    digest: Option<Digest>,
+    cache: &DigestCache,
+) -> Result<(), RemoteError> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let mut opts = OpenOptions::new();
+    opts.read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_NOFOLLOW);
+    let mut file = match root.open_with(p.relative(), &opts) {
+        Ok(f) => f.into_std(),
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+            return Err(RemoteError::new(
+                ErrorCode::Symlink,
+                format!(
+                    "'{p}' is a symbolic link on the server; its mtime and mode were left alone"
+                ),
+            ))
+        }
+        Err(e) => return Err(fs_error(&e, p, "cannot open")),
+    };
+    let setting = |e: io::Error| fs_error(&e, p, "cannot set the mtime and mode of");
+    let md = file.metadata().map_err(setting)?;
+    if !md.is_file() {
+        return Err(RemoteError::new(
+            ErrorCode::NotFound,
+            format!(
+                "'{p}' is not a regular file on the server; its mtime and mode were left alone"
+            ),
+        ));
+    }
+    super::check_set_meta(p, &file_meta(&md), meta, digest)?;
+    if let Some(wanted) = digest {
+        let found = cached_digest(&mut file, &md, cache).map_err(setting)?;
+        if found != wanted {
+            return Err(RemoteError::new(
+                ErrorCode::Corrupt,
+                format!("'{p}' changed on the server since it was compared; its mtime and mode were left alone, run the command again"),
+            ));
+        }
+    }
+    if let Some(mode) = meta.mode {
+        let mode = mode & exchange::KEPT_MODE_BITS;
+        if md.mode() & 0o7777 != mode {
+            file.set_permissions(std::fs::Permissions::from_mode(mode))
+                .map_err(setting)?;
+        }
+    }
+    if let Some(t) = meta.mtime.and_then(exchange::to_system_time) {
+        file.set_modified(t).map_err(setting)?;
+    }
+    // The contents are the ones hashed: the new ctime keeps the digest.
+    if let Some(d) = digest {
+        let md = file.metadata().map_err(setting)?;
+        cache.keep((md.dev(), md.ino()), stamp(&md), d);
+    }
+    Ok(())
 }
 
 /// Errors that stop a local root from being used.
@@ -218,6 +302,17 @@ impl Store for LocalStore {
     async fn rename(&self, from: &RemotePath, to: &RemotePath) -> Result<(), RemoteError> {
         let (root, from, to) = (self.root.clone(), from.clone(), to.clone());
         blocking(move || rename(&root, &from, &to)).await
+    }
+
+    async fn set_meta(
+        &self,
+        path: &RemotePath,
+        meta: FileMeta,
+        digest: Option<Digest>,
+        _client: crate::tls::Fingerprint,
+    ) -> Result<(), RemoteError> {
+        let (root, p, cache) = (self.root.clone(), path.clone(), self.digests.clone());
+        blocking(move || set_meta(&root, &p, &meta, digest, &cache)).await
     }
 
     async fn prepare_put(&self, plan: PutPlan) -> Result<Prepared, RemoteError> {
