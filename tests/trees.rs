@@ -734,6 +734,26 @@ async fn a_delta_on_a_filesystem_that_shares_data_writes_only_what_changed() {
         "the download is v3"
     );
 
+    // The client kept the chunks of the v3 it made, for the next delta
+    // (its config directory's `described/`), so it need not read its v3
+    // again to describe it.
+    let kept = || -> Vec<std::path::PathBuf> {
+        let mut found = Vec::new();
+        let mut stack = vec![home.path().to_owned()];
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(&d).unwrap().flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    stack.push(p);
+                } else if d.file_name().is_some_and(|n| n == "described") {
+                    found.push(p);
+                }
+            }
+        }
+        found
+    };
+    assert_eq!(kept().len(), 1, "the client keeps what it made by a delta");
+
     // Download of v4 (1 MiB rewritten in place) over the client's v3.
     std::fs::hard_link(work.join("dl/big"), work.join("dl-v3")).unwrap();
     let v4 = [&v3[..3 * MIB], &pattern(MIB, 4), &v3[4 * MIB..]].concat();
@@ -752,6 +772,22 @@ async fn a_delta_on_a_filesystem_that_shares_data_writes_only_what_changed() {
     assert!(
         shares_data(&work.join("dl/big")),
         "the download shares v3's data"
+    );
+    assert_eq!(kept().len(), 2, "v3's (still linked as dl-v3) and v4's");
+
+    // What is kept is checked before use: damaged, it is not used, and
+    // the delta still comes out right.
+    for p in kept() {
+        std::fs::write(p, b"not a description").unwrap();
+    }
+    let v5 = [&v4[..9 * MIB], &pattern(MIB, 5), &v4[10 * MIB..]].concat();
+    std::fs::write(work.join("big"), &v5).unwrap();
+    run(client(&["put", "big", "--sync", "--json"])).await;
+    let f = the_file(&run(client(&["get", "big", "-o", "dl", "--sync", "--json"])).await);
+    assert_eq!(f["delta"], true, "{f}");
+    assert!(
+        std::fs::read(work.join("dl/big")).unwrap() == v5,
+        "the download is v5"
     );
     assert!(server.partials().await.is_empty(), "no temporaries left");
 }

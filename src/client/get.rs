@@ -8,7 +8,7 @@ use std::time::Duration;
 use quinn::{RecvStream, VarInt};
 
 use crate::exchange::{
-    self, blocking, Advance, CommitError, Cutter, DeltaSent, IncomingFile, Pacer, Start,
+    self, blocking, Advance, CommitError, Cutter, DeltaSent, FileKey, IncomingFile, Pacer, Start,
     TransferError, DELTA_MIN,
 };
 use crate::protocol::stream::{RESET_SOURCE_FAILED, STOP_REFUSED};
@@ -507,6 +507,9 @@ pub(super) async fn receive_get(
     let file = incoming.file().map_err(FileError::local(dest))?;
     let mut wire = exchange::Counted::new(recv);
     let mut delta = None;
+    // The new version's chunks, where the delta could tell them: kept for
+    // the next delta of this file (see exchange's `described`).
+    let mut described = None;
     let received = if offer.encoding == Encoding::Delta {
         let Some(old) = old else {
             return Err(FileError::Protocol(format!(
@@ -540,6 +543,7 @@ pub(super) async fn receive_get(
         if let Some(made) = cloned {
             made.map(|made| {
                 delta = Some(made.sent);
+                described = made.described;
                 made.received
             })
         } else {
@@ -614,18 +618,32 @@ pub(super) async fn receive_get(
     let digest = received.map_err(|e| download_error(e, dest))?.digest;
     let trailer: Trailer = reply(recv, exchange::STALL_TIMEOUT).await?;
     if trailer.digest != digest {
-        // Never resume from bytes known to be bad.
+        // Never resume from bytes known to be bad, nor build on what was
+        // kept of the old version again.
         incoming.discard();
+        if let Some(old) = old.filter(|_| delta.is_some()) {
+            old.bytes.forget();
+        }
         return Err(FileError::Corrupt(dest.to_owned()));
     }
     let meta = *meta;
     let d = dest.to_owned();
-    blocking(move || incoming.commit(&meta, force))
-        .await
-        .map_err(|e| match e {
-            CommitError::Exists(p) => FileError::LocalExists(p),
-            CommitError::Io { source, .. } => FileError::local(&d)(source),
-        })?;
+    let avg = old.map(|o| Cutter::for_size(o.size).avg());
+    let keep = described.zip(avg);
+    let kept_file = keep.as_ref().and_then(|_| incoming.file().ok());
+    blocking(move || {
+        incoming.commit(&meta, force)?;
+        // Known as it is committed (its ctime included).
+        if let (Some((d, avg)), Some(key)) = (keep, kept_file.as_ref().and_then(FileKey::of)) {
+            exchange::remember_described_on_disk(key, avg, &d);
+        }
+        Ok(())
+    })
+    .await
+    .map_err(|e| match e {
+        CommitError::Exists(p) => FileError::LocalExists(p),
+        CommitError::Io { source, .. } => FileError::local(&d)(source),
+    })?;
     Ok((digest, wire_bytes, delta))
 }
 

@@ -205,6 +205,23 @@ impl FileBytes {
         }
     }
 
+    /// The file for reading in order from `offset` (its own descriptor's
+    /// position: the reads here are positional and never move it).
+    pub(crate) fn reader_at(&self, offset: u64) -> std::io::Result<File> {
+        use std::io::Seek;
+        let mut file = self.file.try_clone()?;
+        file.seek(std::io::SeekFrom::Start(offset))?;
+        Ok(file)
+    }
+
+    /// Forgets what is kept of this file: a delta built on it failed its
+    /// hash, and whatever was wrong is not used again.
+    pub(crate) fn forget(&self) {
+        if let Some(key) = &self.key {
+            described::forget(key);
+        }
+    }
+
     /// What this process remembers of the file cut by `cutter` (see
     /// `described`), if it is `size` bytes as expected.
     fn recall(&self, size: u64, cutter: Cutter) -> Option<Description> {
@@ -216,9 +233,6 @@ impl FileBytes {
     /// Remembers the file's chunks (and digest), if it did not change
     /// while they were computed.
     async fn remember(&self, cutter: Cutter, chunks: Arc<[ChunkSum]>, digest: Option<Digest>) {
-        if !described::keeping() {
-            return;
-        }
         if let Some(key) = self.key {
             if self.check_unchanged().await.is_ok() {
                 let values = None;
@@ -428,7 +442,7 @@ where
         };
         write_stalled(out, &end).await?;
     }
-    if let Some(f) = old.as_file().filter(|_| fresh) {
+    if let Some(f) = old.as_file().filter(|_| fresh && described::receivers_keep()) {
         f.remember(cutter, chunks, None).await;
     }
     Ok(())

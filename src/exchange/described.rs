@@ -14,13 +14,27 @@
 //!
 //! Bounded by [`MAX_CACHED_CHUNKS`] chunks (about 50 MB); emptied when
 //! full, as the server's digest cache is. Only a process that says so
-//! ([`keep`]: the server) remembers anything: a client sees each file once
-//! a run, and would only hold the memory.
+//! ([`keep`]: the server) remembers anything in memory: a client sees each
+//! file once a run, and would only hold the memory.
+//!
+//! A client keeps instead, between runs ([`keep_on_disk`]: `described/`
+//! in its config directory), the descriptions of the files it made by a
+//! delta (and, for this run only, in memory, those of the versions it
+//! described as a receiver: a delta tells the chunks of what it makes from
+//! those of the version it copies from): the next `get --sync` of such a file, unchanged here since,
+//! reads nothing of it to describe it, and takes the BLAKE3 of the blocks
+//! a copy leaves in place from there. At most [`DISK_ENTRIES`] files, the
+//! oldest going first; each entry carries its own BLAKE3, and one that
+//! does not check out, or is of another version, is not used.
 
 use std::collections::HashMap;
 use std::fs::File;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, LazyLock, Mutex};
+use std::sync::{Arc, LazyLock, Mutex, OnceLock};
+
+use serde::{Deserialize, Serialize};
 
 use crate::protocol::{ChunkSum, Digest};
 
@@ -93,16 +107,169 @@ pub(crate) fn keeping() -> bool {
     KEEPING.load(Ordering::Relaxed)
 }
 
+/// Whether the description a receiver makes of its version is kept (in
+/// memory, for this run): by a server, and by a client that keeps on disk
+/// what its deltas make, which the delta can tell in chunks only knowing
+/// the old version's.
+pub(crate) fn receivers_keep() -> bool {
+    keeping() || DISK.get().is_some()
+}
+
 fn held() -> std::sync::MutexGuard<'static, Held> {
     HELD.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// The description of the file version `key` cut at average `avg`, if
-/// this process cut it (or made it) and it has not changed since.
+/// this process cut it (or made it) and it has not changed since, or (a
+/// client) it made it by a delta in an earlier run. Blocking where it
+/// reads the disk: one small file, once a delta.
 pub(crate) fn recall(key: &FileKey, avg: u32) -> Option<Description> {
-    let held = held();
-    let (k, a, d) = held.by_file.get(&(key.dev, key.ino))?;
-    (k == key && *a == avg).then(|| d.clone())
+    {
+        let held = held();
+        if let Some((k, a, d)) = held.by_file.get(&(key.dev, key.ino)) {
+            if k == key && *a == avg {
+                return Some(d.clone());
+            }
+        }
+    }
+    recall_from_disk(DISK.get()?, key, avg)
+}
+
+/// Forgets what is kept of the file `key` (a delta built on it failed its
+/// hash: whatever was wrong, it is not used again).
+pub(crate) fn forget(key: &FileKey) {
+    held().by_file.remove(&(key.dev, key.ino));
+    if let Some(dir) = DISK.get() {
+        let _ = std::fs::remove_file(disk_entry(dir, key));
+    }
+}
+
+/// Where this process keeps, between runs, the descriptions of the files
+/// it made by a delta, if anywhere (see the module's doc).
+static DISK: OnceLock<PathBuf> = OnceLock::new();
+
+/// Files whose descriptions are kept on disk, at most (a 1 GiB file's
+/// takes some 600 KB).
+pub(crate) const DISK_ENTRIES: usize = 64;
+
+/// The largest entry read back: [`MAX_CACHED_CHUNKS`] chunks and the block
+/// values of the largest file that many chunks can describe.
+const DISK_ENTRY_MAX: u64 = 80 << 20;
+
+/// From now on, this process keeps the descriptions of the files it makes
+/// by a delta in `dir` (created if missing), and finds them there in
+/// later runs.
+pub(crate) fn keep_on_disk(dir: PathBuf) -> std::io::Result<()> {
+    std::fs::create_dir_all(&dir)?;
+    let _ = DISK.set(dir);
+    Ok(())
+}
+
+/// An entry on disk: the version, the average and the description.
+#[derive(Serialize, Deserialize)]
+struct OnDisk {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+    avg: u32,
+    chunks: Vec<ChunkSum>,
+    digest: Option<Digest>,
+    values: Option<Vec<Digest>>,
+}
+
+const DISK_FORMAT: bincode::config::Configuration<
+    bincode::config::LittleEndian,
+    bincode::config::Varint,
+    bincode::config::Limit<{ DISK_ENTRY_MAX as usize }>,
+> = bincode::config::standard().with_limit::<{ DISK_ENTRY_MAX as usize }>();
+
+fn disk_entry(dir: &Path, key: &FileKey) -> PathBuf {
+    dir.join(format!("{:x}-{:x}", key.dev, key.ino))
+}
+
+fn recall_from_disk(dir: &Path, key: &FileKey, avg: u32) -> Option<Description> {
+    let file = File::open(disk_entry(dir, key)).ok()?;
+    let mut bytes = Vec::new();
+    file.take(DISK_ENTRY_MAX).read_to_end(&mut bytes).ok()?;
+    let (payload, sum) = bytes.split_at(bytes.len().checked_sub(32)?);
+    if blake3::hash(payload).as_bytes() != sum {
+        return None;
+    }
+    let (d, used): (OnDisk, usize) =
+        bincode::serde::decode_from_slice(payload, DISK_FORMAT).ok()?;
+    let kept = FileKey {
+        dev: d.dev,
+        ino: d.ino,
+        size: d.size,
+        mtime: d.mtime,
+        ctime: d.ctime,
+    };
+    let whole = d.chunks.iter().map(|c| u64::from(c.len)).sum::<u64>() == d.size;
+    let sane = used == payload.len() && whole && d.chunks.iter().all(|c| c.len > 0);
+    (sane && kept == *key && d.avg == avg).then(|| Description {
+        chunks: d.chunks.into(),
+        digest: d.digest,
+        values: d.values.map(Into::into),
+    })
+}
+
+/// Keeps the description of the file version `key` (made here by a delta)
+/// on disk, if this process keeps any there. Written whole under another
+/// name and renamed, so a crash leaves the old entry or the new one; the
+/// oldest entries past [`DISK_ENTRIES`] go. Blocking.
+pub(crate) fn remember_on_disk(key: FileKey, avg: u32, description: &Description) {
+    let Some(dir) = DISK.get() else {
+        return;
+    };
+    if description.chunks.len() > MAX_CACHED_CHUNKS {
+        return;
+    }
+    let entry = OnDisk {
+        dev: key.dev,
+        ino: key.ino,
+        size: key.size,
+        mtime: key.mtime,
+        ctime: key.ctime,
+        avg,
+        chunks: description.chunks.to_vec(),
+        digest: description.digest,
+        values: description.values.as_deref().map(<[Digest]>::to_vec),
+    };
+    let Ok(mut bytes) = bincode::serde::encode_to_vec(&entry, DISK_FORMAT) else {
+        return;
+    };
+    let sum = *blake3::hash(&bytes).as_bytes();
+    bytes.extend_from_slice(&sum);
+    let path = disk_entry(dir, &key);
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    let written = File::create(&tmp)
+        .and_then(|mut f| f.write_all(&bytes))
+        .and_then(|()| std::fs::rename(&tmp, &path));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+        return;
+    }
+    prune(dir);
+}
+
+/// Removes the oldest entries past [`DISK_ENTRIES`].
+fn prune(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let mut all: Vec<(std::time::SystemTime, PathBuf)> = entries
+        .flatten()
+        .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+        .collect();
+    if all.len() <= DISK_ENTRIES {
+        return;
+    }
+    all.sort();
+    for (_, p) in &all[..all.len() - DISK_ENTRIES] {
+        let _ = std::fs::remove_file(p);
+    }
 }
 
 /// Keeps the description of the file version `key` cut at average `avg`
@@ -111,7 +278,7 @@ pub(crate) fn recall(key: &FileKey, avg: u32) -> Option<Description> {
 /// digest, stays).
 pub(crate) fn remember(key: FileKey, avg: u32, mut description: Description) {
     let n = description.chunks.len();
-    if !keeping() || n > MAX_CACHED_CHUNKS {
+    if !receivers_keep() || n > MAX_CACHED_CHUNKS {
         return;
     }
     let mut held = held();
@@ -168,5 +335,63 @@ mod tests {
             recall(&key, 1 << 19).is_none(),
             "another average is another cut"
         );
+    }
+
+    #[test]
+    fn a_description_kept_on_disk_is_found_in_a_later_run_while_the_file_is_unchanged() {
+        let dir = tempfile::tempdir().unwrap();
+        keep_on_disk(dir.path().join("described")).unwrap();
+        let disk = DISK.get().unwrap();
+        let mut file = tempfile::tempfile().unwrap();
+        file.write_all(&[7u8; 5000]).unwrap();
+        let key = FileKey::of(&file).unwrap();
+        let chunks: Arc<[ChunkSum]> = vec![
+            ChunkSum {
+                len: 3000,
+                digest: [1; 32],
+            },
+            ChunkSum {
+                len: 2000,
+                digest: [2; 32],
+            },
+        ]
+        .into();
+        let d = Description {
+            chunks: chunks.clone(),
+            digest: Some([3; 32]),
+            values: Some(vec![[4; 32]].into()),
+        };
+        remember_on_disk(key, 4096, &d);
+        // A later run holds nothing in memory: the disk has it.
+        let back = recall_from_disk(disk, &key, 4096).expect("kept");
+        assert_eq!(&back.chunks[..], &chunks[..]);
+        assert_eq!(back.digest, Some([3; 32]));
+        assert_eq!(back.values.as_deref(), Some(&[[4u8; 32]][..]));
+        assert!(recall_from_disk(disk, &key, 8192).is_none(), "another cut");
+
+        // Damaged on disk: not used.
+        let entry = disk_entry(disk, &key);
+        let mut bytes = std::fs::read(&entry).unwrap();
+        bytes[5] ^= 1;
+        std::fs::write(&entry, &bytes).unwrap();
+        assert!(recall_from_disk(disk, &key, 4096).is_none(), "damaged");
+
+        // Written to since: another version, not used.
+        remember_on_disk(key, 4096, &d);
+        file.write_all(b"more").unwrap();
+        let now = FileKey::of(&file).unwrap();
+        assert!(recall_from_disk(disk, &now, 4096).is_none(), "changed");
+        forget(&key);
+        assert!(!entry.exists(), "forgotten");
+
+        // Bounded: the oldest go.
+        for i in 0..DISK_ENTRIES as u64 + 5 {
+            let other = FileKey {
+                ino: key.ino + 1_000_000 + i,
+                ..key
+            };
+            remember_on_disk(other, 4096, &d);
+        }
+        assert_eq!(std::fs::read_dir(disk).unwrap().count(), DISK_ENTRIES);
     }
 }

@@ -38,7 +38,9 @@ use compress::*;
 pub(crate) use counted::Counted;
 pub(crate) use delta::*;
 pub(crate) use described::{
-    keep as keep_descriptions, remember as remember_described, Description, FileKey,
+    keep as keep_descriptions, keep_on_disk as keep_descriptions_on_disk,
+    remember as remember_described, remember_on_disk as remember_described_on_disk, Description,
+    FileKey,
 };
 pub use error::TransferError;
 pub(crate) use error::*;

@@ -13,7 +13,7 @@ use super::*;
 /// Where received pieces go: each write runs as a task of its own, so the
 /// network keeps delivering the next piece meanwhile, and hands the sink
 /// back with its result.
-pub(crate) trait PieceSink: Send + Sized + 'static {
+trait PieceSink: Send + Sized + 'static {
     /// Writes (and hashes) one piece, decompressing it first if need be.
     fn write(
         self,
@@ -21,8 +21,76 @@ pub(crate) trait PieceSink: Send + Sized + 'static {
     ) -> impl std::future::Future<Output = (Self, Result<(), TransferError>)> + Send + 'static;
 }
 
+/// A store's writing end of an upload: the file's bytes, in order, after
+/// what the upload already holds. The store writes them (and hashes them:
+/// it knows what it holds for a resume); what feeds it ([`receive_into`])
+/// owns the framing, the decompression and the limits. Each write runs as
+/// a task of its own while the next piece arrives, and hands the sink back
+/// with its result.
+pub(crate) trait Sink: Send + 'static {
+    /// Writes `bytes` after those written before.
+    fn write(self: Box<Self>, bytes: Vec<u8>) -> SinkWrite;
+
+    /// Itself, for the store that made it to take back its own type.
+    fn into_any(self: Box<Self>) -> Box<dyn std::any::Any + Send>;
+}
+
+/// What [`Sink::write`] gives: the sink back, and how the write went.
+pub(crate) type SinkWrite =
+    futures::future::BoxFuture<'static, (Box<dyn Sink>, Result<(), TransferError>)>;
+
+/// A [`Sink`] fed pieces as they come off the stream: a compressed block
+/// is unpacked (in the disk pool) before the store sees its bytes.
+struct Unframed(Box<dyn Sink>);
+
+impl PieceSink for Unframed {
+    async fn write(self, piece: Piece) -> (Self, Result<(), TransferError>) {
+        let bytes = match piece {
+            Piece::Raw(bytes) => bytes,
+            packed => match blocking(move || packed.into_bytes()).await {
+                Ok(bytes) => bytes,
+                Err(e) => return (self, Err(e)),
+            },
+        };
+        let (sink, result) = self.0.write(bytes).await;
+        (Self(sink), result)
+    }
+}
+
+/// Receives a file's bytes from `from` up to `most` from `input` into a
+/// store's `sink`, framed as `encoding` says (with [`Encoding::Stream`],
+/// up to its end mark, `most` being the most it may hold): the next piece
+/// is read from the network while the store writes the previous one.
+/// Returns the sink (whatever happened) and how it ended: where the data
+/// ended, or why it failed.
+pub(crate) async fn receive_into<R>(
+    input: &mut R,
+    sink: Box<dyn Sink>,
+    from: u64,
+    most: u64,
+    encoding: Encoding,
+    progress: &Advance<'_>,
+    stop: impl std::future::Future<Output = ()>,
+) -> (Box<dyn Sink>, Result<u64, TransferError>)
+where
+    R: AsyncRead + Unpin + ?Sized,
+{
+    let (Unframed(sink), ended) = receive_pieces(
+        input,
+        most,
+        from,
+        Unframed(sink),
+        encoding,
+        None,
+        progress,
+        stop,
+    )
+    .await;
+    (sink, ended)
+}
+
 /// The writing end of a transfer into a file: the file and the hash so far.
-struct FileSink {
+pub(crate) struct FileSink {
     file: File,
     hasher: blake3::Hasher,
     written: u64,
@@ -32,6 +100,66 @@ struct FileSink {
     /// For data of unknown length, which reserved no space: checked before
     /// each write, so it never takes what uploads in flight reserved.
     room: Option<Arc<crate::space::Space>>,
+    /// The space held for the upload, told of each write.
+    reserved: Option<Arc<crate::space::Reservation>>,
+}
+
+impl FileSink {
+    /// Writes into `file` (positioned at `start.offset`, whose bytes before
+    /// it hashed to `start.hasher`) up to `size` bytes; with `room`, each
+    /// write first checks the free space beside what uploads in flight
+    /// reserved (for data of unknown length), and each write is taken off
+    /// `reserved`.
+    pub(crate) fn new(
+        file: File,
+        start: Start,
+        size: u64,
+        room: Option<Arc<crate::space::Space>>,
+        reserved: Option<Arc<crate::space::Reservation>>,
+    ) -> Self {
+        Self {
+            file,
+            hasher: start.hasher,
+            written: start.offset,
+            size,
+            room,
+            reserved,
+        }
+    }
+
+    /// After a transfer into it ended with `ended`: the whole file's size
+    /// and BLAKE3, or (having synced what arrived, so a resume continues
+    /// after it) the error. The data of a finished transfer is not synced:
+    /// [`IncomingFile::commit`] syncs it with its metadata in one go.
+    pub(crate) async fn finish(
+        self,
+        ended: Result<u64, TransferError>,
+    ) -> Result<Received, TransferError> {
+        match ended {
+            Ok(size) => Ok(Received {
+                size,
+                digest: *self.hasher.finalize().as_bytes(),
+            }),
+            Err(e) => {
+                let file = self.file;
+                let _ = blocking(move || file.sync_data()).await;
+                Err(e)
+            }
+        }
+    }
+}
+
+impl Sink for FileSink {
+    fn write(self: Box<Self>, bytes: Vec<u8>) -> SinkWrite {
+        Box::pin(async move {
+            let (sink, result) = blocking(move || self.write_bytes(&bytes)).await;
+            (Box::new(sink) as Box<dyn Sink>, result)
+        })
+    }
+
+    fn into_any(self: Box<Self>) -> Box<dyn std::any::Any + Send> {
+        self
+    }
 }
 
 /// What arrived for the disk: file bytes, or a compressed block of them.
@@ -86,6 +214,9 @@ impl FileSink {
         }
         self.written += buf.len() as u64;
         self.hasher.update(buf);
+        if let Some(r) = &self.reserved {
+            r.wrote(buf.len() as u64);
+        }
         (self, Ok(()))
     }
 }
@@ -340,36 +471,11 @@ pub(crate) async fn receive_file<R>(
 where
     R: AsyncRead + Unpin + ?Sized,
 {
-    let sink = FileSink {
-        file,
-        hasher: start.hasher,
-        written: start.offset,
-        size,
-        room,
-    };
-    let (sink, result) = receive_pieces(
-        input,
-        size,
-        start.offset,
-        sink,
-        encoding,
-        pace,
-        progress,
-        stop,
-    )
-    .await;
-    match result {
-        Ok(size) => Ok(Received {
-            size,
-            digest: *sink.hasher.finalize().as_bytes(),
-        }),
-        Err(e) => {
-            // Keep what arrived consistent on disk: a resume continues after it.
-            let file = sink.file;
-            let _ = blocking(move || file.sync_data()).await;
-            Err(e)
-        }
-    }
+    let from = start.offset;
+    let sink = FileSink::new(file, start, size, room, None);
+    let (sink, result) =
+        receive_pieces(input, size, from, sink, encoding, pace, progress, stop).await;
+    sink.finish(result).await
 }
 
 /// The writing end of a transfer into any writer (standard output): the
@@ -440,7 +546,7 @@ where
 /// (whatever happened) and how it ended: where the data ended, or why it
 /// failed. A disk error is the real cause when both sides failed.
 #[allow(clippy::too_many_arguments)]
-pub(crate) async fn receive_pieces<R, K>(
+async fn receive_pieces<R, K>(
     input: &mut R,
     size: u64,
     mut got: u64,

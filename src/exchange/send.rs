@@ -337,6 +337,47 @@ where
     }
 }
 
+/// Sends the bytes `offset..size` of a store's file `source` to `out`,
+/// framed as `framing` says. With `hasher` (the BLAKE3 state after the
+/// first `offset` bytes) it returns the whole file's digest; without, it
+/// returns `None` and the caller has the digest the store keeps. A local
+/// file is read in order in the disk pool, the next chunk while this one
+/// goes out ([`send_file`]); any other source as its ranged read streams.
+pub(crate) async fn send_source<W>(
+    source: &dyn ByteSource,
+    offset: u64,
+    size: u64,
+    hasher: Option<blake3::Hasher>,
+    framing: Framing,
+    out: &mut W,
+    progress: &Advance<'_>,
+) -> Result<Option<Digest>, TransferError>
+where
+    W: AsyncWrite + Unpin + ?Sized,
+{
+    if let Some(file) = source.as_file() {
+        let file = file.reader_at(offset).map_err(TransferError::Read)?;
+        let start = Start {
+            offset,
+            hasher: hasher.unwrap_or_default(),
+        };
+        return send_file(file, size, start, framing, None, out, progress)
+            .await
+            .map(Some);
+    }
+    let chunks = match source.range(offset, size).await {
+        Ok(chunks) => chunks,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(TransferError::SourceChanged {
+                expected: size,
+                found: 0,
+            })
+        }
+        Err(e) => return Err(TransferError::Read(e)),
+    };
+    send_stream(chunks, size, offset, hasher, framing, out, progress).await
+}
+
 /// Writes `bytes` to `out`, in slices paced by `pace` if given; fails if
 /// the peer takes none of a slice for [`STALL_TIMEOUT`].
 pub(super) async fn write_paced<W>(

@@ -4,7 +4,7 @@ use std::sync::atomic::Ordering;
 
 use tracing::{info, warn};
 
-use crate::exchange::{cut_while_described, send_cut, Cutter, Framing};
+use crate::exchange::{cut_while_described, send_cut, send_source, Cutter, Framing, TransferError};
 use crate::paths::RemotePath;
 use crate::protocol::{
     read_frame, write_frame, Encoding, ErrorCode, GetDeltaRequest, GetOffer, GetRequest, Receipt,
@@ -36,7 +36,25 @@ pub(super) async fn serve_get(
     let counted = |n| {
         stats.bytes_sent.fetch_add(n, Ordering::Relaxed);
     };
-    let digest = match opened.reader.send(framing, send, &counted).await {
+    let sent = send_source(
+        opened.bytes.as_ref(),
+        opened.offset,
+        meta.size,
+        opened.hasher,
+        framing,
+        send,
+        &counted,
+    )
+    .await;
+    // The digest the store keeps wins: what was uploaded is what counts.
+    let digest = sent.and_then(|hashed| {
+        opened.digest.or(hashed).ok_or_else(|| {
+            TransferError::Read(std::io::Error::other(
+                "the store kept no digest and gave no hash to continue",
+            ))
+        })
+    });
+    let digest = match digest {
         Ok(d) => d,
         Err(e) => {
             // The client sees the reset and reports the transfer failed.
@@ -83,7 +101,7 @@ pub(super) async fn serve_get_delta(
         )
     })?;
     // The file is cut while the client's description arrives.
-    let src = opened.reader.into_bytes();
+    let src = opened.bytes;
     let (base, cut) = cut_while_described(recv, req.base, src.as_ref(), meta.size, cutter).await;
     let base = base.map_err(|e| RemoteError::new(ErrorCode::Protocol, format!("'{path}': {e}")))?;
     let cut = cut.map_err(|e| {

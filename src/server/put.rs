@@ -3,19 +3,19 @@
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncRead, AsyncReadExt};
 use tracing::info;
 
 use crate::exchange::{
-    assemble, send_chunks, through_pipe, Buffered, ByteSource, Cutter, NoVersion, PipeError,
-    Received, TransferError,
+    assemble, assemble_cloned, receive_into, send_chunks, through_pipe, Advance, Buffered,
+    ByteSource, Cutter, NoVersion, PipeError, Received, TransferError,
 };
 use crate::paths::RemotePath;
 use crate::protocol::{
     read_frame, write_frame, Continue, DeltaBase, Encoding, ErrorCode, FrameError, PutOffer,
     PutRequest, Receipt, RemoteError, Response, Trailer, RESUME_MIN,
 };
-use crate::store::{corrupt, Held, Prepared, PutPlan, Stop, Upload};
+use crate::store::{corrupt, Held, Prepared, PutPlan, Sinking, Upload};
 
 use super::partials::{partial_name, pipe_name};
 use super::stream::{ReplyStream, RequestStream};
@@ -350,9 +350,7 @@ async fn receive_data(
         stats.bytes_received.fetch_add(n, Ordering::Relaxed);
     };
     let Some((old, old_size)) = old else {
-        return upload
-            .receive(recv, size, req.encoding, &counted, stop)
-            .await;
+        return receive_bytes(upload.as_mut(), recv, size, req.encoding, &counted, stop).await;
     };
     // A delta: assembled from the version here and the client's new
     // blocks, and received from that as plain bytes, through the store's
@@ -361,12 +359,25 @@ async fn receive_data(
     if let Some(file) = old.as_file().filter(|_| start == 0) {
         // Where the filesystem shares data between files, the new version
         // starts as a clone of the old and only what differs is written.
-        let stop: Stop<'_> = stop.as_mut();
-        if let Some(received) = upload
-            .receive_cloned(recv, file, old_size, Cutter::for_size(old_size), size, stop)
-            .await
-        {
-            return received;
+        if let Some(target) = upload.patch_target() {
+            let cutter = Cutter::for_size(old_size);
+            let mut input = &mut *recv;
+            let made = assemble_cloned(
+                &mut input,
+                file,
+                old_size,
+                target?,
+                size,
+                cutter,
+                None,
+                &|_| {},
+                &|_| {},
+                stop.as_mut(),
+            )
+            .await;
+            if let Some(made) = made {
+                return upload.patched(made, cutter).await;
+            }
         }
     }
     let made = through_pipe(
@@ -384,9 +395,7 @@ async fn receive_data(
             .await
         },
         |mut r| async move {
-            upload
-                .receive(&mut r, size, Encoding::Raw, &counted, stop)
-                .await
+            receive_bytes(upload.as_mut(), &mut r, size, Encoding::Raw, &counted, stop).await
         },
     )
     .await;
@@ -395,6 +404,25 @@ async fn receive_data(
         Err(PipeError::Received(e)) => Err(e),
         Err(PipeError::Made(e)) => Err(crate::store::receive_error(e, path)),
     }
+}
+
+/// Receives a file's data (from where `upload` starts, `size` bytes or
+/// with [`Encoding::Stream`] at most) from `input` into the store's
+/// writing end: exchange reads the framing, the store writes the bytes.
+async fn receive_bytes<R>(
+    upload: &mut dyn Upload,
+    input: &mut R,
+    size: u64,
+    encoding: Encoding,
+    progress: &Advance<'_>,
+    stop: impl std::future::Future<Output = ()>,
+) -> Result<Received, RemoteError>
+where
+    R: AsyncRead + Unpin + ?Sized,
+{
+    let Sinking { sink, from, most } = upload.sink(size).await?;
+    let (sink, ended) = receive_into(input, sink, from, most, encoding, progress, stop).await;
+    upload.received(sink, ended).await
 }
 
 /// For a delta put: tells the client what the server holds under `path`
@@ -412,7 +440,7 @@ async fn describe_old(
     };
     let (old, size) = match opened {
         Some(o) if Cutter::for_size(o.meta.size).can_describe(o.meta.size) => {
-            (Some(o.reader.into_bytes()), o.meta.size)
+            (Some(o.bytes), o.meta.size)
         }
         _ => (None, 0),
     };

@@ -19,28 +19,25 @@
 //! them beneath its root (cap-std for a directory, a key prefix for a
 //! bucket) and hides its own bookkeeping under the reserved `.qxfer-` names.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use tokio::io::{AsyncRead, AsyncWrite};
 
-use crate::exchange::{self, Advance, Buffered, ByteSource, Framing, Received, TransferError};
+use crate::exchange::{self, Buffered, ByteSource, Received, Sink, TransferError};
 use crate::paths::RemotePath;
-use crate::protocol::{Digest, DirMeta, Encoding, Entry, ErrorCode, FileMeta, Prefix, RemoteError};
+use crate::protocol::{Digest, DirMeta, Entry, ErrorCode, FileMeta, Prefix, RemoteError};
 
 pub(crate) mod local;
 pub(crate) mod object;
 pub(crate) mod tree_hash;
 
-/// A stream the server reads a file's data from (a QUIC stream, or an
-/// in-memory pipe in tests).
-pub(crate) type Input<'a> = dyn AsyncRead + Unpin + Send + 'a;
-/// A stream the server writes a file's data to.
-pub(crate) type Output<'a> = dyn AsyncWrite + Unpin + Send + 'a;
-/// Completes when an upload must stop (a newer upload of the same partial took over).
-pub(crate) type Stop<'a> = Pin<&'a mut (dyn Future<Output = ()> + Send)>;
+/// Where an upload's data goes: the store's [`Sink`], the offset its
+/// bytes start at, and the most bytes the file may reach there.
+pub(crate) struct Sinking {
+    pub(crate) sink: Box<dyn Sink>,
+    pub(crate) from: u64,
+    pub(crate) most: u64,
+}
 
 /// Tells the sweep whether an upload is writing the partial of this name now.
 pub(crate) type InUse = std::sync::Arc<dyn Fn(&str) -> bool + Send + Sync>;
@@ -84,11 +81,11 @@ pub(crate) trait Store: Send + Sync + std::fmt::Debug + 'static {
             }
             Err(e) => return Err(e),
         };
-        if let Some(d) = opened.reader.stored_digest() {
+        if let Some(d) = opened.digest {
             return Ok(Some(d));
         }
         let size = opened.meta.size;
-        exchange::hash_source(opened.reader.into_bytes().as_ref(), size)
+        exchange::hash_source(opened.bytes.as_ref(), size)
             .await
             .map(Some)
             .map_err(|e| {
@@ -135,10 +132,7 @@ pub(crate) trait Store: Send + Sync + std::fmt::Debug + 'static {
         let opened = self.open(path, None).await?;
         let now = opened.meta;
         check_set_meta(path, &now, &meta, digest)?;
-        let expected = match (digest, opened.reader.stored_digest()) {
-            (Some(d), _) | (None, Some(d)) => Some(d),
-            (None, None) => None,
-        };
+        let expected = digest.or(opened.digest);
         let plan = PutPlan {
             path: path.clone(),
             meta,
@@ -151,21 +145,7 @@ pub(crate) trait Store: Send + Sync + std::fmt::Debug + 'static {
         let Prepared::Receive { mut upload, .. } = self.prepare_put(plan).await? else {
             unreachable!("a forced put never finds its file already there")
         };
-        let bytes = opened.reader.into_bytes();
-        let result: Result<Received, RemoteError> = async {
-            let stream = bytes.range(0, now.size).await.map_err(|e| {
-                RemoteError::new(
-                    ErrorCode::Internal,
-                    format!("cannot read '{path}' to set its mtime and mode: {e}"),
-                )
-            })?;
-            let mut input = tokio_util::io::StreamReader::new(stream);
-            let stop = std::pin::pin!(std::future::pending::<()>());
-            upload
-                .receive(&mut input, now.size, Encoding::Raw, &|_| {}, stop)
-                .await
-        }
-        .await;
+        let result = copy_into(opened.bytes.as_ref(), now.size, upload.as_mut()).await;
         match result {
             Ok(r) if expected.is_none_or(|d| d == r.digest) && r.size == now.size => {
                 upload.commit(meta, true).await
@@ -198,39 +178,63 @@ pub(crate) trait Store: Send + Sync + std::fmt::Debug + 'static {
     }
 }
 
-/// A file opened for sending.
+/// A file opened for reading: its bytes at any offset (pinned to the
+/// version opened), and where a get starts.
 pub(crate) struct Opened {
     /// Its size, mtime and mode.
     pub(crate) meta: FileMeta,
     /// Where the data starts (the client's prefix matched), or 0.
     pub(crate) offset: u64,
-    /// What sends it.
-    pub(crate) reader: Box<dyn Reader>,
+    /// The BLAKE3 of the bytes before `offset`, to go on hashing from;
+    /// None where the store keeps the file's digest (`digest`).
+    pub(crate) hasher: Option<blake3::Hasher>,
+    /// The BLAKE3 the store keeps with the file, if it keeps one: the
+    /// digest its bytes were stored with, so a client checks what it got
+    /// against what was uploaded.
+    pub(crate) digest: Option<Digest>,
+    /// The bytes.
+    pub(crate) bytes: Box<dyn ByteSource>,
 }
 
-/// Sends one opened file.
-#[async_trait]
-pub(crate) trait Reader: Send {
-    /// Sends the data from the agreed offset to `out`, framed as `framing`
-    /// says, and returns the BLAKE3 of the whole file: the digest its bytes
-    /// were stored with where the store keeps one, so the client checks
-    /// what it got against what was uploaded.
-    async fn send(
-        self: Box<Self>,
-        framing: Framing,
-        out: &mut Output<'_>,
-        progress: &Advance<'_>,
-    ) -> Result<Digest, TransferError>;
-
-    /// The file's bytes at any offset instead, unframed: what a delta reads
-    /// (the old version a delta put is assembled from, or the new one a
-    /// delta get is cut from). Reads are pinned to the version opened.
-    fn into_bytes(self: Box<Self>) -> Box<dyn ByteSource>;
-
-    /// The BLAKE3 the store keeps with the file, if it keeps one.
-    fn stored_digest(&self) -> Option<Digest> {
-        None
+/// Writes the `size` bytes of `from` into `upload` from its start, and
+/// returns what it received. No framing: the store's bytes go straight
+/// into its own writing end.
+async fn copy_into(
+    from: &dyn ByteSource,
+    size: u64,
+    upload: &mut dyn Upload,
+) -> Result<Received, RemoteError> {
+    use futures::StreamExt;
+    let Sinking {
+        mut sink, from: at, ..
+    } = upload.sink(size).await?;
+    let mut ended = match from.range(at, size).await {
+        Ok(mut stream) => {
+            let mut got = at;
+            loop {
+                match stream.next().await {
+                    None => break Ok(got),
+                    Some(Err(e)) => break Err(TransferError::Read(e)),
+                    Some(Ok(bytes)) => {
+                        got += bytes.len() as u64;
+                        let (back, wrote) = sink.write(bytes.to_vec()).await;
+                        sink = back;
+                        if let Err(e) = wrote {
+                            break Err(e);
+                        }
+                    }
+                }
+            }
+        }
+        Err(e) => Err(TransferError::Read(e)),
+    };
+    if matches!(ended, Ok(got) if got != size) {
+        ended = Err(TransferError::SourceChanged {
+            expected: size,
+            found: *ended.as_ref().unwrap(),
+        });
     }
+    upload.received(sink, ended).await
 }
 
 /// What a put asks of a store.
@@ -295,34 +299,39 @@ pub(crate) trait Upload: Send {
     /// Starts again from byte 0 (the client's data differs from what is held).
     async fn restart(&mut self) -> Result<(), RemoteError>;
 
-    /// Receives the data from where it starts up to `size` bytes from
-    /// `input` (with [`Encoding::Stream`], up to its end, `size` being the
-    /// most it may hold) and returns the whole file's size and BLAKE3. If
-    /// `stop` completes first, what arrived is kept consistent for a
-    /// resume and the result is an error.
-    async fn receive(
+    /// The writing end for the bytes from where the upload's data starts
+    /// (after what it holds), for a file of `size` bytes (for data of
+    /// unknown length, `size` is the most the server takes).
+    async fn sink(&mut self, size: u64) -> Result<Sinking, RemoteError>;
+
+    /// Writing into `sink` ended with `ended` (where the data ended, or why
+    /// it stopped): keeps what arrived consistent for a resume, and
+    /// returns the whole file's size and BLAKE3, or the error to answer with.
+    async fn received(
         &mut self,
-        input: &mut Input<'_>,
-        size: u64,
-        encoding: Encoding,
-        progress: &Advance<'_>,
-        stop: Stop<'_>,
+        sink: Box<dyn Sink>,
+        ended: Result<u64, TransferError>,
     ) -> Result<Received, RemoteError>;
 
-    /// Receives a delta from byte 0 against `old` (a local file of
-    /// `old_size` bytes) by cloning it and writing only what differs
-    /// (see [`exchange::assemble_cloned`]), where this store and the
-    /// filesystem can; None, having read nothing, where they cannot.
-    async fn receive_cloned(
-        &mut self,
-        _input: &mut Input<'_>,
-        _old: &exchange::FileBytes,
-        _old_size: u64,
-        _cutter: exchange::Cutter,
-        _size: u64,
-        _stop: Stop<'_>,
-    ) -> Option<Result<Received, RemoteError>> {
+    /// For a delta from byte 0: the upload's temporary, to be made a clone
+    /// of the old version and patched in place where the filesystem shares
+    /// data between files (see [`exchange::assemble_cloned`]); None where
+    /// this store cannot (an object store, a resumed partial, data of
+    /// unknown length). Changes nothing.
+    fn patch_target(&mut self) -> Option<Result<std::fs::File, RemoteError>> {
         None
+    }
+
+    /// Patching [`Upload::patch_target`]'s file ended with `made`, its
+    /// chunks cut with `cutter`: the whole file's size and BLAKE3 (the
+    /// chunks remembered once it is committed), or the error to answer with.
+    async fn patched(
+        &mut self,
+        made: Result<exchange::Cloned, TransferError>,
+        _cutter: exchange::Cutter,
+    ) -> Result<Received, RemoteError> {
+        made.map(|m| m.received)
+            .map_err(|e| RemoteError::new(ErrorCode::Internal, e.to_string()))
     }
 
     /// Writes a small file's data, read whole, checks it against `expected`

@@ -25,16 +25,16 @@ use cap_std::ambient_authority;
 use cap_std::fs::{Dir, OpenOptions, OpenOptionsExt};
 
 use crate::exchange::{
-    self, blocking, file_meta, to_timestamp, Advance, Buffered, ByteSource, CommitError, FileKey,
-    Framing, IncomingFile, Start, TransferError,
+    self, blocking, file_meta, to_timestamp, Buffered, CommitError, FileKey, FileSink,
+    IncomingFile, Received, Sink, Start, TransferError,
 };
 use crate::paths::RemotePath;
-use crate::protocol::{Digest, DirMeta, Encoding, Entry, ErrorCode, FileMeta, Prefix, RemoteError};
+use crate::protocol::{Digest, DirMeta, Entry, ErrorCode, FileMeta, Prefix, RemoteError};
 use crate::space::{Reservation, Space};
 
 use super::{
-    appeared, corrupt, receive_error, Held, InUse, Input, Opened, Output, Prepared, PutPlan,
-    Reader, Stop, Store, Upload,
+    appeared, corrupt, receive_error, Held, InUse, Opened, Prepared, PutPlan, Sinking, Store,
+    Upload,
 };
 
 mod list;
@@ -439,38 +439,10 @@ fn open_for_reading(
     Ok(Opened {
         meta,
         offset: start.offset,
-        reader: Box::new(FileReader {
-            file,
-            size: meta.size,
-            start,
-        }),
+        hasher: Some(start.hasher),
+        digest: None,
+        bytes: Box::new(exchange::FileBytes::new(file)),
     })
-}
-
-/// A local file being sent.
-struct FileReader {
-    file: std::fs::File,
-    size: u64,
-    start: Start,
-}
-
-#[async_trait]
-impl Reader for FileReader {
-    async fn send(
-        self: Box<Self>,
-        framing: Framing,
-        out: &mut Output<'_>,
-        progress: &Advance<'_>,
-    ) -> Result<Digest, TransferError> {
-        exchange::send_file(
-            self.file, self.size, self.start, framing, None, out, progress,
-        )
-        .await
-    }
-
-    fn into_bytes(self: Box<Self>) -> Box<dyn ByteSource> {
-        Box::new(exchange::FileBytes::new(self.file))
-    }
 }
 
 /// Checks the destination, the free space, and creates the temporary for a
@@ -612,7 +584,7 @@ fn receive(
         upload: Box::new(LocalUpload {
             incoming: Some(incoming),
             start: Some(start),
-            reserved,
+            reserved: Arc::new(reserved),
             room,
             path: path.clone(),
             described: None,
@@ -626,10 +598,10 @@ fn receive(
 struct LocalUpload {
     /// Taken by the call that consumes it.
     incoming: Option<IncomingFile>,
-    /// Where the data starts; taken by `receive`.
+    /// Where the data starts; taken by `sink`.
     start: Option<Start>,
-    /// The disk space held until the commit.
-    reserved: Reservation,
+    /// The disk space held until the commit (and told of each write).
+    reserved: Arc<Reservation>,
     /// For data of unknown length (which reserved nothing): the space to
     /// check before each write.
     room: Option<Arc<Space>>,
@@ -676,74 +648,55 @@ impl Upload for LocalUpload {
         Ok(())
     }
 
-    async fn receive(
-        &mut self,
-        input: &mut Input<'_>,
-        size: u64,
-        encoding: Encoding,
-        progress: &Advance<'_>,
-        stop: Stop<'_>,
-    ) -> Result<exchange::Received, RemoteError> {
+    async fn sink(&mut self, size: u64) -> Result<Sinking, RemoteError> {
         let file = self.incoming().file().map_err(self.writing())?;
         let start = self.start.take().unwrap_or_default();
-        let reserved = &self.reserved;
-        let received = exchange::receive_file(
-            input,
-            size,
+        let from = start.offset;
+        let sink = FileSink::new(
             file,
             start,
-            encoding,
-            None,
+            size,
             self.room.clone(),
-            &|n| {
-                progress(n);
-                reserved.wrote(n);
-            },
-            stop,
-        )
-        .await;
-        received.map_err(|e| self.failed(e))
+            Some(self.reserved.clone()),
+        );
+        Ok(Sinking {
+            sink: Box::new(sink),
+            from,
+            most: size,
+        })
     }
 
-    async fn receive_cloned(
+    async fn received(
         &mut self,
-        input: &mut Input<'_>,
-        old: &exchange::FileBytes,
-        old_size: u64,
-        cutter: exchange::Cutter,
-        size: u64,
-        stop: Stop<'_>,
-    ) -> Option<Result<exchange::Received, RemoteError>> {
+        sink: Box<dyn Sink>,
+        ended: Result<u64, TransferError>,
+    ) -> Result<Received, RemoteError> {
+        let sink = sink
+            .into_any()
+            .downcast::<FileSink>()
+            .expect("a local upload is written through its own sink");
+        sink.finish(ended).await.map_err(|e| self.failed(e))
+    }
+
+    fn patch_target(&mut self) -> Option<Result<std::fs::File, RemoteError>> {
         // Only a fresh temporary (not a resumed partial, not data of
         // unknown length) can start as a clone.
         if self.start.as_ref().is_some_and(|s| s.offset > 0) || self.room.is_some() {
             return None;
         }
-        let file = match self.incoming().file() {
-            Ok(f) => f,
-            Err(e) => return Some(Err(self.writing()(e))),
-        };
-        let mut input = input;
-        let made = exchange::assemble_cloned(
-            &mut input,
-            old,
-            old_size,
-            file,
-            size,
-            cutter,
-            None,
-            &|_| {},
-            &|_| {},
-            stop,
-        )
-        .await?;
-        Some(
-            made.map(|made| {
-                self.described = made.described.map(|d| (cutter.avg(), d));
-                made.received
-            })
-            .map_err(|e| self.failed(e)),
-        )
+        Some(self.incoming().file().map_err(self.writing()))
+    }
+
+    async fn patched(
+        &mut self,
+        made: Result<exchange::Cloned, TransferError>,
+        cutter: exchange::Cutter,
+    ) -> Result<Received, RemoteError> {
+        made.map(|made| {
+            self.described = made.described.map(|d| (cutter.avg(), d));
+            made.received
+        })
+        .map_err(|e| self.failed(e))
     }
 
     async fn commit_whole(

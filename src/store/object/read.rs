@@ -7,11 +7,11 @@ use object_store::path::Path as Key;
 use object_store::{GetOptions, GetRange, ObjectStore, ObjectStoreExt};
 use serde::{Deserialize, Serialize};
 
-use crate::exchange::{self, Advance, ByteSource, ByteStream, Framing, TransferError};
+use crate::exchange::{self, ByteSource, ByteStream};
 use crate::paths::RemotePath;
 use crate::protocol::{Digest, ErrorCode, Prefix, RemoteError};
 use crate::store::tree_hash::{self, Piece};
-use crate::store::{Opened, Output, Reader};
+use crate::store::Opened;
 
 use super::{file_meta, is_not_found, store_error, stored_digest, Inner, SUMS_DIR};
 
@@ -127,14 +127,12 @@ pub(super) async fn open(
     Ok(Opened {
         meta,
         offset,
-        reader: Box::new(ObjectReader {
+        hasher,
+        digest,
+        bytes: Box::new(ObjectBytes {
             s3: inner.s3.clone(),
             key,
             etag,
-            offset,
-            size,
-            digest,
-            hasher,
         }),
     })
 }
@@ -279,82 +277,10 @@ impl Reading<'_> {
     }
 }
 
-/// A file in the object store being sent: a ranged read of its rest. It
-/// takes no request slot (see `MAX_REQUESTS`): the read lasts as long as
+/// An object's bytes: ranged reads pinned to the ETag it was opened with,
+/// so a replaced object fails the read rather than mixing versions. A
+/// read takes no request slot (see `MAX_REQUESTS`): it lasts as long as
 /// the client takes to receive it.
-struct ObjectReader {
-    s3: object_store::aws::AmazonS3,
-    key: Key,
-    etag: Option<String>,
-    offset: u64,
-    size: u64,
-    /// The digest stored with it, sent as the trailer: the client checks
-    /// what it got against what was uploaded.
-    digest: Option<Digest>,
-    /// Without a stored digest: the hash of the bytes before `offset`.
-    hasher: Option<blake3::Hasher>,
-}
-
-#[async_trait]
-impl Reader for ObjectReader {
-    async fn send(
-        self: Box<Self>,
-        framing: Framing,
-        out: &mut Output<'_>,
-        progress: &Advance<'_>,
-    ) -> Result<Digest, TransferError> {
-        let computed = if self.offset < self.size {
-            let opts = GetOptions {
-                range: Some(GetRange::Bounded(self.offset..self.size)),
-                if_match: self.etag.clone(),
-                ..GetOptions::default()
-            };
-            let got = self.s3.get_opts(&self.key, opts).await.map_err(|e| {
-                if is_not_found(&e) {
-                    TransferError::SourceChanged {
-                        expected: self.size,
-                        found: 0,
-                    }
-                } else {
-                    TransferError::Read(std::io::Error::other(e))
-                }
-            })?;
-            let chunks = got.into_stream().map_err(std::io::Error::other);
-            exchange::send_stream(
-                chunks,
-                self.size,
-                self.offset,
-                self.hasher,
-                framing,
-                out,
-                progress,
-            )
-            .await?
-        } else {
-            self.hasher.map(|h| *h.finalize().as_bytes())
-        };
-        Ok(self
-            .digest
-            .or(computed)
-            .expect("a reader without a stored digest hashes what it sends"))
-    }
-
-    fn stored_digest(&self) -> Option<Digest> {
-        self.digest
-    }
-
-    fn into_bytes(self: Box<Self>) -> Box<dyn ByteSource> {
-        Box::new(ObjectBytes {
-            s3: self.s3,
-            key: self.key,
-            etag: self.etag,
-        })
-    }
-}
-
-/// An object's bytes for a delta: ranged reads pinned to the ETag it was
-/// opened with, so a replaced object fails the read rather than mixing
-/// versions. Like [`ObjectReader`], a read takes no request slot.
 struct ObjectBytes {
     s3: object_store::aws::AmazonS3,
     key: Key,

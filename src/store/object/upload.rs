@@ -16,12 +16,12 @@ use object_store::{
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
-use crate::exchange::{self, blocking, Advance, Buffered, PieceSink, Received, TransferError};
+use crate::exchange::{self, blocking, Buffered, Received, Sink, SinkWrite, TransferError};
 use crate::paths::RemotePath;
-use crate::protocol::{Digest, Encoding, ErrorCode, FileMeta, RemoteError};
+use crate::protocol::{Digest, ErrorCode, FileMeta, RemoteError};
 use crate::store::tree_hash::{self, Piece};
 use crate::store::{
-    appeared, corrupt, receive_error, Held, InUse, Input, Prepared, PutPlan, Stop, Upload,
+    appeared, corrupt, receive_error, Held, InUse, Prepared, PutPlan, Sinking, Upload,
 };
 
 use super::leases::Leases;
@@ -210,11 +210,7 @@ async fn present_digest(
         return Ok(sums.digest);
     }
     let opened = super::read::open(inner, path, None).await?;
-    // Hash the object by sending it nowhere.
-    let mut sink = tokio::io::sink();
-    opened
-        .reader
-        .send(exchange::Framing::RAW, &mut sink, &|_| {})
+    exchange::hash_source(opened.bytes.as_ref(), opened.meta.size)
         .await
         .map_err(|e| {
             RemoteError::new(
@@ -543,27 +539,35 @@ impl Upload for ObjectUpload {
         Ok(())
     }
 
-    async fn receive(
-        &mut self,
-        input: &mut Input<'_>,
-        size: u64,
-        encoding: Encoding,
-        progress: &Advance<'_>,
-        stop: Stop<'_>,
-    ) -> Result<Received, RemoteError> {
+    async fn sink(&mut self, size: u64) -> Result<Sinking, RemoteError> {
         let sink = self.sink();
         let from = sink.buf_offset;
         // Nor past the parts a multipart upload may have (a sized file's
         // part size is chosen so that it never does; a pipe's might).
         let most = size.min(tree_hash::MAX_PARTS * self.part_size);
-        let (mut sink, result) =
-            exchange::receive_pieces(input, most, from, sink, encoding, None, progress, stop).await;
+        Ok(Sinking {
+            sink: Box::new(sink),
+            from,
+            most,
+        })
+    }
+
+    async fn received(
+        &mut self,
+        sink: Box<dyn Sink>,
+        ended: Result<u64, TransferError>,
+    ) -> Result<Received, RemoteError> {
+        let mut sink = *sink
+            .into_any()
+            .downcast::<PartSink>()
+            .expect("an object upload is written through its own sink");
         // Parts already on their way are kept for a resume, whatever happened.
         let settled = sink.settle().await;
         self.keep_stored(&mut sink);
         let path = self.path.clone();
-        let result = result.and_then(|size| settled.map(|()| size)).map_err(|e| match e {
-            TransferError::TooLong { limit } if limit < size => RemoteError::new(
+        let most = tree_hash::MAX_PARTS * self.part_size;
+        let result = ended.and_then(|size| settled.map(|()| size)).map_err(|e| match e {
+            TransferError::TooLong { limit } if limit == most => RemoteError::new(
                 ErrorCode::TooLarge,
                 format!("'{path}' was not saved: the piped data went past {limit} bytes, the most an object-store root takes from a pipe ({} parts of {} MiB); save the data to a file and put that", tree_hash::MAX_PARTS, self.part_size >> 20),
             ),
@@ -859,16 +863,22 @@ impl PartSink {
     }
 }
 
-impl PieceSink for PartSink {
-    async fn write(mut self, piece: exchange::Piece) -> (Self, Result<(), TransferError>) {
-        let bytes = match piece {
-            exchange::Piece::Raw(b) => Ok(b),
-            zstd => blocking(move || zstd.into_bytes()).await,
-        };
-        let bytes = match bytes {
-            Ok(b) => b,
-            Err(e) => return (self, Err(e)),
-        };
+impl Sink for PartSink {
+    fn write(self: Box<Self>, bytes: Vec<u8>) -> SinkWrite {
+        Box::pin(async move {
+            let (sink, result) = self.fill(bytes).await;
+            (Box::new(sink) as Box<dyn Sink>, result)
+        })
+    }
+
+    fn into_any(self: Box<Self>) -> Box<dyn std::any::Any + Send> {
+        self
+    }
+}
+
+impl PartSink {
+    /// Adds `bytes` to the part being filled, handing each full part over.
+    async fn fill(mut self, bytes: Vec<u8>) -> (Self, Result<(), TransferError>) {
         // Fill the part, hand it over once full, go on with the rest.
         let mut rest = &bytes[..];
         while !rest.is_empty() {
