@@ -570,18 +570,10 @@ async fn checksum_on(backend: Backend) {
     );
 
     run(client(&["get", "-r", "proj", "-o", "dl", "--json"])).await;
+    let get_checksum = || client(&["get", "-r", "proj", "-o", "dl", "--checksum", "--json"]);
     // The other way: this side's copy takes the server's mtime.
     set_mtime(&h.join("dl/proj/sub/c"), then);
-    let out = run(client(&[
-        "get",
-        "-r",
-        "proj",
-        "-o",
-        "dl",
-        "--checksum",
-        "--json",
-    ]))
-    .await;
+    let out = run(get_checksum()).await;
     assert_eq!(reported(&out, "files"), Vec::<String>::new());
     assert_eq!(reported(&out, "meta_set"), ["sub/c"]);
     assert_eq!(
@@ -589,16 +581,7 @@ async fn checksum_on(backend: Backend) {
         manifest(&src)["sub/c"]
     );
     behind_its_back(&h.join("dl/proj/b"), 22);
-    let out = run(client(&[
-        "get",
-        "-r",
-        "proj",
-        "-o",
-        "dl",
-        "--checksum",
-        "--json",
-    ]))
-    .await;
+    let out = run(get_checksum()).await;
     assert_eq!(reported(&out, "files"), ["b"]);
     assert_eq!(
         std::fs::read(h.join("dl/proj/b")).unwrap(),

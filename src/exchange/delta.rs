@@ -442,7 +442,10 @@ where
         };
         write_stalled(out, &end).await?;
     }
-    if let Some(f) = old.as_file().filter(|_| fresh && described::receivers_keep()) {
+    if let Some(f) = old
+        .as_file()
+        .filter(|_| fresh && described::receivers_keep())
+    {
         f.remember(cutter, chunks, None).await;
     }
     Ok(())
