@@ -499,7 +499,7 @@ pub(crate) async fn fix_meta(
 /// [`fix_meta`] for one local file: it must still be the regular file of
 /// the size compared (and without a digest, of the mtime). Blocking.
 fn fix_local_meta(path: &std::path::Path, fix: &MetaFix) -> std::io::Result<()> {
-    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    use std::os::unix::fs::OpenOptionsExt;
     let file = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
@@ -512,14 +512,5 @@ fn fix_local_meta(path: &std::path::Path, fix: &MetaFix) -> std::io::Result<()> 
     {
         return Err(std::io::Error::other("it changed since it was compared"));
     }
-    if let Some(mode) = fix.meta.mode {
-        let mode = mode & KEPT_MODE_BITS;
-        if md.permissions().mode() & 0o7777 != mode {
-            file.set_permissions(std::fs::Permissions::from_mode(mode))?;
-        }
-    }
-    if let Some(t) = fix.meta.mtime.and_then(crate::exchange::to_system_time) {
-        file.set_modified(t)?;
-    }
-    Ok(())
+    crate::exchange::set_mode_and_mtime(&file, fix.meta.mode, fix.meta.mtime)
 }

@@ -21,12 +21,22 @@ pub(crate) const KEPT_MODE_BITS: u32 = 0o755;
 /// Sets permission bits (without group/other write and set-id bits, as for
 /// files) and mtime on an open directory.
 pub(crate) fn set_dir_meta(dir: &File, meta: &crate::protocol::DirMeta) -> std::io::Result<()> {
-    if let Some(mode) = meta.mode {
+    set_mode_and_mtime(dir, meta.mode, meta.mtime)
+}
+
+/// Sets `mode` (the kept bits only) and `mtime`, those given, on an open
+/// file or directory, through its descriptor.
+pub(crate) fn set_mode_and_mtime(
+    file: &File,
+    mode: Option<u32>,
+    mtime: Option<Timestamp>,
+) -> std::io::Result<()> {
+    if let Some(mode) = mode {
         use std::os::unix::fs::PermissionsExt;
-        dir.set_permissions(std::fs::Permissions::from_mode(mode & KEPT_MODE_BITS))?;
+        file.set_permissions(std::fs::Permissions::from_mode(mode & KEPT_MODE_BITS))?;
     }
-    if let Some(t) = meta.mtime.and_then(to_system_time) {
-        dir.set_modified(t)?;
+    if let Some(t) = mtime.and_then(to_system_time) {
+        file.set_modified(t)?;
     }
     Ok(())
 }

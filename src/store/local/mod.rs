@@ -146,7 +146,7 @@ fn set_meta(
     digest: Option<Digest>,
     cache: &DigestCache,
 ) -> Result<(), RemoteError> {
-    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    use std::os::unix::fs::MetadataExt;
     let mut opts = OpenOptions::new();
     opts.read(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_NOFOLLOW);
@@ -182,16 +182,7 @@ fn set_meta(
             ));
         }
     }
-    if let Some(mode) = meta.mode {
-        let mode = mode & exchange::KEPT_MODE_BITS;
-        if md.mode() & 0o7777 != mode {
-            file.set_permissions(std::fs::Permissions::from_mode(mode))
-                .map_err(setting)?;
-        }
-    }
-    if let Some(t) = meta.mtime.and_then(exchange::to_system_time) {
-        file.set_modified(t).map_err(setting)?;
-    }
+    exchange::set_mode_and_mtime(&file, meta.mode, meta.mtime).map_err(setting)?;
     // The contents are the ones hashed: the new ctime keeps the digest.
     if let Some(d) = digest {
         let md = file.metadata().map_err(setting)?;
