@@ -261,12 +261,7 @@ impl ByteSource for FileBytes {
                     return Ok(None);
                 }
                 let want = (to - at).min(CHUNK as u64) as usize;
-                let buf = blocking(move || {
-                    use std::os::unix::fs::FileExt;
-                    let mut buf = vec![0u8; want];
-                    file.read_exact_at(&mut buf, at).map(|()| buf)
-                })
-                .await?;
+                let buf = blocking(move || read_exact_at(&file, at, want)).await?;
                 Ok(Some((Bytes::from(buf), at + want as u64)))
             }
         });
@@ -288,6 +283,130 @@ impl ByteSource for FileBytes {
                 Err(TransferError::ChangedWhileSent("it was written to"))
             }
             _ => Ok(()),
+        }
+    }
+}
+
+/// The `want` bytes of `file` at `at`, read into memory that is not
+/// zeroed first (positional reads: the descriptor's offset, which its
+/// clones share, never moves). Zeroing a fresh buffer for every read cost
+/// a tenth of a delta's cut (docs/BENCHMARKS.md).
+pub(crate) fn read_exact_at(file: &File, at: u64, want: usize) -> std::io::Result<Vec<u8>> {
+    let mut buf = Vec::new();
+    read_exact_into(file, at, want, &mut buf)?;
+    Ok(buf)
+}
+
+/// [`read_exact_at`] into `buf` (emptied first; its memory is reused).
+fn read_exact_into(file: &File, at: u64, want: usize, buf: &mut Vec<u8>) -> std::io::Result<()> {
+    buf.clear();
+    buf.reserve_exact(want);
+    while buf.len() < want {
+        let pos = at + buf.len() as u64;
+        // Fills the spare capacity, which may be more than `want`: what
+        // is read past it is dropped below.
+        match rustix::io::pread(file, rustix::buffer::spare_capacity(buf), pos) {
+            Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            Ok(_) => {}
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    buf.truncate(want);
+    Ok(())
+}
+
+/// Reads a source in order, a stretch of pieces of about [`CHUNK`]
+/// bytes at a time: a local file in one blocking call a stretch, into the
+/// memory of pieces given back (a fresh buffer costs a page fault every
+/// 4 KiB, a fifth of a delta's cut of a 1 GiB file); any other source as
+/// [`Pieces`] streams it.
+struct Stretches {
+    how: StretchesOf,
+    at: u64,
+    to: u64,
+    spare: Vec<Vec<u8>>,
+}
+
+enum StretchesOf {
+    File(Arc<File>),
+    Stream(Pieces),
+}
+
+/// How much a cut, a description or a hash reads at a time (while the
+/// stretch before is worked on).
+const STRETCH: u64 = 4 << 20;
+
+/// Pieces given back that [`Stretches`] keeps for its next reads.
+const SPARE_PIECES: usize = 16;
+
+impl Stretches {
+    /// Reads `from..to` of `src`.
+    async fn open(src: &dyn ByteSource, from: u64, to: u64) -> std::io::Result<Self> {
+        let how = match src.as_file() {
+            Some(f) => StretchesOf::File(f.file.clone()),
+            None => StretchesOf::Stream(Pieces::open(src, from, to).await?),
+        };
+        Ok(Self {
+            how,
+            at: from,
+            to,
+            spare: Vec::new(),
+        })
+    }
+
+    /// The next pieces, at least `len` bytes of them (fewer at the end,
+    /// none past it).
+    async fn next(&mut self, len: u64) -> std::io::Result<Vec<Arc<Vec<u8>>>> {
+        let to = (self.at + len).min(self.to);
+        let mut out = Vec::new();
+        match &mut self.how {
+            StretchesOf::File(file) => {
+                let (file, from, mut spare) =
+                    (file.clone(), self.at, std::mem::take(&mut self.spare));
+                let (read, spare) = blocking(move || {
+                    let mut at = from;
+                    let mut read = Vec::new();
+                    while at < to {
+                        let want = (to - at).min(CHUNK as u64) as usize;
+                        let mut buf = spare.pop().unwrap_or_default();
+                        if let Err(e) = read_exact_into(&file, at, want, &mut buf) {
+                            return (Err(e), spare);
+                        }
+                        at += want as u64;
+                        read.push(Arc::new(buf));
+                    }
+                    (Ok(read), spare)
+                })
+                .await;
+                self.spare = spare;
+                out = read?;
+            }
+            StretchesOf::Stream(pieces) => {
+                let mut at = self.at;
+                while at < to {
+                    let p = pieces
+                        .next()
+                        .await?
+                        .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::UnexpectedEof))?;
+                    at += p.len() as u64;
+                    out.push(Arc::new(p));
+                }
+            }
+        }
+        self.at += out.iter().map(|p| p.len() as u64).sum::<u64>();
+        Ok(out)
+    }
+
+    /// Pieces done with: their memory is read into again.
+    fn give_back(&mut self, pieces: impl IntoIterator<Item = Arc<Vec<u8>>>) {
+        for p in pieces {
+            if self.spare.len() >= SPARE_PIECES {
+                break;
+            }
+            if let Ok(buf) = Arc::try_unwrap(p) {
+                self.spare.push(buf);
+            }
         }
     }
 }
@@ -348,14 +467,23 @@ impl Pieces {
 
 /// The BLAKE3 of the `size` bytes of `src`, hashed off the async threads.
 pub(crate) async fn hash_source(src: &dyn ByteSource, size: u64) -> std::io::Result<Digest> {
-    let mut pieces = Pieces::open(src, 0, size).await?;
+    let mut reader = Stretches::open(src, 0, size).await?;
     let mut hasher = blake3::Hasher::new();
-    while let Some(p) = pieces.next().await? {
-        hasher = blocking(move || {
-            hasher.update(&p);
-            hasher
-        })
-        .await;
+    let mut fresh = reader.next(STRETCH).await?;
+    while !fresh.is_empty() {
+        // The next stretch is read while this one is hashed.
+        let (next, (h, back)) = tokio::join!(
+            reader.next(STRETCH),
+            blocking(move || {
+                for p in &fresh {
+                    hasher.update(p);
+                }
+                (hasher, fresh)
+            })
+        );
+        hasher = h;
+        reader.give_back(back);
+        fresh = next?;
     }
     Ok(*hasher.finalize().as_bytes())
 }
@@ -465,32 +593,39 @@ async fn describe_range<W>(
 where
     W: AsyncWrite + Unpin,
 {
-    let mut pieces = Pieces::open(old, from, to)
+    let mut reader = Stretches::open(old, from, to)
         .await
         .map_err(TransferError::OldVersion)?;
     let mut chunks = Chunks::new(cutter);
     let (mut all, mut sent) = (Vec::new(), 0);
-    let mut piece = pieces.next().await.map_err(TransferError::OldVersion)?;
+    let mut fresh = reader
+        .next(STRETCH)
+        .await
+        .map_err(TransferError::OldVersion)?;
     loop {
-        let last = piece.is_none();
+        let last = fresh.is_empty();
         // Cutting and hashing are CPU work, off the async threads, while
-        // the next piece is read.
-        let this = piece.take();
-        let (next, (c, sums)) = tokio::join!(
+        // the next stretch is read.
+        let (next, (c, sums, back)) = tokio::join!(
             async {
                 match last {
-                    true => Ok(None),
-                    false => pieces.next().await,
+                    true => Ok(Vec::new()),
+                    false => reader.next(STRETCH).await,
                 }
             },
             blocking(move || {
-                if let Some(p) = this {
-                    chunks.push(&p);
+                let mut sums = Vec::new();
+                for p in &fresh {
+                    chunks.push(p);
+                    sums.extend(chunks.sums(false));
                 }
-                let sums = chunks.sums(last);
-                (chunks, sums)
+                if last {
+                    sums.extend(chunks.sums(true));
+                }
+                (chunks, sums, fresh)
             })
         );
+        reader.give_back(back);
         chunks = c;
         all.extend(sums);
         if let Some(out) = out.as_mut() {
@@ -503,7 +638,7 @@ where
                 sent += CHUNKS_PER_BATCH;
             }
         }
-        piece = next.map_err(TransferError::OldVersion)?;
+        fresh = next.map_err(TransferError::OldVersion)?;
         if last {
             return Ok((all, sent));
         }
@@ -664,45 +799,52 @@ async fn cut_counted(
             digest,
         });
     }
-    let mut pieces = Pieces::open(src, 0, size).await.map_err(read_error)?;
+    let mut reader = Stretches::open(src, 0, size).await.map_err(read_error)?;
     let (mut chunks, mut hasher, mut list, mut pos) =
         (Chunks::new(cutter), blake3::Hasher::new(), Vec::new(), 0u64);
-    let mut piece = pieces.next().await.map_err(read_error)?.map(Arc::new);
+    let mut fresh = reader.next(STRETCH).await.map_err(read_error)?;
     loop {
-        let last = piece.is_none();
+        let last = fresh.is_empty();
         // Cutting and hashing are CPU work, off the async threads; the
         // whole file's hash, the chunks and the next read go side by
         // side (a sender's file is cut while the receiver describes its
         // own, so this is the time the delta waits for).
-        let (p1, p2) = (piece.clone(), piece.take());
-        let (next, h, c) = tokio::join!(
+        let (p1, p2) = (fresh.clone(), fresh);
+        let (next, (h, back), c) = tokio::join!(
             async {
                 match last {
-                    true => Ok(None),
-                    false => pieces.next().await.map(|p| p.map(Arc::new)),
+                    true => Ok(Vec::new()),
+                    false => reader.next(STRETCH).await,
                 }
             },
             blocking(move || {
-                if let Some(p) = p1 {
-                    hasher.update(&p);
+                for p in &p1 {
+                    hasher.update(p);
                 }
-                hasher
+                (hasher, p1)
             }),
             blocking(move || {
-                if let Some(p) = p2 {
+                for p in p2 {
                     chunks.push(&p);
+                    for c in chunks.sums(false) {
+                        list.push((pos, c.len, c.digest));
+                        pos += u64::from(c.len);
+                    }
                 }
-                for c in chunks.sums(last) {
-                    list.push((pos, c.len, c.digest));
-                    pos += u64::from(c.len);
+                if last {
+                    for c in chunks.sums(true) {
+                        list.push((pos, c.len, c.digest));
+                        pos += u64::from(c.len);
+                    }
                 }
                 (chunks, list, pos)
             })
         );
         hasher = h;
         (chunks, list, pos) = c;
+        reader.give_back(back);
         done.store(pos, Ordering::Relaxed);
-        piece = next.map_err(read_error)?;
+        fresh = next.map_err(read_error)?;
         if last {
             let chunks = list;
             let digest = *hasher.finalize().as_bytes();
@@ -741,19 +883,34 @@ pub(crate) async fn cut_while_described<R>(
 where
     R: AsyncRead + Unpin,
 {
-    let done = AtomicU64::new(0);
+    let (began, done) = (std::time::Instant::now(), AtomicU64::new(0));
     let reading = read_chunks(input, base);
     let cutting = cut_counted(src, size, cutter, &done);
     tokio::pin!(reading, cutting);
+    // What a slow delta waited for, at debug level (`-vv`).
+    let ms = |t: std::time::Instant| t.elapsed().as_millis() as u64;
     tokio::select! {
-        index = &mut reading => match index {
-            Ok(index) if done.load(Ordering::Relaxed) < size / 4 && index.cutter == cutter => {
-                let cut = cut_along(src, size, &index).await;
-                (Ok(index), cut)
+        index = &mut reading => {
+            let (described_ms, cut) = (ms(began), done.load(Ordering::Relaxed));
+            match index {
+                Ok(index) if cut < size / 4 && index.cutter == cutter => {
+                    let cut = cut_along(src, size, &index).await;
+                    tracing::debug!(described_ms, cut_ms = ms(began), bytes = size, "followed the receiver's chunks");
+                    (Ok(index), cut)
+                }
+                index => {
+                    let cut = cutting.await;
+                    tracing::debug!(described_ms, cut_ms = ms(began), bytes = size, "cut the new version");
+                    (index, cut)
+                }
             }
-            index => (index, cutting.await),
-        },
-        cut = &mut cutting => (reading.await, cut),
+        }
+        cut = &mut cutting => {
+            let cut_ms = ms(began);
+            let index = reading.await;
+            tracing::debug!(described_ms = ms(began), cut_ms, bytes = size, "cut the new version");
+            (index, cut)
+        }
     }
 }
 
@@ -773,27 +930,23 @@ pub(crate) async fn cut_along(
     size: u64,
     base: &BaseIndex,
 ) -> Result<Cut, TransferError> {
-    let mut pieces = Pieces::open(src, 0, size).await.map_err(read_error)?;
+    let mut reader = Stretches::open(src, 0, size).await.map_err(read_error)?;
     let mut window = Window::default();
     let mut state = Along::default();
     let mut hasher = blake3::Hasher::new();
     let (cutter, index) = (base.cutter, base.view.clone());
+    // The first stretch, then each next one read while the one before is
+    // hashed and followed: reads, the whole file's hash and the chunks'
+    // hashes go side by side.
+    let ahead = LOOKAHEAD + cutter.max as u64;
+    let mut fresh = reader.next(ahead).await.map_err(read_error)?;
     while state.pos < size {
-        // Bytes up to the lookahead (or the end), hashed whole as they come.
-        let mut fresh = Vec::new();
-        while window.end < size && window.end < state.pos + LOOKAHEAD + cutter.max as u64 {
-            let p = Arc::new(
-                pieces
-                    .next()
-                    .await
-                    .map_err(read_error)?
-                    .ok_or_else(|| read_error(std::io::ErrorKind::UnexpectedEof.into()))?,
-            );
+        for p in &fresh {
             window.push(p.clone());
-            fresh.push(p);
         }
         let (w, idx) = (window.clone(), index.clone());
-        let (h, st) = tokio::join!(
+        let (next, h, st) = tokio::join!(
+            reader.next(ahead),
             blocking(move || {
                 for p in fresh {
                     hasher.update(&p);
@@ -806,9 +959,10 @@ pub(crate) async fn cut_along(
             })
         );
         (hasher, state) = (h, st);
-        window.forget_before(state.pos);
+        fresh = next.map_err(read_error)?;
+        reader.give_back(window.forget_before(state.pos));
     }
-    debug_assert!(pieces.next().await.ok().flatten().is_none());
+    debug_assert!(fresh.is_empty());
     Ok(Cut {
         cutter,
         chunks: state.chunks,
@@ -840,13 +994,15 @@ impl Window {
     }
 
     /// Drops the pieces wholly before `pos`.
-    fn forget_before(&mut self, pos: u64) {
+    fn forget_before(&mut self, pos: u64) -> Vec<Arc<Vec<u8>>> {
+        let mut gone = Vec::new();
         while let Some((at, p)) = self.pieces.front() {
             if at + p.len() as u64 > pos {
                 break;
             }
-            self.pieces.pop_front();
+            gone.extend(self.pieces.pop_front().map(|(_, p)| p));
         }
+        gone
     }
 
     /// The bytes `from..to` (held), as slices in order.
@@ -1500,8 +1656,10 @@ pub(crate) async fn assemble_patched<R>(
 where
     R: AsyncRead + Unpin,
 {
+    let began = std::time::Instant::now();
     let recalled = old.recall(old_size, cutter);
     let old_values = recalled.as_ref().and_then(|d| d.values.clone());
+    let old_values_known = old_values.is_some();
     let old_chunks = recalled.map(|d| {
         let mut at = 0;
         let starts = d
@@ -1561,6 +1719,12 @@ where
     let blocks = patched.blocks.take().expect("kept");
     let values: Arc<[_]> = blocks.values().into();
     let digest = blocks.finish();
+    tracing::debug!(
+        ms = began.elapsed().as_millis() as u64,
+        new_bytes = sent.literal,
+        remembered = old_values_known,
+        "patched the clone of the old version"
+    );
     Ok(Cloned {
         sent,
         received: Received { size: pos, digest },
