@@ -22,7 +22,6 @@ mod congestion;
 pub mod endpoint;
 mod exchange;
 pub mod paths;
-mod progress;
 pub mod protocol;
 pub mod server;
 mod space;

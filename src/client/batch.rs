@@ -28,7 +28,7 @@ pub struct Job {
 }
 
 /// What a batch tells whoever watches it as files move. The command line
-/// draws progress bars from it ([`crate::progress::Progress`]); a library
+/// draws progress bars from it (`cli::progress::Progress`); a library
 /// user may pass [`Unwatched`]. The client itself knows nothing of terminals.
 pub trait Watch: Send + Sync {
     /// More bytes to move in all (a put knows its sizes up front, a get

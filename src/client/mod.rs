@@ -33,6 +33,7 @@ mod filter;
 mod get;
 mod plan;
 mod put;
+mod retry;
 mod servers;
 mod state;
 pub(crate) mod tree;
@@ -51,6 +52,7 @@ pub use filter::{Filter, FilterError};
 pub use get::{part_path, PART_SUFFIX};
 pub use plan::{dry_run, Action, Planned};
 pub(crate) use plan::{fix_meta, plan_with_listing};
+pub use retry::{run_resilient, Backoff, BatchOptions, RetryEvent, RetryPolicy};
 pub use servers::{ClientFile, ConfigError, NamedServer, CONFIG_FILE};
 use state::{PathMemories, UploadJournal};
 

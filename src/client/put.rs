@@ -311,6 +311,8 @@ impl Client {
         R: std::io::Read + std::os::fd::AsFd + Send + 'static,
     {
         let label = Path::new(STDIN);
+        // A pipe's 64 KiB default makes its writer wait on every block.
+        exchange::widen_pipe(&input);
         let (mut send, mut recv) = self.open().await?;
         let mut framing = Framing::for_sending(self.compression, Some(&self.conn));
         framing.encoding = Encoding::Stream;

@@ -278,7 +278,10 @@ impl IncomingFile {
                 .set_permissions(std::fs::Permissions::from_mode(mode))
                 .map_err(io)?;
         }
-        if let Some(t) = meta.mtime.and_then(to_system_time) {
+        if let Some(t) = meta
+            .mtime
+            .and_then(crate::protocol::Timestamp::to_system_time)
+        {
             self.file.set_modified(t).map_err(io)?;
         }
         // A small file's data is made durable together with the others in

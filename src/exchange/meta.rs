@@ -1,7 +1,7 @@
 //! File and directory metadata as qxfer carries it: sizes, mtimes, the mode bits kept.
 
 use std::fs::{File, Metadata};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use cap_std::fs::Dir;
 
@@ -35,7 +35,7 @@ pub(crate) fn set_mode_and_mtime(
         use std::os::unix::fs::PermissionsExt;
         file.set_permissions(std::fs::Permissions::from_mode(mode & KEPT_MODE_BITS))?;
     }
-    if let Some(t) = mtime.and_then(to_system_time) {
+    if let Some(t) = mtime.and_then(Timestamp::to_system_time) {
         file.set_modified(t)?;
     }
     Ok(())
@@ -74,19 +74,5 @@ pub(crate) fn to_timestamp(t: SystemTime) -> Option<Timestamp> {
             }
             Some(Timestamp { secs, nanos })
         }
-    }
-}
-
-/// Converts a wire timestamp to a `SystemTime`, if it is representable.
-pub(crate) fn to_system_time(t: Timestamp) -> Option<SystemTime> {
-    if t.nanos >= 1_000_000_000 {
-        return None;
-    }
-    if t.secs >= 0 {
-        UNIX_EPOCH.checked_add(Duration::new(t.secs as u64, t.nanos))
-    } else {
-        UNIX_EPOCH
-            .checked_sub(Duration::from_secs(t.secs.unsigned_abs()))?
-            .checked_add(Duration::from_nanos(u64::from(t.nanos)))
     }
 }

@@ -533,7 +533,7 @@ fn timestamps_convert_both_ways() {
         UNIX_EPOCH - Duration::new(5, 250),
         UNIX_EPOCH,
     ] {
-        assert_eq!(to_system_time(to_timestamp(t).unwrap()), Some(t));
+        assert_eq!(to_timestamp(t).unwrap().to_system_time(), Some(t));
     }
 }
 

@@ -300,6 +300,24 @@ pub struct Timestamp {
     pub nanos: u32,
 }
 
+impl Timestamp {
+    /// The time this is, if the system's clock type can hold it (a
+    /// hostile peer's nanoseconds past a second cannot).
+    pub fn to_system_time(self) -> Option<std::time::SystemTime> {
+        use std::time::{Duration, UNIX_EPOCH};
+        if self.nanos >= 1_000_000_000 {
+            return None;
+        }
+        if self.secs >= 0 {
+            UNIX_EPOCH.checked_add(Duration::new(self.secs as u64, self.nanos))
+        } else {
+            UNIX_EPOCH
+                .checked_sub(Duration::from_secs(self.secs.unsigned_abs()))?
+                .checked_add(Duration::from_nanos(u64::from(self.nanos)))
+        }
+    }
+}
+
 /// Metadata that travels with a file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FileMeta {
