@@ -11,7 +11,8 @@ use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{congestion, EndpointConfig, IdleTimeout, TransportConfig, VarInt};
 use socket2::{Domain, Protocol, Socket, Type};
 
-use crate::congestion::{ModelConfig, PathMemory};
+use crate::congestion::ModelConfig;
+pub(crate) use crate::congestion::PathMemory;
 use crate::tls::{self, ClientVerifier, Identity, PinnedServerVerifier, TrustError};
 
 /// Default for [`ServerLimits::max_streams`]: most streams (files in
@@ -107,10 +108,11 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 const KEEP_ALIVE: Duration = Duration::from_secs(10);
 
 /// Congestion controller choice.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Congestion {
     /// qxfer's own model-based controller (src/congestion.rs): keeps its
     /// rate under random loss and the bottleneck queue short.
+    #[default]
     Model,
     /// quinn's BBR (an early BBRv1): ignores random loss but overfills queues.
     Bbr,
@@ -121,26 +123,20 @@ pub enum Congestion {
 }
 
 /// Transport options shared by `serve` and the client commands.
-#[derive(Debug, Clone, clap::Args)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct TransportOpts {
-    /// Congestion controller. `model` is the default: loss-based
+    /// Congestion controller. `Model` is the default: loss-based
     /// controllers slow to a crawl on lossy long-distance paths, and quinn's
     /// BBR overflows the bottleneck's queue (docs/BENCHMARKS.md).
-    #[arg(long, value_enum, default_value_t = Congestion::Model, global = true)]
     pub congestion: Congestion,
-    /// What an earlier connection learned about this path (clients: from
-    /// the config directory), for the `model` controller to resume from.
-    #[arg(skip)]
-    pub(crate) path_memory: Option<PathMemory>,
 }
 
-impl Default for TransportOpts {
-    fn default() -> Self {
-        Self {
-            congestion: Congestion::Model,
-            path_memory: None,
-        }
-    }
+/// What a connection learned about its path (its bottleneck rate and
+/// RTT), if its controller is qxfer's and it filled the pipe at least
+/// once: for the next connection over the same path to start from
+/// ([`client_endpoint_resuming`]).
+pub(crate) fn learned(conn: &quinn::Connection) -> Option<PathMemory> {
+    crate::congestion::learned(conn)
 }
 
 /// The server's transport limits (`serve --max-streams`, `--idle-timeout`).
@@ -170,11 +166,14 @@ impl TransportOpts {
     /// 32 MiB unread and the whole connection at most 8 MiB at first, then
     /// what [`tune_receive_window`] grants (48 MiB at most), so a server
     /// buffers at most 48 MiB per connection times `--max-connections`.
-    pub fn transport_config(
+    /// `memory`: what an earlier connection learned about this path, for
+    /// the `Model` controller to resume from.
+    pub(crate) fn transport_config(
         &self,
         max_streams: u32,
         idle: Duration,
         keep_alive: bool,
+        memory: Option<PathMemory>,
     ) -> TransportConfig {
         let mut t = TransportConfig::default();
         let idle = IdleTimeout::try_from(idle)
@@ -187,9 +186,7 @@ impl TransportOpts {
             .max_idle_timeout(Some(idle))
             .keep_alive_interval(keep_alive.then_some(KEEP_ALIVE));
         match self.congestion {
-            Congestion::Model => t.congestion_controller_factory(Arc::new(ModelConfig {
-                memory: self.path_memory,
-            })),
+            Congestion::Model => t.congestion_controller_factory(Arc::new(ModelConfig { memory })),
             Congestion::Bbr => {
                 t.congestion_controller_factory(Arc::new(congestion::BbrConfig::default()))
             }
@@ -290,6 +287,7 @@ pub fn server_endpoint(
         limits.max_streams,
         limits.idle_timeout,
         false,
+        None,
     )));
     let socket = bind_udp(addr).map_err(|source| EndpointError::Bind { addr, source })?;
     quinn::Endpoint::new(
@@ -310,6 +308,18 @@ pub fn client_endpoint(
     identity: Option<&Identity>,
     opts: &TransportOpts,
 ) -> Result<quinn::Endpoint, EndpointError> {
+    client_endpoint_resuming(server, verifier, identity, opts, None)
+}
+
+/// [`client_endpoint`], its controller starting from `memory`: what an
+/// earlier connection over the same path learned ([`learned`]).
+pub(crate) fn client_endpoint_resuming(
+    server: SocketAddr,
+    verifier: Arc<PinnedServerVerifier>,
+    identity: Option<&Identity>,
+    opts: &TransportOpts,
+    memory: Option<PathMemory>,
+) -> Result<quinn::Endpoint, EndpointError> {
     let crypto = QuicClientConfig::try_from(tls::client_crypto(verifier, identity)?)
         .map_err(|e| EndpointError::Quic(e.to_string()))?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
@@ -318,6 +328,7 @@ pub fn client_endpoint(
         0,
         DEFAULT_IDLE_TIMEOUT,
         true,
+        memory,
     )));
     let bind: SocketAddr = if server.is_ipv6() {
         "[::]:0".parse().expect("valid address")

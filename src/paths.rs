@@ -27,6 +27,13 @@ use crate::protocol::{ErrorCode, RemoteError, MAX_PATH_LEN};
 /// Prefix of qxfer's own temporary files; such names are hidden and reserved.
 pub const RESERVED_PREFIX: &str = ".qxfer-";
 
+/// The partial store of a server's root: a hidden directory holding
+/// uploads in progress (both stores keep it under this name).
+pub const PARTIAL_DIR: &str = ".qxfer-partial";
+
+/// Prefix of the temporaries a file is written to before its commit.
+pub(crate) const TMP_PREFIX: &str = ".qxfer-tmp-";
+
 /// Longest single path component, in bytes (NAME_MAX on Linux).
 const MAX_COMPONENT_LEN: usize = 255;
 
@@ -417,7 +424,7 @@ mod tests {
 
     #[test]
     fn qxfers_own_names_are_all_reserved() {
-        for own in [crate::exchange::TMP_PREFIX, crate::server::PARTIAL_DIR] {
+        for own in [TMP_PREFIX, PARTIAL_DIR] {
             assert!(own.starts_with(RESERVED_PREFIX), "{own}");
             assert!(RemotePath::parse(own, true).is_err());
             assert!(RemotePath::parse(&format!("{own}/x"), true).is_err());

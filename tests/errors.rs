@@ -592,7 +592,7 @@ async fn putting_a_fifo_fails_at_once_on(backend: Backend) {
 
 /// Bytes held in a server root's partial store.
 fn partial_bytes(root: &std::path::Path) -> u64 {
-    std::fs::read_dir(root.join(qxfer::server::PARTIAL_DIR))
+    std::fs::read_dir(root.join(qxfer::paths::PARTIAL_DIR))
         .map(|d| d.flatten().map(|e| e.metadata().unwrap().len()).sum())
         .unwrap_or(0)
 }

@@ -12,7 +12,7 @@ use common::{
     tree, Backend, ServeProcess, TestServer,
 };
 use qxfer::client::{hex, Client, TransferReport, PART_SUFFIX};
-use qxfer::server::PARTIAL_DIR;
+use qxfer::paths::PARTIAL_DIR;
 
 const MIB: usize = 1 << 20;
 

@@ -31,11 +31,12 @@ use common::{client_identity, garage, pattern, remote_code, Backend, TestServer}
 use quinn::{ConnectionError, TransportErrorCode};
 use qxfer::client::{Client, ConnectError};
 use qxfer::endpoint::{client_endpoint, ServerLimits, TransportOpts};
+use qxfer::paths::PARTIAL_DIR;
 use qxfer::protocol::{
     encode, read_frame, Compression, Encoding, EntryKind, ErrorCode, FileMeta, GetRequest,
     ListRequest, PutRequest, Receipt, Request, Response, Trailer,
 };
-use qxfer::server::{ServeConfig, PARTIAL_DIR};
+use qxfer::server::ServeConfig;
 use qxfer::tls::{Fingerprint, PinnedServerVerifier};
 use tempfile::TempDir;
 

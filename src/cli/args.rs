@@ -1,11 +1,12 @@
 //! The command line's arguments: every clap definition lives here, and nothing below the CLI sees clap.
 
-use crate::endpoint::{self, TransportOpts};
+use crate::endpoint::{self, Congestion, TransportOpts};
 use crate::protocol::{Compression, MAX_FRAME};
+
 use crate::server::{self};
 use crate::tls::Fingerprint;
 use anyhow::Result;
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -155,7 +156,7 @@ pub(super) struct ServeArgs {
     #[arg(long)]
     pub(super) open: bool,
     #[command(flatten)]
-    pub(super) transport: TransportOpts,
+    pub(super) transport: TransportArgs,
 }
 
 /// Parses `30s`, `2m`, `500ms`... into a duration.
@@ -199,7 +200,7 @@ pub(super) struct ClientArgs {
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
     pub(super) connect_timeout: Duration,
     #[command(flatten)]
-    pub(super) transport: TransportOpts,
+    pub(super) transport: TransportArgs,
 }
 
 /// Options put and get share (also those of every client command, in
@@ -228,8 +229,8 @@ pub(super) struct TransferArgs {
     /// is slower than the compressor (not on loopback or a fast LAN), and
     /// soon stops trying on data that does not shrink. BLAKE3 checks the
     /// uncompressed bytes either way.
-    #[arg(long, value_enum, value_name = "WHEN", default_value_t = Compression::Auto)]
-    pub(super) compress: Compression,
+    #[arg(long, value_enum, value_name = "WHEN", default_value_t = CompressArg::Auto)]
+    pub(super) compress: CompressArg,
     /// When the connection is lost (an outage, a server restart or
     /// shutdown, a stalled peer), reconnect and resume the unfinished files
     /// up to this many times, waiting 0.5 s, 1 s, 2 s... between attempts.
@@ -403,6 +404,66 @@ pub(super) struct LsArgs {
     pub(super) retries: u32,
     #[command(flatten)]
     pub(super) client: ClientArgs,
+}
+
+/// Transport options shared by `serve` and the client commands (the
+/// library's [`TransportOpts`]).
+#[derive(Debug, Clone, Args)]
+pub(super) struct TransportArgs {
+    /// Congestion controller. `model` is the default: loss-based
+    /// controllers slow to a crawl on lossy long-distance paths, and quinn's
+    /// BBR overflows the bottleneck's queue (docs/BENCHMARKS.md).
+    #[arg(long, value_enum, default_value_t = CongestionArg::Model, global = true)]
+    pub(super) congestion: CongestionArg,
+}
+
+impl TransportArgs {
+    pub(super) fn opts(&self) -> TransportOpts {
+        TransportOpts {
+            congestion: match self.congestion {
+                CongestionArg::Model => Congestion::Model,
+                CongestionArg::Bbr => Congestion::Bbr,
+                CongestionArg::Cubic => Congestion::Cubic,
+                CongestionArg::NewReno => Congestion::NewReno,
+            },
+        }
+    }
+}
+
+/// `--congestion` (the library's [`Congestion`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(super) enum CongestionArg {
+    /// qxfer's own model-based controller (src/congestion.rs): keeps its
+    /// rate under random loss and the bottleneck queue short.
+    Model,
+    /// quinn's BBR (an early BBRv1): ignores random loss but overfills queues.
+    Bbr,
+    /// Cubic: quinn's default; backs off on every loss.
+    Cubic,
+    /// NewReno: the classic loss-based controller.
+    NewReno,
+}
+
+/// `--compress` (the library's [`Compression`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(super) enum CompressArg {
+    /// Compress blocks that shrink, when the link is slower than the
+    /// compressor; data that does not compress is soon sent as it is.
+    Auto,
+    /// Compress every block that shrinks, however fast the link.
+    Always,
+    /// Never compress (the bytes travel raw).
+    Never,
+}
+
+impl From<CompressArg> for Compression {
+    fn from(c: CompressArg) -> Self {
+        match c {
+            CompressArg::Auto => Self::Auto,
+            CompressArg::Always => Self::Always,
+            CompressArg::Never => Self::Never,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -91,8 +91,13 @@ pub(super) async fn serve(args: ServeArgs) -> Result<ExitCode> {
     let mut notes = Vec::new();
     let clients = authorized_clients(&args, &mut notes)?;
     let verifier = ClientVerifier::new(clients.clone());
-    let endpoint =
-        endpoint::server_endpoint(args.listen, &identity, verifier, &args.transport, &limits)?;
+    let endpoint = endpoint::server_endpoint(
+        args.listen,
+        &identity,
+        verifier,
+        &args.transport.opts(),
+        &limits,
+    )?;
     let addr = endpoint.local_addr().context("reading the bound address")?;
     let signals = shutdown_signals()?;
     let mut out = std::io::stdout().lock();

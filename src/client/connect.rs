@@ -1,5 +1,6 @@
 //! Connecting: resolving the server, the handshake (restarted while unanswered), pinning, and what a refusal means.
 
+use crate::endpoint::PathMemory;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -222,8 +223,7 @@ impl Client {
         };
 
         let paths = PathMemories::new(&config.config_dir);
-        let mut transport = config.transport.clone();
-        transport.path_memory = paths.recall(&key);
+        let (transport, memory) = (config.transport, paths.recall(&key));
 
         let mut last = None;
         let mut established = None;
@@ -231,6 +231,7 @@ impl Client {
             let verifier = PinnedServerVerifier::new(expected);
             let tries = Attempt {
                 transport: &transport,
+                memory,
                 identity: &identity,
                 server,
                 sni,
@@ -355,6 +356,8 @@ pub fn describe_close(reason: &ConnectionError) -> String {
 /// One connection attempt to one address, with the unreachable timeout.
 pub(super) struct Attempt<'a> {
     transport: &'a TransportOpts,
+    /// What an earlier connection learned about the path.
+    memory: Option<PathMemory>,
     identity: &'a Identity,
     server: &'a str,
     sni: &'a str,
@@ -378,6 +381,7 @@ impl Attempt<'_> {
     ) -> Result<(quinn::Endpoint, quinn::Connection), ConnectError> {
         let Self {
             transport,
+            memory,
             identity,
             server,
             sni,
@@ -385,8 +389,13 @@ impl Attempt<'_> {
         } = *self;
         let deadline = Instant::now() + silence;
         loop {
-            let endpoint =
-                endpoint::client_endpoint(addr, verifier.clone(), Some(identity), transport)?;
+            let endpoint = endpoint::client_endpoint_resuming(
+                addr,
+                verifier.clone(),
+                Some(identity),
+                transport,
+                memory,
+            )?;
             let mut connecting = endpoint
                 .connect(addr, sni)
                 .or_else(|_| endpoint.connect(addr, "qxfer"))

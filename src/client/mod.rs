@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use quinn::{RecvStream, SendStream, VarInt};
 
-use crate::congestion::{self};
+use crate::endpoint;
 use crate::endpoint::TransportOpts;
 use crate::exchange::{self, Pacer};
 use crate::protocol::stream::STOP_REFUSED;
@@ -343,7 +343,7 @@ impl Client {
             return; // already closed by the server: nothing to send
         }
         tracing::debug!(stats = ?self.conn.stats(), "closing");
-        if let (Some((paths, key)), Some(memory)) = (&self.paths, congestion::learned(&self.conn)) {
+        if let (Some((paths, key)), Some(memory)) = (&self.paths, endpoint::learned(&self.conn)) {
             paths.remember(key, memory);
         }
         let sent = || self.conn.stats().udp_tx.datagrams;
@@ -571,7 +571,7 @@ mod tests {
     use super::connect::known_hosts_key;
     use super::state::{unix_now, JOURNAL_MAX_AGE, PATH_MEMORY_MAX_AGE};
     use super::*;
-    use crate::congestion::PathMemory;
+    use crate::endpoint::PathMemory;
     use crate::protocol::FileMeta;
     use std::fs::File;
 

@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::congestion::PathMemory;
+use crate::endpoint::PathMemory;
 use crate::protocol::FileMeta;
 
 /// Large uploads started and not yet finished, remembered across runs in

@@ -100,7 +100,7 @@ fn is_one_name(name: &std::ffi::OsStr) -> bool {
 }
 
 /// Prefix of the temporaries [`IncomingFile`] creates.
-pub(crate) const TMP_PREFIX: &str = ".qxfer-tmp-";
+pub(crate) use crate::paths::TMP_PREFIX;
 
 impl IncomingFile {
     /// Creates the temporary (mode 0600, a random name starting with

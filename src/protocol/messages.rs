@@ -211,7 +211,7 @@ impl Encoding {
 }
 
 /// Whether the sender may compress (the `--compress` option).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Compression {
     /// Compress blocks that shrink, when the link is slower than the
     /// compressor; data that does not compress is soon sent as it is.

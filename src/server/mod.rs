@@ -54,9 +54,6 @@ pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default for [`ServeConfig::max_connections_per_client`].
 pub const DEFAULT_MAX_CONNECTIONS_PER_CLIENT: usize = 32;
 
-/// The partial store: a hidden directory in the root holding uploads in progress.
-pub const PARTIAL_DIR: &str = crate::store::local::PARTIAL_DIR;
-
 /// How long to wait for a trailer or receipt that should follow the data at once.
 /// The client's receipt for a get comes after it fsyncs a possibly large file.
 const RECEIPT_TIMEOUT: Duration = Duration::from_secs(120);

@@ -273,7 +273,7 @@ pub fn tree(dir: &Path) -> Vec<String> {
         for e in std::fs::read_dir(dir).unwrap() {
             let e = e.unwrap();
             let p = e.path();
-            if e.file_name() != server::PARTIAL_DIR || dir != base {
+            if e.file_name() != qxfer::paths::PARTIAL_DIR || dir != base {
                 out.push(p.strip_prefix(base).unwrap().display().to_string());
             }
             if e.file_type().unwrap().is_dir() {
@@ -559,7 +559,7 @@ impl TestServer {
             let rel = rel.as_str();
             let parts: Vec<&str> = rel.split('/').collect();
             for n in 1..parts.len() {
-                if !(n == 1 && parts[0] == server::PARTIAL_DIR) {
+                if !(n == 1 && parts[0] == qxfer::paths::PARTIAL_DIR) {
                     out.insert(parts[..n].join("/"));
                 }
             }
@@ -677,7 +677,7 @@ impl TestServer {
             None => {
                 let names = self.partials().await;
                 assert_eq!(names.len(), 1, "one upload in progress: {names:?}");
-                let store = self.root.join(server::PARTIAL_DIR);
+                let store = self.root.join(qxfer::paths::PARTIAL_DIR);
                 flip_byte(&store.join(&names[0]), 1000)
             }
             Some(_) => self.flip_part_record(&["cv", "root"]).await,
@@ -693,7 +693,7 @@ impl TestServer {
         let (_, prefix) = self.object_root().expect("an object root");
         let key = object_store::path::Path::from(format!(
             "{prefix}/{}/{}/part-00000",
-            server::PARTIAL_DIR,
+            qxfer::paths::PARTIAL_DIR,
             names[0]
         ));
         let bucket = garage::bucket();
@@ -715,7 +715,7 @@ impl TestServer {
         use object_store::multipart::MultipartStore;
         use object_store::{ObjectStore, ObjectStoreExt};
         let Some((_, prefix)) = self.object_root() else {
-            let store = self.root.join(server::PARTIAL_DIR);
+            let store = self.root.join(qxfer::paths::PARTIAL_DIR);
             for name in self.partials().await {
                 std::fs::remove_file(store.join(name)).unwrap();
             }
@@ -723,7 +723,7 @@ impl TestServer {
         };
         let bucket = garage::bucket();
         for name in self.partials().await {
-            let dir = format!("{prefix}/{}/{name}", server::PARTIAL_DIR);
+            let dir = format!("{prefix}/{}/{name}", qxfer::paths::PARTIAL_DIR);
             if let Some(header) = upload_header(&dir).await {
                 let key = object_store::path::Path::from(header["key"].as_str().unwrap());
                 let id = header["upload_id"].as_str().unwrap().to_owned();
@@ -805,7 +805,7 @@ pub async fn partials_at(root: &Path) -> Vec<String> {
     use futures::TryStreamExt;
     use object_store::ObjectStore;
     let mut names: Vec<String> = match object_prefix(root) {
-        None => std::fs::read_dir(root.join(server::PARTIAL_DIR))
+        None => std::fs::read_dir(root.join(qxfer::paths::PARTIAL_DIR))
             .map(|d| {
                 d.flatten()
                     .map(|e| e.file_name().to_string_lossy().into_owned())
@@ -813,7 +813,7 @@ pub async fn partials_at(root: &Path) -> Vec<String> {
             })
             .unwrap_or_default(),
         Some(prefix) => {
-            let dir = format!("{prefix}/{}", server::PARTIAL_DIR);
+            let dir = format!("{prefix}/{}", qxfer::paths::PARTIAL_DIR);
             let listed: Vec<_> = garage::bucket()
                 .list(Some(&object_store::path::Path::from(dir.as_str())))
                 .try_collect()
@@ -855,7 +855,7 @@ pub async fn partial_bytes_at(root: &Path) -> u64 {
     use futures::TryStreamExt;
     use object_store::ObjectStore;
     let Some(prefix) = object_prefix(root) else {
-        let store = root.join(server::PARTIAL_DIR);
+        let store = root.join(qxfer::paths::PARTIAL_DIR);
         return partials_at(root)
             .await
             .iter()
@@ -865,7 +865,7 @@ pub async fn partial_bytes_at(root: &Path) -> u64 {
     };
     let mut total = 0;
     for name in partials_at(root).await {
-        let dir = format!("{prefix}/{}/{name}", server::PARTIAL_DIR);
+        let dir = format!("{prefix}/{}/{name}", qxfer::paths::PARTIAL_DIR);
         let Some(header) = upload_header(&dir).await else {
             continue;
         };

@@ -40,8 +40,6 @@ use super::{
 mod list;
 mod partials;
 
-pub(crate) use partials::PARTIAL_DIR;
-
 /// A directory served as the root.
 #[derive(Debug)]
 pub(crate) struct LocalStore {

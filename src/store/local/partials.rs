@@ -9,7 +9,7 @@ use cap_std::fs::Dir;
 use crate::exchange;
 
 /// The partial store: a hidden directory in the root holding uploads in progress.
-pub(crate) const PARTIAL_DIR: &str = ".qxfer-partial";
+pub(crate) use crate::paths::PARTIAL_DIR;
 
 /// Opens (creating it, mode 0700, if needed) the partial store in the root.
 /// It must be a real directory: a symlink there is refused, not followed.

@@ -128,7 +128,7 @@ const DIR_MARKER: &str = ".qxfer-dir";
 /// Where the digests of multipart files live.
 const SUMS_DIR: &str = ".qxfer-sums";
 /// Where multipart uploads in progress are recorded.
-const PARTIAL_DIR: &str = ".qxfer-partial";
+use crate::paths::PARTIAL_DIR;
 /// Lookups in flight at once for one listing's metadata.
 const LIST_CONCURRENCY: usize = 16;
 
