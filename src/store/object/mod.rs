@@ -43,7 +43,7 @@ use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use futures::stream::{self, StreamExt, TryStreamExt};
-use object_store::aws::{AmazonS3, AmazonS3Builder};
+use object_store::aws::AmazonS3Builder;
 use object_store::path::Path as Key;
 use object_store::{
     Attribute, AttributeValue, Attributes, ClientOptions, GetOptions, GetResult, ObjectMeta,
@@ -76,10 +76,19 @@ pub(crate) struct ObjectRoot {
     inner: Arc<Inner>,
 }
 
+/// What qxfer needs of an object store: objects, and multipart uploads
+/// driven part by part (S3's own API; object_store's in-memory store has
+/// it too, which is what lets the handlers' tests run without a cluster).
+pub(crate) trait Bucket: ObjectStore + object_store::multipart::MultipartStore {}
+
+impl<T: ObjectStore + object_store::multipart::MultipartStore> Bucket for T {}
+
 /// What every request of an object root needs.
 #[derive(Debug)]
 struct Inner {
-    s3: AmazonS3,
+    /// The store: S3 (Garage, AWS...) when served; object_store's
+    /// in-memory store in the handlers' tests.
+    s3: Arc<dyn Bucket>,
     /// The prefix every key starts with (empty: the whole bucket).
     prefix: Vec<String>,
     /// Directories (names joined with `/`) seen to be no file, with the
@@ -224,19 +233,19 @@ impl ObjectRoot {
                 ))
             })
         };
-        let s3 = build(RetryConfig {
+        let s3: Arc<dyn Bucket> = Arc::new(build(RetryConfig {
             max_retries: 4,
             retry_timeout: Duration::from_secs(30),
             ..RetryConfig::default()
-        })?;
+        })?);
         // The start-up check fails fast (no long retries on a store that is
         // not there) but rides out a hiccup of a cluster that just started.
         let probe = Inner {
-            s3: build(RetryConfig {
+            s3: Arc::new(build(RetryConfig {
                 max_retries: 3,
                 retry_timeout: Duration::from_secs(5),
                 ..RetryConfig::default()
-            })?,
+            })?),
             prefix: prefix.clone(),
             no_file: Default::default(),
             held: Default::default(),
@@ -285,7 +294,14 @@ impl ObjectRoot {
                 .await
                 .map_err(|e| unusable("delete in", e))?;
         }
-        Ok(Self {
+        let memory = options.upload_memory.unwrap_or(DEFAULT_UPLOAD_MEMORY);
+        Ok(Self::over(s3, prefix, memory))
+    }
+
+    /// Serves what is under `prefix` in `s3`, uploads holding at most
+    /// `memory` bytes in buffers together.
+    fn over(s3: Arc<dyn Bucket>, prefix: Vec<String>, memory: u64) -> Self {
+        Self {
             inner: Arc::new(Inner {
                 s3,
                 prefix,
@@ -295,11 +311,19 @@ impl ObjectRoot {
                 lease_slots: tokio::sync::Semaphore::new(LEASE_REQUESTS),
                 lookup_slots: tokio::sync::Semaphore::new(LOOKUP_REQUESTS),
                 holder: std::sync::Mutex::new(random_holder()),
-                memory: memory::UploadMemory::new(
-                    options.upload_memory.unwrap_or(DEFAULT_UPLOAD_MEMORY),
-                ),
+                memory: memory::UploadMemory::new(memory),
             }),
-        })
+        }
+    }
+
+    /// A root in object_store's in-memory store, under a prefix: the same
+    /// code as over S3 (leases, multipart parts, conditional writes),
+    /// without a cluster, for the handlers' tests. Unlike Garage, the
+    /// in-memory store honours If-None-Match.
+    #[cfg(test)]
+    pub(crate) fn in_memory() -> Self {
+        let s3 = Arc::new(object_store::memory::InMemory::new());
+        Self::over(s3, vec!["served".to_owned()], DEFAULT_UPLOAD_MEMORY)
     }
 }
 

@@ -282,7 +282,7 @@ impl Reading<'_> {
 /// read takes no request slot (see `MAX_REQUESTS`): it lasts as long as
 /// the client takes to receive it.
 struct ObjectBytes {
-    s3: object_store::aws::AmazonS3,
+    s3: std::sync::Arc<dyn super::Bucket>,
     key: Key,
     etag: Option<String>,
 }
