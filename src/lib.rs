@@ -22,6 +22,8 @@ mod congestion;
 pub mod endpoint;
 mod exchange;
 pub mod paths;
+#[cfg(test)]
+mod pipe_tests;
 pub mod protocol;
 pub mod server;
 mod space;

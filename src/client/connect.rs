@@ -1,5 +1,6 @@
 //! Connecting: resolving the server, the handshake (restarted while unanswered), pinning, and what a refusal means.
 
+use super::Link;
 use crate::endpoint::PathMemory;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -288,8 +289,8 @@ impl Client {
         // reading the file to describe it, as before.
         let _ = crate::exchange::keep_descriptions_on_disk(config.config_dir.join("described"));
         Ok(Self {
-            _endpoint: Registered::new(endpoint),
-            conn,
+            _endpoint: Some(Registered::new(endpoint)),
+            link: Link::Quic(conn),
             journal,
             paths: Some((paths, key)),
             server: server.to_owned(),

@@ -5,7 +5,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use quinn::{RecvStream, VarInt};
+use quinn::VarInt;
+
+use crate::exchange::{RecvHalf, SendHalf};
 
 use crate::exchange::{
     self, blocking, Advance, CommitError, Cutter, DeltaSent, FileKey, IncomingFile, Pacer, Start,
@@ -112,7 +114,7 @@ impl Client {
                     .await;
             if let Err(TransferError::OldVersion(_)) = &described {
                 // The server waits for the rest of the description.
-                let _ = send.reset(VarInt::from_u32(RESET_SOURCE_FAILED));
+                let _ = send.reset(RESET_SOURCE_FAILED);
             }
             described
         };
@@ -301,13 +303,14 @@ impl Client {
             None
         };
         if theirs != Some(ours) {
-            let _ = recv.stop(VarInt::from_u32(STOP_REFUSED));
-            let _ = send.finish();
+            let _ = recv.stop(STOP_REFUSED);
+            send.finish();
             return Err(FileError::LocalExists(dest.to_owned()));
         }
         let receipt = Receipt::Committed { size, digest: ours };
-        if write_frame(&mut send, &receipt).await.is_ok() && send.finish().is_ok() {
-            let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
+        if write_frame(&mut send, &receipt).await.is_ok() {
+            send.finish();
+            send.acknowledged(Duration::from_secs(1)).await;
         }
         Ok(TransferReport::already_there(
             remote.to_owned(),
@@ -432,8 +435,8 @@ pub(super) async fn open_download(
 /// receipt to be acknowledged, so closing the connection right after does
 /// not discard it.
 async fn send_receipt(
-    send: &mut quinn::SendStream,
-    recv: &mut RecvStream,
+    send: &mut Box<dyn SendHalf>,
+    recv: &mut Box<dyn RecvHalf>,
     size: u64,
     result: &Result<Digest, FileError>,
 ) {
@@ -443,12 +446,13 @@ async fn send_receipt(
             digest: *digest,
         },
         Err(e) => {
-            let _ = recv.stop(VarInt::from_u32(STOP_REFUSED));
+            let _ = recv.stop(STOP_REFUSED);
             Receipt::Failed(RemoteError::new(ErrorCode::Internal, e.to_string()))
         }
     };
-    if write_frame(send, &receipt).await.is_ok() && send.finish().is_ok() {
-        let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
+    if write_frame(send, &receipt).await.is_ok() {
+        send.finish();
+        send.acknowledged(Duration::from_secs(1)).await;
     }
 }
 
@@ -491,7 +495,7 @@ fn open_old_version(dest: &Dest) -> Option<OldVersion> {
 /// and for a delta what it copied and what crossed.
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn receive_get(
-    recv: &mut RecvStream,
+    recv: &mut Box<dyn RecvHalf>,
     dest: &Path,
     incoming: IncomingFile,
     start: Start,

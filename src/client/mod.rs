@@ -13,7 +13,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use quinn::{RecvStream, SendStream, VarInt};
+use quinn::VarInt;
+
+use crate::exchange::{RecvHalf, SendHalf};
 
 use crate::endpoint;
 use crate::endpoint::TransportOpts;
@@ -246,8 +248,8 @@ impl TransferReport {
 pub struct Client {
     /// Kept so the UDP socket lives as long as the connection; listed for
     /// [`close_all`] until the last clone of this client goes.
-    _endpoint: Arc<Registered>,
-    conn: quinn::Connection,
+    _endpoint: Option<Arc<Registered>>,
+    link: Link,
     /// `None` if the config directory cannot hold it: then every large put
     /// asks the server for an offer first, as if interrupted.
     journal: Option<UploadJournal>,
@@ -264,6 +266,45 @@ pub struct Client {
     /// Set when this connection was the first contact and the fingerprint was
     /// added to known_hosts.
     pub first_contact: Option<(Fingerprint, PathBuf)>,
+}
+
+/// What a client reaches its server over.
+#[derive(Clone)]
+enum Link {
+    /// A QUIC connection.
+    Quic(quinn::Connection),
+    /// In-memory pipes to a server's handlers, a stream per call (the
+    /// tests of client and server together, without QUIC).
+    #[cfg(test)]
+    Pipes(Arc<OpenPipe>),
+}
+
+/// Opens one stream to an in-memory server.
+#[cfg(test)]
+pub(crate) type OpenPipe = dyn Fn() -> Streams + Send + Sync;
+
+/// The halves of one stream to the server.
+pub(crate) type Streams = (Box<dyn SendHalf>, Box<dyn RecvHalf>);
+
+impl std::fmt::Debug for Link {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Quic(conn) => conn.fmt(f),
+            #[cfg(test)]
+            Self::Pipes(_) => f.write_str("in-memory pipes"),
+        }
+    }
+}
+
+impl Link {
+    /// The QUIC connection, if this is one.
+    fn quic(&self) -> Option<&quinn::Connection> {
+        match self {
+            Self::Quic(conn) => Some(conn),
+            #[cfg(test)]
+            Self::Pipes(_) => None,
+        }
+    }
 }
 
 /// Every client endpoint of this process, so that an interrupted command
@@ -307,6 +348,34 @@ pub async fn close_all(reason: &str) {
     }
 }
 
+#[cfg(test)]
+impl Client {
+    /// A client with `config`'s options whose every stream comes from
+    /// `open` (in-memory pipes to a server's handlers), known to the
+    /// server as `fingerprint`. It keeps its upload journal in
+    /// `config.config_dir`, as over QUIC.
+    pub(crate) fn over_pipes(
+        open: Arc<OpenPipe>,
+        config: &ClientConfig,
+        fingerprint: Fingerprint,
+    ) -> Self {
+        Self {
+            _endpoint: None,
+            link: Link::Pipes(open),
+            journal: UploadJournal::open(&config.config_dir, "pipes".to_owned()).ok(),
+            paths: None,
+            server: config.server.clone(),
+            fingerprint,
+            resume: config.resume,
+            pace: config.limit_rate.map(|r| Arc::new(Pacer::new(r))),
+            compression: config.compression,
+            delta: config.delta,
+            reply_timeout: config.reply_timeout,
+            first_contact: None,
+        }
+    }
+}
+
 impl Client {
     /// If the server has closed this connection because it refused this
     /// client (unknown identity, or too many connections from it), the error
@@ -316,19 +385,22 @@ impl Client {
     /// checked the client certificate, so a refusal can arrive after
     /// [`Client::connect`] returned; callers check this when requests fail.
     pub fn refusal(&self) -> Option<ConnectError> {
-        let reason = self.conn.close_reason()?;
+        let reason = self.link.quic()?.close_reason()?;
         refusal(&reason, &self.server, self.fingerprint)
     }
 
     /// Why the connection ended, in words for the user, if it has.
     pub fn lost(&self) -> Option<String> {
-        Some(describe_close(&self.conn.close_reason()?))
+        Some(describe_close(&self.link.quic()?.close_reason()?))
     }
 
     /// The underlying QUIC connection, for callers that speak the protocol
     /// directly (tests of the server's handling of malformed streams).
+    ///
+    /// # Panics
+    /// On a client over in-memory pipes (the crate's own unit tests).
     pub fn connection(&self) -> &quinn::Connection {
-        &self.conn
+        self.link.quic().expect("a client over QUIC")
     }
 
     /// Closes the connection politely and waits for the close to be sent.
@@ -339,16 +411,19 @@ impl Client {
     /// about to exit has no use for. The server frees the connection's slot
     /// as soon as the close arrives.
     pub async fn close(self) {
-        if self.conn.close_reason().is_some() {
+        let Some(conn) = self.link.quic() else {
+            return; // pipes: nothing to close
+        };
+        if conn.close_reason().is_some() {
             return; // already closed by the server: nothing to send
         }
-        tracing::debug!(stats = ?self.conn.stats(), "closing");
-        if let (Some((paths, key)), Some(memory)) = (&self.paths, endpoint::learned(&self.conn)) {
+        tracing::debug!(stats = ?conn.stats(), "closing");
+        if let (Some((paths, key)), Some(memory)) = (&self.paths, endpoint::learned(conn)) {
             paths.remember(key, memory);
         }
-        let sent = || self.conn.stats().udp_tx.datagrams;
+        let sent = || conn.stats().udp_tx.datagrams;
         let before = sent();
-        self.conn.close(VarInt::from_u32(0), b"done");
+        conn.close(VarInt::from_u32(0), b"done");
         let deadline = Instant::now() + CLOSE_FLUSH;
         while sent() == before && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(1)).await;
@@ -357,11 +432,18 @@ impl Client {
         tokio::task::yield_now().await;
     }
 
-    async fn open(&self) -> Result<(SendStream, RecvStream), FileError> {
-        self.conn
-            .open_bi()
-            .await
-            .map_err(|e| FileError::Protocol(format!("connection lost: {e}")))
+    async fn open(&self) -> Result<Streams, FileError> {
+        match &self.link {
+            Link::Quic(conn) => {
+                let (send, recv) = conn
+                    .open_bi()
+                    .await
+                    .map_err(|e| FileError::Protocol(format!("connection lost: {e}")))?;
+                Ok((Box::new(send), Box::new(recv)))
+            }
+            #[cfg(test)]
+            Link::Pipes(open) => Ok(open()),
+        }
     }
 
     /// Lists the remote directory `path` ("" for the root).
@@ -463,7 +545,7 @@ impl Client {
     async fn ask(&self, request: &Request, within: Duration) -> Result<Response, FileError> {
         let (mut send, mut recv) = self.open().await?;
         write_frame(&mut send, request).await?;
-        let _ = send.finish();
+        send.finish();
         Ok(reply::<Response>(&mut recv, within).await?)
     }
 
@@ -477,7 +559,7 @@ impl Client {
             }),
         )
         .await?;
-        let _ = send.finish();
+        send.finish();
         // The server walks a whole tree before it answers a recursive listing.
         let first = if recursive {
             5 * self.reply_timeout
@@ -496,7 +578,7 @@ impl Client {
             name_bytes += batch.entries.iter().map(|e| e.name.len()).sum::<usize>();
             entries.extend(batch.entries);
             if entries.len() > MAX_LIST_ENTRIES || name_bytes > MAX_LIST_NAME_BYTES {
-                let _ = recv.stop(VarInt::from_u32(STOP_REFUSED));
+                let _ = recv.stop(STOP_REFUSED);
                 return Err(FileError::Protocol(format!(
                     "the listing of '{path}' has more than {MAX_LIST_ENTRIES} entries or {} MiB of names; list or fetch its subdirectories one at a time",
                     MAX_LIST_NAME_BYTES >> 20
@@ -531,7 +613,7 @@ impl Client {
 
 /// Reads the server's next message, failing if it does not come `within`.
 async fn reply<T: serde::de::DeserializeOwned>(
-    recv: &mut RecvStream,
+    recv: &mut Box<dyn RecvHalf>,
     within: Duration,
 ) -> Result<T, FrameError> {
     tokio::time::timeout(within, read_frame::<_, T>(recv))

@@ -3,8 +3,6 @@
 use std::fs::File;
 use std::path::Path;
 
-use quinn::VarInt;
-
 use super::batch::WatchFile;
 use crate::exchange::{self, blocking, file_meta, Framing, Start, TransferError, DELTA_MIN};
 use crate::protocol::stream::{RESET_SOURCE_FAILED, STOP_REFUSED};
@@ -73,7 +71,7 @@ impl Client {
         resume: bool,
     ) -> Result<TransferReport, FileError> {
         let (mut send, mut recv) = self.open().await?;
-        let mut framing = Framing::for_sending(self.compression, Some(&self.conn));
+        let mut framing = Framing::for_sending(self.compression, self.link.quic());
         // Replacing a file in sync mode: as a delta against the version the
         // server holds, which it describes after its answer.
         let delta = self.delta && force && meta.size >= DELTA_MIN;
@@ -194,7 +192,7 @@ impl Client {
                     // tell the server to drop what it has, so it does not
                     // wait for the rest, and let the other files go on.
                     if e.is_source_failure() {
-                        let _ = send.reset(VarInt::from_u32(RESET_SOURCE_FAILED));
+                        let _ = send.reset(RESET_SOURCE_FAILED);
                         source_failed.notify_one();
                     }
                     return Err(e);
@@ -206,7 +204,7 @@ impl Client {
                     FrameError::Io(io) => TransferError::Network(io),
                     other => TransferError::Network(std::io::Error::other(other)),
                 })?;
-            let _ = send.finish();
+            send.finish();
             Ok::<_, TransferError>((digest, wire_bytes))
         };
         // Pipelined, the response arrives while the data goes out (unless
@@ -223,7 +221,7 @@ impl Client {
         };
         let sent = match sent {
             Err(e) if e.is_source_failure() => {
-                let _ = recv.stop(VarInt::from_u32(STOP_REFUSED));
+                let _ = recv.stop(STOP_REFUSED);
                 return Err(FileError::Transfer {
                     path: local.to_owned(),
                     source: e,
@@ -314,7 +312,7 @@ impl Client {
         // A pipe's 64 KiB default makes its writer wait on every block.
         exchange::widen_pipe(&input);
         let (mut send, mut recv) = self.open().await?;
-        let mut framing = Framing::for_sending(self.compression, Some(&self.conn));
+        let mut framing = Framing::for_sending(self.compression, self.link.quic());
         framing.encoding = Encoding::Stream;
         let request = Request::Put(PutRequest {
             path: remote.to_owned(),
@@ -352,8 +350,8 @@ impl Client {
             Ok(done) => done,
             Err(TransferError::Read(e)) => {
                 // Tell the server to drop what it has.
-                let _ = send.reset(VarInt::from_u32(RESET_SOURCE_FAILED));
-                let _ = recv.stop(VarInt::from_u32(STOP_REFUSED));
+                let _ = send.reset(RESET_SOURCE_FAILED);
+                let _ = recv.stop(STOP_REFUSED);
                 return Err(FileError::Local {
                     path: label.to_owned(),
                     source: e,
@@ -384,7 +382,7 @@ impl Client {
         write_frame(&mut send, &Trailer { digest: ours })
             .await
             .map_err(|e| unconfirmed(e.to_string()))?;
-        let _ = send.finish();
+        send.finish();
         let receipt = reply::<Receipt>(&mut recv, self.receipt_within(size))
             .await
             .map_err(|e| unconfirmed(e.to_string()))?;

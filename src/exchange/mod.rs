@@ -30,6 +30,7 @@ mod pool;
 mod receive;
 mod send;
 mod start;
+mod stream;
 #[cfg(test)]
 mod tests;
 
@@ -50,6 +51,7 @@ pub(crate) use pool::*;
 pub(crate) use receive::*;
 pub(crate) use send::*;
 pub(crate) use start::*;
+pub(crate) use stream::*;
 
 use crate::protocol::MAX_BLOCK;
 

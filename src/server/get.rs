@@ -11,14 +11,14 @@ use crate::protocol::{
     RemoteError, Response, Trailer,
 };
 
-use super::stream::{ReplyStream, RequestStream};
 use super::{protocol_error, Ctx, RECEIPT_TIMEOUT, RESET_SOURCE_FAILED, STOP_REFUSED};
+use crate::exchange::{RecvHalf, SendHalf};
 
 pub(super) async fn serve_get(
     req: GetRequest,
     ctx: &Ctx,
-    send: &mut impl ReplyStream,
-    recv: &mut impl RequestStream,
+    send: &mut impl SendHalf,
+    recv: &mut impl RecvHalf,
 ) -> Result<(), RemoteError> {
     let stats = &ctx.config.stats;
     let path = RemotePath::parse(&req.path, false)?;
@@ -80,8 +80,8 @@ static DELTA_SLOTS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(D
 pub(super) async fn serve_get_delta(
     req: GetDeltaRequest,
     ctx: &Ctx,
-    send: &mut impl ReplyStream,
-    recv: &mut impl RequestStream,
+    send: &mut impl SendHalf,
+    recv: &mut impl RecvHalf,
 ) -> Result<(), RemoteError> {
     let Ok(_slot) = DELTA_SLOTS.try_acquire() else {
         info!(path = %req.get.path, "busy with delta gets; sending the whole file");
@@ -156,8 +156,8 @@ async fn finish_get(
     path: &RemotePath,
     size: u64,
     digest: crate::protocol::Digest,
-    send: &mut impl ReplyStream,
-    recv: &mut impl RequestStream,
+    send: &mut impl SendHalf,
+    recv: &mut impl RecvHalf,
 ) {
     if write_frame(send, &Trailer { digest }).await.is_err() {
         info!(path = %path, "get aborted by the client");

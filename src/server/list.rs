@@ -9,7 +9,7 @@ use crate::protocol::{
 };
 use crate::store::Store;
 
-use super::stream::ReplyStream;
+use crate::exchange::SendHalf;
 
 /// Entries per listing frame: 128 names of at most 255 bytes, plus metadata,
 /// stay well under the 64 KiB frame limit.
@@ -18,7 +18,7 @@ const LIST_BATCH: usize = 128;
 pub(super) async fn serve_list(
     req: ListRequest,
     store: &dyn Store,
-    send: &mut impl ReplyStream,
+    send: &mut impl SendHalf,
 ) -> Result<(), RemoteError> {
     let path = RemotePath::parse(&req.path, true)?;
     let entries = store.list(&path, req.recursive).await?;
@@ -70,7 +70,7 @@ const LIST_BATCH_BYTES: usize = 48 * 1024;
 pub(super) async fn serve_digests(
     req: DigestsRequest,
     store: &dyn Store,
-    send: &mut impl ReplyStream,
+    send: &mut impl SendHalf,
 ) -> Result<(), RemoteError> {
     if req.paths.len() > MAX_DIGEST_PATHS {
         return Err(RemoteError::new(

@@ -8,14 +8,14 @@ use crate::protocol::{
 };
 use crate::tls::Fingerprint;
 
-use super::stream::ReplyStream;
 use super::{protocol_error, writable, ServeConfig};
+use crate::exchange::SendHalf;
 
 /// Removes a file or a directory beneath the root.
 pub(super) async fn serve_remove(
     req: RemoveRequest,
     config: &ServeConfig,
-    send: &mut impl ReplyStream,
+    send: &mut impl SendHalf,
 ) -> Result<(), RemoteError> {
     let path = RemotePath::parse(&req.path, false)?;
     writable(config, || format!("'{path}' was not removed"))?;
@@ -32,7 +32,7 @@ pub(super) async fn serve_remove(
 pub(super) async fn serve_rename(
     req: RenameRequest,
     config: &ServeConfig,
-    send: &mut impl ReplyStream,
+    send: &mut impl SendHalf,
 ) -> Result<(), RemoteError> {
     let from = RemotePath::parse(&req.from, false)?;
     let to = RemotePath::parse(&req.to, false)?;
@@ -64,7 +64,7 @@ pub(super) async fn serve_set_meta(
     req: SetMetaRequest,
     config: &ServeConfig,
     client: Fingerprint,
-    send: &mut impl ReplyStream,
+    send: &mut impl SendHalf,
 ) -> Result<(), RemoteError> {
     let path = RemotePath::parse(&req.path, false)?;
     writable(config, || {

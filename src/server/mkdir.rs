@@ -5,14 +5,14 @@ use tracing::info;
 use crate::paths::RemotePath;
 use crate::protocol::{write_frame, MkdirRequest, RemoteError, Response};
 
-use super::stream::ReplyStream;
 use super::{protocol_error, writable, ServeConfig};
+use crate::exchange::SendHalf;
 
 /// Creates a directory beneath the root and applies its metadata.
 pub(super) async fn serve_mkdir(
     req: MkdirRequest,
     config: &ServeConfig,
-    send: &mut impl ReplyStream,
+    send: &mut impl SendHalf,
 ) -> Result<(), RemoteError> {
     let path = RemotePath::parse(&req.path, false)?;
     writable(config, || format!("'{path}' was not created"))?;

@@ -36,17 +36,16 @@ mod manage;
 mod mkdir;
 mod partials;
 mod put;
-mod stream;
 #[cfg(test)]
 mod tests;
 
+use crate::exchange::{RecvHalf, SendHalf};
 use get::{serve_get, serve_get_delta};
 use list::{serve_digests, serve_list};
 use manage::{serve_remove, serve_rename, serve_set_meta};
 use mkdir::serve_mkdir;
 use partials::{sweep_partials_forever, Partials};
 use put::serve_put;
-use stream::{ReplyStream, RequestStream};
 
 /// Default for [`ServeConfig::header_timeout`].
 pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -564,9 +563,34 @@ struct Ctx {
     conn: Option<quinn::Connection>,
 }
 
+/// A server's handlers over in-memory pipes: each call opens one stream,
+/// served by its own task as a QUIC stream would be, for a client known
+/// by `client`. The crate's tests run the real client against the real
+/// handlers through it, without QUIC or certificates.
+#[cfg(test)]
+pub(crate) fn over_pipes(
+    config: Arc<ServeConfig>,
+    client: Fingerprint,
+) -> impl Fn() -> (Box<dyn SendHalf>, Box<dyn RecvHalf>) + Send + Sync {
+    use crate::exchange::pipes::pipe;
+    let partials = Arc::new(Partials::default());
+    move || {
+        let (to_server, server_in) = pipe(1 << 20);
+        let (server_out, from_server) = pipe(1 << 20);
+        let ctx = Ctx {
+            config: config.clone(),
+            client,
+            partials: partials.clone(),
+            conn: None,
+        };
+        tokio::spawn(handle_stream(server_out, server_in, ctx));
+        (Box::new(to_server), Box::new(from_server))
+    }
+}
+
 /// Reads a stream's request and serves it: the whole life of one request,
 /// over a QUIC stream or, in the unit tests, an in-memory pipe.
-async fn handle_stream(mut send: impl ReplyStream, mut recv: impl RequestStream, ctx: Ctx) {
+async fn handle_stream(mut send: impl SendHalf, mut recv: impl RecvHalf, ctx: Ctx) {
     let config = ctx.config.clone();
     let limit = config.max_header_size;
     let timeout = config.header_timeout;
@@ -653,7 +677,7 @@ fn writable(config: &ServeConfig, what: impl FnOnce() -> String) -> Result<(), R
 }
 
 /// Sends a refusal as the response header and stops the client's data.
-async fn refuse(send: &mut impl ReplyStream, recv: &mut impl RequestStream, err: RemoteError) {
+async fn refuse(send: &mut impl SendHalf, recv: &mut impl RecvHalf, err: RemoteError) {
     let _ = write_frame(send, &Response::Refused(err)).await;
     send.finish();
     recv.stop(STOP_REFUSED);

@@ -18,14 +18,14 @@ use crate::protocol::{
 use crate::store::{corrupt, Held, Prepared, PutPlan, Sinking, Upload};
 
 use super::partials::{partial_name, pipe_name};
-use super::stream::{ReplyStream, RequestStream};
 use super::{protocol_error, Ctx, RECEIPT_TIMEOUT, STOP_REFUSED};
+use crate::exchange::{RecvHalf, SendHalf};
 
 pub(super) async fn serve_put(
     req: PutRequest,
     ctx: &Ctx,
-    send: &mut impl ReplyStream,
-    recv: &mut impl RequestStream,
+    send: &mut impl SendHalf,
+    recv: &mut impl RecvHalf,
 ) -> Result<(), RemoteError> {
     let path = RemotePath::parse(&req.path, false)?;
     let stream = !req.encoding.is_sized();
@@ -144,8 +144,8 @@ async fn serve_whole_put(
     req: &PutRequest,
     path: &RemotePath,
     ctx: &Ctx,
-    send: &mut impl ReplyStream,
-    recv: &mut impl RequestStream,
+    send: &mut impl SendHalf,
+    recv: &mut impl RecvHalf,
 ) -> Result<(), RemoteError> {
     let size = req.meta.size;
     let plan = PutPlan {
@@ -211,8 +211,8 @@ async fn answer_put(
     prepared: Prepared,
     path: &RemotePath,
     give_up_if_gone: bool,
-    send: &mut impl ReplyStream,
-    recv: &mut impl RequestStream,
+    send: &mut impl SendHalf,
+    recv: &mut impl RecvHalf,
 ) -> Result<Option<(Box<dyn Upload>, Held)>, RemoteError> {
     let (upload, held, discarded_stale) = match prepared {
         Prepared::Receive {
@@ -258,8 +258,8 @@ async fn receive_put(
     path: &RemotePath,
     mut upload: Box<dyn Upload>,
     held: Held,
-    send: &mut impl ReplyStream,
-    recv: &mut impl RequestStream,
+    send: &mut impl SendHalf,
+    recv: &mut impl RecvHalf,
     ctx: &Ctx,
     stop: impl std::future::Future<Output = ()> + Send,
 ) -> (Result<Receipt, RemoteError>, Option<Box<dyn Upload>>) {
@@ -303,8 +303,8 @@ async fn receive_data(
     path: &RemotePath,
     upload: &mut Box<dyn Upload>,
     held: Held,
-    send: &mut impl ReplyStream,
-    recv: &mut impl RequestStream,
+    send: &mut impl SendHalf,
+    recv: &mut impl RecvHalf,
     ctx: &Ctx,
     stop: impl std::future::Future<Output = ()> + Send,
 ) -> Result<Received, RemoteError> {
@@ -431,7 +431,7 @@ where
 async fn describe_old(
     path: &RemotePath,
     ctx: &Ctx,
-    send: &mut impl ReplyStream,
+    send: &mut impl SendHalf,
 ) -> Result<(Option<Box<dyn ByteSource>>, u64), RemoteError> {
     let opened = match ctx.config.store.open(path, None).await {
         Ok(opened) => Some(opened),
@@ -510,10 +510,7 @@ async fn taken_by_this_file(
 
 /// Reads the trailer and checks the stream ends right after it: bytes beyond
 /// the declared size (or the end mark) are an error, not silently dropped.
-async fn read_trailer(
-    recv: &mut impl RequestStream,
-    path: &RemotePath,
-) -> Result<Trailer, RemoteError> {
+async fn read_trailer(recv: &mut impl RecvHalf, path: &RemotePath) -> Result<Trailer, RemoteError> {
     let mismatch = |e: FrameError| {
         RemoteError::new(
             ErrorCode::Corrupt,

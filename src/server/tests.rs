@@ -5,94 +5,20 @@
 //! in-memory store (the object store's own code, leases and multipart
 //! uploads included; Garage stays the real component of tests/).
 
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream, ReadBuf};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 
 use super::partials::Partials;
-use super::stream::{ReplyStream, RequestStream};
 use super::{handle_stream, Ctx, ServeConfig};
+use crate::exchange::pipes::{PipeRecv, PipeSend};
 use crate::protocol::{
     encode, read_frame, write_frame, Compression, Encoding, EntryKind, ErrorCode, FileMeta,
     GetRequest, ListBatch, ListRequest, MkdirRequest, PutRequest, Receipt, Request, Response,
     SetMetaRequest, Timestamp, Trailer,
 };
 use crate::tls::Fingerprint;
-
-/// The server's end of the answer: a pipe, closed by `finish` and `reset`.
-struct PipeReply {
-    inner: Option<DuplexStream>,
-    reset: Arc<Mutex<Option<u32>>>,
-}
-
-/// The server's end of the request: a pipe, closed by `stop`.
-struct PipeRequest {
-    inner: Option<DuplexStream>,
-    stopped: Arc<Mutex<Option<u32>>>,
-}
-
-impl AsyncWrite for PipeReply {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        match self.inner.as_mut() {
-            Some(s) => Pin::new(s).poll_write(cx, buf),
-            None => Poll::Ready(Err(std::io::ErrorKind::BrokenPipe.into())),
-        }
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match self.inner.as_mut() {
-            Some(s) => Pin::new(s).poll_flush(cx),
-            None => Poll::Ready(Ok(())),
-        }
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match self.inner.as_mut() {
-            Some(s) => Pin::new(s).poll_shutdown(cx),
-            None => Poll::Ready(Ok(())),
-        }
-    }
-}
-
-impl ReplyStream for PipeReply {
-    fn finish(&mut self) {
-        self.inner = None;
-    }
-
-    fn reset(&mut self, code: u32) {
-        *self.reset.lock().unwrap() = Some(code);
-        self.inner = None;
-    }
-
-    async fn acknowledged(&mut self, _: Duration) {}
-}
-
-impl AsyncRead for PipeRequest {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        match self.inner.as_mut() {
-            Some(s) => Pin::new(s).poll_read(cx, buf),
-            None => Poll::Ready(Ok(())),
-        }
-    }
-}
-
-impl RequestStream for PipeRequest {
-    fn stop(&mut self, code: u32) {
-        *self.stopped.lock().unwrap() = Some(code);
-        self.inner = None;
-    }
-}
 
 /// Which store a [`Harness`] serves.
 #[derive(Debug, Clone, Copy)]
@@ -174,11 +100,12 @@ impl Harness {
             partials: self.partials.clone(),
             conn: None,
         };
-        let request = PipeRequest {
+        let request = PipeRecv {
             inner: Some(server_in),
             stopped: stopped.clone(),
+            peer_reset: Default::default(),
         };
-        let reply = PipeReply {
+        let reply = PipeSend {
             inner: Some(server_out),
             reset: reset.clone(),
         };
