@@ -114,7 +114,7 @@ impl Client {
                     .await;
             if let Err(TransferError::OldVersion(_)) = &described {
                 // The server waits for the rest of the description.
-                let _ = send.reset(RESET_SOURCE_FAILED);
+                send.reset(RESET_SOURCE_FAILED);
             }
             described
         };
@@ -303,7 +303,7 @@ impl Client {
             None
         };
         if theirs != Some(ours) {
-            let _ = recv.stop(STOP_REFUSED);
+            recv.stop(STOP_REFUSED);
             send.finish();
             return Err(FileError::LocalExists(dest.to_owned()));
         }
@@ -446,7 +446,7 @@ async fn send_receipt(
             digest: *digest,
         },
         Err(e) => {
-            let _ = recv.stop(STOP_REFUSED);
+            recv.stop(STOP_REFUSED);
             Receipt::Failed(RemoteError::new(ErrorCode::Internal, e.to_string()))
         }
     };

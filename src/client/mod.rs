@@ -578,7 +578,7 @@ impl Client {
             name_bytes += batch.entries.iter().map(|e| e.name.len()).sum::<usize>();
             entries.extend(batch.entries);
             if entries.len() > MAX_LIST_ENTRIES || name_bytes > MAX_LIST_NAME_BYTES {
-                let _ = recv.stop(STOP_REFUSED);
+                recv.stop(STOP_REFUSED);
                 return Err(FileError::Protocol(format!(
                     "the listing of '{path}' has more than {MAX_LIST_ENTRIES} entries or {} MiB of names; list or fetch its subdirectories one at a time",
                     MAX_LIST_NAME_BYTES >> 20

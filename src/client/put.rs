@@ -192,7 +192,7 @@ impl Client {
                     // tell the server to drop what it has, so it does not
                     // wait for the rest, and let the other files go on.
                     if e.is_source_failure() {
-                        let _ = send.reset(RESET_SOURCE_FAILED);
+                        send.reset(RESET_SOURCE_FAILED);
                         source_failed.notify_one();
                     }
                     return Err(e);
@@ -221,7 +221,7 @@ impl Client {
         };
         let sent = match sent {
             Err(e) if e.is_source_failure() => {
-                let _ = recv.stop(STOP_REFUSED);
+                recv.stop(STOP_REFUSED);
                 return Err(FileError::Transfer {
                     path: local.to_owned(),
                     source: e,
@@ -350,8 +350,8 @@ impl Client {
             Ok(done) => done,
             Err(TransferError::Read(e)) => {
                 // Tell the server to drop what it has.
-                let _ = send.reset(RESET_SOURCE_FAILED);
-                let _ = recv.stop(STOP_REFUSED);
+                send.reset(RESET_SOURCE_FAILED);
+                recv.stop(STOP_REFUSED);
                 return Err(FileError::Local {
                     path: label.to_owned(),
                     source: e,
