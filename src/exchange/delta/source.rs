@@ -1,0 +1,357 @@
+//! A file's bytes as a delta reads them: the `ByteSource` a store or a local file offers, read in stretches into reused memory.
+
+use super::*;
+
+/// A file's bytes as a delta reads them: a local file, or a store's file
+/// (the old version a receiver holds, or the new one a server sends).
+#[async_trait]
+pub(crate) trait ByteSource: Send + Sync {
+    /// The bytes `from..to`, as they come. A file that ends before `to`
+    /// yields an error (of kind `UnexpectedEof`) when the stream ends.
+    async fn range(&self, from: u64, to: u64) -> std::io::Result<ByteStream>;
+
+    /// Fails if the file changed since it was opened (it was read while
+    /// being written). A store whose reads are pinned to one version
+    /// cannot change under them and says so.
+    async fn check_unchanged(&self) -> Result<(), TransferError> {
+        Ok(())
+    }
+
+    /// The local file behind it, if it is one: a delta against it may be
+    /// made by sharing its data (see [`assemble_cloned`]).
+    fn as_file(&self) -> Option<&FileBytes> {
+        None
+    }
+}
+
+/// What [`ByteSource::range`] gives.
+pub(crate) type ByteStream = BoxStream<'static, std::io::Result<Bytes>>;
+
+/// A local file read through the disk pool, a chunk at a time.
+pub(crate) struct FileBytes {
+    pub(super) file: Arc<File>,
+    pub(super) before: Option<Snapshot>,
+    /// Which version of which file it is, for the descriptions cache.
+    pub(super) key: Option<FileKey>,
+}
+
+impl FileBytes {
+    pub(crate) fn new(file: File) -> Self {
+        let before = Snapshot::of(&file);
+        let key = FileKey::of(&file);
+        Self {
+            file: Arc::new(file),
+            before,
+            key,
+        }
+    }
+
+    /// The file for reading in order from `offset` (its own descriptor's
+    /// position: the reads here are positional and never move it).
+    pub(crate) fn reader_at(&self, offset: u64) -> std::io::Result<File> {
+        use std::io::Seek;
+        let mut file = self.file.try_clone()?;
+        file.seek(std::io::SeekFrom::Start(offset))?;
+        Ok(file)
+    }
+
+    /// Forgets what is kept of this file: a delta built on it failed its
+    /// hash, and whatever was wrong is not used again.
+    pub(crate) fn forget(&self) {
+        if let Some(key) = &self.key {
+            described::forget(key);
+        }
+    }
+
+    /// What this process remembers of the file cut by `cutter` (see
+    /// `described`), if it is `size` bytes as expected.
+    pub(super) fn recall(&self, size: u64, cutter: Cutter) -> Option<Description> {
+        let key = self.key.as_ref()?;
+        let d = described::recall(key, cutter.avg())?;
+        (d.chunks.iter().map(|c| u64::from(c.len)).sum::<u64>() == size).then_some(d)
+    }
+
+    /// Remembers the file's chunks (and digest), if it did not change
+    /// while they were computed.
+    pub(super) async fn remember(
+        &self,
+        cutter: Cutter,
+        chunks: Arc<[ChunkSum]>,
+        digest: Option<Digest>,
+    ) {
+        if let Some(key) = self.key {
+            if self.check_unchanged().await.is_ok() {
+                let values = None;
+                described::remember(
+                    key,
+                    cutter.avg(),
+                    Description {
+                        chunks,
+                        digest,
+                        values,
+                    },
+                );
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl ByteSource for FileBytes {
+    async fn range(&self, from: u64, to: u64) -> std::io::Result<ByteStream> {
+        let file = self.file.clone();
+        let stream = futures::stream::try_unfold(from, move |at| {
+            let file = file.clone();
+            async move {
+                if at >= to {
+                    return Ok(None);
+                }
+                let want = (to - at).min(CHUNK as u64) as usize;
+                let buf = blocking(move || read_exact_at(&file, at, want)).await?;
+                Ok(Some((Bytes::from(buf), at + want as u64)))
+            }
+        });
+        Ok(stream.boxed())
+    }
+
+    fn as_file(&self) -> Option<&FileBytes> {
+        Some(self)
+    }
+
+    async fn check_unchanged(&self) -> Result<(), TransferError> {
+        let (file, before) = (self.file.clone(), self.before);
+        let after = blocking(move || Snapshot::of(&file)).await;
+        match (before, after) {
+            (Some(b), Some(a)) if b.size != a.size => {
+                Err(TransferError::ChangedWhileSent("its size changed"))
+            }
+            (Some(b), Some(a)) if b != a => {
+                Err(TransferError::ChangedWhileSent("it was written to"))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// The `want` bytes of `file` at `at`, read into memory that is not
+/// zeroed first (positional reads: the descriptor's offset, which its
+/// clones share, never moves). Zeroing a fresh buffer for every read cost
+/// a tenth of a delta's cut (docs/BENCHMARKS.md).
+pub(crate) fn read_exact_at(file: &File, at: u64, want: usize) -> std::io::Result<Vec<u8>> {
+    let mut buf = Vec::new();
+    read_exact_into(file, at, want, &mut buf)?;
+    Ok(buf)
+}
+
+/// [`read_exact_at`] into `buf` (emptied first; its memory is reused).
+pub(super) fn read_exact_into(
+    file: &File,
+    at: u64,
+    want: usize,
+    buf: &mut Vec<u8>,
+) -> std::io::Result<()> {
+    buf.clear();
+    buf.reserve_exact(want);
+    while buf.len() < want {
+        let pos = at + buf.len() as u64;
+        // Fills the spare capacity, which may be more than `want`: what
+        // is read past it is dropped below.
+        match rustix::io::pread(file, rustix::buffer::spare_capacity(buf), pos) {
+            Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            Ok(_) => {}
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    buf.truncate(want);
+    Ok(())
+}
+
+/// Reads a source in order, a stretch of pieces of about [`CHUNK`]
+/// bytes at a time: a local file in one blocking call a stretch, into the
+/// memory of pieces given back (a fresh buffer costs a page fault every
+/// 4 KiB, a fifth of a delta's cut of a 1 GiB file); any other source as
+/// [`Pieces`] streams it.
+pub(super) struct Stretches {
+    pub(super) how: StretchesOf,
+    pub(super) at: u64,
+    pub(super) to: u64,
+    pub(super) spare: Vec<Vec<u8>>,
+}
+
+pub(super) enum StretchesOf {
+    File(Arc<File>),
+    Stream(Pieces),
+}
+
+/// How much a cut, a description or a hash reads at a time (while the
+/// stretch before is worked on).
+pub(super) const STRETCH: u64 = 4 << 20;
+
+/// Pieces given back that [`Stretches`] keeps for its next reads.
+pub(super) const SPARE_PIECES: usize = 16;
+
+impl Stretches {
+    /// Reads `from..to` of `src`.
+    pub(super) async fn open(src: &dyn ByteSource, from: u64, to: u64) -> std::io::Result<Self> {
+        let how = match src.as_file() {
+            Some(f) => StretchesOf::File(f.file.clone()),
+            None => StretchesOf::Stream(Pieces::open(src, from, to).await?),
+        };
+        Ok(Self {
+            how,
+            at: from,
+            to,
+            spare: Vec::new(),
+        })
+    }
+
+    /// The next pieces, at least `len` bytes of them (fewer at the end,
+    /// none past it).
+    pub(super) async fn next(&mut self, len: u64) -> std::io::Result<Vec<Arc<Vec<u8>>>> {
+        let to = (self.at + len).min(self.to);
+        let mut out = Vec::new();
+        match &mut self.how {
+            StretchesOf::File(file) => {
+                let (file, from, mut spare) =
+                    (file.clone(), self.at, std::mem::take(&mut self.spare));
+                let (read, spare) = blocking(move || {
+                    let mut at = from;
+                    let mut read = Vec::new();
+                    while at < to {
+                        let want = (to - at).min(CHUNK as u64) as usize;
+                        let mut buf = spare.pop().unwrap_or_default();
+                        if let Err(e) = read_exact_into(&file, at, want, &mut buf) {
+                            return (Err(e), spare);
+                        }
+                        at += want as u64;
+                        read.push(Arc::new(buf));
+                    }
+                    (Ok(read), spare)
+                })
+                .await;
+                self.spare = spare;
+                out = read?;
+            }
+            StretchesOf::Stream(pieces) => {
+                let mut at = self.at;
+                while at < to {
+                    let p = pieces
+                        .next()
+                        .await?
+                        .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::UnexpectedEof))?;
+                    at += p.len() as u64;
+                    out.push(Arc::new(p));
+                }
+            }
+        }
+        self.at += out.iter().map(|p| p.len() as u64).sum::<u64>();
+        Ok(out)
+    }
+
+    /// Pieces done with: their memory is read into again.
+    pub(super) fn give_back(&mut self, pieces: impl IntoIterator<Item = Arc<Vec<u8>>>) {
+        for p in pieces {
+            if self.spare.len() >= SPARE_PIECES {
+                break;
+            }
+            if let Ok(buf) = Arc::try_unwrap(p) {
+                self.spare.push(buf);
+            }
+        }
+    }
+}
+
+/// Reads `from..to` of `src` in pieces of about [`CHUNK`] bytes (a store
+/// streams smaller ones), checking that exactly that many come.
+pub(super) struct Pieces {
+    pub(super) stream: ByteStream,
+    pub(super) left: u64,
+    pub(super) held: Vec<u8>,
+}
+
+impl Pieces {
+    pub(super) async fn open(src: &dyn ByteSource, from: u64, to: u64) -> std::io::Result<Self> {
+        Ok(Self {
+            stream: src.range(from, to).await?,
+            left: to - from,
+            held: Vec::new(),
+        })
+    }
+
+    /// The next piece, or None once all arrived.
+    pub(super) async fn next(&mut self) -> std::io::Result<Option<Vec<u8>>> {
+        let want = self.left.min(CHUNK as u64) as usize;
+        if want == 0 {
+            return Ok(None);
+        }
+        while self.held.len() < want {
+            match self.stream.next().await {
+                Some(bytes) => {
+                    let bytes = bytes?;
+                    if (self.held.len() + bytes.len()) as u64 > self.left {
+                        return Err(std::io::Error::new(
+                            std::io::ErrorKind::InvalidData,
+                            "the file is longer than announced",
+                        ));
+                    }
+                    if self.held.is_empty() && bytes.len() == want {
+                        self.held = Vec::from(bytes);
+                    } else {
+                        self.held.extend_from_slice(&bytes);
+                    }
+                }
+                None => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "the file ended early",
+                    ))
+                }
+            }
+        }
+        let rest = self.held.split_off(want);
+        let piece = std::mem::replace(&mut self.held, rest);
+        self.left -= want as u64;
+        Ok(Some(piece))
+    }
+}
+
+/// The BLAKE3 of the `size` bytes of `src`, hashed off the async threads.
+pub(crate) async fn hash_source(src: &dyn ByteSource, size: u64) -> std::io::Result<Digest> {
+    let mut reader = Stretches::open(src, 0, size).await?;
+    let mut hasher = blake3::Hasher::new();
+    let mut fresh = reader.next(STRETCH).await?;
+    while !fresh.is_empty() {
+        // The next stretch is read while this one is hashed.
+        let (next, (h, back)) = tokio::join!(
+            reader.next(STRETCH),
+            blocking(move || {
+                for p in &fresh {
+                    hasher.update(p);
+                }
+                (hasher, fresh)
+            })
+        );
+        hasher = h;
+        reader.give_back(back);
+        fresh = next?;
+    }
+    Ok(*hasher.finalize().as_bytes())
+}
+
+/// No earlier version (nothing under the name): a description of it is
+/// empty, and a delta against it can copy nothing.
+pub(crate) struct NoVersion;
+
+#[async_trait]
+impl ByteSource for NoVersion {
+    async fn range(&self, from: u64, to: u64) -> std::io::Result<ByteStream> {
+        if from >= to {
+            return Ok(futures::stream::empty().boxed());
+        }
+        Err(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            "there is no earlier version",
+        ))
+    }
+}
