@@ -1,5 +1,6 @@
 //! Listings on the server: what the store lists, sent in batches that fit the frame limit; and the digests `--checksum` compares.
 
+use super::Ctx;
 use tracing::info;
 
 use crate::paths::RemotePath;
@@ -7,7 +8,6 @@ use crate::protocol::{
     write_frame, DigestsRequest, Entry, ErrorCode, FrameError, ListBatch, ListRequest, RemoteError,
     Response, MAX_DIGEST_PATHS,
 };
-use crate::store::Store;
 
 use crate::exchange::SendHalf;
 
@@ -17,9 +17,10 @@ const LIST_BATCH: usize = 128;
 
 pub(super) async fn serve_list(
     req: ListRequest,
-    store: &dyn Store,
+    ctx: &Ctx,
     send: &mut impl SendHalf,
 ) -> Result<(), RemoteError> {
+    let store = &*ctx.config.store;
     let path = RemotePath::parse(&req.path, true)?;
     let entries = store.list(&path, req.recursive).await?;
     let send_all = async {
@@ -69,9 +70,10 @@ const LIST_BATCH_BYTES: usize = 48 * 1024;
 /// sends it, as it would any file whose digest differs.
 pub(super) async fn serve_digests(
     req: DigestsRequest,
-    store: &dyn Store,
+    ctx: &Ctx,
     send: &mut impl SendHalf,
 ) -> Result<(), RemoteError> {
+    let store = &*ctx.config.store;
     if req.paths.len() > MAX_DIGEST_PATHS {
         return Err(RemoteError::new(
             ErrorCode::Protocol,

@@ -6,17 +6,17 @@ use crate::paths::RemotePath;
 use crate::protocol::{
     write_frame, ErrorCode, RemoteError, RemoveRequest, RenameRequest, Response, SetMetaRequest,
 };
-use crate::tls::Fingerprint;
 
-use super::{protocol_error, writable, ServeConfig};
+use super::{protocol_error, writable, Ctx};
 use crate::exchange::SendHalf;
 
 /// Removes a file or a directory beneath the root.
 pub(super) async fn serve_remove(
     req: RemoveRequest,
-    config: &ServeConfig,
+    ctx: &Ctx,
     send: &mut impl SendHalf,
 ) -> Result<(), RemoteError> {
+    let config = &*ctx.config;
     let path = RemotePath::parse(&req.path, false)?;
     writable(config, || format!("'{path}' was not removed"))?;
     config.store.remove(&path, req.recursive).await?;
@@ -31,9 +31,10 @@ pub(super) async fn serve_remove(
 /// Renames a file or a directory beneath the root.
 pub(super) async fn serve_rename(
     req: RenameRequest,
-    config: &ServeConfig,
+    ctx: &Ctx,
     send: &mut impl SendHalf,
 ) -> Result<(), RemoteError> {
+    let config = &*ctx.config;
     let from = RemotePath::parse(&req.from, false)?;
     let to = RemotePath::parse(&req.to, false)?;
     writable(config, || format!("'{from}' was not renamed"))?;
@@ -62,10 +63,10 @@ pub(super) async fn serve_rename(
 /// and mode (`put --sync` of a file it leaves alone).
 pub(super) async fn serve_set_meta(
     req: SetMetaRequest,
-    config: &ServeConfig,
-    client: Fingerprint,
+    ctx: &Ctx,
     send: &mut impl SendHalf,
 ) -> Result<(), RemoteError> {
+    let (config, client) = (&*ctx.config, ctx.client);
     let path = RemotePath::parse(&req.path, false)?;
     writable(config, || {
         format!("the mtime and mode of '{path}' were not set")

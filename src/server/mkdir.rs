@@ -5,15 +5,16 @@ use tracing::info;
 use crate::paths::RemotePath;
 use crate::protocol::{write_frame, MkdirRequest, RemoteError, Response};
 
-use super::{protocol_error, writable, ServeConfig};
+use super::{protocol_error, writable, Ctx};
 use crate::exchange::SendHalf;
 
 /// Creates a directory beneath the root and applies its metadata.
 pub(super) async fn serve_mkdir(
     req: MkdirRequest,
-    config: &ServeConfig,
+    ctx: &Ctx,
     send: &mut impl SendHalf,
 ) -> Result<(), RemoteError> {
+    let config = &*ctx.config;
     let path = RemotePath::parse(&req.path, false)?;
     writable(config, || format!("'{path}' was not created"))?;
     config.store.mkdir(&path, req.meta).await?;

@@ -623,12 +623,13 @@ async fn handle_stream(mut send: impl SendHalf, mut recv: impl RecvHalf, ctx: Ct
         },
         Request::Get(req) => serve_get(req, &ctx, &mut send, &mut recv).await,
         Request::GetDelta(req) => serve_get_delta(req, &ctx, &mut send, &mut recv).await,
-        Request::Digests(req) => serve_digests(req, &*config.store, &mut send).await,
-        Request::List(req) => serve_list(req, &*config.store, &mut send).await,
-        Request::Mkdir(req) => serve_mkdir(req, &config, &mut send).await,
-        Request::Remove(req) => serve_remove(req, &config, &mut send).await,
-        Request::Rename(req) => serve_rename(req, &config, &mut send).await,
-        Request::SetMeta(req) => serve_set_meta(req, &config, ctx.client, &mut send).await,
+        // Requests answered without data from the client: (request, context, answer).
+        Request::Digests(req) => serve_digests(req, &ctx, &mut send).await,
+        Request::List(req) => serve_list(req, &ctx, &mut send).await,
+        Request::Mkdir(req) => serve_mkdir(req, &ctx, &mut send).await,
+        Request::Remove(req) => serve_remove(req, &ctx, &mut send).await,
+        Request::Rename(req) => serve_rename(req, &ctx, &mut send).await,
+        Request::SetMeta(req) => serve_set_meta(req, &ctx, &mut send).await,
     };
     if let Err(err) = result {
         info!("refused: {}", err.message);
