@@ -1,16 +1,19 @@
 //! The command line: parses arguments (args.rs), runs the command, and turns its outcome into an exit code; a thin layer over the library.
 
 mod args;
+mod get;
 mod manage;
 mod progress;
+mod put;
 mod report;
 mod serve;
 mod transfer;
 
 use args::{Cli, ClientArgs, Command, TransferArgs};
+use get::get;
 use manage::{ls, mkdir, mv, rm};
+use put::{put, reads_stdin};
 use serve::{id, serve, servers};
-use transfer::{get, put, reads_stdin};
 
 use crate::client::{
     Client, ClientConfig, ClientFile, ConfigError, ConnectError, FileError, FilterError,
