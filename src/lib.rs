@@ -21,6 +21,7 @@ pub mod client;
 mod congestion;
 pub mod endpoint;
 mod exchange;
+mod files;
 pub mod paths;
 #[cfg(test)]
 mod pipe_tests;

@@ -86,10 +86,3 @@ impl TransferError {
         )
     }
 }
-
-/// Whether an I/O error means "no space left" (ENOSPC or EDQUOT).
-pub(crate) fn is_disk_full(e: &std::io::Error) -> bool {
-    e.kind() == std::io::ErrorKind::StorageFull
-        || e.kind() == std::io::ErrorKind::QuotaExceeded
-        || matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
-}

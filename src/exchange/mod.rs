@@ -12,29 +12,25 @@
 //! One module per job: `send` and `receive` (the two ends of a file's
 //! bytes), `delta` (a changed file as copies of the receiver's old
 //! version and new blocks), `described` (the chunks of files cut before),
-//! `blocks` (a file's BLAKE3 from its 1 MiB blocks' values), `compress` (zstd blocks), `pace`
-//! (`--limit-rate`), `start` (resume prefixes), `pool` (the disk threads), `commit` (atomic commits
-//! on either side), `meta` (mtimes and modes), `counted` (bytes on the
-//! wire), `error`.
+//! `blocks` (a file's BLAKE3 from its 1 MiB blocks' values), `compress`
+//! (zstd blocks), `pace` (`--limit-rate`), `stream` (the halves of a
+//! stream both sides are written against), `counted` (bytes on the wire),
+//! `error`. The disk pool, commits, metadata and resume prefixes are in
+//! `crate::files`, below this and the stores, and re-exported here.
 
 mod blocks;
-mod commit;
 mod compress;
 mod counted;
 mod delta;
 mod described;
 mod error;
-mod meta;
 mod pace;
-mod pool;
 mod receive;
 mod send;
-mod start;
 mod stream;
 #[cfg(test)]
 mod tests;
 
-pub(crate) use commit::*;
 use compress::*;
 pub(crate) use counted::Counted;
 pub(crate) use delta::*;
@@ -45,13 +41,13 @@ pub(crate) use described::{
 };
 pub use error::TransferError;
 pub(crate) use error::*;
-pub(crate) use meta::*;
 pub(crate) use pace::*;
-pub(crate) use pool::*;
 pub(crate) use receive::*;
 pub(crate) use send::*;
-pub(crate) use start::*;
 pub(crate) use stream::*;
+
+// The file work below both sides, used throughout.
+pub(crate) use crate::files::*;
 
 use crate::protocol::MAX_BLOCK;
 

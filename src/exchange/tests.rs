@@ -12,8 +12,8 @@ use tokio::io::AsyncWrite;
 
 use crate::protocol::{BlockHeader, Digest, Encoding, FileMeta, MAX_BLOCK};
 
-use super::commit::{group_sync, random_u64};
 use super::*;
+use crate::files::{group_sync, random_u64};
 
 #[tokio::test]
 async fn file_round_trips_through_a_pipe_with_matching_digests() {

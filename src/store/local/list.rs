@@ -5,7 +5,7 @@ use std::io;
 use cap_fs_ext::DirExt;
 use cap_std::fs::Dir;
 
-use crate::exchange::to_timestamp;
+use crate::files::to_timestamp;
 use crate::paths::{RemotePath, RESERVED_PREFIX};
 use crate::protocol::{Entry, EntryKind, RemoteError};
 

@@ -15,6 +15,7 @@
 //! from listings, so temporaries are never listed, never downloadable and
 //! never mistaken for (or clobbered by) user files.
 
+use crate::files;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -24,10 +25,8 @@ use async_trait::async_trait;
 use cap_std::ambient_authority;
 use cap_std::fs::{Dir, OpenOptions, OpenOptionsExt};
 
-use crate::exchange::{
-    self, blocking, file_meta, to_timestamp, Buffered, CommitError, FileKey, FileSink,
-    IncomingFile, Received, Sink, Start, TransferError,
-};
+use crate::exchange::{self, Buffered, FileKey, FileSink, Received, Sink, TransferError};
+use crate::files::{blocking, file_meta, to_timestamp, CommitError, IncomingFile, Start};
 use crate::paths::RemotePath;
 use crate::protocol::{Digest, DirMeta, Entry, ErrorCode, FileMeta, Prefix, RemoteError};
 use crate::space::{Reservation, Space};
@@ -113,7 +112,7 @@ fn cached_digest(
         }
     }
     drop(held);
-    let digest = exchange::file_digest(file)?;
+    let digest = files::file_digest(file)?;
     // Written to while it was read: the digest is of no version; the
     // client sends the file, which is what a changing file needs anyway.
     if stamp(&file.metadata()?) == before {
@@ -180,7 +179,7 @@ fn set_meta(
             ));
         }
     }
-    exchange::set_mode_and_mtime(&file, meta.mode, meta.mtime).map_err(setting)?;
+    files::set_mode_and_mtime(&file, meta.mode, meta.mtime).map_err(setting)?;
     // The contents are the ones hashed: the new ctime keeps the digest.
     if let Some(d) = digest {
         let md = file.metadata().map_err(setting)?;
@@ -246,7 +245,7 @@ impl Store for LocalStore {
         blocking(move || -> Result<(), RemoteError> {
             let dir = open_or_create_dir(&root, &p.relative(), &p)?;
             if let Some(meta) = meta {
-                exchange::apply_dir_meta(&dir, &meta)
+                files::apply_dir_meta(&dir, &meta)
                     .map_err(|e| fs_error(&e, &p, "cannot set the metadata of"))?;
             }
             Ok(())
@@ -375,7 +374,7 @@ fn rename(root: &Dir, from: &RemotePath, to: &RemotePath) -> Result<(), RemoteEr
         .map_err(|e| fs_error(&e, from, "cannot rename"))?;
     let (to_dir, to_name) = parent_of(root, to, "cannot rename to")?;
     let to_name = to_name.as_os_str();
-    exchange::rename_noreplace(&from_dir, from_name, &to_dir, to_name).map_err(|e| {
+    files::rename_noreplace(&from_dir, from_name, &to_dir, to_name).map_err(|e| {
         if e.kind() == io::ErrorKind::AlreadyExists {
             super::rename_target_exists(from, to)
         } else {
@@ -419,10 +418,8 @@ fn open_for_reading(
     // same (the file is unchanged there), else start over.
     let mut file = file;
     let start = match resume {
-        Some(prefix) => {
-            exchange::matching_start(&mut file, meta.size, prefix.offset, &prefix.digest)
-                .map_err(|e| fs_error(&e, p, "cannot read"))?
-        }
+        Some(prefix) => files::matching_start(&mut file, meta.size, prefix.offset, &prefix.digest)
+            .map_err(|e| fs_error(&e, p, "cannot read"))?,
         None => Start::default(),
     };
     Ok(Opened {
@@ -477,7 +474,7 @@ fn prepare_put(root: &Dir, plan: &PutPlan, space: &Arc<Space>) -> Result<Prepare
             if same {
                 let digest = dest_dir
                     .open(name)
-                    .and_then(|f| exchange::file_digest(&mut f.into_std()))
+                    .and_then(|f| files::file_digest(&mut f.into_std()))
                     .map_err(|e| fs_error(&e, path, "cannot read"))?;
                 return Ok(Prepared::Present(digest));
             }
@@ -612,7 +609,7 @@ impl LocalUpload {
     /// for a resume (its bytes are the space the next upload, or this
     /// one's retry, needs). The error to answer with.
     fn failed(&mut self, e: TransferError) -> RemoteError {
-        if matches!(&e, TransferError::Write(io) if exchange::is_disk_full(io)) {
+        if matches!(&e, TransferError::Write(io) if files::is_disk_full(io)) {
             if let Some(incoming) = self.incoming.take() {
                 incoming.discard();
             }
@@ -834,7 +831,7 @@ fn fs_error(e: &io::Error, path: &RemotePath, doing: &str) -> RemoteError {
             "this path or a parent of it is a file, not a directory",
         ),
         io::ErrorKind::AlreadyExists => (ErrorCode::AlreadyExists, "use --force to overwrite"),
-        _ if exchange::is_disk_full(e) => (
+        _ if files::is_disk_full(e) => (
             ErrorCode::NoSpace,
             "the server's disk is full; free space there and retry",
         ),

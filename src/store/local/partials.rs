@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime};
 use cap_fs_ext::DirExt;
 use cap_std::fs::Dir;
 
-use crate::exchange;
+use crate::files;
 
 /// The partial store: a hidden directory in the root holding uploads in progress.
 pub(crate) use crate::paths::PARTIAL_DIR;
@@ -48,7 +48,7 @@ pub(super) fn sweep(root: &Dir, ttl: Duration, in_use: &dyn Fn(&str) -> bool) ->
             .unwrap_or_default();
         if age > ttl
             && !in_use(&name)
-            && !(md.is_file() && exchange::is_being_written(&store, &name))
+            && !(md.is_file() && files::is_being_written(&store, &name))
             && store.remove_file(&*name).is_ok()
         {
             removed += 1;
@@ -60,7 +60,7 @@ pub(super) fn sweep(root: &Dir, ttl: Duration, in_use: &dyn Fn(&str) -> bool) ->
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::exchange::IncomingFile;
+    use crate::files::IncomingFile;
     use cap_std::ambient_authority;
     use std::path::PathBuf;
 
@@ -98,7 +98,7 @@ mod tests {
             .unwrap()
             .flatten()
             .map(|e| e.file_name().to_string_lossy().into_owned())
-            .find(|n| n.starts_with(exchange::TMP_PREFIX))
+            .find(|n| n.starts_with(crate::paths::TMP_PREFIX))
             .unwrap();
         age(&store, &slow_name, 2 * hour);
 

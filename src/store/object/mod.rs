@@ -51,7 +51,7 @@ use object_store::{
 };
 use tracing::warn;
 
-use crate::exchange::{to_timestamp, KEPT_MODE_BITS};
+use crate::files::{to_timestamp, KEPT_MODE_BITS};
 use crate::paths::{RemotePath, RESERVED_PREFIX};
 use crate::protocol::{
     Digest, DirMeta, Entry, EntryKind, ErrorCode, FileMeta, Prefix, RemoteError, Timestamp,

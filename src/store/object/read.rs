@@ -1,5 +1,6 @@
 //! Reading a file from the object store: its metadata and digest, the proof of a resuming client's prefix, a ranged read of the rest, and ranged reads for a delta.
 
+use crate::files;
 use async_trait::async_trait;
 use blake3::hazmat::HasherExt;
 use futures::{StreamExt, TryStreamExt};
@@ -7,7 +8,7 @@ use object_store::path::Path as Key;
 use object_store::{GetOptions, GetRange, ObjectStore, ObjectStoreExt};
 use serde::{Deserialize, Serialize};
 
-use crate::exchange::{self, ByteSource, ByteStream};
+use crate::exchange::{ByteSource, ByteStream};
 use crate::paths::RemotePath;
 use crate::protocol::{Digest, ErrorCode, Prefix, RemoteError};
 use crate::store::tree_hash::{self, Piece};
@@ -254,7 +255,7 @@ impl Reading<'_> {
             // Hashing is CPU work: off the async threads, a batch at a time.
             if batched >= HASH_BATCH || (end && batched > 0) {
                 let chunks = std::mem::take(&mut batch);
-                hasher = exchange::blocking(move || {
+                hasher = files::blocking(move || {
                     for c in &chunks {
                         hasher.update(c);
                     }

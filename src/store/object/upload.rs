@@ -16,7 +16,8 @@ use object_store::{
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
-use crate::exchange::{self, blocking, Buffered, Received, Sink, SinkWrite, TransferError};
+use crate::exchange::{self, Buffered, Received, Sink, SinkWrite, TransferError};
+use crate::files::blocking;
 use crate::paths::RemotePath;
 use crate::protocol::{Digest, ErrorCode, FileMeta, RemoteError};
 use crate::store::tree_hash::{self, Piece};

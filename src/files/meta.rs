@@ -7,7 +7,7 @@ use cap_std::fs::Dir;
 
 use crate::protocol::{FileMeta, Timestamp};
 
-use super::*;
+use crate::files::*;
 
 /// Applies a tree transfer's directory metadata to `dir`.
 pub(crate) fn apply_dir_meta(dir: &Dir, meta: &crate::protocol::DirMeta) -> std::io::Result<()> {

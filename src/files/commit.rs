@@ -8,7 +8,7 @@ use cap_std::fs::{Dir, OpenOptions, OpenOptionsExt};
 
 use crate::protocol::FileMeta;
 
-use super::*;
+use crate::files::*;
 
 /// A file being received: a hidden temporary that becomes the destination
 /// only through [`IncomingFile::commit`]. Dropped uncommitted, the temporary
@@ -468,7 +468,7 @@ static SYNC_GROUPS: std::sync::Mutex<Option<SyncGroups>> = std::sync::Mutex::new
 
 /// Runs `sync` or waits for one that started after this call, as a member
 /// of the group `key`. Blocking.
-pub(super) fn group_sync(
+pub(crate) fn group_sync(
     key: (u64, u64),
     sync: impl FnOnce() -> std::io::Result<()>,
 ) -> std::io::Result<()> {
@@ -557,4 +557,11 @@ pub(crate) fn random_u64() -> u64 {
         .fill(&mut b)
         .expect("the OS random source works");
     u64::from_le_bytes(b)
+}
+
+/// Whether an I/O error means "no space left" (ENOSPC or EDQUOT).
+pub(crate) fn is_disk_full(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::StorageFull
+        || e.kind() == std::io::ErrorKind::QuotaExceeded
+        || matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
 }
