@@ -1,0 +1,198 @@
+//! Listings of an object root: one directory by delimiter, a whole tree, and the metadata of directories and files.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use futures::stream::{self, StreamExt, TryStreamExt};
+use object_store::path::Path as Key;
+use object_store::{Attributes, ObjectMeta, ObjectStore};
+
+use crate::files::to_timestamp;
+use crate::paths::{RemotePath, RESERVED_PREFIX};
+use crate::protocol::{DirMeta, Entry, EntryKind, RemoteError};
+
+use super::*;
+
+/// One level of a directory: its files (with their metadata, one HEAD
+/// each, since listings carry none) and subdirectories.
+pub(super) async fn list_dir(
+    inner: &Arc<Inner>,
+    dir: &Key,
+    parts: &[&str],
+    path: &RemotePath,
+) -> Result<Vec<Entry>, RemoteError> {
+    let failed = |e| store_error(e, path, "cannot list");
+    let slot = inner.slot().await;
+    let listing = inner
+        .s3
+        .list_with_delimiter(Some(dir))
+        .await
+        .map_err(failed)?;
+    drop(slot);
+    let files = listing.objects.into_iter().filter_map(|o| {
+        let name = decoded(o.location.filename()?);
+        (!name.starts_with(RESERVED_PREFIX)).then_some((name, o))
+    });
+    let dirs = listing.common_prefixes.into_iter().filter_map(|p| {
+        let name = decoded(p.filename()?);
+        (!name.starts_with(RESERVED_PREFIX)).then_some(name)
+    });
+    let mut out = file_entries(inner, files.collect(), path).await?;
+    let dirs: Vec<String> = dirs.collect();
+    let subs = dirs.iter().map(|name| {
+        let mut sub: Vec<String> = parts.iter().map(|p| (*p).to_owned()).collect();
+        sub.push(name.clone());
+        sub
+    });
+    let metas = dir_metas(inner, subs).await.map_err(failed)?;
+    out.extend(
+        dirs.into_iter()
+            .zip(metas)
+            .map(|(name, meta)| dir_entry(name, meta)),
+    );
+    Ok(out)
+}
+
+/// Everything beneath a directory, names relative to it, bounded like a
+/// local listing. Directories are those with a marker and those that
+/// something lies beneath.
+pub(super) async fn list_tree(
+    inner: &Arc<Inner>,
+    dir: &Key,
+    parts: &[&str],
+    path: &RemotePath,
+) -> Result<Vec<Entry>, RemoteError> {
+    let failed = |e| store_error(e, path, "cannot list");
+    let depth = inner.prefix.len() + parts.len();
+    let mut files = Vec::new();
+    // Each directory, and whether it has a marker.
+    let mut dirs: BTreeMap<String, bool> = BTreeMap::new();
+    let mut name_bytes = 0;
+    let slot = inner.slot().await;
+    let mut listing = inner.s3.list(Some(dir));
+    while let Some(object) = listing.try_next().await.map_err(failed)? {
+        let rel: Vec<String> = object
+            .location
+            .parts()
+            .skip(depth)
+            .map(|p| decoded(p.as_ref()))
+            .collect();
+        let Some((last, above)) = rel.split_last() else {
+            continue;
+        };
+        if above.iter().any(|c| c.starts_with(RESERVED_PREFIX)) {
+            continue;
+        }
+        for n in 1..=above.len() {
+            dirs.entry(above[..n].join("/")).or_insert(false);
+        }
+        if last == DIR_MARKER {
+            if !above.is_empty() {
+                dirs.insert(above.join("/"), true);
+            }
+            continue;
+        }
+        if last.starts_with(RESERVED_PREFIX) {
+            continue;
+        }
+        let name = rel.join("/");
+        name_bytes += name.len();
+        files.push((name, object));
+        if files.len() + dirs.len() > MAX_TREE_ENTRIES || name_bytes > MAX_TREE_NAME_BYTES {
+            return Err(tree_too_large(path));
+        }
+    }
+    drop((listing, slot));
+    let mut out = file_entries(inner, files, path).await?;
+    let marked: Vec<&String> = dirs.iter().filter(|(_, m)| **m).map(|(d, _)| d).collect();
+    let subs = marked.iter().map(|d| {
+        let mut sub: Vec<String> = parts.iter().map(|p| (*p).to_owned()).collect();
+        sub.extend(d.split('/').map(str::to_owned));
+        sub
+    });
+    let metas = dir_metas(inner, subs).await.map_err(failed)?;
+    let mut metas: BTreeMap<&String, Option<DirMeta>> = marked.into_iter().zip(metas).collect();
+    for d in dirs.keys() {
+        let meta = metas.remove(d).flatten();
+        out.push(dir_entry(d.clone(), meta));
+    }
+    Ok(out)
+}
+
+/// The metadata of each directory in `dirs` (each given by its parts), in
+/// order, [`LIST_CONCURRENCY`] lookups at a time.
+pub(super) async fn dir_metas(
+    inner: &Arc<Inner>,
+    dirs: impl Iterator<Item = Vec<String>>,
+) -> object_store::Result<Vec<Option<DirMeta>>> {
+    let lookups: Vec<_> = dirs
+        .map(|sub| {
+            let inner = inner.clone();
+            async move { inner.dir_meta(&sub).await }
+        })
+        .collect();
+    stream::iter(lookups)
+        .buffered(LIST_CONCURRENCY)
+        .try_collect()
+        .await
+}
+
+/// Entries for listed objects, each with its mtime and mode from a HEAD.
+pub(super) async fn file_entries(
+    inner: &Arc<Inner>,
+    files: Vec<(String, ObjectMeta)>,
+    path: &RemotePath,
+) -> Result<Vec<Entry>, RemoteError> {
+    let lookups: Vec<_> = files
+        .into_iter()
+        .map(|(name, object)| {
+            let inner = inner.clone();
+            async move {
+                match inner.head_listed(&object.location).await? {
+                    Some(h) => Ok(Some(file_entry(name, &h.meta, &h.attributes))),
+                    // Deleted since it was listed: not part of the listing.
+                    None => Ok(None),
+                }
+            }
+        })
+        .collect();
+    stream::iter(lookups)
+        .buffered(LIST_CONCURRENCY)
+        .try_filter_map(|e| async move { Ok(e) })
+        .try_collect()
+        .await
+        .map_err(|e| store_error(e, path, "cannot list"))
+}
+
+pub(super) fn file_entry(name: String, object: &ObjectMeta, attributes: &Attributes) -> Entry {
+    let (mtime, mode) = times_and_mode(attributes);
+    Entry {
+        name,
+        kind: EntryKind::File,
+        size: object.size,
+        mtime: mtime.or_else(|| to_timestamp(SystemTime::from(object.last_modified))),
+        mode,
+    }
+}
+
+pub(super) fn dir_entry(name: String, meta: Option<DirMeta>) -> Entry {
+    Entry {
+        name,
+        kind: EntryKind::Dir,
+        size: 0,
+        mtime: meta.and_then(|m| m.mtime),
+        mode: meta.and_then(|m| m.mode),
+    }
+}
+
+/// A name as listed. Garage sends the keys of a listing percent-encoded
+/// where they are not ASCII (as S3 does when asked for `encoding-type=url`)
+/// and object_store passes them on as they came: decoded here, they are
+/// the names the files were stored under. Requests keep using the listed
+/// key itself, which object_store sends as it is.
+pub(super) fn decoded(listed: &str) -> String {
+    percent_encoding::percent_decode_str(listed)
+        .decode_utf8()
+        .map_or_else(|_| listed.to_owned(), |s| s.into_owned())
+}
