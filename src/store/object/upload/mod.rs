@@ -1,58 +1,37 @@
 //! Uploads into the object store: one PUT for a file smaller than a part, else a multipart upload recorded in the bucket so that any server can resume it; and the sweep of abandoned ones.
 
-use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use futures::TryStreamExt;
 use object_store::multipart::PartId;
 use object_store::path::Path as Key;
 use object_store::{
-    Attribute, AttributeValue, Attributes, ObjectStore, ObjectStoreExt, PutMultipartOptions,
-    PutOptions, PutPayload,
+    Attribute, AttributeValue, Attributes, ObjectStore, PutMultipartOptions, PutOptions, PutPayload,
 };
-use serde::{Deserialize, Serialize};
-use tracing::{info, warn};
+use tracing::warn;
 
-use crate::exchange::{self, Buffered, Received, Sink, SinkWrite, TransferError};
+use crate::exchange::{self, Buffered, Received, Sink, TransferError};
 use crate::files::blocking;
 use crate::paths::RemotePath;
 use crate::protocol::{Digest, ErrorCode, FileMeta, RemoteError};
 use crate::store::tree_hash::{self, Piece};
-use crate::store::{
-    appeared, corrupt, receive_error, Held, InUse, Prepared, PutPlan, Sinking, Upload,
-};
+use crate::store::{appeared, corrupt, receive_error, Held, Prepared, PutPlan, Sinking, Upload};
 
 use super::leases::Leases;
 use super::memory;
-use super::read::{hex32, sums_key, Sums};
+use super::read::{sums_key, Sums};
 use super::{
-    exists, file_meta, is_not_found, put_mode, put_times_and_mode, store_error, stored_digest,
-    Inner, META_BLAKE3, PARTIAL_DIR,
+    exists, file_meta, put_mode, put_times_and_mode, store_error, stored_digest, Inner,
+    META_BLAKE3, PARTIAL_DIR,
 };
 
-/// What `.qxfer-partial/NAME/upload` holds.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct Header {
-    /// The destination key, beneath the prefix.
-    key: String,
-    upload_id: String,
-    size: u64,
-    part_size: u64,
-}
+mod parts;
+mod records;
 
-/// What `.qxfer-partial/NAME/part-NNNNN` holds: one part stored.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct PartRecord {
-    etag: String,
-    #[serde(with = "hex32")]
-    cv: Digest,
-    /// The part's own BLAKE3, for the first part only.
-    #[serde(default, skip_serializing_if = "Option::is_none", with = "opt_hex32")]
-    root: Option<Digest>,
-}
+use parts::*;
+pub(super) use records::sweep;
+use records::*;
 
 /// Checks the destination of a put and prepares the upload.
 pub(super) async fn prepare(inner: &Arc<Inner>, plan: PutPlan) -> Result<Prepared, RemoteError> {
@@ -497,32 +476,6 @@ impl ObjectUpload {
 /// reserves, would grow without bound.
 pub(super) const MAX_OBJECT_SIZE: u64 = 5 << 40;
 
-/// The pieces the stored parts are, in order (each a whole part).
-fn part_pieces(parts: &[PartRecord], part_size: u64) -> Vec<Piece> {
-    parts
-        .iter()
-        .enumerate()
-        .map(|(i, p)| Piece {
-            offset: i as u64 * part_size,
-            len: part_size,
-            cv: p.cv,
-        })
-        .collect()
-}
-
-/// What a resumed upload holds: its whole parts, and their BLAKE3.
-fn held(parts: &[PartRecord], part_size: u64, size: u64) -> Held {
-    let offset = (parts.len() as u64 * part_size).min(size);
-    if parts.is_empty() || offset != parts.len() as u64 * part_size {
-        return Held::none();
-    }
-    let pieces = part_pieces(parts, part_size);
-    match tree_hash::digest(&pieces, parts[0].root) {
-        Some(prefix) => Held { offset, prefix },
-        None => Held::none(),
-    }
-}
-
 #[async_trait]
 impl Upload for ObjectUpload {
     async fn restart(&mut self) -> Result<(), RemoteError> {
@@ -729,369 +682,6 @@ impl ObjectUpload {
             Err(object_store::Error::AlreadyExists { .. })
             | Err(object_store::Error::Precondition { .. }) => Err(appeared(&self.path)),
             Err(e) => Err(failed(e)),
-        }
-    }
-}
-
-/// Where a multipart upload's parts go.
-#[derive(Clone)]
-struct PartTarget {
-    inner: Arc<Inner>,
-    key: Key,
-    upload_id: String,
-    record: Vec<String>,
-}
-
-impl PartTarget {
-    /// Hashes and stores part `index` (at `offset`), then records it.
-    async fn store(
-        &self,
-        index: usize,
-        offset: u64,
-        part: Bytes,
-    ) -> object_store::Result<PartRecord> {
-        let for_hash = part.clone();
-        let hashing = blocking(move || tree_hash::hash_piece(offset, &for_hash));
-        let storing = async {
-            let _slot = self.inner.slot().await;
-            self.inner
-                .s3
-                .put_part(&self.key, &self.upload_id, index, PutPayload::from(part))
-                .await
-        };
-        let ((piece, root), id) = tokio::join!(hashing, storing);
-        let record = PartRecord {
-            etag: id?.content_id,
-            cv: piece.cv,
-            root,
-        };
-        let name = format!("part-{index:05}");
-        put_json(
-            &self.inner,
-            &record_key(&self.inner, &self.record, &name),
-            &record,
-        )
-        .await?;
-        Ok(record)
-    }
-}
-
-type PartTask = tokio::task::JoinHandle<object_store::Result<PartRecord>>;
-
-/// Parts of one upload being stored at once. A store answers each part
-/// request at its own pace (Garage on loopback took 21 s for 1 GiB one part
-/// at a time, 11 s four at a time); two in flight and one filling keep an
-/// upload at 24 MiB of buffers with 8 MiB parts, so that with the stream's
-/// receive buffer (which fills while the store is the slower side) a
-/// server stays within 64 MiB per 1 GiB upload (three in flight peaked at
-/// 65 MiB).
-const PARTS_IN_FLIGHT: usize = 2;
-
-/// Receives a file's bytes into parts: each full part is stored (and
-/// hashed) in a task of its own while the next ones fill, at most
-/// [`PARTS_IN_FLIGHT`] at a time. Without a multipart target everything
-/// stays in the buffer for one PUT.
-struct PartSink {
-    /// The part filling: allocated at its final size, handed to the store
-    /// without a copy.
-    buf: Vec<u8>,
-    /// Where `buf` starts in the file.
-    buf_offset: u64,
-    /// The file's size.
-    size: u64,
-    part_size: u64,
-    upload: Option<PartTarget>,
-    /// Parts stored since the sink was made, in order.
-    stored: Vec<PartRecord>,
-    /// The parts being stored, oldest first.
-    in_flight: std::collections::VecDeque<PartTask>,
-    /// The index the next full part gets.
-    next_index: usize,
-    /// The first part's own BLAKE3, once known.
-    first_root: Option<Digest>,
-}
-
-impl PartSink {
-    /// Waits for the oldest part being stored; its record joins `stored`.
-    async fn settle_one(&mut self) -> Result<(), TransferError> {
-        if let Some(task) = self.in_flight.pop_front() {
-            let record = task
-                .await
-                .expect("part upload panicked")
-                .map_err(|e| TransferError::Write(std::io::Error::other(e)))?;
-            self.first_root = self.first_root.or(record.root);
-            self.stored.push(record);
-        }
-        Ok(())
-    }
-
-    /// Waits for every part being stored. After a failure the later parts
-    /// are still waited for but not counted: a resume continues after the
-    /// last part stored without a gap.
-    async fn settle(&mut self) -> Result<(), TransferError> {
-        let mut result = Ok(());
-        while !self.in_flight.is_empty() {
-            if result.is_ok() {
-                result = self.settle_one().await;
-            } else if let Some(task) = self.in_flight.pop_front() {
-                let _ = task.await;
-            }
-        }
-        result
-    }
-
-    /// Hands every full part in the buffer to the store.
-    async fn store_full_parts(&mut self) -> Result<(), TransferError> {
-        let Some(target) = self.upload.clone() else {
-            return Ok(());
-        };
-        while self.buf.len() as u64 >= self.part_size {
-            if self.in_flight.len() >= PARTS_IN_FLIGHT {
-                self.settle_one().await?;
-            }
-            let offset = self.buf_offset;
-            self.buf_offset += self.part_size;
-            let next = (self.size.saturating_sub(self.buf_offset)).min(self.part_size) as usize;
-            let part = Bytes::from(std::mem::replace(&mut self.buf, Vec::with_capacity(next)));
-            let index = self.next_index;
-            self.next_index += 1;
-            let target = target.clone();
-            self.in_flight.push_back(tokio::spawn(async move {
-                target.store(index, offset, part).await
-            }));
-        }
-        Ok(())
-    }
-}
-
-impl Sink for PartSink {
-    fn write(self: Box<Self>, bytes: Vec<u8>) -> SinkWrite {
-        Box::pin(async move {
-            let (sink, result) = self.fill(bytes).await;
-            (Box::new(sink) as Box<dyn Sink>, result)
-        })
-    }
-
-    fn into_any(self: Box<Self>) -> Box<dyn std::any::Any + Send> {
-        self
-    }
-}
-
-impl PartSink {
-    /// Adds `bytes` to the part being filled, handing each full part over.
-    async fn fill(mut self, bytes: Vec<u8>) -> (Self, Result<(), TransferError>) {
-        // Fill the part, hand it over once full, go on with the rest.
-        let mut rest = &bytes[..];
-        while !rest.is_empty() {
-            let room = match self.upload {
-                Some(_) => self.part_size as usize - self.buf.len(),
-                None => rest.len(),
-            };
-            let (now, later) = rest.split_at(room.min(rest.len()));
-            self.buf.extend_from_slice(now);
-            rest = later;
-            if let Err(e) = self.store_full_parts().await {
-                return (self, Err(e));
-            }
-        }
-        (self, Ok(()))
-    }
-}
-
-/// The key of `name` in an upload's record.
-fn record_key(inner: &Inner, record: &[String], name: &str) -> Key {
-    let mut parts: Vec<&str> = record.iter().map(String::as_str).collect();
-    parts.push(name);
-    inner.key_of(&parts)
-}
-
-/// Reads an upload's record: its header and its parts in order (as many as
-/// are recorded without a gap).
-async fn read_record(
-    inner: &Inner,
-    record: &[String],
-) -> object_store::Result<Option<(Header, Vec<PartRecord>)>> {
-    let header: Header = match get_json(inner, &record_key(inner, record, "upload")).await? {
-        Some(h) => h,
-        None => return Ok(None),
-    };
-    let dir = inner.key_of(&record.iter().map(String::as_str).collect::<Vec<_>>());
-    let mut numbered = std::collections::BTreeMap::new();
-    let slot = inner.slot().await;
-    let mut listing = inner.s3.list(Some(&dir));
-    while let Some(o) = listing.try_next().await? {
-        let Some(n) = o
-            .location
-            .filename()
-            .and_then(|f| f.strip_prefix("part-"))
-            .and_then(|n| n.parse::<usize>().ok())
-        else {
-            continue;
-        };
-        numbered.insert(n, o.location);
-    }
-    drop((listing, slot));
-    let mut parts = Vec::new();
-    for (i, (n, key)) in numbered.into_iter().enumerate() {
-        if n != i {
-            break;
-        }
-        match get_json::<PartRecord>(inner, &key).await? {
-            Some(p) => parts.push(p),
-            None => break,
-        }
-    }
-    Ok(Some((header, parts)))
-}
-
-/// Deletes everything in an upload's record.
-async fn clear_record(inner: &Inner, record: &[String]) -> object_store::Result<()> {
-    let dir = inner.key_of(&record.iter().map(String::as_str).collect::<Vec<_>>());
-    inner.delete_under(&dir).await?;
-    Ok(())
-}
-
-/// The uploads recorded in the bucket: name, and when the record last changed.
-async fn recorded_uploads(inner: &Inner) -> object_store::Result<HashMap<String, SystemTime>> {
-    let dir = inner.key_of(&[PARTIAL_DIR]);
-    let depth = inner.prefix.len() + 1;
-    let mut out: HashMap<String, SystemTime> = HashMap::new();
-    let _slot = inner.slot().await;
-    let mut listing = inner.s3.list(Some(&dir));
-    while let Some(o) = listing.try_next().await? {
-        let Some(name) = o.location.parts().nth(depth) else {
-            continue;
-        };
-        let when = SystemTime::from(o.last_modified);
-        let newest = out.entry(name.as_ref().to_owned()).or_insert(when);
-        *newest = (*newest).max(when);
-    }
-    Ok(out)
-}
-
-/// Aborts the upload recorded under `name` and deletes its record.
-async fn abort_recorded(inner: &Inner, name: &str) -> object_store::Result<()> {
-    let record = vec![PARTIAL_DIR.to_owned(), name.to_owned()];
-    if let Ok(Some(header)) = get_json::<Header>(inner, &record_key(inner, &record, "upload")).await
-    {
-        abort_upload(inner, &header).await?;
-    }
-    clear_record(inner, &record).await
-}
-
-/// Aborts the multipart upload a record's header names; one already gone
-/// is no error. The header keeps the key as the store spells it (already
-/// percent-encoded where a name is not plain ASCII), so it is parsed as it
-/// is: `Key::from` would encode it again (`%C3%BC` becoming `%25C3%25BC`),
-/// the store would answer 404 for that other key, and the parts of the
-/// real upload would stay in the bucket for good.
-async fn abort_upload(inner: &Inner, header: &Header) -> object_store::Result<()> {
-    let key = Key::parse(&header.key).map_err(|e| object_store::Error::Generic {
-        store: "qxfer",
-        source: format!(
-            "an upload record names the key {:?}, which is not one: {e}",
-            header.key
-        )
-        .into(),
-    })?;
-    let _slot = inner.slot().await;
-    match inner.s3.abort_multipart(&key, &header.upload_id).await {
-        Err(e) if !is_not_found(&e) => Err(e),
-        _ => Ok(()),
-    }
-}
-
-/// Aborts the multipart uploads whose record has not changed for `ttl`
-/// (their server died, or their client never came back), except those an
-/// upload of this server is writing. A live upload rewrites its record with
-/// every part, so only an upload that stored nothing for `ttl` can be swept.
-pub(super) async fn sweep(
-    inner: &Inner,
-    ttl: Duration,
-    in_use: InUse,
-) -> object_store::Result<usize> {
-    let now = SystemTime::now();
-    let mut removed = 0;
-    for (name, newest) in recorded_uploads(inner).await? {
-        let age = now.duration_since(newest).unwrap_or_default();
-        if age <= ttl || in_use(&name) {
-            continue;
-        }
-        // A live upload on any server holds a lease on its destination,
-        // kept fresh while it runs, however long its next part takes.
-        if destination_leased(inner, &name).await? {
-            continue;
-        }
-        match abort_recorded(inner, &name).await {
-            Ok(()) => {
-                info!(upload = %name, "aborted a stale multipart upload");
-                removed += 1;
-            }
-            Err(e) => warn!(upload = %name, "cannot abort a stale multipart upload: {e}"),
-        }
-    }
-    match super::leases::sweep(inner).await {
-        Ok(0) => {}
-        Ok(n) => info!("deleted {n} leases left by servers that stopped"),
-        Err(e) => warn!("cannot delete stale leases: {e}"),
-    }
-    Ok(removed)
-}
-
-/// Whether the destination of the upload recorded under `name` is leased
-/// (someone is writing it now).
-async fn destination_leased(inner: &Inner, name: &str) -> object_store::Result<bool> {
-    let record = vec![PARTIAL_DIR.to_owned(), name.to_owned()];
-    let Ok(Some(header)) = get_json::<Header>(inner, &record_key(inner, &record, "upload")).await
-    else {
-        return Ok(false);
-    };
-    let Ok(key) = Key::parse(&header.key) else {
-        return Ok(false);
-    };
-    super::leases::is_leased(inner, &inner.names_of(&key)).await
-}
-
-async fn put_json<T: Serialize>(inner: &Inner, key: &Key, value: &T) -> object_store::Result<()> {
-    let body = serde_json::to_vec(value).expect("records serialize");
-    let _slot = inner.slot().await;
-    inner.s3.put(key, PutPayload::from(body)).await.map(|_| ())
-}
-
-async fn get_json<T: serde::de::DeserializeOwned>(
-    inner: &Inner,
-    key: &Key,
-) -> object_store::Result<Option<T>> {
-    let slot = inner.slot().await;
-    let body = match inner.s3.get(key).await {
-        Ok(r) => r.bytes().await?,
-        Err(e) if is_not_found(&e) => return Ok(None),
-        Err(e) => return Err(e),
-    };
-    drop(slot);
-    // A record that does not parse is treated as absent (and overwritten).
-    Ok(serde_json::from_slice(&body).ok())
-}
-
-/// Serde for an optional digest as hex.
-mod opt_hex32 {
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub(super) fn serialize<S: Serializer>(d: &Option<[u8; 32]>, s: S) -> Result<S::Ok, S::Error> {
-        match d {
-            Some(d) => s.serialize_some(&blake3::Hash::from_bytes(*d).to_hex().to_string()),
-            None => s.serialize_none(),
-        }
-    }
-
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
-        d: D,
-    ) -> Result<Option<[u8; 32]>, D::Error> {
-        match Option::<String>::deserialize(d)? {
-            Some(s) => blake3::Hash::from_hex(s)
-                .map(|h| Some(*h.as_bytes()))
-                .map_err(serde::de::Error::custom),
-            None => Ok(None),
         }
     }
 }
