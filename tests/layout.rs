@@ -178,7 +178,8 @@ fn store_imports_of_exchange_only_shrink() {
         "src/store/local/mod.rs",
         "src/store/mod.rs",
         "src/store/object/read.rs",
-        "src/store/object/upload.rs",
+        "src/store/object/upload/mod.rs",
+        "src/store/object/upload/parts.rs",
     ];
     assert_eq!(files, known, "store files that import exchange");
 }
