@@ -16,6 +16,26 @@
 //! - `progress`: progress bars and a log writer that does not tear them;
 //! - [`cli`]: the command line, a thin layer over the rest.
 
+/// Runs the test function `$name(Backend)` once per store, as
+/// `$name::local` and `$name::object`: the crate's tests of the server's
+/// handlers, alone (server/tests.rs) or with the client (pipe_tests.rs).
+#[cfg(test)]
+macro_rules! on_both_stores {
+    ($name:ident) => {
+        mod $name {
+            #[tokio::test]
+            async fn local() {
+                super::$name($crate::server::Backend::Local).await
+            }
+
+            #[tokio::test]
+            async fn object() {
+                super::$name($crate::server::Backend::Object).await
+            }
+        }
+    };
+}
+
 pub mod cli;
 pub mod client;
 mod congestion;

@@ -19,32 +19,8 @@ use crate::client::{Client, ClientConfig, FileError, OpenPipe, Streams, PART_SUF
 use crate::endpoint::TransportOpts;
 use crate::exchange::{RecvHalf, SendHalf};
 use crate::protocol::{Compression, EntryKind, ErrorCode, RESUME_MIN};
-use crate::server::{self, ServeConfig};
+use crate::server::{self, Backend, ServeConfig};
 use crate::tls::Fingerprint;
-
-/// Which store the server serves.
-#[derive(Debug, Clone, Copy)]
-enum Backend {
-    Local,
-    Object,
-}
-
-/// Runs `$name(Backend)` once per store, as `$name::local` and `$name::object`.
-macro_rules! on_both_stores {
-    ($name:ident) => {
-        mod $name {
-            #[tokio::test]
-            async fn local() {
-                super::$name(super::Backend::Local).await
-            }
-
-            #[tokio::test]
-            async fn object() {
-                super::$name(super::Backend::Object).await
-            }
-        }
-    };
-}
 
 /// A server over `backend` and a client's configuration, in temporary
 /// directories that live as long as this.
@@ -60,13 +36,7 @@ struct Pair {
 impl Pair {
     fn new(backend: Backend) -> Self {
         let root = tempfile::tempdir().unwrap();
-        let config = match backend {
-            Backend::Local => ServeConfig::prepare(root.path()).unwrap(),
-            Backend::Object => ServeConfig::with_store(
-                "memory://served".into(),
-                Arc::new(crate::store::object::ObjectRoot::in_memory()),
-            ),
-        };
+        let config = ServeConfig::for_test(backend, root.path());
         let here = tempfile::tempdir().unwrap();
         let client = ClientConfig {
             server: "pipes".to_owned(),

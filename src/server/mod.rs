@@ -114,6 +114,16 @@ pub use crate::store::object::S3Options;
 /// Default for [`S3Options::upload_memory`] (`serve --upload-memory`).
 pub const DEFAULT_UPLOAD_MEMORY: u64 = crate::store::object::DEFAULT_UPLOAD_MEMORY;
 
+/// Which store a test's server serves (see `on_both_stores!`).
+#[cfg(test)]
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Backend {
+    /// A directory (a temporary one).
+    Local,
+    /// A bucket in object_store's in-memory store.
+    Object,
+}
+
 impl ServeConfig {
     /// Serves the directory `root`: creates it if missing, checks it is a
     /// writable directory, and resolves it to an absolute path.
@@ -134,6 +144,19 @@ impl ServeConfig {
             .await
             .map_err(|e| e.to_string())?;
         Ok(Self::with_store(PathBuf::from(url), Arc::new(store)))
+    }
+
+    /// A test server's configuration over `backend`: a local root in
+    /// `root`, or a bucket in object_store's in-memory store.
+    #[cfg(test)]
+    pub(crate) fn for_test(backend: Backend, root: &Path) -> Self {
+        match backend {
+            Backend::Local => Self::prepare(root).expect("a temporary root"),
+            Backend::Object => Self::with_store(
+                "memory://served".into(),
+                Arc::new(crate::store::object::ObjectRoot::in_memory()),
+            ),
+        }
     }
 
     /// Serves `store`, shown as `root`, with the default limits.

@@ -11,7 +11,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 
 use super::partials::Partials;
-use super::{handle_stream, Ctx, ServeConfig};
+use super::{handle_stream, Backend, Ctx, ServeConfig};
 use crate::exchange::pipes::{PipeRecv, PipeSend};
 use crate::protocol::{
     encode, read_frame, write_frame, Compression, Encoding, EntryKind, ErrorCode, FileMeta,
@@ -19,33 +19,6 @@ use crate::protocol::{
     SetMetaRequest, Timestamp, Trailer,
 };
 use crate::tls::Fingerprint;
-
-/// Which store a [`Harness`] serves.
-#[derive(Debug, Clone, Copy)]
-enum Backend {
-    /// A directory (a temporary one).
-    Local,
-    /// A bucket in object_store's in-memory store.
-    Object,
-}
-
-/// Runs the test function `$name(Backend)` once per store, as
-/// `$name::local` and `$name::object`.
-macro_rules! on_both_stores {
-    ($name:ident) => {
-        mod $name {
-            #[tokio::test]
-            async fn local() {
-                super::$name(super::Backend::Local).await
-            }
-
-            #[tokio::test]
-            async fn object() {
-                super::$name(super::Backend::Object).await
-            }
-        }
-    };
-}
 
 /// A server over a temporary root, and its handlers' context.
 struct Harness {
@@ -72,13 +45,7 @@ impl Harness {
     /// A server over `backend`, its configuration changed by `configure`.
     fn on(backend: Backend, configure: impl FnOnce(&mut ServeConfig)) -> Self {
         let root = tempfile::tempdir().unwrap();
-        let mut config = match backend {
-            Backend::Local => ServeConfig::prepare(root.path()).unwrap(),
-            Backend::Object => ServeConfig::with_store(
-                "memory://served".into(),
-                Arc::new(crate::store::object::ObjectRoot::in_memory()),
-            ),
-        };
+        let mut config = ServeConfig::for_test(backend, root.path());
         config.header_timeout = Duration::from_secs(2);
         configure(&mut config);
         Self {
@@ -128,10 +95,11 @@ impl Harness {
     }
 }
 
-/// The bytes of the file `path` as a get of it returns them (through the
-/// handler, so the same for every store), or None if the server says it
-/// is not there.
-async fn read(h: &Harness, path: &str) -> Option<Vec<u8>> {
+/// A get of `path` through the handler (so the same for every store):
+/// the offer's metadata and the bytes, their BLAKE3 checked against the
+/// trailer and acknowledged by a receipt; None if the server says it is
+/// not there.
+async fn fetch(h: &Harness, path: &str) -> Option<(FileMeta, Vec<u8>)> {
     let get = encode(&Request::Get(GetRequest {
         path: path.into(),
         resume: None,
@@ -154,7 +122,17 @@ async fn read(h: &Harness, path: &str) -> Option<Vec<u8>> {
     };
     write_frame(&mut x.to_server, &receipt).await.unwrap();
     x.served.await.unwrap();
-    Some(got)
+    assert_eq!(
+        *x.reset.lock().unwrap(),
+        None,
+        "{path}: the answer was not reset"
+    );
+    Some((offer.meta, got))
+}
+
+/// The bytes of the file `path` as a get returns them ([`fetch`]).
+async fn read(h: &Harness, path: &str) -> Option<Vec<u8>> {
+    fetch(h, path).await.map(|(_, data)| data)
 }
 
 fn put_frames(path: &str, data: &[u8]) -> Vec<Vec<u8>> {
@@ -200,33 +178,10 @@ async fn a_small_put_is_committed_and_a_get_returns_it(backend: Backend) {
         "{response:?}"
     );
     assert!(matches!(receipt, Some(Receipt::Committed { size, .. }) if size == data.len() as u64));
-    assert_eq!(read(&h, "dir/file").await.unwrap(), data);
-
-    let get = encode(&Request::Get(GetRequest {
-        path: "dir/file".into(),
-        resume: None,
-        compression: Compression::Never,
-    }))
-    .unwrap();
-    let mut x = h.open(&[get]).await;
-    let offer = match read_frame::<_, Response>(&mut x.from_server).await.unwrap() {
-        Response::GetAccepted(offer) => offer,
-        other => panic!("{other:?}"),
-    };
-    assert_eq!(offer.meta.size, data.len() as u64);
-    assert_eq!(offer.meta.mode, Some(0o600));
-    let mut got = vec![0u8; data.len()];
-    x.from_server.read_exact(&mut got).await.unwrap();
+    let (meta, got) = fetch(&h, "dir/file").await.unwrap();
+    assert_eq!(meta.size, data.len() as u64);
+    assert_eq!(meta.mode, Some(0o600));
     assert_eq!(got, data);
-    let trailer: Trailer = read_frame(&mut x.from_server).await.unwrap();
-    assert_eq!(trailer.digest, *blake3::hash(&data).as_bytes());
-    let receipt = Receipt::Committed {
-        size: data.len() as u64,
-        digest: trailer.digest,
-    };
-    write_frame(&mut x.to_server, &receipt).await.unwrap();
-    x.served.await.unwrap();
-    assert_eq!(*x.reset.lock().unwrap(), None);
 
     // Large enough to go up in parts on an object root (8 MiB or more
     // each) and to be read back in ranges.
