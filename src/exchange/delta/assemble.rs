@@ -250,13 +250,9 @@ impl Patched {
                     return Ok(None);
                 }
                 let want = (end - at).min(CHUNK as u64) as usize;
-                blocking(move || {
-                    use std::os::unix::fs::FileExt;
-                    let mut buf = vec![0u8; want];
-                    old.read_exact_at(&mut buf, at).map(|()| Some(buf))
-                })
-                .await
-                .map_err(TransferError::OldVersion)
+                blocking(move || read_exact_at(&old, at, want).map(Some))
+                    .await
+                    .map_err(TransferError::OldVersion)
             }
         };
         let mut at = from;
