@@ -285,7 +285,7 @@ impl Client {
         // through another.
         let journal = UploadJournal::open(&config.config_dir, server_fp.to_string()).ok();
         // What this client made by a delta, for the next delta of the same
-        // file (see exchange's `described`); without it, a delta costs
+        // file (see `files::described`); without it, a delta costs
         // reading the file to describe it, as before.
         let _ = crate::exchange::keep_descriptions_on_disk(config.config_dir.join("described"));
         Ok(Self {

@@ -512,7 +512,7 @@ pub(super) async fn receive_get(
     let mut wire = exchange::Counted::new(recv);
     let mut delta = None;
     // The new version's chunks, where the delta could tell them: kept for
-    // the next delta of this file (see exchange's `described`).
+    // the next delta of this file (see `files::described`).
     let mut described = None;
     let received = if offer.encoding == Encoding::Delta {
         let Some(old) = old else {

@@ -11,19 +11,18 @@
 //!
 //! One module per job: `send` and `receive` (the two ends of a file's
 //! bytes), `delta` (a changed file as copies of the receiver's old
-//! version and new blocks), `described` (the chunks of files cut before),
-//! `blocks` (a file's BLAKE3 from its 1 MiB blocks' values), `compress`
-//! (zstd blocks), `pace` (`--limit-rate`), `stream` (the halves of a
-//! stream both sides are written against), `counted` (bytes on the wire),
-//! `error`. The disk pool, commits, metadata and resume prefixes are in
-//! `crate::files`, below this and the stores, and re-exported here.
+//! version and new blocks), `blocks` (a file's BLAKE3 from its 1 MiB
+//! blocks' values), `compress` (zstd blocks), `pace` (`--limit-rate`),
+//! `stream` (the halves of a stream both sides are written against),
+//! `counted` (bytes on the wire). The disk pool, byte sources and sinks,
+//! commits, metadata, resume prefixes, remembered chunks and the transfer
+//! error are in `crate::files`, below this and the stores, and
+//! re-exported here.
 
 mod blocks;
 mod compress;
 mod counted;
 mod delta;
-mod described;
-mod error;
 mod pace;
 mod receive;
 mod send;
@@ -31,16 +30,14 @@ mod stream;
 #[cfg(test)]
 mod tests;
 
+pub(crate) use crate::files::described::{
+    keep as keep_descriptions, keep_on_disk as keep_descriptions_on_disk,
+    remember_on_disk as remember_described_on_disk,
+};
+pub use crate::files::TransferError;
 use compress::*;
 pub(crate) use counted::Counted;
 pub(crate) use delta::*;
-pub(crate) use described::{
-    keep as keep_descriptions, keep_on_disk as keep_descriptions_on_disk,
-    remember as remember_described, remember_on_disk as remember_described_on_disk, Description,
-    FileKey,
-};
-pub use error::TransferError;
-pub(crate) use error::*;
 pub(crate) use pace::*;
 pub(crate) use receive::*;
 pub(crate) use send::*;
@@ -49,11 +46,5 @@ pub(crate) use stream::*;
 // The file work below both sides, used throughout.
 pub(crate) use crate::files::*;
 
-use crate::protocol::MAX_BLOCK;
-
 /// Called with the number of bytes each time data moves (drives progress bars).
 pub(crate) type Advance<'a> = dyn Fn(u64) + Send + Sync + 'a;
-
-/// Size of one chunk passed between the disk and the network: one block of
-/// [`Encoding::Blocks`].
-const CHUNK: usize = MAX_BLOCK as usize;

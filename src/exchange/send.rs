@@ -165,34 +165,6 @@ impl Framer {
     }
 }
 
-/// What tells a file's versions apart without reading it: size,
-/// modification time and change time (the latter moves on any write, even
-/// one that restores the mtime).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) struct Snapshot {
-    pub(super) size: u64,
-    mtime: (i64, i64),
-    ctime: (i64, i64),
-}
-
-impl Snapshot {
-    #[cfg(unix)]
-    pub(super) fn of(file: &File) -> Option<Self> {
-        use std::os::unix::fs::MetadataExt;
-        let md = file.metadata().ok()?;
-        Some(Self {
-            size: md.len(),
-            mtime: (md.mtime(), md.mtime_nsec()),
-            ctime: (md.ctime(), md.ctime_nsec()),
-        })
-    }
-
-    #[cfg(not(unix))]
-    fn of(_file: &File) -> Option<Self> {
-        None
-    }
-}
-
 /// A chunk ready for the wire: the bytes to send and how many bytes of the
 /// file they carry.
 pub(super) struct WireChunk {

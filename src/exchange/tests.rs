@@ -1367,7 +1367,7 @@ async fn a_second_patched_delta_builds_on_what_the_first_remembered() {
         assert_eq!(told.values.as_ref().map(|v| v.len()), Some(new.len() / MIB));
         // As the store does once the file is committed.
         let key = FileKey::of(&File::open(&made_path).unwrap()).unwrap();
-        remember_described(key, cutter.avg(), told);
+        described::remember(key, cutter.avg(), told);
         old_path = made_path;
     }
 }

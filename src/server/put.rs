@@ -15,7 +15,7 @@ use crate::protocol::{
     read_frame, write_frame, Continue, DeltaBase, Encoding, ErrorCode, FrameError, PutOffer,
     PutRequest, Receipt, RemoteError, Response, Trailer, RESUME_MIN,
 };
-use crate::store::{corrupt, Held, Prepared, PutPlan, Sinking, Upload};
+use crate::store::{corrupt, Held, PatchedUpload, Prepared, PutPlan, Sinking, Upload};
 
 use super::partials::{partial_name, pipe_name};
 use super::{protocol_error, Ctx, RECEIPT_TIMEOUT, STOP_REFUSED};
@@ -177,7 +177,7 @@ async fn serve_whole_put(
             .bytes_received
             .fetch_add(size, Ordering::Relaxed);
         match upload
-            .commit_whole(data, trailer.digest, req.meta, req.force)
+            .commit_whole(Box::new(data), trailer.digest, req.meta, req.force)
             .await
         {
             Err(e) if taken_by_this_file(&e, req, path, trailer.digest, ctx).await => {
@@ -376,7 +376,11 @@ async fn receive_data(
             )
             .await;
             if let Some(made) = made {
-                return upload.patched(made, cutter).await;
+                let made = made.map(|m| PatchedUpload {
+                    received: m.received,
+                    described: m.described.map(|d| (cutter.avg(), d)),
+                });
+                return upload.patched(made).await;
             }
         }
     }

@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use crate::exchange::{self, Buffered, ByteSource, Received, Sink, TransferError};
+use crate::files::{self, ByteSource, Description, Received, Sink, TransferError, Whole};
 use crate::paths::RemotePath;
 use crate::protocol::{Digest, DirMeta, Entry, ErrorCode, FileMeta, Prefix, RemoteError};
 
@@ -37,6 +37,14 @@ pub(crate) struct Sinking {
     pub(crate) sink: Box<dyn Sink>,
     pub(crate) from: u64,
     pub(crate) most: u64,
+}
+
+/// What patching a clone of the old version made (see
+/// [`Upload::patched`]): the file's size and BLAKE3, and where they could
+/// be told, its chunks and the average size they were cut at.
+pub(crate) struct PatchedUpload {
+    pub(crate) received: Received,
+    pub(crate) described: Option<(u32, Description)>,
 }
 
 /// Tells the sweep whether an upload is writing the partial of this name now.
@@ -85,7 +93,7 @@ pub(crate) trait Store: Send + Sync + std::fmt::Debug + 'static {
             return Ok(Some(d));
         }
         let size = opened.meta.size;
-        exchange::hash_source(opened.bytes.as_ref(), size)
+        files::hash_source(opened.bytes.as_ref(), size)
             .await
             .map(Some)
             .map_err(|e| {
@@ -315,20 +323,19 @@ pub(crate) trait Upload: Send {
 
     /// For a delta from byte 0: the upload's temporary, to be made a clone
     /// of the old version and patched in place where the filesystem shares
-    /// data between files (see [`exchange::assemble_cloned`]); None where
+    /// data between files (see exchange's `assemble_cloned`); None where
     /// this store cannot (an object store, a resumed partial, data of
     /// unknown length). Changes nothing.
     fn patch_target(&mut self) -> Option<Result<std::fs::File, RemoteError>> {
         None
     }
 
-    /// Patching [`Upload::patch_target`]'s file ended with `made`, its
-    /// chunks cut with `cutter`: the whole file's size and BLAKE3 (the
-    /// chunks remembered once it is committed), or the error to answer with.
+    /// Patching [`Upload::patch_target`]'s file ended with `made`: the
+    /// whole file's size and BLAKE3 (its chunks remembered once it is
+    /// committed), or the error to answer with.
     async fn patched(
         &mut self,
-        made: Result<exchange::Cloned, TransferError>,
-        _cutter: exchange::Cutter,
+        made: Result<PatchedUpload, TransferError>,
     ) -> Result<Received, RemoteError> {
         made.map(|m| m.received)
             .map_err(|e| RemoteError::new(ErrorCode::Internal, e.to_string()))
@@ -338,7 +345,7 @@ pub(crate) trait Upload: Send {
     /// and commits it: one trip to the storage for the lot.
     async fn commit_whole(
         self: Box<Self>,
-        data: Buffered,
+        data: Box<dyn Whole>,
         expected: Digest,
         meta: FileMeta,
         force: bool,

@@ -414,7 +414,7 @@ where
     R: AsyncRead + Unpin,
 {
     let began = std::time::Instant::now();
-    let recalled = old.recall(old_size, cutter);
+    let recalled = old.recall(old_size, cutter.avg());
     let old_values = recalled.as_ref().and_then(|d| d.values.clone());
     let old_values_known = old_values.is_some();
     let old_chunks = recalled.map(|d| {

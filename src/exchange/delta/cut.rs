@@ -30,7 +30,7 @@ pub(super) async fn cut_counted(
     done: &AtomicU64,
 ) -> Result<Cut, TransferError> {
     // Cut before, and unchanged since: at most a hash to take.
-    if let Some(d) = src.as_file().and_then(|f| f.recall(size, cutter)) {
+    if let Some(d) = src.as_file().and_then(|f| f.recall(size, cutter.avg())) {
         let digest = match d.digest {
             Some(digest) => digest,
             None => hash_source(src, size).await.map_err(read_error)?,
@@ -104,7 +104,7 @@ pub(super) async fn cut_counted(
                     .iter()
                     .map(|&(_, len, digest)| ChunkSum { len, digest })
                     .collect();
-                f.remember(cutter, sums, Some(digest)).await;
+                f.remember(cutter.avg(), sums, Some(digest)).await;
             }
             return Ok(Cut {
                 cutter,

@@ -39,7 +39,7 @@ where
     // Cut before, and unchanged since: nothing to read. Else the chunks
     // go out in batches as they are cut (a peer waits at most a minute
     // for the next), the second half's once the first half's are out.
-    let recalled = old.as_file().and_then(|f| f.recall(size, cutter));
+    let recalled = old.as_file().and_then(|f| f.recall(size, cutter.avg()));
     let fresh = recalled.is_none();
     let (chunks, sent): (Arc<[ChunkSum]>, usize) = match recalled {
         Some(d) => (d.chunks, 0),
@@ -77,7 +77,7 @@ where
         .as_file()
         .filter(|_| fresh && described::receivers_keep())
     {
-        f.remember(cutter, chunks, None).await;
+        f.remember(cutter.avg(), chunks, None).await;
     }
     Ok(())
 }

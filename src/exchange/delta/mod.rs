@@ -15,19 +15,16 @@
 //! The server's put and get handlers and the client's put and get all use
 //! these four; who describes and who sends depends only on the direction.
 //!
-//! One file per step: `source` (reading a file's bytes), `describe`, `cut`,
-//! `send` and `assemble`; the cutter, the frames' timeouts and the errors
-//! they share are here.
+//! One file per step: `describe`, `cut`, `send` and `assemble` (a file's
+//! bytes are read through `crate::files`' byte sources); the cutter, the
+//! frames' timeouts and the errors they share are here.
 
 use std::collections::{HashMap, VecDeque};
 use std::fs::File;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use async_trait::async_trait;
-use bytes::Bytes;
 use fastcdc::v2020::{cut, select_masks, Normalization};
-use futures::stream::{BoxStream, StreamExt};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::protocol::{
@@ -36,20 +33,18 @@ use crate::protocol::{
 };
 
 use super::blocks::{Blocks, BLOCK};
-use super::described;
 use super::*;
+use crate::files::described;
 
 mod assemble;
 mod cut;
 mod describe;
 mod send;
-mod source;
 
 pub(crate) use assemble::*;
 pub(crate) use cut::*;
 pub(crate) use describe::*;
 pub(crate) use send::*;
-pub(crate) use source::*;
 
 /// Files smaller than this are sent whole even when an older version is
 /// there: describing the old version and matching chunks costs a round

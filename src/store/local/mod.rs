@@ -25,15 +25,17 @@ use async_trait::async_trait;
 use cap_std::ambient_authority;
 use cap_std::fs::{Dir, OpenOptions, OpenOptionsExt};
 
-use crate::exchange::{self, Buffered, FileKey, FileSink, Received, Sink, TransferError};
-use crate::files::{blocking, file_meta, to_timestamp, CommitError, IncomingFile, Start};
+use crate::files::{
+    blocking, described, file_meta, to_timestamp, CommitError, Description, FileBytes, FileKey,
+    FileSink, IncomingFile, Received, Sink, Start, TransferError, Whole,
+};
 use crate::paths::RemotePath;
 use crate::protocol::{Digest, DirMeta, Entry, ErrorCode, FileMeta, Prefix, RemoteError};
 use crate::space::{Reservation, Space};
 
 use super::{
-    appeared, corrupt, receive_error, Held, InUse, Opened, Prepared, PutPlan, Sinking, Store,
-    Upload,
+    appeared, corrupt, receive_error, Held, InUse, Opened, PatchedUpload, Prepared, PutPlan,
+    Sinking, Store, Upload,
 };
 
 mod list;
@@ -427,7 +429,7 @@ fn open_for_reading(
         offset: start.offset,
         hasher: Some(start.hasher),
         digest: None,
-        bytes: Box::new(exchange::FileBytes::new(file)),
+        bytes: Box::new(FileBytes::new(file)),
     })
 }
 
@@ -593,7 +595,7 @@ struct LocalUpload {
     room: Option<Arc<Space>>,
     path: RemotePath,
     /// The chunks of a file made by a delta, to remember once committed.
-    described: Option<(u32, exchange::Description)>,
+    described: Option<(u32, Description)>,
 }
 
 impl LocalUpload {
@@ -675,11 +677,10 @@ impl Upload for LocalUpload {
 
     async fn patched(
         &mut self,
-        made: Result<exchange::Cloned, TransferError>,
-        cutter: exchange::Cutter,
+        made: Result<PatchedUpload, TransferError>,
     ) -> Result<Received, RemoteError> {
         made.map(|made| {
-            self.described = made.described.map(|d| (cutter.avg(), d));
+            self.described = made.described;
             made.received
         })
         .map_err(|e| self.failed(e))
@@ -687,7 +688,7 @@ impl Upload for LocalUpload {
 
     async fn commit_whole(
         mut self: Box<Self>,
-        data: Buffered,
+        data: Box<dyn Whole>,
         expected: Digest,
         meta: FileMeta,
         force: bool,
@@ -723,9 +724,9 @@ impl Upload for LocalUpload {
             let file = described.as_ref().and_then(|_| incoming.file().ok());
             incoming.commit(&meta, force)?;
             // Known as it is committed: its next delta, either way, need
-            // not read it again (see exchange's `described`).
+            // not read it again (see `files::described`).
             if let (Some((avg, d)), Some(key)) = (described, file.as_ref().and_then(FileKey::of)) {
-                exchange::remember_described(key, avg, d);
+                described::remember(key, avg, d);
             }
             Ok(())
         })

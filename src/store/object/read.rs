@@ -1,6 +1,6 @@
 //! Reading a file from the object store: its metadata and digest, the proof of a resuming client's prefix, a ranged read of the rest, and ranged reads for a delta.
 
-use crate::files;
+use crate::files::{self, ByteSource, ByteStream};
 use async_trait::async_trait;
 use blake3::hazmat::HasherExt;
 use futures::{StreamExt, TryStreamExt};
@@ -8,7 +8,6 @@ use object_store::path::Path as Key;
 use object_store::{GetOptions, GetRange, ObjectStore, ObjectStoreExt};
 use serde::{Deserialize, Serialize};
 
-use crate::exchange::{ByteSource, ByteStream};
 use crate::paths::RemotePath;
 use crate::protocol::{Digest, ErrorCode, Prefix, RemoteError};
 use crate::store::tree_hash::{self, Piece};

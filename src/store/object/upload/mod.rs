@@ -11,8 +11,7 @@ use object_store::{
 };
 use tracing::warn;
 
-use crate::exchange::{self, Buffered, Received, Sink, TransferError};
-use crate::files::blocking;
+use crate::files::{self, blocking, Received, Sink, TransferError, Whole};
 use crate::paths::RemotePath;
 use crate::protocol::{Digest, ErrorCode, FileMeta, RemoteError};
 use crate::store::tree_hash::{self, Piece};
@@ -190,7 +189,7 @@ async fn present_digest(
         return Ok(sums.digest);
     }
     let opened = super::read::open(inner, path, None).await?;
-    exchange::hash_source(opened.bytes.as_ref(), opened.meta.size)
+    files::hash_source(opened.bytes.as_ref(), opened.meta.size)
         .await
         .map_err(|e| {
             RemoteError::new(
@@ -545,7 +544,7 @@ impl Upload for ObjectUpload {
 
     async fn commit_whole(
         mut self: Box<Self>,
-        data: Buffered,
+        data: Box<dyn Whole>,
         expected: Digest,
         meta: FileMeta,
         force: bool,

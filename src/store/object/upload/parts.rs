@@ -6,8 +6,7 @@ use bytes::Bytes;
 use object_store::path::Path as Key;
 use object_store::PutPayload;
 
-use crate::exchange::{Sink, SinkWrite, TransferError};
-use crate::files::blocking;
+use crate::files::{blocking, Sink, SinkWrite, TransferError};
 use crate::protocol::Digest;
 use crate::store::tree_hash::{self, Piece};
 use crate::store::Held;

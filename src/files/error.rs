@@ -64,7 +64,7 @@ pub enum TransferError {
     },
     /// The sender of data of unknown length said for too long that its
     /// input was silent.
-    #[error("the sender's input gave nothing for {} minutes", super::STREAM_PAUSE_MAX.as_secs() / 60)]
+    #[error("the sender's input gave nothing for {} minutes", STREAM_PAUSE_MAX.as_secs() / 60)]
     PausedTooLong,
 }
 
@@ -72,7 +72,7 @@ pub enum TransferError {
 /// keep-alives hold a connection open while its peer's process is stuck, so
 /// the connection's idle timeout alone would never end such a transfer. A
 /// rate-limited transfer moves a few bytes every second (see
-/// [`Pacer::slice`]), so only a peer that stopped reading or sending
+/// exchange's `Pacer::slice`), so only a peer that stopped reading or sending
 /// reaches this.
 pub(crate) const STALL_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -86,3 +86,8 @@ impl TransferError {
         )
     }
 }
+
+/// How long the sender of an [`Encoding::Stream`] may go on pausing
+/// (its input silent) before the receiver gives up: a producer that wrote
+/// nothing for an hour is taken for one that hangs.
+pub(crate) const STREAM_PAUSE_MAX: Duration = Duration::from_secs(3600);

@@ -1,6 +1,15 @@
-//! A file's bytes as a delta reads them: the `ByteSource` a store or a local file offers, read in stretches into reused memory.
+//! A file's bytes as a delta or a hash reads them: the `ByteSource` a store or a local file offers, read in stretches into reused memory.
 
-use super::*;
+use std::fs::File;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::stream::{BoxStream, StreamExt};
+
+use crate::protocol::{ChunkSum, Digest};
+
+use super::{blocking, described, Description, FileKey, TransferError, CHUNK};
 
 /// A file's bytes as a delta reads them: a local file, or a store's file
 /// (the old version a receiver holds, or the new one a server sends).
@@ -18,7 +27,7 @@ pub(crate) trait ByteSource: Send + Sync {
     }
 
     /// The local file behind it, if it is one: a delta against it may be
-    /// made by sharing its data (see [`assemble_cloned`]).
+    /// made by sharing its data (see exchange's `assemble_cloned`).
     fn as_file(&self) -> Option<&FileBytes> {
         None
     }
@@ -29,10 +38,10 @@ pub(crate) type ByteStream = BoxStream<'static, std::io::Result<Bytes>>;
 
 /// A local file read through the disk pool, a chunk at a time.
 pub(crate) struct FileBytes {
-    pub(super) file: Arc<File>,
-    pub(super) before: Option<Snapshot>,
+    pub(crate) file: Arc<File>,
+    pub(crate) before: Option<Snapshot>,
     /// Which version of which file it is, for the descriptions cache.
-    pub(super) key: Option<FileKey>,
+    pub(crate) key: Option<FileKey>,
 }
 
 impl FileBytes {
@@ -63,28 +72,23 @@ impl FileBytes {
         }
     }
 
-    /// What this process remembers of the file cut by `cutter` (see
-    /// `described`), if it is `size` bytes as expected.
-    pub(super) fn recall(&self, size: u64, cutter: Cutter) -> Option<Description> {
+    /// What this process remembers of the file cut into chunks of average
+    /// `avg` (see `described`), if it is `size` bytes as expected.
+    pub(crate) fn recall(&self, size: u64, avg: u32) -> Option<Description> {
         let key = self.key.as_ref()?;
-        let d = described::recall(key, cutter.avg())?;
+        let d = described::recall(key, avg)?;
         (d.chunks.iter().map(|c| u64::from(c.len)).sum::<u64>() == size).then_some(d)
     }
 
     /// Remembers the file's chunks (and digest), if it did not change
     /// while they were computed.
-    pub(super) async fn remember(
-        &self,
-        cutter: Cutter,
-        chunks: Arc<[ChunkSum]>,
-        digest: Option<Digest>,
-    ) {
+    pub(crate) async fn remember(&self, avg: u32, chunks: Arc<[ChunkSum]>, digest: Option<Digest>) {
         if let Some(key) = self.key {
             if self.check_unchanged().await.is_ok() {
                 let values = None;
                 described::remember(
                     key,
-                    cutter.avg(),
+                    avg,
                     Description {
                         chunks,
                         digest,
@@ -144,7 +148,7 @@ pub(crate) fn read_exact_at(file: &File, at: u64, want: usize) -> std::io::Resul
 }
 
 /// [`read_exact_at`] into `buf` (emptied first; its memory is reused).
-pub(super) fn read_exact_into(
+pub(crate) fn read_exact_into(
     file: &File,
     at: u64,
     want: usize,
@@ -172,28 +176,28 @@ pub(super) fn read_exact_into(
 /// memory of pieces given back (a fresh buffer costs a page fault every
 /// 4 KiB, a fifth of a delta's cut of a 1 GiB file); any other source as
 /// [`Pieces`] streams it.
-pub(super) struct Stretches {
-    pub(super) how: StretchesOf,
-    pub(super) at: u64,
-    pub(super) to: u64,
-    pub(super) spare: Vec<Vec<u8>>,
+pub(crate) struct Stretches {
+    pub(crate) how: StretchesOf,
+    pub(crate) at: u64,
+    pub(crate) to: u64,
+    pub(crate) spare: Vec<Vec<u8>>,
 }
 
-pub(super) enum StretchesOf {
+pub(crate) enum StretchesOf {
     File(Arc<File>),
     Stream(Pieces),
 }
 
 /// How much a cut, a description or a hash reads at a time (while the
 /// stretch before is worked on).
-pub(super) const STRETCH: u64 = 4 << 20;
+pub(crate) const STRETCH: u64 = 4 << 20;
 
 /// Pieces given back that [`Stretches`] keeps for its next reads.
-pub(super) const SPARE_PIECES: usize = 16;
+pub(crate) const SPARE_PIECES: usize = 16;
 
 impl Stretches {
     /// Reads `from..to` of `src`.
-    pub(super) async fn open(src: &dyn ByteSource, from: u64, to: u64) -> std::io::Result<Self> {
+    pub(crate) async fn open(src: &dyn ByteSource, from: u64, to: u64) -> std::io::Result<Self> {
         let how = match src.as_file() {
             Some(f) => StretchesOf::File(f.file.clone()),
             None => StretchesOf::Stream(Pieces::open(src, from, to).await?),
@@ -208,7 +212,7 @@ impl Stretches {
 
     /// The next pieces, at least `len` bytes of them (fewer at the end,
     /// none past it).
-    pub(super) async fn next(&mut self, len: u64) -> std::io::Result<Vec<Arc<Vec<u8>>>> {
+    pub(crate) async fn next(&mut self, len: u64) -> std::io::Result<Vec<Arc<Vec<u8>>>> {
         let to = (self.at + len).min(self.to);
         let mut out = Vec::new();
         match &mut self.how {
@@ -250,7 +254,7 @@ impl Stretches {
     }
 
     /// Pieces done with: their memory is read into again.
-    pub(super) fn give_back(&mut self, pieces: impl IntoIterator<Item = Arc<Vec<u8>>>) {
+    pub(crate) fn give_back(&mut self, pieces: impl IntoIterator<Item = Arc<Vec<u8>>>) {
         for p in pieces {
             if self.spare.len() >= SPARE_PIECES {
                 break;
@@ -264,14 +268,14 @@ impl Stretches {
 
 /// Reads `from..to` of `src` in pieces of about [`CHUNK`] bytes (a store
 /// streams smaller ones), checking that exactly that many come.
-pub(super) struct Pieces {
-    pub(super) stream: ByteStream,
-    pub(super) left: u64,
-    pub(super) held: Vec<u8>,
+pub(crate) struct Pieces {
+    pub(crate) stream: ByteStream,
+    pub(crate) left: u64,
+    pub(crate) held: Vec<u8>,
 }
 
 impl Pieces {
-    pub(super) async fn open(src: &dyn ByteSource, from: u64, to: u64) -> std::io::Result<Self> {
+    pub(crate) async fn open(src: &dyn ByteSource, from: u64, to: u64) -> std::io::Result<Self> {
         Ok(Self {
             stream: src.range(from, to).await?,
             left: to - from,
@@ -280,7 +284,7 @@ impl Pieces {
     }
 
     /// The next piece, or None once all arrived.
-    pub(super) async fn next(&mut self) -> std::io::Result<Option<Vec<u8>>> {
+    pub(crate) async fn next(&mut self) -> std::io::Result<Option<Vec<u8>>> {
         let want = self.left.min(CHUNK as u64) as usize;
         if want == 0 {
             return Ok(None);
@@ -353,5 +357,33 @@ impl ByteSource for NoVersion {
             std::io::ErrorKind::NotFound,
             "there is no earlier version",
         ))
+    }
+}
+
+/// What tells a file's versions apart without reading it: size,
+/// modification time and change time (the latter moves on any write, even
+/// one that restores the mtime).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Snapshot {
+    pub(crate) size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl Snapshot {
+    #[cfg(unix)]
+    pub(crate) fn of(file: &File) -> Option<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let md = file.metadata().ok()?;
+        Some(Self {
+            size: md.len(),
+            mtime: (md.mtime(), md.mtime_nsec()),
+            ctime: (md.ctime(), md.ctime_nsec()),
+        })
+    }
+
+    #[cfg(not(unix))]
+    pub(crate) fn of(_file: &File) -> Option<Self> {
+        None
     }
 }
