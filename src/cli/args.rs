@@ -3,7 +3,7 @@
 use crate::endpoint::{self, Congestion, TransportOpts};
 use crate::protocol::{Compression, MAX_FRAME};
 
-use crate::server::{self};
+use crate::server;
 use crate::tls::Fingerprint;
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand, ValueEnum};

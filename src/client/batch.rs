@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::Semaphore;
 
-use crate::endpoint::{self};
+use crate::endpoint;
 use crate::exchange::blocking;
 
 use super::{Client, FileError, TransferReport};
