@@ -9,7 +9,7 @@
 //! connection, [`put`] and [`get`] move one file each, [`batch`] runs many,
 //! and [`state`] keeps what the client remembers between runs.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,12 +19,12 @@ use crate::exchange::{RecvHalf, SendHalf};
 
 use crate::endpoint;
 use crate::endpoint::TransportOpts;
-use crate::exchange::{self, Pacer};
+use crate::exchange::Pacer;
 use crate::protocol::stream::STOP_REFUSED;
 use crate::protocol::{
     close, read_frame, write_frame, Compression, Digest, DigestsRequest, DirMeta, Entry, FileMeta,
-    FrameError, ListBatch, ListRequest, MkdirRequest, RemoteError, RemoveRequest, RenameRequest,
-    Request, Response, SetMetaRequest,
+    FrameError, ListBatch, ListRequest, MkdirRequest, RemoveRequest, RenameRequest, Request,
+    Response, SetMetaRequest,
 };
 use crate::tls::Fingerprint;
 
@@ -33,12 +33,15 @@ mod connect;
 mod dest;
 mod filter;
 mod get;
+mod outcome;
 mod plan;
 mod put;
 mod retry;
 mod servers;
 mod state;
 pub(crate) mod tree;
+use outcome::*;
+pub use outcome::{hex, FileError, TransferReport};
 
 /// Why one file's bytes did not move (inside [`FileError::Transfer`]).
 pub use crate::exchange::TransferError;
@@ -91,156 +94,6 @@ pub struct ClientConfig {
     pub reply_timeout: Duration,
     /// How long a connection attempt may go unanswered (`--connect-timeout`).
     pub connect_timeout: Duration,
-}
-
-/// Why one file's transfer failed.
-#[derive(Debug, thiserror::Error)]
-pub enum FileError {
-    /// The server refused or failed the request.
-    #[error("{0}")]
-    Remote(#[from] RemoteError),
-    /// A local file problem.
-    #[error("{path}: {source}")]
-    Local {
-        /// The local file.
-        path: PathBuf,
-        /// The OS error.
-        source: std::io::Error,
-    },
-    /// The local destination exists.
-    #[error("{0} already exists; use --force to overwrite it")]
-    LocalExists(PathBuf),
-    /// Moving the bytes failed.
-    #[error("{path}: {source}")]
-    Transfer {
-        /// The local file.
-        path: PathBuf,
-        /// What failed.
-        source: TransferError,
-    },
-    /// The data arrived but did not match what the sender hashed.
-    #[error("{0}: data corrupted in transit (BLAKE3 mismatch); nothing was saved, try again")]
-    Corrupt(PathBuf),
-    /// Data streamed to standard output did not match the sender's BLAKE3:
-    /// it has been written already, so whoever reads it must discard it.
-    #[error("{0}: the bytes written to standard output do not match the server's BLAKE3 (corrupted in transit); discard that output and try again")]
-    CorruptOutput(String),
-    /// The server broke the protocol or the stream failed.
-    #[error("{0}")]
-    Protocol(String),
-    /// All of an upload from a pipe was sent, but the server's word on it
-    /// never came: it may or may not have been saved.
-    #[error("'{name}': all of standard input was sent, but the server's answer did not come ({why}); it may have been saved: check with `qxfer ls {name}` before running the pipeline again")]
-    Unconfirmed {
-        /// The remote name.
-        name: String,
-        /// What happened instead of the answer.
-        why: String,
-    },
-}
-
-impl FileError {
-    fn local(path: &Path) -> impl FnOnce(std::io::Error) -> Self + '_ {
-        move |source| {
-            if exchange::is_disk_full(&source) {
-                Self::Local {
-                    path: path.to_owned(),
-                    source: std::io::Error::new(
-                        source.kind(),
-                        format!("{source}; the local disk is full, free space and retry"),
-                    ),
-                }
-            } else {
-                Self::Local {
-                    path: path.to_owned(),
-                    source,
-                }
-            }
-        }
-    }
-}
-
-impl FileError {
-    /// Whether the failure was the connection's or the server's state, not
-    /// the file's: the same transfer may well succeed over a new connection
-    /// (a network outage, a server restart or shutdown, a stalled peer, a
-    /// timeout), and resumes where it stopped.
-    pub fn is_transient(&self) -> bool {
-        match self {
-            Self::Transfer { source, .. } => matches!(
-                source,
-                TransferError::Network(_)
-                    | TransferError::Truncated { .. }
-                    | TransferError::Stalled
-            ),
-            Self::Protocol(_) => true,
-            Self::Remote(e) => e.code == crate::protocol::ErrorCode::Busy,
-            Self::Local { .. }
-            | Self::LocalExists(_)
-            | Self::Corrupt(_)
-            | Self::CorruptOutput(_)
-            | Self::Unconfirmed { .. } => false,
-        }
-    }
-}
-
-impl From<FrameError> for FileError {
-    fn from(e: FrameError) -> Self {
-        Self::Protocol(format!("talking to the server: {e}"))
-    }
-}
-
-/// A finished transfer, as reported in summaries and `--json`.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct TransferReport {
-    /// The name the user gave.
-    pub name: String,
-    /// Where it ended up (remote path for put, local path for get).
-    pub dest: String,
-    /// Bytes moved.
-    pub bytes: u64,
-    /// BLAKE3 of the contents (hex in JSON).
-    #[serde(serialize_with = "serialize_hex")]
-    pub blake3: Digest,
-    /// Bytes that were already at the receiver from an interrupted
-    /// transfer and were not sent again.
-    pub resumed_from: u64,
-    /// Bytes of the file's contents that crossed the network this time
-    /// (after a resume, before compression).
-    pub bytes_sent: u64,
-    /// Bytes its data took on the wire this time: `bytes_sent` after
-    /// compression, with the framing of its blocks.
-    pub wire_bytes: u64,
-    /// Things the user should know (a resume that had to start over...).
-    pub notes: Vec<String>,
-    /// The destination already held this file (same contents, checked by
-    /// BLAKE3 on both sides), so nothing moved: a rerun of a finished command.
-    pub already_there: bool,
-    /// It went as a delta against the version the receiver held (`--sync`):
-    /// `bytes_sent` counts only the new bytes, the rest was copied there.
-    pub delta: bool,
-    /// Seconds from this file's request to its commit (its stream's share
-    /// of a batch, for per-file rates when many move at once).
-    pub seconds: f64,
-}
-
-impl TransferReport {
-    /// A file found complete at the destination: nothing moved.
-    fn already_there(name: String, dest: String, size: u64, blake3: Digest) -> Self {
-        Self {
-            name,
-            dest,
-            bytes: size,
-            blake3,
-            resumed_from: size,
-            bytes_sent: 0,
-            wire_bytes: 0,
-            notes: Vec::new(),
-            already_there: true,
-            delta: false,
-            seconds: 0.0,
-        }
-    }
 }
 
 /// A connection to one qxfer server.
@@ -635,99 +488,5 @@ async fn reply<T: serde::de::DeserializeOwned>(
 const MAX_LIST_ENTRIES: usize = 1_000_000;
 const MAX_LIST_NAME_BYTES: usize = 64 << 20;
 
-fn unexpected(msg: &Response) -> FileError {
-    FileError::Protocol(format!("the server sent an unexpected message: {msg:?}"))
-}
-
-/// Hex of a digest, for reports.
-pub fn hex(d: &Digest) -> String {
-    d.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn serialize_hex<S: serde::Serializer>(d: &Digest, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(&hex(d))
-}
-
 #[cfg(test)]
-mod tests {
-    use super::connect::known_hosts_key;
-    use super::state::{unix_now, JOURNAL_MAX_AGE, PATH_MEMORY_MAX_AGE};
-    use super::*;
-    use crate::endpoint::PathMemory;
-    use crate::protocol::FileMeta;
-    use std::fs::File;
-
-    #[test]
-    fn server_addresses_parse() {
-        assert_eq!(split_server("h:1").unwrap(), ("h".into(), 1));
-        assert_eq!(split_server("h").unwrap(), ("h".into(), DEFAULT_PORT));
-        assert_eq!(split_server("[::1]:9").unwrap(), ("::1".into(), 9));
-        assert_eq!(split_server("[::1]").unwrap(), ("::1".into(), DEFAULT_PORT));
-        assert_eq!(split_server("::1").unwrap(), ("::1".into(), DEFAULT_PORT));
-        assert_eq!(split_server("10.0.0.1:5").unwrap(), ("10.0.0.1".into(), 5));
-        assert!(split_server("h:notaport").is_err());
-        assert!(split_server(":5").is_err());
-        assert_eq!(known_hosts_key("::1", 9), "[::1]:9");
-        assert_eq!(known_hosts_key("Host", 9), "host:9");
-    }
-
-    #[test]
-    fn path_memories_round_trip_expire_and_skip_garbage() {
-        let dir = tempfile::tempdir().unwrap();
-        let paths = PathMemories::new(dir.path());
-        assert_eq!(paths.recall("h:1"), None, "nothing remembered yet");
-        let m = PathMemory {
-            bw: 62_500_000.0,
-            min_rtt: Duration::from_micros(100_250),
-        };
-        paths.remember("h:1", m);
-        paths.remember("h:2", PathMemory { bw: 1.0, ..m });
-        assert_eq!(paths.recall("h:1"), Some(m));
-        // A newer measurement replaces the old one; others stay.
-        let newer = PathMemory { bw: 1e6, ..m };
-        paths.remember("h:1", newer);
-        assert_eq!(paths.recall("h:1"), Some(newer));
-        assert!(paths.recall("h:2").is_some());
-        // Lines that do not parse are ignored; old ones are not trusted.
-        let old = unix_now() - PATH_MEMORY_MAX_AGE.as_secs() - 1;
-        let mut text = std::fs::read_to_string(dir.path().join("paths")).unwrap();
-        text.push_str("garbage\nh:3 nan\n");
-        text.push_str(&format!("h:4 1000 1000 {old}\n"));
-        std::fs::write(dir.path().join("paths"), text).unwrap();
-        assert_eq!(paths.recall("h:1"), Some(newer));
-        assert_eq!(paths.recall("h:4"), None);
-    }
-
-    #[test]
-    fn upload_journal_entries_name_one_version_of_one_upload() {
-        let dir = tempfile::tempdir().unwrap();
-        let journal = UploadJournal::open(dir.path(), "h:1".into()).unwrap();
-        let meta = FileMeta {
-            size: 10,
-            mtime: Some(crate::protocol::Timestamp { secs: 5, nanos: 0 }),
-            mode: None,
-        };
-        let a = journal.entry("a", &meta);
-        assert_eq!(a, journal.entry("a", &meta), "stable");
-        assert_ne!(a, journal.entry("b", &meta), "per remote path");
-        assert_ne!(
-            a,
-            journal.entry("a", &FileMeta { size: 11, ..meta }),
-            "per size"
-        );
-        let other = UploadJournal::open(dir.path(), "h:2".into()).unwrap();
-        assert_ne!(a, other.entry("a", &meta), "per server");
-        // Entries nobody came back for are swept when the journal opens.
-        std::fs::write(&a, b"").unwrap();
-        let f = File::options().write(true).open(&a).unwrap();
-        f.set_modified(std::time::SystemTime::now() - JOURNAL_MAX_AGE - Duration::from_secs(60))
-            .unwrap();
-        UploadJournal::open(dir.path(), "h:1".into()).unwrap();
-        assert!(!a.exists());
-    }
-
-    #[test]
-    fn digests_print_as_hex() {
-        assert_eq!(hex(&[0xab; 32]), "ab".repeat(32));
-    }
-}
+mod tests;
