@@ -36,6 +36,7 @@ mod get;
 mod outcome;
 mod plan;
 mod put;
+mod receive;
 mod retry;
 mod servers;
 mod state;

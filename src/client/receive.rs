@@ -1,0 +1,233 @@
+//! Receiving a download's bytes into its temporary: raw, compressed, or as a delta against the version already here; then checked against the server's BLAKE3 and committed.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use quinn::VarInt;
+
+use crate::exchange::RecvHalf;
+use crate::exchange::{
+    self, blocking, Advance, CommitError, Cutter, DeltaSent, FileKey, IncomingFile, Pacer, Start,
+    TransferError, DELTA_MIN,
+};
+use crate::protocol::stream::RESET_SOURCE_FAILED;
+use crate::protocol::{Digest, Encoding, GetOffer, Trailer};
+
+use super::dest::Dest;
+use super::{reply, FileError};
+
+/// A download's data always has the size its offer announces: the
+/// framing of data of unknown length is for uploads from a pipe only.
+pub(super) fn check_framing(offer: &GetOffer) -> Result<(), FileError> {
+    if offer.encoding.is_sized() {
+        return Ok(());
+    }
+    Err(FileError::Protocol(
+        "the server framed a download as data of unknown length, which only uploads use".into(),
+    ))
+}
+
+/// The version of a file the client holds, for a delta get.
+pub(super) struct OldVersion {
+    pub(super) bytes: exchange::FileBytes,
+    pub(super) size: u64,
+}
+
+/// Opens the regular file at `dest` (never through a link) as the old
+/// version of a delta get, if it is one worth building on: at least
+/// [`DELTA_MIN`] bytes and not too large to describe. Blocking.
+pub(super) fn open_old_version(dest: &Dest) -> Option<OldVersion> {
+    let mut opts = cap_std::fs::OpenOptions::new();
+    cap_std::fs::OpenOptionsExt::custom_flags(opts.read(true), libc::O_NOFOLLOW | libc::O_NONBLOCK);
+    let file = dest.dir.open_with(&dest.name, &opts).ok()?.into_std();
+    let md = file.metadata().ok()?;
+    let size = md.len();
+    let usable = md.is_file() && size >= DELTA_MIN && Cutter::for_size(size).can_describe(size);
+    usable.then(|| OldVersion {
+        bytes: exchange::FileBytes::new(file),
+        size,
+    })
+}
+
+/// Receives the rest of a download into `incoming` (as a delta against
+/// `old` if the offer says so), checks it against the server's trailer
+/// and commits it under `dest`: the file's BLAKE3, the bytes on the wire,
+/// and for a delta what it copied and what crossed.
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn receive_get(
+    recv: &mut Box<dyn RecvHalf>,
+    dest: &Path,
+    incoming: IncomingFile,
+    start: Start,
+    offer: &GetOffer,
+    old: Option<&OldVersion>,
+    force: bool,
+    pace: Option<Arc<Pacer>>,
+    progress: &Advance<'_>,
+    kept: &Advance<'_>,
+) -> Result<(Digest, u64, Option<DeltaSent>), FileError> {
+    let meta = &offer.meta;
+    check_framing(offer)?;
+    let file = incoming.file().map_err(FileError::local(dest))?;
+    let mut wire = exchange::Counted::new(recv);
+    let mut delta = None;
+    // The new version's chunks, where the delta could tell them: kept for
+    // the next delta of this file (see `files::described`).
+    let mut described = None;
+    let received = if offer.encoding == Encoding::Delta {
+        let Some(old) = old else {
+            return Err(FileError::Protocol(format!(
+                "the server sent {} as a delta, which this download did not ask for",
+                dest.display()
+            )));
+        };
+        let expect = meta.size - start.offset;
+        let wire = &mut wire;
+        // Where the filesystem shares data between files, the new version
+        // starts as a clone of the old and only what differs is written.
+        let cloned = if start.offset == 0 {
+            let made = file.try_clone().map_err(FileError::local(dest))?;
+            let pace = pace.as_deref();
+            exchange::assemble_cloned(
+                &mut *wire,
+                &old.bytes,
+                old.size,
+                made,
+                expect,
+                Cutter::for_size(old.size),
+                pace,
+                progress,
+                kept,
+                std::future::pending(),
+            )
+            .await
+        } else {
+            None
+        };
+        if let Some(made) = cloned {
+            made.map(|made| {
+                delta = Some(made.sent);
+                described = made.described;
+                made.received
+            })
+        } else {
+            // The assembled bytes go through the usual receiving path; the
+            // rate limit applies where bytes cross (the new blocks), which a
+            // copy does not.
+            let made = exchange::through_pipe(
+                // Bars and rates count what crossed: new bytes as they
+                // arrive, copies as bytes kept.
+                |mut w| async move {
+                    let pace = pace.as_deref();
+                    exchange::assemble(
+                        wire, &old.bytes, old.size, expect, &mut w, pace, progress, kept,
+                    )
+                    .await
+                },
+                |mut r| async move {
+                    exchange::receive_file(
+                        &mut r,
+                        meta.size,
+                        file,
+                        start,
+                        Encoding::Raw,
+                        None,
+                        None,
+                        &|_| {},
+                        std::future::pending(),
+                    )
+                    .await
+                },
+            )
+            .await;
+            match made {
+                Ok((d, received)) => {
+                    delta = Some(d);
+                    Ok(received)
+                }
+                Err(exchange::PipeError::Made(e) | exchange::PipeError::Received(e)) => Err(e),
+            }
+        }
+    } else {
+        exchange::receive_file(
+            &mut wire,
+            meta.size,
+            file,
+            start,
+            offer.encoding,
+            pace,
+            None,
+            progress,
+            std::future::pending(),
+        )
+        .await
+    };
+    let wire_bytes = wire.count();
+    let received = match received {
+        // What a full disk cut short is not kept for a resume (as the
+        // server does): its bytes are the space the rerun, or any other
+        // download, needs.
+        Err(TransferError::Write(io)) if exchange::is_disk_full(&io) => {
+            incoming.discard();
+            return Err(FileError::Local {
+                path: dest.to_owned(),
+                source: std::io::Error::new(
+                    io.kind(),
+                    format!("{io}; the local disk is full: the unfinished download was deleted to give its space back; free space there and run the same command again"),
+                ),
+            });
+        }
+        other => other,
+    };
+    let digest = received.map_err(|e| download_error(e, dest))?.digest;
+    let trailer: Trailer = reply(recv, exchange::STALL_TIMEOUT).await?;
+    if trailer.digest != digest {
+        // Never resume from bytes known to be bad, nor build on what was
+        // kept of the old version again.
+        incoming.discard();
+        if let Some(old) = old.filter(|_| delta.is_some()) {
+            old.bytes.forget();
+        }
+        return Err(FileError::Corrupt(dest.to_owned()));
+    }
+    let meta = *meta;
+    let d = dest.to_owned();
+    let avg = old.map(|o| Cutter::for_size(o.size).avg());
+    let keep = described.zip(avg);
+    let kept_file = keep.as_ref().and_then(|_| incoming.file().ok());
+    blocking(move || {
+        incoming.commit(&meta, force)?;
+        // Known as it is committed (its ctime included).
+        if let (Some((d, avg)), Some(key)) = (keep, kept_file.as_ref().and_then(FileKey::of)) {
+            exchange::remember_described_on_disk(key, avg, &d);
+        }
+        Ok(())
+    })
+    .await
+    .map_err(|e| match e {
+        CommitError::Exists(p) => FileError::LocalExists(p),
+        CommitError::Io { source, .. } => FileError::local(&d)(source),
+    })?;
+    Ok((digest, wire_bytes, delta))
+}
+
+/// A download to `dest` that failed while its bytes arrived, for the user.
+pub(super) fn download_error(e: TransferError, dest: &Path) -> FileError {
+    match e {
+        TransferError::Write(io) => FileError::local(dest)(io),
+        TransferError::Network(ref io) if is_source_reset(io) => FileError::Protocol(
+            "the server could not read the file to the end (it may have changed); try again".into(),
+        ),
+        other => FileError::Transfer {
+            path: dest.to_owned(),
+            source: other,
+        },
+    }
+}
+
+pub(super) fn is_source_reset(e: &std::io::Error) -> bool {
+    matches!(
+        e.get_ref().and_then(|inner| inner.downcast_ref::<quinn::ReadError>()),
+        Some(quinn::ReadError::Reset(code)) if *code == VarInt::from_u32(RESET_SOURCE_FAILED)
+    )
+}
