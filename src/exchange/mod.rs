@@ -10,11 +10,11 @@
 //! name, synced, and only then renamed into place ([`IncomingFile`]).
 //!
 //! One module per job: `send` and `receive` (the two ends of a file's
-//! bytes), `delta` (a changed file as copies of the receiver's old
-//! version and new blocks), `blocks` (a file's BLAKE3 from its 1 MiB
-//! blocks' values), `compress` (zstd blocks), `pace` (`--limit-rate`),
-//! `stream` (the halves of a stream both sides are written against),
-//! `counted` (bytes on the wire). The disk pool, byte sources and sinks,
+//! bytes), `pipe` (`put -`'s data of unknown length), `delta` (a changed
+//! file as copies of the receiver's old version and new blocks), `blocks`
+//! (a file's BLAKE3 from its 1 MiB blocks' values), `compress` (zstd
+//! blocks), `pace` (`--limit-rate`), `stream` (the halves of a stream
+//! both sides are written against), `counted` (bytes on the wire). The disk pool, byte sources and sinks,
 //! commits, metadata, resume prefixes, remembered chunks and the transfer
 //! error are in `crate::files`, below this and the stores, and
 //! re-exported here.
@@ -24,6 +24,7 @@ mod compress;
 mod counted;
 mod delta;
 mod pace;
+mod pipe;
 mod receive;
 mod send;
 mod stream;
@@ -39,6 +40,7 @@ use compress::*;
 pub(crate) use counted::Counted;
 pub(crate) use delta::*;
 pub(crate) use pace::*;
+pub(crate) use pipe::*;
 pub(crate) use receive::*;
 pub(crate) use send::*;
 pub(crate) use stream::*;
