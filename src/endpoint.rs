@@ -110,7 +110,7 @@ const KEEP_ALIVE: Duration = Duration::from_secs(10);
 /// Congestion controller choice.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Congestion {
-    /// qxfer's own model-based controller (src/congestion.rs): keeps its
+    /// qxfer's own model-based controller (src/congestion/): keeps its
     /// rate under random loss and the bottleneck queue short.
     #[default]
     Model,

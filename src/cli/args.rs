@@ -433,7 +433,7 @@ impl TransportArgs {
 /// `--congestion` (the library's [`Congestion`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub(super) enum CongestionArg {
-    /// qxfer's own model-based controller (src/congestion.rs): keeps its
+    /// qxfer's own model-based controller (src/congestion/): keeps its
     /// rate under random loss and the bottleneck queue short.
     Model,
     /// quinn's BBR (an early BBRv1): ignores random loss but overfills queues.
