@@ -1,0 +1,210 @@
+//! qxfer serve from the command line: allowed clients, listening on IPv6, roots, identities kept across restarts, ctrl-c, --read-only.
+
+use super::*;
+
+#[test]
+fn unknown_clients_are_refused_until_allowed_and_open_admits_anyone() {
+    let ops = tempfile::tempdir().unwrap();
+    let server = serve(ops.path(), "127.0.0.1:0");
+    // The banner comes first; what start-up has to say follows it, alike.
+    assert!(
+        server.banner[0].starts_with("qxfer "),
+        "{:?}",
+        server.banner
+    );
+    server.wait_for_line("admitting 0 client(s) listed in");
+    let user = tempfile::tempdir().unwrap();
+    let u = user.path();
+    std::fs::write(u.join("f.txt"), b"hello").unwrap();
+
+    // `qxfer id` makes the identity once and prints its fingerprint.
+    let id = |home: &Path| {
+        let out = qxfer(home).arg("id").output().unwrap();
+        assert!(out.status.success());
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    };
+    let fp = id(u);
+    assert!(fp.starts_with("SHA256:") && fp.len() == 50, "{fp}");
+    assert_eq!(id(u), fp, "stable across runs");
+    let key = u.join("qxfer-config/client.key");
+    assert_eq!(
+        std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+
+    // A stranger is refused, told why, and shown its fingerprint: a
+    // trust failure (exit code 4).
+    client(u, &server)
+        .current_dir(u)
+        .args(["put", "f.txt"])
+        .assert()
+        .code(4)
+        .stderr(
+            predicate::str::contains("refused this client")
+                .and(predicate::str::contains(fp.as_str()))
+                .and(predicate::str::contains("qxfer id")),
+        );
+    client(u, &server)
+        .arg("ls")
+        .assert()
+        .failure()
+        .stderr(predicate::str::contains("refused this client"));
+    assert!(!ops.path().join("root/f.txt").exists());
+
+    // The operator allows it (a second `serve` with --allow, as they would
+    // run it; the running server picks the change up without a restart).
+    let mut allow = qxfer(ops.path());
+    allow
+        .args(["serve", "--listen", "127.0.0.1:0", "--allow", &fp, "--root"])
+        .arg(ops.path().join("root"))
+        .arg("--certs")
+        .arg(ops.path().join("certs"));
+    drop(ServeProcess::spawn(allow));
+    let list = std::fs::read_to_string(ops.path().join("certs/authorized_clients")).unwrap();
+    assert_eq!(list.matches(&fp).count(), 1, "{list}");
+    client(u, &server)
+        .current_dir(u)
+        .args(["put", "f.txt"])
+        .assert()
+        .success();
+    assert_eq!(
+        std::fs::read(ops.path().join("root/f.txt")).unwrap(),
+        b"hello"
+    );
+
+    // --open admits a client nobody listed, and says so loudly.
+    let open_home = tempfile::tempdir().unwrap();
+    let log = std::fs::File::create(open_home.path().join("log")).unwrap();
+    let mut cmd = qxfer(open_home.path());
+    cmd.args(["serve", "--open", "--listen", "127.0.0.1:0", "--root"])
+        .arg(open_home.path().join("root"))
+        .arg("--certs")
+        .arg(open_home.path().join("certs"));
+    let open = ServeProcess::spawn_logging(cmd, log);
+    client(u, &open).arg("ls").assert().success();
+    open.wait_for_line("--open: ANY client");
+}
+
+#[test]
+fn ipv6_listen_and_connect() {
+    if std::net::UdpSocket::bind("[::1]:0").is_err() {
+        println!("skipped: no IPv6 loopback on this machine");
+        return;
+    }
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    let server = serve(h, "[::1]:0");
+    assert!(server.addr.is_ipv6());
+    std::fs::write(h.join("f"), b"six").unwrap();
+    qxfer(h)
+        .current_dir(h)
+        .args(["put", "f", "--server", &server.addr.to_string()])
+        .assert()
+        .success();
+    assert_eq!(std::fs::read(h.join("root/f")).unwrap(), b"six");
+}
+
+#[test]
+fn bad_roots_are_clear_startup_errors_and_missing_roots_are_created() {
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    std::fs::write(h.join("afile"), b"").unwrap();
+    qxfer(h)
+        .args(["serve", "--listen", "127.0.0.1:0", "--root"])
+        .arg(h.join("afile"))
+        .arg("--certs")
+        .arg(h.join("certs"))
+        .assert()
+        .failure()
+        .stderr(predicate::str::contains("not a directory").and(predicate::str::contains("afile")));
+    // A partial TTL so short that the sweep would run without pause.
+    qxfer(h)
+        .args(["serve", "--listen", "127.0.0.1:0", "--partial-ttl", "1ms"])
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("at least 1m"));
+    let server = serve(h, "127.0.0.1:0");
+    assert!(h.join("root").is_dir(), "root created");
+    drop(server);
+}
+
+#[test]
+fn identity_survives_restarts_and_a_changed_one_is_refused() {
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    let first = serve(h, "127.0.0.1:0");
+    let addr = first.addr;
+    let fp = first.fingerprint.clone();
+    client(h, &first).arg("ls").assert().success();
+    drop(first);
+    let again = serve(h, &addr.to_string());
+    assert_eq!(again.fingerprint, fp, "same identity after restart");
+    client(h, &again)
+        .arg("ls")
+        .assert()
+        .success()
+        .stderr(predicate::str::contains("first contact").not());
+    drop(again);
+
+    // New certificate at the same address: the client refuses and says where to look.
+    std::fs::remove_dir_all(h.join("certs")).unwrap();
+    let changed = serve(h, &addr.to_string());
+    assert_ne!(changed.fingerprint, fp);
+    client(h, &changed).arg("ls").assert().code(4).stderr(
+        predicate::str::contains("SERVER IDENTITY CHANGED")
+            .and(predicate::str::contains("known_hosts"))
+            .and(predicate::str::contains(changed.fingerprint.as_str())),
+    );
+    // An explicit pin to the new key connects; a wrong pin does not.
+    client(h, &changed)
+        .args(["ls", "--pin", &changed.fingerprint])
+        .assert()
+        .success();
+    client(h, &changed)
+        .args(["ls", "--pin", &fp])
+        .assert()
+        .code(4)
+        .stderr(predicate::str::contains("pinned"));
+    client(h, &changed)
+        .args(["ls", "--pin", "SHA256:nonsense"])
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("invalid fingerprint"));
+}
+
+#[test]
+fn ctrl_c_stops_the_server_cleanly() {
+    let home = tempfile::tempdir().unwrap();
+    let mut server = serve(home.path(), "127.0.0.1:0");
+    // SAFETY: kill(2) on our own child's pid has no memory-safety preconditions.
+    unsafe { libc::kill(server.child.id() as i32, libc::SIGINT) };
+    let start = Instant::now();
+    loop {
+        if let Some(status) = server.child.try_wait().unwrap() {
+            assert!(status.success(), "{status:?}");
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "server did not stop on SIGINT"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+both_backends!(read_only_flag_refuses_uploads, read_only_on);
+
+async fn read_only_on(backend: Backend) {
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    let root = backend.root_for_process(h.join("root"), "cli");
+    let server = serve_over(h, &root, "127.0.0.1:0", &["--read-only"]);
+    std::fs::write(h.join("f"), b"x").unwrap();
+    client(h, &server)
+        .current_dir(h)
+        .args(["put", "f"])
+        .assert()
+        .failure()
+        .stderr(predicate::str::contains("read-only"));
+    assert!(stored_at(&root, "f").await.is_none());
+}
