@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use quinn::{ConnectionError, TransportErrorCode, VarInt};
 
 use crate::endpoint::{self, EndpointError, TransportOpts};
-use crate::exchange::Pacer;
+use crate::exchange::{Descriptions, Pacer};
 use crate::protocol::{close, ALPN};
 use crate::tls::{Fingerprint, Identity, KnownHosts, PinnedServerVerifier, TrustError};
 
@@ -285,9 +285,11 @@ impl Client {
         // through another.
         let journal = UploadJournal::open(&config.config_dir, server_fp.to_string()).ok();
         // What this client made by a delta, for the next delta of the same
-        // file (see `files::described`); without it, a delta costs
-        // reading the file to describe it, as before.
-        let _ = crate::exchange::keep_descriptions_on_disk(config.config_dir.join("described"));
+        // file (see `files::described`); without it (a config directory
+        // that cannot hold it), a delta costs reading the file to describe
+        // it, as before.
+        let descriptions =
+            Descriptions::on_disk(config.config_dir.join("described")).unwrap_or_default();
         Ok(Self {
             _endpoint: Some(Registered::new(endpoint)),
             link: Link::Quic(conn),
@@ -300,6 +302,7 @@ impl Client {
             compression: config.compression,
             delta: config.delta,
             reply_timeout: config.reply_timeout,
+            descriptions,
             first_contact,
         })
     }

@@ -77,8 +77,8 @@ impl Client {
         // Replacing a file in sync mode: the server sends a delta against
         // the version here, which the request describes.
         let old = if self.delta && force && size_hint.is_none_or(|s| s >= DELTA_MIN) {
-            let t = target.clone();
-            blocking(move || open_old_version(&t)).await
+            let (t, kept) = (target.clone(), self.descriptions.clone());
+            blocking(move || open_old_version(&t, kept)).await
         } else {
             None
         };

@@ -19,7 +19,7 @@ use crate::exchange::{RecvHalf, SendHalf};
 
 use crate::endpoint;
 use crate::endpoint::TransportOpts;
-use crate::exchange::Pacer;
+use crate::exchange::{Descriptions, Pacer};
 use crate::protocol::stream::STOP_REFUSED;
 use crate::protocol::{
     close, read_frame, write_frame, Compression, Digest, DigestsRequest, DirMeta, Entry, FileMeta,
@@ -117,6 +117,9 @@ pub struct Client {
     compression: Compression,
     delta: bool,
     reply_timeout: Duration,
+    /// What is remembered of the chunks of files this client made by a
+    /// delta (on disk, between runs) and of the versions it described.
+    descriptions: Descriptions,
     /// Set when this connection was the first contact and the fingerprint was
     /// added to known_hosts.
     pub first_contact: Option<(Fingerprint, PathBuf)>,
@@ -225,6 +228,8 @@ impl Client {
             compression: config.compression,
             delta: config.delta,
             reply_timeout: config.reply_timeout,
+            descriptions: Descriptions::on_disk(config.config_dir.join("described"))
+                .unwrap_or_default(),
             first_contact: None,
         }
     }

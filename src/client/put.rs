@@ -114,8 +114,10 @@ impl Client {
                         described.avg_chunk
                     ))
                 })?;
-                let src =
-                    exchange::FileBytes::new(file.try_clone().map_err(FileError::local(local))?);
+                let src = exchange::FileBytes::new(
+                    file.try_clone().map_err(FileError::local(local))?,
+                    self.descriptions.clone(),
+                );
                 let (index, cut) =
                     exchange::cut_while_described(&mut recv, described, &src, meta.size, cutter)
                         .await;

@@ -5,11 +5,11 @@ use std::sync::Arc;
 
 use quinn::VarInt;
 
-use crate::exchange::RecvHalf;
 use crate::exchange::{
     self, blocking, Advance, CommitError, Cutter, DeltaSent, FileKey, IncomingFile, Pacer, Start,
     TransferError, DELTA_MIN,
 };
+use crate::exchange::{Descriptions, RecvHalf};
 use crate::protocol::stream::RESET_SOURCE_FAILED;
 use crate::protocol::{Digest, Encoding, GetOffer, Trailer};
 
@@ -36,7 +36,7 @@ pub(super) struct OldVersion {
 /// Opens the regular file at `dest` (never through a link) as the old
 /// version of a delta get, if it is one worth building on: at least
 /// [`DELTA_MIN`] bytes and not too large to describe. Blocking.
-pub(super) fn open_old_version(dest: &Dest) -> Option<OldVersion> {
+pub(super) fn open_old_version(dest: &Dest, descriptions: Descriptions) -> Option<OldVersion> {
     let mut opts = cap_std::fs::OpenOptions::new();
     cap_std::fs::OpenOptionsExt::custom_flags(opts.read(true), libc::O_NOFOLLOW | libc::O_NONBLOCK);
     let file = dest.dir.open_with(&dest.name, &opts).ok()?.into_std();
@@ -44,7 +44,7 @@ pub(super) fn open_old_version(dest: &Dest) -> Option<OldVersion> {
     let size = md.len();
     let usable = md.is_file() && size >= DELTA_MIN && Cutter::for_size(size).can_describe(size);
     usable.then(|| OldVersion {
-        bytes: exchange::FileBytes::new(file),
+        bytes: exchange::FileBytes::new(file, descriptions),
         size,
     })
 }
@@ -193,13 +193,16 @@ pub(super) async fn receive_get(
     let meta = *meta;
     let d = dest.to_owned();
     let avg = old.map(|o| Cutter::for_size(o.size).avg());
+    let kept = old.map(|o| o.bytes.descriptions.clone());
     let keep = described.zip(avg);
     let kept_file = keep.as_ref().and_then(|_| incoming.file().ok());
     blocking(move || {
         incoming.commit(&meta, force)?;
         // Known as it is committed (its ctime included).
         if let (Some((d, avg)), Some(key)) = (keep, kept_file.as_ref().and_then(FileKey::of)) {
-            exchange::remember_described_on_disk(key, avg, &d);
+            if let Some(kept) = &kept {
+                kept.remember_on_disk(key, avg, &d);
+            }
         }
         Ok(())
     })

@@ -31,10 +31,6 @@ mod stream;
 #[cfg(test)]
 mod tests;
 
-pub(crate) use crate::files::described::{
-    keep as keep_descriptions, keep_on_disk as keep_descriptions_on_disk,
-    remember_on_disk as remember_described_on_disk,
-};
 pub use crate::files::TransferError;
 use compress::*;
 pub(crate) use counted::Counted;

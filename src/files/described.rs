@@ -13,12 +13,16 @@
 //! bytes themselves: nothing a peer sent is kept.
 //!
 //! Bounded by [`MAX_CACHED_CHUNKS`] chunks (about 50 MB); emptied when
-//! full, as the server's digest cache is. Only a process that says so
-//! ([`keep`]: the server) remembers anything in memory: a client sees each
+//! full, as the server's digest cache is. What is kept is a
+//! [`Descriptions`] handle that whoever opens the files holds and passes
+//! on (the local root a server serves, a client's connection), not a
+//! process-wide setting: two clients in one process (the tests) keep their
+//! own, and a server's cache is its store's. Only a server keeps the cuts
+//! it makes as a sender ([`Descriptions::in_memory`]): a client sees each
 //! file once a run, and would only hold the memory.
 //!
-//! A client keeps instead, between runs ([`keep_on_disk`]: `described/`
-//! in its config directory), the descriptions of the files it made by a
+//! A client keeps instead, between runs ([`Descriptions::on_disk`]:
+//! `described/` in its config directory), the descriptions of the files it made by a
 //! delta (and, for this run only, in memory, those of the versions it
 //! described as a receiver: a delta tells the chunks of what it makes from
 //! those of the version it copies from): the next `get --sync` of such a file, unchanged here since,
@@ -31,8 +35,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, LazyLock, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::{Deserialize, Serialize};
 
@@ -92,61 +95,147 @@ struct Held {
     chunks: usize,
 }
 
-static HELD: LazyLock<Mutex<Held>> = LazyLock::new(Mutex::default);
+/// What a process remembers of its files' chunks (see the module's doc):
+/// nothing (the default), the server's cache in memory
+/// ([`Descriptions::in_memory`]), or a client's on disk between runs with
+/// what its deltas need in memory for this connection
+/// ([`Descriptions::on_disk`]). A clone shares the same cache.
+#[derive(Clone, Default)]
+pub(crate) struct Descriptions(Option<Arc<Kept>>);
 
-static KEEPING: AtomicBool = AtomicBool::new(false);
-
-/// From now on, this process remembers the descriptions it makes.
-pub(crate) fn keep() {
-    KEEPING.store(true, Ordering::Relaxed);
+struct Kept {
+    /// Whether the cuts made as a sender are kept too (a server's).
+    senders: bool,
+    held: Mutex<Held>,
+    /// Where descriptions of files made by a delta are kept between runs.
+    disk: Option<PathBuf>,
 }
 
-/// Whether this process remembers descriptions (else nothing need be
-/// gathered for [`remember`]).
-pub(crate) fn keeping() -> bool {
-    KEEPING.load(Ordering::Relaxed)
-}
-
-/// Whether the description a receiver makes of its version is kept (in
-/// memory, for this run): by a server, and by a client that keeps on disk
-/// what its deltas make, which the delta can tell in chunks only knowing
-/// the old version's.
-pub(crate) fn receivers_keep() -> bool {
-    keeping() || DISK.get().is_some()
-}
-
-fn held() -> std::sync::MutexGuard<'static, Held> {
-    HELD.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// The description of the file version `key` cut at average `avg`, if
-/// this process cut it (or made it) and it has not changed since, or (a
-/// client) it made it by a delta in an earlier run. Blocking where it
-/// reads the disk: one small file, once a delta.
-pub(crate) fn recall(key: &FileKey, avg: u32) -> Option<Description> {
-    {
-        let held = held();
-        if let Some((k, a, d)) = held.by_file.get(&(key.dev, key.ino)) {
-            if k == key && *a == avg {
-                return Some(d.clone());
-            }
+impl std::fmt::Debug for Descriptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0 {
+            None => f.write_str("Descriptions(none)"),
+            Some(k) => write!(
+                f,
+                "Descriptions(senders: {}, disk: {:?})",
+                k.senders, k.disk
+            ),
         }
     }
-    recall_from_disk(DISK.get()?, key, avg)
 }
 
-/// Forgets what is kept of the file `key` (a delta built on it failed its
-/// hash: whatever was wrong, it is not used again).
-pub(crate) fn forget(key: &FileKey) {
-    held().by_file.remove(&(key.dev, key.ino));
-    if let Some(dir) = DISK.get() {
-        let _ = std::fs::remove_file(disk_entry(dir, key));
+impl Descriptions {
+    /// A server's: every description it makes or cuts, in memory.
+    pub(crate) fn in_memory() -> Self {
+        Self(Some(Arc::new(Kept {
+            senders: true,
+            held: Mutex::default(),
+            disk: None,
+        })))
+    }
+
+    /// A client's: the descriptions of the files it makes by a delta, in
+    /// `dir` (created if missing), found there in later runs; and for this
+    /// connection, in memory, those of the versions it describes as a
+    /// receiver (a delta tells the chunks of what it makes from them).
+    pub(crate) fn on_disk(dir: PathBuf) -> std::io::Result<Self> {
+        std::fs::create_dir_all(&dir)?;
+        Ok(Self(Some(Arc::new(Kept {
+            senders: false,
+            held: Mutex::default(),
+            disk: Some(dir),
+        }))))
+    }
+
+    /// Whether the cuts made as a sender are remembered (else nothing need
+    /// be gathered for [`Descriptions::remember`]).
+    pub(crate) fn keeping(&self) -> bool {
+        self.0.as_ref().is_some_and(|k| k.senders)
+    }
+
+    /// Whether the description a receiver makes of its version is kept.
+    pub(crate) fn receivers_keep(&self) -> bool {
+        self.0.is_some()
+    }
+
+    fn held(&self) -> Option<MutexGuard<'_, Held>> {
+        let kept = self.0.as_ref()?;
+        Some(kept.held.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    fn disk(&self) -> Option<&Path> {
+        self.0.as_ref()?.disk.as_deref()
+    }
+
+    /// The description of the file version `key` cut at average `avg`, if
+    /// it was cut (or made) here and has not changed since, or (a client)
+    /// it was made by a delta in an earlier run. Blocking where it reads
+    /// the disk: one small file, once a delta.
+    pub(crate) fn recall(&self, key: &FileKey, avg: u32) -> Option<Description> {
+        if let Some(held) = self.held() {
+            if let Some((k, a, d)) = held.by_file.get(&(key.dev, key.ino)) {
+                if k == key && *a == avg {
+                    return Some(d.clone());
+                }
+            }
+        }
+        recall_from_disk(self.disk()?, key, avg)
+    }
+
+    /// Forgets what is kept of the file `key` (a delta built on it failed
+    /// its hash: whatever was wrong, it is not used again).
+    pub(crate) fn forget(&self, key: &FileKey) {
+        if let Some(mut held) = self.held() {
+            if let Some((_, _, old)) = held.by_file.remove(&(key.dev, key.ino)) {
+                held.chunks -= old.chunks.len();
+            }
+        }
+        if let Some(dir) = self.disk() {
+            let _ = std::fs::remove_file(disk_entry(dir, key));
+        }
+    }
+
+    /// Keeps the description of the file version `key` cut at average
+    /// `avg` (replacing what was kept for an older version of that file;
+    /// what is kept of this very version and not in `description`, such as
+    /// its digest, stays).
+    pub(crate) fn remember(&self, key: FileKey, avg: u32, mut description: Description) {
+        let n = description.chunks.len();
+        if n > MAX_CACHED_CHUNKS {
+            return;
+        }
+        let Some(mut held) = self.held() else {
+            return;
+        };
+        if let Some((k, a, kept)) = held.by_file.get(&(key.dev, key.ino)) {
+            if *k == key && *a == avg {
+                description.digest = description.digest.or(kept.digest);
+                description.values = description.values.take().or_else(|| kept.values.clone());
+            }
+        }
+        if held.chunks + n > MAX_CACHED_CHUNKS {
+            held.by_file.clear();
+            held.chunks = 0;
+        }
+        if let Some((_, _, old)) = held
+            .by_file
+            .insert((key.dev, key.ino), (key, avg, description))
+        {
+            held.chunks -= old.chunks.len();
+        }
+        held.chunks += n;
+    }
+
+    /// Keeps the description of the file version `key` (made here by a
+    /// delta) on disk, if this handle keeps any there. Written whole under
+    /// another name and renamed, so a crash leaves the old entry or the
+    /// new one; the oldest entries past [`DISK_ENTRIES`] go. Blocking.
+    pub(crate) fn remember_on_disk(&self, key: FileKey, avg: u32, description: &Description) {
+        if let Some(dir) = self.disk() {
+            write_to_disk(dir, key, avg, description);
+        }
     }
 }
-
-/// Where this process keeps, between runs, the descriptions of the files
-/// it made by a delta, if anywhere (see the module's doc).
-static DISK: OnceLock<PathBuf> = OnceLock::new();
 
 /// Files whose descriptions are kept on disk, at most (a 1 GiB file's
 /// takes some 600 KB).
@@ -155,15 +244,6 @@ pub(crate) const DISK_ENTRIES: usize = 64;
 /// The largest entry read back: [`MAX_CACHED_CHUNKS`] chunks and the block
 /// values of the largest file that many chunks can describe.
 const DISK_ENTRY_MAX: u64 = 80 << 20;
-
-/// From now on, this process keeps the descriptions of the files it makes
-/// by a delta in `dir` (created if missing), and finds them there in
-/// later runs.
-pub(crate) fn keep_on_disk(dir: PathBuf) -> std::io::Result<()> {
-    std::fs::create_dir_all(&dir)?;
-    let _ = DISK.set(dir);
-    Ok(())
-}
 
 /// An entry on disk: the version, the average and the description.
 #[derive(Serialize, Deserialize)]
@@ -215,14 +295,9 @@ fn recall_from_disk(dir: &Path, key: &FileKey, avg: u32) -> Option<Description> 
     })
 }
 
-/// Keeps the description of the file version `key` (made here by a delta)
-/// on disk, if this process keeps any there. Written whole under another
-/// name and renamed, so a crash leaves the old entry or the new one; the
-/// oldest entries past [`DISK_ENTRIES`] go. Blocking.
-pub(crate) fn remember_on_disk(key: FileKey, avg: u32, description: &Description) {
-    let Some(dir) = DISK.get() else {
-        return;
-    };
+/// Writes the description of the file version `key` into `dir` (see
+/// [`Descriptions::remember_on_disk`]).
+fn write_to_disk(dir: &Path, key: FileKey, avg: u32, description: &Description) {
     if description.chunks.len() > MAX_CACHED_CHUNKS {
         return;
     }
@@ -272,42 +347,13 @@ fn prune(dir: &Path) {
     }
 }
 
-/// Keeps the description of the file version `key` cut at average `avg`
-/// (replacing what was kept for an older version of that file; what is
-/// kept of this very version and not in `description`, such as its
-/// digest, stays).
-pub(crate) fn remember(key: FileKey, avg: u32, mut description: Description) {
-    let n = description.chunks.len();
-    if !receivers_keep() || n > MAX_CACHED_CHUNKS {
-        return;
-    }
-    let mut held = held();
-    if let Some((k, a, kept)) = held.by_file.get(&(key.dev, key.ino)) {
-        if *k == key && *a == avg {
-            description.digest = description.digest.or(kept.digest);
-            description.values = description.values.take().or_else(|| kept.values.clone());
-        }
-    }
-    if held.chunks + n > MAX_CACHED_CHUNKS {
-        held.by_file.clear();
-        held.chunks = 0;
-    }
-    if let Some((_, _, old)) = held
-        .by_file
-        .insert((key.dev, key.ino), (key, avg, description))
-    {
-        held.chunks -= old.chunks.len();
-    }
-    held.chunks += n;
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn a_description_without_a_digest_or_values_keeps_those_already_kept() {
-        keep();
+        let kept = Descriptions::in_memory();
         let file = tempfile::tempfile().unwrap();
         file.set_len(3 << 20).unwrap();
         let key = FileKey::of(&file).unwrap();
@@ -321,18 +367,18 @@ mod tests {
             digest: Some([2; 32]),
             values: Some(vec![[3; 32]; 3].into()),
         };
-        remember(key, 1 << 20, full);
+        kept.remember(key, 1 << 20, full);
         let bare = Description {
             chunks,
             digest: None,
             values: None,
         };
-        remember(key, 1 << 20, bare);
-        let d = recall(&key, 1 << 20).unwrap();
+        kept.remember(key, 1 << 20, bare);
+        let d = kept.recall(&key, 1 << 20).unwrap();
         assert_eq!(d.digest, Some([2; 32]));
         assert_eq!(d.values.unwrap().len(), 3);
         assert!(
-            recall(&key, 1 << 19).is_none(),
+            kept.recall(&key, 1 << 19).is_none(),
             "another average is another cut"
         );
     }
@@ -340,8 +386,8 @@ mod tests {
     #[test]
     fn a_description_kept_on_disk_is_found_in_a_later_run_while_the_file_is_unchanged() {
         let dir = tempfile::tempdir().unwrap();
-        keep_on_disk(dir.path().join("described")).unwrap();
-        let disk = DISK.get().unwrap();
+        let kept = Descriptions::on_disk(dir.path().join("described")).unwrap();
+        let disk = kept.disk().unwrap();
         let mut file = tempfile::tempfile().unwrap();
         file.write_all(&[7u8; 5000]).unwrap();
         let key = FileKey::of(&file).unwrap();
@@ -361,8 +407,10 @@ mod tests {
             digest: Some([3; 32]),
             values: Some(vec![[4; 32]].into()),
         };
-        remember_on_disk(key, 4096, &d);
+        kept.remember_on_disk(key, 4096, &d);
         // A later run holds nothing in memory: the disk has it.
+        let later = Descriptions::on_disk(dir.path().join("described")).unwrap();
+        assert!(later.recall(&key, 4096).is_some(), "found by a later run");
         let back = recall_from_disk(disk, &key, 4096).expect("kept");
         assert_eq!(&back.chunks[..], &chunks[..]);
         assert_eq!(back.digest, Some([3; 32]));
@@ -377,11 +425,11 @@ mod tests {
         assert!(recall_from_disk(disk, &key, 4096).is_none(), "damaged");
 
         // Written to since: another version, not used.
-        remember_on_disk(key, 4096, &d);
+        kept.remember_on_disk(key, 4096, &d);
         file.write_all(b"more").unwrap();
         let now = FileKey::of(&file).unwrap();
         assert!(recall_from_disk(disk, &now, 4096).is_none(), "changed");
-        forget(&key);
+        kept.forget(&key);
         assert!(!entry.exists(), "forgotten");
 
         // Bounded: the oldest go.
@@ -390,8 +438,48 @@ mod tests {
                 ino: key.ino + 1_000_000 + i,
                 ..key
             };
-            remember_on_disk(other, 4096, &d);
+            kept.remember_on_disk(other, 4096, &d);
         }
         assert_eq!(std::fs::read_dir(disk).unwrap().count(), DISK_ENTRIES);
+    }
+
+    #[test]
+    fn each_handle_keeps_its_own_and_none_keeps_nothing() {
+        let file = tempfile::tempfile().unwrap();
+        file.set_len(1 << 20).unwrap();
+        let key = FileKey::of(&file).unwrap();
+        let d = Description {
+            chunks: vec![ChunkSum {
+                len: 1 << 20,
+                digest: [1; 32],
+            }]
+            .into(),
+            digest: None,
+            values: None,
+        };
+        let (one, other, none) = (
+            Descriptions::in_memory(),
+            Descriptions::in_memory(),
+            Descriptions::default(),
+        );
+        one.remember(key, 1 << 18, d.clone());
+        none.remember(key, 1 << 18, d);
+        assert!(
+            one.clone().recall(&key, 1 << 18).is_some(),
+            "a clone shares"
+        );
+        assert!(
+            other.recall(&key, 1 << 18).is_none(),
+            "another handle does not"
+        );
+        assert!(none.recall(&key, 1 << 18).is_none(), "none keeps nothing");
+        assert!(!none.receivers_keep() && !none.keeping());
+        one.forget(&key);
+        assert!(one.recall(&key, 1 << 18).is_none(), "forgotten");
+        assert_eq!(
+            one.held().unwrap().chunks,
+            0,
+            "its chunks are no longer counted"
+        );
     }
 }

@@ -24,7 +24,7 @@ mod source;
 mod start;
 
 pub(crate) use commit::*;
-pub(crate) use described::{Description, FileKey};
+pub(crate) use described::{Description, Descriptions, FileKey};
 pub use error::TransferError;
 pub(crate) use error::{STALL_TIMEOUT, STREAM_PAUSE_MAX};
 pub(crate) use meta::*;

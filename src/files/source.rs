@@ -9,7 +9,7 @@ use futures::stream::{BoxStream, StreamExt};
 
 use crate::protocol::{ChunkSum, Digest};
 
-use super::{blocking, described, Description, FileKey, TransferError, CHUNK};
+use super::{blocking, Description, Descriptions, FileKey, TransferError, CHUNK};
 
 /// A file's bytes as a delta reads them: a local file, or a store's file
 /// (the old version a receiver holds, or the new one a server sends).
@@ -42,16 +42,21 @@ pub(crate) struct FileBytes {
     pub(crate) before: Option<Snapshot>,
     /// Which version of which file it is, for the descriptions cache.
     pub(crate) key: Option<FileKey>,
+    /// What is remembered of files' chunks where this file was opened
+    /// (the server's store, the client's connection).
+    pub(crate) descriptions: Descriptions,
 }
 
 impl FileBytes {
-    pub(crate) fn new(file: File) -> Self {
+    /// `file`, its chunks recalled from and remembered in `descriptions`.
+    pub(crate) fn new(file: File, descriptions: Descriptions) -> Self {
         let before = Snapshot::of(&file);
         let key = FileKey::of(&file);
         Self {
             file: Arc::new(file),
             before,
             key,
+            descriptions,
         }
     }
 
@@ -68,15 +73,15 @@ impl FileBytes {
     /// hash, and whatever was wrong is not used again.
     pub(crate) fn forget(&self) {
         if let Some(key) = &self.key {
-            described::forget(key);
+            self.descriptions.forget(key);
         }
     }
 
-    /// What this process remembers of the file cut into chunks of average
-    /// `avg` (see `described`), if it is `size` bytes as expected.
+    /// What is remembered of the file cut into chunks of average `avg`
+    /// (see `described`), if it is `size` bytes as expected.
     pub(crate) fn recall(&self, size: u64, avg: u32) -> Option<Description> {
         let key = self.key.as_ref()?;
-        let d = described::recall(key, avg)?;
+        let d = self.descriptions.recall(key, avg)?;
         (d.chunks.iter().map(|c| u64::from(c.len)).sum::<u64>() == size).then_some(d)
     }
 
@@ -86,7 +91,7 @@ impl FileBytes {
         if let Some(key) = self.key {
             if self.check_unchanged().await.is_ok() {
                 let values = None;
-                described::remember(
+                self.descriptions.remember(
                     key,
                     avg,
                     Description {

@@ -203,9 +203,6 @@ pub async fn run_until(
     shutdown: impl Future<Output = ()>,
     stop_now: impl Future<Output = ()>,
 ) {
-    // The chunks of files cut for deltas are worth keeping in a server,
-    // which sees the same files again (see `files::described`).
-    crate::exchange::keep_descriptions();
     // Before the first request: what a crashed run of this same server
     // (same host, address and root) still held in a shared store is let go.
     if let Ok(addr) = endpoint.local_addr() {

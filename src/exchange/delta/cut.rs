@@ -99,7 +99,7 @@ pub(super) async fn cut_counted(
         if last {
             let chunks = list;
             let digest = *hasher.finalize().as_bytes();
-            if let Some(f) = src.as_file().filter(|_| described::keeping()) {
+            if let Some(f) = src.as_file().filter(|f| f.descriptions.keeping()) {
                 let sums = chunks
                     .iter()
                     .map(|&(_, len, digest)| ChunkSum { len, digest })

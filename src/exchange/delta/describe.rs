@@ -75,7 +75,7 @@ where
     }
     if let Some(f) = old
         .as_file()
-        .filter(|_| fresh && described::receivers_keep())
+        .filter(|f| fresh && f.descriptions.receivers_keep())
     {
         f.remember(cutter.avg(), chunks, None).await;
     }

@@ -34,7 +34,6 @@ use crate::protocol::{
 
 use super::blocks::{Blocks, BLOCK};
 use super::*;
-use crate::files::described;
 
 mod assemble;
 mod cut;

@@ -9,6 +9,14 @@ use crate::protocol::Digest;
 
 use super::*;
 
+/// What these tests remember of their files' chunks, as a server's store
+/// would: one cache for them all (each test uses files of its own).
+fn kept() -> Descriptions {
+    static KEPT: std::sync::LazyLock<Descriptions> =
+        std::sync::LazyLock::new(Descriptions::in_memory);
+    KEPT.clone()
+}
+
 /// Describes the local file `path` as a receiver does (through the
 /// descriptions cache): the chunks it sends.
 pub(super) async fn describe_file(path: &Path, cutter: Cutter) -> Vec<crate::protocol::ChunkSum> {
@@ -27,8 +35,7 @@ pub(super) async fn describe_file(path: &Path, cutter: Cutter) -> Vec<crate::pro
 
 /// The frames a receiver sends to describe the local file `path`, and its size.
 pub(super) async fn described_file(path: &Path, cutter: Cutter) -> (Vec<u8>, u64) {
-    keep_descriptions();
-    let src = FileBytes::new(File::open(path).unwrap());
+    let src = FileBytes::new(File::open(path).unwrap(), kept());
     let size = std::fs::metadata(path).unwrap().len();
     let mut described = Vec::new();
     send_chunks(&src, size, cutter, &mut described)
@@ -46,7 +53,7 @@ pub(super) async fn delta_between(
     cutter: Cutter,
 ) -> (Vec<u8>, Digest, DeltaSent) {
     let (described, size) = described_file(old, cutter).await;
-    let new_src = FileBytes::new(File::open(new).unwrap());
+    let new_src = FileBytes::new(File::open(new).unwrap(), kept());
     let new_len = std::fs::metadata(new).unwrap().len();
     send_against(&described, size, cutter, &new_src, new_len, 0).await
 }
@@ -100,7 +107,7 @@ pub(super) async fn patch_copy(
         .write(true)
         .open(made)
         .unwrap();
-    let old_src = FileBytes::new(File::open(old).unwrap());
+    let old_src = FileBytes::new(File::open(old).unwrap(), kept());
     assemble_patched(
         &mut &ops[..],
         &old_src,
@@ -394,7 +401,7 @@ pub(super) async fn a_second_patched_delta_builds_on_what_the_first_remembered()
         assert_eq!(told.values.as_ref().map(|v| v.len()), Some(new.len() / MIB));
         // As the store does once the file is committed.
         let key = FileKey::of(&File::open(&made_path).unwrap()).unwrap();
-        described::remember(key, cutter.avg(), told);
+        kept().remember(key, cutter.avg(), told);
         old_path = made_path;
     }
 }

@@ -15,7 +15,6 @@
 //! from listings, so temporaries are never listed, never downloadable and
 //! never mistaken for (or clobbered by) user files.
 
-use crate::files;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -25,7 +24,9 @@ use async_trait::async_trait;
 use cap_std::ambient_authority;
 use cap_std::fs::{Dir, OpenOptions, OpenOptionsExt};
 
-use crate::files::{blocking, file_meta, FileBytes, Start};
+use crate::files;
+
+use crate::files::{blocking, file_meta, Descriptions, FileBytes, Start};
 use crate::paths::RemotePath;
 use crate::protocol::{Digest, DirMeta, Entry, ErrorCode, FileMeta, Prefix, RemoteError};
 use crate::space::Space;
@@ -50,6 +51,10 @@ pub(crate) struct LocalStore {
     space: Arc<Space>,
     /// Digests hashed for `--checksum`.
     digests: Arc<DigestCache>,
+    /// The chunks of files cut for deltas (or made by one), for the next
+    /// delta of the same file in either direction: a server sees the same
+    /// files again and again (see `files::described`).
+    descriptions: Descriptions,
 }
 
 /// [`Store::set_meta`] in place: the file is opened beneath the root
@@ -149,6 +154,7 @@ impl LocalStore {
             root: Arc::new(dir),
             space: Arc::default(),
             digests: Arc::default(),
+            descriptions: Descriptions::in_memory(),
         };
         Ok((store, root))
     }
@@ -175,8 +181,8 @@ impl Store for LocalStore {
     }
 
     async fn open(&self, path: &RemotePath, resume: Option<Prefix>) -> Result<Opened, RemoteError> {
-        let (root, p) = (self.root.clone(), path.clone());
-        blocking(move || open_for_reading(&root, &p, resume)).await
+        let (root, p, kept) = (self.root.clone(), path.clone(), self.descriptions.clone());
+        blocking(move || open_for_reading(&root, &p, resume, kept)).await
     }
 
     async fn digest(&self, path: &RemotePath) -> Result<Option<Digest>, RemoteError> {
@@ -225,8 +231,12 @@ impl Store for LocalStore {
     }
 
     async fn prepare_put(&self, plan: PutPlan) -> Result<Prepared, RemoteError> {
-        let (root, space) = (self.root.clone(), self.space.clone());
-        blocking(move || prepare_put(&root, &plan, &space)).await
+        let (root, space, kept) = (
+            self.root.clone(),
+            self.space.clone(),
+            self.descriptions.clone(),
+        );
+        blocking(move || prepare_put(&root, &plan, &space, kept)).await
     }
 
     async fn sweep(&self, ttl: Duration, in_use: InUse) -> Result<usize, String> {
@@ -309,6 +319,7 @@ fn open_for_reading(
     root: &Dir,
     p: &RemotePath,
     resume: Option<Prefix>,
+    descriptions: Descriptions,
 ) -> Result<Opened, RemoteError> {
     // O_NONBLOCK: opening a FIFO someone left in the root must not hang
     // this task; it is refused below as not a regular file.
@@ -348,7 +359,7 @@ fn open_for_reading(
         offset: start.offset,
         hasher: Some(start.hasher),
         digest: None,
-        bytes: Box::new(FileBytes::new(file)),
+        bytes: Box::new(FileBytes::new(file, descriptions)),
     })
 }
 

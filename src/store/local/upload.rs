@@ -9,8 +9,8 @@ use cap_std::fs::Dir;
 
 use crate::files;
 use crate::files::{
-    blocking, described, to_timestamp, CommitError, Description, FileKey, FileSink, IncomingFile,
-    Received, Sink, Start, TransferError, Whole,
+    blocking, to_timestamp, CommitError, Description, Descriptions, FileKey, FileSink,
+    IncomingFile, Received, Sink, Start, TransferError, Whole,
 };
 use crate::paths::RemotePath;
 use crate::protocol::{Digest, ErrorCode, FileMeta, RemoteError};
@@ -29,6 +29,7 @@ pub(super) fn prepare_put(
     root: &Dir,
     plan: &PutPlan,
     space: &Arc<Space>,
+    descriptions: Descriptions,
 ) -> Result<Prepared, RemoteError> {
     let PutPlan {
         path, meta, force, ..
@@ -111,6 +112,7 @@ pub(super) fn prepare_put(
             room,
             path,
             false,
+            descriptions,
         ));
     };
     let store = partials::partial_store(root).map_err(creating)?;
@@ -144,6 +146,7 @@ pub(super) fn prepare_put(
         None,
         path,
         discarded_stale,
+        descriptions,
     ))
 }
 
@@ -155,6 +158,7 @@ pub(super) fn receive(
     room: Option<Arc<Space>>,
     path: &RemotePath,
     discarded_stale: bool,
+    descriptions: Descriptions,
 ) -> Prepared {
     let held = Held {
         offset: start.offset,
@@ -168,6 +172,7 @@ pub(super) fn receive(
             room,
             path: path.clone(),
             described: None,
+            descriptions,
         }),
         held,
         discarded_stale,
@@ -188,6 +193,8 @@ pub(super) struct LocalUpload {
     path: RemotePath,
     /// The chunks of a file made by a delta, to remember once committed.
     described: Option<(u32, Description)>,
+    /// Where they are remembered: the store's.
+    descriptions: Descriptions,
 }
 
 impl LocalUpload {
@@ -312,13 +319,14 @@ impl Upload for LocalUpload {
         let incoming = self.incoming.take().expect("the upload is still open");
         let path = self.path.clone();
         let described = self.described.take();
+        let kept = self.descriptions.clone();
         blocking(move || {
             let file = described.as_ref().and_then(|_| incoming.file().ok());
             incoming.commit(&meta, force)?;
             // Known as it is committed: its next delta, either way, need
             // not read it again (see `files::described`).
             if let (Some((avg, d)), Some(key)) = (described, file.as_ref().and_then(FileKey::of)) {
-                described::remember(key, avg, d);
+                kept.remember(key, avg, d);
             }
             Ok(())
         })
