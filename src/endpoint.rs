@@ -23,7 +23,7 @@ use crate::tls::{self, ClientVerifier, Identity, PinnedServerVerifier, TrustErro
 /// while it waits is a task and, for an upload, an open temporary file; the
 /// flow-control windows below bound memory whatever this is, and disk work
 /// runs in a fixed pool of threads (src/exchange/pool.rs).
-pub const DEFAULT_MAX_STREAMS: u32 = 512;
+pub(crate) const DEFAULT_MAX_STREAMS: u32 = 512;
 
 /// Per-stream receive window. On a lossy path the receiver cannot hand
 /// data past a lost packet to the application until its retransmission
@@ -45,7 +45,7 @@ const INITIAL_RECEIVE_WINDOW: u64 = 8 * 1024 * 1024;
 
 /// Most a connection's receive window grows to: one full stream window plus
 /// room for others; it bounds memory per connection.
-pub const CONNECTION_RECEIVE_WINDOW: u32 = 48 * 1024 * 1024;
+pub(crate) const CONNECTION_RECEIVE_WINDOW: u32 = 48 * 1024 * 1024;
 
 /// The connection window is kept at this many times the data the path
 /// delivers in one round trip: enough to carry on while a lost packet's
@@ -93,7 +93,7 @@ pub(crate) fn tune_receive_window(conn: quinn::Connection) {
 /// hold what follows a lost packet until the loss is repaired: 24 MiB keeps
 /// 100 ms / 500 Mbit/s at 82% of its rate at 2% loss where 16 MiB fell to
 /// 69%, and 48 MiB gained nothing but 12 MiB more memory.
-pub const SEND_WINDOW: u64 = 24 * 1024 * 1024;
+pub(crate) const SEND_WINDOW: u64 = 24 * 1024 * 1024;
 
 /// UDP socket buffers asked of the kernel (it may grant less): small default
 /// buffers drop bursts at high rates, and every drop costs a loss recovery.
@@ -101,7 +101,7 @@ const SOCKET_BUFFER: usize = 4 * 1024 * 1024;
 
 /// Default for [`ServerLimits::idle_timeout`]: a connection with no traffic
 /// for this long is closed. Clients ask for the same.
-pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Clients ping this often so an idle-looking connection (a server busy
 /// syncing a large file, say) is not closed under them.

@@ -25,7 +25,7 @@ use std::path::PathBuf;
 use crate::protocol::{ErrorCode, RemoteError, MAX_PATH_LEN};
 
 /// Prefix of qxfer's own temporary files; such names are hidden and reserved.
-pub const RESERVED_PREFIX: &str = ".qxfer-";
+pub(crate) const RESERVED_PREFIX: &str = ".qxfer-";
 
 /// The partial store of a server's root: a hidden directory holding
 /// uploads in progress (both stores keep it under this name).
@@ -125,7 +125,7 @@ impl RemotePath {
     }
 
     /// The last component as the filesystem names it (bytes), if any.
-    pub fn local_file_name(&self) -> Option<OsString> {
+    pub(crate) fn local_file_name(&self) -> Option<OsString> {
         self.components.last().map(|c| local_name(c))
     }
 
@@ -167,7 +167,7 @@ fn is_escape_char(c: char) -> bool {
 /// A local name (bytes) in its wire form: UTF-8 as it is, except bytes
 /// that are not UTF-8 and the noncharacters U+FDD0..U+FDEF, which are
 /// escaped byte by byte. Total and one-to-one: [`name_from_wire`] undoes it.
-pub fn name_to_wire(name: &OsStr) -> String {
+pub(crate) fn name_to_wire(name: &OsStr) -> String {
     let bytes = name.as_bytes();
     let mut out = String::with_capacity(bytes.len());
     let mut rest = bytes;
@@ -208,7 +208,7 @@ fn push_escaped(out: &mut String, byte: u8) {
 /// The local name (bytes) a wire name stands for, if the wire name is the
 /// one form [`name_to_wire`] gives for those bytes: escapes in pairs, only
 /// for bytes that need them, and no NUL or `/` among the bytes.
-pub fn name_from_wire(wire: &str) -> Option<OsString> {
+pub(crate) fn name_from_wire(wire: &str) -> Option<OsString> {
     let mut bytes = Vec::with_capacity(wire.len());
     let mut chars = wire.chars();
     while let Some(c) = chars.next() {
@@ -288,7 +288,7 @@ pub fn shown(wire: &str) -> String {
 
 /// A local path as people should see it: [`shown`] of its wire form
 /// (bytes that are not UTF-8 as `\xNN`, control characters escaped).
-pub fn shown_local(path: &std::path::Path) -> String {
+pub(crate) fn shown_local(path: &std::path::Path) -> String {
     shown(&name_to_wire(path.as_os_str()))
 }
 
@@ -306,7 +306,7 @@ fn truncate_for_display(raw: &str) -> String {
 }
 
 /// Joins a local directory and a remote subdirectory (`--to`) with a file name.
-pub fn join_remote(dir: Option<&str>, name: &str) -> String {
+pub(crate) fn join_remote(dir: Option<&str>, name: &str) -> String {
     match dir.map(|d| d.trim_end_matches('/')) {
         Some(d) if !d.is_empty() => format!("{d}/{name}"),
         _ => name.to_owned(),

@@ -88,13 +88,13 @@ impl WatchFile for Unwatched {
 
 /// Files smaller than this are "small": they do not count against
 /// `--parallel` and get no bar of their own.
-pub const SMALL_FILE: u64 = 1024 * 1024;
+pub(crate) const SMALL_FILE: u64 = 1024 * 1024;
 
 /// Small files in flight at once, at most: as many as a server grants
 /// streams by default ([`endpoint::DEFAULT_MAX_STREAMS`]), so that a
 /// thousand small files wait on one another for a round trip, not fifty.
 /// Each holds one stream and at most its own bytes in memory.
-pub const SMALL_FILE_STREAMS: usize = endpoint::DEFAULT_MAX_STREAMS as usize;
+pub(crate) const SMALL_FILE_STREAMS: usize = endpoint::DEFAULT_MAX_STREAMS as usize;
 
 /// Bytes of small files in flight at once, at most: keeps memory flat
 /// when the small files are near [`SMALL_FILE`] in size (each in flight

@@ -143,7 +143,7 @@ pub enum ConnectError {
 }
 
 /// Splits `server` into host and port; the host keeps no brackets.
-pub fn split_server(server: &str) -> Result<(String, u16), ConnectError> {
+pub(crate) fn split_server(server: &str) -> Result<(String, u16), ConnectError> {
     let bad = || ConnectError::BadAddress(server.to_owned());
     if let Ok(addr) = server.parse::<SocketAddr>() {
         return Ok((addr.ip().to_string(), addr.port()));
@@ -342,7 +342,7 @@ pub(super) fn refusal(
 }
 
 /// Why a connection ended, as the user should read it.
-pub fn describe_close(reason: &ConnectionError) -> String {
+pub(crate) fn describe_close(reason: &ConnectionError) -> String {
     match reason {
         ConnectionError::ApplicationClosed(c)
             if c.error_code == VarInt::from_u32(close::SHUTTING_DOWN) =>

@@ -15,13 +15,13 @@ use ignore::gitignore::{Gitignore, GitignoreBuilder};
 
 /// What a tree transfer leaves out.
 #[derive(Debug, Clone, Default)]
-pub struct Filter {
+pub(crate) struct Filter {
     matcher: Option<Gitignore>,
 }
 
 /// A pattern or pattern file that cannot be used.
 #[derive(Debug, thiserror::Error)]
-pub enum FilterError {
+pub(crate) enum FilterError {
     /// A pattern given with --exclude does not parse.
     #[error("--exclude {pattern:?}: {reason}; see `qxfer put --help` for the pattern syntax")]
     Pattern {
@@ -56,7 +56,7 @@ impl Filter {
     /// Builds the filter from `--exclude` patterns (in order) and then the
     /// lines of each `--exclude-from` file (blank lines and `#` comments
     /// skipped, as in .gitignore).
-    pub fn new(patterns: &[String], files: &[PathBuf]) -> Result<Self, FilterError> {
+    pub(crate) fn new(patterns: &[String], files: &[PathBuf]) -> Result<Self, FilterError> {
         if patterns.is_empty() && files.is_empty() {
             return Ok(Self::default());
         }
@@ -96,7 +96,7 @@ impl Filter {
 
     /// Whether `rel` (a path inside the transfer, see the module docs) is
     /// left out, by a pattern of its own or of a directory above it.
-    pub fn excludes(&self, rel: &str, is_dir: bool) -> bool {
+    pub(crate) fn excludes(&self, rel: &str, is_dir: bool) -> bool {
         self.matcher.as_ref().is_some_and(|m| {
             m.matched_path_or_any_parents(Path::new(rel), is_dir)
                 .is_ignore()
@@ -104,15 +104,10 @@ impl Filter {
     }
 
     /// Whether `rel` itself matches an exclusion (not only a directory above it).
-    pub fn excludes_itself(&self, rel: &str, is_dir: bool) -> bool {
+    pub(crate) fn excludes_itself(&self, rel: &str, is_dir: bool) -> bool {
         self.matcher
             .as_ref()
             .is_some_and(|m| m.matched(Path::new(rel), is_dir).is_ignore())
-    }
-
-    /// Whether any pattern was given.
-    pub fn is_empty(&self) -> bool {
-        self.matcher.is_none()
     }
 }
 
@@ -145,7 +140,7 @@ mod tests {
         assert!(!f.excludes("top/a.txt", false));
         assert!(f.excludes_itself("top/raw", true));
         assert!(!f.excludes_itself("top/raw/x.jpg", false));
-        assert!(Filter::default().is_empty() && !Filter::default().excludes("a", false));
+        assert!(Filter::default().matcher.is_none() && !Filter::default().excludes("a", false));
     }
 
     #[test]

@@ -48,7 +48,7 @@ impl Client {
     /// thousand small downloads then leave no names to create, lock and
     /// rename, nor anything behind if interrupted.
     #[allow(clippy::too_many_arguments)]
-    pub async fn get_sized(
+    pub(crate) async fn get_sized(
         &self,
         remote: &str,
         dest: &Path,
@@ -195,7 +195,7 @@ impl Client {
     /// arrives: nothing else is written there, nothing is resumed or kept,
     /// and the BLAKE3 is checked at the end (a mismatch is an error, after
     /// the fact: the reader must discard what it got).
-    pub async fn get_to_stdout(
+    pub(crate) async fn get_to_stdout(
         &self,
         remote: &str,
         progress: &dyn WatchFile,

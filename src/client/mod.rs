@@ -46,24 +46,23 @@ pub use outcome::{hex, FileError, TransferReport};
 
 /// Why one file's bytes did not move (inside [`FileError::Transfer`]).
 pub use crate::exchange::TransferError;
-pub use batch::{
-    run_batch, BatchReport, Direction, Job, Unwatched, Watch, WatchFile, SMALL_FILE,
-    SMALL_FILE_STREAMS,
-};
+pub(crate) use batch::SMALL_FILE_STREAMS;
+pub use batch::{run_batch, BatchReport, Direction, Job, Unwatched, Watch, WatchFile};
 pub(crate) use connect::known_hosts_key;
 use connect::refusal;
-pub use connect::{describe_close, split_server, ConnectError, DEFAULT_CONNECT_TIMEOUT};
+pub(crate) use connect::{describe_close, split_server};
+pub use connect::{ConnectError, DEFAULT_CONNECT_TIMEOUT};
 pub(crate) use dest::remove_below;
-pub use filter::{Filter, FilterError};
+pub(crate) use filter::{Filter, FilterError};
 pub use get::{part_path, PART_SUFFIX};
-pub use plan::{dry_run, Action, Planned};
+pub(crate) use plan::{dry_run, Action, Planned};
 pub(crate) use plan::{fix_meta, plan_with_listing};
-pub use retry::{run_resilient, Backoff, BatchOptions, RetryEvent, RetryPolicy};
-pub use servers::{ClientFile, ConfigError, NamedServer, CONFIG_FILE};
+pub(crate) use retry::{run_resilient, BatchOptions, RetryEvent, RetryPolicy};
+pub(crate) use servers::{ClientFile, ConfigError};
 use state::{PathMemories, UploadJournal};
 
 /// Port used when `--server` names only a host.
-pub const DEFAULT_PORT: u16 = 65432;
+pub(crate) const DEFAULT_PORT: u16 = 65432;
 
 /// Longest wait for the close packet to leave in [`Client::close`].
 const CLOSE_FLUSH: Duration = Duration::from_millis(200);

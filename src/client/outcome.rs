@@ -79,7 +79,7 @@ impl FileError {
     /// the file's: the same transfer may well succeed over a new connection
     /// (a network outage, a server restart or shutdown, a stalled peer, a
     /// timeout), and resumes where it stopped.
-    pub fn is_transient(&self) -> bool {
+    pub(crate) fn is_transient(&self) -> bool {
         match self {
             Self::Transfer { source, .. } => matches!(
                 source,

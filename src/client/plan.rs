@@ -18,7 +18,7 @@ use super::{Client, Direction, FileError, Job};
 /// What a run would do with one file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Action {
+pub(crate) enum Action {
     /// Send it.
     Send,
     /// Leave it: the same file is already there.
@@ -29,7 +29,7 @@ pub enum Action {
 
 /// One file of a dry run.
 #[derive(Debug, Clone, Serialize)]
-pub struct Planned {
+pub(crate) struct Planned {
     /// What would happen.
     pub action: Action,
     /// The file, as the run would name it.
@@ -134,7 +134,7 @@ async fn remote_entries(
 /// What a put or get of `jobs` would do, in order. With `sync`, a file
 /// whose size and mtime match the other side's is skipped (rsync's quick
 /// check: neither side reads it) and any other existing file is replaced.
-pub async fn dry_run(
+pub(crate) async fn dry_run(
     client: &Client,
     direction: Direction,
     jobs: &[Job],

@@ -17,7 +17,7 @@ use super::{Job, Watch};
 
 /// How often and how patiently a batch reconnects.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RetryPolicy {
+pub(crate) struct RetryPolicy {
     /// Reconnections at most (`--retries`); 0 gives up at once.
     pub retries: u32,
     /// The wait before the first reconnection; it doubles after each.
@@ -28,7 +28,7 @@ pub struct RetryPolicy {
 
 impl RetryPolicy {
     /// `retries` reconnections, 0.5 s apart at first, doubling up to 10 s.
-    pub fn new(retries: u32) -> Self {
+    pub(crate) fn new(retries: u32) -> Self {
         Self {
             retries,
             first_wait: Duration::from_millis(500),
@@ -37,7 +37,7 @@ impl RetryPolicy {
     }
 
     /// The waits of this policy, one reconnection after another.
-    pub fn backoff(&self) -> Backoff {
+    pub(crate) fn backoff(&self) -> Backoff {
         Backoff {
             next: self.first_wait,
             max: self.max_wait,
@@ -47,19 +47,19 @@ impl RetryPolicy {
 
 /// The wait before each reconnection: doubling, up to a ceiling.
 #[derive(Debug, Clone)]
-pub struct Backoff {
+pub(crate) struct Backoff {
     next: Duration,
     max: Duration,
 }
 
 impl Backoff {
     /// How long the next [`Backoff::wait`] waits.
-    pub fn next(&self) -> Duration {
+    pub(crate) fn next(&self) -> Duration {
         self.next
     }
 
     /// Waits the current delay and doubles the next one.
-    pub async fn wait(&mut self) {
+    pub(crate) async fn wait(&mut self) {
         tokio::time::sleep(self.next).await;
         self.next = (self.next * 2).min(self.max);
     }
@@ -67,7 +67,7 @@ impl Backoff {
 
 /// What the loop tells its caller as it goes (the command line prints it).
 #[derive(Debug)]
-pub enum RetryEvent<'a> {
+pub(crate) enum RetryEvent<'a> {
     /// Reconnecting in `wait` to run `files` files again, because `why`.
     Reconnecting {
         why: &'a str,
@@ -183,7 +183,7 @@ where
 /// How the files of a batch move: which way, how many large ones at once,
 /// and whether they replace what is there.
 #[derive(Debug, Clone, Copy)]
-pub struct BatchOptions {
+pub(crate) struct BatchOptions {
     pub direction: Direction,
     /// Large files in flight at once.
     pub parallel: usize,
@@ -231,7 +231,7 @@ impl Session for Over {
 /// [`FileError::is_transient`]), reconnects with `config` and runs those
 /// again, as `policy` allows. `events` hears of each reconnection.
 /// Returns the last connection and the merged report.
-pub async fn run_resilient(
+pub(crate) async fn run_resilient(
     client: Client,
     config: &ClientConfig,
     options: BatchOptions,

@@ -18,11 +18,11 @@ use serde::Deserialize;
 use crate::tls::Fingerprint;
 
 /// The file's name in the client's config directory.
-pub const CONFIG_FILE: &str = "config.toml";
+pub(crate) const CONFIG_FILE: &str = "config.toml";
 
 /// One named server.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NamedServer {
+pub(crate) struct NamedServer {
     /// Its name in the file.
     pub name: String,
     /// HOST:PORT (or HOST, for the default port).
@@ -33,7 +33,7 @@ pub struct NamedServer {
 
 /// What `config.toml` says.
 #[derive(Debug, Default)]
-pub struct ClientFile {
+pub(crate) struct ClientFile {
     /// Where it was read from.
     pub path: PathBuf,
     /// The servers, by name.
@@ -42,7 +42,7 @@ pub struct ClientFile {
 
 /// A config file that cannot be used.
 #[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
+pub(crate) enum ConfigError {
     /// It exists but cannot be read.
     #[error("cannot read {}: {source}", path.display())]
     Read {
@@ -74,7 +74,7 @@ struct RawServer {
 
 impl ClientFile {
     /// Reads `config.toml` from `dir`; no file means no names.
-    pub fn load(dir: &Path) -> Result<Self, ConfigError> {
+    pub(crate) fn load(dir: &Path) -> Result<Self, ConfigError> {
         let path = dir.join(CONFIG_FILE);
         let text = match std::fs::read_to_string(&path) {
             Ok(t) => t,
@@ -90,7 +90,7 @@ impl ClientFile {
     }
 
     /// Parses the text of a config file read from `path`.
-    pub fn parse(text: &str, path: PathBuf) -> Result<Self, ConfigError> {
+    pub(crate) fn parse(text: &str, path: PathBuf) -> Result<Self, ConfigError> {
         let invalid = |at: usize, message: String| ConfigError::Invalid {
             path: path.clone(),
             line: line_of(text, at),
@@ -130,7 +130,7 @@ impl ClientFile {
     }
 
     /// The server `--server` names, if it is a name defined here.
-    pub fn named(&self, server: &str) -> Option<&NamedServer> {
+    pub(crate) fn named(&self, server: &str) -> Option<&NamedServer> {
         self.servers.get(server)
     }
 }

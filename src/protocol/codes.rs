@@ -46,25 +46,25 @@ pub enum ErrorCode {
 pub mod stream {
     /// Reset: the sender could not finish sending the file (it could not be
     /// read, or it changed while being sent); drop what arrived.
-    pub const RESET_SOURCE_FAILED: u32 = 1;
+    pub(crate) const RESET_SOURCE_FAILED: u32 = 1;
     /// Stop: the receiver will not take more data (refused or failed).
-    pub const STOP_REFUSED: u32 = 2;
+    pub(crate) const STOP_REFUSED: u32 = 2;
 }
 
 /// Application close codes a server may end a connection with.
 pub mod close {
     /// Normal end: the client is done or the server shuts down.
-    pub const DONE: u32 = 0;
+    pub(crate) const DONE: u32 = 0;
     /// This client identity already has `--max-connections-per-client` open.
-    pub const TOO_MANY_FROM_CLIENT: u32 = 2;
+    pub(crate) const TOO_MANY_FROM_CLIENT: u32 = 2;
     /// The server is shutting down (also the reset code of streams it will
     /// no longer serve): reconnect and resume, to it once restarted or to
     /// another server.
-    pub const SHUTTING_DOWN: u32 = 3;
+    pub(crate) const SHUTTING_DOWN: u32 = 3;
     /// The server serves as many connections as it allows
     /// (`--max-connections`); this one completed its handshake just as
     /// the last slot went. Try again later, as for a refused handshake.
-    pub const BUSY: u32 = 4;
+    pub(crate) const BUSY: u32 = 4;
 }
 
 impl fmt::Display for ErrorCode {

@@ -65,7 +65,7 @@ pub fn decode<T: DeserializeOwned>(payload: &[u8]) -> Result<T, FrameError> {
 }
 
 /// Writes `msg` as one frame.
-pub async fn write_frame<W, T>(w: &mut W, msg: &T) -> Result<(), FrameError>
+pub(crate) async fn write_frame<W, T>(w: &mut W, msg: &T) -> Result<(), FrameError>
 where
     W: AsyncWrite + Unpin,
     T: Serialize,
@@ -87,7 +87,7 @@ where
 /// Reads one frame of at most `limit` bytes (capped at [`MAX_FRAME`]) and
 /// decodes it as `T`. The server reads request headers with its configured
 /// `--max-header-size`.
-pub async fn read_frame_limited<R, T>(r: &mut R, limit: usize) -> Result<T, FrameError>
+pub(crate) async fn read_frame_limited<R, T>(r: &mut R, limit: usize) -> Result<T, FrameError>
 where
     R: AsyncRead + Unpin,
     T: DeserializeOwned,

@@ -205,7 +205,7 @@ pub enum Encoding {
 impl Encoding {
     /// Whether the data's length is announced before it (`meta.size`),
     /// rather than marked by its end.
-    pub fn is_sized(self) -> bool {
+    pub(crate) fn is_sized(self) -> bool {
         self != Self::Stream
     }
 }
@@ -303,7 +303,7 @@ pub struct Timestamp {
 impl Timestamp {
     /// The time this is, if the system's clock type can hold it (a
     /// hostile peer's nanoseconds past a second cannot).
-    pub fn to_system_time(self) -> Option<std::time::SystemTime> {
+    pub(crate) fn to_system_time(self) -> Option<std::time::SystemTime> {
         use std::time::{Duration, UNIX_EPOCH};
         if self.nanos >= 1_000_000_000 {
             return None;

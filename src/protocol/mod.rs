@@ -26,26 +26,26 @@ pub const ALPN: &[u8] = b"qxfer/3";
 
 /// Largest frame either side accepts. Headers are small; the cap stops a peer
 /// from making us allocate on the strength of a length prefix.
-pub const MAX_FRAME: usize = 64 * 1024;
+pub(crate) const MAX_FRAME: usize = 64 * 1024;
 
 /// Longest remote path accepted, in bytes (Linux PATH_MAX).
-pub const MAX_PATH_LEN: usize = 4096;
+pub(crate) const MAX_PATH_LEN: usize = 4096;
 
 /// Smallest and largest average chunk size of a [`DeltaBase`].
-pub const MIN_AVG_CHUNK: u32 = 16 * 1024;
-pub const MAX_AVG_CHUNK: u32 = 4 * 1024 * 1024;
+pub(crate) const MIN_AVG_CHUNK: u32 = 16 * 1024;
+pub(crate) const MAX_AVG_CHUNK: u32 = 4 * 1024 * 1024;
 
 /// Most chunks a [`DeltaBase`] may have: what the sender of a delta holds
 /// in memory to find them (about 6 MiB). A receiver whose version could
 /// need more (past 128 GiB) describes none, and gets the whole file.
-pub const MAX_DELTA_CHUNKS: u64 = 1 << 17;
+pub(crate) const MAX_DELTA_CHUNKS: u64 = 1 << 17;
 
 /// Most chunks in one [`ChunkBatch`] frame (37 bytes each, within [`MAX_FRAME`]).
-pub const CHUNKS_PER_BATCH: usize = 1024;
+pub(crate) const CHUNKS_PER_BATCH: usize = 1024;
 
 /// Most files one [`DigestsRequest`] names: their answer (33 bytes each)
 /// fits one frame.
-pub const MAX_DIGEST_PATHS: usize = 1024;
+pub(crate) const MAX_DIGEST_PATHS: usize = 1024;
 
 /// A BLAKE3 digest of a file's contents.
-pub type Digest = [u8; 32];
+pub(crate) type Digest = [u8; 32];

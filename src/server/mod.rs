@@ -51,10 +51,10 @@ use partials::{sweep_partials_forever, Partials};
 use put::serve_put;
 
 /// Default for [`ServeConfig::header_timeout`].
-pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Default for [`ServeConfig::max_connections_per_client`].
-pub const DEFAULT_MAX_CONNECTIONS_PER_CLIENT: usize = 32;
+pub(crate) const DEFAULT_MAX_CONNECTIONS_PER_CLIENT: usize = 32;
 
 /// How long to wait for a trailer or receipt that should follow the data at once.
 /// The client's receipt for a get comes after it fsyncs a possibly large file.
@@ -93,10 +93,10 @@ pub struct ServeConfig {
 }
 
 /// Default for [`ServeConfig::grace`].
-pub const DEFAULT_GRACE: Duration = Duration::from_secs(10);
+pub(crate) const DEFAULT_GRACE: Duration = Duration::from_secs(10);
 
 /// Default for [`ServeConfig::partial_ttl`].
-pub const DEFAULT_PARTIAL_TTL: Duration = Duration::from_secs(24 * 3600);
+pub(crate) const DEFAULT_PARTIAL_TTL: Duration = Duration::from_secs(24 * 3600);
 
 /// What the server has moved since it started.
 #[derive(Debug, Default)]
@@ -108,14 +108,14 @@ pub struct ServeStats {
 }
 
 /// Default for [`ServeConfig::max_connections`].
-pub const DEFAULT_MAX_CONNECTIONS: usize = 256;
+pub(crate) const DEFAULT_MAX_CONNECTIONS: usize = 256;
 
 /// Errors that stop the server from starting.
 pub use crate::store::local::RootError as StartupError;
 pub use crate::store::object::S3Options;
 
 /// Default for [`S3Options::upload_memory`] (`serve --upload-memory`).
-pub const DEFAULT_UPLOAD_MEMORY: u64 = crate::store::object::DEFAULT_UPLOAD_MEMORY;
+pub(crate) const DEFAULT_UPLOAD_MEMORY: u64 = crate::store::object::DEFAULT_UPLOAD_MEMORY;
 
 /// Which store a test's server serves (see `on_both_stores!`).
 #[cfg(test)]
@@ -197,7 +197,7 @@ pub async fn run(
 /// closed with [`close::SHUTTING_DOWN`], which clients report as "the
 /// server is shutting down". `stop_now` (a second Ctrl-C) cuts the grace
 /// short. Interrupted uploads keep their partials either way.
-pub async fn run_until(
+pub(crate) async fn run_until(
     endpoint: quinn::Endpoint,
     config: ServeConfig,
     shutdown: impl Future<Output = ()>,

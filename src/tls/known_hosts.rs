@@ -9,14 +9,14 @@ use super::*;
 /// The client's record of server fingerprints, one `HOST:PORT SHA256:...` per
 /// line, like ssh's known_hosts. Lines starting with `#` are comments.
 #[derive(Debug)]
-pub struct KnownHosts {
+pub(crate) struct KnownHosts {
     path: PathBuf,
     entries: Vec<(String, Fingerprint, usize)>,
 }
 
 impl KnownHosts {
     /// Reads the file at `path`; a missing file is an empty list.
-    pub fn load(path: &Path) -> Result<Self, TrustError> {
+    pub(crate) fn load(path: &Path) -> Result<Self, TrustError> {
         let text = read_or_empty(path).map_err(io_err(path))?;
         let mut entries = Vec::new();
         for (n, line) in content_lines(&text) {
@@ -44,12 +44,12 @@ impl KnownHosts {
     }
 
     /// The file this list lives in.
-    pub fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         &self.path
     }
 
     /// The fingerprint stored for `host` and the line it is on.
-    pub fn lookup(&self, host: &str) -> Option<(Fingerprint, usize)> {
+    pub(crate) fn lookup(&self, host: &str) -> Option<(Fingerprint, usize)> {
         self.entries
             .iter()
             .find(|(h, _, _)| h == host)
@@ -57,7 +57,7 @@ impl KnownHosts {
     }
 
     /// Appends `host fp` to the file, creating it (and its directory) if needed.
-    pub fn add(&mut self, host: &str, fp: Fingerprint) -> Result<(), TrustError> {
+    pub(crate) fn add(&mut self, host: &str, fp: Fingerprint) -> Result<(), TrustError> {
         if let Some(dir) = self.path.parent() {
             create_private_dir(dir)?;
         }

@@ -32,7 +32,7 @@ mod known_hosts;
 mod verify;
 
 pub use authorized::*;
-pub use known_hosts::*;
+pub(crate) use known_hosts::*;
 pub use verify::*;
 
 /// The SHA-256 digest of a certificate's DER encoding, shown as `SHA256:<base64>`
@@ -224,7 +224,7 @@ impl Identity {
 }
 
 /// Creates `dir` (and parents) if missing; new directories get mode 0700.
-pub fn create_private_dir(dir: &Path) -> Result<(), TrustError> {
+pub(crate) fn create_private_dir(dir: &Path) -> Result<(), TrustError> {
     let mut b = fs::DirBuilder::new();
     b.recursive(true);
     #[cfg(unix)]
@@ -272,7 +272,7 @@ pub fn crypto_provider() -> Arc<CryptoProvider> {
 
 /// rustls configuration for a server presenting `identity` and admitting
 /// clients through `clients`; TLS 1.3 only, never 0-RTT.
-pub fn server_crypto(
+pub(crate) fn server_crypto(
     identity: &Identity,
     clients: Arc<ClientVerifier>,
 ) -> Result<rustls::ServerConfig, TrustError> {
@@ -289,7 +289,7 @@ pub fn server_crypto(
 
 /// rustls configuration for a client presenting `identity` (none only in
 /// tests of the server's refusal) and trusting servers through `verifier`.
-pub fn client_crypto(
+pub(crate) fn client_crypto(
     verifier: Arc<PinnedServerVerifier>,
     identity: Option<&Identity>,
 ) -> Result<rustls::ClientConfig, TrustError> {

@@ -39,7 +39,7 @@ impl PinnedServerVerifier {
     }
 
     /// Whether the server presented a fingerprint other than the expected one.
-    pub fn mismatch(&self) -> Option<Fingerprint> {
+    pub(crate) fn mismatch(&self) -> Option<Fingerprint> {
         match (self.expected, self.seen()) {
             (Some(want), Some(got)) if want != got => Some(got),
             _ => None,
@@ -155,7 +155,7 @@ impl ClientCertVerifier for ClientVerifier {
 }
 
 /// The fingerprint of the client certificate a connection was admitted with.
-pub fn peer_fingerprint(conn: &quinn::Connection) -> Option<Fingerprint> {
+pub(crate) fn peer_fingerprint(conn: &quinn::Connection) -> Option<Fingerprint> {
     let certs = conn
         .peer_identity()?
         .downcast::<Vec<CertificateDer<'static>>>()
