@@ -29,7 +29,7 @@ mod receive;
 mod send;
 mod stream;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 pub use crate::files::TransferError;
 use compress::*;

@@ -60,6 +60,17 @@ impl FileBytes {
         }
     }
 
+    /// Another handle on the same open file: the same version, snapshot
+    /// and descriptions cache.
+    pub(crate) fn share(&self) -> Self {
+        Self {
+            file: self.file.clone(),
+            before: self.before,
+            key: self.key,
+            descriptions: self.descriptions.clone(),
+        }
+    }
+
     /// The file for reading in order from `offset` (its own descriptor's
     /// position: the reads here are positional and never move it).
     pub(crate) fn reader_at(&self, offset: u64) -> std::io::Result<File> {

@@ -90,6 +90,10 @@ pub struct ServeConfig {
     pub grace: Duration,
     /// Byte counters, for logs and tests.
     pub stats: Arc<ServeStats>,
+    /// Uploads of at least this many bytes into a local root are described
+    /// in the background once committed, for their first delta (see
+    /// exchange's `describe_in_background`); lowered by tests.
+    pub(crate) describe_uploads_from: u64,
 }
 
 /// Default for [`ServeConfig::grace`].
@@ -176,6 +180,7 @@ impl ServeConfig {
             partial_ttl: DEFAULT_PARTIAL_TTL,
             grace: DEFAULT_GRACE,
             stats: Arc::default(),
+            describe_uploads_from: crate::exchange::DESCRIBE_AFTER_UPLOAD,
         }
     }
 }

@@ -7,8 +7,8 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 use tracing::info;
 
 use crate::exchange::{
-    assemble, assemble_cloned, receive_into, send_chunks, through_pipe, Advance, Buffered,
-    ByteSource, Cutter, NoVersion, PipeError, Received, TransferError,
+    assemble, assemble_cloned, describe_in_background, receive_into, send_chunks, through_pipe,
+    Advance, Buffered, ByteSource, Cutter, NoVersion, PipeError, Received, TransferError,
 };
 use crate::paths::RemotePath;
 use crate::protocol::{
@@ -96,6 +96,9 @@ pub(super) async fn serve_put(
         Ok(receipt) => {
             if let Receipt::Committed { size, .. } = receipt {
                 info!(path = %path, bytes = size, "put committed");
+                if size >= ctx.config.describe_uploads_from {
+                    describe_later(ctx.config.store.clone(), path.clone());
+                }
             }
             receipt
         }
@@ -120,6 +123,20 @@ pub(super) async fn serve_put(
     let _ = write_frame(send, &receipt).await;
     send.finish();
     Ok(())
+}
+
+/// After an upload of a large file: the file described in the background
+/// for its first delta (see exchange's `describe_in_background`), where
+/// the store keeps local files; a file made by a delta that was told its
+/// chunks is known already and skipped there.
+fn describe_later(store: std::sync::Arc<dyn crate::store::Store>, path: RemotePath) {
+    tokio::spawn(async move {
+        if let Ok(opened) = store.open(&path, None).await {
+            if let Some(file) = opened.bytes.as_file() {
+                describe_in_background(file.share(), opened.meta.size);
+            }
+        }
+    });
 }
 
 /// Uploads smaller than this are read whole into memory before any disk

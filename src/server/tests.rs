@@ -571,3 +571,62 @@ async fn answer(h: &Harness, frame: Vec<u8>) -> Response {
     x.served.await.unwrap();
     r
 }
+
+/// Local only: a bucket's objects are not local files, whose chunks the
+/// root's cache keeps.
+#[tokio::test]
+async fn a_large_upload_is_described_for_its_first_delta_once_committed() {
+    let h = Harness::new(|c| c.describe_uploads_from = 2 << 20);
+    let data = crate::exchange::tests::noise(3 << 20, 5);
+    let (_, receipt) = put(&h, "big", &data).await;
+    assert!(
+        matches!(receipt, Some(Receipt::Committed { .. })),
+        "{receipt:?}"
+    );
+    let cutter = crate::exchange::Cutter::for_size(data.len() as u64);
+    let path = crate::paths::RemotePath::parse("big", false).unwrap();
+    // Described in the background: a few tens of milliseconds here.
+    let mut known = None;
+    for _ in 0..200 {
+        let opened = h.config.store.open(&path, None).await.unwrap();
+        known = opened
+            .bytes
+            .as_file()
+            .and_then(|f| f.recall(data.len() as u64, cutter.avg()));
+        if known.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let d = known.expect("the upload was described after its commit");
+    assert_eq!(d.digest, Some(*blake3::hash(&data).as_bytes()));
+    assert_eq!(
+        d.values.as_ref().map(|v| v.len()),
+        Some(3),
+        "its 1 MiB blocks' values"
+    );
+    assert_eq!(
+        d.chunks.iter().map(|c| u64::from(c.len)).sum::<u64>(),
+        data.len() as u64
+    );
+    // A smaller upload is left for its first delta to describe.
+    let small = crate::exchange::tests::noise(1 << 20, 6);
+    put(&h, "small", &small).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let opened = h
+        .config
+        .store
+        .open(
+            &crate::paths::RemotePath::parse("small", false).unwrap(),
+            None,
+        )
+        .await
+        .unwrap();
+    let avg = crate::exchange::Cutter::for_size(small.len() as u64).avg();
+    assert!(opened
+        .bytes
+        .as_file()
+        .unwrap()
+        .recall(1 << 20, avg)
+        .is_none());
+}

@@ -15,9 +15,11 @@
 //! The server's put and get handlers and the client's put and get all use
 //! these four; who describes and who sends depends only on the direction.
 //!
-//! One file per step: `describe`, `cut`, `send` and `assemble` (a file's
-//! bytes are read through `crate::files`' byte sources); the cutter, the
-//! frames' timeouts and the errors they share are here.
+//! One file per step: `describe`, `cut`, `send` and `assemble`, and
+//! `background` (a server's description of a large upload, made after it
+//! commits); a file's bytes are read through `crate::files`' byte
+//! sources. The cutter, the frames' timeouts and the errors they share
+//! are here.
 
 use std::collections::{HashMap, VecDeque};
 use std::fs::File;
@@ -36,11 +38,15 @@ use super::blocks::{Blocks, BLOCK};
 use super::*;
 
 mod assemble;
+mod background;
 mod cut;
 mod describe;
 mod send;
 
 pub(crate) use assemble::*;
+#[cfg(test)]
+pub(crate) use background::describe_now;
+pub(crate) use background::{describe_in_background, DESCRIBE_AFTER_UPLOAD};
 pub(crate) use cut::*;
 pub(crate) use describe::*;
 pub(crate) use send::*;

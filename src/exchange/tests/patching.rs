@@ -405,3 +405,58 @@ pub(super) async fn a_second_patched_delta_builds_on_what_the_first_remembered()
         old_path = made_path;
     }
 }
+
+#[tokio::test]
+async fn a_file_described_in_the_background_is_cut_as_a_receiver_cuts_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("f");
+    let data = noise(5 << 20 | 1234, 21);
+    std::fs::write(&path, &data).unwrap();
+    let size = data.len() as u64;
+    let cutter = Cutter::for_size(size);
+    let kept = Descriptions::in_memory();
+    let src = FileBytes::new(File::open(&path).unwrap(), kept.clone());
+    assert!(
+        blocking(move || describe_now(&src, size)).await,
+        "described"
+    );
+    let src = FileBytes::new(File::open(&path).unwrap(), kept.clone());
+    let d = src.recall(size, cutter.avg()).expect("remembered");
+    assert_eq!(d.digest, Some(*blake3::hash(&data).as_bytes()));
+    assert_eq!(d.values.as_ref().map(|v| v.len()), Some(5));
+    // The same chunks a receiver that knew nothing would describe.
+    let fresh = FileBytes::new(File::open(&path).unwrap(), Descriptions::default());
+    let mut frames = Vec::new();
+    send_chunks(&fresh, size, cutter, &mut frames)
+        .await
+        .unwrap();
+    let mut input = &frames[..];
+    let mut cut = Vec::new();
+    loop {
+        let batch: crate::protocol::ChunkBatch =
+            crate::protocol::read_frame(&mut input).await.unwrap();
+        cut.extend(batch.chunks);
+        if !batch.more {
+            break;
+        }
+    }
+    assert!(cut
+        .iter()
+        .zip(d.chunks.iter())
+        .all(|(a, b)| a.len == b.len && a.digest == b.digest));
+    assert_eq!(cut.len(), d.chunks.len());
+    // Known already: not read again.
+    assert!(!blocking(move || describe_now(&src, size)).await);
+    // Nothing is kept without a cache, nor of a file written to meanwhile.
+    let none = FileBytes::new(File::open(&path).unwrap(), Descriptions::default());
+    assert!(!blocking(move || describe_now(&none, size)).await);
+    let other = Descriptions::in_memory();
+    let changing = FileBytes::new(File::open(&path).unwrap(), other.clone());
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&path)
+        .unwrap()
+        .write_all(b"more")
+        .unwrap();
+    assert!(!blocking(move || describe_now(&changing, size)).await);
+}

@@ -1,0 +1,128 @@
+//! A server's description of a large file it has just received whole, made in the background at idle priority, so that the file's first delta need not wait for it.
+//!
+//! The first delta of a file uploaded whole used to begin with the server
+//! reading and cutting the whole old version (a gigabyte: about a second
+//! of one core, and the read), while the client cut its own. After a
+//! whole upload of at least [`DESCRIBE_AFTER_UPLOAD`] bytes into a local
+//! root, the server now cuts the committed file into chunks and takes the
+//! values of its 1 MiB blocks on a thread of its own, under the idle
+//! scheduling class for both the CPU and the disk, so it only uses what
+//! transfers leave unused, and keeps the result in the root's descriptions
+//! cache (bounded as ever; see `files::described`). A file changed before
+//! the description is done is not remembered; at most [`WAITING`] files
+//! wait, and one past that is left for its first delta to describe, as
+//! before.
+
+use std::sync::mpsc::{sync_channel, SyncSender};
+use std::sync::OnceLock;
+
+use super::*;
+
+/// Whole uploads at least this large are described after they commit.
+/// A smaller file's first delta describes it in a few tens of
+/// milliseconds; a gigabyte takes about a second.
+pub(crate) const DESCRIBE_AFTER_UPLOAD: u64 = 64 << 20;
+
+/// Files waiting for the describing thread, at most.
+const WAITING: usize = 16;
+
+/// One file to describe.
+struct Job {
+    src: FileBytes,
+    size: u64,
+}
+
+/// Queues `src` (`size` bytes, a local file just committed) to be
+/// described in the background; does nothing if the queue is full or the
+/// thread could not be started.
+pub(crate) fn describe_in_background(src: FileBytes, size: u64) {
+    static QUEUE: OnceLock<Option<SyncSender<Job>>> = OnceLock::new();
+    let queue = QUEUE.get_or_init(|| {
+        let (tx, rx) = sync_channel::<Job>(WAITING);
+        std::thread::Builder::new()
+            .name("qxfer-describe".into())
+            .spawn(move || {
+                idle_priority();
+                for job in rx {
+                    describe_now(&job.src, job.size);
+                }
+            })
+            .ok()
+            .map(|_| tx)
+    });
+    if let Some(tx) = queue {
+        let _ = tx.try_send(Job { src, size });
+    }
+}
+
+/// Describes `src` (`size` bytes) and remembers it in its descriptions
+/// cache, unless it is already known or changed meanwhile: its chunks as
+/// the receiver of a delta cuts them, its BLAKE3 and its blocks' values.
+/// Whether it was remembered. Blocking (reads the whole file).
+pub(crate) fn describe_now(src: &FileBytes, size: u64) -> bool {
+    let cutter = Cutter::for_size(size);
+    let Some(key) = src.key else {
+        return false;
+    };
+    if !cutter.can_describe(size)
+        || !src.descriptions.receivers_keep()
+        || src.recall(size, cutter.avg()).is_some()
+    {
+        return false;
+    }
+    let (mut chunks, mut blocks) = (Chunks::new(cutter), Blocks::new(size));
+    let (mut sums, mut buf, mut at) = (Vec::new(), Vec::new(), 0);
+    while at < size {
+        let want = (size - at).min(STRETCH) as usize;
+        if read_exact_into(&src.file, at, want, &mut buf).is_err() {
+            return false;
+        }
+        blocks.update(&buf);
+        chunks.push(&buf);
+        sums.extend(chunks.sums(false));
+        at += want as u64;
+    }
+    sums.extend(chunks.sums(true));
+    if Snapshot::of(&src.file) != src.before {
+        return false;
+    }
+    let values: Arc<[_]> = blocks.values().into();
+    let digest = blocks.finish();
+    src.descriptions.remember(
+        key,
+        cutter.avg(),
+        Description {
+            chunks: sums.into(),
+            digest: Some(digest),
+            values: Some(values),
+        },
+    );
+    true
+}
+
+/// Puts the calling thread in the idle scheduling class, for the CPU and
+/// for the disk: it runs only when nothing else wants to.
+fn idle_priority() {
+    #[cfg(target_os = "linux")]
+    {
+        let param = libc::sched_param { sched_priority: 0 };
+        // SAFETY: sched_setscheduler reads `param`, which lives through the
+        // call; pid 0 is the calling thread.
+        unsafe {
+            libc::sched_setscheduler(0, libc::SCHED_IDLE, &param);
+        }
+        // ioprio_set(IOPRIO_WHO_PROCESS, this thread, IOPRIO_CLASS_IDLE):
+        // integer arguments only.
+        const IOPRIO_WHO_PROCESS: libc::c_long = 1;
+        const IOPRIO_CLASS_IDLE: libc::c_long = 3;
+        // SAFETY: a system call on integers, no memory passed.
+        unsafe {
+            libc::syscall(
+                libc::SYS_ioprio_set,
+                IOPRIO_WHO_PROCESS,
+                0,
+                IOPRIO_CLASS_IDLE << 13,
+            );
+        }
+    }
+}
