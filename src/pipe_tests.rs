@@ -351,3 +351,40 @@ async fn an_interrupted_put_resumes_from_what_the_server_kept(backend: Backend) 
     let (_, got) = get(&client, "f", &out.join("f"), false).await.unwrap();
     assert!(got == data, "the resumed file is the file");
 }
+
+/// The client's side only, so one store: a whole download in sync mode
+/// of a large file is cut into chunks as it arrives and kept in the
+/// client's `described/` with the file, for its first delta; outside sync
+/// mode nothing is kept.
+#[tokio::test]
+async fn a_large_download_in_sync_mode_is_described_as_it_arrives() {
+    use crate::exchange::{Cutter, Descriptions, FileKey, DESCRIBE_AFTER_UPLOAD};
+    let mut pair = Pair::new(Backend::Local);
+    pair.client.delta = true;
+    let len = DESCRIBE_AFTER_UPLOAD as usize + 4321;
+    let (big, data) = pair.file("big", len);
+    let client = pair.connect();
+    client.put(&big, "big", false, &|_| {}).await.unwrap();
+    let out = pair.dir("out");
+    get(&client, "big", &out.join("big"), false).await.unwrap();
+    client.close().await;
+    let kept = Descriptions::on_disk(pair.client.config_dir.join("described")).unwrap();
+    let avg = Cutter::for_size(len as u64).avg();
+    let key = FileKey::of(&std::fs::File::open(out.join("big")).unwrap()).unwrap();
+    let d = kept.recall(&key, avg).expect("described as it arrived");
+    assert_eq!(d.digest, Some(*blake3::hash(&data).as_bytes()));
+    assert_eq!(
+        d.chunks.iter().map(|c| u64::from(c.len)).sum::<u64>(),
+        len as u64
+    );
+    assert_eq!(d.values.map(|v| v.len()), Some(len >> 20));
+
+    pair.client.delta = false;
+    let client = pair.connect();
+    get(&client, "big", &out.join("plain"), false)
+        .await
+        .unwrap();
+    client.close().await;
+    let key = FileKey::of(&std::fs::File::open(out.join("plain")).unwrap()).unwrap();
+    assert!(kept.recall(&key, avg).is_none(), "kept only in sync mode");
+}

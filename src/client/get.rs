@@ -164,6 +164,7 @@ impl Client {
             start,
             &offer,
             old.as_ref(),
+            self.delta.then(|| self.descriptions.clone()),
             force,
             self.pace.clone(),
             &|n| progress.inc(n),

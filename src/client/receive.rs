@@ -61,6 +61,7 @@ pub(super) async fn receive_get(
     start: Start,
     offer: &GetOffer,
     old: Option<&OldVersion>,
+    describe: Option<Descriptions>,
     force: bool,
     pace: Option<Arc<Pacer>>,
     progress: &Advance<'_>,
@@ -74,6 +75,8 @@ pub(super) async fn receive_get(
     // The new version's chunks, where the delta could tell them: kept for
     // the next delta of this file (see `files::described`).
     let mut described = None;
+    // Or, for a whole download in sync mode, its chunks cut as it arrived.
+    let mut described_whole = None;
     let received = if offer.encoding == Encoding::Delta {
         let Some(old) = old else {
             return Err(FileError::Protocol(format!(
@@ -149,7 +152,22 @@ pub(super) async fn receive_get(
             }
         }
     } else {
-        exchange::receive_file(
+        // In sync mode a large download is cut into chunks as it arrives
+        // (and kept on disk with the file): its first delta then reads
+        // nothing of it to describe it.
+        let describer = describe
+            .as_ref()
+            .filter(|_| start.offset == 0 && meta.size >= exchange::DESCRIBE_AFTER_UPLOAD)
+            .and_then(|_| exchange::Describer::new(meta.size))
+            .map(|d| Arc::new(std::sync::Mutex::new(Some(d))));
+        let observer = describer.clone().map(|d| {
+            Box::new(move |bytes: &[u8]| {
+                if let Some(d) = d.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+                    d.feed(bytes);
+                }
+            }) as exchange::Observer
+        });
+        let got = exchange::receive_file_observed(
             &mut wire,
             meta.size,
             file,
@@ -157,10 +175,16 @@ pub(super) async fn receive_get(
             offer.encoding,
             pace,
             None,
+            observer,
             progress,
             std::future::pending(),
         )
-        .await
+        .await;
+        let taken = describer.and_then(|d| d.lock().unwrap_or_else(|e| e.into_inner()).take());
+        if got.is_ok() {
+            described_whole = taken.and_then(exchange::Describer::finish);
+        }
+        got
     };
     let wire_bytes = wire.count();
     let received = match received {
@@ -193,8 +217,10 @@ pub(super) async fn receive_get(
     let meta = *meta;
     let d = dest.to_owned();
     let avg = old.map(|o| Cutter::for_size(o.size).avg());
-    let kept = old.map(|o| o.bytes.descriptions.clone());
-    let keep = described.zip(avg);
+    let kept = old.map(|o| o.bytes.descriptions.clone()).or(describe);
+    let keep = described
+        .zip(avg)
+        .or_else(|| described_whole.map(|(avg, d)| (d, avg)));
     let kept_file = keep.as_ref().and_then(|_| incoming.file().ok());
     blocking(move || {
         incoming.commit(&meta, force)?;

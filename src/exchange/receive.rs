@@ -338,8 +338,31 @@ pub(crate) async fn receive_file<R>(
 where
     R: AsyncRead + Unpin + ?Sized,
 {
+    receive_file_observed(
+        input, size, file, start, encoding, pace, room, None, progress, stop,
+    )
+    .await
+}
+
+/// [`receive_file`], showing `observer` the bytes as they are written.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn receive_file_observed<R>(
+    input: &mut R,
+    size: u64,
+    file: File,
+    start: Start,
+    encoding: Encoding,
+    pace: Option<Arc<Pacer>>,
+    room: Option<Arc<crate::space::Space>>,
+    observer: Option<Observer>,
+    progress: &Advance<'_>,
+    stop: impl std::future::Future<Output = ()>,
+) -> Result<Received, TransferError>
+where
+    R: AsyncRead + Unpin + ?Sized,
+{
     let from = start.offset;
-    let sink = FileSink::new(file, start, size, room, None);
+    let sink = FileSink::new(file, start, size, room, None).observed(observer);
     let (sink, result) =
         receive_pieces(input, size, from, sink, encoding, pace, progress, stop).await;
     sink.finish(result).await

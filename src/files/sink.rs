@@ -60,7 +60,13 @@ pub(crate) struct FileSink {
     room: Option<Arc<crate::space::Space>>,
     /// The space held for the upload, told of each write.
     reserved: Option<Arc<crate::space::Reservation>>,
+    /// Given each write's bytes in order, after they are written.
+    observer: Option<Observer>,
 }
+
+/// What a [`FileSink`] shows the bytes it writes, in order (exchange's
+/// `Describer`, which cuts a download into chunks as it arrives).
+pub(crate) type Observer = Box<dyn FnMut(&[u8]) + Send>;
 
 impl FileSink {
     /// Writes into `file` (positioned at `start.offset`, whose bytes before
@@ -82,7 +88,14 @@ impl FileSink {
             size,
             room,
             reserved,
+            observer: None,
         }
+    }
+
+    /// The same, showing `observer` every write's bytes in order.
+    pub(crate) fn observed(mut self, observer: Option<Observer>) -> Self {
+        self.observer = observer;
+        self
     }
 
     /// After a transfer into it ended with `ended`: the whole file's size
@@ -143,6 +156,9 @@ impl FileSink {
         }
         self.written += buf.len() as u64;
         self.hasher.update(buf);
+        if let Some(observe) = &mut self.observer {
+            observe(buf);
+        }
         if let Some(r) = &self.reserved {
             r.wrote(buf.len() as u64);
         }

@@ -60,44 +60,96 @@ pub(crate) fn describe_in_background(src: FileBytes, size: u64) {
 /// the receiver of a delta cuts them, its BLAKE3 and its blocks' values.
 /// Whether it was remembered. Blocking (reads the whole file).
 pub(crate) fn describe_now(src: &FileBytes, size: u64) -> bool {
-    let cutter = Cutter::for_size(size);
     let Some(key) = src.key else {
         return false;
     };
-    if !cutter.can_describe(size)
-        || !src.descriptions.receivers_keep()
-        || src.recall(size, cutter.avg()).is_some()
-    {
+    let Some(mut describer) = Describer::new(size) else {
+        return false;
+    };
+    if !src.descriptions.receivers_keep() || src.recall(size, describer.avg()).is_some() {
         return false;
     }
-    let (mut chunks, mut blocks) = (Chunks::new(cutter), Blocks::new(size));
-    let (mut sums, mut buf, mut at) = (Vec::new(), Vec::new(), 0);
+    let (mut buf, mut at) = (Vec::new(), 0);
     while at < size {
         let want = (size - at).min(STRETCH) as usize;
         if read_exact_into(&src.file, at, want, &mut buf).is_err() {
             return false;
         }
-        blocks.update(&buf);
-        chunks.push(&buf);
-        sums.extend(chunks.sums(false));
+        describer.feed(&buf);
         at += want as u64;
     }
-    sums.extend(chunks.sums(true));
+    let Some((avg, description)) = describer.finish() else {
+        return false;
+    };
     if Snapshot::of(&src.file) != src.before {
         return false;
     }
-    let values: Arc<[_]> = blocks.values().into();
-    let digest = blocks.finish();
-    src.descriptions.remember(
-        key,
-        cutter.avg(),
-        Description {
-            chunks: sums.into(),
-            digest: Some(digest),
-            values: Some(values),
-        },
-    );
+    src.descriptions.remember(key, avg, description);
     true
+}
+
+/// Cuts a file into chunks as the receiver of a delta does and takes its
+/// BLAKE3 by 1 MiB blocks, as its bytes pass in order: the background
+/// description above, and a client's download in sync mode (whose next
+/// delta then reads nothing of it to describe it). Blocking (CPU).
+pub(crate) struct Describer {
+    cutter: Cutter,
+    chunks: Chunks,
+    blocks: Blocks,
+    sums: Vec<ChunkSum>,
+    taken: u64,
+    size: u64,
+}
+
+impl Describer {
+    /// For a file of `size` bytes, if one that large can be described.
+    pub(crate) fn new(size: u64) -> Option<Self> {
+        let cutter = Cutter::for_size(size);
+        cutter.can_describe(size).then(|| Self {
+            cutter,
+            chunks: Chunks::new(cutter),
+            blocks: Blocks::new(size),
+            sums: Vec::new(),
+            taken: 0,
+            size,
+        })
+    }
+
+    /// The average chunk size it cuts at.
+    pub(crate) fn avg(&self) -> u32 {
+        self.cutter.avg()
+    }
+
+    /// Takes the file's next bytes.
+    pub(crate) fn feed(&mut self, bytes: &[u8]) {
+        if self.taken + bytes.len() as u64 > self.size {
+            // More than the file holds: what follows cannot be its description.
+            self.taken = u64::MAX;
+            return;
+        }
+        self.blocks.update(bytes);
+        self.chunks.push(bytes);
+        self.sums.extend(self.chunks.sums(false));
+        self.taken += bytes.len() as u64;
+    }
+
+    /// The average and the description, if it took exactly the whole file.
+    pub(crate) fn finish(mut self) -> Option<(u32, Description)> {
+        if self.taken != self.size {
+            return None;
+        }
+        self.sums.extend(self.chunks.sums(true));
+        let values: Arc<[_]> = self.blocks.values().into();
+        let digest = self.blocks.finish();
+        Some((
+            self.cutter.avg(),
+            Description {
+                chunks: self.sums.into(),
+                digest: Some(digest),
+                values: Some(values),
+            },
+        ))
+    }
 }
 
 /// Puts the calling thread in the idle scheduling class, for the CPU and

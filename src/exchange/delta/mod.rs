@@ -46,7 +46,7 @@ mod send;
 pub(crate) use assemble::*;
 #[cfg(test)]
 pub(crate) use background::describe_now;
-pub(crate) use background::{describe_in_background, DESCRIBE_AFTER_UPLOAD};
+pub(crate) use background::{describe_in_background, Describer, DESCRIBE_AFTER_UPLOAD};
 pub(crate) use cut::*;
 pub(crate) use describe::*;
 pub(crate) use send::*;

@@ -460,3 +460,34 @@ async fn a_file_described_in_the_background_is_cut_as_a_receiver_cuts_it() {
         .unwrap();
     assert!(!blocking(move || describe_now(&changing, size)).await);
 }
+
+#[test]
+fn a_description_made_as_bytes_pass_does_not_depend_on_their_pieces() {
+    let data = noise(3 << 20 | 77, 22);
+    let whole = {
+        let mut d = Describer::new(data.len() as u64).unwrap();
+        d.feed(&data);
+        d.finish().unwrap()
+    };
+    let mut d = Describer::new(data.len() as u64).unwrap();
+    for piece in data.chunks(65_537) {
+        d.feed(piece);
+    }
+    let (avg, pieces) = d.finish().unwrap();
+    assert_eq!(avg, whole.0);
+    assert_eq!(pieces.digest, Some(*blake3::hash(&data).as_bytes()));
+    assert_eq!(pieces.digest, whole.1.digest);
+    assert_eq!(pieces.values.as_deref(), whole.1.values.as_deref());
+    assert!(pieces
+        .chunks
+        .iter()
+        .zip(whole.1.chunks.iter())
+        .all(|(a, b)| a.len == b.len && a.digest == b.digest));
+    // Short or long of the file: no description.
+    let mut short = Describer::new(data.len() as u64).unwrap();
+    short.feed(&data[..100]);
+    assert!(short.finish().is_none());
+    let mut long = Describer::new(10).unwrap();
+    long.feed(&data[..11]);
+    assert!(long.finish().is_none());
+}
