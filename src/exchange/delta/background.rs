@@ -71,7 +71,9 @@ pub(crate) fn describe_now(src: &FileBytes, size: u64) -> bool {
     }
     let (mut buf, mut at) = (Vec::new(), 0);
     while at < size {
-        let want = (size - at).min(STRETCH) as usize;
+        // A block at a time: this thread holds little memory beside the
+        // transfers it must not slow.
+        let want = (size - at).min(BLOCK) as usize;
         if read_exact_into(&src.file, at, want, &mut buf).is_err() {
             return false;
         }
