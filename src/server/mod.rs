@@ -16,7 +16,7 @@
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -109,6 +109,25 @@ pub struct ServeStats {
     pub bytes_received: AtomicU64,
     /// File bytes sent to clients (gets).
     pub bytes_sent: AtomicU64,
+    /// Streams being served now: background work (describing large
+    /// uploads) waits until there are none.
+    pub(crate) streams: AtomicUsize,
+}
+
+/// Counts a stream in [`ServeStats::streams`] while it lives.
+struct Serving(Arc<ServeConfig>);
+
+impl Serving {
+    fn start(config: &Arc<ServeConfig>) -> Self {
+        config.stats.streams.fetch_add(1, Ordering::Relaxed);
+        Self(config.clone())
+    }
+}
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        self.0.stats.streams.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Default for [`ServeConfig::max_connections`].
@@ -378,6 +397,7 @@ pub(crate) fn over_pipes(
 /// over a QUIC stream or, in the unit tests, an in-memory pipe.
 async fn handle_stream(mut send: impl SendHalf, mut recv: impl RecvHalf, ctx: Ctx) {
     let config = ctx.config.clone();
+    let _serving = Serving::start(&config);
     let limit = config.max_header_size;
     let timeout = config.header_timeout;
     let request =

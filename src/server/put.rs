@@ -97,7 +97,7 @@ pub(super) async fn serve_put(
             if let Receipt::Committed { size, .. } = receipt {
                 info!(path = %path, bytes = size, "put committed");
                 if size >= ctx.config.describe_uploads_from {
-                    describe_later(ctx.config.store.clone(), path.clone());
+                    describe_later(ctx.config.clone(), path.clone());
                 }
             }
             receipt
@@ -129,11 +129,14 @@ pub(super) async fn serve_put(
 /// for its first delta (see exchange's `describe_in_background`), where
 /// the store keeps local files; a file made by a delta that was told its
 /// chunks is known already and skipped there.
-fn describe_later(store: std::sync::Arc<dyn crate::store::Store>, path: RemotePath) {
+fn describe_later(config: std::sync::Arc<super::ServeConfig>, path: RemotePath) {
     tokio::spawn(async move {
-        if let Ok(opened) = store.open(&path, None).await {
+        if let Ok(opened) = config.store.open(&path, None).await {
             if let Some(file) = opened.bytes.as_file() {
-                describe_in_background(file.share(), opened.meta.size);
+                // It runs only while no stream is being served.
+                let quiet =
+                    std::sync::Arc::new(move || config.stats.streams.load(Ordering::Relaxed) == 0);
+                describe_in_background(file.share(), opened.meta.size, quiet);
             }
         }
     });

@@ -5,13 +5,17 @@
 //! of one core, and the read), while the client cut its own. After a
 //! whole upload of at least [`DESCRIBE_AFTER_UPLOAD`] bytes into a local
 //! root, the server now cuts the committed file into chunks and takes the
-//! values of its 1 MiB blocks on a thread of its own, under the idle
-//! scheduling class for both the CPU and the disk, so it only uses what
-//! transfers leave unused, and keeps the result in the root's descriptions
-//! cache (bounded as ever; see `files::described`). A file changed before
-//! the description is done is not remembered; at most [`WAITING`] files
-//! wait, and one past that is left for its first delta to describe, as
-//! before.
+//! values of its 1 MiB blocks on a thread of its own, and keeps the result
+//! in the root's descriptions cache (bounded as ever; see
+//! `files::described`). The thread works only while the server serves no
+//! stream, checked before every block, and is in the idle scheduling class
+//! for both the CPU and the disk besides: measured on loopback, a
+//! description running beside the next 1 GiB upload slowed it by half,
+//! even at idle priority. A file changed before the description is done
+//! is not remembered; one that waited [`MOST_WAIT`] for a quiet moment is
+//! given up (its descriptor would hold a deleted file's space); at most
+//! [`WAITING`] files wait, and one past that is left for its first delta to
+//! describe, as before.
 
 use std::sync::mpsc::{sync_channel, SyncSender};
 use std::sync::OnceLock;
@@ -26,16 +30,26 @@ pub(crate) const DESCRIBE_AFTER_UPLOAD: u64 = 64 << 20;
 /// Files waiting for the describing thread, at most.
 const WAITING: usize = 16;
 
+/// How long a file may wait, in all, for moments without transfers.
+const MOST_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// How often a waiting description checks whether it may go on.
+const RECHECK: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Whether the background work may go on now (no transfer is served).
+pub(crate) type Quiet = Arc<dyn Fn() -> bool + Send + Sync>;
+
 /// One file to describe.
 struct Job {
     src: FileBytes,
     size: u64,
+    quiet: Quiet,
 }
 
 /// Queues `src` (`size` bytes, a local file just committed) to be
-/// described in the background; does nothing if the queue is full or the
-/// thread could not be started.
-pub(crate) fn describe_in_background(src: FileBytes, size: u64) {
+/// described in the background while `quiet` says so; does nothing if the
+/// queue is full or the thread could not be started.
+pub(crate) fn describe_in_background(src: FileBytes, size: u64, quiet: Quiet) {
     static QUEUE: OnceLock<Option<SyncSender<Job>>> = OnceLock::new();
     let queue = QUEUE.get_or_init(|| {
         let (tx, rx) = sync_channel::<Job>(WAITING);
@@ -44,14 +58,31 @@ pub(crate) fn describe_in_background(src: FileBytes, size: u64) {
             .spawn(move || {
                 idle_priority();
                 for job in rx {
-                    describe_now(&job.src, job.size);
+                    let began = std::time::Instant::now();
+                    let mut waited = std::time::Duration::ZERO;
+                    let mut wait = || {
+                        while !(job.quiet)() {
+                            if waited >= MOST_WAIT {
+                                return false;
+                            }
+                            std::thread::sleep(RECHECK);
+                            waited += RECHECK;
+                        }
+                        true
+                    };
+                    let done = describe_when(&job.src, job.size, &mut wait);
+                    tracing::debug!(
+                        described = done,
+                        ms = began.elapsed().as_millis() as u64,
+                        "background description of an upload"
+                    );
                 }
             })
             .ok()
             .map(|_| tx)
     });
     if let Some(tx) = queue {
-        let _ = tx.try_send(Job { src, size });
+        let _ = tx.try_send(Job { src, size, quiet });
     }
 }
 
@@ -59,7 +90,14 @@ pub(crate) fn describe_in_background(src: FileBytes, size: u64) {
 /// cache, unless it is already known or changed meanwhile: its chunks as
 /// the receiver of a delta cuts them, its BLAKE3 and its blocks' values.
 /// Whether it was remembered. Blocking (reads the whole file).
+#[cfg(test)]
 pub(crate) fn describe_now(src: &FileBytes, size: u64) -> bool {
+    describe_when(src, size, &mut || true)
+}
+
+/// [`describe_now`], asking `may_go_on` before each block (it may wait
+/// for a quiet moment; false gives the description up).
+fn describe_when(src: &FileBytes, size: u64, may_go_on: &mut dyn FnMut() -> bool) -> bool {
     let Some(key) = src.key else {
         return false;
     };
@@ -71,6 +109,9 @@ pub(crate) fn describe_now(src: &FileBytes, size: u64) -> bool {
     }
     let (mut buf, mut at) = (Vec::new(), 0);
     while at < size {
+        if !may_go_on() {
+            return false;
+        }
         // A block at a time: this thread holds little memory beside the
         // transfers it must not slow.
         let want = (size - at).min(BLOCK) as usize;
