@@ -12,8 +12,9 @@
 //! for both the CPU and the disk besides: measured on loopback, a
 //! description running beside the next 1 GiB upload slowed it by half,
 //! even at idle priority. A file changed before the description is done
-//! is not remembered; one that waited [`MOST_WAIT`] for a quiet moment is
-//! given up (its descriptor would hold a deleted file's space); at most
+//! is not remembered; one that still has to wait for a quiet moment
+//! [`MOST_WAIT`] after it was queued is given up (its descriptor would
+//! hold a deleted file's space); at most
 //! [`WAITING`] files wait, and one past that is left for its first delta to
 //! describe, as before.
 
@@ -30,7 +31,8 @@ pub(crate) const DESCRIBE_AFTER_UPLOAD: u64 = 64 << 20;
 /// Files waiting for the describing thread, at most.
 const WAITING: usize = 16;
 
-/// How long a file may wait, in all, for moments without transfers.
+/// How long after it was queued a file may still wait for a moment
+/// without transfers (in the queue or between its blocks).
 const MOST_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
 
 /// How often a waiting description checks whether it may go on.
@@ -44,6 +46,7 @@ struct Job {
     src: FileBytes,
     size: u64,
     quiet: Quiet,
+    queued: std::time::Instant,
 }
 
 /// Queues `src` (`size` bytes, a local file just committed) to be
@@ -59,14 +62,12 @@ pub(crate) fn describe_in_background(src: FileBytes, size: u64, quiet: Quiet) {
                 idle_priority();
                 for job in rx {
                     let began = std::time::Instant::now();
-                    let mut waited = std::time::Duration::ZERO;
                     let mut wait = || {
                         while !(job.quiet)() {
-                            if waited >= MOST_WAIT {
+                            if job.queued.elapsed() >= MOST_WAIT {
                                 return false;
                             }
                             std::thread::sleep(RECHECK);
-                            waited += RECHECK;
                         }
                         true
                     };
@@ -82,7 +83,13 @@ pub(crate) fn describe_in_background(src: FileBytes, size: u64, quiet: Quiet) {
             .map(|_| tx)
     });
     if let Some(tx) = queue {
-        let _ = tx.try_send(Job { src, size, quiet });
+        let queued = std::time::Instant::now();
+        let _ = tx.try_send(Job {
+            src,
+            size,
+            quiet,
+            queued,
+        });
     }
 }
 
@@ -95,7 +102,7 @@ pub(crate) fn describe_now(src: &FileBytes, size: u64) -> bool {
     describe_when(src, size, &mut || true)
 }
 
-/// [`describe_now`], asking `may_go_on` before each block (it may wait
+/// Describes as `describe_now` does, asking `may_go_on` before each block (it may wait
 /// for a quiet moment; false gives the description up).
 fn describe_when(src: &FileBytes, size: u64, may_go_on: &mut dyn FnMut() -> bool) -> bool {
     let Some(key) = src.key else {
