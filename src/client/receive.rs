@@ -136,6 +136,7 @@ pub(super) async fn receive_get(
                         Encoding::Raw,
                         None,
                         None,
+                        None,
                         &|_| {},
                         std::future::pending(),
                     )
@@ -167,7 +168,7 @@ pub(super) async fn receive_get(
                 }
             }) as exchange::Observer
         });
-        let got = exchange::receive_file_observed(
+        let got = exchange::receive_file(
             &mut wire,
             meta.size,
             file,

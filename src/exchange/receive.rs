@@ -322,31 +322,10 @@ impl Whole for Buffered {
 /// [`IncomingFile::commit`] syncs it with its metadata in one go. If `stop`
 /// completes first, the bytes already received are written and synced, and
 /// the result is [`TransferError::Stopped`]: the partial file is consistent
-/// for a resume (a block that arrived only in part is dropped whole).
+/// for a resume (a block that arrived only in part is dropped whole). With
+/// `observer`, it is shown the bytes in order as they are written.
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn receive_file<R>(
-    input: &mut R,
-    size: u64,
-    file: File,
-    start: Start,
-    encoding: Encoding,
-    pace: Option<Arc<Pacer>>,
-    room: Option<Arc<crate::space::Space>>,
-    progress: &Advance<'_>,
-    stop: impl std::future::Future<Output = ()>,
-) -> Result<Received, TransferError>
-where
-    R: AsyncRead + Unpin + ?Sized,
-{
-    receive_file_observed(
-        input, size, file, start, encoding, pace, room, None, progress, stop,
-    )
-    .await
-}
-
-/// [`receive_file`], showing `observer` the bytes as they are written.
-#[allow(clippy::too_many_arguments)]
-pub(crate) async fn receive_file_observed<R>(
     input: &mut R,
     size: u64,
     file: File,

@@ -73,6 +73,7 @@ async fn pipe(src: &Path, framing: Framing, out: File) -> (usize, Result<Digest,
             encoding,
             None,
             None,
+            None,
             &|_| {},
             std::future::pending()
         )
@@ -177,6 +178,7 @@ async fn receive_encoded(
         out,
         Start::default(),
         encoding,
+        None,
         None,
         None,
         &|_| {},
@@ -371,6 +373,7 @@ async fn truncated_stream_is_an_error_and_leaves_nothing() {
         incoming.file().unwrap(),
         Start::default(),
         Encoding::Raw,
+        None,
         None,
         None,
         &|_| {},
