@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use quinn::{ConnectionError, TransportErrorCode, VarInt};
 
 use crate::endpoint::{self, EndpointError, TransportOpts};
-use crate::exchange::{Descriptions, Pacer};
+use crate::exchange::Pacer;
 use crate::protocol::{close, ALPN};
 use crate::tls::{Fingerprint, Identity, KnownHosts, PinnedServerVerifier, TrustError};
 
@@ -284,12 +284,7 @@ impl Client {
         // their partial uploads, so an upload begun through one resumes
         // through another.
         let journal = UploadJournal::open(&config.config_dir, server_fp.to_string()).ok();
-        // What this client made by a delta, for the next delta of the same
-        // file (see `files::described`); without it (a config directory
-        // that cannot hold it), a delta costs reading the file to describe
-        // it, as before.
-        let descriptions =
-            Descriptions::on_disk(config.config_dir.join("described")).unwrap_or_default();
+        let descriptions = super::state::descriptions(&config.config_dir);
         Ok(Self {
             _endpoint: Some(Registered::new(endpoint)),
             link: Link::Quic(conn),

@@ -227,8 +227,7 @@ impl Client {
             compression: config.compression,
             delta: config.delta,
             reply_timeout: config.reply_timeout,
-            descriptions: Descriptions::on_disk(config.config_dir.join("described"))
-                .unwrap_or_default(),
+            descriptions: state::descriptions(&config.config_dir),
             first_contact: None,
         }
     }

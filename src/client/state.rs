@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::endpoint::PathMemory;
+use crate::exchange::Descriptions;
 use crate::protocol::FileMeta;
 
 /// Large uploads started and not yet finished, remembered across runs in
@@ -145,4 +146,12 @@ pub(super) fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
+}
+
+/// What this client keeps of the chunks of files it made (`described/` in
+/// `config_dir`), for the next delta of the same file (see
+/// `files::described`); without it (a config directory that cannot hold
+/// it), a delta costs reading the file to describe it.
+pub(super) fn descriptions(config_dir: &Path) -> Descriptions {
+    Descriptions::on_disk(config_dir.join("described")).unwrap_or_default()
 }

@@ -36,7 +36,9 @@ pub(crate) trait ByteSource: Send + Sync {
 /// What [`ByteSource::range`] gives.
 pub(crate) type ByteStream = BoxStream<'static, std::io::Result<Bytes>>;
 
-/// A local file read through the disk pool, a chunk at a time.
+/// A local file read through the disk pool, a chunk at a time. A clone
+/// shares the open file, the version it was opened as and the cache.
+#[derive(Clone)]
 pub(crate) struct FileBytes {
     pub(crate) file: Arc<File>,
     pub(crate) before: Option<Snapshot>,
@@ -57,17 +59,6 @@ impl FileBytes {
             before,
             key,
             descriptions,
-        }
-    }
-
-    /// Another handle on the same open file: the same version, snapshot
-    /// and descriptions cache.
-    pub(crate) fn share(&self) -> Self {
-        Self {
-            file: self.file.clone(),
-            before: self.before,
-            key: self.key,
-            descriptions: self.descriptions.clone(),
         }
     }
 

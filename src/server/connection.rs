@@ -233,6 +233,7 @@ pub(super) async fn handle_connection(
                     client: fp,
                     partials: partials.clone(),
                     conn: Some(conn.clone()),
+                    requests: activity.requests.clone(),
                 };
                 tokio::spawn(
                     async move {

@@ -16,7 +16,7 @@
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -109,25 +109,6 @@ pub struct ServeStats {
     pub bytes_received: AtomicU64,
     /// File bytes sent to clients (gets).
     pub bytes_sent: AtomicU64,
-    /// Streams being served now: background work (describing large
-    /// uploads) waits until there are none.
-    pub(crate) streams: AtomicUsize,
-}
-
-/// Counts a stream in [`ServeStats::streams`] while it lives.
-struct Serving(Arc<ServeConfig>);
-
-impl Serving {
-    fn start(config: &Arc<ServeConfig>) -> Self {
-        config.stats.streams.fetch_add(1, Ordering::Relaxed);
-        Self(config.clone())
-    }
-}
-
-impl Drop for Serving {
-    fn drop(&mut self) {
-        self.0.stats.streams.fetch_sub(1, Ordering::Relaxed);
-    }
 }
 
 /// Default for [`ServeConfig::max_connections`].
@@ -366,6 +347,9 @@ struct Ctx {
     /// The connection, for its path estimate (whether to compress a get);
     /// none over an in-memory pipe.
     conn: Option<quinn::Connection>,
+    /// How many requests the server has in flight (graceful shutdown
+    /// waits for none; so does background work).
+    requests: Arc<tokio::sync::watch::Sender<usize>>,
 }
 
 /// A server's handlers over in-memory pipes: each call opens one stream,
@@ -379,16 +363,22 @@ pub(crate) fn over_pipes(
 ) -> impl Fn() -> (Box<dyn SendHalf>, Box<dyn RecvHalf>) + Send + Sync {
     use crate::exchange::pipes::pipe;
     let partials = Arc::new(Partials::default());
+    let requests = Arc::<tokio::sync::watch::Sender<usize>>::default();
     move || {
         let (to_server, server_in) = pipe(1 << 20);
         let (server_out, from_server) = pipe(1 << 20);
+        let in_flight = InFlight::start(&requests);
         let ctx = Ctx {
             config: config.clone(),
             client,
             partials: partials.clone(),
             conn: None,
+            requests: requests.clone(),
         };
-        tokio::spawn(handle_stream(server_out, server_in, ctx));
+        tokio::spawn(async move {
+            handle_stream(server_out, server_in, ctx).await;
+            drop(in_flight);
+        });
         (Box::new(to_server), Box::new(from_server))
     }
 }
@@ -397,7 +387,6 @@ pub(crate) fn over_pipes(
 /// over a QUIC stream or, in the unit tests, an in-memory pipe.
 async fn handle_stream(mut send: impl SendHalf, mut recv: impl RecvHalf, ctx: Ctx) {
     let config = ctx.config.clone();
-    let _serving = Serving::start(&config);
     let limit = config.max_header_size;
     let timeout = config.header_timeout;
     let request =

@@ -96,8 +96,9 @@ pub(super) async fn serve_put(
         Ok(receipt) => {
             if let Receipt::Committed { size, .. } = receipt {
                 info!(path = %path, bytes = size, "put committed");
-                if size >= ctx.config.describe_uploads_from {
-                    describe_later(ctx.config.clone(), path.clone());
+                let store = &ctx.config.store;
+                if size >= ctx.config.describe_uploads_from && store.holds_local_files() {
+                    describe_later(store.clone(), path.clone(), ctx.requests.clone());
                 }
             }
             receipt
@@ -125,18 +126,21 @@ pub(super) async fn serve_put(
     Ok(())
 }
 
-/// After an upload of a large file: the file described in the background
-/// for its first delta (see exchange's `describe_in_background`), where
-/// the store keeps local files; a file made by a delta that was told its
-/// chunks is known already and skipped there.
-fn describe_later(config: std::sync::Arc<super::ServeConfig>, path: RemotePath) {
+/// After an upload of a large file into a store of local files: the file
+/// described in the background for its first delta (see exchange's
+/// `describe_in_background`), only while the server has no request in
+/// flight; a file made by a delta that was told its chunks is known
+/// already and skipped there.
+fn describe_later(
+    store: std::sync::Arc<dyn crate::store::Store>,
+    path: RemotePath,
+    requests: std::sync::Arc<tokio::sync::watch::Sender<usize>>,
+) {
     tokio::spawn(async move {
-        if let Ok(opened) = config.store.open(&path, None).await {
+        if let Ok(opened) = store.open(&path, None).await {
             if let Some(file) = opened.bytes.as_file() {
-                // It runs only while no stream is being served.
-                let quiet =
-                    std::sync::Arc::new(move || config.stats.streams.load(Ordering::Relaxed) == 0);
-                describe_in_background(file.share(), opened.meta.size, quiet);
+                let quiet = std::sync::Arc::new(move || *requests.borrow() == 0);
+                describe_in_background(file.clone(), opened.meta.size, quiet);
             }
         }
     });

@@ -66,6 +66,7 @@ impl Harness {
             client: Fingerprint::of(&rustls::pki_types::CertificateDer::from(vec![7u8; 8])),
             partials: self.partials.clone(),
             conn: None,
+            requests: Arc::default(),
         };
         let request = PipeRecv {
             inner: Some(server_in),

@@ -114,6 +114,12 @@ pub(crate) trait Store: Send + Sync + std::fmt::Debug + 'static {
             .await
     }
 
+    /// Whether its files are local files (whose chunks the server may
+    /// describe in the background after an upload); a bucket's are not.
+    fn holds_local_files(&self) -> bool {
+        false
+    }
+
     /// Checks the destination of a put and prepares what receives it.
     async fn prepare_put(&self, plan: PutPlan) -> Result<Prepared, RemoteError>;
 

@@ -230,6 +230,10 @@ impl Store for LocalStore {
         blocking(move || set_meta(&root, &p, &meta, digest, &cache)).await
     }
 
+    fn holds_local_files(&self) -> bool {
+        true
+    }
+
     async fn prepare_put(&self, plan: PutPlan) -> Result<Prepared, RemoteError> {
         let (root, space, kept) = (
             self.root.clone(),
