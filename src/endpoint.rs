@@ -11,8 +11,8 @@ use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{congestion, EndpointConfig, IdleTimeout, TransportConfig, VarInt};
 use socket2::{Domain, Protocol, Socket, Type};
 
-use crate::congestion::ModelConfig;
 pub(crate) use crate::congestion::PathMemory;
+use crate::congestion::{ModelConfig, ACK_EVERY};
 use crate::tls::{self, ClientVerifier, Identity, PinnedServerVerifier, TrustError};
 
 /// Default for [`ServerLimits::max_streams`]: most streams (files in
@@ -139,6 +139,12 @@ pub(crate) fn learned(conn: &quinn::Connection) -> Option<PathMemory> {
     crate::congestion::learned(conn)
 }
 
+/// The bytes `conn` has had delivered, and of them those sent while the
+/// application had nothing more to send (qxfer's controller only).
+pub(crate) fn delivered(conn: &quinn::Connection) -> Option<(u64, u64)> {
+    crate::congestion::delivered(conn)
+}
+
 /// The server's transport limits (`serve --max-streams`, `--idle-timeout`).
 #[derive(Debug, Clone, Copy)]
 pub struct ServerLimits {
@@ -185,6 +191,12 @@ impl TransportOpts {
             .send_window(SEND_WINDOW)
             .max_idle_timeout(Some(idle))
             .keep_alive_interval(keep_alive.then_some(KEEP_ALIVE));
+        // Fewer acknowledgements: the peer acknowledges every
+        // `ACK_EVERY` packets instead of every other one (QUIC's ACK
+        // frequency extension; both sides ask it of each other).
+        let mut acks = quinn::AckFrequencyConfig::default();
+        acks.ack_eliciting_threshold(VarInt::from_u32(ACK_EVERY));
+        t.ack_frequency_config(Some(acks));
         match self.congestion {
             Congestion::Model => t.congestion_controller_factory(Arc::new(ModelConfig { memory })),
             Congestion::Bbr => {

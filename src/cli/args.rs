@@ -273,6 +273,12 @@ pub(super) struct TransferArgs {
     /// Print a JSON report on stdout.
     #[arg(long)]
     pub(super) json: bool,
+    /// Say why the transfer went as fast as it did: the path's round trip,
+    /// loss and rate, and what limited it (the link, congestion control,
+    /// flow control, the receiver, the disk, the CPU, or round trips). With
+    /// --json, the same is always in the report's `path`.
+    #[arg(long)]
+    pub(super) stats: bool,
 }
 
 /// Parses `800K`, `50M`, `1.5G` or a plain number of bytes per second.

@@ -140,7 +140,7 @@ pub(super) async fn get(
         report,
         &unchanged,
         bad,
-        args.transfer.json,
+        &args.transfer,
         quiet,
         progress,
     )

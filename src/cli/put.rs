@@ -7,7 +7,7 @@ use super::report::{finish_batch, finish_dry_run, report_excluded, report_skippe
 use super::transfer::{quick_check, run_batch_resilient, Unchanged};
 use super::{connect, connect_with, exit};
 use crate::client::tree::{self, Tree};
-use crate::client::{dry_run, BatchReport, Direction, FileError, Filter, Job};
+use crate::client::{dry_run, BatchReport, Direction, FileError, Filter, Job, PathWatch};
 use crate::paths::join_remote;
 use anyhow::Result;
 use std::io::IsTerminal;
@@ -132,7 +132,7 @@ pub(super) async fn put(
         report,
         &unchanged,
         bad,
-        args.transfer.json,
+        &args.transfer,
         quiet,
         progress,
     )
@@ -210,9 +210,11 @@ pub(super) async fn put_from_stdin(
     }
     let bar = progress.pipe_bar(&label);
     let started = std::time::Instant::now();
+    let watch = client.watch_path(Direction::Put);
     let result = client
         .put_stream(stdin, &remote, args.transfer.force, &bar)
         .await;
+    let path = watch.map(PathWatch::finish);
     let before_any = bar.position() == 0;
     bar.finish();
     if let Some(refused) = client.refusal() {
@@ -225,6 +227,7 @@ pub(super) async fn put_from_stdin(
         failed: Vec::new(),
         retry: Vec::new(),
         elapsed: started.elapsed(),
+        path,
     };
     let (errors, lost) = match result {
         Ok(mut r) => {
@@ -255,7 +258,7 @@ pub(super) async fn put_from_stdin(
         report,
         &Unchanged::default(),
         errors,
-        args.transfer.json,
+        &args.transfer,
         quiet,
         progress,
     )?;

@@ -1,9 +1,10 @@
 //! What the transfer commands print at the end: summaries, dry-run plans, JSON reports and `ls` lines.
 
+use super::args::TransferArgs;
 use super::exit;
 use super::progress::{summary, Progress};
 use super::transfer::Unchanged;
-use crate::client::{Action, BatchReport, FileError, Planned};
+use crate::client::{Action, BatchReport, FileError, PathReport, Planned};
 use crate::protocol::Timestamp;
 use crate::protocol::{Entry, EntryKind};
 use anyhow::Result;
@@ -155,7 +156,7 @@ pub(super) fn finish_batch(
     report: BatchReport,
     unchanged: &Unchanged,
     mut errors: Vec<String>,
-    json: bool,
+    out: &TransferArgs,
     quiet: bool,
     progress: &Progress,
 ) -> Result<ExitCode> {
@@ -195,8 +196,9 @@ pub(super) fn finish_batch(
     let bytes: u64 = report.done.iter().map(|r| r.bytes).sum();
     let sent: u64 = report.done.iter().map(|r| r.bytes_sent).sum();
     let wire: u64 = report.done.iter().map(|r| r.wire_bytes).sum();
-    if json {
+    if out.json {
         let doc = serde_json::json!({
+            "path": report.path,
             "files": report.done,
             "unchanged": unchanged.labels,
             "meta_set": unchanged.meta_set,
@@ -220,6 +222,12 @@ pub(super) fn finish_batch(
             )
         );
     }
+    if out.stats {
+        match &report.path {
+            Some(path) => print_path(path),
+            None => eprintln!("qxfer: stats: no connection to report on"),
+        }
+    }
     if errors.is_empty() {
         return Ok(ExitCode::SUCCESS);
     }
@@ -232,6 +240,31 @@ pub(super) fn finish_batch(
         errors.len() + report.done.len()
     );
     Ok(ExitCode::from(exit::SOME_FAILED))
+}
+
+/// `--stats`: the path, this side's load, and what limited the transfer.
+fn print_path(p: &PathReport) {
+    let loss = p.loss.map_or_else(String::new, |l| {
+        format!(", {:.2}% of packets lost", l * 100.0)
+    });
+    let bottleneck = p.bottleneck_mbit.map_or_else(String::new, |b| {
+        format!(" (the path's bottleneck ~{b:.0} Mbit/s)")
+    });
+    eprintln!(
+        "qxfer: path: round trip {:.1} ms{loss}, {:.0} Mbit/s on the wire{bottleneck}",
+        p.rtt_ms, p.rate_mbit
+    );
+    let machine = p.machine_busy.map_or_else(String::new, |m| {
+        format!(", the machine {:.0}% busy", m * 100.0)
+    });
+    eprintln!(
+        "qxfer: this side: {:.2} cores of CPU{machine}, disk threads busy {:.0}% of the time, {:.1} / {:.1} datagrams per send / receive call",
+        p.cpu_cores,
+        p.disk_busy * 100.0,
+        p.datagrams_per_send,
+        p.datagrams_per_receive
+    );
+    eprintln!("qxfer: limited by {}", p.why);
 }
 
 /// One `ls` line: kind, size, modification time (UTC), name (`/` after directories).

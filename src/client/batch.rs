@@ -9,6 +9,7 @@ use tokio::sync::Semaphore;
 use crate::endpoint;
 use crate::exchange::blocking;
 
+use super::path::{PathReport, PathWatch};
 use super::{Client, FileError, TransferReport};
 
 /// One file to move: its label for messages and both ends.
@@ -126,6 +127,9 @@ pub struct BatchReport {
     pub retry: Vec<Job>,
     /// Wall time for the whole batch.
     pub elapsed: Duration,
+    /// The path and what limited the batch (`--stats`); `None` without a
+    /// QUIC connection.
+    pub path: Option<PathReport>,
 }
 
 /// Runs `jobs` over `client` with at most `parallel` large files in flight,
@@ -146,6 +150,7 @@ pub async fn run_batch(
     progress: &Arc<dyn Watch>,
 ) -> BatchReport {
     let start = Instant::now();
+    let watch = client.watch_path(direction);
     let queued = jobs.len();
     progress.set_status(format!("0/{queued} files"));
     let (mut small, mut large) = (Vec::new(), Vec::new());
@@ -195,6 +200,7 @@ pub async fn run_batch(
         failed: Vec::new(),
         retry: Vec::new(),
         elapsed: Duration::ZERO,
+        path: None,
     };
     let collect = async {
         while let Some((job, result)) = rx.recv().await {
@@ -216,6 +222,7 @@ pub async fn run_batch(
     };
     tokio::join!(feed_small, feed_large, collect);
     report.elapsed = start.elapsed();
+    report.path = watch.map(PathWatch::finish);
     report
 }
 

@@ -34,6 +34,7 @@ mod dest;
 mod filter;
 mod get;
 mod outcome;
+mod path;
 mod plan;
 mod put;
 mod receive;
@@ -43,6 +44,8 @@ mod state;
 pub(crate) mod tree;
 use outcome::*;
 pub use outcome::{hex, FileError, TransferReport};
+pub(crate) use path::PathWatch;
+pub use path::{Limit, PathReport};
 
 /// Why one file's bytes did not move (inside [`FileError::Transfer`]).
 pub use crate::exchange::TransferError;
@@ -249,6 +252,12 @@ impl Client {
     /// Why the connection ended, in words for the user, if it has.
     pub fn lost(&self) -> Option<String> {
         Some(describe_close(&self.link.quic()?.close_reason()?))
+    }
+
+    /// Starts watching the connection for `--stats` (see [`PathWatch`]);
+    /// `None` over in-memory pipes.
+    pub(crate) fn watch_path(&self, direction: Direction) -> Option<PathWatch> {
+        self.link.quic().map(|c| PathWatch::start(c, direction))
     }
 
     /// The underlying QUIC connection, for callers that speak the protocol

@@ -162,6 +162,8 @@ where
         report.failed.extend(again.failed);
         report.retry = again.retry;
         report.elapsed += again.elapsed;
+        // The last connection's path: the one the retried files crossed.
+        report.path = again.path.or(report.path);
     }
     // Retries spent: what still failed for the connection's sake says why
     // the connection ended, if it did ("the server is shutting down"),
@@ -308,6 +310,7 @@ mod tests {
                 failed: Vec::new(),
                 retry: Vec::new(),
                 elapsed: Duration::from_secs(1),
+                path: None,
             };
             for j in jobs {
                 if j.label.starts_with("flaky") && self.nth < self.fails_until {

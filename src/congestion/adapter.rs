@@ -48,6 +48,18 @@ pub(crate) fn learned(conn: &quinn::Connection) -> Option<PathMemory> {
     })
 }
 
+/// The bytes `conn`'s controller has seen delivered, and of them those
+/// sent while the application had nothing more to send, if the controller
+/// is ours: how much of a transfer's time the sender, not the path, set.
+pub(crate) fn delivered(conn: &quinn::Connection) -> Option<(u64, u64)> {
+    let model = conn
+        .congestion_state()
+        .into_any()
+        .downcast::<Model>()
+        .ok()?;
+    Some((model.delivered, model.delivered_app_limited))
+}
+
 impl Controller for Model {
     fn on_sent(&mut self, now: Instant, bytes: u64, _last_packet_number: u64) {
         if self.in_flight == 0 {

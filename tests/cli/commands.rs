@@ -85,13 +85,18 @@ async fn end_to_end_on(backend: Backend) {
     }
     client(h, &server)
         .current_dir(&src)
-        .args(["put", "a", "b", "c d", "é", "--to", "up/load"])
+        .args(["put", "a", "b", "c d", "é", "--to", "up/load", "--stats"])
         .assert()
         .success()
         .stderr(
             predicate::str::contains("first contact")
                 .and(predicate::str::contains(server.fingerprint.as_str()))
-                .and(predicate::str::contains("put 4 files")),
+                .and(predicate::str::contains("put 4 files"))
+                // --stats: the path, this side's load, and the verdict.
+                .and(predicate::str::contains("qxfer: path: round trip "))
+                .and(predicate::str::contains("Mbit/s on the wire"))
+                .and(predicate::str::contains("qxfer: this side: "))
+                .and(predicate::str::contains("qxfer: limited by ")),
         );
     let known = std::fs::read_to_string(h.join("qxfer-config/known_hosts")).unwrap();
     assert!(known.contains(&server.fingerprint), "{known}");
@@ -128,6 +133,24 @@ async fn end_to_end_on(backend: Backend) {
         .unwrap();
     let report = common::json_of(&out);
     assert_eq!(report["files"].as_array().unwrap().len(), 3);
+    // What the path was and what limited the download, always in --json.
+    let path = &report["path"];
+    assert!(path["rtt_ms"].as_f64().unwrap() > 0.0, "{path}");
+    assert!(path["rate_mbit"].as_f64().unwrap() > 0.0, "{path}");
+    assert!(path["cpu_cores"].as_f64().unwrap() >= 0.0, "{path}");
+    // A download cannot see the sender's losses.
+    assert!(path["loss"].is_null(), "{path}");
+    let limits = [
+        "link",
+        "cpu",
+        "disk",
+        "flow_control",
+        "receiver",
+        "congestion",
+        "round_trips",
+    ];
+    assert!(limits.contains(&path["limit"].as_str().unwrap()), "{path}");
+    assert!(!path["why"].as_str().unwrap().is_empty(), "{path}");
     let a_hash = blake3::hash(&std::fs::read(src.join("a")).unwrap())
         .to_hex()
         .to_string();
