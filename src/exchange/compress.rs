@@ -36,7 +36,13 @@ impl<T> ContextPool<T> {
         make: impl FnOnce() -> std::io::Result<T>,
         f: impl FnOnce(&mut T) -> R,
     ) -> std::io::Result<R> {
-        let limit = std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 8));
+        // Asked once: each ask is a system call (sched_getaffinity), and
+        // this runs for every block compressed or unpacked, a small file's
+        // included.
+        static LIMIT: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+        let limit = *LIMIT.get_or_init(|| {
+            std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 8))
+        });
         let mut ctx = {
             let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
             loop {
