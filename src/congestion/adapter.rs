@@ -36,11 +36,7 @@ impl ControllerFactory for ModelConfig {
 /// filled the pipe at least once (a connection that only moved small files
 /// never measured the bottleneck and teaches nothing).
 pub(crate) fn learned(conn: &quinn::Connection) -> Option<PathMemory> {
-    let model = conn
-        .congestion_state()
-        .into_any()
-        .downcast::<Model>()
-        .ok()?;
+    let model = model_of(conn)?;
     let min_rtt = model.min_rtt?;
     (model.full_bw_seen > 0.0).then_some(PathMemory {
         bw: model.full_bw_seen,
@@ -52,12 +48,13 @@ pub(crate) fn learned(conn: &quinn::Connection) -> Option<PathMemory> {
 /// sent while the application had nothing more to send, if the controller
 /// is ours: how much of a transfer's time the sender, not the path, set.
 pub(crate) fn delivered(conn: &quinn::Connection) -> Option<(u64, u64)> {
-    let model = conn
-        .congestion_state()
-        .into_any()
-        .downcast::<Model>()
-        .ok()?;
+    let model = model_of(conn)?;
     Some((model.delivered, model.delivered_app_limited))
+}
+
+/// A copy of `conn`'s controller, if it is ours.
+fn model_of(conn: &quinn::Connection) -> Option<Box<Model>> {
+    conn.congestion_state().into_any().downcast::<Model>().ok()
 }
 
 impl Controller for Model {
