@@ -59,17 +59,28 @@ impl Client {
         progress: &dyn WatchFile,
     ) -> Result<TransferReport, FileError> {
         let (d, w) = (dest.to_owned(), within.map(Path::to_owned));
-        let target = Arc::new(blocking(move || Dest::open(&d, w.as_deref())).await?);
-        let t = target.clone();
-        if blocking(move || check_local_dest(&t, force)).await? {
+        let small = size_hint.is_some_and(|s| s < RESUME_MIN);
+        // The destination's directory, what is there now and a small
+        // file's temporary, in one trip to the disk threads: on a tree of
+        // small files each trip (two thread switches) costs more than the
+        // file's bytes.
+        let (target, here, anonymous) = blocking(move || -> Result<_, FileError> {
+            let target = Dest::open(&d, w.as_deref())?;
+            if check_local_dest(&target, force)? {
+                return Ok((target, true, None));
+            }
+            let anonymous = if small {
+                anonymous_download(&target)?
+            } else {
+                None
+            };
+            Ok((target, false, anonymous))
+        })
+        .await?;
+        let target = Arc::new(target);
+        if here {
             return self.already_here(remote, target).await;
         }
-        let small = size_hint.is_some_and(|s| s < RESUME_MIN);
-        let anonymous = if small {
-            open_anonymous_download(target.clone()).await?
-        } else {
-            None
-        };
         let (incoming, start) = match anonymous {
             Some(incoming) => (incoming, Start::default()),
             None => open_download(target.clone(), self.resume).await?,
@@ -371,17 +382,15 @@ pub fn part_path(dest: &Path) -> PathBuf {
 /// Suffix of partial downloads beside their destination.
 pub const PART_SUFFIX: &str = ".qxfer-part";
 
-/// An anonymous temporary beside the destination, if the system allows one.
-pub(super) async fn open_anonymous_download(
-    target: Arc<Dest>,
-) -> Result<Option<IncomingFile>, FileError> {
-    let path = target.path.clone();
-    blocking(move || {
-        let dir = target.dir.try_clone()?;
-        IncomingFile::create_anonymous(dir, &target.name, target.path.clone())
-    })
-    .await
-    .map_err(FileError::local(&path))
+/// An anonymous temporary beside the destination, if the system allows
+/// one. Blocking.
+pub(super) fn anonymous_download(target: &Dest) -> Result<Option<IncomingFile>, FileError> {
+    let dir = target
+        .dir
+        .try_clone()
+        .map_err(FileError::local(&target.path))?;
+    IncomingFile::create_anonymous(dir, &target.name, target.path.clone())
+        .map_err(FileError::local(&target.path))
 }
 
 /// Opens `DEST.qxfer-part` beside the destination and, if `resume` and it

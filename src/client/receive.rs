@@ -223,21 +223,21 @@ pub(super) async fn receive_get(
         .zip(avg)
         .or_else(|| described_whole.map(|(avg, d)| (d, avg)));
     let kept_file = keep.as_ref().and_then(|_| incoming.file().ok());
-    blocking(move || {
-        incoming.commit(&meta, force)?;
-        // Known as it is committed (its ctime included).
-        if let (Some((d, avg)), Some(key)) = (keep, kept_file.as_ref().and_then(FileKey::of)) {
-            if let Some(kept) = &kept {
-                kept.remember_on_disk(key, avg, &d);
-            }
-        }
-        Ok(())
-    })
-    .await
-    .map_err(|e| match e {
+    let committed = match blocking(move || incoming.commit_start(&meta, force)).await {
+        Ok(committing) => committing.finished().await,
+        Err(e) => Err(e),
+    };
+    committed.map_err(|e| match e {
         CommitError::Exists(p) => FileError::LocalExists(p),
         CommitError::Io { source, .. } => FileError::local(&d)(source),
     })?;
+    // Known as it is committed (its ctime included). Writes a small file
+    // of its own: a disk call.
+    if let (Some((d, avg)), Some(key), Some(kept)) =
+        (keep, kept_file.as_ref().and_then(FileKey::of), kept)
+    {
+        blocking(move || kept.remember_on_disk(key, avg, &d)).await;
+    }
     Ok((digest, wire_bytes, delta))
 }
 

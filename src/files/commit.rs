@@ -246,25 +246,86 @@ impl IncomingFile {
         self.file.try_clone()
     }
 
-    /// Applies `meta` (mode without group/other write and set-id bits; mtime),
-    /// syncs, and renames the temporary to the destination: atomically
+    /// Applies `meta` (mode without group/other write and set-id bits;
+    /// mtime), syncs, and renames the temporary to the destination, and
+    /// syncs that, all in this thread, whatever the size: atomically
     /// replacing it if `overwrite`, else failing if it exists (renameat2 with
-    /// RENAME_NOREPLACE, so there is no check-then-rename race).
+    /// RENAME_NOREPLACE, so there is no check-then-rename race). Transfers
+    /// use [`Self::commit_start`], which shares a small file's syncs.
     ///
     /// A commit refused because the name exists frees the partial (a resumed
     /// upload would be refused the same way), as does one that ran out of
     /// space (its bytes are the space the next upload needs).
+    #[cfg(test)]
     pub(crate) fn commit(mut self, meta: &FileMeta, overwrite: bool) -> Result<(), CommitError> {
-        let result = self.try_commit(meta, overwrite);
-        match &result {
-            Err(CommitError::Exists(_)) => self.keep = false,
-            Err(CommitError::Io { source, .. }) if is_disk_full(source) => self.keep = false,
-            _ => {}
-        }
-        result
+        let result = self
+            .apply_meta(meta)
+            .and_then(|_| self.commit_alone(overwrite));
+        result.map_err(|e| self.failed(e))
     }
 
-    fn try_commit(&mut self, meta: &FileMeta, overwrite: bool) -> Result<(), CommitError> {
+    /// Commits as [`Self::commit`] does, but without waiting for a small
+    /// file's syncs: the metadata is applied here, and the rest (sync, name,
+    /// sync) left to its filesystem's committer (see `grouped`), whose
+    /// answer [`Committing::finished`] waits for without holding a thread.
+    /// A large file is committed here, whole. Blocking.
+    pub(crate) fn commit_start(
+        mut self,
+        meta: &FileMeta,
+        overwrite: bool,
+    ) -> Result<Committing, CommitError> {
+        let result = self.apply_meta(meta);
+        let small = match result {
+            Ok(small) => small,
+            Err(e) => return Err(self.failed(e)),
+        };
+        #[cfg(target_os = "linux")]
+        if small {
+            use std::os::unix::fs::MetadataExt;
+            let dev = match self.file.metadata() {
+                Ok(md) => md.dev(),
+                Err(e) => {
+                    let e = CommitError::Io {
+                        path: self.label.clone(),
+                        source: e,
+                    };
+                    return Err(self.failed(e));
+                }
+            };
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let label = self.label.clone();
+            grouped::submit(
+                dev,
+                grouped::Ready {
+                    file: self,
+                    overwrite,
+                    answer: tx,
+                },
+            );
+            return Ok(Committing::Grouped { answer: rx, label });
+        }
+        let result = self.commit_alone(overwrite);
+        result.map_err(|e| self.failed(e))?;
+        Ok(Committing::Done)
+    }
+
+    /// After a failed commit: one refused because the name exists frees the
+    /// partial (a resumed upload would be refused the same way), as does one
+    /// that ran out of space (its bytes are the space the next upload
+    /// needs).
+    pub(super) fn failed(&mut self, e: CommitError) -> CommitError {
+        match &e {
+            CommitError::Exists(_) => self.keep = false,
+            CommitError::Io { source, .. } if is_disk_full(source) => self.keep = false,
+            _ => {}
+        }
+        e
+    }
+
+    /// Sets the mode and mtime; whether the file is small enough for a
+    /// group commit. The size is the file's own: data from a pipe declared
+    /// none.
+    fn apply_meta(&mut self, meta: &FileMeta) -> Result<bool, CommitError> {
         let label = self.label.clone();
         let io = |source| CommitError::Io {
             path: label.clone(),
@@ -284,42 +345,97 @@ impl IncomingFile {
         {
             self.file.set_modified(t).map_err(io)?;
         }
-        // A small file's data is made durable together with the others in
-        // flight (one sync of the filesystem for all of them); a large one's
-        // on its own, as it is most of what would be flushed anyway. The
-        // size is the file's own: data from a pipe declared none.
         let size = self.file.metadata().map_or(meta.size, |m| m.len());
-        let small = size < GROUP_SYNC_BELOW;
-        if small {
-            sync_filesystem_grouped(&self.file).map_err(io)?;
-        } else {
-            self.file.sync_all().map_err(io)?;
-        }
+        Ok(size < GROUP_SYNC_BELOW)
+    }
+
+    /// The commit in this thread: a large file's data synced on its own
+    /// (it is most of what would be flushed anyway), the name placed, its
+    /// directory synced (shared with other commits into it). Where there is
+    /// no group committer, a small file's the same way.
+    fn commit_alone(&mut self, overwrite: bool) -> Result<(), CommitError> {
+        let label = self.label.clone();
+        let io = |source| CommitError::Io {
+            path: label.clone(),
+            source,
+        };
+        self.file.sync_all().map_err(io)?;
+        self.place(overwrite)?;
+        sync_dir_grouped(&self.dest_dir).map_err(io)
+    }
+
+    /// Puts the temporary under its final name (the data and metadata are
+    /// already durable): atomically replacing what is there if `overwrite`,
+    /// else failing if the name exists.
+    pub(super) fn place(&mut self, overwrite: bool) -> Result<(), CommitError> {
         let placed = match &self.tmp_name {
-            Some(tmp) if overwrite => {
-                self.tmp_dir
-                    .rename(tmp, &self.dest_dir, &self.dest_name)
-                    .map_err(io)?;
-                Ok(())
-            }
+            Some(tmp) if overwrite => self.tmp_dir.rename(tmp, &self.dest_dir, &self.dest_name),
             Some(tmp) => rename_noreplace(&self.tmp_dir, tmp, &self.dest_dir, &self.dest_name),
             None => self.link_anonymous(overwrite),
         };
         match placed {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                return Err(CommitError::Exists(self.label.clone()))
+            Ok(()) => {
+                self.done = true;
+                Ok(())
             }
-            Err(e) => return Err(io(e)),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                let e = CommitError::Exists(self.label.clone());
+                Err(self.failed(e))
+            }
+            Err(e) => {
+                let e = CommitError::Io {
+                    path: self.label.clone(),
+                    source: e,
+                };
+                Err(self.failed(e))
+            }
         }
-        self.done = true;
-        // Make the new name itself durable.
-        if small {
-            sync_filesystem_grouped(&self.file).map_err(io)?;
-        } else {
-            sync_dir_grouped(&self.dest_dir).map_err(io)?;
+    }
+
+    /// The destination as shown in messages.
+    pub(super) fn label(&self) -> &std::path::Path {
+        &self.label
+    }
+
+    /// The open file, to sync its filesystem.
+    #[cfg(target_os = "linux")]
+    pub(super) fn handle(&self) -> &File {
+        &self.file
+    }
+}
+
+/// A commit begun by [`IncomingFile::commit_start`].
+#[must_use = "a grouped commit is not done until `finished` says so"]
+pub(crate) enum Committing {
+    /// Committed, name and data durable.
+    Done,
+    /// Handed to the filesystem's committer; its answer comes here.
+    #[cfg(target_os = "linux")]
+    Grouped {
+        answer: tokio::sync::oneshot::Receiver<Result<(), CommitError>>,
+        label: PathBuf,
+    },
+}
+
+impl Committing {
+    /// Waits (without a thread) until the commit is done or failed.
+    pub(crate) async fn finished(self) -> Result<(), CommitError> {
+        match self {
+            Self::Done => Ok(()),
+            #[cfg(target_os = "linux")]
+            Self::Grouped { answer, label } => answer
+                .await
+                .unwrap_or_else(|_| Err(commit_thread_lost(label))),
         }
-        Ok(())
+    }
+}
+
+/// The answer for a file whose committer stopped without one (it panicked).
+#[cfg(target_os = "linux")]
+fn commit_thread_lost(label: PathBuf) -> CommitError {
+    CommitError::Io {
+        path: label,
+        source: std::io::Error::other("the commit thread stopped before this file was committed"),
     }
 }
 
@@ -435,7 +551,7 @@ fn sync_dir(dir: &Dir) -> std::io::Result<()> {
 }
 
 /// Files smaller than this are committed with a shared sync of their
-/// filesystem ([`sync_filesystem_grouped`]) rather than an fsync each.
+/// filesystem (the `grouped` committer) rather than an fsync each.
 const GROUP_SYNC_BELOW: u64 = 1024 * 1024;
 
 /// Group commit. A sync (of a directory, or of a whole filesystem) makes
@@ -510,20 +626,6 @@ fn sync_dir_grouped(dir: &Dir) -> std::io::Result<()> {
     use cap_std::fs::MetadataExt;
     let md = dir.dir_metadata()?;
     group_sync((md.dev(), md.ino()), || sync_dir(dir))
-}
-
-/// Syncs the filesystem `file` is on (its data, metadata and every
-/// directory entry on it), shared with other commits on it. Where there is
-/// no syncfs, an fsync of the file alone.
-fn sync_filesystem_grouped(file: &File) -> std::io::Result<()> {
-    #[cfg(target_os = "linux")]
-    {
-        use std::os::unix::fs::MetadataExt;
-        let dev = file.metadata()?.dev();
-        group_sync((dev, 0), || rustix::fs::syncfs(file).map_err(Into::into))
-    }
-    #[cfg(not(target_os = "linux"))]
-    file.sync_all()
 }
 
 /// Renames `from` in `from_dir` to `to` in `to_dir` unless `to` exists.

@@ -9,7 +9,8 @@
 //! One file per job: `pool` (the bounded disk threads every blocking call
 //! goes through), `source` (reading a file's bytes, in stretches into
 //! reused memory), `sink` (writing them, hashed as they pass), `commit`
-//! (temporaries, atomic and group commits, renames), `meta` (timestamps
+//! (temporaries, atomic commits, renames), `grouped` (the thread that
+//! commits small files in rounds, one sync each), `meta` (timestamps
 //! and modes), `start` (checking a resume prefix), `described` (the
 //! chunks of files cut before), `error` (what can go wrong moving a
 //! file's bytes).
@@ -17,6 +18,8 @@
 mod commit;
 pub(crate) mod described;
 mod error;
+#[cfg(target_os = "linux")]
+pub(crate) mod grouped;
 mod meta;
 mod pool;
 mod sink;

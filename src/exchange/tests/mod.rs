@@ -489,6 +489,90 @@ fn anonymous_temporaries_have_no_name_until_committed() {
     assert_eq!(names(), ["dest"], "no temporary names left behind");
 }
 
+/// Small files committed at once through `commit_start` share their
+/// filesystem's syncs (the grouped committer: one sync a round, not two a
+/// file), land whole under their names, and a clash is refused as alone.
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_files_committed_at_once_share_their_syncs() {
+    use crate::files::{blocking, grouped::ROUNDS};
+    use std::sync::atomic::Ordering;
+    let dir = tempfile::tempdir().unwrap();
+    let n = 200;
+    let meta = |size| FileMeta {
+        size,
+        mtime: None,
+        mode: Some(0o640),
+    };
+    let before = ROUNDS.load(Ordering::Relaxed);
+    let commits: Vec<_> = (0..n)
+        .map(|i| {
+            let dest = dir.path().join(format!("f{i}"));
+            tokio::spawn(async move {
+                let committing = blocking(move || {
+                    let incoming = incoming_at(&dest).unwrap();
+                    incoming
+                        .file()
+                        .unwrap()
+                        .write_all(format!("file {i}").as_bytes())
+                        .unwrap();
+                    incoming.commit_start(&meta(7), false)
+                })
+                .await
+                .unwrap();
+                assert!(matches!(committing, Committing::Grouped { .. }));
+                committing.finished().await
+            })
+        })
+        .collect();
+    for c in commits {
+        c.await.unwrap().unwrap();
+    }
+    let rounds = ROUNDS.load(Ordering::Relaxed) - before;
+    assert!(
+        rounds <= n / 4,
+        "{n} small files took {rounds} rounds of syncs"
+    );
+    for i in 0..n {
+        let path = dir.path().join(format!("f{i}"));
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            format!("file {i}").as_bytes()
+        );
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o640
+        );
+    }
+    // A name that exists is refused through the committer too, the old
+    // file kept and the temporary gone; with overwrite it is replaced.
+    let dest = dir.path().join("f0");
+    for overwrite in [false, true] {
+        let d = dest.clone();
+        let committing = blocking(move || {
+            let incoming = incoming_at(&d).unwrap();
+            incoming.file().unwrap().write_all(b"newer").unwrap();
+            incoming.commit_start(&meta(5), overwrite)
+        })
+        .await
+        .unwrap();
+        let result = committing.finished().await;
+        if overwrite {
+            result.unwrap();
+            assert_eq!(std::fs::read(&dest).unwrap(), b"newer");
+        } else {
+            assert!(matches!(result, Err(CommitError::Exists(_))), "{result:?}");
+            assert_eq!(std::fs::read(&dest).unwrap(), b"file 0");
+        }
+    }
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        n as usize,
+        "no temporaries left"
+    );
+}
+
 #[test]
 fn concurrent_commits_share_syncs_that_start_after_them() {
     use std::sync::atomic::{AtomicU64, Ordering};

@@ -296,7 +296,8 @@ impl Upload for LocalUpload {
         let path = self.path.clone();
         // The reservation is held until the commit, however this ends.
         let _reserved = self;
-        blocking(move || -> Result<Digest, RemoteError> {
+        let label = path.clone();
+        let (digest, committing) = blocking(move || -> Result<_, RemoteError> {
             let mut file = incoming
                 .file()
                 .map_err(|e| fs_error(&e, &path, "cannot write"))?;
@@ -307,12 +308,17 @@ impl Upload for LocalUpload {
             if digest != expected {
                 return Err(corrupt(&path));
             }
-            incoming
-                .commit(&meta, force)
+            let committing = incoming
+                .commit_start(&meta, force)
                 .map_err(|e| commit_error(e, &path))?;
-            Ok(digest)
+            Ok((digest, committing))
         })
-        .await
+        .await?;
+        committing
+            .finished()
+            .await
+            .map_err(|e| commit_error(e, &label))?;
+        Ok(digest)
     }
 
     async fn commit(mut self: Box<Self>, meta: FileMeta, force: bool) -> Result<(), RemoteError> {
@@ -320,18 +326,19 @@ impl Upload for LocalUpload {
         let path = self.path.clone();
         let described = self.described.take();
         let kept = self.descriptions.clone();
-        blocking(move || {
-            let file = described.as_ref().and_then(|_| incoming.file().ok());
-            incoming.commit(&meta, force)?;
-            // Known as it is committed: its next delta, either way, need
-            // not read it again (see `files::described`).
-            if let (Some((avg, d)), Some(key)) = (described, file.as_ref().and_then(FileKey::of)) {
-                kept.remember(key, avg, d);
-            }
-            Ok(())
-        })
-        .await
-        .map_err(|e| commit_error(e, &path))
+        let file = described.as_ref().and_then(|_| incoming.file().ok());
+        blocking(move || incoming.commit_start(&meta, force))
+            .await
+            .map_err(|e| commit_error(e, &path))?
+            .finished()
+            .await
+            .map_err(|e| commit_error(e, &path))?;
+        // Known as it is committed: its next delta, either way, need not
+        // read it again (see `files::described`).
+        if let (Some((avg, d)), Some(key)) = (described, file.as_ref().and_then(FileKey::of)) {
+            kept.remember(key, avg, d);
+        }
+        Ok(())
     }
 
     async fn abandon(mut self: Box<Self>) {
