@@ -31,7 +31,21 @@ impl Client {
         progress: &dyn WatchFile,
     ) -> Result<TransferReport, FileError> {
         let path = local.to_owned();
-        let (file, meta) = blocking(move || open_source(&path)).await?;
+        // A small file is read (hashed, framed) whole in the call that opens
+        // it: one trip to the disk threads instead of two. Only a pipelined
+        // upload uses it: a small file never resumes, and deltas start at
+        // DELTA_MIN, far above PRIME_MAX.
+        let framing = Framing::for_sending(self.compression, self.link.quic());
+        let (file, meta, primed) = blocking(move || -> Result<_, FileError> {
+            let (file, meta) = open_source(&path)?;
+            let primed = (meta.size <= exchange::PRIME_MAX).then(|| {
+                file.try_clone()
+                    .map_err(TransferError::Read)
+                    .and_then(|f| exchange::prime(f, meta.size, framing))
+            });
+            Ok((file, meta, primed))
+        })
+        .await?;
         // A large file goes in resume mode (offer first) only if an earlier
         // run left it unfinished; see [`UploadJournal`].
         let entry = (self.resume && meta.size >= RESUME_MIN)
@@ -51,7 +65,7 @@ impl Client {
             }
         };
         let result = self
-            .put_with(local, remote, force, progress, file, meta, resume)
+            .put_with(local, remote, force, progress, file, meta, resume, primed)
             .await;
         if result.is_ok() {
             finished().await;
@@ -69,6 +83,7 @@ impl Client {
         file: File,
         meta: FileMeta,
         resume: bool,
+        primed: Option<Result<exchange::Primed, TransferError>>,
     ) -> Result<TransferReport, FileError> {
         let (mut send, mut recv) = self.open().await?;
         let mut framing = Framing::for_sending(self.compression, self.link.quic());
@@ -179,6 +194,15 @@ impl Client {
                         digest
                     })
                 }
+                // Read when it was opened (framed as then): a pipelined
+                // upload from its start, as here.
+                None if !waits && primed.is_some() => match primed.expect("checked") {
+                    Ok(primed) => {
+                        drop(file);
+                        exchange::send_primed(primed, pace, &mut wire, &|n| progress.inc(n)).await
+                    }
+                    Err(e) => Err(e),
+                },
                 None => {
                     exchange::send_file(file, meta.size, start, framing, pace, &mut wire, &|n| {
                         progress.inc(n)

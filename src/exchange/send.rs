@@ -182,15 +182,16 @@ impl Source {
 
     /// Reads, hashes and frames the next chunk. Blocking.
     fn next_chunk(mut self) -> (Self, Result<WireChunk, TransferError>) {
+        let chunk = self.next_chunk_mut();
+        (self, chunk)
+    }
+
+    /// [`Self::next_chunk`] in place.
+    fn next_chunk_mut(&mut self) -> Result<WireChunk, TransferError> {
         // The bytes are read behind room for a block header.
         let room = self.framer.room();
-        match self.read_raw(room) {
-            Ok(buf) => {
-                let chunk = self.framer.frame(buf);
-                (self, Ok(chunk))
-            }
-            Err(e) => (self, Err(e)),
-        }
+        let buf = self.read_raw(room)?;
+        Ok(self.framer.frame(buf))
     }
 
     /// Reads and hashes the next chunk of the file into a buffer that starts
@@ -243,6 +244,79 @@ impl Source {
     }
 }
 
+/// The file's state now, which must be `size` bytes long.
+fn snapshot_of_size(file: &File, size: u64) -> Result<Option<Snapshot>, TransferError> {
+    let before = Snapshot::of(file);
+    match before {
+        Some(b) if b.size < size => Err(TransferError::SourceChanged {
+            expected: size,
+            found: b.size,
+        }),
+        Some(b) if b.size > size => Err(TransferError::ChangedWhileSent("it grew")),
+        _ => Ok(before),
+    }
+}
+
+/// Files up to this size are read whole in the disk call that opens them
+/// ([`prime`]): a small file's extra trip to the disk threads, and the
+/// task switches around it, cost more than its bytes. Small enough that
+/// framing it (zstd) there takes no time worth a thread of its own.
+pub(crate) const PRIME_MAX: u64 = 64 * 1024;
+
+/// A small file read, hashed and framed whole where it was opened, for
+/// [`send_primed`] to send without going back to the disk.
+pub(crate) struct Primed {
+    /// None for an empty file.
+    chunk: Option<WireChunk>,
+    digest: Digest,
+}
+
+/// Reads, hashes and frames all `size` bytes of `file` (positioned at its
+/// start, `size` at most [`PRIME_MAX`]), and checks, as [`send_file`]
+/// does at its end, that the file ends there and was not written to
+/// meanwhile. Blocking.
+pub(crate) fn prime(file: File, size: u64, framing: Framing) -> Result<Primed, TransferError> {
+    debug_assert!(size <= PRIME_MAX);
+    let before = snapshot_of_size(&file, size)?;
+    let mut src = Source {
+        file,
+        hasher: blake3::Hasher::new(),
+        pos: 0,
+        size,
+        framer: Framer::new(framing),
+        before,
+    };
+    let chunk = if size == 0 {
+        src.check_unchanged()?;
+        None
+    } else {
+        Some(src.next_chunk_mut()?)
+    };
+    debug_assert!(src.pos >= size);
+    Ok(Primed {
+        chunk,
+        digest: *src.hasher.finalize().as_bytes(),
+    })
+}
+
+/// Sends a file [`prime`] read: what [`send_file`] would have sent from
+/// its start, and the same digest.
+pub(crate) async fn send_primed<W>(
+    primed: Primed,
+    pace: Option<Arc<Pacer>>,
+    out: &mut W,
+    progress: &Advance<'_>,
+) -> Result<Digest, TransferError>
+where
+    W: AsyncWrite + Unpin + ?Sized,
+{
+    if let Some(chunk) = primed.chunk {
+        write_paced(out, &chunk.bytes, pace.as_deref()).await?;
+        progress(chunk.raw as u64);
+    }
+    Ok(primed.digest)
+}
+
 /// Sends the bytes of `file` from `start.offset` up to `size` to `out`
 /// (`file` must be positioned at the offset), framed as `framing` says,
 /// returning the BLAKE3 digest of the whole file (of its bytes, whatever
@@ -259,17 +333,7 @@ pub(crate) async fn send_file<W>(
 where
     W: AsyncWrite + Unpin + ?Sized,
 {
-    let before = Snapshot::of(&file);
-    match before {
-        Some(b) if b.size < size => {
-            return Err(TransferError::SourceChanged {
-                expected: size,
-                found: b.size,
-            })
-        }
-        Some(b) if b.size > size => return Err(TransferError::ChangedWhileSent("it grew")),
-        _ => {}
-    }
+    let before = snapshot_of_size(&file, size)?;
     let mut src = Source {
         file,
         hasher: start.hasher,

@@ -87,16 +87,18 @@ pub(super) fn submit(dev: u64, ready: Ready) {
 
 /// The committer's loop, until a round finds nothing to do.
 fn commit_rounds(queue: &Mutex<Queue>) {
-    // However this ends (a panic included), the queue is left so that the
-    // next submit starts a new thread, and nothing waiting is forgotten:
-    // dropping a `Ready` closes its channel, which its task reads as a
-    // failed commit.
+    // If this panics, the queue is left so that the next submit starts a
+    // new thread, and nothing waiting hangs: dropping a `Ready` closes its
+    // channel, which its task reads as a failed commit. (Only then: after
+    // a normal end another thread may already own the queue.)
     struct Stop<'a>(&'a Mutex<Queue>);
     impl Drop for Stop<'_> {
         fn drop(&mut self) {
-            let mut q = self.0.lock().unwrap_or_else(|e| e.into_inner());
-            q.running = false;
-            q.waiting.clear();
+            if std::thread::panicking() {
+                let mut q = self.0.lock().unwrap_or_else(|e| e.into_inner());
+                q.running = false;
+                q.waiting.clear();
+            }
         }
     }
     let _stop = Stop(queue);

@@ -15,7 +15,7 @@ use crate::protocol::{
     read_frame, write_frame, Continue, DeltaBase, Encoding, ErrorCode, FrameError, PutOffer,
     PutRequest, Receipt, RemoteError, Response, Trailer, RESUME_MIN,
 };
-use crate::store::{corrupt, Held, PatchedUpload, Prepared, PutPlan, Sinking, Upload};
+use crate::store::{corrupt, Held, PatchedUpload, Prepared, PutPlan, Sinking, Upload, WholePut};
 
 use super::partials::{partial_name, pipe_name};
 use super::{protocol_error, Ctx, RECEIPT_TIMEOUT, STOP_REFUSED};
@@ -159,11 +159,15 @@ static WHOLE_PUT_BUDGET: tokio::sync::Semaphore =
     tokio::sync::Semaphore::const_new((64 << 20) / WHOLE_UNIT as usize);
 const WHOLE_UNIT: u64 = 4096;
 
-/// A small pipelined upload, read whole before its one trip to the store:
-/// the checks and the creation of its temporary come first (and the answer
-/// goes back at once, as for any put), then the data and trailer are read
-/// into memory, and writing, comparing the digest and committing happen
-/// together in one call.
+/// A small pipelined upload, read whole before its one trip to the store.
+/// The client sends its bytes and trailer right behind the request
+/// without waiting for an answer, so the server reads them all first, then
+/// checks the destination, writes and commits in one call (one disk call
+/// for the local root: two trips to the disk threads per small file, and
+/// the task switches around each, cost more than its bytes). The answer
+/// then goes back as for any put: `PutAccepted` and the receipt,
+/// `AlreadyThere`, or `Refused`: the same messages in the same order, only
+/// later, when a client no longer waits for them to send.
 async fn serve_whole_put(
     req: &PutRequest,
     path: &RemotePath,
@@ -181,10 +185,6 @@ async fn serve_whole_put(
         stream: false,
         client: ctx.client,
     };
-    let prepared = ctx.config.store.prepare_put(plan).await?;
-    let Some((upload, _)) = answer_put(prepared, path, true, send, recv).await? else {
-        return Ok(());
-    };
     let received = async {
         let data = tokio::time::timeout(RECEIPT_TIMEOUT, Buffered::read(recv, size, req.encoding))
             .await
@@ -200,28 +200,44 @@ async fn serve_whole_put(
             .stats
             .bytes_received
             .fetch_add(size, Ordering::Relaxed);
-        match upload
-            .commit_whole(Box::new(data), trailer.digest, req.meta, req.force)
+        match ctx
+            .config
+            .store
+            .put_whole(plan, Box::new(data), trailer.digest)
             .await
         {
             Err(e) if taken_by_this_file(&e, req, path, trailer.digest, ctx).await => {
-                Ok(trailer.digest)
+                Ok(WholePut::Committed(trailer.digest))
             }
             other => other,
         }
     };
-    let receipt = match received.await {
-        Ok(digest) => {
+    let answer = match received.await {
+        Ok(WholePut::Committed(digest)) => {
             info!(path = %path, bytes = size, "put committed");
+            let accepted = Response::PutAccepted(PutOffer {
+                offset: 0,
+                prefix: Held::none().prefix,
+                discarded_stale: false,
+            });
+            let _ = write_frame(send, &accepted).await;
             Receipt::Committed { size, digest }
+        }
+        Ok(WholePut::Present(digest)) => {
+            info!(path = %path, "already there (same size and mtime); nothing written");
+            let _ = write_frame(send, &Response::AlreadyThere(digest)).await;
+            send.finish();
+            return Ok(());
         }
         Err(err) => {
             info!(path = %path, "put failed: {}", err.message);
             recv.stop(STOP_REFUSED);
-            Receipt::Failed(err)
+            let _ = write_frame(send, &Response::Refused(err)).await;
+            send.finish();
+            return Ok(());
         }
     };
-    let _ = write_frame(send, &receipt).await;
+    let _ = write_frame(send, &answer).await;
     send.finish();
     Ok(())
 }

@@ -8,7 +8,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, DuplexStream};
 
 use super::partials::Partials;
 use super::{handle_stream, Backend, Ctx, ServeConfig};
@@ -204,28 +204,37 @@ async fn data_that_does_not_match_its_header_or_digest_is_never_committed(backen
     frames[1].push(b'5');
     let mut x = h.open(&frames).await;
     drop(std::mem::replace(&mut x.to_server, tokio::io::duplex(1).0));
-    assert!(matches!(
-        read_frame::<_, Response>(&mut x.from_server).await.unwrap(),
-        Response::PutAccepted(_)
-    ));
-    match read_frame::<_, Receipt>(&mut x.from_server).await.unwrap() {
-        Receipt::Failed(e) => assert_eq!(e.code, ErrorCode::Corrupt, "{}", e.message),
-        other => panic!("{other:?}"),
-    }
+    assert_failed(&mut x.from_server, ErrorCode::Corrupt).await;
     x.served.await.unwrap();
-    // The wrong digest.
-    let mut frames = put_frames("bad", b"abcd");
-    frames[2] = encode(&Trailer { digest: [0; 32] }).unwrap();
-    let mut x = h.open(&frames).await;
-    drop(std::mem::replace(&mut x.to_server, tokio::io::duplex(1).0));
-    let _: Response = read_frame(&mut x.from_server).await.unwrap();
-    match read_frame::<_, Receipt>(&mut x.from_server).await.unwrap() {
-        Receipt::Failed(e) => assert_eq!(e.code, ErrorCode::Corrupt, "{}", e.message),
-        other => panic!("{other:?}"),
+    // The wrong digest, small (read whole before any disk work) and large
+    // (streamed to disk as it arrives).
+    for (name, size) in [("bad", 4), ("bad-large", 300 << 10)] {
+        let data = vec![b'a'; size];
+        let mut frames = put_frames(name, &data);
+        let last = frames.len() - 1;
+        frames[last] = encode(&Trailer { digest: [0; 32] }).unwrap();
+        let mut x = h.open(&frames).await;
+        drop(std::mem::replace(&mut x.to_server, tokio::io::duplex(1).0));
+        assert_failed(&mut x.from_server, ErrorCode::Corrupt).await;
+        x.served.await.unwrap();
+        assert_eq!(read(&h, name).await, None);
     }
-    x.served.await.unwrap();
     assert_eq!(read(&h, "long").await, None);
-    assert_eq!(read(&h, "bad").await, None);
+}
+
+/// Reads a put's answer, which must be a failure with `code`: `Refused`
+/// (a small upload is answered once its data is in: see `serve_whole_put`)
+/// or `PutAccepted` and a failed receipt (a large one fails after it was
+/// accepted).
+async fn assert_failed(from_server: &mut (impl AsyncRead + Unpin), code: ErrorCode) {
+    match read_frame::<_, Response>(from_server).await.unwrap() {
+        Response::Refused(e) => assert_eq!(e.code, code, "{}", e.message),
+        Response::PutAccepted(_) => match read_frame::<_, Receipt>(from_server).await.unwrap() {
+            Receipt::Failed(e) => assert_eq!(e.code, code, "{}", e.message),
+            other => panic!("{other:?}"),
+        },
+        other => panic!("{other:?}"),
+    }
 }
 
 on_both_stores!(refusals_name_the_reason_and_stop_the_clients_data);
@@ -344,7 +353,9 @@ async fn put_with_a_file_appearing(
 #[tokio::test]
 async fn a_name_taken_meanwhile_by_this_very_file_is_no_conflict() {
     let h = Harness::new(|_| {});
-    let data = b"the same file, committed by an earlier run".to_vec();
+    // Large enough to stream to disk as it arrives (a small upload is read
+    // whole, then checked and committed at once, leaving no time between).
+    let data: Vec<u8> = (0..300u32 << 10).map(|i| (i % 253) as u8).collect();
     let place = |contents: Vec<u8>| {
         move |p: &std::path::Path, mtime: std::time::SystemTime| {
             std::fs::write(p, &contents).unwrap();

@@ -123,6 +123,27 @@ pub(crate) trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// Checks the destination of a put and prepares what receives it.
     async fn prepare_put(&self, plan: PutPlan) -> Result<Prepared, RemoteError>;
 
+    /// A small upload whose bytes (`data`, with the BLAKE3 `expected`) have
+    /// all arrived: the destination checked, the bytes written and
+    /// committed. The local root does it all in one disk call (a small
+    /// file's trips to the disk threads cost more than its bytes); other
+    /// stores as [`Store::prepare_put`] then [`Upload::commit_whole`].
+    async fn put_whole(
+        &self,
+        plan: PutPlan,
+        data: Box<dyn Whole>,
+        expected: Digest,
+    ) -> Result<WholePut, RemoteError> {
+        let (meta, force) = (plan.meta, plan.force);
+        match self.prepare_put(plan).await? {
+            Prepared::Present(digest) => Ok(WholePut::Present(digest)),
+            Prepared::Receive { upload, .. } => upload
+                .commit_whole(data, expected, meta, force)
+                .await
+                .map(WholePut::Committed),
+        }
+    }
+
     /// Gives the regular file `path` the mtime and mode of `meta`, if it
     /// still is `meta.size` bytes with the BLAKE3 `digest` (without one,
     /// if its mtime already is `meta.mtime`: only the mode changes). Its
@@ -284,6 +305,16 @@ pub(crate) enum Prepared {
         discarded_stale: bool,
     },
     /// The same file (same size and mtime) is already there; its BLAKE3.
+    Present(Digest),
+}
+
+/// What [`Store::put_whole`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum WholePut {
+    /// Committed; the bytes' BLAKE3.
+    Committed(Digest),
+    /// The same file (same size and mtime) was already there, and nothing
+    /// was written; its BLAKE3.
     Present(Digest),
 }
 

@@ -156,26 +156,17 @@ async fn a_put_to_an_existing_name_needs_force_on(backend: Backend) {
         let (code, msg) = remote_code(client.put(&src, "f", false, &|_| {}).await);
         assert_eq!(code, ErrorCode::AlreadyExists);
         assert!(msg.contains("'f'") && msg.contains("--force"), "{msg}");
-        // Raw: the data arrives anyway (pipelined); it is dropped, not written.
-        let (mut send, mut recv) = client.connection().open_bi().await.unwrap();
-        let req = Request::Put(PutRequest {
-            path: "f".into(),
-            meta: FileMeta {
-                size: 5,
-                mtime: None,
-                mode: None,
-            },
-            force: false,
-            resume: false,
-            encoding: Encoding::Raw,
-        });
-        send.write_all(&encode(&req).unwrap()).await.unwrap();
-        let _ = send.write_all(b"evil!").await;
-        let _ = send.finish();
-        match read_frame::<_, Response>(&mut recv).await.unwrap() {
-            Response::Refused(e) => assert_eq!(e.code, ErrorCode::AlreadyExists),
-            other => panic!("{other:?}"),
-        }
+        // Raw: the data arrives anyway (pipelined); it is dropped, not
+        // written. Whole and well formed, the name is what is refused;
+        // without its trailer, the data (a small upload is read whole
+        // before the name is checked).
+        let mut body = b"evil!".to_vec();
+        let digest = *blake3::hash(&body).as_bytes();
+        body.extend(encode(&Trailer { digest }).unwrap());
+        let mut recv = pipelined_raw_put(&client, "f", 5, &body).await;
+        assert_eq!(put_failure(&mut recv).await.code, ErrorCode::AlreadyExists);
+        let mut recv = pipelined_raw_put(&client, "f", 5, b"evil!").await;
+        assert_eq!(put_failure(&mut recv).await.code, ErrorCode::Corrupt);
     };
     arena.during(hostile).await;
     assert_eq!(arena.server.stored("f").await, b"original");

@@ -145,29 +145,18 @@ async fn declared_sizes_shorter_or_longer_than_the_data_are_refused_on(backend: 
             other => panic!("{other:?}"),
         }
         // Right size, wrong digest.
-        let (mut send, mut recv) = start_raw_put(&client, "bad-digest", 3, false).await;
-        send.write_all(b"abc").await.unwrap();
-        send.write_all(&encode(&Trailer { digest: [0; 32] }).unwrap())
-            .await
-            .unwrap();
-        send.finish().unwrap();
-        match read_frame::<_, Receipt>(&mut recv).await.unwrap() {
-            Receipt::Failed(e) => assert_eq!(e.code, ErrorCode::Corrupt),
-            other => panic!("{other:?}"),
-        }
+        let mut body = b"abc".to_vec();
+        body.extend(encode(&Trailer { digest: [0; 32] }).unwrap());
+        let mut recv = pipelined_raw_put(&client, "bad-digest", 3, &body).await;
+        assert_eq!(put_failure(&mut recv).await.code, ErrorCode::Corrupt);
         // Extra bytes after a correct trailer.
-        let (mut send, mut recv) = start_raw_put(&client, "extra", 3, false).await;
-        send.write_all(b"abc").await.unwrap();
+        let mut body = b"abc".to_vec();
         let digest = *blake3::hash(b"abc").as_bytes();
-        send.write_all(&encode(&Trailer { digest }).unwrap())
-            .await
-            .unwrap();
-        send.write_all(b"more").await.unwrap();
-        send.finish().unwrap();
-        match read_frame::<_, Receipt>(&mut recv).await.unwrap() {
-            Receipt::Failed(e) => assert!(e.message.contains("more data"), "{e:?}"),
-            other => panic!("{other:?}"),
-        }
+        body.extend(encode(&Trailer { digest }).unwrap());
+        body.extend(b"more");
+        let mut recv = pipelined_raw_put(&client, "extra", 3, &body).await;
+        let e = put_failure(&mut recv).await;
+        assert!(e.message.contains("more data"), "{e:?}");
     };
     arena.during(hostile).await;
     // The upload that ended early was interrupted like any dropped

@@ -39,7 +39,7 @@ use qxfer::endpoint::{client_endpoint, ServerLimits, TransportOpts};
 use qxfer::paths::PARTIAL_DIR;
 use qxfer::protocol::{
     encode, read_frame, Compression, Encoding, EntryKind, ErrorCode, FileMeta, GetRequest,
-    ListRequest, PutRequest, Receipt, Request, Response, Trailer,
+    ListRequest, PutRequest, Receipt, RemoteError, Request, Response, Trailer,
 };
 use qxfer::server::ServeConfig;
 use qxfer::tls::{Fingerprint, PinnedServerVerifier};
@@ -354,8 +354,51 @@ async fn assert_every_key_is_in_a_test_root() {
     }
 }
 
+/// Sends a whole small put at once, as a client pipelines it: the header
+/// declaring `size` bytes, then `body` (the data and whatever follows it,
+/// trailer or not), and the end of the stream.
+async fn pipelined_raw_put(
+    client: &Client,
+    path: &str,
+    size: u64,
+    body: &[u8],
+) -> quinn::RecvStream {
+    let (mut send, recv) = client.connection().open_bi().await.unwrap();
+    let req = Request::Put(PutRequest {
+        path: path.into(),
+        meta: FileMeta {
+            size,
+            mtime: None,
+            mode: None,
+        },
+        force: false,
+        resume: false,
+        encoding: Encoding::Raw,
+    });
+    send.write_all(&encode(&req).unwrap()).await.unwrap();
+    let _ = send.write_all(body).await;
+    let _ = send.finish();
+    recv
+}
+
+/// The error a failed put answers with: `Refused`, or `PutAccepted` and a
+/// failed receipt. A small upload is answered once its data is in, so its
+/// failures of any kind come as `Refused`; a large one's data errors come
+/// after it was accepted.
+async fn put_failure(recv: &mut quinn::RecvStream) -> RemoteError {
+    match read_frame::<_, Response>(recv).await.unwrap() {
+        Response::Refused(e) => e,
+        Response::PutAccepted(_) => match read_frame::<_, Receipt>(recv).await.unwrap() {
+            Receipt::Failed(e) => e,
+            other => panic!("{other:?}"),
+        },
+        other => panic!("{other:?}"),
+    }
+}
+
 /// Sends a put header for `path` declaring `size` bytes and waits for the
-/// server to accept it, returning the open stream.
+/// server to accept it, returning the open stream. Only for uploads of
+/// 256 KiB or more: a smaller one is answered only once its data is in.
 async fn start_raw_put(
     client: &Client,
     path: &str,

@@ -571,6 +571,28 @@ async fn small_files_committed_at_once_share_their_syncs() {
         n as usize,
         "no temporaries left"
     );
+    // Commits that trickle in, so that the committer often finds its queue
+    // empty and stops just as another file arrives: none is lost there.
+    let trickle: Vec<_> = (0..150)
+        .map(|i| {
+            let dest = dir.path().join(format!("t{i}"));
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_micros(random_u64() % 3000)).await;
+                blocking(move || {
+                    let incoming = incoming_at(&dest).unwrap();
+                    incoming.file().unwrap().write_all(b"t").unwrap();
+                    incoming.commit_start(&meta(1), false)
+                })
+                .await
+                .unwrap()
+                .finished()
+                .await
+            })
+        })
+        .collect();
+    for t in trickle {
+        t.await.unwrap().unwrap();
+    }
 }
 
 #[test]

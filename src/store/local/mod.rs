@@ -33,7 +33,7 @@ use crate::space::Space;
 
 use super::{
     appeared, corrupt, receive_error, Held, InUse, Opened, PatchedUpload, Prepared, PutPlan,
-    Sinking, Store, Upload,
+    Sinking, Store, Upload, Whole, WholePut,
 };
 
 mod digests;
@@ -241,6 +241,39 @@ impl Store for LocalStore {
             self.descriptions.clone(),
         );
         blocking(move || prepare_put(&root, &plan, &space, kept)).await
+    }
+
+    async fn put_whole(
+        &self,
+        plan: PutPlan,
+        data: Box<dyn Whole>,
+        expected: Digest,
+    ) -> Result<WholePut, RemoteError> {
+        let (root, space, kept) = (
+            self.root.clone(),
+            self.space.clone(),
+            self.descriptions.clone(),
+        );
+        let path = plan.path.clone();
+        // Present: the digest of what is there; else what was written, its
+        // commit begun, and the upload, holding the reservation until the
+        // commit is done.
+        let started = blocking(move || match prepare_local(&root, &plan, &space, kept)? {
+            LocalPrepared::Present(digest) => Ok(Err(digest)),
+            LocalPrepared::Receive { upload, .. } => upload
+                .write_whole(data, expected, plan.meta, plan.force)
+                .map(Ok),
+        })
+        .await?;
+        let (digest, committing, _reserved) = match started {
+            Ok(written) => written,
+            Err(present) => return Ok(WholePut::Present(present)),
+        };
+        committing
+            .finished()
+            .await
+            .map_err(|e| commit_error(e, &path))?;
+        Ok(WholePut::Committed(digest))
     }
 
     async fn sweep(&self, ttl: Duration, in_use: InUse) -> Result<usize, String> {

@@ -31,6 +31,38 @@ pub(super) fn prepare_put(
     space: &Arc<Space>,
     descriptions: Descriptions,
 ) -> Result<Prepared, RemoteError> {
+    Ok(match prepare_local(root, plan, space, descriptions)? {
+        LocalPrepared::Present(digest) => Prepared::Present(digest),
+        LocalPrepared::Receive {
+            upload,
+            held,
+            discarded_stale,
+        } => Prepared::Receive {
+            upload,
+            held,
+            discarded_stale,
+        },
+    })
+}
+
+/// [`Prepared`], before the upload is boxed: what `put_whole` writes into
+/// in the same disk call.
+pub(super) enum LocalPrepared {
+    Receive {
+        upload: Box<LocalUpload>,
+        held: Held,
+        discarded_stale: bool,
+    },
+    Present(Digest),
+}
+
+/// [`prepare_put`], unboxed. Blocking.
+pub(super) fn prepare_local(
+    root: &Dir,
+    plan: &PutPlan,
+    space: &Arc<Space>,
+    descriptions: Descriptions,
+) -> Result<LocalPrepared, RemoteError> {
     let PutPlan {
         path, meta, force, ..
     } = plan;
@@ -71,7 +103,7 @@ pub(super) fn prepare_put(
                     .open(name)
                     .and_then(|f| files::file_digest(&mut f.into_std()))
                     .map_err(|e| fs_error(&e, path, "cannot read"))?;
-                return Ok(Prepared::Present(digest));
+                return Ok(LocalPrepared::Present(digest));
             }
             return Err(RemoteError::new(
                 ErrorCode::AlreadyExists,
@@ -159,12 +191,12 @@ pub(super) fn receive(
     path: &RemotePath,
     discarded_stale: bool,
     descriptions: Descriptions,
-) -> Prepared {
+) -> LocalPrepared {
     let held = Held {
         offset: start.offset,
         prefix: start.prefix_digest(),
     };
-    Prepared::Receive {
+    LocalPrepared::Receive {
         upload: Box::new(LocalUpload {
             incoming: Some(incoming),
             start: Some(start),
@@ -198,6 +230,34 @@ pub(super) struct LocalUpload {
 }
 
 impl LocalUpload {
+    /// Writes a small upload's bytes, checks them against `expected` and
+    /// starts its commit; the upload comes back, to hold its reservation
+    /// until the commit is done. Blocking.
+    pub(super) fn write_whole(
+        mut self: Box<Self>,
+        data: Box<dyn Whole>,
+        expected: Digest,
+        meta: FileMeta,
+        force: bool,
+    ) -> Result<(Digest, files::Committing, Box<Self>), RemoteError> {
+        let incoming = self.incoming.take().expect("the upload is still open");
+        let path = &self.path;
+        let mut file = incoming
+            .file()
+            .map_err(|e| fs_error(&e, path, "cannot write"))?;
+        let digest = data.write_to(&mut file).map_err(|e| match e {
+            TransferError::Write(ref io) => fs_error(io, path, "cannot write"),
+            other => receive_error(other, path),
+        })?;
+        if digest != expected {
+            return Err(corrupt(path));
+        }
+        let committing = incoming
+            .commit_start(&meta, force)
+            .map_err(|e| commit_error(e, path))?;
+        Ok((digest, committing, self))
+    }
+
     fn incoming(&self) -> &IncomingFile {
         self.incoming.as_ref().expect("the upload is still open")
     }
@@ -292,32 +352,14 @@ impl Upload for LocalUpload {
         meta: FileMeta,
         force: bool,
     ) -> Result<Digest, RemoteError> {
-        let incoming = self.incoming.take().expect("the upload is still open");
         let path = self.path.clone();
         // The reservation is held until the commit, however this ends.
-        let _reserved = self;
-        let label = path.clone();
-        let (digest, committing) = blocking(move || -> Result<_, RemoteError> {
-            let mut file = incoming
-                .file()
-                .map_err(|e| fs_error(&e, &path, "cannot write"))?;
-            let digest = data.write_to(&mut file).map_err(|e| match e {
-                TransferError::Write(ref io) => fs_error(io, &path, "cannot write"),
-                other => receive_error(other, &path),
-            })?;
-            if digest != expected {
-                return Err(corrupt(&path));
-            }
-            let committing = incoming
-                .commit_start(&meta, force)
-                .map_err(|e| commit_error(e, &path))?;
-            Ok((digest, committing))
-        })
-        .await?;
+        let (digest, committing, _reserved) =
+            blocking(move || self.write_whole(data, expected, meta, force)).await?;
         committing
             .finished()
             .await
-            .map_err(|e| commit_error(e, &label))?;
+            .map_err(|e| commit_error(e, &path))?;
         Ok(digest)
     }
 
