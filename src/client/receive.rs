@@ -69,6 +69,12 @@ pub(super) async fn receive_get(
 ) -> Result<(Digest, u64, Option<DeltaSent>), FileError> {
     let meta = &offer.meta;
     check_framing(offer)?;
+    if offer.encoding != Encoding::Delta
+        && start.offset == 0
+        && meta.size <= exchange::SMALL_READ_MAX
+    {
+        return receive_small(recv, dest, incoming, offer, force, progress).await;
+    }
     let file = incoming.file().map_err(FileError::local(dest))?;
     let mut wire = exchange::Counted::new(recv);
     let mut delta = None;
@@ -194,13 +200,7 @@ pub(super) async fn receive_get(
         // download, needs.
         Err(TransferError::Write(io)) if exchange::is_disk_full(&io) => {
             incoming.discard();
-            return Err(FileError::Local {
-                path: dest.to_owned(),
-                source: std::io::Error::new(
-                    io.kind(),
-                    format!("{io}; the local disk is full: the unfinished download was deleted to give its space back; free space there and run the same command again"),
-                ),
-            });
+            return Err(disk_full(dest, &io));
         }
         other => other,
     };
@@ -239,6 +239,81 @@ pub(super) async fn receive_get(
         blocking(move || kept.remember_on_disk(key, avg, &d)).await;
     }
     Ok((digest, wire_bytes, delta))
+}
+
+/// [`receive_get`] of a small file from its start: its bytes are read
+/// whole from the stream, then written, checked against the trailer and
+/// their commit begun in one call to the disk threads (a small file's
+/// trips there, and the thread switches around each, cost more than its
+/// bytes).
+async fn receive_small(
+    recv: &mut Box<dyn RecvHalf>,
+    dest: &Path,
+    incoming: IncomingFile,
+    offer: &GetOffer,
+    force: bool,
+    progress: &Advance<'_>,
+) -> Result<(Digest, u64, Option<DeltaSent>), FileError> {
+    let meta = offer.meta;
+    let mut wire = exchange::Counted::new(recv);
+    let data = tokio::time::timeout(
+        exchange::STALL_TIMEOUT,
+        exchange::Buffered::read(&mut wire, meta.size, offer.encoding),
+    )
+    .await
+    .map_err(|_| FileError::Transfer {
+        path: dest.to_owned(),
+        source: TransferError::Stalled,
+    })?
+    .map_err(|e| download_error(e, dest))?;
+    let wire_bytes = wire.count();
+    progress(meta.size);
+    let trailer: Trailer = reply(recv, exchange::STALL_TIMEOUT).await?;
+    let d = dest.to_owned();
+    let started = blocking(move || {
+        let written = incoming
+            .file()
+            .map_err(TransferError::Write)
+            .and_then(|mut file| exchange::Whole::write_to(Box::new(data), &mut file));
+        let digest = match written {
+            Ok(digest) => digest,
+            // A full disk: nothing is kept (as for any download, whose
+            // bytes are the space a rerun needs), and the message says so.
+            Err(TransferError::Write(io)) if exchange::is_disk_full(&io) => {
+                incoming.discard();
+                return Err(disk_full(&d, &io));
+            }
+            Err(e) => return Err(download_error(e, &d)),
+        };
+        if digest != trailer.digest {
+            // Never resume from bytes known to be bad.
+            incoming.discard();
+            return Err(FileError::Corrupt(d));
+        }
+        let committing = incoming.commit_start(&meta, force).map_err(|e| match e {
+            CommitError::Exists(p) => FileError::LocalExists(p),
+            CommitError::Io { source, .. } => FileError::local(&d)(source),
+        })?;
+        Ok((digest, committing))
+    })
+    .await;
+    let (digest, committing) = started?;
+    committing.finished().await.map_err(|e| match e {
+        CommitError::Exists(p) => FileError::LocalExists(p),
+        CommitError::Io { source, .. } => FileError::local(dest)(source),
+    })?;
+    Ok((digest, wire_bytes, None))
+}
+
+/// A download to `dest` cut short by a full disk, its bytes deleted.
+fn disk_full(dest: &Path, io: &std::io::Error) -> FileError {
+    FileError::Local {
+        path: dest.to_owned(),
+        source: std::io::Error::new(
+            io.kind(),
+            format!("{io}; the local disk is full: the unfinished download was deleted to give its space back; free space there and run the same command again"),
+        ),
+    }
 }
 
 /// A download to `dest` that failed while its bytes arrived, for the user.

@@ -257,46 +257,41 @@ fn snapshot_of_size(file: &File, size: u64) -> Result<Option<Snapshot>, Transfer
     }
 }
 
-/// Files up to this size are read whole in the disk call that opens them
-/// ([`prime`]): a small file's extra trip to the disk threads, and the
-/// task switches around it, cost more than its bytes. Small enough that
-/// framing it (zstd) there takes no time worth a thread of its own.
-pub(crate) const PRIME_MAX: u64 = 64 * 1024;
-
-/// A small file read, hashed and framed whole where it was opened, for
-/// [`send_primed`] to send without going back to the disk.
+/// A small file read, hashed and framed whole, for [`send_primed`] to
+/// send without going back to the disk.
 pub(crate) struct Primed {
     /// None for an empty file.
     chunk: Option<WireChunk>,
     digest: Digest,
 }
 
-/// Reads, hashes and frames all `size` bytes of `file` (positioned at its
-/// start, `size` at most [`PRIME_MAX`]), and checks, as [`send_file`]
-/// does at its end, that the file ends there and was not written to
-/// meanwhile. Blocking.
+/// Files up to this size are read whole where they are opened (see
+/// `files::read_small`).
+pub(crate) const PRIME_MAX: u64 = SMALL_READ_MAX;
+
+/// Reads, hashes and frames all `size` bytes of `file` (at most
+/// [`PRIME_MAX`]), positioned at its start. Blocking.
 pub(crate) fn prime(file: File, size: u64, framing: Framing) -> Result<Primed, TransferError> {
-    debug_assert!(size <= PRIME_MAX);
-    let before = snapshot_of_size(&file, size)?;
-    let mut src = Source {
-        file,
-        hasher: blake3::Hasher::new(),
-        pos: 0,
-        size,
-        framer: Framer::new(framing),
-        before,
-    };
-    let chunk = if size == 0 {
-        src.check_unchanged()?;
-        None
-    } else {
-        Some(src.next_chunk_mut()?)
-    };
-    debug_assert!(src.pos >= size);
-    Ok(Primed {
-        chunk,
-        digest: *src.hasher.finalize().as_bytes(),
-    })
+    Ok(frame_small(read_small(file, size)?, framing))
+}
+
+/// Frames a small file read whole, as [`send_file`] would have framed it
+/// (it may compress: cheap at this size).
+pub(crate) fn frame_small(small: SmallRead, framing: Framing) -> Primed {
+    let SmallRead { mut buf, digest } = small;
+    if buf.len() == SMALL_READ_ROOM {
+        return Primed {
+            chunk: None,
+            digest,
+        };
+    }
+    let framer_room = Framer::new(framing.clone()).room();
+    // The read left room for a block header; raw bytes need none.
+    buf.drain(..SMALL_READ_ROOM - framer_room);
+    Primed {
+        chunk: Some(Framer::new(framing).frame(buf)),
+        digest,
+    }
 }
 
 /// Sends a file [`prime`] read: what [`send_file`] would have sent from

@@ -367,6 +367,79 @@ impl ByteSource for NoVersion {
     }
 }
 
+/// Files up to this size are read whole in the disk call that opens them
+/// ([`read_small`]): a small file's second trip to the disk threads, and
+/// the task switches around it, cost more than its bytes. Small enough
+/// that framing it (zstd) outside the disk threads takes no time worth
+/// one.
+pub(crate) const SMALL_READ_MAX: u64 = 64 * 1024;
+
+/// Spare bytes [`read_small`] leaves before the data: room for the wire's
+/// block header, so a block sent raw needs no copy.
+pub(crate) const SMALL_READ_ROOM: usize = crate::protocol::BlockHeader::LEN;
+
+/// A small file read whole: [`SMALL_READ_ROOM`] spare bytes, then its
+/// bytes; and their BLAKE3.
+pub(crate) struct SmallRead {
+    pub(crate) buf: Vec<u8>,
+    pub(crate) digest: Digest,
+}
+
+/// Reads all `size` bytes of `file` (positioned at its start; `size` at
+/// most [`SMALL_READ_MAX`]) and hashes them, checking, as a sender does at
+/// the end of any file, that it ends there and was not written to while
+/// read. Blocking.
+pub(crate) fn read_small(mut file: File, size: u64) -> Result<SmallRead, TransferError> {
+    use std::io::Read;
+    debug_assert!(size <= SMALL_READ_MAX);
+    let before = Snapshot::of(&file);
+    match before {
+        Some(b) if b.size < size => {
+            return Err(TransferError::SourceChanged {
+                expected: size,
+                found: b.size,
+            })
+        }
+        Some(b) if b.size > size => return Err(TransferError::ChangedWhileSent("it grew")),
+        _ => {}
+    }
+    let room = SMALL_READ_ROOM;
+    let mut buf = vec![0u8; room + size as usize];
+    let mut filled = room;
+    // One byte more than the size: reading it means the file grew.
+    let mut probe = [0u8; 1];
+    loop {
+        let got = if filled < buf.len() {
+            file.read(&mut buf[filled..])
+        } else {
+            file.read(&mut probe)
+        };
+        match got {
+            Ok(0) if filled < buf.len() => {
+                return Err(TransferError::SourceChanged {
+                    expected: size,
+                    found: (filled - room) as u64,
+                })
+            }
+            Ok(0) => break,
+            Ok(_) if filled == buf.len() => return Err(TransferError::ChangedWhileSent("it grew")),
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(TransferError::Read(e)),
+        }
+    }
+    if let (Some(before), Some(after)) = (before, Snapshot::of(&file)) {
+        if before.size != after.size {
+            return Err(TransferError::ChangedWhileSent("its size changed"));
+        }
+        if before != after {
+            return Err(TransferError::ChangedWhileSent("it was written to"));
+        }
+    }
+    let digest = *blake3::hash(&buf[room..]).as_bytes();
+    Ok(SmallRead { buf, digest })
+}
+
 /// What tells a file's versions apart without reading it: size,
 /// modification time and change time (the latter moves on any write, even
 /// one that restores the mtime).

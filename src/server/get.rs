@@ -4,7 +4,10 @@ use std::sync::atomic::Ordering;
 
 use tracing::{info, warn};
 
-use crate::exchange::{cut_while_described, send_cut, send_source, Cutter, Framing, TransferError};
+use crate::exchange::{
+    cut_while_described, frame_small, send_cut, send_primed, send_source, Cutter, Framing,
+    TransferError,
+};
 use crate::paths::RemotePath;
 use crate::protocol::{
     read_frame, write_frame, Encoding, ErrorCode, GetDeltaRequest, GetOffer, GetRequest, Receipt,
@@ -22,9 +25,9 @@ pub(super) async fn serve_get(
 ) -> Result<(), RemoteError> {
     let stats = &ctx.config.stats;
     let path = RemotePath::parse(&req.path, false)?;
-    let opened = ctx.config.store.open(&path, req.resume).await?;
-    let meta = opened.meta;
     let framing = Framing::for_sending(req.compression, ctx.conn.as_ref());
+    let (opened, small) = ctx.config.store.open_small(&path, req.resume).await?;
+    let meta = opened.meta;
     let offer = GetOffer {
         meta,
         offset: opened.offset,
@@ -36,16 +39,28 @@ pub(super) async fn serve_get(
     let counted = |n| {
         stats.bytes_sent.fetch_add(n, Ordering::Relaxed);
     };
-    let sent = send_source(
-        opened.bytes.as_ref(),
-        opened.offset,
-        meta.size,
-        opened.hasher,
-        framing,
-        send,
-        &counted,
-    )
-    .await;
+    let sent = match small {
+        // Read whole when it was opened, from its start.
+        Some(small) => match small {
+            Ok(small) => {
+                let primed = frame_small(small, framing);
+                send_primed(primed, None, send, &counted).await.map(Some)
+            }
+            Err(e) => Err(e),
+        },
+        None => {
+            send_source(
+                opened.bytes.as_ref(),
+                opened.offset,
+                meta.size,
+                opened.hasher,
+                framing,
+                send,
+                &counted,
+            )
+            .await
+        }
+    };
     // The digest the store keeps wins: what was uploaded is what counts.
     let digest = sent.and_then(|hashed| {
         opened.digest.or(hashed).ok_or_else(|| {

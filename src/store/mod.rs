@@ -77,6 +77,19 @@ pub(crate) trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// the same BLAKE3, else at 0.
     async fn open(&self, path: &RemotePath, resume: Option<Prefix>) -> Result<Opened, RemoteError>;
 
+    /// [`Store::open`], and a file of at most `files::SMALL_READ_MAX`
+    /// bytes to be sent from its start also read whole (and hashed) in the
+    /// same call: the local root then makes one trip to its disk threads
+    /// for a small file's get instead of two. Other stores read nothing
+    /// here.
+    async fn open_small(
+        &self,
+        path: &RemotePath,
+        resume: Option<Prefix>,
+    ) -> Result<(Opened, Option<Result<files::SmallRead, TransferError>>), RemoteError> {
+        Ok((self.open(path, resume).await?, None))
+    }
+
     /// The BLAKE3 of the regular file `path`, or None if no regular file
     /// is there (`--checksum`). This reads the file unless the store keeps
     /// its digest (an object's metadata) or a store overrides it with a

@@ -144,6 +144,36 @@ async fn a_download_to_stdout_that_does_not_match_its_digest_fails() {
     endpoint.close(0u32.into(), b"");
 }
 
+/// A small download (read whole, then written and committed in one go)
+/// whose bytes do not match the server's BLAKE3 is never committed, and
+/// nothing of it is kept: no name, no partial.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_download_that_does_not_match_its_digest_leaves_nothing() {
+    use qxfer::protocol::{Encoding, GetOffer, Trailer};
+    let cfg = tempfile::tempdir().unwrap();
+    let mut raw = encode(&Response::GetAccepted(GetOffer {
+        meta: FileMeta {
+            size: 5,
+            mtime: None,
+            mode: None,
+        },
+        offset: 0,
+        encoding: Encoding::Raw,
+    }))
+    .unwrap();
+    raw.extend_from_slice(b"hello");
+    raw.extend(encode(&Trailer { digest: [0; 32] }).unwrap());
+    let endpoint = hostile_server_raw(cfg.path(), Some(raw));
+    let config = common::client_config(endpoint.local_addr().unwrap(), cfg.path());
+    let client = Client::connect(&config).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let dest = dir.path().join("g");
+    let err = failing_get(&client, &dest).await;
+    assert!(err.to_string().contains("BLAKE3"), "{err}");
+    assert!(tree(dir.path()).is_empty(), "{:?}", tree(dir.path()));
+    endpoint.close(0u32.into(), b"");
+}
+
 /// A download framed as data of unknown length (which only uploads use)
 /// is refused before anything is written; an upload from a pipe to a
 /// server that never answers fails in time instead of waiting forever.

@@ -26,7 +26,7 @@ use cap_std::fs::{Dir, OpenOptions, OpenOptionsExt};
 
 use crate::files;
 
-use crate::files::{blocking, file_meta, Descriptions, FileBytes, Start};
+use crate::files::{blocking, file_meta, Descriptions, FileBytes, Start, TransferError};
 use crate::paths::RemotePath;
 use crate::protocol::{Digest, DirMeta, Entry, ErrorCode, FileMeta, Prefix, RemoteError};
 use crate::space::Space;
@@ -183,6 +183,28 @@ impl Store for LocalStore {
     async fn open(&self, path: &RemotePath, resume: Option<Prefix>) -> Result<Opened, RemoteError> {
         let (root, p, kept) = (self.root.clone(), path.clone(), self.descriptions.clone());
         blocking(move || open_for_reading(&root, &p, resume, kept)).await
+    }
+
+    async fn open_small(
+        &self,
+        path: &RemotePath,
+        resume: Option<Prefix>,
+    ) -> Result<(Opened, Option<Result<files::SmallRead, TransferError>>), RemoteError> {
+        let (root, p, kept) = (self.root.clone(), path.clone(), self.descriptions.clone());
+        blocking(move || {
+            let opened = open_for_reading(&root, &p, resume, kept)?;
+            let size = opened.meta.size;
+            let small = match opened.bytes.as_file() {
+                Some(file) if opened.offset == 0 && size <= files::SMALL_READ_MAX => Some(
+                    file.reader_at(0)
+                        .map_err(TransferError::Read)
+                        .and_then(|f| files::read_small(f, size)),
+                ),
+                _ => None,
+            };
+            Ok((opened, small))
+        })
+        .await
     }
 
     async fn digest(&self, path: &RemotePath) -> Result<Option<Digest>, RemoteError> {
