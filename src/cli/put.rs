@@ -118,9 +118,10 @@ pub(super) async fn put(
         report.failed.extend(failed);
     }
     if !dirs.is_empty() {
+        let filled = report.done.iter().map(|r| r.dest.as_str());
         report
             .failed
-            .extend(tree::finish_remote_dirs(&client, &dirs, all_exist).await);
+            .extend(tree::finish_remote_dirs(&client, &dirs, all_exist, filled).await);
     }
     if let Some(refused) = client.refusal() {
         progress.finish();
