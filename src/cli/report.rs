@@ -8,6 +8,7 @@ use crate::client::{Action, BatchReport, FileError, PathReport, Planned};
 use crate::protocol::Timestamp;
 use crate::protocol::{Entry, EntryKind};
 use anyhow::Result;
+use std::io::Write;
 use std::process::ExitCode;
 
 /// Prints a dry run's plan: one line per file on stdout (`send`, `skip`,
@@ -197,18 +198,37 @@ pub(super) fn finish_batch(
     let sent: u64 = report.done.iter().map(|r| r.bytes_sent).sum();
     let wire: u64 = report.done.iter().map(|r| r.wire_bytes).sum();
     if out.json {
-        let doc = serde_json::json!({
-            "path": report.path,
-            "files": report.done,
-            "unchanged": unchanged.labels,
-            "meta_set": unchanged.meta_set,
-            "errors": errors,
-            "bytes": bytes,
-            "bytes_sent": sent,
-            "wire_bytes": wire,
-            "seconds": report.elapsed.as_secs_f64(),
-        });
-        println!("{}", serde_json::to_string_pretty(&doc)?);
+        // Written as it is serialised: a `json!` value of 100,000 files'
+        // reports, then its text, held some 6 KiB a file at once (the
+        // client's peak memory grew with the tree for that alone).
+        // Top-level keys in the order `json!` gave them.
+        #[derive(serde::Serialize)]
+        struct Doc<'a> {
+            bytes: u64,
+            bytes_sent: u64,
+            errors: &'a [String],
+            files: &'a [crate::client::TransferReport],
+            meta_set: &'a [String],
+            path: &'a Option<PathReport>,
+            seconds: f64,
+            unchanged: &'a [String],
+            wire_bytes: u64,
+        }
+        let doc = Doc {
+            bytes,
+            bytes_sent: sent,
+            errors: &errors,
+            files: &report.done,
+            meta_set: &unchanged.meta_set,
+            path: &report.path,
+            seconds: report.elapsed.as_secs_f64(),
+            unchanged: &unchanged.labels,
+            wire_bytes: wire,
+        };
+        let mut stdout = std::io::BufWriter::new(std::io::stdout().lock());
+        serde_json::to_writer_pretty(&mut stdout, &doc)?;
+        writeln!(stdout)?;
+        stdout.flush()?;
     }
     if !quiet {
         eprintln!(
