@@ -64,7 +64,7 @@ impl Client {
         // file's temporary, in one trip to the disk threads: on a tree of
         // small files each trip (two thread switches) costs more than the
         // file's bytes.
-        let (target, here, anonymous) = blocking(move || -> Result<_, FileError> {
+        let (target, here, anonymous) = crate::files::quick(move || -> Result<_, FileError> {
             let target = Dest::open(&d, w.as_deref())?;
             if check_local_dest(&target, force)? {
                 return Ok((target, true, None));

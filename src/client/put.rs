@@ -36,7 +36,7 @@ impl Client {
         // upload uses it: a small file never resumes, and deltas start at
         // DELTA_MIN, far above PRIME_MAX.
         let framing = Framing::for_sending(self.compression, self.link.quic());
-        let (file, meta, primed) = blocking(move || -> Result<_, FileError> {
+        let (file, meta, primed) = crate::files::quick(move || -> Result<_, FileError> {
             let (file, meta) = open_source(&path)?;
             let primed = (meta.size <= exchange::PRIME_MAX).then(|| {
                 file.try_clone()

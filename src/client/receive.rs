@@ -270,7 +270,7 @@ async fn receive_small(
     progress(meta.size);
     let trailer: Trailer = reply(recv, exchange::STALL_TIMEOUT).await?;
     let d = dest.to_owned();
-    let started = blocking(move || {
+    let started = crate::files::quick(move || {
         let written = incoming
             .file()
             .map_err(TransferError::Write)

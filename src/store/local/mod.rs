@@ -191,7 +191,7 @@ impl Store for LocalStore {
         resume: Option<Prefix>,
     ) -> Result<(Opened, Option<Result<files::SmallRead, TransferError>>), RemoteError> {
         let (root, p, kept) = (self.root.clone(), path.clone(), self.descriptions.clone());
-        blocking(move || {
+        files::quick(move || {
             let opened = open_for_reading(&root, &p, resume, kept)?;
             let size = opened.meta.size;
             let small = match opened.bytes.as_file() {
@@ -280,7 +280,7 @@ impl Store for LocalStore {
         // Present: the digest of what is there; else what was written, its
         // commit begun, and the upload, holding the reservation until the
         // commit is done.
-        let started = blocking(move || match prepare_local(&root, &plan, &space, kept)? {
+        let started = files::quick(move || match prepare_local(&root, &plan, &space, kept)? {
             LocalPrepared::Present(digest) => Ok(Err(digest)),
             LocalPrepared::Receive { upload, .. } => upload
                 .write_whole(data, expected, plan.meta, plan.force)
