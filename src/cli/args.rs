@@ -144,6 +144,16 @@ pub(super) struct ServeArgs {
     /// long; at least 1m (the sweep runs that often at most).
     #[arg(long, default_value = "24h", value_parser = parse_partial_ttl)]
     pub(super) partial_ttl: Duration,
+    /// Serve metrics (Prometheus text at /metrics) and a health check
+    /// (/health: 200 while the store answers, else 503) over plain HTTP on
+    /// this TCP address, e.g. 127.0.0.1:9465. No authentication: bind it
+    /// to localhost or to a network only your monitoring reaches.
+    #[arg(long, value_name = "ADDR")]
+    pub(super) metrics: Option<SocketAddr>,
+    /// How the server logs to stderr: text for people, json (one object
+    /// per line) for log shippers.
+    #[arg(long, value_enum, default_value = "text")]
+    pub(super) log_format: LogFormat,
     /// Largest request header accepted, in bytes.
     #[arg(long, default_value_t = MAX_FRAME as u32, value_parser = clap::value_parser!(u32).range(1024..=MAX_FRAME as i64))]
     pub(super) max_header_size: u32,
@@ -437,6 +447,15 @@ impl TransportArgs {
 }
 
 /// `--congestion` (the library's [`Congestion`]).
+/// `serve --log-format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(super) enum LogFormat {
+    /// Lines for people.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub(super) enum CongestionArg {
     /// qxfer's own model-based controller (src/congestion/): keeps its

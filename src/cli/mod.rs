@@ -133,12 +133,18 @@ async fn run(cli: Cli) -> Result<ExitCode> {
     };
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new(format!("qxfer={default_level},warn")));
-    let _ = tracing_subscriber::fmt()
+    let json = matches!(&cli.command, Command::Serve(a) if a.log_format == args::LogFormat::Json);
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(progress.log_writer())
-        .with_target(false)
-        .with_ansi(std::io::stderr().is_terminal())
-        .try_init();
+        .with_target(false);
+    let _ = if json {
+        // For log shippers: one object a line, the span's fields (the
+        // client's address, the stream) in it, no colours.
+        logs.json().with_current_span(true).try_init()
+    } else {
+        logs.with_ansi(std::io::stderr().is_terminal()).try_init()
+    };
 
     match cli.command {
         Command::Serve(args) => serve(args).await,

@@ -99,6 +99,14 @@ pub(super) async fn serve(args: ServeArgs) -> Result<ExitCode> {
         &limits,
     )?;
     let addr = endpoint.local_addr().context("reading the bound address")?;
+    let exporter = match args.metrics {
+        Some(at) => Some(server::Exporter::bind(at).await?),
+        None => None,
+    };
+    let metrics_at = exporter
+        .as_ref()
+        .map(server::Exporter::local_addr)
+        .transpose()?;
     let signals = shutdown_signals()?;
     let mut out = std::io::stdout().lock();
     writeln!(
@@ -109,6 +117,12 @@ pub(super) async fn serve(args: ServeArgs) -> Result<ExitCode> {
     )?;
     writeln!(out, "listening on udp {addr}")?;
     writeln!(out, "fingerprint {}", identity.fingerprint())?;
+    if let Some(at) = metrics_at {
+        writeln!(
+            out,
+            "metrics on http://{at}/metrics, health on http://{at}/health"
+        )?;
+    }
     for note in notes {
         writeln!(out, "{note}")?;
     }
@@ -124,6 +138,7 @@ pub(super) async fn serve(args: ServeArgs) -> Result<ExitCode> {
         async move {
             let _ = second.clone().wait_for(|n| *n >= 2).await;
         },
+        exporter,
     )
     .await;
     Ok(ExitCode::SUCCESS)

@@ -167,10 +167,13 @@ pub(super) async fn handle_connection(
         Ok(Ok(conn)) => conn,
         Ok(Err(e)) => {
             info!("handshake failed: {e}");
+            // An identity not admitted, mostly; or a path that broke.
+            metrics::refused("handshake_failed");
             return;
         }
         Err(_) => {
             debug!("handshake not complete within {HANDSHAKE_TIMEOUT:?}; dropped");
+            metrics::refused("handshake_timeout");
             return;
         }
     };
@@ -181,6 +184,7 @@ pub(super) async fn handle_connection(
             "connection closed: {} connections already open (--max-connections)",
             config.max_connections
         );
+        metrics::refused("busy");
         conn.close(VarInt::from_u32(close::BUSY), b"server busy");
         return;
     };
@@ -195,6 +199,7 @@ pub(super) async fn handle_connection(
     };
     let Some(_slot) = ClientSlot::take(&per_client, fp, config.max_connections_per_client) else {
         warn!(client = %fp, "connection refused: this client already has {} connections open (--max-connections-per-client)", config.max_connections_per_client);
+        metrics::refused("client_limit");
         conn.close(
             VarInt::from_u32(close::TOO_MANY_FROM_CLIENT),
             b"too many connections from this client",
@@ -202,6 +207,7 @@ pub(super) async fn handle_connection(
         return;
     };
     info!(client = %fp, "connected");
+    let _open = metrics::OpenConnection::start();
     crate::endpoint::tune_receive_window(conn.clone());
     let mut draining = activity.draining.subscribe();
     loop {

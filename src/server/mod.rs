@@ -35,6 +35,7 @@ mod connection;
 mod get;
 mod list;
 mod manage;
+mod metrics;
 mod mkdir;
 mod partials;
 mod put;
@@ -117,6 +118,7 @@ pub(crate) const DEFAULT_MAX_CONNECTIONS: usize = 256;
 /// Errors that stop the server from starting.
 pub use crate::store::local::RootError as StartupError;
 pub use crate::store::object::S3Options;
+pub use metrics::{Exporter, MetricsError};
 
 /// Default for [`S3Options::upload_memory`] (`serve --upload-memory`).
 pub(crate) const DEFAULT_UPLOAD_MEMORY: u64 = crate::store::object::DEFAULT_UPLOAD_MEMORY;
@@ -192,7 +194,7 @@ pub async fn run(
     config: ServeConfig,
     shutdown: impl Future<Output = ()>,
 ) {
-    run_until(endpoint, config, shutdown, std::future::pending()).await
+    run_until(endpoint, config, shutdown, std::future::pending(), None).await
 }
 
 /// Serves `endpoint` until `shutdown` completes, then stops gracefully: no
@@ -207,6 +209,7 @@ pub(crate) async fn run_until(
     config: ServeConfig,
     shutdown: impl Future<Output = ()>,
     stop_now: impl Future<Output = ()>,
+    exporter: Option<Exporter>,
 ) {
     // Before the first request: what a crashed run of this same server
     // (same host, address and root) still held in a shared store is let go.
@@ -226,6 +229,14 @@ pub(crate) async fn run_until(
     let sweeper = tokio::spawn(sweep_partials_forever(config.clone(), partials.clone()));
     let handshaking = Handshakes::new();
     let activity = Activity::default();
+    // Metrics and health on HTTP, for as long as the server runs.
+    let exporting = exporter.map(|e| {
+        tokio::spawn(e.serve(metrics::Watched {
+            config: config.clone(),
+            partials: partials.clone(),
+            requests: activity.requests.clone(),
+        }))
+    });
     tokio::pin!(shutdown);
     loop {
         let incoming = tokio::select! {
@@ -247,6 +258,7 @@ pub(crate) async fn run_until(
         // Every slot taken by an established client: no handshake at all.
         if slots.available_permits() == 0 {
             warn!(remote = %incoming.remote_address(), "connection refused: {} connections already open (--max-connections)", config.max_connections);
+            metrics::refused("busy");
             incoming.refuse();
             continue;
         }
@@ -255,6 +267,7 @@ pub(crate) async fn run_until(
         // Retry and then fall silent takes no established client's slot.
         let Some(handshake) = handshaking.start(incoming.remote_address().ip()) else {
             debug!(remote = %incoming.remote_address(), "handshake refused: too many in flight");
+            metrics::refused("handshakes");
             incoming.refuse();
             continue;
         };
@@ -289,6 +302,7 @@ pub(crate) async fn run_until(
         let endpoint = endpoint.clone();
         async move {
             while let Some(incoming) = endpoint.accept().await {
+                metrics::refused("draining");
                 incoming.refuse();
             }
         }
@@ -308,6 +322,9 @@ pub(crate) async fn run_until(
         "shutting down"
     );
     sweeper.abort();
+    if let Some(exporting) = exporting {
+        exporting.abort();
+    }
     endpoint.close(
         VarInt::from_u32(close::SHUTTING_DOWN),
         b"server shutting down",
@@ -396,6 +413,7 @@ async fn handle_stream(mut send: impl SendHalf, mut recv: impl RecvHalf, ctx: Ct
             Ok(Ok(req)) => req,
             Ok(Err(e)) => {
                 warn!("bad request header: {e}");
+                metrics::request_done("bad", false, false, Duration::ZERO);
                 return refuse(&mut send, &mut recv, protocol_error(&e)).await;
             }
             Err(_) => {
@@ -407,10 +425,23 @@ async fn handle_stream(mut send: impl SendHalf, mut recv: impl RecvHalf, ctx: Ct
                         timeout.as_secs_f64()
                     ),
                 );
+                metrics::request_done("bad", false, false, Duration::ZERO);
                 return refuse(&mut send, &mut recv, err).await;
             }
         };
     debug!(?request, "request");
+    let started = std::time::Instant::now();
+    let kind = match &request {
+        Request::Put(_) => "put",
+        Request::Get(_) => "get",
+        Request::GetDelta(_) => "get_delta",
+        Request::Digests(_) => "digests",
+        Request::List(_) => "list",
+        Request::Mkdir(_) => "mkdir",
+        Request::Remove(_) => "remove",
+        Request::Rename(_) => "rename",
+        Request::SetMeta(_) => "set_meta",
+    };
     let result = match request {
         Request::Put(req) => match check_put_allowed(&req, &config) {
             Ok(()) => serve_put(req, &ctx, &mut send, &mut recv).await,
@@ -426,6 +457,11 @@ async fn handle_stream(mut send: impl SendHalf, mut recv: impl RecvHalf, ctx: Ct
         Request::Rename(req) => serve_rename(req, &ctx, &mut send).await,
         Request::SetMeta(req) => serve_set_meta(req, &ctx, &mut send).await,
     };
+    let store_failed = matches!(
+        &result,
+        Err(e) if matches!(e.code, ErrorCode::Internal | ErrorCode::NoSpace)
+    );
+    metrics::request_done(kind, result.is_ok(), store_failed, started.elapsed());
     if let Err(err) = result {
         info!("refused: {}", err.message);
         refuse(&mut send, &mut recv, err).await;

@@ -43,6 +43,11 @@ pub(super) struct PartialLease {
 const TAKEOVER_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Partials {
+    /// How many partials are claimed by an upload now.
+    pub(super) fn writing(&self) -> usize {
+        self.slots.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
     /// Claims `name`, telling any current holder to stop and waiting for it.
     pub(super) async fn acquire(self: &Arc<Self>, name: &str) -> Option<PartialLease> {
         let slot = {

@@ -83,6 +83,7 @@ pub(super) async fn serve_put(
     };
     if held.offset > 0 {
         info!(path = %path, offset = held.offset, "offering to resume");
+        super::metrics::resumed();
     }
 
     let stop = async {
@@ -200,12 +201,16 @@ async fn serve_whole_put(
             .stats
             .bytes_received
             .fetch_add(size, Ordering::Relaxed);
-        match ctx
+        // Checked, written and committed in one call: its time is the
+        // commit's.
+        let started = std::time::Instant::now();
+        let put = ctx
             .config
             .store
             .put_whole(plan, Box::new(data), trailer.digest)
-            .await
-        {
+            .await;
+        super::metrics::committed(started.elapsed());
+        match put {
             Err(e) if taken_by_this_file(&e, req, path, trailer.digest, ctx).await => {
                 Ok(WholePut::Committed(trailer.digest))
             }
@@ -323,7 +328,10 @@ async fn receive_put(
         upload.abandon().await;
         return (Err(corrupt(path)), None);
     }
-    match upload.commit(req.meta, req.force).await {
+    let started = std::time::Instant::now();
+    let committed = upload.commit(req.meta, req.force).await;
+    super::metrics::committed(started.elapsed());
+    match committed {
         Err(e) if taken_by_this_file(&e, req, path, digest, ctx).await => {}
         Err(e) => return (Err(e), None),
         Ok(()) => {}

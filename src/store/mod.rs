@@ -224,6 +224,11 @@ pub(crate) trait Store: Send + Sync + std::fmt::Debug + 'static {
     async fn adopt(&self, _holder: &str) -> Result<usize, String> {
         Ok(0)
     }
+
+    /// Whether the store answers now (one cheap request: a directory's
+    /// metadata, or a HEAD of a key no file has), for `serve --metrics`'s
+    /// health answer. The error says what failed.
+    async fn probe(&self) -> Result<(), String>;
 }
 
 /// A file opened for reading: its bytes at any offset (pinned to the

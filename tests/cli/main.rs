@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 
 use assert_cmd::assert::OutputAssertExt;
 use common::{
-    is_root, pattern, place_at, qxfer, qxfer_at, serve_root, stored_at, Backend, ServeProcess,
+    http_get, is_root, metrics_addr, pattern, place_at, promtool_check, qxfer, qxfer_at, sample,
+    serve_root, stored_at, Backend, ServeProcess,
 };
 use predicates::prelude::*;
 

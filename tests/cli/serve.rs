@@ -208,3 +208,157 @@ async fn read_only_on(backend: Backend) {
         .stderr(predicate::str::contains("read-only"));
     assert!(stored_at(&root, "f").await.is_none());
 }
+
+#[test]
+fn metrics_and_health_are_served_over_http_in_prometheus_format() {
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    let server = serve_over(
+        h,
+        &h.join("root"),
+        "127.0.0.1:0",
+        &["--metrics", "127.0.0.1:0"],
+    );
+    let at = metrics_addr(&server);
+    std::fs::write(h.join("f"), b"hello").unwrap();
+    client(h, &server)
+        .current_dir(h)
+        .args(["put", "f"])
+        .assert()
+        .success();
+    client(h, &server)
+        .args(["get", "f", "-o"])
+        .arg(h.join("back"))
+        .assert()
+        .success();
+    client(h, &server)
+        .args(["get", "missing", "-o"])
+        .arg(h.join("nothing"))
+        .assert()
+        .failure();
+
+    let (status, text) = http_get(at, "/metrics");
+    assert_eq!(status, 200, "{text}");
+    promtool_check(&text);
+    let count = |series: &str| sample(&text, series).unwrap_or_else(|| panic!("{series}:\n{text}"));
+    assert_eq!(
+        count(r#"qxfer_requests_total{kind="put",outcome="ok"}"#),
+        1.0
+    );
+    assert_eq!(
+        count(r#"qxfer_requests_total{kind="get",outcome="ok"}"#),
+        1.0
+    );
+    assert_eq!(
+        count(r#"qxfer_requests_total{kind="get",outcome="refused"}"#),
+        1.0,
+        "the missing file"
+    );
+    assert_eq!(count("qxfer_received_bytes_total"), 5.0);
+    assert_eq!(count("qxfer_sent_bytes_total"), 5.0);
+    assert_eq!(count("qxfer_commit_seconds_count"), 1.0);
+    assert_eq!(
+        count("qxfer_connections_open"),
+        0.0,
+        "every client has gone"
+    );
+    assert_eq!(count("qxfer_requests_in_flight"), 0.0);
+    assert_eq!(count("qxfer_store_errors_total"), 0.0);
+    assert_eq!(count("qxfer_resumed_uploads_total"), 0.0);
+    assert_eq!(count("qxfer_store_up"), 1.0);
+    assert!(text.contains("# HELP qxfer_commit_seconds "), "{text}");
+
+    // A stranger's refusal is counted by its reason.
+    let stranger = tempfile::tempdir().unwrap();
+    client(stranger.path(), &server)
+        .arg("ls")
+        .assert()
+        .failure();
+    let (_, text) = http_get(at, "/metrics");
+    assert!(
+        sample(
+            &text,
+            r#"qxfer_connections_refused_total{reason="handshake_failed"}"#
+        )
+        .is_some_and(|n| n >= 1.0),
+        "{text}"
+    );
+
+    let (status, body) = http_get(at, "/health");
+    assert_eq!((status, body.as_str()), (200, "ok\n"));
+    let (status, body) = http_get(at, "/nothing-here");
+    assert_eq!(status, 404, "{body}");
+    assert!(body.contains("/metrics"), "{body}");
+}
+
+#[test]
+fn a_metrics_address_in_use_stops_serve_with_a_clear_error() {
+    let home = tempfile::tempdir().unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().to_string();
+    qxfer(home.path())
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics",
+            &port,
+            "--root",
+        ])
+        .arg(home.path().join("root"))
+        .arg("--certs")
+        .arg(home.path().join("certs"))
+        .assert()
+        .failure()
+        .stderr(
+            predicate::str::contains(format!("cannot listen for metrics on {port}"))
+                .and(predicate::str::contains("--metrics")),
+        );
+}
+
+#[test]
+fn json_logs_are_one_object_a_line() {
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    let log = h.join("log");
+    let mut cmd = qxfer(h);
+    cmd.args([
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--log-format",
+        "json",
+        "--root",
+    ])
+    .arg(h.join("root"))
+    .arg("--certs")
+    .arg(h.join("certs"));
+    let server = ServeProcess::spawn_logging(cmd, std::fs::File::create(&log).unwrap());
+    std::fs::write(h.join("f"), b"x").unwrap();
+    client(h, &server)
+        .current_dir(h)
+        .args(["put", "f"])
+        .assert()
+        .success();
+    let start = Instant::now();
+    let lines = loop {
+        let text = std::fs::read_to_string(&log).unwrap();
+        if text.contains("put committed") {
+            break text;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "no commit logged: {text}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    for line in lines.lines() {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line:?}"));
+        assert!(v["level"].is_string() && v["fields"].is_object(), "{line}");
+    }
+    assert!(
+        lines.lines().any(|l| l.contains(r#""path":"f""#)),
+        "the commit's fields are in the object: {lines}"
+    );
+}

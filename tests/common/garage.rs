@@ -177,6 +177,8 @@ pub struct CountingProxy {
     /// Connections open now, and the most at once.
     open: std::sync::Arc<(std::sync::atomic::AtomicU64, std::sync::atomic::AtomicU64)>,
     task: tokio::task::JoinHandle<()>,
+    /// Every relay's task, for [`CountingProxy::cut`].
+    relays: std::sync::Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
 }
 
 impl CountingProxy {
@@ -202,13 +204,15 @@ impl CountingProxy {
         let counted = read.clone();
         let open = Arc::new((AtomicU64::new(0), AtomicU64::new(0)));
         let gauge = open.clone();
+        let relays = Arc::new(Mutex::new(Vec::new()));
+        let started = relays.clone();
         let task = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let (target, counted) = (target.clone(), counted.clone());
                 let gauge = gauge.clone();
                 let now = gauge.0.fetch_add(1, Ordering::SeqCst) + 1;
                 gauge.1.fetch_max(now, Ordering::SeqCst);
-                tokio::spawn(async move {
+                let relay = tokio::spawn(async move {
                     struct Closed(Arc<(AtomicU64, AtomicU64)>);
                     impl Drop for Closed {
                         fn drop(&mut self) {
@@ -241,6 +245,7 @@ impl CountingProxy {
                     }
                     up.abort();
                 });
+                started.lock().unwrap().push(relay.abort_handle());
             }
         });
         Self {
@@ -248,6 +253,16 @@ impl CountingProxy {
             read,
             open,
             task,
+            relays,
+        }
+    }
+
+    /// Cuts the store off: no new connection is taken and every open one
+    /// is dropped, as when the store's host goes away.
+    pub fn cut(&self) {
+        self.task.abort();
+        for relay in self.relays.lock().unwrap().drain(..) {
+            relay.abort();
         }
     }
 

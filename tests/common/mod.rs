@@ -18,11 +18,14 @@ use tempfile::TempDir;
 use tokio::sync::oneshot;
 
 mod binary;
+mod metrics;
 mod stored;
 
 // Not every test binary uses both.
 #[allow(unused_imports)]
 pub use binary::*;
+#[allow(unused_imports)]
+pub use metrics::*;
 #[allow(unused_imports)]
 pub use stored::*;
 

@@ -10,7 +10,10 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::garage::{bucket, garage, keys, wait_for_parts, CountingProxy};
-use common::{pattern, qxfer, qxfer_at, serve_root, ServeProcess, TestServer};
+use common::{
+    http_get, metrics_addr, pattern, promtool_check, qxfer, qxfer_at, sample, serve_root,
+    ServeProcess, TestServer,
+};
 use object_store::ObjectStoreExt;
 use qxfer::client::Client;
 use qxfer::endpoint::ServerLimits;
@@ -347,4 +350,49 @@ async fn server_via(
         ServerLimits::default(),
     )
     .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_cut_off_from_its_store_says_so_on_health_and_still_serves_metrics() {
+    let g = garage();
+    let url = g.fresh_root("health");
+    let proxy = CountingProxy::start().await;
+    let home = tempfile::tempdir().unwrap();
+    let mut cmd = qxfer(home.path());
+    cmd.args([
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--metrics",
+        "127.0.0.1:0",
+    ])
+    .args(["--root", &url, "--s3-endpoint", &proxy.endpoint])
+    .arg("--certs")
+    .arg(home.path().join("certs"));
+    g.env(&mut cmd);
+    let server = tokio::task::spawn_blocking(move || ServeProcess::spawn(cmd))
+        .await
+        .unwrap();
+    let at = metrics_addr(&server);
+    let get = move |path: &'static str| tokio::task::spawn_blocking(move || http_get(at, path));
+
+    assert_eq!(get("/health").await.unwrap(), (200, "ok\n".to_owned()));
+    proxy.cut();
+    let started = Instant::now();
+    let (status, body) = get("/health").await.unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.starts_with("unhealthy: ") && body.contains("store"),
+        "{body}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "the probe is bounded: {:?}",
+        started.elapsed()
+    );
+    // The metrics still answer, and say the store is down.
+    let (status, text) = get("/metrics").await.unwrap();
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(sample(&text, "qxfer_store_up"), Some(0.0), "{text}");
+    promtool_check(&text);
 }

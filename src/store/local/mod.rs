@@ -304,6 +304,13 @@ impl Store for LocalStore {
             .await
             .map_err(|e| e.to_string())
     }
+
+    async fn probe(&self) -> Result<(), String> {
+        let root = self.root.clone();
+        blocking(move || root.dir_metadata().map(drop))
+            .await
+            .map_err(|e| format!("the served directory: {e}"))
+    }
 }
 
 /// The directory `path` lies in, opened beneath the root (links inside the

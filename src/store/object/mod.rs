@@ -512,6 +512,17 @@ impl Store for ObjectRoot {
             .await
             .map_err(|e| e.to_string())
     }
+
+    async fn probe(&self) -> Result<(), String> {
+        // A key no file has: "not found" is an answer, and the cheapest.
+        let key = self
+            .inner
+            .key_of(&[&format!("{}health-probe", crate::paths::RESERVED_PREFIX)]);
+        match self.inner.s3.head(&key).await {
+            Ok(_) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(format!("the object store: {}", short_error(&e))),
+        }
+    }
 }
 
 fn rand_u64() -> u64 {
