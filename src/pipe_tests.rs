@@ -49,6 +49,7 @@ impl Pair {
             delta: false,
             reply_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(5),
+            failover: Vec::new(),
         };
         std::fs::create_dir_all(&client.config_dir).unwrap();
         Self {

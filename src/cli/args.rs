@@ -193,9 +193,17 @@ pub(super) fn parse_partial_ttl(s: &str) -> Result<Duration, String> {
 #[derive(Debug, Args)]
 pub(super) struct ClientArgs {
     /// Server: a name from config.toml in the config directory (see
-    /// `qxfer servers`), or an address, HOST:PORT.
-    #[arg(long, env = "QXFER_SERVER", default_value = "127.0.0.1:65432")]
-    pub(super) server: String,
+    /// `qxfer servers`), or an address, HOST:PORT. Repeat it (or separate
+    /// with commas) for several addresses of one server, servers that
+    /// share one identity and one store: the client connects to one at
+    /// random and, if it is lost mid-command, resumes through another.
+    #[arg(
+        long,
+        env = "QXFER_SERVER",
+        value_delimiter = ',',
+        default_value = "127.0.0.1:65432"
+    )]
+    pub(super) server: Vec<String>,
     /// Accept only a server with this fingerprint (SHA256:..., as `qxfer serve` prints).
     #[arg(long, value_name = "SHA256:...")]
     pub(super) pin: Option<Fingerprint>,

@@ -90,6 +90,7 @@ fn exit_code_of(e: &anyhow::Error) -> u8 {
         ConnectError::Refused { .. }
         | ConnectError::HostKeyChanged { .. }
         | ConnectError::PinMismatch { .. }
+        | ConnectError::NotTheSameServer { .. }
         | ConnectError::Trust(_) => exit::TRUST,
         _ => exit::CONNECTION,
     }
@@ -296,11 +297,25 @@ async fn connect_with(
 ) -> Result<(Client, ClientConfig)> {
     let dir = config_dir()?;
     let file = ClientFile::load(&dir)?;
-    let (server, pin) = match file.named(&args.server) {
-        // An explicit --pin wins over the file's.
-        Some(named) => (named.address.clone(), args.pin.or(named.pin)),
-        None => (args.server.clone(), args.pin),
-    };
+    // Each --server value is a name of config.toml (its addresses) or an
+    // address; all of them are one server's addresses (see
+    // ClientConfig::failover). An explicit --pin wins over the file's.
+    let mut addresses: Vec<String> = Vec::new();
+    let mut pin = args.pin;
+    for given in &args.server {
+        match file.named(given) {
+            Some(named) => {
+                addresses.extend(named.addresses.iter().cloned());
+                pin = pin.or(named.pin);
+            }
+            None => addresses.push(given.clone()),
+        }
+    }
+    let server = addresses
+        .first()
+        .cloned()
+        .context("--server needs an address or a name")?;
+    let failover = addresses.split_off(1);
     let config = ClientConfig {
         server: server.clone(),
         pin,
@@ -312,11 +327,14 @@ async fn connect_with(
         delta: transfer.is_some_and(|t| t.sync),
         reply_timeout: args.timeout,
         connect_timeout: args.connect_timeout,
+        failover,
     };
     let client = match Client::connect(&config).await {
         Ok(c) => c,
         // A word that is neither a name in the file nor a host: say both.
-        Err(e @ ConnectError::Resolve { .. }) if !args.server.contains(['.', ':']) => {
+        Err(e @ ConnectError::Resolve { .. })
+            if args.server.len() == 1 && !args.server[0].contains(['.', ':']) =>
+        {
             let known: Vec<&str> = file.servers.keys().map(String::as_str).collect();
             let names = if known.is_empty() {
                 "it names none".to_owned()
@@ -325,7 +343,7 @@ async fn connect_with(
             };
             return Err(anyhow::Error::new(e).context(format!(
                 "unknown server name '{}': not defined in {} ({names}; see `qxfer servers`), and no host has that name",
-                args.server,
+                args.server[0],
                 file.path.display()
             )));
         }

@@ -26,7 +26,7 @@ pub(super) fn servers() -> Result<ExitCode> {
     let known = crate::tls::KnownHosts::load(&dir.join("known_hosts"))?;
     let width = file.servers.keys().map(String::len).max().unwrap_or(0);
     for s in file.servers.values() {
-        let recorded = crate::client::split_server(&s.address)
+        let recorded = crate::client::split_server(&s.addresses[0])
             .ok()
             .and_then(|(host, port)| known.lookup(&crate::client::known_hosts_key(&host, port)));
         let pin = s
@@ -36,7 +36,11 @@ pub(super) fn servers() -> Result<ExitCode> {
             || "not contacted yet".to_owned(),
             |(fp, _)| format!("known {fp}"),
         );
-        println!("{:width$}  {}  {pin}  {seen}", s.name, s.address);
+        println!(
+            "{:width$}  {}  {pin}  {seen}",
+            s.name,
+            s.addresses.join(", ")
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

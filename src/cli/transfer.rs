@@ -115,6 +115,13 @@ pub(super) async fn run_batch_resilient(
                 progress.suspend(|| eprintln!("qxfer: {}", with_causes(e)));
             }
         }
+        RetryEvent::FailedOver { from, to } => {
+            if !quiet {
+                progress.suspend(|| {
+                    eprintln!("qxfer: {from} is lost; continuing through {to}, the same server's other address")
+                });
+            }
+        }
     };
     let policy = RetryPolicy::new(transfer.retries);
     Ok(client::run_resilient(client, config, options, jobs, policy, &watch, events).await?)

@@ -116,6 +116,16 @@ pub enum ConnectError {
         /// Fingerprint pinned.
         want: Fingerprint,
     },
+    /// One address of a server presented another identity than the others.
+    #[error("{server} presented {got}, but the other addresses of this server present {want}: every address of one server must serve with the same identity (the same certs directory); refusing to connect")]
+    NotTheSameServer {
+        /// As given.
+        server: String,
+        /// Fingerprint presented.
+        got: Fingerprint,
+        /// The fingerprint the other addresses have.
+        want: Fingerprint,
+    },
     /// Any other handshake or transport failure.
     #[error("connecting to {server} ({addr}): {source}")]
     Connection {
@@ -183,11 +193,94 @@ pub(crate) fn known_hosts_key(host: &str, port: u16) -> String {
     }
 }
 
+/// The addresses of `config`'s server, in the order to try them: at random
+/// (clients spread over the servers of a name), `avoid` (the server just
+/// lost) last.
+fn in_order(config: &ClientConfig, avoid: Option<&str>) -> Vec<String> {
+    let mut all: Vec<String> = Vec::with_capacity(1 + config.failover.len());
+    for a in std::iter::once(&config.server).chain(&config.failover) {
+        if !all.contains(a) {
+            all.push(a.clone());
+        }
+    }
+    // Fisher-Yates with the system's randomness (ring, as for TLS).
+    let rng = ring::rand::SystemRandom::new();
+    for i in (1..all.len()).rev() {
+        let mut b = [0u8; 8];
+        let j = match ring::rand::SecureRandom::fill(&rng, &mut b) {
+            Ok(()) => (u64::from_le_bytes(b) % (i as u64 + 1)) as usize,
+            Err(_) => i,
+        };
+        all.swap(i, j);
+    }
+    if let Some(lost) = avoid {
+        if let Some(at) = all.iter().position(|a| a == lost) {
+            let lost = all.remove(at);
+            all.push(lost);
+        }
+    }
+    all
+}
+
+/// Whether the next address of the same server is worth trying after `e`:
+/// this one did not answer or could not take the client now. A trust
+/// failure (a changed identity, a pin not matched, this client refused) is
+/// never passed over to another address.
+fn try_next(e: &ConnectError) -> bool {
+    super::retry::is_transient_connect(e) || matches!(e, ConnectError::Resolve { .. })
+}
+
 impl Client {
-    /// Connects to `config.server`, verifying it against `--pin` or
-    /// known_hosts, and recording it on first contact.
+    /// Connects to `config.server` or, when it has several addresses, to
+    /// one of them (see [`ClientConfig::failover`]), verifying it against
+    /// `--pin` or known_hosts, and recording it on first contact.
     pub async fn connect(config: &ClientConfig) -> Result<Self, ConnectError> {
-        let server = config.server.as_str();
+        Self::connect_avoiding(config, None).await
+    }
+
+    /// Connects as [`Client::connect`] does, trying `avoid` (a server just
+    /// lost) only after every other address of the same server. Every
+    /// address must present the one identity: the pin, else the
+    /// fingerprint known_hosts holds for any of them (a server of another
+    /// identity is refused, as a changed key is). Addresses that do not
+    /// answer are passed over; the last one's error is returned when none
+    /// does.
+    pub async fn connect_avoiding(
+        config: &ClientConfig,
+        avoid: Option<&str>,
+    ) -> Result<Self, ConnectError> {
+        let order = in_order(config, avoid);
+        let group = match config.pin {
+            Some(pin) => Some(pin),
+            None => {
+                let known = KnownHosts::load(&config.config_dir.join("known_hosts"))?;
+                order.iter().find_map(|a| {
+                    let (host, port) = split_server(a).ok()?;
+                    known
+                        .lookup(&known_hosts_key(&host, port))
+                        .map(|(fp, _)| fp)
+                })
+            }
+        };
+        let mut last = None;
+        for server in &order {
+            match Self::connect_to(config, server, group).await {
+                Ok(client) => return Ok(client),
+                Err(e) if order.len() > 1 && try_next(&e) => last = Some(e),
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.expect("a server has at least one address"))
+    }
+
+    /// Connects to `server`, one address of `config`'s server, expecting
+    /// `group` (the identity its other addresses have) where neither the
+    /// pin nor known_hosts says what this one must present.
+    async fn connect_to(
+        config: &ClientConfig,
+        server: &str,
+        group: Option<Fingerprint>,
+    ) -> Result<Self, ConnectError> {
         let (host, port) = split_server(server)?;
         let resolved: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), port))
             .await
@@ -196,12 +289,17 @@ impl Client {
                 source,
             })?
             .collect();
-        // IPv4 first, then IPv6, one address of each: `localhost` often
-        // resolves to ::1 first while servers listen on 127.0.0.1 by default.
+        // Every address the name resolves to, IPv4 first (`localhost` often
+        // resolves to ::1 first while servers listen on 127.0.0.1 by
+        // default), each in the resolver's order: a name with several
+        // records is several servers, one tried after another that does
+        // not answer.
         let mut candidates: Vec<SocketAddr> = Vec::new();
         for v4 in [true, false] {
-            if let Some(a) = resolved.iter().find(|a| a.is_ipv4() == v4) {
-                candidates.push(*a);
+            for a in resolved.iter().filter(|a| a.is_ipv4() == v4) {
+                if !candidates.contains(a) {
+                    candidates.push(*a);
+                }
             }
         }
         if candidates.is_empty() {
@@ -215,7 +313,7 @@ impl Client {
         let key = known_hosts_key(&host, port);
         let mut known = KnownHosts::load(&config.config_dir.join("known_hosts"))?;
         let on_record = known.lookup(&key);
-        let expected = config.pin.or(on_record.map(|(fp, _)| fp));
+        let expected = config.pin.or(on_record.map(|(fp, _)| fp)).or(group);
         // SNI carries the host name when there is one; the verifier ignores it.
         let sni = if host.parse::<std::net::IpAddr>().is_ok() {
             "qxfer"
@@ -257,7 +355,12 @@ impl Client {
                             file: known.path().to_owned(),
                             line,
                         },
-                        _ => ConnectError::PinMismatch {
+                        (Some(_), _) => ConnectError::PinMismatch {
+                            server: server.to_owned(),
+                            got,
+                            want,
+                        },
+                        (None, None) => ConnectError::NotTheSameServer {
                             server: server.to_owned(),
                             got,
                             want,
@@ -274,7 +377,9 @@ impl Client {
             .seen()
             .expect("a completed handshake has verified a certificate");
         let mut first_contact = None;
-        if expected.is_none() {
+        if config.pin.is_none() && on_record.is_none() {
+            // A first contact; with other addresses of this server on
+            // record it presented their identity (checked above).
             known.add(&key, server_fp)?;
             first_contact = Some((server_fp, known.path().to_owned()));
         }
@@ -476,5 +581,42 @@ pub(super) fn is_alpn_refusal(e: &ConnectionError) -> bool {
         ConnectionError::ConnectionClosed(close) => close.error_code == want,
         ConnectionError::TransportError(t) => t.code == want,
         _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(server: &str, failover: &[&str]) -> ClientConfig {
+        ClientConfig {
+            server: server.to_owned(),
+            pin: None,
+            config_dir: PathBuf::from("/nonexistent"),
+            transport: TransportOpts::default(),
+            resume: true,
+            limit_rate: None,
+            compression: crate::protocol::Compression::Auto,
+            delta: false,
+            reply_timeout: Duration::from_secs(60),
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            failover: failover.iter().map(|s| (*s).to_owned()).collect(),
+        }
+    }
+
+    #[test]
+    fn every_address_is_tried_once_in_a_random_order_the_lost_one_last() {
+        let c = config("a:1", &["b:1", "c:1", "a:1"]);
+        let mut firsts = std::collections::HashSet::new();
+        for _ in 0..200 {
+            let order = in_order(&c, None);
+            let mut sorted = order.clone();
+            sorted.sort();
+            assert_eq!(sorted, ["a:1", "b:1", "c:1"], "each once: {order:?}");
+            firsts.insert(order[0].clone());
+            assert_eq!(in_order(&c, Some("b:1"))[2], "b:1", "the lost one last");
+        }
+        assert_eq!(firsts.len(), 3, "each address comes first sometimes");
+        assert_eq!(in_order(&config("a:1", &[]), Some("a:1")), ["a:1"]);
     }
 }

@@ -97,6 +97,12 @@ pub struct ClientConfig {
     pub reply_timeout: Duration,
     /// How long a connection attempt may go unanswered (`--connect-timeout`).
     pub connect_timeout: Duration,
+    /// Other addresses of the same server (several `--server` values, or a
+    /// name's `address = [...]`): servers that share one identity and one
+    /// store. A connection goes to one of them all, chosen at random; after
+    /// a lost connection the others are tried first (see
+    /// [`Client::connect_avoiding`]).
+    pub failover: Vec<String>,
 }
 
 /// A connection to one qxfer server.
@@ -247,6 +253,11 @@ impl Client {
     pub fn refusal(&self) -> Option<ConnectError> {
         let reason = self.link.quic()?.close_reason()?;
         refusal(&reason, &self.server, self.fingerprint)
+    }
+
+    /// The address this client is connected to, as given.
+    pub fn server(&self) -> &str {
+        &self.server
     }
 
     /// Why the connection ended, in words for the user, if it has.

@@ -78,6 +78,9 @@ pub(crate) enum RetryEvent<'a> {
     },
     /// A reconnection failed, in a way worth another try.
     ConnectFailed(&'a ConnectError),
+    /// The reconnection went to another address of the same server (`to`)
+    /// than the one lost (`from`).
+    FailedOver { from: &'a str, to: &'a str },
 }
 
 /// A connection a batch runs over, as the retry loop sees it.
@@ -89,6 +92,8 @@ pub(crate) trait Session: Send + Sync + Sized {
     fn lost(&self) -> Option<String>;
     /// Whether the server refused this client for good (no retry helps).
     fn refused(&self) -> bool;
+    /// The address it is connected to (as given).
+    fn server(&self) -> String;
     /// Closes the connection.
     async fn close(self);
 }
@@ -119,7 +124,7 @@ pub(crate) async fn retrying<S, F, Fut>(
 ) -> Result<(S, BatchReport), ConnectError>
 where
     S: Session,
-    F: FnMut() -> Fut,
+    F: FnMut(&S) -> Fut,
     Fut: Future<Output = Result<S, ConnectError>>,
 {
     let mut session = first;
@@ -142,7 +147,7 @@ where
             wait: backoff.next(),
         });
         backoff.wait().await;
-        let fresh = match reconnect().await {
+        let fresh = match reconnect(&session).await {
             Ok(fresh) => fresh,
             Err(e) if is_transient_connect(&e) => {
                 events(RetryEvent::ConnectFailed(&e));
@@ -151,6 +156,13 @@ where
             }
             Err(e) => return Err(e),
         };
+        let (from, to) = (session.server(), fresh.server());
+        if from != to {
+            events(RetryEvent::FailedOver {
+                from: &from,
+                to: &to,
+            });
+        }
         session.close().await;
         session = fresh;
         // The files to run again leave the failures; what fails again returns.
@@ -223,6 +235,10 @@ impl Session for Over {
         self.client.refusal().is_some()
     }
 
+    fn server(&self) -> String {
+        self.client.server().to_owned()
+    }
+
     async fn close(self) {
         self.client.close().await;
     }
@@ -247,12 +263,19 @@ pub(crate) async fn run_resilient(
         options,
         watch: watch.clone(),
     };
-    let reconnect = || async {
-        Client::connect(config).await.map(|client| Over {
-            client,
-            options,
-            watch: watch.clone(),
-        })
+    // After a lost connection, the server's other addresses first: the
+    // one just lost is likely down (see `Client::connect_avoiding`).
+    let reconnect = |lost: &Over| {
+        let lost = lost.client.server().to_owned();
+        async move {
+            Client::connect_avoiding(config, Some(&lost))
+                .await
+                .map(|client| Over {
+                    client,
+                    options,
+                    watch: watch.clone(),
+                })
+        }
     };
     let (last, report) = retrying(first, jobs, policy, reconnect, &mut events).await?;
     Ok((last.client, report))
@@ -332,6 +355,10 @@ mod tests {
             self.refused
         }
 
+        fn server(&self) -> String {
+            "s".to_owned()
+        }
+
         async fn close(self) {
             self.closed.fetch_add(1, Ordering::SeqCst);
         }
@@ -365,7 +392,7 @@ mod tests {
         };
         let connects = Mutex::new(connects.into_iter());
         let made = AtomicU32::new(0);
-        let reconnect = || async {
+        let reconnect = |_: &Fake| async {
             match connects.lock().unwrap().next() {
                 Some(Err(e)) => Err(e),
                 _ => Ok(fake(made.fetch_add(1, Ordering::SeqCst) + 1)),
@@ -500,7 +527,7 @@ mod tests {
             closed: Arc::new(AtomicU32::new(0)),
             runs: runs.clone(),
         };
-        let reconnect = || async { Err::<Fake, _>(unreachable()) };
+        let reconnect = |_: &Fake| async { Err::<Fake, _>(unreachable()) };
         let (_, report) = retrying(
             fake,
             vec![job("flaky")],

@@ -4,6 +4,9 @@
 //! [servers.home]
 //! address = "nas.example.net:65432"
 //! pin = "SHA256:..."          # optional
+//!
+//! [servers.fleet]             # servers of one identity over one store
+//! address = ["a.example.net:65432", "b.example.net:65432"]
 //! ```
 //!
 //! As with ssh's config, a name defined here wins over a host of the same
@@ -25,8 +28,9 @@ pub(crate) const CONFIG_FILE: &str = "config.toml";
 pub(crate) struct NamedServer {
     /// Its name in the file.
     pub name: String,
-    /// HOST:PORT (or HOST, for the default port).
-    pub address: String,
+    /// HOST:PORT (or HOST, for the default port): one, or several for
+    /// servers that share one identity and one store (`address = [...]`).
+    pub addresses: Vec<String>,
     /// The fingerprint to accept, if pinned.
     pub pin: Option<Fingerprint>,
 }
@@ -65,10 +69,18 @@ struct Raw {
     servers: BTreeMap<String, toml::Spanned<RawServer>>,
 }
 
+/// `address = "HOST:PORT"` or `address = ["HOST:PORT", ...]`.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Addresses {
+    One(String),
+    Many(Vec<String>),
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawServer {
-    address: toml::Spanned<String>,
+    address: toml::Spanned<Addresses>,
     pin: Option<toml::Spanned<String>>,
 }
 
@@ -110,13 +122,24 @@ impl ClientFile {
                     format!("server name {name:?} must be a word without spaces or ':'"),
                 ));
             }
-            let address = entry.address.get_ref().trim().to_owned();
-            crate::client::split_server(&address).map_err(|_| {
-                invalid(
+            let given = match entry.address.get_ref() {
+                Addresses::One(a) => vec![a.trim().to_owned()],
+                Addresses::Many(all) => all.iter().map(|a| a.trim().to_owned()).collect(),
+            };
+            if given.is_empty() {
+                return Err(invalid(
                     entry.address.span().start,
-                    format!("server '{name}': address {address:?} is not HOST:PORT"),
-                )
-            })?;
+                    format!("server '{name}': address = [] names no address"),
+                ));
+            }
+            for address in &given {
+                crate::client::split_server(address).map_err(|_| {
+                    invalid(
+                        entry.address.span().start,
+                        format!("server '{name}': address {address:?} is not HOST:PORT"),
+                    )
+                })?;
+            }
             let pin =
                 match entry.pin {
                     None => None,
@@ -124,7 +147,14 @@ impl ClientFile {
                         invalid(p.span().start, format!("server '{name}': pin: {e}"))
                     })?),
                 };
-            servers.insert(name.clone(), NamedServer { name, address, pin });
+            servers.insert(
+                name.clone(),
+                NamedServer {
+                    name,
+                    addresses: given,
+                    pin,
+                },
+            );
         }
         Ok(Self { path, servers })
     }
@@ -161,11 +191,28 @@ mod tests {
         ))
         .unwrap();
         let home = file.named("home").unwrap();
-        assert_eq!(home.address, "nas.lan:65432");
+        assert_eq!(home.addresses, ["nas.lan:65432"]);
         assert_eq!(home.pin, Some(PIN.parse().unwrap()));
         assert_eq!(file.named("lab").unwrap().pin, None);
         assert!(file.named("nas.lan:65432").is_none());
         assert!(parse("").unwrap().servers.is_empty());
+    }
+
+    #[test]
+    fn a_server_may_have_several_addresses() {
+        let file = parse("[servers.fleet]\naddress = [\"a.lan:1\", \" b.lan:2 \"]\n").unwrap();
+        assert_eq!(
+            file.named("fleet").unwrap().addresses,
+            ["a.lan:1", "b.lan:2"]
+        );
+        let m = parse("[servers.fleet]\naddress = [\"a.lan:1\", \"b:c:d\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(m.contains("b:c:d") && m.contains("HOST:PORT"), "{m}");
+        let m = parse("[servers.fleet]\naddress = []\n")
+            .unwrap_err()
+            .to_string();
+        assert!(m.contains("no address"), "{m}");
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! The real binary end to end: `qxfer serve` in a child process, client commands through assert_cmd; the transfers through it over a local root and over the object store.
 //!
 //! The cases: `commands` (the client's commands end to end), `serve` (the
-//! server's own command line), `pipes` (standard input and output).
+//! server's own command line), `pipes` (standard input and output),
+//! `failover` (several addresses of one server).
 
 #[path = "../common/mod.rs"]
 mod common;
@@ -19,6 +20,7 @@ use common::{
 use predicates::prelude::*;
 
 mod commands;
+mod failover;
 mod pipes;
 mod serve;
 

@@ -235,6 +235,7 @@ pub fn client_config(addr: SocketAddr, config_dir: &Path) -> ClientConfig {
         reply_timeout: qxfer::client::DEFAULT_REPLY_TIMEOUT,
         delta: false,
         connect_timeout: qxfer::client::DEFAULT_CONNECT_TIMEOUT,
+        failover: Vec::new(),
     }
 }
 
