@@ -449,6 +449,11 @@ pub(crate) fn describe_close(reason: &ConnectionError) -> String {
         {
             "the server is shutting down".into()
         }
+        ConnectionError::ApplicationClosed(c)
+            if c.error_code == VarInt::from_u32(close::STORE_DOWN) =>
+        {
+            "the server cannot reach its store".into()
+        }
         ConnectionError::Reset => "the server restarted and no longer knows this connection".into(),
         ConnectionError::TimedOut => {
             "the server stopped answering (a network outage, or the server is down)".into()

@@ -65,6 +65,10 @@ pub mod close {
     /// (`--max-connections`); this one completed its handshake just as
     /// the last slot went. Try again later, as for a refused handshake.
     pub(crate) const BUSY: u32 = 4;
+    /// The server cannot reach its store (its probes failed for
+    /// [`crate::server`]'s `STORE_DOWN_AFTER`): reconnect to another
+    /// address of the same server, or try again later.
+    pub(crate) const STORE_DOWN: u32 = 5;
 }
 
 impl fmt::Display for ErrorCode {

@@ -18,6 +18,10 @@ use super::*;
 pub(super) struct Activity {
     pub(super) draining: Arc<tokio::sync::watch::Sender<bool>>,
     pub(super) requests: Arc<tokio::sync::watch::Sender<usize>>,
+    /// Whether the store has stopped answering (see `watch_store`): the
+    /// server then closes its connections so that clients move to another
+    /// server of the same name.
+    pub(super) store_down: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 /// Counts one request in flight until dropped.
@@ -206,6 +210,16 @@ pub(super) async fn handle_connection(
         );
         return;
     };
+    let mut store_down = activity.store_down.subscribe();
+    if *store_down.borrow_and_update() {
+        info!(client = %fp, "connection closed: the store does not answer");
+        metrics::refused("store_down");
+        conn.close(
+            VarInt::from_u32(close::STORE_DOWN),
+            b"the server cannot reach its store",
+        );
+        return;
+    }
     info!(client = %fp, "connected");
     let _open = metrics::OpenConnection::start();
     crate::endpoint::tune_receive_window(conn.clone());
@@ -213,6 +227,16 @@ pub(super) async fn handle_connection(
     loop {
         let accepted = tokio::select! {
             biased;
+            _ = async { store_down.wait_for(|d| *d).await.is_ok() } => {
+                // What runs would fail at the store: the client hears why
+                // and resumes through another server of the same name.
+                info!(client = %fp, "closing the connection: the store does not answer");
+                conn.close(
+                    VarInt::from_u32(close::STORE_DOWN),
+                    b"the server cannot reach its store",
+                );
+                return;
+            }
             _ = async { draining.wait_for(|d| *d).await.is_ok() } => {
                 // No new requests: streams opened from now on are reset with
                 // the shutdown code (the client retries them after

@@ -53,7 +53,7 @@ pub(crate) mod names {
     /// Gauge: resumable uploads writing their partial now.
     pub(crate) const PARTIALS_OPEN: &str = "qxfer_partials_open";
     /// Counter: requests that failed because the store did.
-    pub(crate) const STORE_ERRORS: &str = "qxfer_store_errors_total";
+    pub(crate) const STORE_ERRORS: &str = crate::store::STORE_ERRORS_METRIC;
     /// Histogram: how long a health probe of the store took.
     pub(crate) const STORE_PROBE_SECONDS: &str = "qxfer_store_probe_seconds";
     /// Gauge: 1 if the last probe of the store succeeded, else 0.
@@ -249,7 +249,7 @@ async fn probe(watched: &Watched) -> Result<(), String> {
         )),
     };
     metrics::histogram!(names::STORE_PROBE_SECONDS).record(started.elapsed().as_secs_f64());
-    gauge!(names::STORE_UP).set(if result.is_ok() { 1.0 } else { 0.0 });
+    store_answered(result.is_ok());
     if let Err(why) = &result {
         warn!("health: {why}");
     }
@@ -274,7 +274,7 @@ fn describe() {
     );
     describe_counter!(
         CONNECTIONS_REFUSED,
-        "Connections refused, by reason: busy (--max-connections), handshakes (too many in progress), handshake_failed (mostly a client not admitted), handshake_timeout, client_limit (--max-connections-per-client), draining (shutting down)."
+        "Connections refused, by reason: busy (--max-connections), handshakes (too many in progress), handshake_failed (mostly a client not admitted), handshake_timeout, client_limit (--max-connections-per-client), draining (shutting down), store_down (the store does not answer)."
     );
     describe_counter!(
         REQUESTS,
@@ -303,7 +303,7 @@ fn describe() {
     );
     describe_counter!(
         STORE_ERRORS,
-        "Requests that failed on the server's side: its store or disk (errors Internal and NoSpace)."
+        "Requests that failed on the server's side: the object store failed or refused the server, or the local disk did (errors Internal and NoSpace)."
     );
     describe_histogram!(
         STORE_PROBE_SECONDS,
@@ -359,6 +359,11 @@ pub(crate) fn request_done(kind: &'static str, ok: bool, store_failed: bool, too
 /// Records one commit's time.
 pub(crate) fn committed(took: Duration) {
     metrics::histogram!(names::COMMIT_SECONDS).record(took.as_secs_f64());
+}
+
+/// Records whether the store answered a probe.
+pub(crate) fn store_answered(up: bool) {
+    gauge!(names::STORE_UP).set(if up { 1.0 } else { 0.0 });
 }
 
 /// Records an upload resumed from a partial.

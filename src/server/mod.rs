@@ -229,6 +229,8 @@ pub(crate) async fn run_until(
     let sweeper = tokio::spawn(sweep_partials_forever(config.clone(), partials.clone()));
     let handshaking = Handshakes::new();
     let activity = Activity::default();
+    // The store's health, probed while the server runs (see watch_store).
+    let watcher = tokio::spawn(watch_store(config.clone(), activity.store_down.clone()));
     // Metrics and health on HTTP, for as long as the server runs.
     let exporting = exporter.map(|e| {
         tokio::spawn(e.serve(metrics::Watched {
@@ -322,6 +324,7 @@ pub(crate) async fn run_until(
         "shutting down"
     );
     sweeper.abort();
+    watcher.abort();
     if let Some(exporting) = exporting {
         exporting.abort();
     }
@@ -331,6 +334,49 @@ pub(crate) async fn run_until(
     );
     // Let the close frames go out; never hang on a peer that vanished.
     let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+}
+
+/// How often the server probes its store.
+const STORE_PROBE_EVERY: Duration = Duration::from_secs(5);
+
+/// Probes that must fail in a row before the store counts as down: one
+/// slow answer is no reason to send every client elsewhere.
+const STORE_DOWN_AFTER: u32 = 2;
+
+/// Probes the store every [`STORE_PROBE_EVERY`] (each bounded by the
+/// health timeout) and says through `down` whether it has stopped
+/// answering: [`STORE_DOWN_AFTER`] failures in a row make it down, one
+/// answer makes it up again. While it is down the server closes its
+/// connections with [`close::STORE_DOWN`] and takes no new ones, so that
+/// clients given several addresses of this server resume through another
+/// (a local root practically never fails its probe: a stat of the root).
+async fn watch_store(config: Arc<ServeConfig>, down: Arc<tokio::sync::watch::Sender<bool>>) {
+    let mut failed = 0;
+    let mut every = tokio::time::interval(STORE_PROBE_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        match tokio::time::timeout(metrics::HEALTH_TIMEOUT, config.store.probe()).await {
+            Ok(Ok(())) => {
+                failed = 0;
+                metrics::store_answered(true);
+                if down.send_replace(false) {
+                    info!("the store answers again; taking connections");
+                }
+            }
+            outcome => {
+                failed += 1;
+                metrics::store_answered(false);
+                let why = match outcome {
+                    Ok(Err(e)) => e,
+                    _ => format!("no answer within {} s", metrics::HEALTH_TIMEOUT.as_secs()),
+                };
+                if failed >= STORE_DOWN_AFTER && !down.send_replace(true) {
+                    warn!("the store does not answer ({why}); closing connections so that clients move to another server, until it answers again");
+                }
+            }
+        }
+    }
 }
 
 /// Hands memory freed during a burst back to the system once the last

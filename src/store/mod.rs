@@ -231,6 +231,11 @@ pub(crate) trait Store: Send + Sync + std::fmt::Debug + 'static {
     async fn probe(&self) -> Result<(), String>;
 }
 
+/// The counter of requests the store failed (`serve --metrics`), counted
+/// where an object store's error is turned into the client's; the server
+/// counts a local root's (its disk's) by their codes.
+pub(crate) const STORE_ERRORS_METRIC: &str = "qxfer_store_errors_total";
+
 /// A file opened for reading: its bytes at any offset (pinned to the
 /// version opened), and where a get starts.
 pub(crate) struct Opened {

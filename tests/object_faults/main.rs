@@ -1,4 +1,4 @@
-//! The object store under faults and attack, in a Garage cluster of its own: a node killed mid-transfer, uploads abandoned by their server, declared sizes and names that once crashed or leaked, and what a server reads from the store and holds in memory.
+//! The object store under faults and attack, in a Garage cluster of its own: a node killed mid-transfer, uploads abandoned by their server, declared sizes and names that once crashed or leaked, what a server reads from the store and holds in memory, and a store that stops answering one server (health, metrics, clients moving to another).
 //!
 //! Beyond the cases here: `sweep` (abandoned uploads) and `bounds` (what a
 //! server asks of the store and holds in memory).
@@ -395,4 +395,103 @@ async fn a_server_cut_off_from_its_store_says_so_on_health_and_still_serves_metr
     assert_eq!(status, 200, "{text}");
     assert_eq!(sample(&text, "qxfer_store_up"), Some(0.0), "{text}");
     promtool_check(&text);
+}
+
+/// About 100 s: B can take the upload over only once A's lease on the name
+/// has expired (60 s; A cannot give it back without its store), and the
+/// client's retries wait that out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_whose_store_stops_answering_sends_its_clients_to_another() {
+    let g = garage();
+    let url = g.fresh_root("storedown");
+    let proxy = CountingProxy::start().await;
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path().to_owned();
+    // Two servers of one identity over one bucket: A reaches the store
+    // through the proxy, B directly.
+    let serve = |listen: &str, endpoint: &str, log: &str| {
+        let mut cmd = qxfer(&h);
+        cmd.args(["serve", "--listen", listen])
+            .args(["--root", &url, "--s3-endpoint", endpoint])
+            .arg("--certs")
+            .arg(h.join("certs"));
+        g.env(&mut cmd);
+        let log = std::fs::File::create(h.join(log)).unwrap();
+        tokio::task::spawn_blocking(move || ServeProcess::spawn_logging(cmd, log))
+    };
+    let a = serve("127.0.0.1:0", &proxy.endpoint, "a.log")
+        .await
+        .unwrap();
+    // B's address is given before B runs: the client, whichever it picks
+    // first, ends up on A.
+    let b_port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let src = h.join("big");
+    let data = pattern(24 << 20, 77);
+    std::fs::write(&src, &data).unwrap();
+    let mut client = qxfer(&h)
+        // Retries enough to outlast A's lease on the name (60 s: A cannot
+        // give it back without its store), which B waits out.
+        .args([
+            "put",
+            "--limit-rate",
+            "3M",
+            "--retries",
+            "12",
+            "--connect-timeout",
+            "1s",
+        ])
+        .arg(&src)
+        .args(["--server", &a.addr.to_string()])
+        .args(["--server", &format!("127.0.0.1:{b_port}")])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(h.join("client.err")).unwrap())
+        .spawn()
+        .unwrap();
+    let log_has = |log: &str, text: &str| {
+        std::fs::read_to_string(h.join(log)).is_ok_and(|t| t.contains(text))
+    };
+    // A has stored a part of the upload when its store goes away.
+    wait_for_parts(&url, 1).await;
+    let _b = serve(&format!("127.0.0.1:{b_port}"), &g.endpoint, "b.log")
+        .await
+        .unwrap();
+    proxy.cut();
+    let status = tokio::task::spawn_blocking(move || client.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    let err = std::fs::read_to_string(h.join("client.err")).unwrap();
+    assert!(status.success(), "{status:?}: {err}");
+    assert!(
+        err.contains(&format!("continuing through 127.0.0.1:{b_port}")),
+        "{err}"
+    );
+    assert!(log_has("b.log", "put committed"), "{err}");
+    assert_eq!(
+        common::stored_at(Path::new(&url), "big").await.as_deref(),
+        Some(&data[..])
+    );
+    // A, its store still gone, stops taking connections.
+    let start = Instant::now();
+    while !log_has("a.log", "the store does not answer") {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "A never saw its store go"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let refused = qxfer(&h)
+        .args(["ls", "--server", &a.addr.to_string()])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && said.contains("cannot reach its store"),
+        "{said}"
+    );
+    drop(a);
 }

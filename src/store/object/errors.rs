@@ -86,11 +86,18 @@ pub(super) fn store_error(e: object_store::Error, path: &RemotePath, doing: &str
             ErrorCode::PermissionDenied,
             "the object store refused the server's credentials; ask its operator",
         ),
+        // Busy, which clients retry (through another server of the same
+        // name, where they have one): a store that does not answer now
+        // may well answer shortly. Anything S3 says that is not one of
+        // the cases above lands here too; the retries are bounded.
         Trouble::Unreachable => (
-            ErrorCode::Internal,
+            ErrorCode::Busy,
             "the server's object store failed or did not answer; try again shortly (the server's log has details)",
         ),
     };
+    if !written_meanwhile && !matches!(code, ErrorCode::NotFound) {
+        metrics::counter!(crate::store::STORE_ERRORS_METRIC).increment(1);
+    }
     warn!(path = %path, "object store: {doing}: {e}");
     RemoteError::new(
         code,

@@ -356,10 +356,16 @@ impl Upload for ObjectUpload {
                 ErrorCode::TooLarge,
                 format!("'{path}' was not saved: the piped data went past {limit} bytes, the most an object-store root takes from a pipe ({} parts of {} MiB); save the data to a file and put that", tree_hash::MAX_PARTS, self.part_size >> 20),
             ),
-            TransferError::Write(io) => RemoteError::new(
-                ErrorCode::Internal,
-                format!("cannot store '{path}' on the server: {io}; try again shortly (the server's log has details)"),
-            ),
+            // A part the store did not take: Busy, which clients retry
+            // (through another server where they have one) and resume,
+            // as for store_error's.
+            TransferError::Write(io) => {
+                metrics::counter!(crate::store::STORE_ERRORS_METRIC).increment(1);
+                RemoteError::new(
+                    ErrorCode::Busy,
+                    format!("cannot store '{path}' on the server: {io}; try again shortly (the server's log has details)"),
+                )
+            }
             other => receive_error(other, &path),
         });
         let size = result?;
