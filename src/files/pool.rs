@@ -49,6 +49,23 @@ impl Busy {
     }
 }
 
+/// Counts one disk call as running (for [`disk_busy`]) until dropped, so
+/// it is counted as done even if it panics.
+struct BusyNow;
+
+impl BusyNow {
+    fn start() -> Self {
+        DISK_BUSY.lock().unwrap_or_else(|e| e.into_inner()).start();
+        Self
+    }
+}
+
+impl Drop for BusyNow {
+    fn drop(&mut self) {
+        DISK_BUSY.lock().unwrap_or_else(|e| e.into_inner()).end();
+    }
+}
+
 /// The time so far during which the disk threads had work (file reads,
 /// writes, syncs, and the hashing beside them), at least one at a time.
 pub(crate) fn disk_busy() -> Duration {
@@ -66,15 +83,7 @@ pub(crate) fn disk_busy() -> Duration {
 pub(crate) async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
     let _slot = DISK_SLOTS.acquire().await.expect("never closed");
     let timed = move || {
-        DISK_BUSY.lock().unwrap_or_else(|e| e.into_inner()).start();
-        // Counted as done even if `f` panics.
-        struct Done;
-        impl Drop for Done {
-            fn drop(&mut self) {
-                DISK_BUSY.lock().unwrap_or_else(|e| e.into_inner()).end();
-            }
-        }
-        let _done = Done;
+        let _busy = BusyNow::start();
         f()
     };
     match tokio::task::spawn_blocking(timed).await {
@@ -113,14 +122,7 @@ pub(crate) async fn quick<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'sta
         }
     }
     let _slot = Slot;
-    DISK_BUSY.lock().unwrap_or_else(|e| e.into_inner()).start();
-    struct Done;
-    impl Drop for Done {
-        fn drop(&mut self) {
-            DISK_BUSY.lock().unwrap_or_else(|e| e.into_inner()).end();
-        }
-    }
-    let _done = Done;
+    let _busy = BusyNow::start();
     f()
 }
 

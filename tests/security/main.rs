@@ -364,18 +364,9 @@ async fn pipelined_raw_put(
     body: &[u8],
 ) -> quinn::RecvStream {
     let (mut send, recv) = client.connection().open_bi().await.unwrap();
-    let req = Request::Put(PutRequest {
-        path: path.into(),
-        meta: FileMeta {
-            size,
-            mtime: None,
-            mode: None,
-        },
-        force: false,
-        resume: false,
-        encoding: Encoding::Raw,
-    });
-    send.write_all(&encode(&req).unwrap()).await.unwrap();
+    send.write_all(&common::put_header(path, size))
+        .await
+        .unwrap();
     let _ = send.write_all(body).await;
     let _ = send.finish();
     recv
