@@ -250,21 +250,20 @@ impl Client {
         avoid: Option<&str>,
     ) -> Result<Self, ConnectError> {
         let order = in_order(config, avoid);
-        let group = match config.pin {
-            Some(pin) => Some(pin),
-            None => {
-                let known = KnownHosts::load(&config.config_dir.join("known_hosts"))?;
-                order.iter().find_map(|a| {
-                    let (host, port) = split_server(a).ok()?;
-                    known
-                        .lookup(&known_hosts_key(&host, port))
-                        .map(|(fp, _)| fp)
-                })
-            }
-        };
+        // Read once for every address: the identity they share, and what
+        // each has on record.
+        let mut known = KnownHosts::load(&config.config_dir.join("known_hosts"))?;
+        let group = config.pin.or_else(|| {
+            order.iter().find_map(|a| {
+                let (host, port) = split_server(a).ok()?;
+                known
+                    .lookup(&known_hosts_key(&host, port))
+                    .map(|(fp, _)| fp)
+            })
+        });
         let mut last = None;
         for server in &order {
-            match Self::connect_to(config, server, group).await {
+            match Self::connect_to(config, server, group, &mut known).await {
                 Ok(client) => return Ok(client),
                 Err(e) if order.len() > 1 && try_next(&e) => last = Some(e),
                 Err(e) => return Err(e),
@@ -280,6 +279,7 @@ impl Client {
         config: &ClientConfig,
         server: &str,
         group: Option<Fingerprint>,
+        known: &mut KnownHosts,
     ) -> Result<Self, ConnectError> {
         let (host, port) = split_server(server)?;
         let resolved: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), port))
@@ -311,7 +311,6 @@ impl Client {
 
         let identity = Identity::load_or_generate(&config.config_dir, CLIENT_IDENTITY)?;
         let key = known_hosts_key(&host, port);
-        let mut known = KnownHosts::load(&config.config_dir.join("known_hosts"))?;
         let on_record = known.lookup(&key);
         let expected = config.pin.or(on_record.map(|(fp, _)| fp)).or(group);
         // SNI carries the host name when there is one; the verifier ignores it.

@@ -227,10 +227,7 @@ pub(super) async fn receive_get(
         Ok(committing) => committing.finished().await,
         Err(e) => Err(e),
     };
-    committed.map_err(|e| match e {
-        CommitError::Exists(p) => FileError::LocalExists(p),
-        CommitError::Io { source, .. } => FileError::local(&d)(source),
-    })?;
+    committed.map_err(|e| commit_failed(e, &d))?;
     // Known as it is committed (its ctime included). Writes a small file
     // of its own: a disk call.
     if let (Some((d, avg)), Some(key), Some(kept)) =
@@ -290,19 +287,26 @@ async fn receive_small(
             incoming.discard();
             return Err(FileError::Corrupt(d));
         }
-        let committing = incoming.commit_start(&meta, force).map_err(|e| match e {
-            CommitError::Exists(p) => FileError::LocalExists(p),
-            CommitError::Io { source, .. } => FileError::local(&d)(source),
-        })?;
+        let committing = incoming
+            .commit_start(&meta, force)
+            .map_err(|e| commit_failed(e, &d))?;
         Ok((digest, committing))
     })
     .await;
     let (digest, committing) = started?;
-    committing.finished().await.map_err(|e| match e {
+    committing
+        .finished()
+        .await
+        .map_err(|e| commit_failed(e, dest))?;
+    Ok((digest, wire_bytes, None))
+}
+
+/// A download's commit to `dest` that failed, for the user.
+fn commit_failed(e: CommitError, dest: &Path) -> FileError {
+    match e {
         CommitError::Exists(p) => FileError::LocalExists(p),
         CommitError::Io { source, .. } => FileError::local(dest)(source),
-    })?;
-    Ok((digest, wire_bytes, None))
+    }
 }
 
 /// A download to `dest` cut short by a full disk, its bytes deleted.

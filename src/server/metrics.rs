@@ -7,7 +7,7 @@
 //!
 //! - `GET /metrics`: every metric below, in the text exposition format
 //!   (version 0.0.4) that Prometheus scrapes and `promtool check metrics`
-//!   accepts (a scrape probes the store too, for `qxfer_store_up`);
+//!   accepts (`qxfer_store_up` is the server's own probe, every 5 s);
 //! - `GET /health`: 200 `ok` when the store answers a probe within
 //!   [`HEALTH_TIMEOUT`], else 503 and why (a load balancer or a client's
 //!   failover takes that server out).
@@ -207,9 +207,6 @@ async fn answer<B>(
     }
     match req.uri().path() {
         "/metrics" => {
-            // Each scrape also probes the store, so that qxfer_store_up
-            // is as fresh as the scrape (one cheap request).
-            let _ = probe(watched).await;
             sample(watched);
             let mut response = text(StatusCode::OK, handle.render());
             response.headers_mut().insert(

@@ -318,12 +318,14 @@ pub(crate) struct PutPlan {
     pub(crate) client: crate::tls::Fingerprint,
 }
 
-/// What a put will do.
-pub(crate) enum Prepared {
+/// What a put will do. `U` is the upload: a store's own type before it is
+/// handed out as a `dyn Upload` (the local root's `put_whole` writes into
+/// it in the same disk call).
+pub(crate) enum Prepared<U = Box<dyn Upload>> {
     /// Receive into this upload, which already holds `held`; whether a
     /// partial of an older version of this upload was discarded.
     Receive {
-        upload: Box<dyn Upload>,
+        upload: U,
         held: Held,
         discarded_stale: bool,
     },

@@ -113,11 +113,10 @@ async fn a_resume_offer_beyond_the_file_is_refused() {
     endpoint.close(0u32.into(), b"");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_download_to_stdout_that_does_not_match_its_digest_fails() {
+/// A get's whole answer: "hello" offered, sent, and a trailer whose
+/// BLAKE3 is not its.
+fn hello_with_a_wrong_digest() -> Vec<u8> {
     use qxfer::protocol::{Encoding, GetOffer, Trailer};
-    let home = tempfile::tempdir().unwrap();
-    let cfg = home.path().join("qxfer-config");
     let mut raw = encode(&Response::GetAccepted(GetOffer {
         meta: FileMeta {
             size: 5,
@@ -130,7 +129,14 @@ async fn a_download_to_stdout_that_does_not_match_its_digest_fails() {
     .unwrap();
     raw.extend_from_slice(b"hello");
     raw.extend(encode(&Trailer { digest: [0; 32] }).unwrap());
-    let endpoint = hostile_server_raw(&cfg, Some(raw));
+    raw
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_download_to_stdout_that_does_not_match_its_digest_fails() {
+    let home = tempfile::tempdir().unwrap();
+    let cfg = home.path().join("qxfer-config");
+    let endpoint = hostile_server_raw(&cfg, Some(hello_with_a_wrong_digest()));
     let mut cmd = common::qxfer_at(home.path(), endpoint.local_addr().unwrap());
     cmd.args(["get", "x", "-o", "-", "--timeout", "5s"]);
     let out = common::output(cmd).await;
@@ -149,21 +155,8 @@ async fn a_download_to_stdout_that_does_not_match_its_digest_fails() {
 /// nothing of it is kept: no name, no partial.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_small_download_that_does_not_match_its_digest_leaves_nothing() {
-    use qxfer::protocol::{Encoding, GetOffer, Trailer};
     let cfg = tempfile::tempdir().unwrap();
-    let mut raw = encode(&Response::GetAccepted(GetOffer {
-        meta: FileMeta {
-            size: 5,
-            mtime: None,
-            mode: None,
-        },
-        offset: 0,
-        encoding: Encoding::Raw,
-    }))
-    .unwrap();
-    raw.extend_from_slice(b"hello");
-    raw.extend(encode(&Trailer { digest: [0; 32] }).unwrap());
-    let endpoint = hostile_server_raw(cfg.path(), Some(raw));
+    let endpoint = hostile_server_raw(cfg.path(), Some(hello_with_a_wrong_digest()));
     let config = common::client_config(endpoint.local_addr().unwrap(), cfg.path());
     let client = Client::connect(&config).await.unwrap();
     let dir = tempfile::tempdir().unwrap();

@@ -32,8 +32,8 @@ pub(super) fn prepare_put(
     descriptions: Descriptions,
 ) -> Result<Prepared, RemoteError> {
     Ok(match prepare_local(root, plan, space, descriptions)? {
-        LocalPrepared::Present(digest) => Prepared::Present(digest),
-        LocalPrepared::Receive {
+        Prepared::Present(digest) => Prepared::Present(digest),
+        Prepared::Receive {
             upload,
             held,
             discarded_stale,
@@ -45,16 +45,9 @@ pub(super) fn prepare_put(
     })
 }
 
-/// [`Prepared`], before the upload is boxed: what `put_whole` writes into
-/// in the same disk call.
-pub(super) enum LocalPrepared {
-    Receive {
-        upload: Box<LocalUpload>,
-        held: Held,
-        discarded_stale: bool,
-    },
-    Present(Digest),
-}
+/// What [`prepare_put`] prepares, before the upload is boxed: what
+/// `put_whole` writes into in the same disk call.
+pub(super) type LocalPrepared = Prepared<Box<LocalUpload>>;
 
 /// [`prepare_put`], unboxed. Blocking.
 pub(super) fn prepare_local(
