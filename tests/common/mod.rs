@@ -18,12 +18,15 @@ use tempfile::TempDir;
 use tokio::sync::oneshot;
 
 mod binary;
+mod logs;
 mod metrics;
 mod stored;
 
 // Not every test binary uses both.
 #[allow(unused_imports)]
 pub use binary::*;
+#[allow(unused_imports)]
+pub use logs::server_log;
 #[allow(unused_imports)]
 pub use metrics::*;
 #[allow(unused_imports)]
@@ -140,6 +143,7 @@ impl TestServer {
         config: ServeConfig,
         limits: ServerLimits,
     ) -> Self {
+        logs::capture_server_logs();
         let (endpoint, identity, allowlist) = endpoint_in(certs, &limits);
         let addr = endpoint.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();

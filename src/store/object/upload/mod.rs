@@ -417,7 +417,7 @@ impl Upload for ObjectUpload {
     async fn abandon(mut self: Box<Self>) {
         if let Some(m) = self.multipart.take() {
             self.abort(&m.header).await;
-            if let Err(e) = clear_record(&self.inner, &m.record).await {
+            if let Err(e) = forget_record(&self.inner, &m.record).await {
                 warn!(path = %self.path, "cannot remove the record of an abandoned upload: {e}");
             }
         }

@@ -89,6 +89,32 @@ pub(super) async fn clear_record(inner: &Inner, record: &[String]) -> object_sto
     Ok(())
 }
 
+/// Deletes an abandoned upload's record, its header first: a record
+/// without its header is never resumed ([`read_record`]), so once the
+/// header is gone no rerun can continue from parts known to be bad, and
+/// what else is left the sweep takes. A store that fails a request (as
+/// Garage under load now and then does) gets two more tries, a moment
+/// apart, before the error is given back.
+pub(super) async fn forget_record(inner: &Inner, record: &[String]) -> object_store::Result<()> {
+    let header = record_key(inner, record, "upload");
+    let mut tries = 0;
+    loop {
+        let result = async {
+            inner.delete_if_there(&header).await?;
+            clear_record(inner, record).await
+        }
+        .await;
+        tries += 1;
+        match result {
+            Err(e) if tries < 3 => {
+                warn!("cannot remove the record of an abandoned upload yet ({e}); trying again");
+                tokio::time::sleep(Duration::from_millis(250 * tries)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
 /// The uploads recorded in the bucket: name, and when the record last changed.
 pub(super) async fn recorded_uploads(
     inner: &Inner,
