@@ -1,10 +1,12 @@
 //! The object store alone, for docs/bench/run: a file put in 8 MiB parts three at a time and read back, through object_store as qxfer's back end uses it, with nothing else in the way.
 //!
-//!     cargo run --release --example s3floor -- put|get ENDPOINT BUCKET KEY [FILE]
+//!     cargo run --release --example s3floor -- put|get|puts|gets ENDPOINT BUCKET KEY [FILE|DIR]
 //!
 //! Credentials from AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION.
-//! `put` uploads FILE as KEY; `get` reads KEY and counts its bytes. Prints
-//! the seconds it took.
+//! `put` uploads FILE as KEY; `get` reads KEY and counts its bytes; `puts`
+//! uploads every file beneath DIR under KEY/ (one PUT each, as many at once
+//! as a qxfer server sends its store: 64); `gets` lists KEY/ and reads
+//! every object, as many at once. Prints the seconds it took.
 
 use std::time::Instant;
 
@@ -12,11 +14,14 @@ use futures::{StreamExt, TryStreamExt};
 use object_store::aws::AmazonS3Builder;
 use object_store::multipart::MultipartStore;
 use object_store::path::Path;
-use object_store::{ObjectStoreExt, PutPayload};
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use tokio::io::AsyncReadExt;
 
 const PART: usize = 8 << 20;
 const AT_ONCE: usize = 3;
+/// Small objects in flight at once: a qxfer server's store requests (its
+/// MAX_REQUESTS).
+const SMALL_AT_ONCE: usize = 64;
 
 #[tokio::main]
 async fn main() {
@@ -69,6 +74,57 @@ async fn main() {
             while let Some(b) = stream.next().await {
                 n += b.expect("read").len();
             }
+            assert!(n > 0);
+        }
+        "puts" => {
+            let top = std::path::PathBuf::from(&rest[0]);
+            let mut files = Vec::new();
+            let mut dirs = vec![top.clone()];
+            while let Some(d) = dirs.pop() {
+                for e in std::fs::read_dir(&d).expect("the directory") {
+                    let p = e.expect("an entry").path();
+                    if p.is_dir() {
+                        dirs.push(p);
+                    } else {
+                        files.push(p);
+                    }
+                }
+            }
+            let started = Instant::now();
+            futures::stream::iter(files)
+                .map(|p| {
+                    let (s3, top, key) = (&s3, &top, &key);
+                    async move {
+                        let rel = p.strip_prefix(top).expect("beneath the top");
+                        let mut k = key.as_ref().to_owned();
+                        for part in rel.components() {
+                            k.push('/');
+                            k.push_str(&part.as_os_str().to_string_lossy());
+                        }
+                        let data = tokio::fs::read(&p).await.expect("read");
+                        s3.put(&Path::from(k), PutPayload::from(data))
+                            .await
+                            .map(|_| ())
+                    }
+                })
+                .buffer_unordered(SMALL_AT_ONCE)
+                .try_collect::<Vec<()>>()
+                .await
+                .expect("puts");
+            println!("{:.3}", started.elapsed().as_secs_f64());
+            return;
+        }
+        "gets" => {
+            let listed: Vec<_> = s3.list(Some(&key)).try_collect().await.expect("list");
+            let n: usize = futures::stream::iter(listed)
+                .map(|o| {
+                    let s3 = &s3;
+                    async move { s3.get(&o.location).await?.bytes().await.map(|b| b.len()) }
+                })
+                .buffer_unordered(SMALL_AT_ONCE)
+                .try_fold(0, |n, len| async move { Ok(n + len) })
+                .await
+                .expect("gets");
             assert!(n > 0);
         }
         other => panic!("unknown mode {other}"),

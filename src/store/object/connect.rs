@@ -77,6 +77,7 @@ impl ObjectRoot {
             prefix: prefix.clone(),
             no_file: Default::default(),
             held: Default::default(),
+            dirs: Default::default(),
             slots: tokio::sync::Semaphore::new(MAX_REQUESTS),
             lease_slots: tokio::sync::Semaphore::new(LEASE_REQUESTS),
             lookup_slots: tokio::sync::Semaphore::new(LOOKUP_REQUESTS),
@@ -128,13 +129,14 @@ impl ObjectRoot {
 
     /// Serves what is under `prefix` in `s3`, uploads holding at most
     /// `memory` bytes in buffers together.
-    fn over(s3: Arc<dyn Bucket>, prefix: Vec<String>, memory: u64) -> Self {
+    pub(super) fn over(s3: Arc<dyn Bucket>, prefix: Vec<String>, memory: u64) -> Self {
         Self {
             inner: Arc::new(Inner {
                 s3,
                 prefix,
                 no_file: Default::default(),
                 held: Default::default(),
+                dirs: Default::default(),
                 slots: tokio::sync::Semaphore::new(MAX_REQUESTS),
                 lease_slots: tokio::sync::Semaphore::new(LEASE_REQUESTS),
                 lookup_slots: tokio::sync::Semaphore::new(LOOKUP_REQUESTS),

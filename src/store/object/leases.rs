@@ -44,7 +44,7 @@
 //! paused (not dead) for longer than [`TTL`] between its last check and
 //! its write.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -104,6 +104,9 @@ pub(super) struct Leases {
     released: bool,
     /// Tells this holder's leases apart in [`Held`].
     serial: u64,
+    /// Keeps this server's directory leases off the names, for as long as
+    /// these are held ([`super::dir_leases`]); none for a directory lease.
+    _block: Option<super::dir_leases::Block>,
 }
 
 impl Leases {
@@ -135,6 +138,57 @@ impl Leases {
         F: Fn() -> Fut,
         Fut: std::future::Future<Output = T>,
     {
+        // This server's directory leases step aside for these names (they
+        // would otherwise be in the way for as long as their directories
+        // are busy).
+        let block = inner.dirs.block(&names);
+        let none = HashSet::new();
+        let (mut lease, checked) = Self::attempt(inner, names, path, check, TRY_FOR, &none).await?;
+        lease._block = Some(block);
+        Ok((lease, checked))
+    }
+
+    /// A directory lease for [`super::dir_leases`]: like
+    /// [`Leases::take_checking`] on the one name `dir`, tried once (a
+    /// busy directory is not waited for: its files go the usual way).
+    /// This server's other directory leases (ids in `ours`) are not in its
+    /// way: dir_leases.rs keeps their uploads apart itself.
+    pub(super) async fn take_dir<T, F, Fut>(
+        inner: &Arc<Inner>,
+        dir: Vec<String>,
+        path: &RemotePath,
+        check: F,
+        ours: &HashSet<String>,
+    ) -> Result<(Self, T), RemoteError>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = T>,
+    {
+        Self::attempt(inner, vec![dir], path, check, Duration::ZERO, ours).await
+    }
+
+    /// The id of the lease objects.
+    pub(super) fn id(&self) -> &str {
+        self.keys
+            .first()
+            .and_then(|k| k.filename())
+            .unwrap_or_default()
+    }
+
+    /// Writes leases on `names` and looks for others until none is in the
+    /// way, for up to `patience`.
+    async fn attempt<T, F, Fut>(
+        inner: &Arc<Inner>,
+        names: Vec<Vec<String>>,
+        path: &RemotePath,
+        check: F,
+        patience: Duration,
+        ours: &HashSet<String>,
+    ) -> Result<(Self, T), RemoteError>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = T>,
+    {
         let failed = |e| store_error(e, path, "cannot lease the name of");
         let started = Instant::now();
         let mut attempt = 0u32;
@@ -143,7 +197,7 @@ impl Leases {
             let keys: Vec<Key> = names.iter().map(|n| lease_key(inner, n, &id)).collect();
             let written_at = Instant::now();
             write_all(inner, &keys).await.map_err(failed)?;
-            let (conflict, checked) = tokio::join!(others(inner, &names, &id), check());
+            let (conflict, checked) = tokio::join!(others(inner, &names, &id, ours), check());
             let conflict = match conflict {
                 Ok(c) => c,
                 Err(e) => {
@@ -167,12 +221,13 @@ impl Leases {
                     refresher,
                     released: false,
                     serial,
+                    _block: None,
                 };
                 return Ok((lease, checked));
             }
             delete_all(inner, keys).await;
             attempt += 1;
-            if started.elapsed() >= TRY_FOR {
+            if started.elapsed() >= patience {
                 return Err(RemoteError::new(
                     ErrorCode::Busy,
                     format!("'{path}' (or a name above or beneath it) is being written or renamed through another connection right now, on this server or another one sharing its store; try again shortly"),
@@ -211,6 +266,16 @@ impl Leases {
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move { delete_all(&inner, keys).await });
         }
+    }
+
+    /// Gives the leases up and waits until their objects are deleted (or
+    /// the store failed to delete them: they lapse by themselves).
+    pub(super) async fn release_and_wait(mut self) {
+        self.released = true;
+        self.refresher.abort();
+        self.inner.held.leave(&self.names, self.serial);
+        let keys = std::mem::take(&mut self.keys);
+        delete_all(&self.inner, keys).await;
     }
 }
 
@@ -298,7 +363,7 @@ fn leased_name(inner: &Inner, key: &Key) -> Option<Vec<String>> {
 }
 
 /// Whether one of two names is the other or lies beneath it.
-fn related(a: &[String], b: &[String]) -> bool {
+pub(super) fn related(a: &[String], b: &[String]) -> bool {
     a.starts_with(b) || b.starts_with(a)
 }
 
@@ -338,7 +403,12 @@ async fn delete_all(inner: &Inner, keys: Vec<Key>) {
 /// Whether a fresh lease other than those with the id `id` is held on a
 /// name related to one of `names`. Freshness is judged by the store's
 /// clock: against the time this writer's own lease was written.
-async fn others(inner: &Inner, names: &[Vec<String>], id: &str) -> object_store::Result<bool> {
+async fn others(
+    inner: &Inner,
+    names: &[Vec<String>],
+    id: &str,
+    skip: &HashSet<String>,
+) -> object_store::Result<bool> {
     let seen = related_leases(inner, names).await?;
     let ours = seen
         .iter()
@@ -358,6 +428,7 @@ async fn others(inner: &Inner, names: &[Vec<String>], id: &str) -> object_store:
             .duration_since(SystemTime::from(o.last_modified))
             .map_or(true, |age| age < TTL);
         o.location.filename() != Some(id)
+            && !o.location.filename().is_some_and(|f| skip.contains(f))
             && fresh
             && leased_name(inner, &o.location)
                 .is_some_and(|theirs| names.iter().any(|n| related(n, &theirs)))

@@ -10,7 +10,7 @@ use object_store::{Attributes, ObjectMeta, ObjectStore};
 
 use crate::files::to_timestamp;
 use crate::paths::{RemotePath, RESERVED_PREFIX};
-use crate::protocol::{DirMeta, Entry, EntryKind, RemoteError};
+use crate::protocol::{DirMeta, Entry, EntryKind, RemoteError, Timestamp};
 
 use super::*;
 
@@ -68,6 +68,8 @@ pub(super) async fn list_tree(
     let mut files = Vec::new();
     // Each directory, and whether it has a marker.
     let mut dirs: BTreeMap<String, bool> = BTreeMap::new();
+    // The markers' objects, by the directory each marks.
+    let mut markers = Vec::new();
     let mut name_bytes = 0;
     let slot = inner.slot().await;
     let mut listing = inner.s3.list(Some(dir));
@@ -90,6 +92,10 @@ pub(super) async fn list_tree(
         if last == DIR_MARKER {
             if !above.is_empty() {
                 dirs.insert(above.join("/"), true);
+                markers.push(index::Listed {
+                    name: above.join("/"),
+                    object,
+                });
             }
             continue;
         }
@@ -105,16 +111,23 @@ pub(super) async fn list_tree(
     }
     drop((listing, slot));
     let mut out = file_entries(inner, files, path).await?;
-    let marked: Vec<&String> = dirs.iter().filter(|(_, m)| **m).map(|(d, _)| d).collect();
-    let subs = marked.iter().map(|d| {
-        let mut sub: Vec<String> = parts.iter().map(|p| (*p).to_owned()).collect();
-        sub.extend(d.split('/').map(str::to_owned));
-        sub
-    });
-    let metas = dir_metas(inner, subs).await.map_err(failed)?;
-    let mut metas: BTreeMap<&String, Option<DirMeta>> = marked.into_iter().zip(metas).collect();
+    // The markers' metadata as the files' (one index per directory).
+    let mut metas: BTreeMap<String, DirMeta> = index::describe(inner, markers)
+        .await
+        .map_err(failed)?
+        .into_iter()
+        .map(|d| {
+            (
+                d.name,
+                DirMeta {
+                    mode: d.mode,
+                    mtime: d.mtime,
+                },
+            )
+        })
+        .collect();
     for d in dirs.keys() {
-        let meta = metas.remove(d).flatten();
+        let meta = metas.remove(d);
         out.push(dir_entry(d.clone(), meta));
     }
     Ok(out)
@@ -138,35 +151,40 @@ pub(super) async fn dir_metas(
         .await
 }
 
-/// Entries for listed objects, each with its mtime and mode from a HEAD.
+/// Entries for listed objects, with their mtimes and modes from their
+/// directories' indexes, or a HEAD each where those do not describe them
+/// (see index.rs).
 pub(super) async fn file_entries(
     inner: &Arc<Inner>,
     files: Vec<(String, ObjectMeta)>,
     path: &RemotePath,
 ) -> Result<Vec<Entry>, RemoteError> {
-    let lookups: Vec<_> = files
+    let listed = files
         .into_iter()
-        .map(|(name, object)| {
-            let inner = inner.clone();
-            async move {
-                match inner.head_listed(&object.location).await? {
-                    Some(h) => Ok(Some(file_entry(name, &h.meta, &h.attributes))),
-                    // Deleted since it was listed: not part of the listing.
-                    None => Ok(None),
-                }
-            }
-        })
+        .map(|(name, object)| index::Listed { name, object })
         .collect();
-    stream::iter(lookups)
-        .buffered(LIST_CONCURRENCY)
-        .try_filter_map(|e| async move { Ok(e) })
-        .try_collect()
+    let described = index::describe(inner, listed)
         .await
-        .map_err(|e| store_error(e, path, "cannot list"))
+        .map_err(|e| store_error(e, path, "cannot list"))?;
+    Ok(described
+        .into_iter()
+        .map(|d| described_file(d.name, &d.object, d.mtime, d.mode))
+        .collect())
 }
 
 pub(super) fn file_entry(name: String, object: &ObjectMeta, attributes: &Attributes) -> Entry {
     let (mtime, mode) = times_and_mode(attributes);
+    described_file(name, object, mtime, mode)
+}
+
+/// A file's entry from its object and the mtime and mode stored with it
+/// (without an mtime, the time the object was written).
+fn described_file(
+    name: String,
+    object: &ObjectMeta,
+    mtime: Option<Timestamp>,
+    mode: Option<u32>,
+) -> Entry {
     Entry {
         name,
         kind: EntryKind::File,

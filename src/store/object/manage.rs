@@ -17,6 +17,7 @@ use crate::store::{not_empty, rename_target_exists};
 
 use std::sync::Arc;
 
+use super::index::index_dir;
 use super::leases::Leases;
 use super::read::sums_key;
 use super::{not_a_directory, store_error, Inner, DIR_MARKER, SUMS_DIR};
@@ -73,6 +74,10 @@ pub(super) async fn remove(
     inner.delete_all(files).await.map_err(failed)?;
     inner
         .delete_under(&sums_dir(inner, path))
+        .await
+        .map_err(failed)?;
+    inner
+        .delete_under(&index_dir(inner, path.components()))
         .await
         .map_err(failed)?;
     inner.delete_if_there(&marker).await.map_err(failed)?;
@@ -182,6 +187,12 @@ pub(super) async fn rename(
         .map_err(failed)?;
     inner
         .delete_under(&sums_dir(inner, from))
+        .await
+        .map_err(failed)?;
+    // And the listings' indexes of what was under the old name (those of
+    // the new one are made by its first listing).
+    inner
+        .delete_under(&index_dir(inner, from.components()))
         .await
         .map_err(failed)?;
     inner.forget_no_file(&to.to_string());

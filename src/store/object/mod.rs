@@ -57,7 +57,11 @@ use super::{
 
 mod attrs;
 mod connect;
+#[cfg(test)]
+mod counted;
+mod dir_leases;
 mod errors;
+mod index;
 mod leases;
 mod list;
 mod manage;
@@ -103,6 +107,8 @@ struct Inner {
     no_file: std::sync::Mutex<std::collections::HashMap<String, u64>>,
     /// The leases this server holds, by directory.
     held: leases::Held,
+    /// The directory leases small uploads share ([`dir_leases`]).
+    dirs: dir_leases::DirLeases,
     /// Slots for requests to the store (see [`MAX_REQUESTS`]).
     slots: tokio::sync::Semaphore,
     /// Slots for the requests of leases (see [`LEASE_REQUESTS`]).
@@ -477,11 +483,13 @@ impl Store for ObjectRoot {
             ..PutOptions::default()
         };
         let _slot = inner.slot().await;
-        inner
+        let made = inner
             .s3
             .put_opts(&inner.key_of(&parts), PutPayload::new(), opts)
-            .await
-            .map_err(failed)?;
+            .await;
+        // A directory now, as far as a lease on its parent knew.
+        inner.dirs.changed(path);
+        made.map_err(failed)?;
         Ok(())
     }
 
@@ -490,11 +498,16 @@ impl Store for ObjectRoot {
     }
 
     async fn remove(&self, path: &RemotePath, recursive: bool) -> Result<(), RemoteError> {
-        manage::remove(&self.inner, path, recursive).await
+        let removed = manage::remove(&self.inner, path, recursive).await;
+        self.inner.dirs.changed(path);
+        removed
     }
 
     async fn rename(&self, from: &RemotePath, to: &RemotePath) -> Result<(), RemoteError> {
-        manage::rename(&self.inner, from, to).await
+        let renamed = manage::rename(&self.inner, from, to).await;
+        self.inner.dirs.changed(from);
+        self.inner.dirs.changed(to);
+        renamed
     }
 
     async fn prepare_put(&self, plan: PutPlan) -> Result<Prepared, RemoteError> {

@@ -17,6 +17,7 @@ use crate::protocol::{Digest, ErrorCode, FileMeta, RemoteError};
 use crate::store::tree_hash::{self, Piece};
 use crate::store::{appeared, corrupt, receive_error, Prepared, PutPlan, Sinking, Upload};
 
+use super::dir_leases::Ticket;
 use super::leases::Leases;
 use super::memory;
 use super::read::{sums_key, Sums};
@@ -40,6 +41,32 @@ struct Multipart {
     parts: Vec<PartRecord>,
 }
 
+/// What keeps an upload's name its own.
+#[derive(Debug)]
+pub(super) enum Hold {
+    /// A lease on the name.
+    Name(Leases),
+    /// A place under the lease on its directory (small files).
+    Dir(Ticket),
+    /// Given back.
+    Nothing,
+}
+
+impl Hold {
+    /// Whether the hold is still sure to be this server's alone: an error
+    /// for `path` if not, to refuse the write.
+    fn check(&self, path: &RemotePath) -> Result<(), RemoteError> {
+        match self {
+            Self::Name(lease) => lease.check(path),
+            Self::Dir(ticket) => ticket.check(path),
+            Self::Nothing => Err(RemoteError::new(
+                ErrorCode::Internal,
+                format!("'{path}': the upload no longer holds its name"),
+            )),
+        }
+    }
+}
+
 /// An upload into the object store.
 struct ObjectUpload {
     inner: Arc<Inner>,
@@ -58,8 +85,9 @@ struct ObjectUpload {
     declared: FileMeta,
     /// The BLAKE3 of what was received.
     received: Option<Digest>,
-    /// The name's lease, held until the upload is committed or given up.
-    lease: Option<Leases>,
+    /// The name's lease (or its place under its directory's), held until
+    /// the upload is committed or given up.
+    hold: Hold,
     /// The memory its buffers may take, reserved until it ends.
     _memory: memory::Reserved,
 }
@@ -251,7 +279,7 @@ impl ObjectUpload {
         let settled = sink.settle().await;
         self.keep_stored(&mut sink);
         settled.map_err(|e| receive_error(e, &path))?;
-        self.lease()?.check(&path)?;
+        self.hold.check(&path)?;
         let m = self
             .multipart
             .as_mut()
@@ -467,18 +495,9 @@ impl ObjectUpload {
 
 impl ObjectUpload {
     /// The name's lease, which an upload holds until it ends.
-    fn lease(&self) -> Result<&Leases, RemoteError> {
-        self.lease.as_ref().ok_or_else(|| {
-            RemoteError::new(
-                ErrorCode::Internal,
-                format!("'{}': the upload no longer holds its name", self.path),
-            )
-        })
-    }
-
     /// Gives the name back (after the write, or when the upload ends).
     async fn release(&mut self) {
-        if let Some(lease) = self.lease.take() {
+        if let Hold::Name(lease) = std::mem::replace(&mut self.hold, Hold::Nothing) {
             lease.release();
         }
     }
@@ -495,7 +514,7 @@ impl ObjectUpload {
         let failed = |e| store_error(e, &self.path, "cannot commit");
         // The name was found free under the lease, which no other upload
         // could take since: no second look.
-        self.lease()?.check(&self.path)?;
+        self.hold.check(&self.path)?;
         let mut attributes = Attributes::new();
         put_times_and_mode(&mut attributes, meta.mtime, meta.mode);
         attributes.insert(
@@ -515,7 +534,12 @@ impl ObjectUpload {
             .await;
         drop(slot);
         match put {
-            Ok(_) => Ok(()),
+            Ok(_) => {
+                if let Hold::Dir(ticket) = &self.hold {
+                    ticket.wrote();
+                }
+                Ok(())
+            }
             Err(object_store::Error::AlreadyExists { .. })
             | Err(object_store::Error::Precondition { .. }) => Err(appeared(&self.path)),
             Err(e) => Err(failed(e)),

@@ -7,6 +7,7 @@ use object_store::Attributes;
 use crate::files;
 use crate::paths::RemotePath;
 use crate::protocol::{Digest, ErrorCode, RemoteError};
+use crate::store::object::dir_leases::Known;
 use crate::store::object::leases::Leases;
 use crate::store::object::memory;
 use crate::store::object::{exists, file_meta, store_error, stored_digest, Inner};
@@ -47,6 +48,31 @@ pub(in crate::store::object) async fn prepare(
         plan.meta.size
     };
     let memory = inner.memory.reserve(holds, &plan.client, path).await?;
+    // A small file under its directory's lease, shared with the others
+    // going there (see dir_leases.rs): no lease of its own, and the name
+    // looked up only where the directory's listing does not settle it.
+    if !multipart && !plan.stream && plan.partial.is_none() {
+        if let Some(ticket) = inner.dirs.join(inner, path).await? {
+            let key = inner.key(path);
+            let found = match ticket.known() {
+                Known::Absent => Ok((None, false)),
+                Known::File => inner.head(&key).await.map(|h| (h, false)),
+                Known::Unsure => futures::try_join!(inner.head(&key), inner.has_children(&key)),
+            };
+            let (head, is_dir) = found.map_err(|e| store_error(e, path, "cannot check"))?;
+            let mut hold = Hold::Dir(ticket);
+            return prepare_leased(
+                inner,
+                &plan,
+                &mut hold,
+                memory,
+                part_size,
+                multipart,
+                (head, is_dir, false),
+            )
+            .await;
+        }
+    }
     // The name is this upload's alone from before it is checked until it
     // is written (see leases.rs): no other server's upload can take it
     // between the two.
@@ -60,30 +86,28 @@ pub(in crate::store::object) async fn prepare(
             )
         })
         .await?;
-    let mut lease = Some(lease);
+    let mut hold = Hold::Name(lease);
     let prepared = match checked {
         Ok(found) => {
-            prepare_leased(
-                inner, &plan, &mut lease, memory, part_size, multipart, found,
-            )
-            .await
+            prepare_leased(inner, &plan, &mut hold, memory, part_size, multipart, found).await
         }
         Err(e) => Err(store_error(e, path, "cannot check")),
     };
     // Refused, or the file is already there: the name is given back.
-    if let Some(lease) = lease {
+    if let Hold::Name(lease) = hold {
         lease.release();
     }
     prepared
 }
 
-/// [`prepare`] under the lease, which the upload takes if it is to receive.
-/// `found`: what the name is (its HEAD), whether it is a directory and
-/// whether a file is in the way above it, as seen under the lease.
+/// [`prepare`] under the lease (the name's or its directory's), which the
+/// upload takes if it is to receive. `found`: what the name is (its HEAD),
+/// whether it is a directory and whether a file is in the way above it,
+/// as seen under the lease.
 pub(super) async fn prepare_leased(
     inner: &Arc<Inner>,
     plan: &PutPlan,
-    lease: &mut Option<Leases>,
+    hold: &mut Hold,
     memory: memory::Reserved,
     part_size: u64,
     multipart: bool,
@@ -135,7 +159,7 @@ pub(super) async fn prepare_leased(
         sink: None,
         declared: plan.meta,
         received: None,
-        lease: lease.take(),
+        hold: std::mem::replace(hold, Hold::Nothing),
         _memory: memory,
     };
     if plan.stream {

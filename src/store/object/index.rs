@@ -1,0 +1,420 @@
+//! Per-directory indexes of what listings learned (`.qxfer-index/DIR/.qxfer-entries`): a file's mtime and mode, which S3 listings do not carry, kept beside the ETag, size and time the listing showed, so that a later listing costs its LIST requests and one read per directory instead of one HEAD per file.
+//!
+//! A listing of an object root gets names, sizes, ETags and store times
+//! from LIST (1,000 keys a request), but a file's mtime and mode live in
+//! its own metadata, which only a HEAD (or GET) returns. Without an index
+//! `ls -r` of 10,000 files is 10 LISTs and 10,000 HEADs.
+//!
+//! An index entry is only a cache: it is used for a listed object only if
+//! the listing shows the same size, the same ETag and the same store time
+//! (to the millisecond where the store gives them) as when the entry was
+//! made. Any write of the object, by qxfer or any other tool, gives it a
+//! new store time, so a replaced file is looked up again rather than shown
+//! with stale metadata; what the listing does not show any more is not
+//! shown. Objects listed without an ETag are always looked up.
+//!
+//! Listings write the indexes: after looking up files its directory's
+//! index did not cover, a listing stores the directory's index anew with
+//! every entry it now knows. Uploads do not touch them (a small file's
+//! commit stays one PUT); the first listing after new files pays their
+//! HEADs once. Two servers that write one index at once: the later write
+//! wins, both are made of checked entries, and what the other learned is
+//! looked up again next time. Removing a directory removes its indexes; an
+//! index whose directory another tool removed stays behind, unused (a few
+//! bytes an entry).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use futures::stream::{self, StreamExt, TryStreamExt};
+use object_store::path::Path as Key;
+use object_store::{ObjectMeta, ObjectStoreExt, PutPayload};
+use serde::{Deserialize, Serialize};
+use tracing::warn;
+
+use crate::protocol::Timestamp;
+
+use super::*;
+
+/// Where the indexes live, beneath the root's prefix.
+pub(super) const INDEX_DIR: &str = ".qxfer-index";
+
+/// The name of a directory's index object inside its index directory
+/// (reserved: no user's name can be it, so `a/.qxfer-entries` and the
+/// index of a directory `a/x` never meet).
+const INDEX_LEAF: &str = ".qxfer-entries";
+
+/// The most entries one index keeps: files of a larger directory beyond
+/// it are looked up every time. Bounds what a listing reads and holds for
+/// one directory (about 200 bytes an entry).
+const MAX_ENTRIES: usize = 20_000;
+
+/// The largest index a listing reads; a larger object there (not one a
+/// server wrote) is ignored and replaced.
+const MAX_INDEX_BYTES: u64 = 8 << 20;
+
+/// One file as a listing saw it, and its metadata.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Known {
+    size: u64,
+    etag: String,
+    /// The store's time of the object, in milliseconds since the epoch.
+    stored_ms: i64,
+    mtime: Option<Timestamp>,
+    mode: Option<u32>,
+}
+
+/// What `.qxfer-index/DIR/.qxfer-entries` holds: a directory's files by name.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Index {
+    files: BTreeMap<String, Known>,
+}
+
+/// The key of the index of the directory `dir` (its names beneath the prefix).
+fn index_key(inner: &Inner, dir: &[String]) -> Key {
+    let mut parts: Vec<&str> = vec![INDEX_DIR];
+    parts.extend(dir.iter().map(String::as_str));
+    parts.push(INDEX_LEAF);
+    inner.key_of(&parts)
+}
+
+/// The key everything the indexes hold for `dir` and beneath starts with.
+pub(super) fn index_dir(inner: &Inner, dir: &[String]) -> Key {
+    let mut parts: Vec<&str> = vec![INDEX_DIR];
+    parts.extend(dir.iter().map(String::as_str));
+    inner.key_of(&parts)
+}
+
+fn stored_ms(object: &ObjectMeta) -> i64 {
+    object.last_modified.timestamp_millis()
+}
+
+impl Known {
+    /// Whether this entry describes `object` as listed now.
+    fn describes(&self, object: &ObjectMeta) -> bool {
+        object.e_tag.as_deref() == Some(self.etag.as_str())
+            && object.size == self.size
+            && stored_ms(object) == self.stored_ms
+    }
+}
+
+/// Reads a directory's index; a missing, oversized or unreadable one is empty.
+async fn read_index(inner: &Inner, dir: &[String]) -> object_store::Result<Index> {
+    let key = index_key(inner, dir);
+    let _slot = inner
+        .lookup_slots
+        .acquire()
+        .await
+        .expect("the slots are never closed");
+    let got = match inner.s3.get(&key).await {
+        Ok(got) => got,
+        Err(e) if is_not_found(&e) => return Ok(Index::default()),
+        Err(e) => return Err(e),
+    };
+    if got.meta.size > MAX_INDEX_BYTES {
+        warn!(key = %key, "ignoring an index of {} bytes (at most {MAX_INDEX_BYTES} are read)", got.meta.size);
+        return Ok(Index::default());
+    }
+    let body = got.bytes().await?;
+    Ok(serde_json::from_slice(&body).unwrap_or_default())
+}
+
+/// Stores a directory's index.
+async fn write_index(inner: &Inner, dir: &[String], index: &Index) -> object_store::Result<()> {
+    let body = serde_json::to_vec(index).expect("an index serializes");
+    let _slot = inner.slot().await;
+    inner
+        .s3
+        .put(&index_key(inner, dir), PutPayload::from(body))
+        .await
+        .map(|_| ())
+}
+
+/// One listed object: its name in the listing and its object.
+pub(super) struct Listed {
+    pub(super) name: String,
+    pub(super) object: ObjectMeta,
+}
+
+/// A listed object with the mtime and mode qxfer stored with it (none if
+/// it has none).
+pub(super) struct Described {
+    pub(super) name: String,
+    pub(super) object: ObjectMeta,
+    pub(super) mtime: Option<Timestamp>,
+    pub(super) mode: Option<u32>,
+}
+
+/// The mtimes and modes of listed objects: from their directories' indexes
+/// where those describe them, else from a HEAD each (after which the
+/// directory's index is stored anew). An object gone by its HEAD is left
+/// out, as a listing a moment later would.
+pub(super) async fn describe(
+    inner: &Arc<Inner>,
+    listed: Vec<Listed>,
+) -> object_store::Result<Vec<Described>> {
+    // By directory (the object's key without its last part).
+    let mut by_dir: HashMap<Vec<String>, Vec<Listed>> = HashMap::new();
+    for f in listed {
+        let mut names = inner.names_of(&f.object.location);
+        names.pop();
+        by_dir.entry(names).or_default().push(f);
+    }
+    let lookups = by_dir.into_iter().map(|(dir, files)| {
+        let inner = inner.clone();
+        async move { describe_dir(&inner, dir, files).await }
+    });
+    let per_dir: Vec<Vec<Described>> = stream::iter(lookups)
+        .buffer_unordered(LIST_CONCURRENCY)
+        .try_collect()
+        .await?;
+    Ok(per_dir.into_iter().flatten().collect())
+}
+
+/// [`describe`] for the objects of one directory.
+async fn describe_dir(
+    inner: &Arc<Inner>,
+    dir: Vec<String>,
+    listed: Vec<Listed>,
+) -> object_store::Result<Vec<Described>> {
+    let index = read_index(inner, &dir).await?;
+    let mut out = Vec::with_capacity(listed.len());
+    let mut fresh = Index::default();
+    let mut missing = Vec::new();
+    for f in listed {
+        let leaf = f
+            .object
+            .location
+            .filename()
+            .map(decoded)
+            .unwrap_or_default();
+        match index.files.get(&leaf) {
+            Some(k) if k.describes(&f.object) => {
+                out.push(Described {
+                    name: f.name,
+                    object: f.object,
+                    mtime: k.mtime,
+                    mode: k.mode,
+                });
+                fresh.files.insert(leaf, k.clone());
+            }
+            _ => missing.push((leaf, f)),
+        }
+    }
+    if missing.is_empty() {
+        return Ok(out);
+    }
+    let lookups = missing.into_iter().map(|(leaf, f)| {
+        let inner = inner.clone();
+        async move {
+            let head = inner.head_listed(&f.object.location).await?;
+            Ok::<_, object_store::Error>(head.map(|h| (leaf, f, h)))
+        }
+    });
+    let found: Vec<_> = stream::iter(lookups)
+        .buffered(LIST_CONCURRENCY)
+        .try_filter_map(|h| async move { Ok(h) })
+        .try_collect()
+        .await?;
+    // The index anew: what it still described, and what was just looked up
+    // as the listing showed it (if the HEAD found that same object).
+    for (leaf, f, h) in found {
+        let (mtime, mode) = times_and_mode(&h.attributes);
+        let same_object = h.meta.e_tag.is_some()
+            && h.meta.e_tag == f.object.e_tag
+            && h.meta.size == f.object.size;
+        if let (true, Some(etag)) = (same_object, f.object.e_tag.clone()) {
+            if fresh.files.len() < MAX_ENTRIES {
+                fresh.files.insert(
+                    leaf,
+                    Known {
+                        size: f.object.size,
+                        etag,
+                        stored_ms: stored_ms(&f.object),
+                        mtime,
+                        mode,
+                    },
+                );
+            }
+        }
+        out.push(Described {
+            name: f.name,
+            object: h.meta,
+            mtime,
+            mode,
+        });
+    }
+    if let Err(e) = write_index(inner, &dir, &fresh).await {
+        // The listing itself is right; the next one looks these up again.
+        warn!("cannot store the index of a listed directory: {e}");
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering;
+
+    use object_store::PutOptions;
+
+    use super::super::counted::Counted;
+    use super::*;
+    use crate::paths::RemotePath;
+    use crate::protocol::{DirMeta, EntryKind, FileMeta};
+    use crate::store::Store;
+
+    fn path(s: &str) -> RemotePath {
+        RemotePath::parse(s, false).unwrap()
+    }
+
+    fn meta(size: u64, secs: i64, mode: u32) -> FileMeta {
+        FileMeta {
+            size,
+            mtime: Some(Timestamp { secs, nanos: 5 }),
+            mode: Some(mode),
+        }
+    }
+
+    /// Stores `data` at `name` with qxfer's metadata, as an upload does.
+    async fn put(root: &ObjectRoot, name: &str, data: &[u8], m: FileMeta, _force: bool) {
+        let mut attributes = Attributes::new();
+        put_times_and_mode(&mut attributes, m.mtime, m.mode);
+        let opts = PutOptions {
+            attributes,
+            ..PutOptions::default()
+        };
+        root.inner
+            .s3
+            .put_opts(
+                &root.inner.key(&path(name)),
+                PutPayload::from(data.to_vec()),
+                opts,
+            )
+            .await
+            .unwrap();
+    }
+
+    fn counts(c: &Counted) -> (u64, u64) {
+        (
+            c.heads.load(Ordering::Relaxed),
+            c.lists.load(Ordering::Relaxed),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_second_listing_takes_metadata_from_the_index_and_a_changed_file_is_looked_up() {
+        let counted = Arc::new(Counted::default());
+        let root = ObjectRoot::over(counted.clone(), vec!["r".to_owned()], 1 << 30);
+        for i in 0..30 {
+            let dir = if i % 3 == 0 { "t/a" } else { "t/b/c" };
+            put(
+                &root,
+                &format!("{dir}/f{i}"),
+                b"x",
+                meta(1, 1000 + i, 0o640),
+                false,
+            )
+            .await;
+        }
+        root.mkdir(
+            &path("t/b"),
+            Some(DirMeta {
+                mode: Some(0o750),
+                mtime: None,
+            }),
+        )
+        .await
+        .unwrap();
+        let first = root.list(&path("t"), true).await.unwrap();
+        let before = counts(&counted);
+        let second = root.list(&path("t"), true).await.unwrap();
+        let (heads, lists) = counts(&counted);
+        assert_eq!(first, second, "the same listing, from the indexes");
+        // One HEAD of the name itself (is "t" a file?); no HEAD per file or marker.
+        assert_eq!((heads - before.0, lists - before.1), (1, 1));
+        let f7 = second.iter().find(|e| e.name == "b/c/f7").unwrap();
+        assert_eq!(
+            (f7.mtime, f7.mode),
+            (
+                Some(Timestamp {
+                    secs: 1007,
+                    nanos: 5
+                }),
+                Some(0o640)
+            )
+        );
+        let b = second.iter().find(|e| e.name == "b").unwrap();
+        assert_eq!((b.kind, b.mode), (EntryKind::Dir, Some(0o750)));
+
+        // A file replaced (same size, other mtime and mode) is looked up
+        // again, not shown as the index knew it; a removed one is gone.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        put(&root, "t/b/c/f7", b"y", meta(1, 99, 0o600), true).await;
+        root.remove(&path("t/a/f3"), false).await.unwrap();
+        let before = counts(&counted);
+        let third = root.list(&path("t"), true).await.unwrap();
+        let f7 = third.iter().find(|e| e.name == "b/c/f7").unwrap();
+        assert_eq!(
+            (f7.mtime, f7.mode),
+            (Some(Timestamp { secs: 99, nanos: 5 }), Some(0o600))
+        );
+        assert!(!third.iter().any(|e| e.name == "a/f3"));
+        assert_eq!(counts(&counted).0 - before.0, 2, "the name's HEAD and f7's");
+        let before = counts(&counted);
+        assert_eq!(root.list(&path("t"), true).await.unwrap(), third);
+        assert_eq!(counts(&counted).0 - before.0, 1, "f7 is in the index again");
+
+        // One level: the same indexes serve its files.
+        let before = counts(&counted);
+        let level = root.list(&path("t/b/c"), false).await.unwrap();
+        assert_eq!(level.len(), 20);
+        assert_eq!(counts(&counted).0 - before.0, 1);
+
+        // Removing the tree removes its indexes.
+        root.remove(&path("t"), true).await.unwrap();
+        let left: Vec<ObjectMeta> = counted
+            .store
+            .list(Some(&index_dir(&root.inner, &["t".to_owned()])))
+            .try_collect()
+            .await
+            .unwrap();
+        assert!(left.is_empty(), "{left:?}");
+    }
+
+    #[tokio::test]
+    async fn a_listed_object_that_an_index_does_not_describe_is_looked_up() {
+        let counted = Arc::new(Counted::default());
+        let root = ObjectRoot::over(counted.clone(), vec!["r".to_owned()], 1 << 30);
+        put(&root, "d/f", b"abc", meta(3, 5, 0o644), false).await;
+        // An index entry that lies (another ETag): not used.
+        let mut index = Index::default();
+        index.files.insert(
+            "f".to_owned(),
+            Known {
+                size: 3,
+                etag: "not-this".to_owned(),
+                stored_ms: 0,
+                mtime: Some(Timestamp { secs: 1, nanos: 0 }),
+                mode: Some(0o777),
+            },
+        );
+        write_index(&root.inner, &["d".to_owned()], &index)
+            .await
+            .unwrap();
+        let listed = root.list(&path("d"), false).await.unwrap();
+        assert_eq!(
+            (listed[0].mtime.unwrap().secs, listed[0].mode),
+            (5, Some(0o644))
+        );
+        // Nor one too large to read.
+        let key = index_key(&root.inner, &["d".to_owned()]);
+        let big = vec![b' '; MAX_INDEX_BYTES as usize + 1];
+        counted
+            .store
+            .put(&key, PutPayload::from(big))
+            .await
+            .unwrap();
+        let listed = root.list(&path("d"), false).await.unwrap();
+        assert_eq!(listed[0].mode, Some(0o644));
+    }
+}
