@@ -179,6 +179,60 @@ pub struct CountingProxy {
     task: tokio::task::JoinHandle<()>,
     /// Every relay's task, for [`CountingProxy::cut`].
     relays: std::sync::Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
+    /// Every request relayed: its method and target (path and query).
+    requests: std::sync::Arc<Mutex<Vec<(String, String)>>>,
+}
+
+/// Follows the requests in one connection's bytes to the store (HTTP/1.1,
+/// bodies with a Content-Length, as object_store sends them).
+#[derive(Default)]
+struct RequestLog {
+    head: Vec<u8>,
+    body_left: u64,
+    /// A body this does not follow (chunked): nothing more is logged.
+    lost: bool,
+}
+
+impl RequestLog {
+    fn feed(&mut self, mut bytes: &[u8], out: &Mutex<Vec<(String, String)>>) {
+        while !bytes.is_empty() && !self.lost {
+            if self.body_left > 0 {
+                let n = (self.body_left as usize).min(bytes.len());
+                self.body_left -= n as u64;
+                bytes = &bytes[n..];
+                continue;
+            }
+            self.head.extend_from_slice(bytes);
+            let Some(end) = self.head.windows(4).position(|w| w == b"\r\n\r\n") else {
+                return;
+            };
+            let rest = self.head.split_off(end + 4);
+            let head = String::from_utf8_lossy(&self.head).into_owned();
+            self.head.clear();
+            let mut lines = head.split("\r\n");
+            let mut first = lines.next().unwrap_or_default().split(' ');
+            let method = first.next().unwrap_or_default().to_owned();
+            let target = first.next().unwrap_or_default().to_owned();
+            for line in lines {
+                let lower = line.to_ascii_lowercase();
+                if let Some(v) = lower.strip_prefix("content-length:") {
+                    self.body_left = v.trim().parse().unwrap_or(0);
+                } else if lower.starts_with("transfer-encoding:") {
+                    self.lost = true;
+                }
+            }
+            out.lock().unwrap().push((method, target));
+            // What followed the head: its body, then the next request.
+            let mut again = Self {
+                head: Vec::new(),
+                body_left: self.body_left,
+                lost: self.lost,
+            };
+            again.feed(&rest, out);
+            *self = again;
+            return;
+        }
+    }
 }
 
 impl CountingProxy {
@@ -206,10 +260,13 @@ impl CountingProxy {
         let gauge = open.clone();
         let relays = Arc::new(Mutex::new(Vec::new()));
         let started = relays.clone();
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let logging = requests.clone();
         let task = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let (target, counted) = (target.clone(), counted.clone());
                 let gauge = gauge.clone();
+                let logged = logging.clone();
                 let now = gauge.0.fetch_add(1, Ordering::SeqCst) + 1;
                 gauge.1.fetch_max(now, Ordering::SeqCst);
                 let relay = tokio::spawn(async move {
@@ -225,8 +282,22 @@ impl CountingProxy {
                     };
                     let (mut cr, mut cw) = client.into_split();
                     let (mut sr, mut sw) = store.into_split();
+                    let logged = logged.clone();
                     let up = tokio::spawn(async move {
-                        let _ = tokio::io::copy(&mut cr, &mut sw).await;
+                        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                        let mut log = RequestLog::default();
+                        let mut buf = vec![0u8; 64 << 10];
+                        loop {
+                            let n = match cr.read(&mut buf).await {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => n,
+                            };
+                            log.feed(&buf[..n], &logged);
+                            if sw.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                        }
+                        let _ = sw.shutdown().await;
                     });
                     let mut buf = vec![0u8; 64 << 10];
                     loop {
@@ -254,7 +325,13 @@ impl CountingProxy {
             open,
             task,
             relays,
+            requests,
         }
+    }
+
+    /// The requests relayed so far, each as its method and target.
+    pub fn requests(&self) -> Vec<(String, String)> {
+        self.requests.lock().unwrap().clone()
     }
 
     /// Cuts the store off: no new connection is taken and every open one

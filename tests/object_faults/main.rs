@@ -21,6 +21,7 @@ use qxfer::protocol::ErrorCode;
 use qxfer::server::ServeConfig;
 
 mod bounds;
+mod costs;
 mod sweep;
 
 const MIB: usize = 1 << 20;

@@ -316,15 +316,14 @@ mod tests {
             )
             .await;
         }
-        root.mkdir(
-            &path("t/b"),
-            Some(DirMeta {
-                mode: Some(0o750),
+        for (dir, mode) in [("t/b", 0o750), ("t/a", 0o700)] {
+            // t/a's marker lies beside files: one index holds both.
+            let meta = DirMeta {
+                mode: Some(mode),
                 mtime: None,
-            }),
-        )
-        .await
-        .unwrap();
+            };
+            root.mkdir(&path(dir), Some(meta)).await.unwrap();
+        }
         let first = root.list(&path("t"), true).await.unwrap();
         let before = counts(&counted);
         let second = root.list(&path("t"), true).await.unwrap();

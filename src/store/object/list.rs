@@ -110,22 +110,28 @@ pub(super) async fn list_tree(
         }
     }
     drop((listing, slot));
-    let mut out = file_entries(inner, files, path).await?;
-    // The markers' metadata as the files' (one index per directory).
-    let mut metas: BTreeMap<String, DirMeta> = index::describe(inner, markers)
-        .await
-        .map_err(failed)?
+    // Files and markers in one go: a directory's index holds both (two
+    // goes would each store it with only their own).
+    let n_files = files.len();
+    let mut listed: Vec<index::Listed> = files
         .into_iter()
-        .map(|d| {
-            (
-                d.name,
-                DirMeta {
-                    mode: d.mode,
-                    mtime: d.mtime,
-                },
-            )
-        })
+        .map(|(name, object)| index::Listed { name, object })
         .collect();
+    listed.extend(markers);
+    let described = index::describe(inner, listed).await.map_err(failed)?;
+    let mut out = Vec::with_capacity(n_files + dirs.len());
+    let mut metas: BTreeMap<String, DirMeta> = BTreeMap::new();
+    for d in described {
+        if d.object.location.filename() == Some(DIR_MARKER) {
+            let meta = DirMeta {
+                mode: d.mode,
+                mtime: d.mtime,
+            };
+            metas.insert(d.name, meta);
+        } else {
+            out.push(described_file(d.name, &d.object, d.mtime, d.mode));
+        }
+    }
     for d in dirs.keys() {
         let meta = metas.remove(d);
         out.push(dir_entry(d.clone(), meta));

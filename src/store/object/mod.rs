@@ -18,6 +18,12 @@
 //!   identity, path, size and mtime): its upload id, then one record per
 //!   part stored (ETag and chaining value). Any server can continue it.
 //!
+//! - `.qxfer-leases/NAME/.qxfer-lease/ID`: a writer's hold on a name (or,
+//!   for small files, on their directory): see leases.rs and dir_leases.rs.
+//! - `.qxfer-index/a/b/.qxfer-entries`: what listings learned of the files
+//!   of `a/b` (their mtimes and modes, which LIST does not return), checked
+//!   against what each listing shows: see index.rs.
+//!
 //! Names are validated as for a local root before they become keys, the
 //! reserved `.qxfer-` names are refused and hidden, and every key is built
 //! beneath the prefix: nothing outside it is read, listed or written.
@@ -25,7 +31,7 @@
 //! Uploads: files smaller than one part (8 MiB or more, see
 //! [`tree_hash::part_size`]) are kept in memory and written with one PUT
 //! once their BLAKE3 matched; larger ones become multipart uploads whose
-//! parts are stored as they fill, three at a time (memory: four parts, 32 MiB, per upload), and
+//! parts are stored as they fill, two at a time (memory: three parts, 24 MiB, per upload), and
 //! the object appears only when the upload is completed, after the digest
 //! matched. An abandoned upload is aborted; the sweep aborts those left by
 //! a server that died.
