@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 
 use super::server_via;
-use crate::common::garage::{garage, CountingProxy};
+use crate::common::garage::{bucket, garage, CountingProxy};
 use crate::common::{home_for, qxfer_at};
 
 /// Requests by kind: `PUT lease`, `PUT object`, `HEAD`, `LIST`, `GET`, `DELETE`...
@@ -34,10 +34,10 @@ fn run(cmd: &mut std::process::Command) -> String {
 
 /// A tree of small files through the real binary: one lease and one
 /// listing a directory, then a PUT a file (each file used to cost three
-/// lease requests, two lookups and its PUT). Listing it afterwards: the
-/// first listing looks every file up once and stores the directories'
-/// indexes; the second costs its LISTs and one index read a directory,
-/// and shows the same.
+/// lease requests, two lookups and its PUT), and what the leases wrote
+/// goes into the directories' listing indexes. Listing it afterwards
+/// looks up only the directories' markers; the second listing costs its LISTs and one index read a directory,
+/// and shows the same. Downloading it costs one GET a file.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn small_files_cost_their_puts_and_a_listed_tree_its_lists() {
     let proxy = CountingProxy::start().await;
@@ -64,19 +64,56 @@ async fn small_files_cost_their_puts_and_a_listed_tree_its_lists() {
     assert!(put.get("LIST").copied().unwrap_or(0) <= 20, "{put:?}");
     assert!(put.get("HEAD").copied().unwrap_or(0) <= 20, "{put:?}");
 
+    // Each directory's lease, given up a moment after its last upload,
+    // stores what it wrote in the directory's listing index.
+    let prefix = url.split_once("qxfer/").unwrap().1.to_owned();
+    let index = object_store::path::Path::from(format!("{prefix}/.qxfer-index/tree"));
+    let started = std::time::Instant::now();
+    loop {
+        use futures::TryStreamExt;
+        use object_store::ObjectStore;
+        let n = bucket()
+            .list(Some(&index))
+            .try_collect::<Vec<_>>()
+            .await
+            .unwrap()
+            .len();
+        if n >= 3 {
+            break;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(10),
+            "{n} indexes"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+
     let listing = || {
         let before = proxy.requests().len();
         let shown = run(qxfer_at(h, server.addr).args(["ls", "-r", "--json", "tree"]));
         (shown, kinds(&proxy.requests()[before..]))
     };
+    // The files are in the indexes already; the directories' markers
+    // (their modes, set after the files) are looked up once.
     let (first, asked) = listing();
-    assert!(asked.get("HEAD").copied().unwrap_or(0) >= 120, "{asked:?}");
-    // One index a directory holding files (three).
-    assert_eq!(asked.get("PUT index").copied(), Some(3), "{asked:?}");
+    assert!(asked.get("HEAD").copied().unwrap_or(0) <= 4, "{asked:?}");
     let (second, asked) = listing();
     assert_eq!(first, second);
     assert!(first.contains("d1/f7"), "{first}");
     assert!(asked.get("HEAD").copied().unwrap_or(0) <= 2, "{asked:?}");
     assert_eq!(asked.get("GET index").copied(), Some(3), "{asked:?}");
     assert!(asked.get("LIST").copied().unwrap_or(0) <= 2, "{asked:?}");
+
+    // Downloading it: the listing as above, then one GET a file (its
+    // metadata comes with its bytes).
+    let before = proxy.requests().len();
+    let out = h.join("out");
+    run(qxfer_at(h, server.addr)
+        .args(["get", "-r", "tree", "-o"])
+        .arg(&out));
+    let asked = kinds(&proxy.requests()[before..]);
+    assert_eq!(std::fs::read(out.join("tree/d2/f39")).unwrap(), b"2/39");
+    assert!(asked.get("HEAD").copied().unwrap_or(0) <= 2, "{asked:?}");
+    let gets = asked.get("GET").copied().unwrap_or(0);
+    assert!((120..=125).contains(&gets), "{asked:?}");
 }

@@ -60,6 +60,16 @@ pub(super) fn put_times_and_mode(
     }
 }
 
+/// An mtime and mode as they read back once stored with an object.
+pub(super) fn as_stored(
+    mtime: Option<Timestamp>,
+    mode: Option<u32>,
+) -> (Option<Timestamp>, Option<u32>) {
+    let mut attributes = Attributes::new();
+    put_times_and_mode(&mut attributes, mtime, mode);
+    times_and_mode(&attributes)
+}
+
 /// The BLAKE3 qxfer stored with an object written in one piece.
 pub(super) fn stored_digest(attributes: &Attributes) -> Option<Digest> {
     let hex = attributes.get(&Attribute::Metadata(META_BLAKE3.into()))?;

@@ -47,8 +47,10 @@ use tokio::sync::{watch, OnceCell};
 use crate::paths::{RemotePath, RESERVED_PREFIX};
 use crate::protocol::{ErrorCode, RemoteError};
 
+use super::index;
 use super::leases::{related, Leases};
 use super::{decoded, Inner};
+use crate::protocol::Timestamp;
 
 /// How long an idle directory lease is kept for the next upload.
 const LINGER: Duration = Duration::from_millis(250);
@@ -103,6 +105,9 @@ pub(super) struct DirLease {
     gone: watch::Sender<bool>,
     state: Arc<Mutex<State>>,
     key: String,
+    /// The files written under it, for the directory's listing index.
+    wrote: Mutex<Vec<index::Wrote>>,
+    inner: Arc<Inner>,
 }
 
 /// A directory's names as its lease knows them.
@@ -219,7 +224,7 @@ impl DirLeases {
         let key = dir.join("/");
         let started = Instant::now();
         let lease = loop {
-            let wait = match self.step(dir, leaf, &key, path) {
+            let wait = match self.step(inner, dir, leaf, &key, path) {
                 Step::Go(lease) => break lease,
                 Step::Done(result) => return result,
                 Step::Wait(gone) => gone,
@@ -254,7 +259,14 @@ impl DirLeases {
 
     /// [`DirLeases::join`]'s decision, made under the lock: the lease to
     /// join (the name reserved in it), the answer, or a lease to wait for.
-    fn step(&self, dir: &[String], leaf: &str, key: &str, path: &RemotePath) -> Step {
+    fn step(
+        &self,
+        inner: &Arc<Inner>,
+        dir: &[String],
+        leaf: &str,
+        key: &str,
+        path: &RemotePath,
+    ) -> Step {
         // Dropped after the lock (a lease's last drop takes it).
         let mut near: Vec<Arc<DirLease>> = Vec::new();
         let found: Option<Arc<DirLease>>;
@@ -295,6 +307,8 @@ impl DirLeases {
                 gone: watch::Sender::new(false),
                 state: self.state.clone(),
                 key: key.to_owned(),
+                wrote: Mutex::default(),
+                inner: inner.clone(),
             });
             state.dirs.insert(key.to_owned(), Arc::downgrade(&lease));
             // The directories above learn that this one is one.
@@ -439,8 +453,24 @@ impl Ticket {
         }
     }
 
-    /// Notes that the name is a file now.
-    pub(super) fn wrote(&self) {
+    /// Notes that the name is a file now, written with `etag`, `size`,
+    /// `mtime` and `mode` (for the directory's index).
+    pub(super) fn wrote(
+        &self,
+        etag: Option<String>,
+        size: u64,
+        mtime: Option<Timestamp>,
+        mode: Option<u32>,
+    ) {
+        if let Some(etag) = etag {
+            lock(&self.lease.wrote).push(index::Wrote {
+                leaf: self.leaf.clone(),
+                etag,
+                size,
+                mtime,
+                mode,
+            });
+        }
         let mut listing = lock(&self.lease.listing);
         listing.changed.remove(&self.leaf);
         if let Some((files, dirs)) = &mut listing.listed {
@@ -508,7 +538,16 @@ impl Drop for DirLease {
         match (lease, runtime) {
             (Some(lease), Ok(rt)) => {
                 let (state, key) = (self.state.clone(), self.key.clone());
+                let wrote = std::mem::take(&mut *lock(&self.wrote));
+                let (inner, dir) = (self.inner.clone(), self.dir.clone());
                 rt.spawn(async move {
+                    // Still under the lease: what it wrote goes into the
+                    // directory's index (a listing would look it up otherwise).
+                    if lease.is_trusted() {
+                        if let Err(e) = index::record(&inner, &dir, wrote).await {
+                            tracing::warn!("cannot index what was uploaded into '{key}': {e}");
+                        }
+                    }
                     lease.release_and_wait().await;
                     let mut state = lock(&state);
                     if state

@@ -171,6 +171,71 @@ pub(super) async fn describe(
     Ok(per_dir.into_iter().flatten().collect())
 }
 
+/// A file a directory lease wrote: its name in the directory, the ETag its
+/// PUT was answered with, and its metadata.
+#[derive(Debug, Clone)]
+pub(super) struct Wrote {
+    pub(super) leaf: String,
+    pub(super) etag: String,
+    pub(super) size: u64,
+    pub(super) mtime: Option<Timestamp>,
+    pub(super) mode: Option<u32>,
+}
+
+/// Adds what a directory lease wrote to its directory's index, so that the
+/// next listing need not look those files up: one listing of the directory
+/// (for the store times, which a PUT's answer lacks), one read and one
+/// write of the index. Called while the lease is still held, so no other
+/// server wrote the names meanwhile; a name listed with another ETag than
+/// its PUT's (another program wrote it since) is left to be looked up.
+pub(super) async fn record(
+    inner: &Inner,
+    dir: &[String],
+    wrote: Vec<Wrote>,
+) -> object_store::Result<()> {
+    if wrote.is_empty() {
+        return Ok(());
+    }
+    let parts: Vec<&str> = dir.iter().map(String::as_str).collect();
+    let key = inner.key_of(&parts);
+    let listed = {
+        let _slot = inner.slot().await;
+        inner.s3.list_with_delimiter(Some(&key)).await?
+    };
+    let mut index = read_index(inner, dir).await?;
+    let listed: HashMap<String, &ObjectMeta> = listed
+        .objects
+        .iter()
+        .filter_map(|o| Some((o.location.filename().map(decoded)?, o)))
+        .collect();
+    // Entries that no longer describe what is listed go.
+    index
+        .files
+        .retain(|leaf, k| listed.get(leaf).is_some_and(|o| k.describes(o)));
+    for w in wrote {
+        let Some(object) = listed.get(&w.leaf) else {
+            continue;
+        };
+        if object.e_tag.as_deref() != Some(w.etag.as_str()) || object.size != w.size {
+            continue;
+        }
+        if index.files.len() >= MAX_ENTRIES && !index.files.contains_key(&w.leaf) {
+            continue;
+        }
+        index.files.insert(
+            w.leaf,
+            Known {
+                size: w.size,
+                etag: w.etag,
+                stored_ms: stored_ms(object),
+                mtime: w.mtime,
+                mode: w.mode,
+            },
+        );
+    }
+    write_index(inner, dir, &index).await
+}
+
 /// [`describe`] for the objects of one directory.
 async fn describe_dir(
     inner: &Arc<Inner>,

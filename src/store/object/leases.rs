@@ -240,6 +240,11 @@ impl Leases {
         }
     }
 
+    /// Whether the leases are still sure to be this writer's alone.
+    pub(super) fn is_trusted(&self) -> bool {
+        trusted(&self.fresh)
+    }
+
     /// Whether the leases are still sure to be this writer's alone: an
     /// error for `path` if they were not kept fresh, to refuse the write.
     pub(super) fn check(&self, path: &RemotePath) -> Result<(), RemoteError> {

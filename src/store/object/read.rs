@@ -81,7 +81,17 @@ pub(super) async fn open(
 ) -> Result<Opened, RemoteError> {
     let key = inner.key(path);
     let failed = |e| store_error(e, path, "cannot open");
-    let Some(head) = inner.head(&key).await.map_err(failed)? else {
+    // A small file in one request: its first bytes with its metadata (a
+    // HEAD and then a GET were two, and a tree of small files waits on
+    // the store for each).
+    let (head, held) = match first_bytes(inner, &key).await {
+        Ok(Some((head, bytes))) => (Some(head), Some(bytes)),
+        Ok(None) => (None, None),
+        // An empty object has no first bytes to range over; any other
+        // answer is asked again the plain way.
+        Err(_) => (inner.head(&key).await.map_err(failed)?, None),
+    };
+    let Some(head) = head else {
         let is_dir = inner.has_children(&key).await.map_err(failed)?;
         return Err(if is_dir {
             RemoteError::new(
@@ -124,17 +134,69 @@ pub(super) async fn open(
         (None, Some(h)) => Some(h),
         (None, None) => Some(blake3::Hasher::new()),
     };
+    let bytes: Box<dyn ByteSource> = match held {
+        Some(held) if held.len() as u64 == size => Box::new(HeldBytes(held)),
+        _ => Box::new(ObjectBytes {
+            s3: inner.s3.clone(),
+            key,
+            etag,
+        }),
+    };
     Ok(Opened {
         meta,
         offset,
         hasher,
         digest,
-        bytes: Box::new(ObjectBytes {
-            s3: inner.s3.clone(),
-            key,
-            etag,
-        }),
+        bytes,
     })
+}
+
+/// What [`open`] reads of an object with its metadata: a whole small file.
+const FIRST_BYTES: u64 = 64 << 10;
+
+/// The object's metadata and its first [`FIRST_BYTES`] (all of a small
+/// one), in one request; `None` if there is no such object.
+async fn first_bytes(
+    inner: &Inner,
+    key: &Key,
+) -> object_store::Result<Option<(object_store::GetResult, bytes::Bytes)>> {
+    let opts = GetOptions {
+        range: Some(GetRange::Bounded(0..FIRST_BYTES)),
+        ..GetOptions::default()
+    };
+    let _slot = inner.slot().await;
+    let got = match inner.s3.get_opts(key, opts).await {
+        Ok(got) => got,
+        Err(e) if is_not_found(&e) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let head = object_store::GetResult {
+        payload: object_store::GetResultPayload::Stream(futures::stream::empty().boxed()),
+        meta: got.meta.clone(),
+        range: got.range.clone(),
+        attributes: got.attributes.clone(),
+        extensions: Default::default(),
+    };
+    let bytes = got.bytes().await?;
+    Ok(Some((head, bytes)))
+}
+
+/// A small object's bytes, read whole at open.
+struct HeldBytes(bytes::Bytes);
+
+#[async_trait]
+impl ByteSource for HeldBytes {
+    async fn range(&self, from: u64, to: u64) -> std::io::Result<ByteStream> {
+        let len = self.0.len() as u64;
+        if from > to || to > len {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "past the end of the object",
+            ));
+        }
+        let part = self.0.slice(from as usize..to as usize);
+        Ok(futures::stream::iter([Ok(part)]).boxed())
+    }
 }
 
 /// Bytes of a ranged read hashed at a time.

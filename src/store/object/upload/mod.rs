@@ -21,7 +21,9 @@ use super::dir_leases::Ticket;
 use super::leases::Leases;
 use super::memory;
 use super::read::{sums_key, Sums};
-use super::{put_mode, put_times_and_mode, store_error, Inner, META_BLAKE3, PARTIAL_DIR};
+use super::{
+    as_stored, put_mode, put_times_and_mode, store_error, Inner, META_BLAKE3, PARTIAL_DIR,
+};
 
 mod parts;
 mod prepare;
@@ -512,6 +514,7 @@ impl ObjectUpload {
         force: bool,
     ) -> Result<(), RemoteError> {
         let failed = |e| store_error(e, &self.path, "cannot commit");
+        let size = bytes.len() as u64;
         // The name was found free under the lease, which no other upload
         // could take since: no second look.
         self.hold.check(&self.path)?;
@@ -534,9 +537,10 @@ impl ObjectUpload {
             .await;
         drop(slot);
         match put {
-            Ok(_) => {
+            Ok(put) => {
                 if let Hold::Dir(ticket) = &self.hold {
-                    ticket.wrote();
+                    let (mtime, mode) = as_stored(meta.mtime, meta.mode);
+                    ticket.wrote(put.e_tag, size, mtime, mode);
                 }
                 Ok(())
             }
