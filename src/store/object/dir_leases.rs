@@ -223,8 +223,9 @@ impl DirLeases {
         }
         let key = dir.join("/");
         let started = Instant::now();
+        let mut late = false;
         let lease = loop {
-            let wait = match self.step(inner, dir, leaf, &key, path) {
+            let wait = match self.step(inner, dir, leaf, &key, path, late) {
                 Step::Go(lease) => break lease,
                 Step::Done(result) => return result,
                 Step::Wait(gone) => gone,
@@ -237,7 +238,13 @@ impl DirLeases {
                 .await
                 .is_err()
             {
-                return Ok(None);
+                if late {
+                    return Ok(None);
+                }
+                // Its uploads are slow (a slow client's, say): this one
+                // joins them rather than wait longer (name by name, it
+                // would wait for this very lease).
+                late = true;
             }
         };
         // From here the ticket owns the name: dropped, it gives it back.
@@ -259,6 +266,8 @@ impl DirLeases {
 
     /// [`DirLeases::join`]'s decision, made under the lock: the lease to
     /// join (the name reserved in it), the answer, or a lease to wait for.
+    /// `late`: the wait for a retired lease ran out, and its uploads are
+    /// joined instead (unless something on this server needs the names).
     fn step(
         &self,
         inner: &Arc<Inner>,
@@ -266,6 +275,7 @@ impl DirLeases {
         leaf: &str,
         key: &str,
         path: &RemotePath,
+        late: bool,
     ) -> Step {
         // Dropped after the lock (a lease's last drop takes it).
         let mut near: Vec<Arc<DirLease>> = Vec::new();
@@ -328,7 +338,7 @@ impl DirLeases {
             // Not to be had lately: name by name for a while.
             return Step::Done(Ok(None));
         }
-        if !lease.is_retired() && lease.since.elapsed() < MAX_HOLD {
+        if late || (!lease.is_retired() && lease.since.elapsed() < MAX_HOLD) {
             if !lock(&lease.writing).insert(leaf.to_owned()) {
                 return Step::Done(Err(RemoteError::new(
                     ErrorCode::Busy,

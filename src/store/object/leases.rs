@@ -34,6 +34,11 @@
 //! within [`TTL`]. A writer whose lease could not be refreshed for too
 //! long gives up before it writes: it can no longer be sure it is alone.
 //!
+//! A directory's lease, which small uploads share (dir_leases.rs), is held
+//! for seconds, not for an upload's life: it is rewritten every 4 s and
+//! counts as fresh for 24 s (its id says which kind it is), so a server
+//! that dies holding one blocks the directory for 24 s at most.
+//!
 //! A server restarted after a crash would otherwise wait out its own dead
 //! leases: each server's lease ids start with a holder tag (a hash of its
 //! host, network namespace, listening address and root: no two live
@@ -75,6 +80,45 @@ const REFRESH: Duration = Duration::from_secs(10);
 /// A holder whose last rewrite is older than this no longer writes under
 /// the lease: others may soon take it for dead.
 const TRUSTED_FOR: Duration = Duration::from_secs(45);
+
+/// A lease's times: how long it counts as fresh to others, how often its
+/// holder rewrites it, and how long after its last rewrite the holder
+/// still writes under it (always well short of its life to others).
+#[derive(Debug, Clone, Copy)]
+struct Timing {
+    ttl: Duration,
+    refresh: Duration,
+    trusted_for: Duration,
+}
+
+/// A name's lease ([`TTL`], [`REFRESH`], [`TRUSTED_FOR`]).
+const NAME_TIMING: Timing = Timing {
+    ttl: TTL,
+    refresh: REFRESH,
+    trusted_for: TRUSTED_FOR,
+};
+
+/// A directory's lease for small files (dir_leases.rs): held for seconds,
+/// so rewritten often and given a shorter life: a server that dies holding
+/// one blocks the directory for 24 s, where a name's lease blocks only
+/// its name, for 60 s.
+const DIR_TIMING: Timing = Timing {
+    ttl: Duration::from_secs(24),
+    refresh: Duration::from_secs(4),
+    trusted_for: Duration::from_secs(16),
+};
+
+/// What the ids of directory leases have after their holder's tag.
+const DIR_ID: &str = "-dir-";
+
+/// How long the lease with the id `id` counts as fresh.
+fn ttl_of(id: &str) -> Duration {
+    if id.contains(DIR_ID) {
+        DIR_TIMING.ttl
+    } else {
+        NAME_TIMING.ttl
+    }
+}
 
 /// How long a writer keeps trying while others hold the name, before it
 /// gives up as busy (two writers that saw each other both retry within it).
@@ -143,7 +187,8 @@ impl Leases {
         // are busy).
         let block = inner.dirs.block(&names);
         let none = HashSet::new();
-        let (mut lease, checked) = Self::attempt(inner, names, path, check, TRY_FOR, &none).await?;
+        let (mut lease, checked) =
+            Self::attempt(inner, names, path, check, TRY_FOR, &none, NAME_TIMING).await?;
         lease._block = Some(block);
         Ok((lease, checked))
     }
@@ -164,7 +209,16 @@ impl Leases {
         F: Fn() -> Fut,
         Fut: std::future::Future<Output = T>,
     {
-        Self::attempt(inner, vec![dir], path, check, Duration::ZERO, ours).await
+        Self::attempt(
+            inner,
+            vec![dir],
+            path,
+            check,
+            Duration::ZERO,
+            ours,
+            DIR_TIMING,
+        )
+        .await
     }
 
     /// The id of the lease objects.
@@ -184,6 +238,7 @@ impl Leases {
         check: F,
         patience: Duration,
         ours: &HashSet<String>,
+        timing: Timing,
     ) -> Result<(Self, T), RemoteError>
     where
         F: Fn() -> Fut,
@@ -193,7 +248,17 @@ impl Leases {
         let started = Instant::now();
         let mut attempt = 0u32;
         loop {
-            let id = format!("{}-{:016x}{:016x}", inner.holder(), rand_u64(), rand_u64());
+            let kind = if timing.ttl == DIR_TIMING.ttl {
+                DIR_ID
+            } else {
+                "-"
+            };
+            let id = format!(
+                "{}{kind}{:016x}{:016x}",
+                inner.holder(),
+                rand_u64(),
+                rand_u64()
+            );
             let keys: Vec<Key> = names.iter().map(|n| lease_key(inner, n, &id)).collect();
             let written_at = Instant::now();
             write_all(inner, &keys).await.map_err(failed)?;
@@ -209,10 +274,16 @@ impl Leases {
                 let fresh = Arc::new(Mutex::new(Freshness {
                     last: written_at,
                     broken: false,
+                    trusted_for: timing.trusted_for,
                 }));
                 let serial = inner.held.next.fetch_add(1, Ordering::Relaxed);
                 inner.held.enter(&names, serial, &fresh);
-                let refresher = tokio::spawn(refresh(inner.clone(), keys.clone(), fresh.clone()));
+                let refresher = tokio::spawn(refresh(
+                    inner.clone(),
+                    keys.clone(),
+                    fresh.clone(),
+                    timing.refresh,
+                ));
                 let lease = Self {
                     inner: inner.clone(),
                     names,
@@ -250,7 +321,7 @@ impl Leases {
     pub(super) fn check(&self, path: &RemotePath) -> Result<(), RemoteError> {
         let fresh = *self.fresh.lock().unwrap_or_else(|e| e.into_inner());
         let last = fresh.last;
-        if last.elapsed() < TRUSTED_FOR && !fresh.broken {
+        if last.elapsed() < fresh.trusted_for && !fresh.broken {
             return Ok(());
         }
         Err(RemoteError::new(
@@ -429,9 +500,10 @@ async fn others(
         });
     };
     Ok(seen.iter().any(|o| {
+        let ttl = ttl_of(o.location.filename().unwrap_or_default());
         let fresh = now
             .duration_since(SystemTime::from(o.last_modified))
-            .map_or(true, |age| age < TTL);
+            .map_or(true, |age| age < ttl);
         o.location.filename() != Some(id)
             && !o.location.filename().is_some_and(|f| skip.contains(f))
             && fresh
@@ -450,14 +522,16 @@ struct Freshness {
     /// so the holder must never write under them, however fresh they are
     /// again.
     broken: bool,
+    /// How long after a rewrite the holder still writes under it.
+    trusted_for: Duration,
 }
 
 /// Rewrites the leases every [`REFRESH`] while their holder lives (sooner
 /// after a failure). The rewrites take no slot: they are what keeps the
 /// leases of uploads queued for slots valid, and they are bounded by the
 /// leases held, one each.
-async fn refresh(inner: Arc<Inner>, keys: Vec<Key>, fresh: Arc<Mutex<Freshness>>) {
-    let mut wait = REFRESH;
+async fn refresh(inner: Arc<Inner>, keys: Vec<Key>, fresh: Arc<Mutex<Freshness>>, every: Duration) {
+    let mut wait = every;
     loop {
         tokio::time::sleep(wait).await;
         let at = Instant::now();
@@ -477,13 +551,13 @@ async fn refresh(inner: Arc<Inner>, keys: Vec<Key>, fresh: Arc<Mutex<Freshness>>
             .await;
         tracing::debug!(took = ?at.elapsed(), ok = written.is_ok(), "lease rewritten");
         let mut f = fresh.lock().unwrap_or_else(|e| e.into_inner());
-        if f.last.elapsed() >= TRUSTED_FOR {
+        if f.last.elapsed() >= f.trusted_for {
             f.broken = true;
         }
         match written {
             Ok(_) => {
                 f.last = at;
-                wait = REFRESH;
+                wait = every;
             }
             Err(e) => {
                 warn!("cannot refresh a lease: {e}");
@@ -504,7 +578,9 @@ pub(super) async fn is_leased(inner: &Inner, parts: &[String]) -> object_store::
     let now = SystemTime::now();
     Ok(listing.iter().any(|o| {
         now.duration_since(SystemTime::from(o.last_modified))
-            .map_or(true, |age| age < TTL)
+            .map_or(true, |age| {
+                age < ttl_of(o.location.filename().unwrap_or_default())
+            })
             && leased_name(inner, &o.location).is_some_and(|theirs| related(parts, &theirs))
     }))
 }
@@ -572,7 +648,7 @@ type HeldLease = (u64, Arc<Mutex<Freshness>>);
 /// never again (see [`Freshness::broken`]).
 fn trusted(fresh: &Mutex<Freshness>) -> bool {
     let f = *fresh.lock().unwrap_or_else(|e| e.into_inner());
-    !f.broken && f.last.elapsed() < TRUSTED_FOR
+    !f.broken && f.last.elapsed() < f.trusted_for
 }
 
 /// Deletes leases left by servers that died, long past their time.
@@ -639,4 +715,42 @@ pub(crate) fn holder_tag(listening: &str, root: &str) -> String {
         h.update(part.as_bytes());
     }
     h.finalize().to_hex()[..16].to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_directory_lease_says_so_in_its_id_and_lapses_sooner() {
+        let root = super::super::ObjectRoot::in_memory();
+        let inner = &root.inner;
+        let path = RemotePath::parse("d/f", false).unwrap();
+        let none = HashSet::new();
+        let (dir, ()) = Leases::take_dir(inner, vec!["d".to_owned()], &path, || async {}, &none)
+            .await
+            .unwrap();
+        let (name, ()) = Leases::take_checking(
+            inner,
+            vec![vec!["e".to_owned(), "f".to_owned()]],
+            &path,
+            || async {},
+        )
+        .await
+        .unwrap();
+        assert!(dir.id().contains(DIR_ID), "{}", dir.id());
+        assert!(!name.id().contains(DIR_ID), "{}", name.id());
+        assert_eq!(ttl_of(dir.id()), Duration::from_secs(24));
+        assert_eq!(ttl_of(name.id()), TTL);
+        // The holder stops trusting either well before others may take it
+        // for dead.
+        for t in [NAME_TIMING, DIR_TIMING] {
+            assert!(
+                t.refresh * 3 < t.trusted_for && t.trusted_for + Duration::from_secs(8) <= t.ttl
+            );
+        }
+        assert!(dir.is_trusted() && name.is_trusted());
+        dir.release_and_wait().await;
+        name.release();
+    }
 }
