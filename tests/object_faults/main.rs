@@ -496,3 +496,93 @@ async fn a_server_whose_store_stops_answering_sends_its_clients_to_another() {
     );
     drop(a);
 }
+
+/// Two servers over one bucket; the one a `put -r` of 500 small files and
+/// a larger one goes through is killed mid-way: the same command goes on
+/// through the other, says so once, and every file arrives intact. The
+/// killed server's leases are not given back: its directories' (small
+/// files) lapse after 24 s, its large upload's name after 60 s, and the
+/// client's retries wait that out (about 70 s in all).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_killed_mid_tree_is_replaced_by_another_over_the_same_bucket() {
+    let g = garage();
+    let url = g.fresh_root("killed");
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path().to_owned();
+    let serve = |node: usize, log: &str| {
+        let mut cmd = qxfer(&h);
+        cmd.args(["serve", "--listen", "127.0.0.1:0", "--idle-timeout", "2s"])
+            .args(["--root", &url, "--s3-endpoint", &g.endpoints[node]])
+            .arg("--certs")
+            .arg(h.join("certs"));
+        g.env(&mut cmd);
+        let log = std::fs::File::create(h.join(log)).unwrap();
+        tokio::task::spawn_blocking(move || ServeProcess::spawn_logging(cmd, log))
+    };
+    let mut servers = [
+        serve(0, "a.log").await.unwrap(),
+        serve(1, "b.log").await.unwrap(),
+    ];
+    let src = h.join("src");
+    let mut files = Vec::new();
+    for i in 0..500u64 {
+        let name = format!("d{}/f{i:03}", i % 5);
+        std::fs::create_dir_all(src.join(format!("d{}", i % 5))).unwrap();
+        std::fs::write(src.join(&name), pattern(16 << 10, i)).unwrap();
+        files.push(name);
+    }
+    std::fs::write(src.join("big"), pattern(32 << 20, 1000)).unwrap();
+    files.push("big".to_owned());
+    let addrs: Vec<String> = servers.iter().map(|s| s.addr.to_string()).collect();
+    let mut client = qxfer(&h)
+        .args([
+            "put",
+            "-r",
+            "--limit-rate",
+            "6M",
+            "--retries",
+            "12",
+            "--to",
+            "up",
+        ])
+        .arg(&src)
+        .args(["--server", &addrs[0], "--server", &addrs[1]])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(h.join("client.err")).unwrap())
+        .spawn()
+        .unwrap();
+    let log_has = |log: &str, text: &str| {
+        std::fs::read_to_string(h.join(log)).is_ok_and(|t| t.contains(text))
+    };
+    // Whichever server the client chose is killed once it has committed
+    // something (the large file and more small ones still on their way).
+    let started = Instant::now();
+    let chosen = loop {
+        if let Some(i) = (0..2).find(|&i| log_has(["a.log", "b.log"][i], "put committed")) {
+            break i;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "nothing committed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    servers[chosen].child.kill().unwrap();
+    let _ = servers[chosen].child.wait();
+    let status = tokio::task::spawn_blocking(move || client.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    let err = std::fs::read_to_string(h.join("client.err")).unwrap();
+    assert!(status.success(), "{status:?}: {err}");
+    let said = format!("continuing through {}", addrs[1 - chosen]);
+    assert_eq!(err.matches(&said).count(), 1, "said once: {err}");
+    for name in &files {
+        let stored = common::stored_at(Path::new(&url), &format!("up/src/{name}")).await;
+        assert!(
+            stored.as_deref() == Some(&std::fs::read(src.join(name)).unwrap()[..]),
+            "{name} is not what was sent: {err}"
+        );
+    }
+}
