@@ -317,6 +317,28 @@ pub(crate) fn summary(verb: &str, files: usize, bytes: u64, sent: u64, secs: f64
     )
 }
 
+/// What connections lost mid-batch cost, said plainly (the summary
+/// counts each file's last attempt only); `None` if none was lost.
+pub(crate) fn lost_line(lost: &crate::client::Lost) -> Option<String> {
+    if lost.connections == 0 {
+        return None;
+    }
+    let resumed = if lost.kept > 0 {
+        format!(
+            "; {} that had arrived was resumed from, not moved again",
+            Size(lost.kept)
+        )
+    } else {
+        String::new()
+    };
+    Some(format!(
+        "qxfer: files were tried again over {} new connection{}: about {} moved twice (over a connection that ended before they finished, then again){resumed}",
+        lost.connections,
+        if lost.connections == 1 { "" } else { "s" },
+        Size(lost.twice()),
+    ))
+}
+
 /// A size in binary units with one decimal: "140.2 MiB", "512 B".
 struct Size(u64);
 
@@ -392,6 +414,21 @@ impl std::fmt::Display for Rate {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lost_connections_are_owned_up_to() {
+        use crate::client::Lost;
+        assert_eq!(lost_line(&Lost::default()), None);
+        let lost = Lost {
+            connections: 1,
+            unfinished: 40 << 20,
+            kept: 32 << 20,
+        };
+        assert_eq!(
+            lost_line(&lost).unwrap(),
+            "qxfer: files were tried again over 1 new connection: about 8.0 MiB moved twice (over a connection that ended before they finished, then again); 32.0 MiB that had arrived was resumed from, not moved again"
+        );
+    }
 
     #[test]
     fn summary_counts_only_what_was_sent() {

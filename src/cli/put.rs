@@ -229,6 +229,7 @@ pub(super) async fn put_from_stdin(
         retry: Vec::new(),
         elapsed: started.elapsed(),
         path,
+        lost: Default::default(),
     };
     let (errors, lost) = match result {
         Ok(mut r) => {

@@ -2,7 +2,7 @@
 
 use super::args::TransferArgs;
 use super::exit;
-use super::progress::{summary, Progress};
+use super::progress::{lost_line, summary, Progress};
 use super::transfer::Unchanged;
 use crate::client::{Action, BatchReport, FileError, PathReport, Planned};
 use crate::protocol::Timestamp;
@@ -208,7 +208,9 @@ pub(super) fn finish_batch(
             bytes_sent: u64,
             errors: &'a [String],
             files: &'a [crate::client::TransferReport],
+            lost_connections: u32,
             meta_set: &'a [String],
+            moved_twice: u64,
             path: &'a Option<PathReport>,
             seconds: f64,
             unchanged: &'a [String],
@@ -219,7 +221,9 @@ pub(super) fn finish_batch(
             bytes_sent: sent,
             errors: &errors,
             files: &report.done,
+            lost_connections: report.lost.connections,
             meta_set: &unchanged.meta_set,
+            moved_twice: report.lost.twice(),
             path: &report.path,
             seconds: report.elapsed.as_secs_f64(),
             unchanged: &unchanged.labels,
@@ -241,6 +245,9 @@ pub(super) fn finish_batch(
                 report.elapsed.as_secs_f64()
             )
         );
+        if let Some(line) = lost_line(&report.lost) {
+            eprintln!("{line}");
+        }
     }
     if out.stats {
         match &report.path {

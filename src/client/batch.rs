@@ -130,6 +130,32 @@ pub struct BatchReport {
     /// The path and what limited the batch (`--stats`); `None` without a
     /// QUIC connection.
     pub path: Option<PathReport>,
+    /// What lost connections cost: see [`Lost`].
+    pub lost: Lost,
+}
+
+/// Bytes that crossed connections a batch left behind (lost, or with files
+/// refused as busy) for files that did not finish over them: what a
+/// failover or retry sent (or received) twice, less what the other end had
+/// kept and the retry resumed from.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Lost {
+    /// Connections left behind with files still to go (each retry runs
+    /// them over a new one).
+    pub connections: u32,
+    /// Bytes that crossed those connections (as QUIC counted them, framing
+    /// included) beyond the files that finished over them.
+    pub unfinished: u64,
+    /// Of those, the bytes the retried files resumed from.
+    pub kept: u64,
+}
+
+impl Lost {
+    /// About how many bytes went twice: what crossed a lost connection for
+    /// files that did not finish there and was not resumed.
+    pub fn twice(&self) -> u64 {
+        self.unfinished.saturating_sub(self.kept)
+    }
 }
 
 /// Runs `jobs` over `client` with at most `parallel` large files in flight,
@@ -201,6 +227,7 @@ pub async fn run_batch(
         retry: Vec::new(),
         elapsed: Duration::ZERO,
         path: None,
+        lost: Lost::default(),
     };
     let collect = async {
         while let Some((job, result)) = rx.recv().await {

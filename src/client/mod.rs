@@ -50,7 +50,7 @@ pub use path::{Limit, PathReport};
 /// Why one file's bytes did not move (inside [`FileError::Transfer`]).
 pub use crate::exchange::TransferError;
 pub(crate) use batch::SMALL_FILE_STREAMS;
-pub use batch::{run_batch, BatchReport, Direction, Job, Unwatched, Watch, WatchFile};
+pub use batch::{run_batch, BatchReport, Direction, Job, Lost, Unwatched, Watch, WatchFile};
 pub(crate) use connect::known_hosts_key;
 use connect::refusal;
 pub(crate) use connect::{describe_close, split_server};

@@ -94,6 +94,9 @@ pub(crate) trait Session: Send + Sync + Sized {
     fn refused(&self) -> bool;
     /// The address it is connected to (as given).
     fn server(&self) -> String;
+    /// Bytes the batch's data crossed this connection with so far (sent
+    /// for a put, received for a get), framing included.
+    fn moved(&self) -> u64;
     /// Closes the connection.
     async fn close(self);
 }
@@ -128,7 +131,11 @@ where
     Fut: Future<Output = Result<S, ConnectError>>,
 {
     let mut session = first;
+    // What had crossed the connection before its run (a listing, the
+    // handshake), and where its finished files start in `report.done`.
+    let mut moved_before = session.moved();
     let mut report = session.run(jobs).await;
+    let mut since = 0;
     let mut backoff = policy.backoff();
     for attempt in 1..=policy.retries {
         if report.retry.is_empty() || session.refused() {
@@ -163,13 +170,27 @@ where
                 to: &to,
             });
         }
+        // What crossed the connection left behind for files that did not
+        // finish on it.
+        let finished: u64 = report.done[since..].iter().map(|r| r.wire_bytes).sum();
+        report.lost.connections += 1;
+        report.lost.unfinished += session.moved().saturating_sub(moved_before + finished);
         session.close().await;
         session = fresh;
         // The files to run again leave the failures; what fails again returns.
         report
             .failed
             .retain(|(label, _)| !retry.iter().any(|j| j.label == *label));
+        moved_before = session.moved();
         let again = session.run(retry).await;
+        since = report.done.len();
+        // What the retried files resumed from was kept across the loss.
+        report.lost.kept += again
+            .done
+            .iter()
+            .filter(|r| !r.already_there)
+            .map(|r| r.resumed_from)
+            .sum::<u64>();
         report.done.extend(again.done);
         report.failed.extend(again.failed);
         report.retry = again.retry;
@@ -239,6 +260,14 @@ impl Session for Over {
         self.client.server().to_owned()
     }
 
+    fn moved(&self) -> u64 {
+        let stats = self.client.connection().stats();
+        match self.options.direction {
+            Direction::Put => stats.udp_tx.bytes,
+            Direction::Get => stats.udp_rx.bytes,
+        }
+    }
+
     async fn close(self) {
         self.client.close().await;
     }
@@ -264,11 +293,18 @@ pub(crate) async fn run_resilient(
         watch: watch.clone(),
     };
     // After a lost connection, the server's other addresses first: the
-    // one just lost is likely down (see `Client::connect_avoiding`).
-    let reconnect = |lost: &Over| {
-        let lost = lost.client.server().to_owned();
+    // one just lost is likely down (see `Client::connect_avoiding`). After
+    // a retry for another reason (files refused as busy) the connection
+    // was fine: the address last lost, if any, is still the one avoided.
+    let down: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+    let reconnect = |prev: &Over| {
+        let mut down = down.lock().unwrap_or_else(|e| e.into_inner());
+        if prev.client.lost().is_some() {
+            *down = Some(prev.client.server().to_owned());
+        }
+        let avoid = down.clone();
         async move {
-            Client::connect_avoiding(config, Some(&lost))
+            Client::connect_avoiding(config, avoid.as_deref())
                 .await
                 .map(|client| Over {
                     client,
@@ -334,6 +370,7 @@ mod tests {
                 retry: Vec::new(),
                 elapsed: Duration::from_secs(1),
                 path: None,
+                lost: Default::default(),
             };
             for j in jobs {
                 if j.label.starts_with("flaky") && self.nth < self.fails_until {
@@ -357,6 +394,22 @@ mod tests {
 
         fn server(&self) -> String {
             "s".to_owned()
+        }
+
+        fn moved(&self) -> u64 {
+            // A connection that is lost carried 1,000 bytes of its files
+            // once it ran them.
+            let ran = self
+                .runs
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|(n, _)| *n == self.nth);
+            if ran && self.nth < self.fails_until {
+                1_000
+            } else {
+                0
+            }
         }
 
         async fn close(self) {
@@ -454,6 +507,13 @@ mod tests {
         assert!(report.retry.is_empty());
         assert_eq!(report.elapsed, Duration::from_secs(3));
         assert_eq!(r.closed, 2, "each replaced connection is closed");
+        // What the two lost connections carried for the files run again.
+        let lost = crate::client::batch::Lost {
+            connections: 2,
+            unfinished: 2_000,
+            kept: 0,
+        };
+        assert_eq!((report.lost, report.lost.twice()), (lost, 2_000));
         // 0.5 s, then 1 s.
         assert_eq!(r.waited, Duration::from_millis(1500));
         assert_eq!(r.events.len(), 2);

@@ -87,6 +87,11 @@ fn a_lost_server_is_replaced_by_another_address_of_the_same_server() {
     let other = &addrs[1 - chosen];
     let said = format!("continuing through {other}");
     assert_eq!(err.matches(&said).count(), 1, "said once: {err}");
+    // And what the lost connection cost, beside the summary of the files.
+    assert!(
+        err.contains("moved twice (over a connection that ended"),
+        "{err}"
+    );
     assert!(log_has(&logs[1 - chosen], "put committed"), "{err}");
     for name in &files {
         assert_eq!(

@@ -578,6 +578,11 @@ async fn a_server_killed_mid_tree_is_replaced_by_another_over_the_same_bucket() 
     assert!(status.success(), "{status:?}: {err}");
     let said = format!("continuing through {}", addrs[1 - chosen]);
     assert_eq!(err.matches(&said).count(), 1, "said once: {err}");
+    // And what the lost connection cost, beside the summary of the files.
+    assert!(
+        err.contains("moved twice (over a connection that ended"),
+        "{err}"
+    );
     for name in &files {
         let stored = common::stored_at(Path::new(&url), &format!("up/src/{name}")).await;
         assert!(
