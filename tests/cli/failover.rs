@@ -19,10 +19,6 @@ fn serve_logged(home: &Path, root: &Path, log: &Path) -> ServeProcess {
     ServeProcess::spawn_logging(cmd, std::fs::File::create(log).unwrap())
 }
 
-fn log_has(log: &Path, text: &str) -> bool {
-    std::fs::read_to_string(log).is_ok_and(|t| t.contains(text))
-}
-
 #[test]
 fn a_lost_server_is_replaced_by_another_address_of_the_same_server() {
     let home = tempfile::tempdir().unwrap();
@@ -47,23 +43,22 @@ fn a_lost_server_is_replaced_by_another_address_of_the_same_server() {
 
     let addrs: Vec<String> = servers.iter().map(|s| s.addr.to_string()).collect();
     let err_file = h.join("client.err");
-    let mut client = qxfer(h)
-        .args([
-            "put",
-            "-r",
-            "--limit-rate",
-            "6M",
-            "--retries",
-            "5",
-            "--to",
-            "up",
-        ])
-        .arg(&src)
-        .args(["--server", &addrs[0], "--server", &addrs[1]])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(&err_file).unwrap())
-        .spawn()
-        .unwrap();
+    let mut client = spawn_into(
+        qxfer(h)
+            .args([
+                "put",
+                "-r",
+                "--limit-rate",
+                "6M",
+                "--retries",
+                "5",
+                "--to",
+                "up",
+            ])
+            .arg(&src)
+            .args(["--server", &addrs[0], "--server", &addrs[1]]),
+        &err_file,
+    );
     // Whichever server the client chose (at random) is killed once it has
     // committed something.
     let start = Instant::now();

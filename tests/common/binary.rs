@@ -16,6 +16,20 @@ pub fn qxfer(home: &Path) -> Command {
     cmd
 }
 
+/// Starts `cmd` in the background, its output dropped and its messages
+/// written to `messages` (read once it ends).
+pub fn spawn_into(cmd: &mut Command, messages: &Path) -> Child {
+    cmd.stdout(Stdio::null())
+        .stderr(std::fs::File::create(messages).unwrap())
+        .spawn()
+        .unwrap()
+}
+
+/// Whether the file `log` (a server's log, say) holds `text` yet.
+pub fn log_has(log: &Path, text: &str) -> bool {
+    std::fs::read_to_string(log).is_ok_and(|t| t.contains(text))
+}
+
 /// The `qxfer` binary as in [`qxfer`], talking to the server at `server`.
 pub fn qxfer_at(home: &Path, server: SocketAddr) -> Command {
     let mut cmd = qxfer(home);

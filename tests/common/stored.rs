@@ -46,10 +46,12 @@ impl TestServer {
             let rel = &o.location.as_ref()[prefix.len() + 1..];
             // Bookkeeping: digests of files, leases on names being
             // written (deleted as they end, but Garage's listings may show
-            // a deleted key for a moment), start-up probes.
+            // a deleted key for a moment), start-up probes, listings'
+            // indexes.
             if rel.starts_with(".qxfer-sums/")
                 || rel.starts_with(".qxfer-leases/")
                 || rel.starts_with(".qxfer-probe-")
+                || rel.starts_with(".qxfer-index/")
             {
                 continue;
             }

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use common::garage::{bucket, garage, keys, wait_for_parts, CountingProxy};
 use common::{
-    http_get, metrics_addr, pattern, promtool_check, qxfer, qxfer_at, sample, serve_root,
-    ServeProcess, TestServer,
+    http_get, log_has, metrics_addr, pattern, promtool_check, qxfer, qxfer_at, sample, serve_root,
+    spawn_into, ServeProcess, TestServer,
 };
 use object_store::ObjectStoreExt;
 use qxfer::client::Client;
@@ -433,28 +433,25 @@ async fn a_server_whose_store_stops_answering_sends_its_clients_to_another() {
     let src = h.join("big");
     let data = pattern(24 << 20, 77);
     std::fs::write(&src, &data).unwrap();
-    let mut client = qxfer(&h)
-        // Retries enough to outlast A's lease on the name (60 s: A cannot
-        // give it back without its store), which B waits out.
-        .args([
-            "put",
-            "--limit-rate",
-            "3M",
-            "--retries",
-            "12",
-            "--connect-timeout",
-            "1s",
-        ])
-        .arg(&src)
-        .args(["--server", &a.addr.to_string()])
-        .args(["--server", &format!("127.0.0.1:{b_port}")])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(h.join("client.err")).unwrap())
-        .spawn()
-        .unwrap();
-    let log_has = |log: &str, text: &str| {
-        std::fs::read_to_string(h.join(log)).is_ok_and(|t| t.contains(text))
-    };
+    let mut client = spawn_into(
+        qxfer(&h)
+            // Retries enough to outlast A's lease on the name (60 s: A cannot
+            // give it back without its store), which B waits out.
+            .args([
+                "put",
+                "--limit-rate",
+                "3M",
+                "--retries",
+                "12",
+                "--connect-timeout",
+                "1s",
+            ])
+            .arg(&src)
+            .args(["--server", &a.addr.to_string()])
+            .args(["--server", &format!("127.0.0.1:{b_port}")]),
+        &h.join("client.err"),
+    );
+    let logged = |log: &str, text: &str| log_has(&h.join(log), text);
     // A has stored a part of the upload when its store goes away.
     wait_for_parts(&url, 1).await;
     let _b = serve(&format!("127.0.0.1:{b_port}"), &g.endpoint, "b.log")
@@ -471,14 +468,14 @@ async fn a_server_whose_store_stops_answering_sends_its_clients_to_another() {
         err.contains(&format!("continuing through 127.0.0.1:{b_port}")),
         "{err}"
     );
-    assert!(log_has("b.log", "put committed"), "{err}");
+    assert!(logged("b.log", "put committed"), "{err}");
     assert_eq!(
         common::stored_at(Path::new(&url), "big").await.as_deref(),
         Some(&data[..])
     );
     // A, its store still gone, stops taking connections.
     let start = Instant::now();
-    while !log_has("a.log", "the store does not answer") {
+    while !logged("a.log", "the store does not answer") {
         assert!(
             start.elapsed() < Duration::from_secs(20),
             "A never saw its store go"
@@ -534,31 +531,28 @@ async fn a_server_killed_mid_tree_is_replaced_by_another_over_the_same_bucket() 
     std::fs::write(src.join("big"), pattern(32 << 20, 1000)).unwrap();
     files.push("big".to_owned());
     let addrs: Vec<String> = servers.iter().map(|s| s.addr.to_string()).collect();
-    let mut client = qxfer(&h)
-        .args([
-            "put",
-            "-r",
-            "--limit-rate",
-            "6M",
-            "--retries",
-            "12",
-            "--to",
-            "up",
-        ])
-        .arg(&src)
-        .args(["--server", &addrs[0], "--server", &addrs[1]])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(h.join("client.err")).unwrap())
-        .spawn()
-        .unwrap();
-    let log_has = |log: &str, text: &str| {
-        std::fs::read_to_string(h.join(log)).is_ok_and(|t| t.contains(text))
-    };
+    let mut client = spawn_into(
+        qxfer(&h)
+            .args([
+                "put",
+                "-r",
+                "--limit-rate",
+                "6M",
+                "--retries",
+                "12",
+                "--to",
+                "up",
+            ])
+            .arg(&src)
+            .args(["--server", &addrs[0], "--server", &addrs[1]]),
+        &h.join("client.err"),
+    );
+    let logged = |log: &str, text: &str| log_has(&h.join(log), text);
     // Whichever server the client chose is killed once it has committed
     // something (the large file and more small ones still on their way).
     let started = Instant::now();
     let chosen = loop {
-        if let Some(i) = (0..2).find(|&i| log_has(["a.log", "b.log"][i], "put committed")) {
+        if let Some(i) = (0..2).find(|&i| logged(["a.log", "b.log"][i], "put committed")) {
             break i;
         }
         assert!(
