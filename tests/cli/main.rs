@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 
 use assert_cmd::assert::OutputAssertExt;
 use common::{
-    http_get, is_root, metrics_addr, pattern, place_at, promtool_check, qxfer, qxfer_at, sample,
-    serve_root, stored_at, Backend, ServeProcess,
+    http_get, is_root, log_has, metrics_addr, pattern, place_at, promtool_check, qxfer, qxfer_at,
+    sample, serve_root, spawn_into, stored_at, Backend, ServeProcess,
 };
 use predicates::prelude::*;
 
