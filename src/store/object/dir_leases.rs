@@ -205,6 +205,35 @@ impl DirLeases {
         }
     }
 
+    /// Notes that the directory `dir`'s marker was just written (with
+    /// `etag`, `mtime` and `mode`): if this server holds the directory's
+    /// lease, the marker goes into the directory's index with its files
+    /// (`put -r` sets a directory's mode and mtime right after its files).
+    pub(super) fn marker_written(
+        &self,
+        dir: &RemotePath,
+        etag: Option<String>,
+        mtime: Option<Timestamp>,
+        mode: Option<u32>,
+    ) {
+        let Some(etag) = etag else {
+            return;
+        };
+        let lease = lock(&self.state)
+            .dirs
+            .get(&dir.components().join("/"))
+            .and_then(Weak::upgrade);
+        if let Some(lease) = lease.filter(|l| matches!(l.taken.get(), Some(Taken::Held(_)))) {
+            lock(&lease.wrote).push(index::Wrote {
+                leaf: super::DIR_MARKER.to_owned(),
+                etag,
+                size: 0,
+                mtime,
+                mode,
+            });
+        }
+    }
+
     /// A place for the upload of `path` (a name beneath a directory other
     /// than the root) under its directory's lease, taking the lease if
     /// this server does not hold it; `None` if the upload is to go name by
@@ -712,6 +741,42 @@ mod tests {
             .unwrap();
         let e = refused(&a, "plain/x").await;
         assert_eq!(e.code, ErrorCode::NotDirectory, "{}", e.message);
+    }
+
+    #[tokio::test]
+    async fn what_a_directory_lease_wrote_lists_without_a_lookup() {
+        let (store, a, _) = two_servers();
+        for i in 0..5 {
+            commit(prepare(&a, &format!("d/f{i}"), false).await.unwrap(), b"x")
+                .await
+                .unwrap();
+        }
+        // put -r sets a directory's mode right after its files.
+        let meta = crate::protocol::DirMeta {
+            mode: Some(0o711),
+            mtime: None,
+        };
+        a.mkdir(&path("d"), Some(meta)).await.unwrap();
+        // Given up 250 ms after its last upload, the lease stores the index.
+        let index = super::super::index::index_dir(&a.inner, &["d".to_owned()]);
+        let started = Instant::now();
+        while a.inner.keys_under(&index).await.unwrap().is_empty() {
+            assert!(started.elapsed() < Duration::from_secs(5), "no index");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let heads = store.heads.load(Ordering::Relaxed);
+        let listed = a
+            .list(&RemotePath::parse("", true).unwrap(), true)
+            .await
+            .unwrap();
+        assert_eq!(
+            store.heads.load(Ordering::Relaxed),
+            heads,
+            "no lookup: {listed:?}"
+        );
+        assert_eq!(listed.len(), 6);
+        let d = listed.iter().find(|e| e.name == "d").unwrap();
+        assert_eq!(d.mode, Some(0o711));
     }
 
     #[tokio::test]

@@ -488,14 +488,17 @@ impl Store for ObjectRoot {
             attributes,
             ..PutOptions::default()
         };
-        let _slot = inner.slot().await;
+        let slot = inner.slot().await;
         let made = inner
             .s3
             .put_opts(&inner.key_of(&parts), PutPayload::new(), opts)
             .await;
+        drop(slot);
         // A directory now, as far as a lease on its parent knew.
         inner.dirs.changed(path);
-        made.map_err(failed)?;
+        let made = made.map_err(failed)?;
+        let (mtime, mode) = as_stored(meta.and_then(|m| m.mtime), meta.and_then(|m| m.mode));
+        inner.dirs.marker_written(path, made.e_tag, mtime, mode);
         Ok(())
     }
 
