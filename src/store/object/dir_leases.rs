@@ -758,7 +758,7 @@ mod tests {
         };
         a.mkdir(&path("d"), Some(meta)).await.unwrap();
         // Given up 250 ms after its last upload, the lease stores the index.
-        let index = super::super::index::index_dir(&a.inner, &["d".to_owned()]);
+        let index = index::index_dir(&a.inner, &["d".to_owned()]);
         let started = Instant::now();
         while a.inner.keys_under(&index).await.unwrap().is_empty() {
             assert!(started.elapsed() < Duration::from_secs(5), "no index");
