@@ -194,19 +194,21 @@ struct RequestLog {
 }
 
 impl RequestLog {
-    fn feed(&mut self, mut bytes: &[u8], out: &Mutex<Vec<(String, String)>>) {
-        while !bytes.is_empty() && !self.lost {
+    fn feed(&mut self, bytes: &[u8], out: &Mutex<Vec<(String, String)>>) {
+        // What is still to read: the bytes given, after a head its rest.
+        let mut pending = bytes.to_vec();
+        while !pending.is_empty() && !self.lost {
             if self.body_left > 0 {
-                let n = (self.body_left as usize).min(bytes.len());
+                let n = (self.body_left as usize).min(pending.len());
                 self.body_left -= n as u64;
-                bytes = &bytes[n..];
+                pending.drain(..n);
                 continue;
             }
-            self.head.extend_from_slice(bytes);
+            self.head.append(&mut pending);
             let Some(end) = self.head.windows(4).position(|w| w == b"\r\n\r\n") else {
                 return;
             };
-            let rest = self.head.split_off(end + 4);
+            pending = self.head.split_off(end + 4);
             let head = String::from_utf8_lossy(&self.head).into_owned();
             self.head.clear();
             let mut lines = head.split("\r\n");
@@ -222,15 +224,6 @@ impl RequestLog {
                 }
             }
             out.lock().unwrap().push((method, target));
-            // What followed the head: its body, then the next request.
-            let mut again = Self {
-                head: Vec::new(),
-                body_left: self.body_left,
-                lost: self.lost,
-            };
-            again.feed(&rest, out);
-            *self = again;
-            return;
         }
     }
 }

@@ -89,6 +89,8 @@ struct Timing {
     ttl: Duration,
     refresh: Duration,
     trusted_for: Duration,
+    /// What the lease's id has after its holder's tag.
+    mark: &'static str,
 }
 
 /// A name's lease ([`TTL`], [`REFRESH`], [`TRUSTED_FOR`]).
@@ -96,6 +98,7 @@ const NAME_TIMING: Timing = Timing {
     ttl: TTL,
     refresh: REFRESH,
     trusted_for: TRUSTED_FOR,
+    mark: "-",
 };
 
 /// A directory's lease for small files (dir_leases.rs): held for seconds,
@@ -106,6 +109,7 @@ const DIR_TIMING: Timing = Timing {
     ttl: Duration::from_secs(24),
     refresh: Duration::from_secs(4),
     trusted_for: Duration::from_secs(16),
+    mark: DIR_ID,
 };
 
 /// What the ids of directory leases have after their holder's tag.
@@ -248,13 +252,9 @@ impl Leases {
         let started = Instant::now();
         let mut attempt = 0u32;
         loop {
-            let kind = if timing.ttl == DIR_TIMING.ttl {
-                DIR_ID
-            } else {
-                "-"
-            };
+            let mark = timing.mark;
             let id = format!(
-                "{}{kind}{:016x}{:016x}",
+                "{}{mark}{:016x}{:016x}",
                 inner.holder(),
                 rand_u64(),
                 rand_u64()

@@ -89,7 +89,16 @@ pub(super) async fn open(
         Ok(None) => (None, None),
         // An empty object has no first bytes to range over; any other
         // answer is asked again the plain way.
-        Err(_) => (inner.head(&key).await.map_err(failed)?, None),
+        Err(_) => {
+            let head = inner.head(&key).await.map_err(failed)?;
+            (
+                head.map(|h| Head {
+                    meta: h.meta,
+                    attributes: h.attributes,
+                }),
+                None,
+            )
+        }
     };
     let Some(head) = head else {
         let is_dir = inner.has_children(&key).await.map_err(failed)?;
@@ -154,12 +163,18 @@ pub(super) async fn open(
 /// What [`open`] reads of an object with its metadata: a whole small file.
 const FIRST_BYTES: u64 = 64 << 10;
 
+/// What [`open`] needs of an object's HEAD.
+struct Head {
+    meta: object_store::ObjectMeta,
+    attributes: object_store::Attributes,
+}
+
 /// The object's metadata and its first [`FIRST_BYTES`] (all of a small
 /// one), in one request; `None` if there is no such object.
 async fn first_bytes(
     inner: &Inner,
     key: &Key,
-) -> object_store::Result<Option<(object_store::GetResult, bytes::Bytes)>> {
+) -> object_store::Result<Option<(Head, bytes::Bytes)>> {
     let opts = GetOptions {
         range: Some(GetRange::Bounded(0..FIRST_BYTES)),
         ..GetOptions::default()
@@ -170,12 +185,9 @@ async fn first_bytes(
         Err(e) if is_not_found(&e) => return Ok(None),
         Err(e) => return Err(e),
     };
-    let head = object_store::GetResult {
-        payload: object_store::GetResultPayload::Stream(futures::stream::empty().boxed()),
+    let head = Head {
         meta: got.meta.clone(),
-        range: got.range.clone(),
         attributes: got.attributes.clone(),
-        extensions: Default::default(),
     };
     let bytes = got.bytes().await?;
     Ok(Some((head, bytes)))
