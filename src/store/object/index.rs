@@ -55,7 +55,7 @@ const MAX_INDEX_BYTES: u64 = 8 << 20;
 
 /// One file as a listing saw it, and its metadata.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-struct Known {
+struct Seen {
     size: u64,
     etag: String,
     /// The store's time of the object, in milliseconds since the epoch.
@@ -67,7 +67,7 @@ struct Known {
 /// What `.qxfer-index/DIR/.qxfer-entries` holds: a directory's files by name.
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct Index {
-    files: BTreeMap<String, Known>,
+    files: BTreeMap<String, Seen>,
 }
 
 /// The key of the index of the directory `dir` (its names beneath the prefix).
@@ -89,7 +89,7 @@ fn stored_ms(object: &ObjectMeta) -> i64 {
     object.last_modified.timestamp_millis()
 }
 
-impl Known {
+impl Seen {
     /// Whether this entry describes `object` as listed now.
     fn describes(&self, object: &ObjectMeta) -> bool {
         object.e_tag.as_deref() == Some(self.etag.as_str())
@@ -224,7 +224,7 @@ pub(super) async fn record(
         }
         index.files.insert(
             w.leaf,
-            Known {
+            Seen {
                 size: w.size,
                 etag: w.etag,
                 stored_ms: stored_ms(object),
@@ -292,7 +292,7 @@ async fn describe_dir(
             if fresh.files.len() < MAX_ENTRIES {
                 fresh.files.insert(
                     leaf,
-                    Known {
+                    Seen {
                         size: f.object.size,
                         etag,
                         stored_ms: stored_ms(&f.object),
@@ -454,7 +454,7 @@ mod tests {
         let mut index = Index::default();
         index.files.insert(
             "f".to_owned(),
-            Known {
+            Seen {
                 size: 3,
                 etag: "not-this".to_owned(),
                 stored_ms: 0,
