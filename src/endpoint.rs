@@ -107,6 +107,18 @@ pub(crate) const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// syncing a large file, say) is not closed under them.
 const KEEP_ALIVE: Duration = Duration::from_secs(10);
 
+/// How often a server whose idle timeout is `idle` pings its clients
+/// itself. A connection's idle timeout is the shorter of the two sides',
+/// so a server run with `--idle-timeout` under three of the clients'
+/// [`KEEP_ALIVE`] periods would close connections that are only waiting
+/// (for a lease on a name another server held, say) before the client's
+/// next ping: such a server pings every third of its timeout. A peer that
+/// is gone still times out: a ping it does not answer does not count as
+/// traffic.
+fn server_keep_alive(idle: Duration) -> Option<Duration> {
+    (idle < KEEP_ALIVE * 3).then(|| (idle / 3).max(Duration::from_millis(100)))
+}
+
 /// Congestion controller choice.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Congestion {
@@ -166,7 +178,8 @@ impl Default for ServerLimits {
 impl TransportOpts {
     /// The quinn transport configuration for these options: `max_streams`
     /// is how many streams the peer may open, `idle` the idle timeout, and
-    /// `keep_alive` whether we ping while otherwise silent (clients do).
+    /// `keep_alive` how often we ping while otherwise silent, if at all
+    /// (clients do; servers only with a short idle timeout).
     ///
     /// Memory stays bounded at any stream count: each stream may have at most
     /// 32 MiB unread and the whole connection at most 8 MiB at first, then
@@ -178,7 +191,7 @@ impl TransportOpts {
         &self,
         max_streams: u32,
         idle: Duration,
-        keep_alive: bool,
+        keep_alive: Option<Duration>,
         memory: Option<PathMemory>,
     ) -> TransportConfig {
         let mut t = TransportConfig::default();
@@ -190,7 +203,7 @@ impl TransportOpts {
             .receive_window(VarInt::from_u64(INITIAL_RECEIVE_WINDOW).expect("fits"))
             .send_window(SEND_WINDOW)
             .max_idle_timeout(Some(idle))
-            .keep_alive_interval(keep_alive.then_some(KEEP_ALIVE));
+            .keep_alive_interval(keep_alive);
         // Fewer acknowledgements: the peer acknowledges every
         // `ACK_EVERY` packets instead of every other one (QUIC's ACK
         // frequency extension; both sides ask it of each other).
@@ -298,7 +311,7 @@ pub fn server_endpoint(
     cfg.transport_config(Arc::new(opts.transport_config(
         limits.max_streams,
         limits.idle_timeout,
-        false,
+        server_keep_alive(limits.idle_timeout),
         None,
     )));
     let socket = bind_udp(addr).map_err(|source| EndpointError::Bind { addr, source })?;
@@ -339,7 +352,7 @@ pub(crate) fn client_endpoint_resuming(
     cfg.transport_config(Arc::new(opts.transport_config(
         0,
         DEFAULT_IDLE_TIMEOUT,
-        true,
+        Some(KEEP_ALIVE),
         memory,
     )));
     let bind: SocketAddr = if server.is_ipv6() {

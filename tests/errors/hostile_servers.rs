@@ -212,3 +212,40 @@ async fn a_hostile_server_cannot_misuse_data_of_unknown_length() {
     drop(w);
     endpoint.close(0u32.into(), b"");
 }
+
+/// A server run with an idle timeout shorter than the clients' keep-alive
+/// period pings its clients itself: a client that is only waiting (for a
+/// lease another server holds, say) keeps its connection, where it used
+/// to be closed under it after the server's timeout. (Not hostile: it
+/// lives here for the raw endpoint above.)
+#[tokio::test]
+async fn a_short_server_idle_timeout_does_not_drop_a_waiting_client() {
+    let cfg = tempfile::tempdir().unwrap();
+    let dirs = tempfile::tempdir().unwrap();
+    let limits = qxfer::endpoint::ServerLimits {
+        idle_timeout: Duration::from_millis(900),
+        ..Default::default()
+    };
+    let (endpoint, _, allowlist) = common::endpoint_in(dirs.path(), &limits);
+    qxfer::tls::AuthorizedClients::append(&allowlist, common::client_identity(cfg.path()), "t")
+        .unwrap();
+    let config = common::client_config(endpoint.local_addr().unwrap(), cfg.path());
+    let (client, accepted) = tokio::join!(Client::connect(&config), async {
+        endpoint.accept().await.unwrap().await.unwrap()
+    });
+    let client = client.unwrap();
+    // Four timeouts with nothing to send: the connection is still open.
+    tokio::time::sleep(Duration::from_millis(3600)).await;
+    assert!(
+        accepted.close_reason().is_none(),
+        "closed: {:?}",
+        accepted.close_reason()
+    );
+    // And the connection still ends when the client goes.
+    client.close().await;
+    let started = Instant::now();
+    let reason = tokio::time::timeout(Duration::from_secs(5), accepted.closed())
+        .await
+        .expect("the server notices the client is gone");
+    assert!(started.elapsed() < Duration::from_secs(5), "{reason:?}");
+}

@@ -495,11 +495,14 @@ async fn a_server_whose_store_stops_answering_sends_its_clients_to_another() {
 }
 
 /// Two servers over one bucket; the one a `put -r` of 500 small files and
-/// a larger one goes through is killed mid-way: the same command goes on
-/// through the other, says so once, and every file arrives intact. The
+/// a 1 GiB file goes through is killed mid-way (the large file a few
+/// parts in): the same command goes on through the other, says so once,
+/// is honest about what it sent twice, and every file arrives intact. The
 /// killed server's leases are not given back: its directories' (small
-/// files) lapse after 24 s, its large upload's name after 60 s, and the
-/// client's retries wait that out (about 70 s in all).
+/// files) lapse after 24 s, the large upload's name after 60 s, and the
+/// client's retries wait that out (about 70 s in all). The servers' idle
+/// timeout is short (2 s) so the client notices the killed one at once;
+/// the survivor pings its clients through the wait.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_killed_mid_tree_is_replaced_by_another_over_the_same_bucket() {
     let g = garage();
@@ -528,28 +531,30 @@ async fn a_server_killed_mid_tree_is_replaced_by_another_over_the_same_bucket() 
         std::fs::write(src.join(&name), pattern(16 << 10, i)).unwrap();
         files.push(name);
     }
-    std::fs::write(src.join("big"), pattern(32 << 20, 1000)).unwrap();
-    files.push("big".to_owned());
+    let big_digest = {
+        use std::io::Write;
+        let mut out = std::io::BufWriter::new(std::fs::File::create(src.join("big")).unwrap());
+        let mut hasher = blake3::Hasher::new();
+        for i in 0..1024 {
+            let chunk = pattern(MIB, 1000 + i);
+            hasher.update(&chunk);
+            out.write_all(&chunk).unwrap();
+        }
+        out.flush().unwrap();
+        hasher.finalize()
+    };
     let addrs: Vec<String> = servers.iter().map(|s| s.addr.to_string()).collect();
     let mut client = spawn_into(
         qxfer(&h)
-            .args([
-                "put",
-                "-r",
-                "--limit-rate",
-                "6M",
-                "--retries",
-                "12",
-                "--to",
-                "up",
-            ])
+            .args(["put", "-r", "--retries", "12", "--to", "up"])
             .arg(&src)
             .args(["--server", &addrs[0], "--server", &addrs[1]]),
         &h.join("client.err"),
     );
     let logged = |log: &str, text: &str| log_has(&h.join(log), text);
     // Whichever server the client chose is killed once it has committed
-    // something (the large file and more small ones still on their way).
+    // something and stored parts of the large file (more small files and
+    // most of the large one still on their way).
     let started = Instant::now();
     let chosen = loop {
         if let Some(i) = (0..2).find(|&i| logged(["a.log", "b.log"][i], "put committed")) {
@@ -561,7 +566,7 @@ async fn a_server_killed_mid_tree_is_replaced_by_another_over_the_same_bucket() 
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    wait_for_parts(&url, 2).await;
     servers[chosen].child.kill().unwrap();
     let _ = servers[chosen].child.wait();
     let status = tokio::task::spawn_blocking(move || client.wait())
@@ -584,4 +589,23 @@ async fn a_server_killed_mid_tree_is_replaced_by_another_over_the_same_bucket() 
             "{name} is not what was sent: {err}"
         );
     }
+    // The large file, read back in a stream and hashed.
+    let prefix = common::object_prefix(Path::new(&url)).unwrap();
+    let key = object_store::path::Path::from(format!("{prefix}/up/src/big"));
+    let mut stream = bucket().get(&key).await.unwrap().into_stream();
+    let mut hasher = blake3::Hasher::new();
+    let mut len = 0u64;
+    while let Some(chunk) = futures::StreamExt::next(&mut stream).await {
+        let chunk = chunk.unwrap();
+        len += chunk.len() as u64;
+        hasher.update(&chunk);
+    }
+    assert_eq!(len, 1 << 30, "the large file's size: {err}");
+    assert_eq!(
+        hasher.finalize(),
+        big_digest,
+        "the large file's bytes: {err}"
+    );
+    // What the client said, for a reader of the test's output.
+    eprintln!("{err}");
 }
