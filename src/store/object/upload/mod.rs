@@ -219,6 +219,7 @@ impl ObjectUpload {
             }),
             stored: Vec::new(),
             in_flight: std::collections::VecDeque::new(),
+            holding: Arc::new(tokio::sync::Semaphore::new(PARTS_IN_FLIGHT)),
             next_index: self.multipart.as_ref().map_or(0, |m| m.parts.len()),
             first_root,
         }
@@ -293,7 +294,7 @@ impl ObjectUpload {
                 .clone()
                 .expect("a multipart upload has a target");
             let record = target
-                .store(m.parts.len(), sink.buf_offset, part)
+                .store(m.parts.len(), sink.buf_offset, part, None)
                 .await
                 .map_err(failed)?;
             m.parts.push(record);

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use object_store::path::Path as Key;
 use object_store::PutPayload;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::files::{blocking, Sink, SinkWrite, TransferError};
 use crate::protocol::Digest;
@@ -52,11 +53,17 @@ pub(super) struct PartTarget {
 
 impl PartTarget {
     /// Hashes and stores part `index` (at `offset`), then records it.
+    /// `holding` is what lets the part's bytes be held: it is given up as
+    /// soon as they are stored, before the record is written, so the next
+    /// part can go out while this one's record does (a record is a small
+    /// PUT, but under load Garage took about as long to answer it as a
+    /// part, and an upload had one part in flight where it was allowed two).
     pub(super) async fn store(
         &self,
         index: usize,
         offset: u64,
         part: Bytes,
+        holding: Option<OwnedSemaphorePermit>,
     ) -> object_store::Result<PartRecord> {
         let for_hash = part.clone();
         let hashing = blocking(move || tree_hash::hash_piece(offset, &for_hash));
@@ -68,6 +75,7 @@ impl PartTarget {
                 .await
         };
         let ((piece, root), id) = tokio::join!(hashing, storing);
+        drop(holding);
         let record = PartRecord {
             etag: id?.content_id,
             cv: piece.cv,
@@ -86,14 +94,18 @@ impl PartTarget {
 
 pub(super) type PartTask = tokio::task::JoinHandle<object_store::Result<PartRecord>>;
 
-/// Parts of one upload being stored at once. A store answers each part
-/// request at its own pace (Garage on loopback took 21 s for 1 GiB one part
-/// at a time, 11 s four at a time); two in flight and one filling keep an
-/// upload at 24 MiB of buffers with 8 MiB parts, so that with the stream's
-/// receive buffer (which fills while the store is the slower side) a
-/// server stays within 64 MiB per 1 GiB upload (three in flight peaked at
-/// 65 MiB).
+/// Parts of one upload whose bytes are held while they are stored. A
+/// store answers each part request at its own pace (Garage on loopback
+/// took 21 s for 1 GiB one part at a time, 11 s four at a time); two in
+/// flight and one filling keep an upload at 24 MiB of buffers with 8 MiB
+/// parts, so that with the stream's receive buffer (which fills while the
+/// store is the slower side) a server stays within 64 MiB per 1 GiB upload
+/// (three in flight peaked at 65 MiB).
 pub(super) const PARTS_IN_FLIGHT: usize = 2;
+
+/// Parts of one upload stored and still being recorded, besides those
+/// [`PARTS_IN_FLIGHT`]: they hold no bytes, only a task each.
+const RECORDS_IN_FLIGHT: usize = 4;
 
 /// Receives a file's bytes into parts: each full part is stored (and
 /// hashed) in a task of its own while the next ones fill, at most
@@ -111,8 +123,10 @@ pub(super) struct PartSink {
     pub(super) upload: Option<PartTarget>,
     /// Parts stored since the sink was made, in order.
     pub(super) stored: Vec<PartRecord>,
-    /// The parts being stored, oldest first.
+    /// The parts being stored or recorded, oldest first.
     pub(super) in_flight: std::collections::VecDeque<PartTask>,
+    /// Leave to hold a part's bytes while it is stored: [`PARTS_IN_FLIGHT`].
+    pub(super) holding: Arc<Semaphore>,
     /// The index the next full part gets.
     pub(super) next_index: usize,
     /// The first part's own BLAKE3, once known.
@@ -154,9 +168,22 @@ impl PartSink {
             return Ok(());
         };
         while self.buf.len() as u64 >= self.part_size {
-            if self.in_flight.len() >= PARTS_IN_FLIGHT {
+            // Parts stored and recorded are taken in order (a failure
+            // shows here, not only at the end); then the oldest is waited
+            // for if too many are still being recorded, and leave to hold
+            // one more part's bytes.
+            while self.in_flight.front().is_some_and(|t| t.is_finished()) {
                 self.settle_one().await?;
             }
+            if self.in_flight.len() >= PARTS_IN_FLIGHT + RECORDS_IN_FLIGHT {
+                self.settle_one().await?;
+            }
+            let holding = self
+                .holding
+                .clone()
+                .acquire_owned()
+                .await
+                .expect("the sink's semaphore is never closed");
             let offset = self.buf_offset;
             self.buf_offset += self.part_size;
             let next = (self.size.saturating_sub(self.buf_offset)).min(self.part_size) as usize;
@@ -165,7 +192,7 @@ impl PartSink {
             self.next_index += 1;
             let target = target.clone();
             self.in_flight.push_back(tokio::spawn(async move {
-                target.store(index, offset, part).await
+                target.store(index, offset, part, Some(holding)).await
             }));
         }
         Ok(())
