@@ -405,9 +405,18 @@ impl Client {
             name: remote.to_owned(),
             why,
         };
-        write_frame(&mut send, &Trailer { digest: ours })
-            .await
-            .map_err(|e| unconfirmed(e.to_string()))?;
+        if let Err(e) = write_frame(&mut send, &Trailer { digest: ours }).await {
+            // All the data went out before the server stopped taking it
+            // (a full disk, space promised to others): its answer says
+            // why, and nothing was saved. Without that answer the outcome
+            // is unknown.
+            return Err(
+                match reply::<Receipt>(&mut recv, self.reply_timeout).await {
+                    Ok(Receipt::Failed(refused)) => refused.into(),
+                    _ => unconfirmed(e.to_string()),
+                },
+            );
+        }
         send.finish();
         let receipt = reply::<Receipt>(&mut recv, self.receipt_within(size))
             .await

@@ -52,6 +52,10 @@ pub(crate) mod names {
     pub(crate) const COMMIT_SECONDS: &str = "qxfer_commit_seconds";
     /// Gauge: resumable uploads writing their partial now.
     pub(crate) const PARTIALS_OPEN: &str = "qxfer_partials_open";
+    /// Gauge: interrupted uploads the store keeps for a resume (in a
+    /// shared bucket, every server's), counted at most every
+    /// [`super::HELD_FRESH`].
+    pub(crate) const PARTIALS_HELD: &str = "qxfer_partials_held";
     /// Counter: requests that failed because the store did.
     pub(crate) const STORE_ERRORS: &str = crate::store::STORE_ERRORS_METRIC;
     /// Histogram: how long a health probe of the store took.
@@ -62,6 +66,12 @@ pub(crate) mod names {
     /// (a client that came back after losing its connection or its server).
     pub(crate) const RESUMED_UPLOADS: &str = "qxfer_resumed_uploads_total";
 }
+
+/// How long a count of the partials held stands before a scrape counts
+/// again: a count is a listing of the partial store (a LIST a thousand
+/// uploads in a bucket), so anyone who reaches the port, scraping as fast
+/// as it can, costs the store at most one listing in this long.
+const HELD_FRESH: Duration = Duration::from_secs(10);
 
 /// How long `/health` waits for the store's answer.
 pub(crate) const HEALTH_TIMEOUT: Duration = Duration::from_secs(5);
@@ -104,6 +114,8 @@ pub(super) struct Watched {
     pub(super) config: Arc<ServeConfig>,
     pub(super) partials: Arc<Partials>,
     pub(super) requests: Arc<tokio::sync::watch::Sender<usize>>,
+    /// When the partials held were last counted; one count at a time.
+    pub(super) held_counted: Arc<tokio::sync::Mutex<Option<Instant>>>,
 }
 
 /// The installed recorder and the bound HTTP listener; [`Exporter::serve`]
@@ -207,6 +219,7 @@ async fn answer<B>(
     }
     match req.uri().path() {
         "/metrics" => {
+            count_held(watched).await;
             sample(watched);
             let mut response = text(StatusCode::OK, handle.render());
             response.headers_mut().insert(
@@ -253,6 +266,25 @@ async fn probe(watched: &Watched) -> Result<(), String> {
     result
 }
 
+/// Counts the partials the store holds, unless that was done within
+/// [`HELD_FRESH`] (the gauge then keeps the last count). A store that does
+/// not answer within [`HEALTH_TIMEOUT`] leaves the last count, and says so.
+async fn count_held(watched: &Watched) {
+    let mut last = watched.held_counted.lock().await;
+    if last.is_some_and(|at| at.elapsed() < HELD_FRESH) {
+        return;
+    }
+    *last = Some(Instant::now());
+    match tokio::time::timeout(HEALTH_TIMEOUT, watched.config.store.held_partials()).await {
+        Ok(Ok(n)) => gauge!(names::PARTIALS_HELD).set(n as f64),
+        Ok(Err(e)) => warn!("metrics: cannot count the partial uploads held: {e}"),
+        Err(_) => warn!(
+            "metrics: the store did not list the partial uploads held within {} s",
+            HEALTH_TIMEOUT.as_secs()
+        ),
+    }
+}
+
 /// The values kept elsewhere, read as a scrape asks for them.
 fn sample(watched: &Watched) {
     let stats = &watched.config.stats;
@@ -293,6 +325,10 @@ fn describe() {
         COMMIT_SECONDS,
         Unit::Seconds,
         "How long a put's commit took, until the file was durable under its name."
+    );
+    describe_gauge!(
+        PARTIALS_HELD,
+        "Interrupted uploads the store keeps for a resume (in a shared bucket, every server's), counted at most every 10 s."
     );
     describe_gauge!(
         PARTIALS_OPEN,

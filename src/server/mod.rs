@@ -237,6 +237,7 @@ pub(crate) async fn run_until(
             config: config.clone(),
             partials: partials.clone(),
             requests: activity.requests.clone(),
+            held_counted: Default::default(),
         }))
     });
     tokio::pin!(shutdown);

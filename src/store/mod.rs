@@ -217,6 +217,10 @@ pub(crate) trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// Returns how many went.
     async fn sweep(&self, ttl: Duration, in_use: InUse) -> Result<usize, String>;
 
+    /// How many interrupted uploads the store keeps for a resume now
+    /// (with a shared bucket, every server's), for `serve --metrics`.
+    async fn held_partials(&self) -> Result<usize, String>;
+
     /// Called once as a server starts serving, with a tag no other live
     /// server has (see [`crate::store::object`]'s leases): a store shared
     /// between servers takes back what a crashed predecessor of the same

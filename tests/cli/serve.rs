@@ -291,6 +291,63 @@ fn metrics_and_health_are_served_over_http_in_prometheus_format() {
     assert!(body.contains("/metrics"), "{body}");
 }
 
+/// An upload interrupted (the client stopped with Ctrl-C) leaves a partial
+/// for its resume: the metrics count it as held, and no longer once the
+/// rerun has finished it.
+#[test]
+fn an_interrupted_upload_counts_as_a_partial_held_until_resumed() {
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    let root = h.join("root");
+    let server = serve_over(h, &root, "127.0.0.1:0", &["--metrics", "127.0.0.1:0"]);
+    let at = metrics_addr(&server);
+    std::fs::write(h.join("big"), pattern(8 << 20, 3)).unwrap();
+    let mut put = client(h, &server)
+        .current_dir(h)
+        .args(["put", "big", "--limit-rate", "1M"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let partials = root.join(qxfer::paths::PARTIAL_DIR);
+    let started = Instant::now();
+    // Interrupted once some of it has arrived (a partial holding nothing
+    // is not kept).
+    let arrived = || {
+        std::fs::read_dir(&partials).map_or(0, |d| {
+            d.flatten()
+                .map(|e| e.metadata().map_or(0, |m| m.len()))
+                .sum::<u64>()
+        })
+    };
+    while arrived() < 1 << 20 {
+        assert!(started.elapsed() < Duration::from_secs(20), "no partial");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // SAFETY: kill only sends a signal to the child we started.
+    unsafe { libc::kill(put.id() as i32, libc::SIGINT) };
+    assert!(!put.wait().unwrap().success());
+    let held = || {
+        let (status, text) = http_get(at, "/metrics");
+        assert_eq!(status, 200, "{text}");
+        promtool_check(&text);
+        sample(&text, "qxfer_partials_held").unwrap_or_else(|| panic!("{text}"))
+    };
+    assert_eq!(held(), 1.0);
+    client(h, &server)
+        .current_dir(h)
+        .args(["put", "big"])
+        .assert()
+        .success()
+        .stderr(predicate::str::contains("resumed"));
+    // The count stands for 10 s, then the next scrape counts again.
+    let started = Instant::now();
+    while held() != 0.0 {
+        assert!(started.elapsed() < Duration::from_secs(20), "still held");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
 #[test]
 fn a_metrics_address_in_use_stops_serve_with_a_clear_error() {
     let home = tempfile::tempdir().unwrap();

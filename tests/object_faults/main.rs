@@ -33,55 +33,98 @@ async fn slow_client(server: &TestServer, cfg: &Path, rate: u64) -> Client {
     Client::connect(&config).await.unwrap()
 }
 
+/// A Garage node killed mid-upload: the upload finishes (or its rerun,
+/// which the client makes itself, resumes it), nothing is lost, gets,
+/// small files and listings go on with the node down, and the server's
+/// metrics and health are served throughout. The server and client are
+/// the real binary.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_node_killed_mid_transfer_loses_nothing() {
+async fn a_node_killed_mid_transfer_loses_nothing_and_the_metrics_stay_served() {
     let g = garage();
     let url = g.fresh_root("nodekill");
-    let server = TestServer::start_object(&url, 0).await;
-    let cfg = tempfile::tempdir().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let src = dir.path().join("big");
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path().to_owned();
+    let mut cmd = qxfer(&h);
+    cmd.args([
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--metrics",
+        "127.0.0.1:0",
+    ])
+    .args(["--root", &url, "--s3-endpoint", &g.endpoints[0]])
+    .arg("--certs")
+    .arg(h.join("certs"));
+    g.env(&mut cmd);
+    let server = tokio::task::spawn_blocking(move || ServeProcess::spawn(cmd))
+        .await
+        .unwrap();
+    let at = metrics_addr(&server);
+    let get = move |path: &'static str| tokio::task::spawn_blocking(move || http_get(at, path));
+    let src = h.join("big");
     let data = pattern(64 * MIB, 11);
     std::fs::write(&src, &data).unwrap();
-
-    let client = slow_client(&server, cfg.path(), 24 * MIB as u64).await;
-    let c = client.clone();
-    let s = src.clone();
-    let upload = tokio::spawn(async move { c.put(&s, "big", false, &|_| {}).await });
+    let run = |args: &[&str]| {
+        let mut cmd = qxfer_at(&h, server.addr);
+        cmd.args(args);
+        tokio::task::spawn_blocking(move || cmd.output().unwrap())
+    };
+    let mut put = spawn_into(
+        qxfer_at(&h, server.addr)
+            .args(["put", "--limit-rate", "24M", "--retries", "3"])
+            .arg(&src),
+        &h.join("put.err"),
+    );
     wait_for_parts(&url, 1).await;
     // SIGKILL the third node (not the one the server talks to): two of
     // three replicas remain, a quorum for every read and write.
     // SAFETY: kill(2) with a pid the cluster script started and a valid signal.
     assert_eq!(unsafe { libc::kill(g.pids[2] as i32, libc::SIGKILL) }, 0);
-    let first = upload.await.unwrap();
-    let report = match first {
-        Ok(r) => r,
-        // Had it failed, a rerun must resume and finish.
-        Err(e) => {
-            eprintln!("the put failed while the node died ({e}); running it again");
-            client.put(&src, "big", false, &|_| {}).await.unwrap()
-        }
-    };
-    assert_eq!(report.blake3, *blake3::hash(&data).as_bytes());
-    let back = dir.path().join("back");
-    client
-        .get("big", &back, false, &|_| {}, &|_| {})
-        .await
-        .unwrap();
-    assert_eq!(std::fs::read(&back).unwrap(), data);
-    // Small files and listings go on with the node down.
-    let small = dir.path().join("small");
-    std::fs::write(&small, b"after the node died").unwrap();
-    client.put(&small, "small", false, &|_| {}).await.unwrap();
-    let names: Vec<_> = client
-        .list("")
+    // The metrics answer while the node is down and the upload goes on.
+    let (status, text) = get("/metrics").await.unwrap();
+    assert_eq!(status, 200, "{text}");
+    promtool_check(&text);
+    let status = tokio::task::spawn_blocking(move || put.wait())
         .await
         .unwrap()
-        .into_iter()
-        .map(|e| e.name)
-        .collect();
-    assert_eq!(names, ["big", "small"]);
-    client.close().await;
+        .unwrap();
+    let err = std::fs::read_to_string(h.join("put.err")).unwrap();
+    assert!(status.success(), "{status:?}: {err}");
+    assert!(
+        common::stored_at(Path::new(&url), "big").await.as_deref() == Some(&data[..]),
+        "the file stored is not what was sent: {err}"
+    );
+    let back = h.join("back");
+    let out = run(&["get", "big", "-o", back.to_str().unwrap()])
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        std::fs::read(back.join("big")).unwrap() == data,
+        "the file read back differs"
+    );
+    // Small files and listings go on with the node down.
+    std::fs::write(h.join("small"), b"after the node died").unwrap();
+    let out = run(&["put", h.join("small").to_str().unwrap()])
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let out = run(&["ls"]).await.unwrap();
+    let listed = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success() && listed.contains("big") && listed.contains("small"),
+        "{out:?}"
+    );
+    // And the server says what it did, and that its store answers.
+    let (status, text) = get("/metrics").await.unwrap();
+    assert_eq!(status, 200, "{text}");
+    promtool_check(&text);
+    assert!(
+        sample(&text, r#"qxfer_requests_total{kind="put",outcome="ok"}"#).is_some_and(|n| n >= 2.0),
+        "{text}"
+    );
+    assert_eq!(sample(&text, "qxfer_store_up"), Some(1.0), "{text}");
+    assert_eq!(get("/health").await.unwrap(), (200, "ok\n".to_owned()));
 }
 
 /// A record listing the file's short last part too (a commit that stored

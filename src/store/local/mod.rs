@@ -305,6 +305,13 @@ impl Store for LocalStore {
             .map_err(|e| e.to_string())
     }
 
+    async fn held_partials(&self) -> Result<usize, String> {
+        let root = self.root.clone();
+        blocking(move || partials::count(&root))
+            .await
+            .map_err(|e| e.to_string())
+    }
+
     async fn probe(&self) -> Result<(), String> {
         let root = self.root.clone();
         blocking(move || root.dir_metadata().map(drop))

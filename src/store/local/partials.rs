@@ -57,6 +57,16 @@ pub(super) fn sweep(root: &Dir, ttl: Duration, in_use: &dyn Fn(&str) -> bool) ->
     Ok(removed)
 }
 
+/// How many uploads' partials the partial store holds (each is one file).
+/// Blocking.
+pub(super) fn count(root: &Dir) -> io::Result<usize> {
+    match root.open_dir_nofollow(PARTIAL_DIR) {
+        Ok(store) => Ok(store.entries()?.count()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(0),
+        Err(e) => Err(e),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -529,6 +529,13 @@ impl Store for ObjectRoot {
             .map_err(|e| e.to_string())
     }
 
+    async fn held_partials(&self) -> Result<usize, String> {
+        upload::recorded_uploads(&self.inner)
+            .await
+            .map(|uploads| uploads.len())
+            .map_err(|e| e.to_string())
+    }
+
     async fn adopt(&self, holder: &str) -> Result<usize, String> {
         leases::adopt(&self.inner, holder)
             .await

@@ -31,8 +31,8 @@ mod records;
 pub(super) use prepare::prepare;
 
 use parts::*;
-pub(super) use records::sweep;
 use records::*;
+pub(super) use records::{recorded_uploads, sweep};
 
 /// A multipart upload's identity and the parts it holds.
 #[derive(Debug)]

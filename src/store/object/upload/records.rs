@@ -116,7 +116,7 @@ pub(super) async fn forget_record(inner: &Inner, record: &[String]) -> object_st
 }
 
 /// The uploads recorded in the bucket: name, and when the record last changed.
-pub(super) async fn recorded_uploads(
+pub(in super::super) async fn recorded_uploads(
     inner: &Inner,
 ) -> object_store::Result<HashMap<String, SystemTime>> {
     let dir = inner.key_of(&[PARTIAL_DIR]);
