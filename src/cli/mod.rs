@@ -50,7 +50,6 @@ pub(crate) mod exit {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     raise_open_file_limit();
-    keep_freed_memory();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -120,27 +119,6 @@ fn raise_open_file_limit() {
 
 #[cfg(not(unix))]
 fn raise_open_file_limit() {}
-
-/// Keeps the memory a transfer frees for its next buffers instead of
-/// handing it back to the system at once. glibc's defaults give a freed
-/// buffer above its trim threshold back to the kernel (`madvise` in the
-/// arenas of worker threads, `munmap` above the mmap threshold), and the
-/// next one of that size faults its pages in again: in a profile of a
-/// server sending 1 GiB from the object store, a third of its CPU went to
-/// page faults on buffers quinn and the object store had just freed.
-/// Fixed thresholds (buffers up to 32 MiB, the most glibc allows, come
-/// from the arenas; up to 64 MiB free at an arena's top is kept) end that.
-/// Memory is still given back: a server trims every arena once its last
-/// connection has gone (`server::release_memory`), and a client exits.
-fn keep_freed_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only sets the allocator's tunables; it is called
-    // before any other thread exists.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 64 << 20);
-    }
-}
 
 /// Runs a parsed command line.
 async fn run(cli: Cli) -> Result<ExitCode> {
