@@ -33,6 +33,26 @@ async fn slow_client(server: &TestServer, cfg: &Path, rate: u64) -> Client {
     Client::connect(&config).await.unwrap()
 }
 
+/// A `serve --metrics` process over `url`, reaching the store at
+/// `endpoint`, with its certs in `home`.
+async fn metrics_server(url: &str, endpoint: &str, home: &Path) -> ServeProcess {
+    let mut cmd = qxfer(home);
+    cmd.args([
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--metrics",
+        "127.0.0.1:0",
+    ])
+    .args(["--root", url, "--s3-endpoint", endpoint])
+    .arg("--certs")
+    .arg(home.join("certs"));
+    garage().env(&mut cmd);
+    tokio::task::spawn_blocking(move || ServeProcess::spawn(cmd))
+        .await
+        .unwrap()
+}
+
 /// A Garage node killed mid-upload: the upload finishes (or its rerun,
 /// which the client makes itself, resumes it), nothing is lost, gets,
 /// small files and listings go on with the node down, and the server's
@@ -44,21 +64,7 @@ async fn a_node_killed_mid_transfer_loses_nothing_and_the_metrics_stay_served() 
     let url = g.fresh_root("nodekill");
     let home = tempfile::tempdir().unwrap();
     let h = home.path().to_owned();
-    let mut cmd = qxfer(&h);
-    cmd.args([
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--metrics",
-        "127.0.0.1:0",
-    ])
-    .args(["--root", &url, "--s3-endpoint", &g.endpoints[0]])
-    .arg("--certs")
-    .arg(h.join("certs"));
-    g.env(&mut cmd);
-    let server = tokio::task::spawn_blocking(move || ServeProcess::spawn(cmd))
-        .await
-        .unwrap();
+    let server = metrics_server(&url, &g.endpoints[0], &h).await;
     let at = metrics_addr(&server);
     let get = move |path: &'static str| tokio::task::spawn_blocking(move || http_get(at, path));
     let src = h.join("big");
@@ -402,21 +408,7 @@ async fn a_server_cut_off_from_its_store_says_so_on_health_and_still_serves_metr
     let url = g.fresh_root("health");
     let proxy = CountingProxy::start().await;
     let home = tempfile::tempdir().unwrap();
-    let mut cmd = qxfer(home.path());
-    cmd.args([
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--metrics",
-        "127.0.0.1:0",
-    ])
-    .args(["--root", &url, "--s3-endpoint", &proxy.endpoint])
-    .arg("--certs")
-    .arg(home.path().join("certs"));
-    g.env(&mut cmd);
-    let server = tokio::task::spawn_blocking(move || ServeProcess::spawn(cmd))
-        .await
-        .unwrap();
+    let server = metrics_server(&url, &proxy.endpoint, home.path()).await;
     let at = metrics_addr(&server);
     let get = move |path: &'static str| tokio::task::spawn_blocking(move || http_get(at, path));
 
