@@ -114,9 +114,9 @@ const KEEP_ALIVE: Duration = Duration::from_secs(10);
 /// (for a lease on a name another server held, say) before the client's
 /// next ping: such a server pings every third of its timeout. A peer that
 /// is gone still times out: a ping it does not answer does not count as
-/// traffic.
+/// traffic. A timeout of zero (none at all) needs no pings.
 fn server_keep_alive(idle: Duration) -> Option<Duration> {
-    (idle < KEEP_ALIVE * 3).then(|| (idle / 3).max(Duration::from_millis(100)))
+    (!idle.is_zero() && idle < KEEP_ALIVE * 3).then(|| idle / 3)
 }
 
 /// Congestion controller choice.
@@ -370,4 +370,21 @@ pub(crate) fn client_endpoint_resuming(
     .map_err(|source| EndpointError::Bind { addr: bind, source })?;
     endpoint.set_default_client_config(cfg);
     Ok(endpoint)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_server_pings_its_clients_only_under_a_short_idle_timeout() {
+        assert_eq!(DEFAULT_IDLE_TIMEOUT, KEEP_ALIVE * 3);
+        assert_eq!(server_keep_alive(DEFAULT_IDLE_TIMEOUT), None);
+        assert_eq!(server_keep_alive(Duration::from_secs(60)), None);
+        assert_eq!(
+            server_keep_alive(Duration::from_secs(2)),
+            Some(Duration::from_secs(2) / 3)
+        );
+        assert_eq!(server_keep_alive(Duration::ZERO), None);
+    }
 }
