@@ -12,7 +12,7 @@ use crate::protocol::{
 };
 
 use super::get::hash_file;
-use super::{reply, unexpected, Client, FileError, TransferReport};
+use super::{reply, unexpected, Client, FileError, RecvHalf, TransferReport};
 
 impl Client {
     /// Uploads `local` to the remote path `remote`. Returns once the server
@@ -312,6 +312,15 @@ impl Client {
 }
 
 impl Client {
+    /// Why the server stopped taking an upload's data, if it says within
+    /// the reply timeout (too large, a full disk, space promised to others).
+    async fn stop_reason(&self, recv: &mut Box<dyn RecvHalf>) -> Option<FileError> {
+        match reply::<Receipt>(recv, self.reply_timeout).await {
+            Ok(Receipt::Failed(refused)) => Some(refused.into()),
+            _ => None,
+        }
+    }
+
     /// Uploads everything `input` gives until it ends (standard input, for
     /// `qxfer put - NAME`) to the remote path `remote`. Its length is known
     /// only at its end, so nothing can be resumed: an upload that fails
@@ -386,15 +395,16 @@ impl Client {
             Err(source) => {
                 // The server usually says why it stopped taking the data
                 // (too large, a full disk).
-                let answer = reply::<Receipt>(&mut recv, self.reply_timeout).await;
-                return Err(match answer {
-                    Ok(Receipt::Failed(e)) => e.into(),
+                return Err(match self.stop_reason(&mut recv).await {
+                    Some(refused) => refused,
                     // ("Rerun to resume" is no advice for a pipe.)
-                    _ if matches!(source, TransferError::Stalled) => FileError::Protocol(format!(
-                        "the server took none of the data for {} s",
-                        exchange::STALL_TIMEOUT.as_secs()
-                    )),
-                    _ => FileError::Transfer {
+                    None if matches!(source, TransferError::Stalled) => {
+                        FileError::Protocol(format!(
+                            "the server took none of the data for {} s",
+                            exchange::STALL_TIMEOUT.as_secs()
+                        ))
+                    }
+                    None => FileError::Transfer {
                         path: label.to_owned(),
                         source,
                     },
@@ -410,12 +420,8 @@ impl Client {
             // (a full disk, space promised to others): its answer says
             // why, and nothing was saved. Without that answer the outcome
             // is unknown.
-            return Err(
-                match reply::<Receipt>(&mut recv, self.reply_timeout).await {
-                    Ok(Receipt::Failed(refused)) => refused.into(),
-                    _ => unconfirmed(e.to_string()),
-                },
-            );
+            let refused = self.stop_reason(&mut recv).await;
+            return Err(refused.unwrap_or_else(|| unconfirmed(e.to_string())));
         }
         send.finish();
         let receipt = reply::<Receipt>(&mut recv, self.receipt_within(size))

@@ -33,24 +33,37 @@ async fn slow_client(server: &TestServer, cfg: &Path, rate: u64) -> Client {
     Client::connect(&config).await.unwrap()
 }
 
-/// A `serve --metrics` process over `url`, reaching the store at
-/// `endpoint`, with its certs in `home`.
-async fn metrics_server(url: &str, endpoint: &str, home: &Path) -> ServeProcess {
+/// A `qxfer serve` process over `url`, reaching the store at `endpoint`,
+/// its certs in `home` (servers of one home share an identity), with
+/// `args` besides (`--listen` among them); its log goes to `home/<log>`
+/// if given.
+async fn bucket_server(
+    home: &Path,
+    url: &str,
+    endpoint: &str,
+    args: &[&str],
+    log: Option<&str>,
+) -> ServeProcess {
     let mut cmd = qxfer(home);
-    cmd.args([
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--metrics",
-        "127.0.0.1:0",
-    ])
-    .args(["--root", url, "--s3-endpoint", endpoint])
-    .arg("--certs")
-    .arg(home.join("certs"));
+    cmd.arg("serve")
+        .args(args)
+        .args(["--root", url, "--s3-endpoint", endpoint])
+        .arg("--certs")
+        .arg(home.join("certs"));
     garage().env(&mut cmd);
-    tokio::task::spawn_blocking(move || ServeProcess::spawn(cmd))
-        .await
-        .unwrap()
+    let log = log.map(|name| std::fs::File::create(home.join(name)).unwrap());
+    tokio::task::spawn_blocking(move || match log {
+        Some(log) => ServeProcess::spawn_logging(cmd, log),
+        None => ServeProcess::spawn(cmd),
+    })
+    .await
+    .unwrap()
+}
+
+/// [`bucket_server`] with `--metrics` on a free port.
+async fn metrics_server(url: &str, endpoint: &str, home: &Path) -> ServeProcess {
+    let args = ["--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0"];
+    bucket_server(home, url, endpoint, &args, None).await
 }
 
 /// A Garage node killed mid-upload: the upload finishes (or its rerun,
@@ -231,14 +244,15 @@ async fn two_servers_never_both_save_one_name() {
     let h = home.path().to_owned();
     let url = garage().fresh_root("race");
     let serve = |node: usize| {
-        let mut cmd = qxfer(&h);
-        cmd.args(["serve", "--listen", "127.0.0.1:0", "--certs"])
-            .arg(h.join("certs"))
-            .args(["--root", &url, "--s3-endpoint", &garage().endpoints[node]]);
-        garage().env(&mut cmd);
-        ServeProcess::spawn(cmd)
+        bucket_server(
+            &h,
+            &url,
+            &garage().endpoints[node],
+            &["--listen", "127.0.0.1:0"],
+            None,
+        )
     };
-    let servers = [serve(0), serve(1)];
+    let servers = [serve(0).await, serve(1).await];
     let mut lost = 0;
     for (size, rounds) in [(MIB, 10), (20 * MIB, 4)] {
         for round in 0..rounds {
@@ -445,19 +459,14 @@ async fn a_server_whose_store_stops_answering_sends_its_clients_to_another() {
     let h = home.path().to_owned();
     // Two servers of one identity over one bucket: A reaches the store
     // through the proxy, B directly.
-    let serve = |listen: &str, endpoint: &str, log: &str| {
-        let mut cmd = qxfer(&h);
-        cmd.args(["serve", "--listen", listen])
-            .args(["--root", &url, "--s3-endpoint", endpoint])
-            .arg("--certs")
-            .arg(h.join("certs"));
-        g.env(&mut cmd);
-        let log = std::fs::File::create(h.join(log)).unwrap();
-        tokio::task::spawn_blocking(move || ServeProcess::spawn_logging(cmd, log))
-    };
-    let a = serve("127.0.0.1:0", &proxy.endpoint, "a.log")
-        .await
-        .unwrap();
+    let a = bucket_server(
+        &h,
+        &url,
+        &proxy.endpoint,
+        &["--listen", "127.0.0.1:0"],
+        Some("a.log"),
+    )
+    .await;
     // B's address is given before B runs: the client, whichever it picks
     // first, ends up on A.
     let b_port = std::net::UdpSocket::bind("127.0.0.1:0")
@@ -489,9 +498,9 @@ async fn a_server_whose_store_stops_answering_sends_its_clients_to_another() {
     let logged = |log: &str, text: &str| log_has(&h.join(log), text);
     // A has stored a part of the upload when its store goes away.
     wait_for_parts(&url, 1).await;
-    let _b = serve(&format!("127.0.0.1:{b_port}"), &g.endpoint, "b.log")
-        .await
-        .unwrap();
+    let b_listen = format!("127.0.0.1:{b_port}");
+    let b_args = ["--listen", b_listen.as_str()];
+    let _b = bucket_server(&h, &url, &g.endpoint, &b_args, Some("b.log")).await;
     proxy.cut();
     let status = tokio::task::spawn_blocking(move || client.wait())
         .await
@@ -544,20 +553,11 @@ async fn a_server_killed_mid_tree_is_replaced_by_another_over_the_same_bucket() 
     let url = g.fresh_root("killed");
     let home = tempfile::tempdir().unwrap();
     let h = home.path().to_owned();
-    let serve = |node: usize, log: &str| {
-        let mut cmd = qxfer(&h);
-        cmd.args(["serve", "--listen", "127.0.0.1:0", "--idle-timeout", "2s"])
-            .args(["--root", &url, "--s3-endpoint", &g.endpoints[node]])
-            .arg("--certs")
-            .arg(h.join("certs"));
-        g.env(&mut cmd);
-        let log = std::fs::File::create(h.join(log)).unwrap();
-        tokio::task::spawn_blocking(move || ServeProcess::spawn_logging(cmd, log))
+    const ARGS: [&str; 4] = ["--listen", "127.0.0.1:0", "--idle-timeout", "2s"];
+    let serve = |node: usize, log: &'static str| {
+        bucket_server(&h, &url, &g.endpoints[node], &ARGS, Some(log))
     };
-    let mut servers = [
-        serve(0, "a.log").await.unwrap(),
-        serve(1, "b.log").await.unwrap(),
-    ];
+    let mut servers = [serve(0, "a.log").await, serve(1, "b.log").await];
     let src = h.join("src");
     let mut files = Vec::new();
     for i in 0..500u64 {
