@@ -148,14 +148,11 @@ pub async fn wait_for_parts(url: &str, n: usize) {
     let start = std::time::Instant::now();
     loop {
         let stored = keys(url).await;
-        let parts = stored
+        let parts: usize = stored
             .iter()
-            .filter(|k| {
-                k.rsplit('/')
-                    .next()
-                    .is_some_and(|n| n.starts_with("part-0"))
-            })
-            .count();
+            .filter_map(|k| k.rsplit('/').next().and_then(super::recorded_range))
+            .map(|(first, last)| last - first + 1)
+            .sum();
         if parts >= n {
             return;
         }

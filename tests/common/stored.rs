@@ -196,24 +196,41 @@ impl TestServer {
     }
 
     /// In an object store, flips the first character of each of `fields`
-    /// in the first part's record of the (one) upload in progress.
+    /// in the first part's record of the (one) upload in progress (in a
+    /// record of several parts, the first of them).
     pub async fn flip_part_record(&self, fields: &[&str]) {
-        use object_store::{ObjectStoreExt, PutPayload};
+        use futures::TryStreamExt;
+        use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
         let names = self.partials().await;
         assert_eq!(names.len(), 1, "one upload in progress: {names:?}");
         let (_, prefix) = self.object_root().expect("an object root");
-        let key = object_store::path::Path::from(format!(
-            "{prefix}/{}/{}/part-00000",
-            qxfer::paths::PARTIAL_DIR,
-            names[0]
-        ));
+        let dir = format!("{prefix}/{}/{}", qxfer::paths::PARTIAL_DIR, names[0]);
         let bucket = garage::bucket();
+        let listed: Vec<_> = bucket
+            .list(Some(&object_store::path::Path::from(dir.as_str())))
+            .try_collect()
+            .await
+            .unwrap();
+        let key = listed
+            .into_iter()
+            .map(|o| o.location)
+            .find(|k| {
+                k.filename()
+                    .and_then(recorded_range)
+                    .is_some_and(|(first, _)| first == 0)
+            })
+            .expect("a record of the first part");
         let body = bucket.get(&key).await.unwrap().bytes().await.unwrap();
         let mut record: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        let first = if record.is_array() {
+            &mut record[0]
+        } else {
+            &mut record
+        };
         for field in fields {
-            let hex = record[field].as_str().expect("a recorded hash").to_owned();
+            let hex = first[field].as_str().expect("a recorded hash").to_owned();
             let flipped = if hex.starts_with('0') { "1" } else { "0" };
-            record[field] = format!("{flipped}{}", &hex[1..]).into();
+            first[field] = format!("{flipped}{}", &hex[1..]).into();
         }
         let body = serde_json::to_vec(&record).unwrap();
         bucket.put(&key, PutPayload::from(body)).await.unwrap();
@@ -385,14 +402,12 @@ pub async fn partial_bytes_at(root: &Path) -> u64 {
             .try_collect()
             .await
             .unwrap();
-        let parts = listed
+        let parts: usize = listed
             .iter()
-            .filter(|o| {
-                o.location
-                    .filename()
-                    .is_some_and(|f| f.starts_with("part-"))
-            })
-            .count() as u64;
+            .filter_map(|o| o.location.filename().and_then(recorded_range))
+            .map(|(first, last)| last - first + 1)
+            .sum();
+        let parts = parts as u64;
         let size = header["size"].as_u64().unwrap();
         total += (parts * header["part_size"].as_u64().unwrap()).min(size);
     }
@@ -416,4 +431,15 @@ pub fn flip_byte(path: &Path, at: u64) {
 pub struct StoredObject {
     pub bytes: Vec<u8>,
     pub attributes: std::collections::HashMap<String, String>,
+}
+
+/// The parts an object-store upload's record object holds, by its name:
+/// `part-N` one, `part-A-B` those from A to B (a server records the parts
+/// it stored in the last second together).
+pub fn recorded_range(name: &str) -> Option<(usize, usize)> {
+    let numbers = name.strip_prefix("part-")?;
+    match numbers.split_once('-') {
+        None => numbers.parse().ok().map(|n| (n, n)),
+        Some((a, b)) => Some((a.parse().ok()?, b.parse().ok()?)),
+    }
 }

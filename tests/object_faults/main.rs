@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use common::garage::{bucket, garage, keys, wait_for_parts, CountingProxy};
 use common::{
-    http_get, log_has, metrics_addr, pattern, promtool_check, qxfer, qxfer_at, sample, serve_root,
-    spawn_into, ServeProcess, TestServer,
+    http_get, log_has, metrics_addr, pattern, promtool_check, qxfer, qxfer_at, recorded_range,
+    sample, serve_root, spawn_into, ServeProcess, TestServer,
 };
 use object_store::ObjectStoreExt;
 use qxfer::client::Client;
@@ -182,19 +182,39 @@ async fn a_record_of_more_parts_than_the_file_holds_still_resumes() {
             .await
             .unwrap();
     }
-    // Record a third part, as a failed commit of the short tail leaves it.
+    // Record a third part, as a failed commit of the short tail once left
+    // it: a copy of the second part's record, under the third's name.
     let prefix = url.split_once("://").unwrap().1.split_once('/').unwrap().1;
-    let second = keys(&url)
+    let (second, last) = keys(&url)
         .await
         .into_iter()
-        .find(|k| k.ends_with("/part-00001"))
+        .filter_map(|k| {
+            let (first, last) = recorded_range(k.rsplit('/').next()?)?;
+            (first <= 1 && last >= 1).then_some((k, last))
+        })
+        .next()
         .expect("two parts recorded");
-    let from = object_store::path::Path::from(format!("{prefix}/{second}"));
-    let to = object_store::path::Path::from(format!(
-        "{prefix}/{}",
-        second.replace("part-00001", "part-00002")
-    ));
-    bucket().copy(&from, &to).await.unwrap();
+    assert_eq!(last, 1, "two parts recorded, not more: {second}");
+    let bucket = bucket();
+    let body = bucket
+        .get(&object_store::path::Path::from(format!(
+            "{prefix}/{second}"
+        )))
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let mut record: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    if record.is_array() {
+        record = record[1].take();
+    }
+    let (dir, _) = second.rsplit_once('/').unwrap();
+    let third = object_store::path::Path::from(format!("{prefix}/{dir}/part-00002"));
+    bucket
+        .put(&third, serde_json::to_vec(&record).unwrap().into())
+        .await
+        .unwrap();
     let fresh = Client::connect(&server.client_config(cfg.path()))
         .await
         .unwrap();

@@ -71,6 +71,7 @@ pub(super) async fn list_tree(
     // The markers' objects, by the directory each marks.
     let mut markers = Vec::new();
     let mut name_bytes = 0;
+    let started = std::time::Instant::now();
     let slot = inner.slot().await;
     let mut listing = inner.s3.list(Some(dir));
     while let Some(object) = listing.try_next().await.map_err(failed)? {
@@ -110,6 +111,7 @@ pub(super) async fn list_tree(
         }
     }
     drop((listing, slot));
+    let listed_in = started.elapsed();
     // Files and markers in one go: a directory's index holds both (two
     // goes would each store it with only their own).
     let n_files = files.len();
@@ -119,6 +121,7 @@ pub(super) async fn list_tree(
         .collect();
     listed.extend(markers);
     let described = index::describe(inner, listed).await.map_err(failed)?;
+    tracing::debug!(?listed_in, took = ?started.elapsed(), files = n_files, "tree listed");
     let mut out = Vec::with_capacity(n_files + dirs.len());
     let mut metas: BTreeMap<String, DirMeta> = BTreeMap::new();
     for d in described {

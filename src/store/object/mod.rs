@@ -13,10 +13,12 @@
 //!   prefix to a resuming client, and send the digest, without reading the
 //!   object back. A stale one (the object replaced by another tool) no
 //!   longer matches the ETag and is ignored.
-//! - `.qxfer-partial/NAME/upload` and `.qxfer-partial/NAME/part-NNNNN`: a
-//!   multipart upload in progress (NAME is the partial name: client
-//!   identity, path, size and mtime): its upload id, then one record per
-//!   part stored (ETag and chaining value). Any server can continue it.
+//! - `.qxfer-partial/NAME/upload` and `.qxfer-partial/NAME/part-NNNNN` or
+//!   `part-FIRST-LAST`: a multipart upload in progress (NAME is the partial
+//!   name: client identity, path, size and mtime): its upload id, then the
+//!   parts stored (ETag and chaining value each), those stored within a
+//!   second of each other in one record (upload/parts.rs, `RECORD_EVERY`).
+//!   Any server can continue it.
 //!
 //! - `.qxfer-leases/NAME/.qxfer-lease/ID`: a writer's hold on a name (or,
 //!   for small files, on their directory): see leases.rs and dir_leases.rs.

@@ -204,7 +204,7 @@ impl ObjectUpload {
             ),
             None => (0, None),
         };
-        PartSink {
+        let mut sink = PartSink {
             buf: Vec::with_capacity(
                 (self.size - offset.min(self.size)).min(self.part_size) as usize
             ),
@@ -222,7 +222,13 @@ impl ObjectUpload {
             holding: Arc::new(tokio::sync::Semaphore::new(PARTS_IN_FLIGHT)),
             next_index: self.multipart.as_ref().map_or(0, |m| m.parts.len()),
             first_root,
-        }
+            recorder: None,
+        };
+        sink.recorder = sink
+            .upload
+            .clone()
+            .map(|target| Recorder::start(target, sink.next_index));
+        sink
     }
 
     /// Takes the parts the sink stored into the upload's record.
@@ -293,7 +299,8 @@ impl ObjectUpload {
                 .upload
                 .clone()
                 .expect("a multipart upload has a target");
-            let record = target
+            // Not recorded: the upload completes now, or is abandoned.
+            let (_, record) = target
                 .store(m.parts.len(), sink.buf_offset, part, None)
                 .await
                 .map_err(failed)?;

@@ -3,14 +3,16 @@
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime};
 
-use futures::TryStreamExt;
+use std::collections::BTreeMap;
+
+use futures::{StreamExt, TryStreamExt};
 use object_store::path::Path as Key;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
 use crate::protocol::Digest;
-use crate::store::InUse;
+use crate::store::{tree_hash, InUse};
 
 use super::super::read::hex32;
 use super::super::{is_not_found, Inner, PARTIAL_DIR};
@@ -25,7 +27,11 @@ pub(super) struct Header {
     pub(super) part_size: u64,
 }
 
-/// What `.qxfer-partial/NAME/part-NNNNN` holds: one part stored.
+/// One part stored, as recorded: `.qxfer-partial/NAME/part-NNNNN` holds
+/// one, `part-FIRST-LAST` an array of those parts in order (see
+/// `parts::RECORD_EVERY`; servers before that wrote only the first kind,
+/// and ignore the second, which costs them only a resume from further
+/// back).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(super) struct PartRecord {
     pub(super) etag: String,
@@ -34,6 +40,32 @@ pub(super) struct PartRecord {
     /// The part's own BLAKE3, for the first part only.
     #[serde(default, skip_serializing_if = "Option::is_none", with = "opt_hex32")]
     pub(super) root: Option<Digest>,
+}
+
+/// The name of the record of parts `first..=last`.
+pub(super) fn record_name(first: usize, last: usize) -> String {
+    if first == last {
+        format!("part-{first:05}")
+    } else {
+        format!("part-{first:05}-{last:05}")
+    }
+}
+
+/// The parts a record's name says it holds: `part-N` or `part-A-B` (B >= A).
+pub(super) fn recorded_range(name: &str) -> Option<(usize, usize)> {
+    let numbers = name.strip_prefix("part-")?;
+    let parse = |n: &str| {
+        (!n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| n.parse::<usize>().ok())
+            .flatten()
+    };
+    match numbers.split_once('-') {
+        None => parse(numbers).map(|n| (n, n)),
+        Some((a, b)) => {
+            let (a, b) = (parse(a)?, parse(b)?);
+            (b >= a).then_some((a, b))
+        }
+    }
 }
 
 /// The key of `name` in an upload's record.
@@ -54,33 +86,50 @@ pub(super) async fn read_record(
         None => return Ok(None),
     };
     let dir = inner.key_of(&record.iter().map(String::as_str).collect::<Vec<_>>());
-    let mut numbered = std::collections::BTreeMap::new();
+    // Each record by its first part; of two that start alike, the longer.
+    let mut by_first: BTreeMap<usize, (usize, Key)> = BTreeMap::new();
     let slot = inner.slot().await;
     let mut listing = inner.s3.list(Some(&dir));
     while let Some(o) = listing.try_next().await? {
-        let Some(n) = o
-            .location
-            .filename()
-            .and_then(|f| f.strip_prefix("part-"))
-            .and_then(|n| n.parse::<usize>().ok())
-        else {
+        let Some((first, last)) = o.location.filename().and_then(recorded_range) else {
             continue;
         };
-        numbered.insert(n, o.location);
+        if (last - first) as u64 >= tree_hash::MAX_PARTS {
+            continue;
+        }
+        let longest = by_first.entry(first).or_insert((last, o.location.clone()));
+        if last > longest.0 {
+            *longest = (last, o.location);
+        }
     }
     drop((listing, slot));
+    // The records that chain from part 0 without a gap, read a few at once.
+    let mut chain = Vec::new();
+    let mut next = 0;
+    while let Some((last, key)) = by_first.remove(&next) {
+        chain.push((next, last, key));
+        next = last + 1;
+    }
+    let reads = chain.into_iter().map(|(first, last, key)| async move {
+        let parts: Option<Vec<PartRecord>> = if first == last {
+            get_json::<PartRecord>(inner, &key).await?.map(|p| vec![p])
+        } else {
+            get_json::<Vec<PartRecord>>(inner, &key).await?
+        };
+        Ok::<_, object_store::Error>(parts.filter(|p| p.len() == last - first + 1))
+    });
+    let mut read = futures::stream::iter(reads).buffered(RECORD_READS);
     let mut parts = Vec::new();
-    for (i, (n, key)) in numbered.into_iter().enumerate() {
-        if n != i {
-            break;
-        }
-        match get_json::<PartRecord>(inner, &key).await? {
-            Some(p) => parts.push(p),
-            None => break,
-        }
+    while let Some(got) = read.try_next().await? {
+        // A record missing or damaged ends the chain there.
+        let Some(got) = got else { break };
+        parts.extend(got);
     }
     Ok(Some((header, parts)))
 }
+
+/// Records read at once when an upload is resumed.
+const RECORD_READS: usize = 8;
 
 /// Deletes everything in an upload's record.
 pub(super) async fn clear_record(inner: &Inner, record: &[String]) -> object_store::Result<()> {
@@ -169,8 +218,9 @@ pub(super) async fn abort_upload(inner: &Inner, header: &Header) -> object_store
 
 /// Aborts the multipart uploads whose record has not changed for `ttl`
 /// (their server died, or their client never came back), except those an
-/// upload of this server is writing. A live upload rewrites its record with
-/// every part, so only an upload that stored nothing for `ttl` can be swept.
+/// upload of this server is writing. A live upload adds to its record at
+/// least every [`super::parts::RECORD_EVERY`] while it stores parts,
+/// so only an upload that stored nothing for `ttl` can be swept.
 pub(in super::super) async fn sweep(
     inner: &Inner,
     ttl: Duration,
