@@ -43,8 +43,14 @@ pub(super) async fn get(
         };
         let local = out_dir.join(base);
         if args.recursive {
-            match remote_dir_meta(&client, name).await {
-                Ok(Some(meta)) => match client.list_tree(name).await {
+            // Whether it is a directory, and its listing if so, asked at
+            // once: the listing of a big tree is the wait before the first
+            // file, and a round trip more on a long path. (The listing of a
+            // name that turns out to be a file is thrown away.)
+            let (meta, listing) =
+                tokio::join!(remote_dir_meta(&client, name), client.list_tree(name));
+            match meta {
+                Ok(Some(meta)) => match listing {
                     Ok(entries) => {
                         tree.extend(tree::from_listing(&entries, name, &local, meta, &filter));
                         continue;

@@ -445,6 +445,52 @@ mod tests {
         assert!(left.is_empty(), "{left:?}");
     }
 
+    /// A tree listing describes each directory as soon as the LIST is past
+    /// it: a directory whose files lie on both sides of a subdirectory's
+    /// keys ("p/a", "p/q/x", "p/q0", "p/z"), or beside a name that sorts
+    /// just before its "/" ("p/q.txt"), is still described as one, so its
+    /// index holds every file and the next listing looks none up.
+    #[tokio::test]
+    async fn a_directory_split_by_its_subdirectories_keys_is_indexed_whole() {
+        let counted = Arc::new(Counted::default());
+        let root = ObjectRoot::over(counted.clone(), vec!["r".to_owned()], 1 << 30);
+        let names = [
+            "t/p/a",
+            "t/p/q.txt",
+            "t/p/q/x",
+            "t/p/q/r/y",
+            "t/p/q/s",
+            "t/p/q0",
+            "t/p/z",
+            "t/top",
+        ];
+        for (i, name) in names.iter().enumerate() {
+            put(&root, name, b"x", meta(1, 500 + i as i64, 0o644), false).await;
+        }
+        let marker = DirMeta {
+            mode: Some(0o711),
+            mtime: None,
+        };
+        root.mkdir(&path("t/p/q"), Some(marker)).await.unwrap();
+        let first = root.list(&path("t"), true).await.unwrap();
+        let files: Vec<&str> = first
+            .iter()
+            .filter(|e| e.kind == EntryKind::File)
+            .map(|e| e.name.as_str())
+            .collect();
+        assert_eq!(files.len(), names.len(), "{first:?}");
+        let q = first.iter().find(|e| e.name == "p/q").unwrap();
+        assert_eq!((q.kind, q.mode), (EntryKind::Dir, Some(0o711)));
+        let before = counts(&counted);
+        let second = root.list(&path("t"), true).await.unwrap();
+        assert_eq!(first, second);
+        assert_eq!(
+            counts(&counted).0 - before.0,
+            1,
+            "the name's own HEAD only: every file came from an index"
+        );
+    }
+
     #[tokio::test]
     async fn a_listed_object_that_an_index_does_not_describe_is_looked_up() {
         let counted = Arc::new(Counted::default());

@@ -57,6 +57,13 @@ pub(super) async fn list_dir(
 /// Everything beneath a directory, names relative to it, bounded like a
 /// local listing. Directories are those with a marker and those that
 /// something lies beneath.
+///
+/// The files' metadata comes from their directories' indexes (index.rs),
+/// and each directory's is looked up as soon as the LIST has gone past it,
+/// while the next pages of the LIST still come: keys come in order, so a
+/// directory's objects (its files and its marker) all lie before the first
+/// key outside it. A tree of 2,000 files in 20 directories took 160 ms to
+/// LIST and then 60-100 ms to read the indexes one after the other.
 pub(super) async fn list_tree(
     inner: &Arc<Inner>,
     dir: &Key,
@@ -65,62 +72,87 @@ pub(super) async fn list_tree(
 ) -> Result<Vec<Entry>, RemoteError> {
     let failed = |e| store_error(e, path, "cannot list");
     let depth = inner.prefix.len() + parts.len();
-    let mut files = Vec::new();
-    // Each directory, and whether it has a marker.
-    let mut dirs: BTreeMap<String, bool> = BTreeMap::new();
-    // The markers' objects, by the directory each marks.
-    let mut markers = Vec::new();
-    let mut name_bytes = 0;
     let started = std::time::Instant::now();
-    let slot = inner.slot().await;
-    let mut listing = inner.s3.list(Some(dir));
-    while let Some(object) = listing.try_next().await.map_err(failed)? {
-        let rel: Vec<String> = object
-            .location
-            .parts()
-            .skip(depth)
-            .map(|p| decoded(p.as_ref()))
-            .collect();
-        let Some((last, above)) = rel.split_last() else {
-            continue;
-        };
-        if above.iter().any(|c| c.starts_with(RESERVED_PREFIX)) {
-            continue;
-        }
-        for n in 1..=above.len() {
-            dirs.entry(above[..n].join("/")).or_insert(false);
-        }
-        if last == DIR_MARKER {
-            if !above.is_empty() {
-                dirs.insert(above.join("/"), true);
-                markers.push(index::Listed {
-                    name: above.join("/"),
-                    object,
-                });
-            }
-            continue;
-        }
-        if last.starts_with(RESERVED_PREFIX) {
-            continue;
-        }
-        let name = rel.join("/");
-        name_bytes += name.len();
-        files.push((name, object));
-        if files.len() + dirs.len() > MAX_TREE_ENTRIES || name_bytes > MAX_TREE_NAME_BYTES {
-            return Err(tree_too_large(path));
-        }
-    }
-    drop((listing, slot));
-    let listed_in = started.elapsed();
-    // Files and markers in one go: a directory's index holds both (two
+    // Directories whose objects are all listed, with those objects: files
+    // and markers go together, since a directory's index holds both (two
     // goes would each store it with only their own).
-    let n_files = files.len();
-    let mut listed: Vec<index::Listed> = files
-        .into_iter()
-        .map(|(name, object)| index::Listed { name, object })
-        .collect();
-    listed.extend(markers);
-    let described = index::describe(inner, listed).await.map_err(failed)?;
+    let (complete, described) = futures::channel::mpsc::unbounded::<Vec<index::Listed>>();
+    let describing = described
+        .map(|listed| index::describe(inner, listed))
+        .buffer_unordered(LIST_CONCURRENCY)
+        .try_concat();
+    let listing = async move {
+        let mut n_files = 0;
+        // Each directory, and whether it has a marker.
+        let mut dirs: BTreeMap<String, bool> = BTreeMap::new();
+        let mut name_bytes = 0;
+        // The objects of the directories the listing may not be past yet
+        // (those the last key lies in), by the key of each directory.
+        let mut open: Vec<(String, Vec<index::Listed>)> = Vec::new();
+        let slot = inner.slot().await;
+        let mut listing = inner.s3.list(Some(dir));
+        while let Some(object) = listing.try_next().await? {
+            let key = object.location.as_ref();
+            // The directories this key is not inside are complete.
+            while open.last().is_some_and(|(d, _)| {
+                !(key.starts_with(d.as_str()) && key[d.len()..].starts_with('/'))
+            }) {
+                let (_, listed) = open.pop().expect("just seen");
+                let _ = complete.unbounded_send(listed);
+            }
+            let rel: Vec<String> = object
+                .location
+                .parts()
+                .skip(depth)
+                .map(|p| decoded(p.as_ref()))
+                .collect();
+            let Some((last, above)) = rel.split_last() else {
+                continue;
+            };
+            if above.iter().any(|c| c.starts_with(RESERVED_PREFIX)) {
+                continue;
+            }
+            for n in 1..=above.len() {
+                dirs.entry(above[..n].join("/")).or_insert(false);
+            }
+            let name = if last == DIR_MARKER {
+                if above.is_empty() {
+                    continue;
+                }
+                dirs.insert(above.join("/"), true);
+                above.join("/")
+            } else if last.starts_with(RESERVED_PREFIX) {
+                continue;
+            } else {
+                let name = rel.join("/");
+                name_bytes += name.len();
+                n_files += 1;
+                name
+            };
+            if n_files + dirs.len() > MAX_TREE_ENTRIES || name_bytes > MAX_TREE_NAME_BYTES {
+                return Ok(Err(tree_too_large(path)));
+            }
+            let parent = key.rsplit_once('/').map_or("", |(p, _)| p);
+            if open.last().is_none_or(|(d, _)| d != parent) {
+                open.push((parent.to_owned(), Vec::new()));
+            }
+            let group = &mut open.last_mut().expect("just pushed").1;
+            group.push(index::Listed { name, object });
+        }
+        drop((listing, slot));
+        let listed_in = started.elapsed();
+        for (_, listed) in open.drain(..).rev() {
+            let _ = complete.unbounded_send(listed);
+        }
+        drop(complete);
+        Ok::<_, object_store::Error>(Ok((n_files, dirs, listed_in)))
+    };
+    let (listed, described) = tokio::join!(listing, describing);
+    let (n_files, dirs, listed_in) = match listed.map_err(failed)? {
+        Ok(listed) => listed,
+        Err(too_large) => return Err(too_large),
+    };
+    let described = described.map_err(failed)?;
     tracing::debug!(?listed_in, took = ?started.elapsed(), files = n_files, "tree listed");
     let mut out = Vec::with_capacity(n_files + dirs.len());
     let mut metas: BTreeMap<String, DirMeta> = BTreeMap::new();
