@@ -3,6 +3,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use futures::stream::BoxStream;
 use object_store::memory::InMemory;
 use object_store::multipart::{MultipartStore, PartId};
@@ -109,7 +110,10 @@ impl MultipartStore for Counted {
         part_idx: usize,
         data: PutPayload,
     ) -> object_store::Result<PartId> {
-        self.store.put_part(path, id, part_idx, data).await
+        // A copy, as a store over the network keeps one: the caller's
+        // buffers are its own again once the part is stored.
+        let copied = PutPayload::from(Bytes::copy_from_slice(&Bytes::from(data)));
+        self.store.put_part(path, id, part_idx, copied).await
     }
 
     async fn complete_multipart(

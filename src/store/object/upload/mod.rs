@@ -216,6 +216,7 @@ impl ObjectUpload {
                 key: self.key.clone(),
                 upload_id: m.header.upload_id.clone(),
                 record: m.record.clone(),
+                spare: Some(Spare::default()),
             }),
             stored: Vec::new(),
             in_flight: std::collections::VecDeque::new(),

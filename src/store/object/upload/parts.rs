@@ -49,7 +49,14 @@ pub(super) struct PartTarget {
     pub(super) key: Key,
     pub(super) upload_id: String,
     pub(super) record: Vec<String>,
+    /// Where stored parts' buffers go to be filled again (see [`Spare`]).
+    pub(super) spare: Option<Spare>,
 }
+
+/// Buffers of parts stored, for the next parts of the same upload: never
+/// more than the parts it may hold at once ([`PARTS_IN_FLIGHT`] and the
+/// one filling), since each part takes one from here before it makes one.
+pub(super) type Spare = Arc<std::sync::Mutex<Vec<Vec<u8>>>>;
 
 impl PartTarget {
     /// Hashes and stores part `index` (at `offset`). `holding` is what
@@ -63,7 +70,7 @@ impl PartTarget {
         holding: Option<OwnedSemaphorePermit>,
     ) -> object_store::Result<(usize, PartRecord)> {
         let for_hash = part.clone();
-        let hashing = blocking(move || tree_hash::hash_piece(offset, &for_hash));
+        let hashing = blocking(move || (tree_hash::hash_piece(offset, &for_hash), for_hash));
         let storing = async {
             let _slot = self.inner.slot().await;
             self.inner
@@ -71,7 +78,16 @@ impl PartTarget {
                 .put_part(&self.key, &self.upload_id, index, PutPayload::from(part))
                 .await
         };
-        let ((piece, root), id) = tokio::join!(hashing, storing);
+        let (((piece, root), bytes), id) = tokio::join!(hashing, storing);
+        // The part's buffer, for the next part of this upload: a fresh
+        // 8 MiB buffer is a mapping of its own (connect.rs's mmap
+        // threshold), whose 2,048 pages each fault in as it fills and are
+        // unmapped after, 262,144 faults a GiB.
+        if let (Some(spare), Ok(mut bytes)) = (&self.spare, bytes.try_into_mut()) {
+            // Emptied first: the conversion copies what it holds.
+            bytes.clear();
+            spare.lock().expect("never poisoned").push(Vec::from(bytes));
+        }
         drop(holding);
         let record = PartRecord {
             etag: id?.content_id,
@@ -312,7 +328,14 @@ impl PartSink {
             let offset = self.buf_offset;
             self.buf_offset += self.part_size;
             let next = (self.size.saturating_sub(self.buf_offset)).min(self.part_size) as usize;
-            let part = Bytes::from(std::mem::replace(&mut self.buf, Vec::with_capacity(next)));
+            let recycled = target.spare.as_ref().and_then(|s| {
+                s.lock()
+                    .expect("never poisoned")
+                    .pop()
+                    .filter(|b| b.capacity() >= next)
+            });
+            let fresh = recycled.unwrap_or_else(|| Vec::with_capacity(next));
+            let part = Bytes::from(std::mem::replace(&mut self.buf, fresh));
             let index = self.next_index;
             self.next_index += 1;
             let target = target.clone();
@@ -373,14 +396,15 @@ mod tests {
     use super::super::super::{ObjectRoot, PARTIAL_DIR};
     use super::*;
     use futures::TryStreamExt;
-    use object_store::ObjectStore;
+    use object_store::{ObjectStore, ObjectStoreExt};
 
     const PART: u64 = 1 << 20;
 
     /// An upload of `size` bytes begun over an in-memory store, with its
     /// header recorded, and a sink for it.
     async fn begun(size: u64) -> (Arc<Inner>, Vec<String>, PartSink) {
-        let root = ObjectRoot::in_memory();
+        let counted = Arc::new(super::super::super::counted::Counted::default());
+        let root = ObjectRoot::over(counted, vec!["r".to_owned()], 1 << 30);
         let inner = root.inner.clone();
         let key = inner.key_of(&["f"]);
         let upload_id = inner.s3.create_multipart(&key).await.unwrap();
@@ -404,6 +428,7 @@ mod tests {
                 key,
                 upload_id,
                 record: record.clone(),
+                spare: Some(Spare::default()),
             }),
             stored: Vec::new(),
             in_flight: std::collections::VecDeque::new(),
@@ -469,6 +494,40 @@ mod tests {
             assert_eq!(p.etag, sink.stored[i].etag, "part {i}");
         }
         assert!(parts[0].root.is_some() && parts[1..].iter().all(|p| p.root.is_none()));
+        // Parts after the first few were filled in the buffers of parts
+        // already stored; what was stored is what was sent all the same.
+        let target = sink.upload.clone().unwrap();
+        let spare = target.spare.clone().unwrap();
+        let kept = spare.lock().unwrap().len();
+        assert!(
+            (1..=PARTS_IN_FLIGHT + 1).contains(&kept),
+            "{kept} buffers kept"
+        );
+        assert!(spare
+            .lock()
+            .unwrap()
+            .iter()
+            .all(|b| b.is_empty() && b.capacity() >= PART as usize));
+        let ids = parts
+            .iter()
+            .map(|p| PartId {
+                content_id: p.etag.clone(),
+            })
+            .collect();
+        inner
+            .s3
+            .complete_multipart(&target.key, &target.upload_id, ids)
+            .await
+            .unwrap();
+        let stored = inner
+            .s3
+            .get(&target.key)
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        assert!(stored[..] == bytes[..6 * PART as usize]);
     }
 
     /// A slow upload records each part once it is stored, a second or
