@@ -453,29 +453,36 @@ async fn handle_stream(mut send: impl SendHalf, mut recv: impl RecvHalf, ctx: Ct
     let config = ctx.config.clone();
     let limit = config.max_header_size;
     let timeout = config.header_timeout;
-    let request =
-        match tokio::time::timeout(timeout, read_frame_limited::<_, Request>(&mut recv, limit))
-            .await
-        {
-            Ok(Ok(req)) => req,
-            Ok(Err(e)) => {
-                warn!("bad request header: {e}");
-                metrics::request_done("bad", false, false, Duration::ZERO);
-                return refuse(&mut send, &mut recv, protocol_error(&e)).await;
-            }
-            Err(_) => {
-                warn!("no request header within {timeout:?}");
-                let err = RemoteError::new(
-                    ErrorCode::Protocol,
+    let request = match tokio::time::timeout(
+        timeout,
+        read_frame_limited::<_, Request>(&mut recv, limit),
+    )
+    .await
+    {
+        Ok(Ok(req)) => req,
+        Ok(Err(e)) => {
+            warn!("bad request header: {e}");
+            metrics::request_done("bad", false, false, Duration::ZERO);
+            return refuse(&mut send, &mut recv, protocol_error(&e)).await;
+        }
+        Err(_) => {
+            warn!("no request header within {timeout:?}");
+            // Busy, which clients try again: the server cannot tell a
+            // client that stalls from a path that lost the rest of the
+            // request over and over (at 30% loss, retransmissions
+            // backing off once took longer than 10 s), and to a
+            // stalling client the answer is the same refusal.
+            let err = RemoteError::new(
+                    ErrorCode::Busy,
                     format!(
-                        "no request arrived within {} s of opening the stream",
+                        "no request arrived within {} s of opening the stream (a lossy path, or a stalled client); try again",
                         timeout.as_secs_f64()
                     ),
                 );
-                metrics::request_done("bad", false, false, Duration::ZERO);
-                return refuse(&mut send, &mut recv, err).await;
-            }
-        };
+            metrics::request_done("bad", false, false, Duration::ZERO);
+            return refuse(&mut send, &mut recv, err).await;
+        }
+    };
     debug!(?request, "request");
     let started = std::time::Instant::now();
     let kind = match &request {
