@@ -472,13 +472,11 @@ async fn handle_stream(mut send: impl SendHalf, mut recv: impl RecvHalf, ctx: Ct
             // request over and over (at 30% loss, retransmissions
             // backing off once took longer than 10 s), and to a
             // stalling client the answer is the same refusal.
+            let secs = timeout.as_secs_f64();
             let err = RemoteError::new(
-                    ErrorCode::Busy,
-                    format!(
-                        "no request arrived within {} s of opening the stream (a lossy path, or a stalled client); try again",
-                        timeout.as_secs_f64()
-                    ),
-                );
+                ErrorCode::Busy,
+                format!("no request arrived within {secs} s of opening the stream (a lossy path, or a stalled client); try again"),
+            );
             metrics::request_done("bad", false, false, Duration::ZERO);
             return refuse(&mut send, &mut recv, err).await;
         }

@@ -5,7 +5,6 @@ use std::collections::HashMap;
 use super::server_via;
 use crate::common::garage::{bucket, garage, CountingProxy};
 use crate::common::{home_for, qxfer_at};
-use object_store::ObjectStoreExt;
 
 /// Requests by kind: `PUT lease`, `PUT object`, `HEAD`, `LIST`, `GET`, `DELETE`...
 fn kinds(requests: &[(String, String)]) -> HashMap<String, usize> {
@@ -155,15 +154,6 @@ async fn a_large_upload_records_its_parts_about_once_a_second() {
         "{records} part records in {secs:.1} s ({recorded:?}): {:?}",
         kinds(requests)
     );
-    let stored = bucket()
-        .get(&object_store::path::Path::from(format!(
-            "{}/big",
-            url.split_once("qxfer/").unwrap().1
-        )))
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
-    assert!(stored == crate::common::pattern(128 << 20, 31));
+    let stored = crate::common::stored_at(std::path::Path::new(&url), "big").await;
+    assert!(stored == Some(crate::common::pattern(128 << 20, 31)));
 }

@@ -195,23 +195,14 @@ async fn a_record_of_more_parts_than_the_file_holds_still_resumes() {
         .next()
         .expect("two parts recorded");
     assert_eq!(last, 1, "two parts recorded, not more: {second}");
-    let bucket = bucket();
-    let body = bucket
-        .get(&object_store::path::Path::from(format!(
-            "{prefix}/{second}"
-        )))
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
+    let body = common::stored_at(Path::new(&url), &second).await.unwrap();
     let mut record: serde_json::Value = serde_json::from_slice(&body).unwrap();
     if record.is_array() {
         record = record[1].take();
     }
     let (dir, _) = second.rsplit_once('/').unwrap();
     let third = object_store::path::Path::from(format!("{prefix}/{dir}/part-00002"));
-    bucket
+    bucket()
         .put(&third, serde_json::to_vec(&record).unwrap().into())
         .await
         .unwrap();

@@ -126,19 +126,9 @@ async fn an_abandoned_upload_of_a_non_ascii_name_is_really_aborted() {
         .into_iter()
         .find(|k| k.starts_with(".qxfer-partial/") && k.ends_with("/upload"))
         .expect("the interrupted upload is recorded");
-    let prefix = url.split_once("://").unwrap().1.split_once('/').unwrap().1;
-    let header: serde_json::Value = serde_json::from_slice(
-        &bucket()
-            .get(&object_store::path::Path::from(format!(
-                "{prefix}/{record}"
-            )))
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap(),
-    )
-    .unwrap();
+    let header: serde_json::Value =
+        serde_json::from_slice(&common::stored_at(Path::new(&url), &record).await.unwrap())
+            .unwrap();
     let key = object_store::path::Path::parse(header["key"].as_str().unwrap()).unwrap();
     let id = header["upload_id"].as_str().unwrap().to_owned();
     // The probe: a part more for the upload, taken while it exists.

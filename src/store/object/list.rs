@@ -91,7 +91,7 @@ pub(super) async fn list_tree(
         let mut open: Vec<(String, Vec<index::Listed>)> = Vec::new();
         let slot = inner.slot().await;
         let mut listing = inner.s3.list(Some(dir));
-        while let Some(object) = listing.try_next().await? {
+        while let Some(object) = listing.try_next().await.map_err(failed)? {
             let key = object.location.as_ref();
             // The directories this key is not inside are complete.
             while open.last().is_some_and(|(d, _)| {
@@ -130,7 +130,7 @@ pub(super) async fn list_tree(
                 name
             };
             if n_files + dirs.len() > MAX_TREE_ENTRIES || name_bytes > MAX_TREE_NAME_BYTES {
-                return Ok(Err(tree_too_large(path)));
+                return Err(tree_too_large(path));
             }
             let parent = key.rsplit_once('/').map_or("", |(p, _)| p);
             if open.last().is_none_or(|(d, _)| d != parent) {
@@ -141,17 +141,14 @@ pub(super) async fn list_tree(
         }
         drop((listing, slot));
         let listed_in = started.elapsed();
-        for (_, listed) in open.drain(..).rev() {
+        for (_, listed) in open {
             let _ = complete.unbounded_send(listed);
         }
-        drop(complete);
-        Ok::<_, object_store::Error>(Ok((n_files, dirs, listed_in)))
+        Ok((n_files, dirs, listed_in))
     };
+    // The describing ends once the listing, and with it `complete`, has.
     let (listed, described) = tokio::join!(listing, describing);
-    let (n_files, dirs, listed_in) = match listed.map_err(failed)? {
-        Ok(listed) => listed,
-        Err(too_large) => return Err(too_large),
-    };
+    let (n_files, dirs, listed_in) = listed?;
     let described = described.map_err(failed)?;
     tracing::debug!(?listed_in, took = ?started.elapsed(), files = n_files, "tree listed");
     let mut out = Vec::with_capacity(n_files + dirs.len());

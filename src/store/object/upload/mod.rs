@@ -216,11 +216,10 @@ impl ObjectUpload {
                 key: self.key.clone(),
                 upload_id: m.header.upload_id.clone(),
                 record: m.record.clone(),
-                spare: Some(Spare::default()),
+                spare: Spare::default(),
             }),
             stored: Vec::new(),
             in_flight: std::collections::VecDeque::new(),
-            holding: Arc::new(tokio::sync::Semaphore::new(PARTS_IN_FLIGHT)),
             next_index: self.multipart.as_ref().map_or(0, |m| m.parts.len()),
             first_root,
             recorder: None,
@@ -301,8 +300,8 @@ impl ObjectUpload {
                 .clone()
                 .expect("a multipart upload has a target");
             // Not recorded: the upload completes now, or is abandoned.
-            let (_, record) = target
-                .store(m.parts.len(), sink.buf_offset, part, None)
+            let record = target
+                .store(m.parts.len(), sink.buf_offset, part)
                 .await
                 .map_err(failed)?;
             m.parts.push(record);

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use object_store::path::Path as Key;
 use object_store::PutPayload;
-use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, oneshot};
 
 use crate::files::{blocking, Sink, SinkWrite, TransferError};
 use crate::protocol::Digest;
@@ -50,7 +50,7 @@ pub(super) struct PartTarget {
     pub(super) upload_id: String,
     pub(super) record: Vec<String>,
     /// Where stored parts' buffers go to be filled again (see [`Spare`]).
-    pub(super) spare: Option<Spare>,
+    pub(super) spare: Spare,
 }
 
 /// Buffers of parts stored, for the next parts of the same upload: never
@@ -59,16 +59,15 @@ pub(super) struct PartTarget {
 pub(super) type Spare = Arc<std::sync::Mutex<Vec<Vec<u8>>>>;
 
 impl PartTarget {
-    /// Hashes and stores part `index` (at `offset`). `holding` is what
-    /// lets the part's bytes be held: it is given up as soon as they are
-    /// stored. The part is recorded later, with others ([`PartSink`]).
+    /// Hashes and stores part `index` (at `offset`), and gives its buffer
+    /// back for the next part. It is recorded later, with others
+    /// ([`Recorder`]).
     pub(super) async fn store(
         &self,
         index: usize,
         offset: u64,
         part: Bytes,
-        holding: Option<OwnedSemaphorePermit>,
-    ) -> object_store::Result<(usize, PartRecord)> {
+    ) -> object_store::Result<PartRecord> {
         let for_hash = part.clone();
         let hashing = blocking(move || (tree_hash::hash_piece(offset, &for_hash), for_hash));
         let storing = async {
@@ -83,18 +82,19 @@ impl PartTarget {
         // 8 MiB buffer is a mapping of its own (connect.rs's mmap
         // threshold), whose 2,048 pages each fault in as it fills and are
         // unmapped after, 262,144 faults a GiB.
-        if let (Some(spare), Ok(mut bytes)) = (&self.spare, bytes.try_into_mut()) {
+        if let Ok(mut bytes) = bytes.try_into_mut() {
             // Emptied first: the conversion copies what it holds.
             bytes.clear();
-            spare.lock().expect("never poisoned").push(Vec::from(bytes));
+            self.spare
+                .lock()
+                .expect("never poisoned")
+                .push(Vec::from(bytes));
         }
-        drop(holding);
-        let record = PartRecord {
+        Ok(PartRecord {
             etag: id?.content_id,
             cv: piece.cv,
             root,
-        };
-        Ok((index, record))
+        })
     }
 
     /// Records the stored parts `parts` (consecutive, from `parts[0].0`)
@@ -125,7 +125,7 @@ impl PartTarget {
 /// holds when its client goes away is all recorded.
 pub(super) const RECORD_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
-pub(super) type PartTask = tokio::task::JoinHandle<object_store::Result<(usize, PartRecord)>>;
+pub(super) type PartTask = tokio::task::JoinHandle<object_store::Result<PartRecord>>;
 
 /// What a recorder hears.
 enum Note {
@@ -140,9 +140,9 @@ enum Note {
 /// Records an upload's parts in the bucket as they are stored, in a task
 /// of its own: the first part, and each part stored a second or more
 /// after the last record, the moment it is stored; the others together,
-/// a second after the last record ([`RECORD_EVERY`]). Only parts that follow the recorded ones without a
-/// gap are recorded (a resume continues after the last of them), so a
-/// part that failed ends the records there.
+/// a second after the last record ([`RECORD_EVERY`]). Only parts that
+/// follow the recorded ones without a gap are recorded (a resume continues
+/// after the last of them), so a part that failed ends the records there.
 pub(super) struct Recorder {
     notes: mpsc::UnboundedSender<Note>,
 }
@@ -258,10 +258,9 @@ pub(super) struct PartSink {
     pub(super) upload: Option<PartTarget>,
     /// Parts stored since the sink was made, in order.
     pub(super) stored: Vec<PartRecord>,
-    /// The parts being stored or recorded, oldest first.
+    /// The parts being stored, oldest first: at most [`PARTS_IN_FLIGHT`],
+    /// each holding its bytes.
     pub(super) in_flight: std::collections::VecDeque<PartTask>,
-    /// Leave to hold a part's bytes while it is stored: [`PARTS_IN_FLIGHT`].
-    pub(super) holding: Arc<Semaphore>,
     /// The index the next full part gets.
     pub(super) next_index: usize,
     /// The first part's own BLAKE3, once known.
@@ -274,7 +273,7 @@ impl PartSink {
     /// Waits for the oldest part being stored; its record joins `stored`.
     pub(super) async fn settle_one(&mut self) -> Result<(), TransferError> {
         if let Some(task) = self.in_flight.pop_front() {
-            let (_, record) = task
+            let record = task
                 .await
                 .expect("part upload panicked")
                 .map_err(store_failed)?;
@@ -312,28 +311,23 @@ impl PartSink {
         };
         while self.buf.len() as u64 >= self.part_size {
             // Parts stored are taken in order (a failure shows here, not
-            // only at the end); then leave to hold one more part's bytes.
+            // only at the end); then, with [`PARTS_IN_FLIGHT`] out, the
+            // oldest is waited for before another part's bytes are held.
             while self.in_flight.front().is_some_and(|t| t.is_finished()) {
                 self.settle_one().await?;
             }
             if self.in_flight.len() >= PARTS_IN_FLIGHT {
                 self.settle_one().await?;
             }
-            let holding = self
-                .holding
-                .clone()
-                .acquire_owned()
-                .await
-                .expect("the sink's semaphore is never closed");
             let offset = self.buf_offset;
             self.buf_offset += self.part_size;
             let next = (self.size.saturating_sub(self.buf_offset)).min(self.part_size) as usize;
-            let recycled = target.spare.as_ref().and_then(|s| {
-                s.lock()
-                    .expect("never poisoned")
-                    .pop()
-                    .filter(|b| b.capacity() >= next)
-            });
+            let recycled = target
+                .spare
+                .lock()
+                .expect("never poisoned")
+                .pop()
+                .filter(|b| b.capacity() >= next);
             let fresh = recycled.unwrap_or_else(|| Vec::with_capacity(next));
             let part = Bytes::from(std::mem::replace(&mut self.buf, fresh));
             let index = self.next_index;
@@ -341,9 +335,9 @@ impl PartSink {
             let target = target.clone();
             let notes = self.recorder.as_ref().map(|r| r.notes.clone());
             self.in_flight.push_back(tokio::spawn(async move {
-                let stored = target.store(index, offset, part, Some(holding)).await;
-                if let (Ok((index, record)), Some(notes)) = (&stored, notes) {
-                    let _ = notes.send(Note::Stored(*index, record.clone()));
+                let stored = target.store(index, offset, part).await;
+                if let (Ok(record), Some(notes)) = (&stored, notes) {
+                    let _ = notes.send(Note::Stored(index, record.clone()));
                 }
                 stored
             }));
@@ -428,11 +422,10 @@ mod tests {
                 key,
                 upload_id,
                 record: record.clone(),
-                spare: Some(Spare::default()),
+                spare: Spare::default(),
             }),
             stored: Vec::new(),
             in_flight: std::collections::VecDeque::new(),
-            holding: Arc::new(Semaphore::new(PARTS_IN_FLIGHT)),
             next_index: 0,
             first_root: None,
             recorder: None,
@@ -497,7 +490,7 @@ mod tests {
         // Parts after the first few were filled in the buffers of parts
         // already stored; what was stored is what was sent all the same.
         let target = sink.upload.clone().unwrap();
-        let spare = target.spare.clone().unwrap();
+        let spare = target.spare.clone();
         let kept = spare.lock().unwrap().len();
         assert!(
             (1..=PARTS_IN_FLIGHT + 1).contains(&kept),

@@ -1,9 +1,7 @@
 //! What an upload in progress records in the bucket (`.qxfer-partial/NAME/`), so that any server can continue or abort it, and the sweep of abandoned ones.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, SystemTime};
-
-use std::collections::BTreeMap;
 
 use futures::{StreamExt, TryStreamExt};
 use object_store::path::Path as Key;
