@@ -50,6 +50,11 @@ pub(crate) mod exit {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     raise_open_file_limit();
+    // Before the runtime's threads exist: see tune_allocator.
+    if matches!(&cli.command, Command::Serve(a) if a.root.to_str().is_some_and(|r| r.starts_with("s3://")))
+    {
+        crate::store::object::tune_allocator();
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {

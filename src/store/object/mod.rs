@@ -33,7 +33,7 @@
 //! Uploads: files smaller than one part (8 MiB or more, see
 //! [`tree_hash::part_size`]) are kept in memory and written with one PUT
 //! once their BLAKE3 matched; larger ones become multipart uploads whose
-//! parts are stored as they fill, two at a time (memory: three parts, 24 MiB, per upload), and
+//! parts are stored as they fill, three at a time (memory: four parts, 32 MiB, per upload), and
 //! the object appears only when the upload is completed, after the digest
 //! matched. An abandoned upload is aborted; the sweep aborts those left by
 //! a server that died.
@@ -83,6 +83,7 @@ use connect::parse_url;
 use errors::*;
 use list::*;
 
+pub(crate) use connect::tune_allocator;
 pub(crate) use leases::holder_tag;
 pub(crate) use memory::DEFAULT_UPLOAD_MEMORY;
 

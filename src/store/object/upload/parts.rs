@@ -129,7 +129,7 @@ pub(super) type PartTask = tokio::task::JoinHandle<object_store::Result<PartReco
 
 /// What a recorder hears.
 enum Note {
-    /// Part `.0` is stored (parts are stored two at a time, so they may
+    /// Part `.0` is stored (parts are stored a few at a time, so they may
     /// be heard out of order).
     Stored(usize, PartRecord),
     /// Record every part stored without a gap so far, now, and answer
@@ -235,12 +235,16 @@ async fn write_records(
 
 /// Parts of one upload whose bytes are held while they are stored. A
 /// store answers each part request at its own pace (Garage on loopback
-/// took 21 s for 1 GiB one part at a time, 11 s four at a time); two in
-/// flight and one filling keep an upload at 24 MiB of buffers with 8 MiB
-/// parts, so that with the stream's receive buffer (which fills while the
-/// store is the slower side) a server stays within 64 MiB per 1 GiB upload
-/// (three in flight peaked at 65 MiB).
-pub(super) const PARTS_IN_FLIGHT: usize = 2;
+/// took 21 s for 1 GiB one part at a time, 11 s four at a time). Three in
+/// flight, as the store's own client measured alone in docs/bench runs
+/// them, and one filling hold 32 MiB of buffers with 8 MiB parts. With the
+/// stream's receive window (which fills while the store is the slower
+/// side) a server peaked at 64-65 MiB for a 1 GiB put, within issue 10's
+/// 64 MiB a side only with one allocator arena (see
+/// [`tune_allocator`](crate::store::object::tune_allocator)); two in
+/// flight were 6% slower (1 GiB put over Garage on loopback, 4 alternating
+/// runs: 14.28 against 13.47 s).
+pub(super) const PARTS_IN_FLIGHT: usize = 3;
 
 /// Receives a file's bytes into parts: each full part is stored (and
 /// hashed) in a task of its own while the next ones fill, at most
