@@ -41,6 +41,8 @@ struct Multipart {
     record: Vec<String>,
     header: Header,
     parts: Vec<PartRecord>,
+    /// Its part records in the bucket, for [`remove_record`].
+    keys: RecordKeys,
 }
 
 /// What keeps an upload's name its own.
@@ -116,7 +118,7 @@ impl ObjectUpload {
         }
         let existing = read_record(&self.inner, &record).await.map_err(failed)?;
         let key_text = self.key.to_string();
-        let usable = existing.filter(|(h, _)| {
+        let usable = existing.filter(|(h, _, _)| {
             h.key == key_text && h.size == self.size && h.part_size == self.part_size
         });
         // A record may list the file's short last part too (stored by a
@@ -124,17 +126,21 @@ impl ObjectUpload {
         // parts only (receiving would otherwise start past the end, and the
         // upload could not go on until the sweep took it).
         let whole_parts = (self.size / self.part_size) as usize;
-        let usable = usable.map(|(h, mut parts)| {
+        let usable = usable.map(|(h, mut parts, keys)| {
             parts.truncate(whole_parts);
-            (h, parts)
+            (h, parts, keys)
         });
-        let (header, parts) = match usable {
-            Some((header, parts)) if plan.resume => (header, parts),
+        let (header, parts, keys) = match usable {
+            Some((header, parts, keys)) if plan.resume => (header, parts, keys),
             other => {
-                if let Some((old, _)) = other {
+                if let Some((old, _, _)) = other {
                     self.abort(&old).await;
                 }
-                (self.create(&record, &plan.meta).await?, Vec::new())
+                (
+                    self.create(&record, &plan.meta).await?,
+                    Vec::new(),
+                    Vec::new(),
+                )
             }
         };
         let held = held(&parts, self.part_size, self.size);
@@ -142,6 +148,7 @@ impl ObjectUpload {
             record,
             header,
             parts,
+            keys: Arc::new(std::sync::Mutex::new(keys)),
         });
         Ok(Prepared::Receive {
             upload: Box::new(self),
@@ -159,22 +166,31 @@ impl ObjectUpload {
             attributes,
             ..PutMultipartOptions::default()
         };
-        let slot = self.inner.slot().await;
-        let upload_id = self
-            .inner
-            .s3
-            .create_multipart_opts(&self.key, opts)
-            .await
-            .map_err(failed)?;
-        drop(slot);
+        let creating = async {
+            let _slot = self.inner.slot().await;
+            self.inner.s3.create_multipart_opts(&self.key, opts).await
+        };
+        // A fresh record: no part records of an older upload under this
+        // name. Cleared while the upload is created (about 45 ms each on
+        // Garage here), before the header makes the record one to resume.
+        let (upload_id, cleared) = tokio::join!(creating, clear_record(&self.inner, record));
+        let upload_id = upload_id.map_err(failed)?;
+        if let Err(e) = cleared {
+            let header = Header {
+                key: self.key.to_string(),
+                upload_id,
+                size: self.size,
+                part_size: self.part_size,
+            };
+            self.abort(&header).await;
+            return Err(failed(e));
+        }
         let header = Header {
             key: self.key.to_string(),
             upload_id,
             size: self.size,
             part_size: self.part_size,
         };
-        // A fresh record: no part records of an older upload under this name.
-        clear_record(&self.inner, record).await.map_err(failed)?;
         put_json(
             &self.inner,
             &record_key(&self.inner, record, "upload"),
@@ -217,6 +233,7 @@ impl ObjectUpload {
                 upload_id: m.header.upload_id.clone(),
                 record: m.record.clone(),
                 spare: Spare::default(),
+                keys: m.keys.clone(),
             }),
             stored: Vec::new(),
             in_flight: std::collections::VecDeque::new(),
@@ -285,7 +302,7 @@ impl ObjectUpload {
         let path = self.path.clone();
         let failed = |e| store_error(e, &path, "cannot commit");
         let _ = force;
-        let settled = sink.settle().await;
+        let settled = sink.settle(true).await;
         self.keep_stored(&mut sink);
         settled.map_err(|e| receive_error(e, &path))?;
         self.hold.check(&path)?;
@@ -329,11 +346,21 @@ impl ObjectUpload {
             parts: m.parts.iter().map(|p| p.cv).collect(),
             first_root: m.parts.first().and_then(|p| p.root).unwrap_or(digest),
         };
+        // The sums and the removal of the record, at once: the client's
+        // answer waits for both.
+        let keys = std::mem::take(&mut *m.keys.lock().expect("never poisoned"));
+        let sums_at = sums_key(&self.inner, &self.path);
+        let (summed, removed) = tokio::join!(
+            put_json(&self.inner, &sums_at, &sums),
+            remove_record(&self.inner, &m.record, keys),
+        );
         // Without its sums the file is still whole and right: gets then hash it as they send.
-        if let Err(e) = put_json(&self.inner, &sums_key(&self.inner, &self.path), &sums).await {
+        if let Err(e) = summed {
             warn!(path = %self.path, "cannot store the sums of the upload: {e}");
         }
-        if let Err(e) = clear_record(&self.inner, &m.record).await {
+        // What is left without its header is never resumed; the next
+        // upload of the name, or the sweep, removes it.
+        if let Err(e) = removed {
             warn!(path = %self.path, "cannot remove the record of a completed upload: {e}");
         }
         Ok(())
@@ -357,6 +384,7 @@ impl Upload for ObjectUpload {
                 record: m.record,
                 header,
                 parts: Vec::new(),
+                keys: RecordKeys::default(),
             });
         }
         Ok(())
@@ -384,8 +412,9 @@ impl Upload for ObjectUpload {
             .into_any()
             .downcast::<PartSink>()
             .expect("an object upload is written through its own sink");
-        // Parts already on their way are kept for a resume, whatever happened.
-        let settled = sink.settle().await;
+        // Parts already on their way are kept for a resume, whatever
+        // happened; recorded only if not every byte arrived (see settle).
+        let settled = sink.settle(ended.is_ok()).await;
         self.keep_stored(&mut sink);
         let path = self.path.clone();
         let most = tree_hash::MAX_PARTS * self.part_size;

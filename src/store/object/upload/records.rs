@@ -73,12 +73,13 @@ pub(super) fn record_key(inner: &Inner, record: &[String], name: &str) -> Key {
     inner.key_of(&parts)
 }
 
-/// Reads an upload's record: its header and its parts in order (as many as
-/// are recorded without a gap).
+/// Reads an upload's record: its header, its parts in order (as many as
+/// are recorded without a gap), and the keys of every part record listed
+/// (chained or not), for [`remove_record`].
 pub(super) async fn read_record(
     inner: &Inner,
     record: &[String],
-) -> object_store::Result<Option<(Header, Vec<PartRecord>)>> {
+) -> object_store::Result<Option<(Header, Vec<PartRecord>, Vec<Key>)>> {
     let header: Header = match get_json(inner, &record_key(inner, record, "upload")).await? {
         Some(h) => h,
         None => return Ok(None),
@@ -86,12 +87,14 @@ pub(super) async fn read_record(
     let dir = inner.key_of(&record.iter().map(String::as_str).collect::<Vec<_>>());
     // Each record by its first part; of two that start alike, the longer.
     let mut by_first: BTreeMap<usize, (usize, Key)> = BTreeMap::new();
+    let mut listed = Vec::new();
     let slot = inner.slot().await;
     let mut listing = inner.s3.list(Some(&dir));
     while let Some(o) = listing.try_next().await? {
         let Some((first, last)) = o.location.filename().and_then(recorded_range) else {
             continue;
         };
+        listed.push(o.location.clone());
         if (last - first) as u64 >= tree_hash::MAX_PARTS {
             continue;
         }
@@ -123,7 +126,32 @@ pub(super) async fn read_record(
         let Some(got) = got else { break };
         parts.extend(got);
     }
-    Ok(Some((header, parts)))
+    Ok(Some((header, parts, listed)))
+}
+
+/// The keys of an upload's part records that its server knows of: those
+/// listed when it was resumed and those written since (added before each
+/// write is sent, so a write that failed after all is still here). Only
+/// the server holding the name's lease writes them, so with the header
+/// these are all of its record, but for what a stalled predecessor might
+/// still land: that is left, without a header, for the next upload of the
+/// name (which clears its record first) or the sweep.
+pub(super) type RecordKeys = std::sync::Arc<std::sync::Mutex<Vec<Key>>>;
+
+/// Removes a completed upload's record without listing it: the header
+/// first (a record without its header is never resumed, see
+/// [`read_record`]), then the part records in `keys` in one request. A
+/// LIST of the record and its deletes took about 200 ms of the 450 ms
+/// between a 64 MiB upload's last part and its client's answer.
+pub(super) async fn remove_record(
+    inner: &Inner,
+    record: &[String],
+    keys: Vec<Key>,
+) -> object_store::Result<()> {
+    inner
+        .delete_if_there(&record_key(inner, record, "upload"))
+        .await?;
+    inner.delete_all(keys).await
 }
 
 /// Records read at once when an upload is resumed.
