@@ -286,6 +286,8 @@ async fn dropped_connections_on(backend: Backend) {
     assert!(r.notes.is_empty(), "{:?}", r.notes);
     assert_eq!(server.stored("a").await, data);
     assert_eq!(journal(), 0, "and forgotten once committed");
+    let left = server.partials().await;
+    assert!(left.is_empty(), "the committed upload left {left:?}");
 
     // One byte flipped in the server's partial: the prefixes differ, the
     // upload starts over, says so, and the result is still right.

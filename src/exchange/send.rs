@@ -383,7 +383,7 @@ pub(crate) async fn send_source<W>(
     progress: &Advance<'_>,
 ) -> Result<Option<Digest>, TransferError>
 where
-    W: AsyncWrite + Unpin + ?Sized,
+    W: SendHalf + ?Sized,
 {
     if let Some(file) = source.as_file() {
         let file = file.reader_at(offset).map_err(TransferError::Read)?;
@@ -448,7 +448,7 @@ pub(crate) async fn send_stream<S, W>(
 ) -> Result<Option<Digest>, TransferError>
 where
     S: futures::Stream<Item = std::io::Result<bytes::Bytes>> + Unpin + Send,
-    W: AsyncWrite + Unpin + ?Sized,
+    W: SendHalf + ?Sized,
 {
     use futures::StreamExt;
     let mut framer = Framer::new(framing);
@@ -499,7 +499,11 @@ where
         })
         .await;
         (framer, hasher) = (f, h);
-        write_paced(out, &chunk.bytes, None).await?;
+        // Handed over whole, not copied again (see SendHalf::write_chunk).
+        tokio::time::timeout(STALL_TIMEOUT, out.write_chunk(chunk.bytes.into()))
+            .await
+            .map_err(|_| TransferError::Stalled)?
+            .map_err(TransferError::Network)?;
         progress(chunk.raw as u64);
     }
     while leftover.is_empty() {

@@ -216,6 +216,14 @@ async fn a_record_of_more_parts_than_the_file_holds_still_resumes() {
         "continues after the whole parts"
     );
     assert_eq!(server.stored("f").await, data);
+    // Completed, its record goes whole without being listed again: the
+    // part records it resumed from (the stray third among them, as the
+    // resume listed them) and its header.
+    let left = server.partials().await;
+    assert!(
+        left.is_empty(),
+        "the completed upload's record remains: {left:?}"
+    );
     fresh.close().await;
 }
 
