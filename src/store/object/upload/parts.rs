@@ -581,6 +581,46 @@ mod tests {
         assert_eq!(parts.len(), 3);
     }
 
+    /// Once every byte has arrived (`settle(true)`), the parts stored
+    /// since the last record are not recorded, now or later: the commit
+    /// follows, and the record is about to go. Every record that was
+    /// written is known by its key, for removing the record without a LIST.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_complete_upload_records_nothing_more_and_knows_its_records() {
+        let size = 4 * PART;
+        let bytes = data(size);
+        let (inner, record, sink) = begun(size).await;
+        // The first part, recorded the moment it is stored.
+        let (sink, filled) = sink.fill(bytes[..PART as usize].to_vec()).await;
+        filled.unwrap();
+        let first = vec![record_name(0, 0), "upload".to_owned()];
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while record_names(&inner, &record).await != first {
+            assert!(std::time::Instant::now() < deadline, "part 0 never recorded");
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        // The other three within the same second, then the end of the data.
+        let (mut sink, filled) = sink.fill(bytes[PART as usize..].to_vec()).await;
+        filled.unwrap();
+        sink.settle(true).await.unwrap();
+        assert_eq!(sink.stored.len(), 4);
+        tokio::time::sleep(RECORD_EVERY + std::time::Duration::from_millis(500)).await;
+        let names = record_names(&inner, &record).await;
+        assert_eq!(names, first, "nothing recorded after part 0");
+        let keys = sink.upload.as_ref().unwrap().keys.lock().unwrap().clone();
+        let mut known: Vec<String> = keys
+            .iter()
+            .map(|k| k.filename().unwrap().to_owned())
+            .collect();
+        known.sort();
+        let mut written = names.clone();
+        written.retain(|n| n != "upload");
+        assert_eq!(known, written);
+        // Removing the record by those keys leaves nothing of it.
+        remove_record(&inner, &record, keys).await.unwrap();
+        assert!(record_names(&inner, &record).await.is_empty());
+    }
+
     /// Records of one part (as servers before the ranges wrote) and of
     /// several chain from part 0; a gap, or a record that does not hold
     /// the parts its name says, ends the chain there.
