@@ -596,7 +596,10 @@ mod tests {
         let first = vec![record_name(0, 0), "upload".to_owned()];
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         while record_names(&inner, &record).await != first {
-            assert!(std::time::Instant::now() < deadline, "part 0 never recorded");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "part 0 never recorded"
+            );
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
         // The other three within the same second, then the end of the data.
