@@ -13,7 +13,7 @@ use args::{Cli, ClientArgs, Command, TransferArgs};
 use get::get;
 use manage::{ls, mkdir, mv, rm};
 use put::{put, reads_stdin};
-use serve::{id, serve, servers};
+use serve::{id, object_store_url, serve, servers};
 
 use crate::client::{
     Client, ClientConfig, ClientFile, ConfigError, ConnectError, FileError, FilterError,
@@ -51,8 +51,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     raise_open_file_limit();
     // Before the runtime's threads exist: see tune_allocator.
-    if matches!(&cli.command, Command::Serve(a) if a.root.to_str().is_some_and(|r| r.starts_with("s3://")))
-    {
+    if matches!(&cli.command, Command::Serve(a) if object_store_url(a).is_some()) {
         crate::store::object::tune_allocator();
     }
     let runtime = match tokio::runtime::Runtime::new() {

@@ -53,8 +53,13 @@ pub(super) fn id() -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The object store `serve` serves, if its root is one (`s3://...`).
+pub(super) fn object_store_url(args: &ServeArgs) -> Option<&str> {
+    args.root.to_str().filter(|r| r.starts_with("s3://"))
+}
+
 pub(super) async fn serve(args: ServeArgs) -> Result<ExitCode> {
-    let mut config = match args.root.to_str().filter(|r| r.starts_with("s3://")) {
+    let mut config = match object_store_url(&args) {
         Some(url) => {
             let options = server::S3Options {
                 endpoint: args.s3_endpoint.clone(),

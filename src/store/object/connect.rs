@@ -22,7 +22,6 @@ impl ObjectRoot {
         // https endpoints go through reqwest's rustls, which takes the
         // process's default provider: ring, as for QUIC.
         let _ = rustls::crypto::ring::default_provider().install_default();
-        tune_allocator();
         let (bucket, prefix) = parse_url(url)?;
         let endpoint = options.endpoint.as_deref();
         let build = |retry: RetryConfig| {
@@ -157,10 +156,10 @@ impl ObjectRoot {
     }
 }
 
-/// Tunes glibc's allocator for a server over an object store. The CLI
-/// calls this before the async runtime starts (the arena limit holds only
-/// for threads that have not yet allocated); [`ObjectRoot::connect`] calls
-/// it again for servers run in-process, where it is harmless.
+/// Tunes glibc's allocator for a server over an object store: the whole
+/// process's, so the CLI calls it, before the async runtime starts (the
+/// arena limit holds only for threads that have not yet allocated), and
+/// opening a root does not.
 ///
 /// - Every part buffer (megabytes each) gets its own mapping, returned to
 ///   the system when freed. By default glibc raises its mmap threshold to

@@ -174,23 +174,16 @@ impl ObjectUpload {
         // name. Cleared while the upload is created (about 45 ms each on
         // Garage here), before the header makes the record one to resume.
         let (upload_id, cleared) = tokio::join!(creating, clear_record(&self.inner, record));
-        let upload_id = upload_id.map_err(failed)?;
-        if let Err(e) = cleared {
-            let header = Header {
-                key: self.key.to_string(),
-                upload_id,
-                size: self.size,
-                part_size: self.part_size,
-            };
-            self.abort(&header).await;
-            return Err(failed(e));
-        }
         let header = Header {
             key: self.key.to_string(),
-            upload_id,
+            upload_id: upload_id.map_err(failed)?,
             size: self.size,
             part_size: self.part_size,
         };
+        if let Err(e) = cleared {
+            self.abort(&header).await;
+            return Err(failed(e));
+        }
         put_json(
             &self.inner,
             &record_key(&self.inner, record, "upload"),
