@@ -3,7 +3,11 @@
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use bytes::Bytes;
+use futures::future::BoxFuture;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use super::stream::ChunkWrite;
 
 /// `inner`, counting every byte written to it or read from it.
 pub(crate) struct Counted<'a, T: ?Sized> {
@@ -45,6 +49,17 @@ impl<T: AsyncWrite + Unpin + ?Sized> AsyncWrite for Counted<'_, T> {
     }
 }
 
+impl<T: ChunkWrite + ?Sized> ChunkWrite for Counted<'_, T> {
+    fn write_chunk(&mut self, bytes: Bytes) -> BoxFuture<'_, std::io::Result<()>> {
+        Box::pin(async move {
+            let n = bytes.len() as u64;
+            self.inner.write_chunk(bytes).await?;
+            self.count += n;
+            Ok(())
+        })
+    }
+}
+
 impl<T: AsyncRead + Unpin + ?Sized> AsyncRead for Counted<'_, T> {
     fn poll_read(
         self: Pin<&mut Self>,
@@ -74,5 +89,18 @@ mod tests {
         let mut buf = [0u8; 11];
         r.read_exact(&mut buf).await.unwrap();
         assert_eq!(r.count(), 11);
+    }
+
+    /// A chunk handed over whole is counted as the bytes it holds, and
+    /// reaches the writer beneath as it is.
+    #[tokio::test]
+    async fn counts_chunks_handed_over_whole() {
+        let mut out = Vec::new();
+        let mut w = Counted::new(&mut out);
+        w.write_chunk(Bytes::from_static(b"hello ")).await.unwrap();
+        w.write_all(b"wide ").await.unwrap();
+        w.write_chunk(Bytes::from_static(b"world")).await.unwrap();
+        assert_eq!(w.count(), 16);
+        assert_eq!(out, b"hello wide world");
     }
 }

@@ -5,8 +5,6 @@ use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::AsyncWrite;
-
 use crate::protocol::{BlockHeader, Digest, Encoding};
 
 use super::*;
@@ -72,7 +70,7 @@ pub(crate) async fn send_pipe<R, W>(
 ) -> Result<(u64, Digest), TransferError>
 where
     R: Read + AsFd + Send + 'static,
-    W: AsyncWrite + Unpin + ?Sized,
+    W: ChunkWrite + ?Sized,
 {
     debug_assert_eq!(framing.encoding, Encoding::Stream);
     let mut framer = Framer::new(framing);
@@ -85,12 +83,12 @@ where
     loop {
         let buf = match tokio::time::timeout(PAUSE_EVERY, rx.recv()).await {
             Err(_) => {
-                write_paced(out, &BlockHeader::PAUSE, None).await?;
+                write_paced(out, bytes::Bytes::from_static(&BlockHeader::PAUSE), None).await?;
                 continue;
             }
             Ok(Some(FromPipe::Block(buf))) => buf,
             Ok(Some(FromPipe::End(size, digest))) => {
-                write_paced(out, &BlockHeader::END, None).await?;
+                write_paced(out, bytes::Bytes::from_static(&BlockHeader::END), None).await?;
                 return Ok((size, digest));
             }
             Ok(Some(FromPipe::Failed(e))) => return Err(TransferError::Read(e)),
@@ -113,7 +111,7 @@ where
         } else {
             framer.frame(buf)
         };
-        write_paced(out, &chunk.bytes, pace.as_deref()).await?;
+        write_paced(out, chunk.bytes.into(), pace.as_deref()).await?;
         progress(chunk.raw as u64);
     }
 }

@@ -73,7 +73,7 @@ pub(crate) async fn send_cut<W>(
     kept: &Advance<'_>,
 ) -> Result<(Digest, DeltaSent), TransferError>
 where
-    W: AsyncWrite + Unpin,
+    W: ChunkWrite,
 {
     if cut.cutter != base.cutter {
         return Err(TransferError::Malformed(
@@ -102,7 +102,7 @@ where
                     .await;
                     framer = Some(f);
                     write_stalled(out, &DeltaOp::Block).await?;
-                    write_paced(out, &block.bytes, pace.as_deref()).await?;
+                    write_paced(out, block.bytes.into(), pace.as_deref()).await?;
                     sent.literal += block.raw as u64;
                     progress(block.raw as u64);
                 }
@@ -131,7 +131,7 @@ pub(crate) async fn send_delta<W>(
     kept: &Advance<'_>,
 ) -> Result<(Digest, DeltaSent), TransferError>
 where
-    W: AsyncWrite + Unpin,
+    W: ChunkWrite,
 {
     let cut = cut_source(src, size, base.cutter).await?;
     send_cut(src, cut, start, &base, framing, pace, out, progress, kept).await

@@ -101,6 +101,8 @@ async fn through_pipe(data: &[u8], framing: Framing) -> (usize, Result<Vec<u8>, 
 
 struct CountingWriter<'a, W>(&'a mut W, &'a std::sync::atomic::AtomicUsize);
 
+impl<W: AsyncWrite + Unpin + Send> ChunkWrite for CountingWriter<'_, W> {}
+
 impl<W: AsyncWrite + Unpin> AsyncWrite for CountingWriter<'_, W> {
     fn poll_write(
         mut self: std::pin::Pin<&mut Self>,

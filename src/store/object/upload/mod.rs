@@ -106,17 +106,25 @@ impl ObjectUpload {
     ) -> Result<Prepared, RemoteError> {
         let failed = |e| store_error(e, &self.path, "cannot create the upload of");
         let record = vec![PARTIAL_DIR.to_owned(), name.clone()];
-        // Uploads of other versions of this file (the source changed) go.
-        let mut discarded_stale = false;
-        if !self.stream {
-            let (same_upload, _) = name.rsplit_once('-').expect("partial names have a version");
-            for (other, _) in recorded_uploads(&self.inner).await.map_err(failed)? {
-                if other.starts_with(same_upload) && other != name {
-                    discarded_stale |= abort_recorded(&self.inner, &other).await.is_ok();
+        // Uploads of other versions of this file (the source changed) go,
+        // while this version's record is read: two LISTs at once, not one
+        // after the other, before the client may send.
+        let discard_stale = async {
+            let mut discarded = false;
+            if !self.stream {
+                let (same_upload, _) = name.rsplit_once('-').expect("partial names have a version");
+                for (other, _) in recorded_uploads(&self.inner).await? {
+                    if other.starts_with(same_upload) && other != name {
+                        discarded |= abort_recorded(&self.inner, &other).await.is_ok();
+                    }
                 }
             }
-        }
-        let existing = read_record(&self.inner, &record).await.map_err(failed)?;
+            Ok::<_, object_store::Error>(discarded)
+        };
+        let (discarded_stale, existing) =
+            tokio::join!(discard_stale, read_record(&self.inner, &record));
+        let discarded_stale = discarded_stale.map_err(failed)?;
+        let existing = existing.map_err(failed)?;
         let key_text = self.key.to_string();
         let usable = existing.filter(|(h, _, _)| {
             h.key == key_text && h.size == self.size && h.part_size == self.part_size
