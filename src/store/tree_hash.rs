@@ -28,19 +28,34 @@ pub(crate) struct Piece {
     pub(crate) cv: ChainingValue,
 }
 
-/// Hashes the bytes of one piece (never empty). With offset 0 it also
-/// returns the piece's own BLAKE3, which is the file's when the file is
-/// this one piece (a chaining value cannot stand for a root).
+/// [`hash_piece_of`] for a piece held in one slice.
+#[cfg(test)]
 pub(crate) fn hash_piece(offset: u64, bytes: &[u8]) -> (Piece, Option<Digest>) {
-    assert!(!bytes.is_empty(), "a piece holds at least one byte");
+    hash_piece_of(offset, [bytes])
+}
+
+/// Hashes the bytes of one piece (never empty), which are the bytes of
+/// `chunks` in order (an object store's part as the network delivered
+/// it). With offset 0 it also returns the piece's own BLAKE3, which is the
+/// file's when the file is this one piece (a chaining value cannot stand
+/// for a root).
+pub(crate) fn hash_piece_of<'a>(
+    offset: u64,
+    chunks: impl IntoIterator<Item = &'a [u8]>,
+) -> (Piece, Option<Digest>) {
     let mut hasher = blake3::Hasher::new();
     if offset > 0 {
         hasher.set_input_offset(offset);
     }
-    hasher.update(bytes);
+    let mut len = 0;
+    for chunk in chunks {
+        hasher.update(chunk);
+        len += chunk.len() as u64;
+    }
+    assert!(len > 0, "a piece holds at least one byte");
     let piece = Piece {
         offset,
-        len: bytes.len() as u64,
+        len,
         cv: hasher.finalize_non_root(),
     };
     let root = (offset == 0).then(|| *hasher.finalize().as_bytes());
@@ -49,7 +64,7 @@ pub(crate) fn hash_piece(offset: u64, bytes: &[u8]) -> (Piece, Option<Digest>) {
 
 /// The BLAKE3 of the bytes the pieces cover, which must tile `[0, end)` in
 /// order. `first_root` is the first piece's own BLAKE3 (from
-/// [`hash_piece`]), used when it is the only piece. No pieces: the empty
+/// [`hash_piece_of`]), used when it is the only piece. No pieces: the empty
 /// input.
 pub(crate) fn digest(pieces: &[Piece], first_root: Option<Digest>) -> Option<Digest> {
     match pieces {

@@ -161,11 +161,13 @@ impl ObjectRoot {
 /// arena limit holds only for threads that have not yet allocated), and
 /// opening a root does not.
 ///
-/// - Every part buffer (megabytes each) gets its own mapping, returned to
-///   the system when freed. By default glibc raises its mmap threshold to
-///   the size of the largest block freed, so after the first part, parts
+/// - Every buffer of more than 2 MiB gets its own mapping, returned to the
+///   system when freed. By default glibc raises its mmap threshold to the
+///   size of the largest block freed, so after the first such buffer, all
 ///   come from the heap arenas of whichever threads freed them and stay
-///   resident: a 1 GiB upload held 90 MiB where its buffers are 32.
+///   resident: a 1 GiB upload held 90 MiB where its 8 MiB part buffers
+///   were 32. (Parts are now the network's 1 MiB pieces, see
+///   `upload::parts::Filling`, which the heap serves.)
 /// - The threshold is 2 MiB, above a transfer's 1 MiB chunks (with their
 ///   block header) and quinn's copies of them, and an arena keeps up to
 ///   8 MiB free at its top: a fixed threshold also fixes the trim

@@ -3,7 +3,6 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use bytes::Bytes;
 use object_store::multipart::PartId;
 use object_store::path::Path as Key;
 use object_store::{
@@ -222,18 +221,14 @@ impl ObjectUpload {
             None => (0, None),
         };
         let mut sink = PartSink {
-            buf: Vec::with_capacity(
-                (self.size - offset.min(self.size)).min(self.part_size) as usize
-            ),
+            buf: Filling::default(),
             buf_offset: offset,
-            size: self.size,
             part_size: self.part_size,
             upload: self.multipart.as_ref().map(|m| PartTarget {
                 inner: self.inner.clone(),
                 key: self.key.clone(),
                 upload_id: m.header.upload_id.clone(),
                 record: m.record.clone(),
-                spare: Spare::default(),
                 keys: m.keys.clone(),
             }),
             stored: Vec::new(),
@@ -279,14 +274,13 @@ impl ObjectUpload {
         let tail_hash = if sink.buf.is_empty() {
             None
         } else {
-            let tail = std::mem::take(&mut sink.buf);
-            let (tail, hash) = blocking(move || {
-                let hash = tree_hash::hash_piece(tail_offset, &tail);
-                (tail, hash)
-            })
-            .await;
-            sink.buf = tail;
-            Some(hash)
+            let tail = sink.buf.payload();
+            Some(
+                blocking(move || {
+                    tree_hash::hash_piece_of(tail_offset, tail.iter().map(|b| &b[..]))
+                })
+                .await,
+            )
         };
         let (pieces, first_root) = self.pieces(sink, tail_hash);
         tree_hash::digest(&pieces, first_root).ok_or_else(|| corrupt(&self.path))
@@ -312,7 +306,7 @@ impl ObjectUpload {
             .as_mut()
             .expect("only multipart uploads complete");
         if !sink.buf.is_empty() {
-            let part = Bytes::from(std::mem::take(&mut sink.buf));
+            let part = sink.buf.take();
             let target = sink
                 .upload
                 .clone()
@@ -465,7 +459,7 @@ impl Upload for ObjectUpload {
         let result = match digest.map_err(|e| receive_error(e, &path)) {
             Ok(d) if d != expected => Err(corrupt(&path)),
             Ok(d) => self
-                .put_single(Bytes::from(bytes), d, meta, force)
+                .put_single(PutPayload::from(bytes), d, meta, force)
                 .await
                 .map(|()| d),
             Err(e) => Err(e),
@@ -519,7 +513,7 @@ impl ObjectUpload {
             }
         }
         if self.multipart.is_none() {
-            let bytes = Bytes::from(std::mem::take(&mut sink.buf));
+            let bytes = sink.buf.take();
             return self.put_single(bytes, digest, meta, force).await;
         }
         let result = self.complete(sink, digest, force).await;
@@ -546,13 +540,13 @@ impl ObjectUpload {
     /// as metadata; refused if the name is taken (where the store can tell).
     async fn put_single(
         &self,
-        bytes: Bytes,
+        bytes: PutPayload,
         digest: Digest,
         meta: FileMeta,
         force: bool,
     ) -> Result<(), RemoteError> {
         let failed = |e| store_error(e, &self.path, "cannot commit");
-        let size = bytes.len() as u64;
+        let size = bytes.content_length() as u64;
         // The name was found free under the lease, which no other upload
         // could take since: no second look.
         self.hold.check(&self.path)?;
@@ -568,11 +562,7 @@ impl ObjectUpload {
             ..PutOptions::default()
         };
         let slot = self.inner.slot().await;
-        let put = self
-            .inner
-            .s3
-            .put_opts(&self.key, PutPayload::from(bytes), opts)
-            .await;
+        let put = self.inner.s3.put_opts(&self.key, bytes, opts).await;
         drop(slot);
         match put {
             Ok(put) => {

@@ -49,49 +49,30 @@ pub(super) struct PartTarget {
     pub(super) key: Key,
     pub(super) upload_id: String,
     pub(super) record: Vec<String>,
-    /// Where stored parts' buffers go to be filled again (see [`Spare`]).
-    pub(super) spare: Spare,
     /// The part records known to be in the bucket (see [`RecordKeys`]).
     pub(super) keys: RecordKeys,
 }
 
-/// Buffers of parts stored, for the next parts of the same upload: never
-/// more than the parts it may hold at once ([`PARTS_IN_FLIGHT`] and the
-/// one filling), since each part takes one from here before it makes one.
-pub(super) type Spare = Arc<std::sync::Mutex<Vec<Vec<u8>>>>;
-
 impl PartTarget {
-    /// Hashes and stores part `index` (at `offset`), and gives its buffer
-    /// back for the next part. It is recorded later, with others
-    /// ([`Recorder`]).
+    /// Hashes and stores part `index` (at `offset`). It is recorded later,
+    /// with others ([`Recorder`]).
     pub(super) async fn store(
         &self,
         index: usize,
         offset: u64,
-        part: Bytes,
+        part: PutPayload,
     ) -> object_store::Result<PartRecord> {
         let for_hash = part.clone();
-        let hashing = blocking(move || (tree_hash::hash_piece(offset, &for_hash), for_hash));
+        let hashing =
+            blocking(move || tree_hash::hash_piece_of(offset, for_hash.iter().map(|b| &b[..])));
         let storing = async {
             let _slot = self.inner.slot().await;
             self.inner
                 .s3
-                .put_part(&self.key, &self.upload_id, index, PutPayload::from(part))
+                .put_part(&self.key, &self.upload_id, index, part)
                 .await
         };
-        let (((piece, root), bytes), id) = tokio::join!(hashing, storing);
-        // The part's buffer, for the next part of this upload: a fresh
-        // 8 MiB buffer is a mapping of its own (connect.rs's mmap
-        // threshold), whose 2,048 pages each fault in as it fills and are
-        // unmapped after, 262,144 faults a GiB.
-        if let Ok(mut bytes) = bytes.try_into_mut() {
-            // Emptied first: the conversion copies what it holds.
-            bytes.clear();
-            self.spare
-                .lock()
-                .expect("never poisoned")
-                .push(Vec::from(bytes));
-        }
+        let ((piece, root), id) = tokio::join!(hashing, storing);
         Ok(PartRecord {
             etag: id?.content_id,
             cv: piece.cv,
@@ -255,27 +236,92 @@ async fn write_records(
 /// store answers each part request at its own pace (Garage on loopback
 /// took 21 s for 1 GiB one part at a time, 11 s four at a time). Three in
 /// flight, as the store's own client measured alone in docs/bench runs
-/// them, and one filling hold 32 MiB of buffers with 8 MiB parts. With the
+/// them, and one filling hold 32 MiB with 8 MiB parts. With the
 /// stream's receive window (which fills while the store is the slower
-/// side) a server peaked at 64-65 MiB for a 1 GiB put, within issue 10's
+/// side) a server peaked at 64-65 MiB for a 1 GiB put (64-69 MiB in later
+/// runs, as parts were held as pieces or as one buffer alike), within issue 10's
 /// 64 MiB a side only with one allocator arena (see
 /// [`tune_allocator`](crate::store::object::tune_allocator)); two in
 /// flight were 6% slower (1 GiB put over Garage on loopback, 4 alternating
 /// runs: 14.28 against 13.47 s).
 pub(super) const PARTS_IN_FLIGHT: usize = 3;
 
+/// Pieces smaller than this are gathered into one chunk of at least this
+/// size before they join a part: a part is then at most a few hundred
+/// chunks (each a write of the request's body), whatever a pipe's sender
+/// made of its blocks.
+const GATHER_BELOW: usize = 64 * 1024;
+
+/// The bytes of the part filling, as the network delivered them: pieces
+/// of up to a block (1 MiB), kept as they are and handed to the store as
+/// the chunks of one request. Copying them into one 8 MiB buffer first
+/// was 6% of a server's CPU taking 1 GiB into Garage; the pieces are no
+/// more memory than that buffer was, and each is freed once its part is
+/// stored.
+#[derive(Default)]
+pub(super) struct Filling {
+    pieces: Vec<Bytes>,
+    /// Small pieces, gathered (see [`GATHER_BELOW`]).
+    small: Vec<u8>,
+    len: usize,
+}
+
+impl Filling {
+    /// Bytes held.
+    pub(super) fn len(&self) -> usize {
+        self.len
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Adds `bytes` after those held.
+    fn push(&mut self, bytes: Bytes) {
+        self.len += bytes.len();
+        if bytes.len() < GATHER_BELOW {
+            self.small.extend_from_slice(&bytes);
+            if self.small.len() >= GATHER_BELOW {
+                self.seal();
+            }
+        } else {
+            self.seal();
+            self.pieces.push(bytes);
+        }
+    }
+
+    /// Makes the small pieces gathered a chunk of their own.
+    fn seal(&mut self) {
+        if !self.small.is_empty() {
+            self.pieces
+                .push(Bytes::from(std::mem::take(&mut self.small)));
+        }
+    }
+
+    /// The bytes held, as the chunks of one request, leaving them held
+    /// (the chunks are shared, not copied).
+    pub(super) fn payload(&mut self) -> PutPayload {
+        self.seal();
+        self.pieces.iter().cloned().collect()
+    }
+
+    /// The bytes held, as the chunks of one request, leaving none.
+    pub(super) fn take(&mut self) -> PutPayload {
+        self.seal();
+        self.len = 0;
+        std::mem::take(&mut self.pieces).into_iter().collect()
+    }
+}
+
 /// Receives a file's bytes into parts: each full part is stored (and
 /// hashed) in a task of its own while the next ones fill, at most
 /// [`PARTS_IN_FLIGHT`] at a time. Without a multipart target everything
 /// stays in the buffer for one PUT.
 pub(super) struct PartSink {
-    /// The part filling: allocated at its final size, handed to the store
-    /// without a copy.
-    pub(super) buf: Vec<u8>,
+    /// The part filling, handed to the store without a copy.
+    pub(super) buf: Filling,
     /// Where `buf` starts in the file.
     pub(super) buf_offset: u64,
-    /// The file's size.
-    pub(super) size: u64,
     pub(super) part_size: u64,
     pub(super) upload: Option<PartTarget>,
     /// Parts stored since the sink was made, in order.
@@ -344,6 +390,11 @@ impl PartSink {
             return Ok(());
         };
         while self.buf.len() as u64 >= self.part_size {
+            debug_assert_eq!(
+                self.buf.len() as u64,
+                self.part_size,
+                "fill stops at a part"
+            );
             // Parts stored are taken in order (a failure shows here, not
             // only at the end); then, with [`PARTS_IN_FLIGHT`] out, the
             // oldest is waited for before another part's bytes are held.
@@ -355,15 +406,7 @@ impl PartSink {
             }
             let offset = self.buf_offset;
             self.buf_offset += self.part_size;
-            let next = (self.size.saturating_sub(self.buf_offset)).min(self.part_size) as usize;
-            let recycled = target
-                .spare
-                .lock()
-                .expect("never poisoned")
-                .pop()
-                .filter(|b| b.capacity() >= next);
-            let fresh = recycled.unwrap_or_else(|| Vec::with_capacity(next));
-            let part = Bytes::from(std::mem::replace(&mut self.buf, fresh));
+            let part = self.buf.take();
             let index = self.next_index;
             self.next_index += 1;
             let target = target.clone();
@@ -401,16 +444,16 @@ impl Sink for PartSink {
 impl PartSink {
     /// Adds `bytes` to the part being filled, handing each full part over.
     pub(super) async fn fill(mut self, bytes: Vec<u8>) -> (Self, Result<(), TransferError>) {
-        // Fill the part, hand it over once full, go on with the rest.
-        let mut rest = &bytes[..];
+        // Fill the part, hand it over once full, go on with the rest: the
+        // bytes are split where a part ends, not copied.
+        let mut rest = Bytes::from(bytes);
         while !rest.is_empty() {
             let room = match self.upload {
                 Some(_) => self.part_size as usize - self.buf.len(),
                 None => rest.len(),
             };
-            let (now, later) = rest.split_at(room.min(rest.len()));
-            self.buf.extend_from_slice(now);
-            rest = later;
+            let now = rest.split_to(room.min(rest.len()));
+            self.buf.push(now);
             if let Err(e) = self.store_full_parts().await {
                 return (self, Err(e));
             }
@@ -447,16 +490,14 @@ mod tests {
             .await
             .unwrap();
         let mut sink = PartSink {
-            buf: Vec::new(),
+            buf: Filling::default(),
             buf_offset: 0,
-            size,
             part_size: PART,
             upload: Some(PartTarget {
                 inner: inner.clone(),
                 key,
                 upload_id,
                 record: record.clone(),
-                spare: Spare::default(),
                 keys: RecordKeys::default(),
             }),
             stored: Vec::new(),
@@ -522,20 +563,7 @@ mod tests {
             assert_eq!(p.etag, sink.stored[i].etag, "part {i}");
         }
         assert!(parts[0].root.is_some() && parts[1..].iter().all(|p| p.root.is_none()));
-        // Parts after the first few were filled in the buffers of parts
-        // already stored; what was stored is what was sent all the same.
         let target = sink.upload.clone().unwrap();
-        let spare = target.spare.clone();
-        let kept = spare.lock().unwrap().len();
-        assert!(
-            (1..=PARTS_IN_FLIGHT + 1).contains(&kept),
-            "{kept} buffers kept"
-        );
-        assert!(spare
-            .lock()
-            .unwrap()
-            .iter()
-            .all(|b| b.is_empty() && b.capacity() >= PART as usize));
         let ids = parts
             .iter()
             .map(|p| PartId {
@@ -556,6 +584,98 @@ mod tests {
             .await
             .unwrap();
         assert!(stored[..] == bytes[..6 * PART as usize]);
+    }
+
+    /// A part is the pieces as they came: a large piece is handed to the
+    /// store as it is (the same memory, not a copy), small ones are
+    /// gathered into chunks of at least [`GATHER_BELOW`], in order.
+    #[test]
+    fn filling_keeps_large_pieces_whole_and_gathers_small_ones() {
+        let mut f = Filling::default();
+        let big = Bytes::from(vec![7u8; 200_000]);
+        for b in [1u8, 2, 3] {
+            f.push(Bytes::from(vec![b; 10]));
+        }
+        f.push(big.clone());
+        f.push(Bytes::from_static(b"tail!"));
+        assert_eq!(f.len(), 30 + 200_000 + 5);
+        let shared = f.payload();
+        assert_eq!(f.len(), 200_035, "payload() leaves the bytes held");
+        let taken = f.take();
+        assert!(f.is_empty());
+        for payload in [shared, taken] {
+            let chunks: Vec<&Bytes> = payload.iter().collect();
+            assert_eq!(chunks.len(), 3);
+            assert_eq!(&chunks[0][..], &[[1u8; 10], [2; 10], [3; 10]].concat()[..]);
+            assert_eq!(chunks[1].as_ptr(), big.as_ptr(), "not copied");
+            assert_eq!(&chunks[2][..], b"tail!");
+        }
+        // Ten thousand tiny pieces make a few chunks, not ten thousand.
+        for i in 0..10_000u32 {
+            f.push(Bytes::from(vec![(i % 251) as u8]));
+        }
+        let payload = f.take();
+        assert_eq!(payload.content_length(), 10_000);
+        assert!(payload.iter().count() <= 10_000 / GATHER_BELOW + 1);
+        let joined: Vec<u8> = payload.iter().flat_map(|b| b.iter().copied()).collect();
+        assert!(joined
+            .iter()
+            .enumerate()
+            .all(|(i, &b)| b == (i % 251) as u8));
+    }
+
+    /// Pieces of any size, crossing part boundaries anywhere, are stored as
+    /// the parts they make, each with the chaining value of its bytes.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn pieces_of_any_size_make_the_parts_they_cross() {
+        let size = 3 * PART + 12_345;
+        let bytes = data(size);
+        let (inner, _, mut sink) = begun(size).await;
+        let sizes = [700_000usize, 10, 20, 1_500_000, 333, 65_536, 1];
+        let mut at = 0usize;
+        for n in sizes.iter().cycle() {
+            if at == size as usize {
+                break;
+            }
+            let end = (at + n).min(size as usize);
+            let (s, filled) = sink.fill(bytes[at..end].to_vec()).await;
+            filled.unwrap();
+            sink = s;
+            at = end;
+        }
+        sink.settle(false).await.unwrap();
+        assert_eq!(sink.stored.len(), 3, "three whole parts");
+        assert_eq!(sink.buf.len(), 12_345, "the tail waits for the commit");
+        for (i, p) in sink.stored.iter().enumerate() {
+            let at = i as u64 * PART;
+            let (piece, _) = tree_hash::hash_piece(at, &bytes[at as usize..(at + PART) as usize]);
+            assert_eq!(p.cv, piece.cv, "part {i}");
+        }
+        let target = sink.upload.clone().unwrap();
+        let tail = sink.buf.take();
+        let last = target.store(3, 3 * PART, tail).await.unwrap();
+        let ids = sink
+            .stored
+            .iter()
+            .chain([&last])
+            .map(|p| PartId {
+                content_id: p.etag.clone(),
+            })
+            .collect();
+        inner
+            .s3
+            .complete_multipart(&target.key, &target.upload_id, ids)
+            .await
+            .unwrap();
+        let stored = inner
+            .s3
+            .get(&target.key)
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        assert!(stored[..] == bytes[..]);
     }
 
     /// A slow upload records each part once it is stored, a second or
