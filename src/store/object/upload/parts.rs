@@ -564,6 +564,12 @@ mod tests {
         }
         assert!(parts[0].root.is_some() && parts[1..].iter().all(|p| p.root.is_none()));
         let target = sink.upload.clone().unwrap();
+        let stored = complete_and_read(&inner, &target, &parts).await;
+        assert!(stored[..] == bytes[..6 * PART as usize]);
+    }
+
+    /// Completes `target`'s upload of `parts` and reads back the object.
+    async fn complete_and_read(inner: &Inner, target: &PartTarget, parts: &[PartRecord]) -> Bytes {
         let ids = parts
             .iter()
             .map(|p| PartId {
@@ -575,15 +581,8 @@ mod tests {
             .complete_multipart(&target.key, &target.upload_id, ids)
             .await
             .unwrap();
-        let stored = inner
-            .s3
-            .get(&target.key)
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap();
-        assert!(stored[..] == bytes[..6 * PART as usize]);
+        let got = inner.s3.get(&target.key).await.unwrap();
+        got.bytes().await.unwrap()
     }
 
     /// A part is the pieces as they came: a large piece is handed to the
@@ -654,27 +653,8 @@ mod tests {
         let target = sink.upload.clone().unwrap();
         let tail = sink.buf.take();
         let last = target.store(3, 3 * PART, tail).await.unwrap();
-        let ids = sink
-            .stored
-            .iter()
-            .chain([&last])
-            .map(|p| PartId {
-                content_id: p.etag.clone(),
-            })
-            .collect();
-        inner
-            .s3
-            .complete_multipart(&target.key, &target.upload_id, ids)
-            .await
-            .unwrap();
-        let stored = inner
-            .s3
-            .get(&target.key)
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap();
+        sink.stored.push(last);
+        let stored = complete_and_read(&inner, &target, &sink.stored).await;
         assert!(stored[..] == bytes[..]);
     }
 
