@@ -507,9 +507,8 @@ where
         })
         .await;
         (framer, hasher) = (f, h);
-        let raw = chunk.raw as u64;
         write_paced(out, chunk.bytes.into(), None).await?;
-        progress(raw);
+        progress(chunk.raw as u64);
     }
     while leftover.is_empty() {
         match more(&mut chunks).await? {

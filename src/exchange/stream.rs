@@ -90,12 +90,6 @@ impl<T: ChunkWrite + ?Sized> ChunkWrite for Box<T> {
     }
 }
 
-impl<T: ChunkWrite + ?Sized> ChunkWrite for &mut T {
-    fn write_chunk(&mut self, bytes: Bytes) -> BoxFuture<'_, std::io::Result<()>> {
-        (**self).write_chunk(bytes)
-    }
-}
-
 impl<T: RecvHalf + ?Sized> RecvHalf for Box<T> {
     fn stop(&mut self, code: u32) {
         (**self).stop(code)

@@ -274,13 +274,7 @@ impl ObjectUpload {
         let tail_hash = if sink.buf.is_empty() {
             None
         } else {
-            let tail = sink.buf.payload();
-            Some(
-                blocking(move || {
-                    tree_hash::hash_piece_of(tail_offset, tail.iter().map(|b| &b[..]))
-                })
-                .await,
-            )
+            Some(hash_payload(tail_offset, sink.buf.payload()).await)
         };
         let (pieces, first_root) = self.pieces(sink, tail_hash);
         tree_hash::digest(&pieces, first_root).ok_or_else(|| corrupt(&self.path))
