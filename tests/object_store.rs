@@ -79,7 +79,9 @@ async fn files_of_every_size_round_trip_with_their_metadata() {
     assert_eq!(root.len(), 1, "bookkeeping stays hidden: {root:?}");
     assert_eq!((root[0].name.as_str(), root[0].kind), ("d", EntryKind::Dir));
 
-    // The big file's sums are kept beside it; no upload is left open.
+    // The big file's sums are kept beside it; no upload is left open
+    // (both done just after the client's answer).
+    server.settled().await;
     let stored = keys(&url).await;
     assert!(
         stored.contains(&".qxfer-sums/d/f4".to_owned()),
@@ -274,6 +276,7 @@ async fn an_upload_interrupted_on_one_server_resumes_through_another() {
         .await
         .unwrap();
     assert_eq!(std::fs::read(&back).unwrap(), data);
+    two.settled().await;
     let stored = keys(&url).await;
     assert!(
         !stored.iter().any(|k| k.starts_with(".qxfer-partial")),

@@ -134,6 +134,14 @@ pub(crate) enum Backend {
 }
 
 impl ServeConfig {
+    /// Waits until the store has done what it does after its answers (an
+    /// object root writes a large upload's sums and removes its record
+    /// once the client was told it is saved), as a server shutting down
+    /// does: for tests that look into the store right after a put.
+    pub async fn settled(&self) {
+        self.store.finish_background().await;
+    }
+
     /// Serves the directory `root`: creates it if missing, checks it is a
     /// writable directory, and resolves it to an absolute path.
     pub fn prepare(root: &Path) -> Result<Self, StartupError> {
@@ -311,10 +319,21 @@ pub(crate) async fn run_until(
         }
     });
     let mut requests = activity.requests.subscribe();
+    // The requests, then what the store does after their answers (an
+    // object root's bookkeeping of uploads already saved), within the grace.
+    let finished = async {
+        let _ = requests.wait_for(|n| *n == 0).await;
+        config.store.finish_background().await;
+    };
     tokio::select! {
-        _ = requests.wait_for(|n| *n == 0) => {}
+        _ = finished => {}
         _ = tokio::time::sleep(config.grace) => {
-            warn!("{} request(s) still running after {:?}; closing them (uploads keep their partials for a resume)", *activity.requests.borrow(), config.grace);
+            let running = *activity.requests.borrow();
+            if running > 0 {
+                warn!("{running} request(s) still running after {:?}; closing them (uploads keep their partials for a resume)", config.grace);
+            } else {
+                warn!("the store's bookkeeping of saved uploads did not finish within {:?}; what it leaves (records, sums) the sweep and later gets deal with", config.grace);
+            }
         }
         _ = stop_now => warn!("second signal: stopping at once (uploads keep their partials for a resume)"),
     }

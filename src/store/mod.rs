@@ -233,6 +233,13 @@ pub(crate) trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// metadata, or a HEAD of a key no file has), for `serve --metrics`'s
     /// health answer. The error says what failed.
     async fn probe(&self) -> Result<(), String>;
+
+    /// Waits for the work the store does after its answers: an object
+    /// root writes a large upload's sums and removes its record once the
+    /// client has been told it is saved (the upload keeps its name's
+    /// lease until then), and deletes the leases given back. A server
+    /// shutting down calls it within its grace period.
+    async fn finish_background(&self) {}
 }
 
 /// The counter of requests the store failed (`serve --metrics`), counted

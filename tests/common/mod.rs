@@ -41,6 +41,8 @@ pub struct TestServer {
     pub allowlist: PathBuf,
     /// The server's byte counters.
     pub stats: Arc<server::ServeStats>,
+    /// Its configuration, for [`ServeConfig::settled`].
+    config: ServeConfig,
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
     _dirs: TempDir,
@@ -149,6 +151,7 @@ impl TestServer {
         let (stop, stopped) = oneshot::channel::<()>();
         let root = config.root.clone();
         let stats = config.stats.clone();
+        let kept = config.clone();
         let task = tokio::spawn(server::run(endpoint, config, async {
             let _ = stopped.await;
         }));
@@ -158,10 +161,17 @@ impl TestServer {
             root,
             allowlist,
             stats,
+            config: kept,
             stop: Some(stop),
             task: Some(task),
             _dirs: dirs,
         }
+    }
+
+    /// Waits until the server's store has done what follows its answers
+    /// (see [`ServeConfig::settled`]).
+    pub async fn settled(&self) {
+        self.config.settled().await;
     }
 
     /// A client config for this server using `config_dir`, whose client

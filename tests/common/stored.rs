@@ -176,6 +176,8 @@ impl TestServer {
 
     /// The uploads in progress in the root's partial store, by name.
     pub async fn partials(&self) -> Vec<String> {
+        // What a completed upload leaves it removes just after its answer.
+        self.settled().await;
         partials_at(&self.root).await
     }
 

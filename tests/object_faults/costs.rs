@@ -125,8 +125,9 @@ async fn small_files_cost_their_puts_and_a_listed_tree_its_lists() {
 /// a second, and what is left at the end. Once its bytes have all arrived
 /// nothing more is recorded, and once completed its record goes without
 /// a LIST (the header, then the part records it knows, in one request,
-/// beside the sums): the client's answer waited 450 ms after a 64 MiB
-/// upload's last part when the record was written, listed and deleted.
+/// beside the sums), after the client's answer: that answer waited 450 ms
+/// after a 64 MiB upload's last part when the record was written, listed
+/// and deleted first.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_large_upload_records_its_parts_about_once_a_second() {
     let proxy = CountingProxy::start().await;
@@ -140,6 +141,8 @@ async fn a_large_upload_records_its_parts_about_once_a_second() {
     let started = std::time::Instant::now();
     run(qxfer_at(h, server.addr).arg("put").arg(&src));
     let secs = started.elapsed().as_secs_f64();
+    // The sums and the record's removal follow the client's answer.
+    server.settled().await;
     let requests = &proxy.requests()[before..];
     let parts = requests
         .iter()

@@ -93,6 +93,7 @@ async fn the_sweep_leaves_a_running_piped_upload_alone() {
     let report = upload.await.unwrap().unwrap();
     assert_eq!(report.bytes, data.len() as u64);
     assert!(server.stored("piped").await == data);
+    server.settled().await;
     assert!(!keys(&url)
         .await
         .iter()
@@ -169,6 +170,7 @@ async fn an_abandoned_upload_of_a_non_ascii_name_is_really_aborted() {
         "{:?}",
         report.notes
     );
+    server.settled().await;
     assert!(!keys(&url)
         .await
         .iter()

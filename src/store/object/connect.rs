@@ -82,6 +82,7 @@ impl ObjectRoot {
             lookup_slots: tokio::sync::Semaphore::new(LOOKUP_REQUESTS),
             holder: std::sync::Mutex::new(random_holder()),
             memory: memory::UploadMemory::new(0),
+            background: Default::default(),
         };
         let at = endpoint.unwrap_or("AWS S3");
         let unusable = |doing: &str, e: object_store::Error| {
@@ -141,6 +142,7 @@ impl ObjectRoot {
                 lookup_slots: tokio::sync::Semaphore::new(LOOKUP_REQUESTS),
                 holder: std::sync::Mutex::new(random_holder()),
                 memory: memory::UploadMemory::new(memory),
+                background: Default::default(),
             }),
         }
     }

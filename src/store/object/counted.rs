@@ -21,6 +21,11 @@ pub(super) struct Counted {
     pub(super) lists: AtomicU64,
     /// Lease objects written.
     pub(super) lease_puts: AtomicU64,
+    /// GETs of files' data (not of the server's own records).
+    pub(super) file_reads: AtomicU64,
+    /// While true, writes of an upload's sums wait (to look at what is
+    /// there between a client's answer and the bookkeeping after it).
+    pub(super) sums_held: tokio::sync::watch::Sender<bool>,
 }
 
 impl std::fmt::Display for Counted {
@@ -40,6 +45,9 @@ impl ObjectStore for Counted {
         if location.as_ref().contains(super::leases::LEASE_DIR) {
             self.lease_puts.fetch_add(1, Ordering::Relaxed);
         }
+        if location.as_ref().contains(super::SUMS_DIR) {
+            let _ = self.sums_held.subscribe().wait_for(|held| !held).await;
+        }
         self.store.put_opts(location, payload, opts).await
     }
 
@@ -58,6 +66,8 @@ impl ObjectStore for Counted {
     ) -> object_store::Result<GetResult> {
         if options.head {
             self.heads.fetch_add(1, Ordering::Relaxed);
+        } else if !location.as_ref().contains(crate::paths::RESERVED_PREFIX) {
+            self.file_reads.fetch_add(1, Ordering::Relaxed);
         }
         self.store.get_opts(location, options).await
     }

@@ -540,12 +540,11 @@ fn keep_for(lease: Arc<DirLease>, how_long: Duration) {
     if lease.is_retired() {
         return;
     }
-    if let Ok(rt) = tokio::runtime::Handle::try_current() {
-        rt.spawn(async move {
-            tokio::time::sleep(how_long).await;
-            drop(lease);
-        });
-    }
+    let background = lease.inner.clone();
+    background.background.spawn(async move {
+        tokio::time::sleep(how_long).await;
+        drop(lease);
+    });
 }
 
 impl Drop for DirLease {
@@ -575,11 +574,11 @@ impl Drop for DirLease {
         }
         let gone = self.gone.clone();
         match (lease, runtime) {
-            (Some(lease), Ok(rt)) => {
+            (Some(lease), Ok(_)) => {
                 let (state, key) = (self.state.clone(), self.key.clone());
                 let wrote = std::mem::take(&mut *lock(&self.wrote));
                 let (inner, dir) = (self.inner.clone(), self.dir.clone());
-                rt.spawn(async move {
+                self.inner.background.spawn(async move {
                     // Still under the lease: what it wrote goes into the
                     // directory's index (a listing would look it up otherwise).
                     if lease.is_trusted() {

@@ -339,9 +339,9 @@ impl Leases {
         self.refresher.abort();
         self.inner.held.leave(&self.names, self.serial);
         let (inner, keys) = (self.inner.clone(), std::mem::take(&mut self.keys));
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn(async move { delete_all(&inner, keys).await });
-        }
+        self.inner
+            .background
+            .spawn(async move { delete_all(&inner, keys).await });
     }
 
     /// Gives the leases up and waits until their objects are deleted (or
@@ -365,9 +365,9 @@ impl Drop for Leases {
             let (inner, keys) = (self.inner.clone(), std::mem::take(&mut self.keys));
             // Dropped on an error path: deleted in the background (a lease
             // left behind only delays the next writer of the name).
-            if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                rt.spawn(async move { delete_all(&inner, keys).await });
-            }
+            self.inner
+                .background
+                .spawn(async move { delete_all(&inner, keys).await });
         }
     }
 }

@@ -64,6 +64,7 @@ use super::{
 };
 
 mod attrs;
+mod background;
 mod connect;
 #[cfg(test)]
 mod counted;
@@ -128,6 +129,8 @@ struct Inner {
     holder: std::sync::Mutex<String>,
     /// The memory uploads may hold in buffers, server-wide.
     memory: memory::UploadMemory,
+    /// What runs on after its answer (see [`Store::finish_background`]).
+    background: background::Background,
 }
 
 /// Requests to the store in flight at once, per server. Each holds an HTTP
@@ -554,6 +557,10 @@ impl Store for ObjectRoot {
             Ok(_) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(format!("the object store: {}", short_error(&e))),
         }
+    }
+
+    async fn finish_background(&self) {
+        self.inner.background.idle().await;
     }
 }
 

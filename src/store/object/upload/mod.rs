@@ -56,6 +56,14 @@ pub(super) enum Hold {
 }
 
 impl Hold {
+    /// Gives the name back: a name's lease is deleted (in the background),
+    /// a place under a directory's lease goes as it is dropped.
+    fn give_back(self) {
+        if let Self::Name(lease) = self {
+            lease.release();
+        }
+    }
+
     /// Whether the hold is still sure to be this server's alone: an error
     /// for `path` if not, to refuse the write.
     fn check(&self, path: &RemotePath) -> Result<(), RemoteError> {
@@ -335,23 +343,41 @@ impl ObjectUpload {
             parts: m.parts.iter().map(|p| p.cv).collect(),
             first_root: m.parts.first().and_then(|p| p.root).unwrap_or(digest),
         };
-        // The sums and the removal of the record, at once: the client's
-        // answer waits for both.
+        // The file is saved: the client is told so now, and the sums and
+        // the removal of the record follow, at once, under the name's lease
+        // (moved here, given back after them). On Garage here they took
+        // 0.4-0.6 s after a 1 GiB upload (a bulk delete right after a
+        // completion is slow), 4-5% of the put, when the answer waited for
+        // them. Nothing is lost if they fail or the server stops first:
+        // sums are of an ETag, so stale or missing ones are never taken
+        // for the file's (gets then hash it as they send); a record whose
+        // upload is completed is never resumed (its name is taken, and
+        // already there), and the next upload of the name or the sweep
+        // removes it. The next upload of the name waits for the lease, so
+        // it finds the sums; a server shutting down waits for them
+        // (`Store::finish_background`).
         let keys = std::mem::take(&mut *m.keys.lock().expect("never poisoned"));
-        let sums_at = sums_key(&self.inner, &self.path);
-        let (summed, removed) = tokio::join!(
-            put_json(&self.inner, &sums_at, &sums),
-            remove_record(&self.inner, &m.record, keys),
-        );
-        // Without its sums the file is still whole and right: gets then hash it as they send.
-        if let Err(e) = summed {
-            warn!(path = %self.path, "cannot store the sums of the upload: {e}");
-        }
-        // What is left without its header is never resumed; the next
-        // upload of the name, or the sweep, removes it.
-        if let Err(e) = removed {
-            warn!(path = %self.path, "cannot remove the record of a completed upload: {e}");
-        }
+        let inner = self.inner.clone();
+        let path = self.path.clone();
+        let record = m.record.clone();
+        let hold = std::mem::replace(&mut self.hold, Hold::Nothing);
+        self.inner.background.spawn(async move {
+            let sums_at = sums_key(&inner, &path);
+            let (summed, removed) = tokio::join!(
+                put_json(&inner, &sums_at, &sums),
+                remove_record(&inner, &record, keys),
+            );
+            // Without its sums the file is still whole and right: gets then hash it as they send.
+            if let Err(e) = summed {
+                warn!(path = %path, "cannot store the sums of the upload: {e}");
+            }
+            // What is left without its header is never resumed; the next
+            // upload of the name, or the sweep, removes it.
+            if let Err(e) = removed {
+                warn!(path = %path, "cannot remove the record of a completed upload: {e}");
+            }
+            hold.give_back();
+        });
         Ok(())
     }
 }
@@ -525,9 +551,7 @@ impl ObjectUpload {
     /// The name's lease, which an upload holds until it ends.
     /// Gives the name back (after the write, or when the upload ends).
     async fn release(&mut self) {
-        if let Hold::Name(lease) = std::mem::replace(&mut self.hold, Hold::Nothing) {
-            lease.release();
-        }
+        std::mem::replace(&mut self.hold, Hold::Nothing).give_back();
     }
 
     /// Writes a file of one piece with one PUT: its mtime, mode and BLAKE3
@@ -570,5 +594,131 @@ impl ObjectUpload {
             | Err(object_store::Error::Precondition { .. }) => Err(appeared(&self.path)),
             Err(e) => Err(failed(e)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::counted::Counted;
+    use super::super::ObjectRoot;
+    use super::*;
+    use crate::store::{Prepared, PutPlan, Sinking, Store};
+    use futures::TryStreamExt;
+    use std::time::Duration;
+
+    fn plan(size: u64) -> PutPlan {
+        PutPlan {
+            path: RemotePath::parse("d/big", false).unwrap(),
+            meta: meta(size),
+            force: false,
+            // As the server names it: client, path and version.
+            partial: Some("tester-big-1".to_owned()),
+            resume: false,
+            stream: false,
+            client: crate::tls::Fingerprint::of(&rustls::pki_types::CertificateDer::from(vec![1])),
+        }
+    }
+
+    fn meta(size: u64) -> FileMeta {
+        FileMeta {
+            size,
+            // "Already there" needs the same size and mtime.
+            mtime: Some(crate::protocol::Timestamp {
+                secs: 1_700_000_000,
+                nanos: 0,
+            }),
+            mode: None,
+        }
+    }
+
+    /// An upload of `data` prepared and received whole, not committed yet.
+    async fn received(root: &ObjectRoot, data: &[u8]) -> Box<dyn Upload> {
+        let Prepared::Receive { mut upload, .. } =
+            root.prepare_put(plan(data.len() as u64)).await.unwrap()
+        else {
+            panic!("a fresh name is received")
+        };
+        let Sinking { sink, from, .. } = upload.sink(data.len() as u64).await.unwrap();
+        assert_eq!(from, 0);
+        let (sink, wrote) = sink.write(data.to_vec()).await;
+        wrote.unwrap();
+        upload.received(sink, Ok(data.len() as u64)).await.unwrap();
+        upload
+    }
+
+    /// The stored bytes of `d/big` and the digest a get would send with them.
+    async fn read_back(root: &ObjectRoot) -> (Vec<u8>, Option<Digest>) {
+        let opened = root
+            .open(&RemotePath::parse("d/big", false).unwrap(), None)
+            .await
+            .unwrap();
+        let chunks: Vec<bytes::Bytes> = opened
+            .bytes
+            .range(0, opened.meta.size)
+            .await
+            .unwrap()
+            .try_collect()
+            .await
+            .unwrap();
+        (chunks.concat(), opened.digest)
+    }
+
+    /// A large upload's client hears "saved" once the store completed the
+    /// object, not after the sums and the removal of its record (0.4-0.6 s
+    /// on Garage after 1 GiB); the name stays leased until they are done,
+    /// so the next upload of it waits and then finds the file there by
+    /// its sums, and a server shutting down waits for them.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_large_upload_is_answered_before_its_bookkeeping_and_holds_its_name_through_it() {
+        let store = Arc::new(Counted::default());
+        let root = Arc::new(ObjectRoot::over(
+            store.clone(),
+            vec!["r".to_owned()],
+            1 << 30,
+        ));
+        let data: Vec<u8> = (0..(17u64 << 20)).map(|i| (i * 7 % 251) as u8).collect();
+        let digest = *blake3::hash(&data).as_bytes();
+        store.sums_held.send_replace(true);
+        let upload = received(&root, &data).await;
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            upload.commit(meta(data.len() as u64), false),
+        )
+        .await
+        .expect("the answer does not wait for the sums")
+        .unwrap();
+
+        // Saved whole; without its sums yet, a get hashes it as it sends.
+        assert_eq!(read_back(&root).await, (data.clone(), None));
+        let reads = store.file_reads.load(std::sync::atomic::Ordering::Relaxed);
+        let again = tokio::spawn({
+            let (root, size) = (root.clone(), data.len() as u64);
+            async move { root.prepare_put(plan(size)).await }
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!again.is_finished(), "the name is still leased");
+        assert!(
+            tokio::time::timeout(Duration::from_millis(100), root.finish_background())
+                .await
+                .is_err(),
+            "the bookkeeping still runs"
+        );
+
+        store.sums_held.send_replace(false);
+        tokio::time::timeout(Duration::from_secs(10), root.finish_background())
+            .await
+            .expect("the bookkeeping ends");
+        match again.await.unwrap() {
+            Ok(Prepared::Present(found)) => assert_eq!(found, digest),
+            Ok(_) => panic!("the second upload should find the file there"),
+            Err(e) => panic!("the second upload should find the file there: {e}"),
+        }
+        assert_eq!(
+            store.file_reads.load(std::sync::atomic::Ordering::Relaxed),
+            reads,
+            "found by its sums, not by reading it back"
+        );
+        assert_eq!(read_back(&root).await, (data, Some(digest)), "sums kept");
+        assert_eq!(root.held_partials().await.unwrap(), 0, "the record is gone");
     }
 }
