@@ -35,8 +35,10 @@
 //! once their BLAKE3 matched; larger ones become multipart uploads whose
 //! parts are stored as they fill, three at a time (memory: four parts, 32 MiB, per upload), and
 //! the object appears only when the upload is completed, after the digest
-//! matched. An abandoned upload is aborted; the sweep aborts those left by
-//! a server that died.
+//! matched. The client is answered then; the upload's sums and the removal
+//! of its record follow, under the name's lease (background.rs counts such
+//! work, and a server shutting down waits for it). An abandoned upload is
+//! aborted; the sweep aborts those left by a server that died.
 //!
 //! No-clobber between servers: S3 has no rename, so an upload without
 //! `--force` checks that the name is free when it starts and again just
