@@ -540,8 +540,8 @@ fn keep_for(lease: Arc<DirLease>, how_long: Duration) {
     if lease.is_retired() {
         return;
     }
-    let background = lease.inner.clone();
-    background.background.spawn(async move {
+    let inner = lease.inner.clone();
+    inner.background.spawn(async move {
         tokio::time::sleep(how_long).await;
         drop(lease);
     });

@@ -94,9 +94,7 @@ pub(in crate::store::object) async fn prepare(
         Err(e) => Err(store_error(e, path, "cannot check")),
     };
     // Refused, or the file is already there: the name is given back.
-    if let Hold::Name(lease) = hold {
-        lease.release();
-    }
+    hold.give_back();
     prepared
 }
 
