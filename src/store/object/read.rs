@@ -81,14 +81,13 @@ pub(super) async fn open(
 ) -> Result<Opened, RemoteError> {
     let key = inner.key(path);
     let failed = |e| store_error(e, path, "cannot open");
-    // A small file in one request: its first bytes with its metadata (a
-    // HEAD and then a GET were two, and a tree of small files waits on
-    // the store for each).
-    let (head, held) = match first_bytes(inner, &key).await {
-        Ok(Some((head, bytes))) => (Some(head), Some(bytes)),
+    // A small file in one request: its bytes with its metadata (a HEAD
+    // and then a GET were two, and a tree of small files waits on the
+    // store for each).
+    let (head, held) = match small_whole(inner, &key).await {
+        Ok(Some((head, body))) => (Some(head), Some(body)),
         Ok(None) => (None, None),
-        // An empty object has no first bytes to range over; any other
-        // answer is asked again the plain way.
+        // Any other answer is asked again the plain way.
         Err(_) => {
             let head = inner.head(&key).await.map_err(failed)?;
             (
@@ -144,11 +143,16 @@ pub(super) async fn open(
         (None, None) => Some(blake3::Hasher::new()),
     };
     let bytes: Box<dyn ByteSource> = match held {
-        Some(held) if held.len() as u64 == size => Box::new(HeldBytes(held)),
-        _ => Box::new(ObjectBytes {
+        Some(Body::Whole(held)) if held.len() as u64 == size => Box::new(HeldBytes(held)),
+        held => Box::new(ObjectBytes {
             s3: inner.s3.clone(),
             key,
             etag,
+            size,
+            whole: std::sync::Mutex::new(match held {
+                Some(Body::Coming(body)) => Some(body),
+                _ => None,
+            }),
         }),
     };
     Ok(Opened {
@@ -160,7 +164,7 @@ pub(super) async fn open(
     })
 }
 
-/// What [`open`] reads of an object with its metadata: a whole small file.
+/// The largest object [`open`] reads whole with its metadata.
 const FIRST_BYTES: u64 = 64 << 10;
 
 /// What [`open`] needs of an object's HEAD.
@@ -169,18 +173,28 @@ struct Head {
     attributes: object_store::Attributes,
 }
 
-/// The object's metadata and its first [`FIRST_BYTES`] (all of a small
-/// one), in one request; `None` if there is no such object.
-async fn first_bytes(
-    inner: &Inner,
-    key: &Key,
-) -> object_store::Result<Option<(Head, bytes::Bytes)>> {
-    let opts = GetOptions {
-        range: Some(GetRange::Bounded(0..FIRST_BYTES)),
-        ..GetOptions::default()
-    };
-    let _slot = inner.slot().await;
-    let got = match inner.s3.get_opts(key, opts).await {
+/// An object's body as [`small_whole`] left it.
+enum Body {
+    /// All of it.
+    Whole(bytes::Bytes),
+    /// A larger object's, still coming, for the send from its start.
+    Coming(ByteStream),
+}
+
+/// The object's metadata and its body, read whole if it is at most
+/// [`FIRST_BYTES`] long, in one request; `None` if there is no such
+/// object.
+///
+/// A plain GET, not one ranged over the first [`FIRST_BYTES`] as before:
+/// Garage answers a ranged GET of a 4 KiB object in 4.3 ms against 3.2 ms
+/// for a plain one, and 2,000 of them, 64 at once, took 1.69 s against
+/// 1.58 s (measured 2026-12-05). An empty object, which no range fits,
+/// no longer needs a second request either. A larger object's body is
+/// kept coming for the send, which reads it from the start unless it
+/// resumes; if unused it is dropped, and with it the connection it came on.
+async fn small_whole(inner: &Inner, key: &Key) -> object_store::Result<Option<(Head, Body)>> {
+    let slot = inner.slot().await;
+    let got = match inner.s3.get_opts(key, GetOptions::default()).await {
         Ok(got) => got,
         Err(e) if is_not_found(&e) => return Ok(None),
         Err(e) => return Err(e),
@@ -189,8 +203,40 @@ async fn first_bytes(
         meta: got.meta.clone(),
         attributes: got.attributes.clone(),
     };
-    let bytes = got.bytes().await?;
-    Ok(Some((head, bytes)))
+    let mut body = got.into_stream().map_err(std::io::Error::other).boxed();
+    if head.meta.size > FIRST_BYTES {
+        // A streaming read holds no slot (see MAX_REQUESTS).
+        drop(slot);
+        return Ok(Some((head, Body::Coming(body))));
+    }
+    // The size is the store's word; the body is read with a bound of its
+    // own all the same.
+    let mut pieces = Vec::new();
+    let mut len = 0;
+    while let Some(piece) = body.try_next().await.map_err(io_error)? {
+        len += piece.len() as u64;
+        if len > FIRST_BYTES {
+            return Err(io_error(std::io::Error::other(format!(
+                "the store sent more than the {} bytes it said the object has",
+                head.meta.size
+            ))));
+        }
+        pieces.push(piece);
+    }
+    let bytes = match pieces.len() {
+        1 => pieces.pop().expect("one"),
+        _ => pieces.concat().into(),
+    };
+    drop(slot);
+    Ok(Some((head, Body::Whole(bytes))))
+}
+
+/// An error reading a body, as the store's.
+fn io_error(e: std::io::Error) -> object_store::Error {
+    object_store::Error::Generic {
+        store: "S3",
+        source: Box::new(e),
+    }
 }
 
 /// A small object's bytes, read whole at open.
@@ -359,6 +405,10 @@ struct ObjectBytes {
     s3: std::sync::Arc<dyn super::Bucket>,
     key: Key,
     etag: Option<String>,
+    size: u64,
+    /// The whole object's body from the GET that opened it, if it is
+    /// still to be read (see [`small_whole`]).
+    whole: std::sync::Mutex<Option<ByteStream>>,
 }
 
 #[async_trait]
@@ -366,6 +416,10 @@ impl ByteSource for ObjectBytes {
     async fn range(&self, from: u64, to: u64) -> std::io::Result<ByteStream> {
         if from >= to {
             return Ok(futures::stream::empty().boxed());
+        }
+        let whole = self.whole.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let (Some(body), true) = (whole, from == 0 && to == self.size) {
+            return Ok(body);
         }
         let opts = GetOptions {
             range: Some(GetRange::Bounded(from..to)),
@@ -419,5 +473,94 @@ pub(super) mod hex32_vec {
                     .map_err(serde::de::Error::custom)
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering;
+    use std::sync::Arc;
+
+    use futures::TryStreamExt;
+    use object_store::{ObjectStoreExt, PutPayload};
+
+    use super::super::counted::Counted;
+    use super::super::ObjectRoot;
+    use super::FIRST_BYTES;
+    use crate::paths::RemotePath;
+    use crate::protocol::Prefix;
+    use crate::store::Store;
+
+    async fn stored(counted: &Arc<Counted>, name: &str, data: &[u8]) -> RemotePath {
+        let key = object_store::path::Path::from(format!("r/{name}"));
+        counted
+            .store
+            .put(&key, PutPayload::from(data.to_vec()))
+            .await
+            .unwrap();
+        RemotePath::parse(name, false).unwrap()
+    }
+
+    async fn all(opened: &crate::store::Opened, from: u64) -> Vec<u8> {
+        let chunks: Vec<bytes::Bytes> = opened
+            .bytes
+            .range(from, opened.meta.size)
+            .await
+            .unwrap()
+            .try_collect()
+            .await
+            .unwrap();
+        chunks.concat()
+    }
+
+    /// Opening a file and sending it from its start costs one GET, small,
+    /// empty or large: the small one's bytes come with its metadata (no
+    /// range, which Garage answers more slowly), the empty one needs no
+    /// HEAD, and the large one's body is the one the send reads. A resume
+    /// reads from where it starts, in a request of its own.
+    #[tokio::test]
+    async fn a_file_sent_from_its_start_costs_the_get_that_opened_it() {
+        let counted = Arc::new(Counted::default());
+        let root = ObjectRoot::over(counted.clone(), vec!["r".to_owned()], 1 << 30);
+        let large: Vec<u8> = (0..FIRST_BYTES as usize * 3 + 17)
+            .map(|i| (i % 251) as u8)
+            .collect();
+        for (name, data) in [
+            ("small", b"four".to_vec()),
+            ("empty", Vec::new()),
+            ("edge", vec![7u8; FIRST_BYTES as usize]),
+            ("large", large.clone()),
+        ] {
+            let path = stored(&counted, name, &data).await;
+            let (reads, heads) = (
+                counted.file_reads.load(Ordering::Relaxed),
+                counted.heads.load(Ordering::Relaxed),
+            );
+            let opened = root.open(&path, None).await.unwrap();
+            assert_eq!(opened.meta.size, data.len() as u64, "{name}");
+            assert_eq!(all(&opened, 0).await, data, "{name}");
+            assert_eq!(
+                counted.file_reads.load(Ordering::Relaxed) - reads,
+                1,
+                "{name}: one GET"
+            );
+            assert_eq!(
+                counted.heads.load(Ordering::Relaxed),
+                heads,
+                "{name}: no HEAD"
+            );
+        }
+
+        // A resume past the first half: the prefix is proved, and the rest
+        // read by a ranged GET (the opening body is not used).
+        let path = RemotePath::parse("large", false).unwrap();
+        let half = large.len() as u64 / 2;
+        let prefix = Prefix {
+            offset: half,
+            digest: *blake3::hash(&large[..half as usize]).as_bytes(),
+        };
+        let opened = root.open(&path, Some(prefix)).await.unwrap();
+        assert_eq!(opened.offset, half);
+        assert_eq!(all(&opened, half).await, &large[half as usize..]);
     }
 }
