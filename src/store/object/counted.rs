@@ -23,6 +23,8 @@ pub(super) struct Counted {
     pub(super) lease_puts: AtomicU64,
     /// GETs of files' data (not of the server's own records).
     pub(super) file_reads: AtomicU64,
+    /// GETs of listing indexes.
+    pub(super) index_reads: AtomicU64,
     /// While true, writes of an upload's sums wait (to look at what is
     /// there between a client's answer and the bookkeeping after it).
     pub(super) sums_held: tokio::sync::watch::Sender<bool>,
@@ -68,6 +70,8 @@ impl ObjectStore for Counted {
             self.heads.fetch_add(1, Ordering::Relaxed);
         } else if !location.as_ref().contains(crate::paths::RESERVED_PREFIX) {
             self.file_reads.fetch_add(1, Ordering::Relaxed);
+        } else if location.as_ref().contains(super::index::INDEX_DIR) {
+            self.index_reads.fetch_add(1, Ordering::Relaxed);
         }
         self.store.get_opts(location, options).await
     }

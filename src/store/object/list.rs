@@ -63,7 +63,9 @@ pub(super) async fn list_dir(
 /// while the next pages of the LIST still come: keys come in order, so a
 /// directory's objects (its files and its marker) all lie before the first
 /// key outside it. A tree of 2,000 files in 20 directories took 160 ms to
-/// LIST and then 60-100 ms to read the indexes one after the other.
+/// LIST and then 60-100 ms to read the indexes one after the other; the
+/// indexes beneath the tree are now read as the LIST starts
+/// ([`index::Early`]).
 pub(super) async fn list_tree(
     inner: &Arc<Inner>,
     dir: &Key,
@@ -77,8 +79,9 @@ pub(super) async fn list_tree(
     // and markers go together, since a directory's index holds both (two
     // goes would each store it with only their own).
     let (complete, described) = futures::channel::mpsc::unbounded::<Vec<index::Listed>>();
+    let early = index::Early::start(inner, parts);
     let describing = described
-        .map(|listed| index::describe(inner, listed))
+        .map(|listed| index::describe(inner, listed, &early))
         .buffer_unordered(LIST_CONCURRENCY)
         .try_concat();
     let listing = async move {
@@ -147,7 +150,9 @@ pub(super) async fn list_tree(
         Ok((n_files, dirs, listed_in))
     };
     // The describing ends once the listing, and with it `complete`, has.
-    let (listed, described) = tokio::join!(listing, describing);
+    // The early reads run beside the listing (a shared future runs only
+    // while one of its holders polls it).
+    let (listed, described, ()) = tokio::join!(listing, describing, early.run());
     let (n_files, dirs, listed_in) = listed?;
     let described = described.map_err(failed)?;
     tracing::debug!(?listed_in, took = ?started.elapsed(), files = n_files, "tree listed");
@@ -201,7 +206,7 @@ pub(super) async fn file_entries(
         .into_iter()
         .map(|(name, object)| index::Listed { name, object })
         .collect();
-    let described = index::describe(inner, listed)
+    let described = index::describe(inner, listed, &index::Early::none())
         .await
         .map_err(|e| store_error(e, path, "cannot list"))?;
     Ok(described
