@@ -15,11 +15,13 @@
 //!
 //! Listings write the indexes: after looking up files its directory's
 //! index did not cover, a listing stores the directory's index anew with
-//! every entry it now knows. Uploads do not touch them (a small file's
-//! commit stays one PUT); the first listing after new files pays their
-//! HEADs once. Two servers that write one index at once: the later write
-//! wins, both are made of checked entries, and what the other learned is
-//! looked up again next time. Removing a directory removes its indexes; an
+//! every entry it now knows. A small file's commit stays one PUT; what a
+//! directory lease's uploads wrote is added to the directory's index when
+//! the lease is given up ([`record`]); the first listing after files
+//! written otherwise pays their HEADs once. A tree's listing reads the
+//! indexes beneath it while its LIST runs ([`Early`]). Two servers that
+//! write one index at once: the later write wins, both are made of checked
+//! entries, and what the other learned is looked up again next time. Removing a directory removes its indexes; an
 //! index whose directory another tool removed stays behind, unused (a few
 //! bytes an entry).
 
