@@ -21,9 +21,9 @@
 //! written otherwise pays their HEADs once. A tree's listing reads the
 //! indexes beneath it while its LIST runs ([`Early`]). Two servers that
 //! write one index at once: the later write wins, both are made of checked
-//! entries, and what the other learned is looked up again next time. Removing a directory removes its indexes; an
-//! index whose directory another tool removed stays behind, unused (a few
-//! bytes an entry).
+//! entries, and what the other learned is looked up again next time.
+//! Removing a directory removes its indexes; an index whose directory
+//! another tool removed stays behind, unused (a few bytes an entry).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -104,11 +104,7 @@ impl Seen {
 /// Reads a directory's index; a missing, oversized or unreadable one is empty.
 async fn read_index(inner: &Inner, dir: &[String]) -> object_store::Result<Index> {
     let key = index_key(inner, dir);
-    let _slot = inner
-        .lookup_slots
-        .acquire()
-        .await
-        .expect("the slots are never closed");
+    let _slot = inner.lookup_slot().await;
     let got = match inner.s3.get(&key).await {
         Ok(got) => got,
         Err(e) if is_not_found(&e) => return Ok(Index::default()),
@@ -154,10 +150,9 @@ pub(super) struct Early(Shared<BoxFuture<'static, Arc<EarlyIndexes>>>);
 pub(super) struct EarlyIndexes {
     /// Indexes read, by directory, until a listing takes them.
     read: std::sync::Mutex<HashMap<Vec<String>, Index>>,
-    /// The directories with an index.
-    listed: HashSet<Vec<String>>,
-    /// Whether `listed` has every directory beneath the tree that has one.
-    all_listed: bool,
+    /// Every directory beneath the tree that has an index, if all were
+    /// listed.
+    listed: Option<HashSet<Vec<String>>>,
 }
 
 /// Most indexes one listing reads before its directories are listed.
@@ -204,7 +199,7 @@ impl Early {
             .remove(dir);
         match taken {
             Some(index) => Ok(index),
-            None if early.all_listed && !early.listed.contains(dir) => Ok(Index::default()),
+            None if early.listed.as_ref().is_some_and(|l| !l.contains(dir)) => Ok(Index::default()),
             None => read_index(inner, dir).await,
         }
     }
@@ -217,11 +212,7 @@ async fn read_early(inner: &Inner, tree: &[String]) -> EarlyIndexes {
     let mut found: Vec<(Vec<String>, u64)> = Vec::new();
     let mut all_listed = true;
     {
-        let _slot = inner
-            .lookup_slots
-            .acquire()
-            .await
-            .expect("the slots are never closed");
+        let _slot = inner.lookup_slot().await;
         let mut keys = inner.s3.list(Some(&index_dir(inner, tree)));
         loop {
             match keys.try_next().await {
@@ -246,7 +237,7 @@ async fn read_early(inner: &Inner, tree: &[String]) -> EarlyIndexes {
             }
         }
     }
-    let listed: HashSet<Vec<String>> = found.iter().map(|(d, _)| d.clone()).collect();
+    let listed = all_listed.then(|| found.iter().map(|(d, _)| d.clone()).collect());
     let mut budget = EARLY_BYTES;
     let wanted: Vec<Vec<String>> = found
         .into_iter()
@@ -271,7 +262,6 @@ async fn read_early(inner: &Inner, tree: &[String]) -> EarlyIndexes {
     EarlyIndexes {
         read: std::sync::Mutex::new(read),
         listed,
-        all_listed,
     }
 }
 

@@ -260,6 +260,15 @@ impl Inner {
             .expect("the slots are never closed")
     }
 
+    /// Waits for a slot for a listing's lookup (see [`LOOKUP_REQUESTS`]);
+    /// held like [`Inner::slot`].
+    async fn lookup_slot(&self) -> tokio::sync::SemaphorePermit<'_> {
+        self.lookup_slots
+            .acquire()
+            .await
+            .expect("the slots are never closed")
+    }
+
     /// The tag this server's lease ids start with.
     fn holder(&self) -> String {
         self.holder
@@ -290,11 +299,7 @@ impl Inner {
             head: true,
             ..GetOptions::default()
         };
-        let _slot = self
-            .lookup_slots
-            .acquire()
-            .await
-            .expect("the slots are never closed");
+        let _slot = self.lookup_slot().await;
         self.head_now(key, opts).await
     }
 

@@ -203,23 +203,28 @@ async fn small_whole(inner: &Inner, key: &Key) -> object_store::Result<Option<(H
         meta: got.meta.clone(),
         attributes: got.attributes.clone(),
     };
-    let mut body = got.into_stream().map_err(std::io::Error::other).boxed();
+    let mut body = got.into_stream();
     if head.meta.size > FIRST_BYTES {
         // A streaming read holds no slot (see MAX_REQUESTS).
         drop(slot);
+        let body = body.map_err(std::io::Error::other).boxed();
         return Ok(Some((head, Body::Coming(body))));
     }
     // The size is the store's word; the body is read with a bound of its
     // own all the same.
     let mut pieces = Vec::new();
     let mut len = 0;
-    while let Some(piece) = body.try_next().await.map_err(io_error)? {
+    while let Some(piece) = body.try_next().await? {
         len += piece.len() as u64;
         if len > FIRST_BYTES {
-            return Err(io_error(std::io::Error::other(format!(
-                "the store sent more than the {} bytes it said the object has",
-                head.meta.size
-            ))));
+            return Err(object_store::Error::Generic {
+                store: "S3",
+                source: format!(
+                    "the store sent more than the {} bytes it said the object has",
+                    head.meta.size
+                )
+                .into(),
+            });
         }
         pieces.push(piece);
     }
@@ -229,14 +234,6 @@ async fn small_whole(inner: &Inner, key: &Key) -> object_store::Result<Option<(H
     };
     drop(slot);
     Ok(Some((head, Body::Whole(bytes))))
-}
-
-/// An error reading a body, as the store's.
-fn io_error(e: std::io::Error) -> object_store::Error {
-    object_store::Error::Generic {
-        store: "S3",
-        source: Box::new(e),
-    }
 }
 
 /// A small object's bytes, read whole at open.
