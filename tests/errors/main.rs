@@ -184,6 +184,10 @@ both_backends!(
 async fn connections_beyond_the_limit_are_refused_clearly_on(backend: Backend) {
     let server = TestServer::start_on_with(backend, "errors", |c| c.max_connections = 1).await;
     let (first, _cfg) = server.client().await;
+    // The server takes a slot once it has seen the client's half of the
+    // handshake, which may be after the client's connect returned: one
+    // answered request makes sure the slot is taken.
+    assert!(first.list("").await.unwrap().is_empty());
     let cfg = tempfile::tempdir().unwrap();
     let err = Client::connect(&server.client_config(cfg.path()))
         .await
@@ -194,17 +198,46 @@ async fn connections_beyond_the_limit_are_refused_clearly_on(backend: Backend) {
     assert!(first.list("").await.unwrap().is_empty());
     first.close().await;
     let start = Instant::now();
-    loop {
-        match Client::connect(&server.client_config(cfg.path())).await {
-            Ok(c) => {
-                c.close().await;
-                break;
-            }
+    let second = loop {
+        match admitted(&server, cfg.path()).await {
+            Ok(c) => break c,
             Err(ConnectError::Busy { .. }) if start.elapsed() < Duration::from_secs(5) => {
                 tokio::time::sleep(Duration::from_millis(50)).await
             }
             Err(e) => panic!("slot never freed: {e}"),
         }
+    };
+    second.close().await;
+    // Two clients at once for the one free slot: both may pass the check
+    // before the handshake, so the loser may learn it only on its first
+    // request (as the CLI does, through `Client::refusal`). Exactly one is
+    // served either way.
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (a, b) = tokio::join!(
+        admitted(&server, dir_a.path()),
+        admitted(&server, dir_b.path())
+    );
+    let busy = |r: &Result<Client, ConnectError>| matches!(r, Err(ConnectError::Busy { .. }));
+    assert!(
+        busy(&a) != busy(&b),
+        "one served, one busy: {:?} / {:?}",
+        a.as_ref().err(),
+        b.as_ref().err()
+    );
+    for c in [a, b].into_iter().flatten() {
+        c.close().await;
+    }
+}
+
+/// A client that the server admitted: connected, and one request answered;
+/// a connection the server closed after its handshake gives the refusal.
+async fn admitted(server: &TestServer, cfg: &std::path::Path) -> Result<Client, ConnectError> {
+    let client = Client::connect(&server.client_config(cfg)).await?;
+    match client.list("").await {
+        Ok(_) => Ok(client),
+        Err(e) => Err(client
+            .refusal()
+            .unwrap_or_else(|| panic!("neither served nor refused: {e}"))),
     }
 }
 
