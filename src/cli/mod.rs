@@ -353,10 +353,13 @@ async fn connect_with(
         }
         Err(e) => return Err(e.into()),
     };
+    // Named by the address reached (the one known_hosts now holds), which
+    // is not the first one given when that one did not answer.
     if let (Some((fp, known)), false) = (&client.first_contact, quiet) {
         progress.suspend(|| {
             eprintln!(
-                "qxfer: first contact with {server}: trusting its fingerprint {fp} from now on (saved in {})",
+                "qxfer: first contact with {}: trusting its fingerprint {fp} from now on (saved in {})",
+                client.server(),
                 known.display()
             )
         });

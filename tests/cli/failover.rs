@@ -79,6 +79,9 @@ fn a_lost_server_is_replaced_by_another_address_of_the_same_server() {
     let status = client.wait().unwrap();
     let err = std::fs::read_to_string(&err_file).unwrap();
     assert!(status.success(), "{status:?}: {err}");
+    // The first contact names the address reached, whichever was first.
+    let said = format!("first contact with {}: trusting", addrs[chosen]);
+    assert_eq!(err.matches(&said).count(), 1, "{err}");
     let other = &addrs[1 - chosen];
     let said = format!("continuing through {other}");
     assert_eq!(err.matches(&said).count(), 1, "said once: {err}");
