@@ -105,7 +105,7 @@ fn subtree(pieces: &[Piece], start: u64, len: u64) -> ChainingValue {
 /// The part size for a file of `size` bytes: a power of two of at least
 /// 8 MiB (S3 wants parts of 5 MiB or more, and BLAKE3 subtrees are powers
 /// of two), doubled until the file fits in S3's 10,000 parts. Memory per
-/// upload is four parts (see the object store), so up to 80 GiB it is 32 MiB.
+/// upload is three parts (see the object store), so up to 80 GiB it is 24 MiB.
 pub(crate) fn part_size(size: u64) -> u64 {
     const MIN: u64 = 8 << 20;
     // Never wraps (the quotient is far below 2^63 for any u64); callers

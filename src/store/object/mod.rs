@@ -33,7 +33,7 @@
 //! Uploads: files smaller than one part (8 MiB or more, see
 //! [`tree_hash::part_size`]) are kept in memory and written with one PUT
 //! once their BLAKE3 matched; larger ones become multipart uploads whose
-//! parts are stored as they fill, three at a time (memory: four parts, 32 MiB, per upload), and
+//! parts are stored as they fill, three at a time, a part filling only when it can be stored (memory: three parts, 24 MiB, per upload), and
 //! the object appears only when the upload is completed, after the digest
 //! matched. The client is answered then; the upload's sums and the removal
 //! of its record follow, under the name's lease (background.rs counts such

@@ -240,14 +240,16 @@ async fn write_records(
 /// store answers each part request at its own pace (Garage on loopback
 /// took 21 s for 1 GiB one part at a time, 11 s four at a time). Three in
 /// flight, as the store's own client measured alone in docs/bench runs
-/// them, and one filling hold 32 MiB with 8 MiB parts. With the
-/// stream's receive window (which fills while the store is the slower
-/// side) a server peaked at 64-65 MiB for a 1 GiB put (64-69 MiB over
-/// later runs, whether a part was one buffer or the network's pieces),
-/// within issue 10's 64 MiB a side only with one allocator arena (see
-/// [`tune_allocator`](crate::store::object::tune_allocator)); two in
-/// flight were 6% slower (1 GiB put over Garage on loopback, 4 alternating
-/// runs: 14.28 against 13.47 s).
+/// them; a part starts filling only when it can be stored, so an upload
+/// holds at most three parts, 24 MiB with 8 MiB parts. A fourth part
+/// filling beside three in flight, as before 2026-12-06, came on top of
+/// the stream's receive window (which fills while the store is the slower
+/// side): a server peaked at 64-69 MiB for a 1 GiB put, against 56-60 MiB
+/// since (medians 67.4 and 58.2 MiB, 6 puts each, the put 10.98 and
+/// 10.82 s), within issue 10's 64 MiB a side. One allocator arena (see
+/// [`tune_allocator`](crate::store::object::tune_allocator)) keeps it so.
+/// Two in flight were 6% slower (1 GiB put over Garage on loopback, 4
+/// alternating runs: 14.28 against 13.47 s).
 pub(super) const PARTS_IN_FLIGHT: usize = 3;
 
 /// Pieces smaller than this are gathered into one chunk of at least this
@@ -388,6 +390,18 @@ impl PartSink {
         result.and(recorded)
     }
 
+    /// Takes the parts stored, in order (a failure shows here, not only at
+    /// the end); then, with [`PARTS_IN_FLIGHT`] out, waits for the oldest.
+    async fn make_room(&mut self) -> Result<(), TransferError> {
+        while self.in_flight.front().is_some_and(|t| t.is_finished()) {
+            self.settle_one().await?;
+        }
+        if self.in_flight.len() >= PARTS_IN_FLIGHT {
+            self.settle_one().await?;
+        }
+        Ok(())
+    }
+
     /// Hands every full part in the buffer to the store.
     pub(super) async fn store_full_parts(&mut self) -> Result<(), TransferError> {
         let Some(target) = self.upload.clone() else {
@@ -399,15 +413,7 @@ impl PartSink {
                 self.part_size,
                 "fill stops at a part"
             );
-            // Parts stored are taken in order (a failure shows here, not
-            // only at the end); then, with [`PARTS_IN_FLIGHT`] out, the
-            // oldest is waited for before another part's bytes are held.
-            while self.in_flight.front().is_some_and(|t| t.is_finished()) {
-                self.settle_one().await?;
-            }
-            if self.in_flight.len() >= PARTS_IN_FLIGHT {
-                self.settle_one().await?;
-            }
+            self.make_room().await?;
             let offset = self.buf_offset;
             self.buf_offset += self.part_size;
             let part = self.buf.take();
@@ -452,6 +458,15 @@ impl PartSink {
         // bytes are split where a part ends, not copied.
         let mut rest = Bytes::from(bytes);
         while !rest.is_empty() {
+            // A part starts filling only once it can be stored: while the
+            // store holds every part in flight, the bytes wait in the
+            // stream's receive window (which is flow control's to bound)
+            // instead of in a fourth part as well.
+            if self.upload.is_some() && self.buf.is_empty() {
+                if let Err(e) = self.make_room().await {
+                    return (self, Err(e));
+                }
+            }
             let room = match self.upload {
                 Some(_) => self.part_size as usize - self.buf.len(),
                 None => rest.len(),
@@ -658,6 +673,45 @@ mod tests {
         let tail = sink.buf.take();
         let last = target.store(3, 3 * PART, tail).await.unwrap();
         sink.stored.push(last);
+        let stored = complete_and_read(&inner, &target, &sink.stored).await;
+        assert!(stored[..] == bytes[..]);
+    }
+
+    /// While the store holds every part in flight, the next part does not
+    /// start filling: its bytes wait upstream (in the stream's receive
+    /// window), so an upload holds at most [`PARTS_IN_FLIGHT`] parts, as
+    /// it reserves (prepare.rs). A fourth part's bytes beside three in
+    /// flight were 8 MiB more at a 1 GiB put's peak.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn no_part_fills_while_every_part_in_flight_waits_for_the_store() {
+        let parts = PARTS_IN_FLIGHT as u64 + 2;
+        let bytes = data(parts * PART);
+        let (inner, _, sink) = begun(parts * PART).await;
+        // The store answers nothing while the test holds every request slot.
+        let all = u32::try_from(inner.slots.available_permits()).unwrap();
+        let held = inner.slots.acquire_many(all).await.unwrap();
+        let mut at = PARTS_IN_FLIGHT * PART as usize;
+        let (sink, filled) = sink.fill(bytes[..at].to_vec()).await;
+        filled.unwrap();
+        assert_eq!(sink.in_flight.len(), PARTS_IN_FLIGHT);
+        assert!(sink.buf.is_empty());
+        // Half a part more: not taken while no part can be stored.
+        let half = PART as usize / 2;
+        let mut next = Box::pin(sink.fill(bytes[at..at + half].to_vec()));
+        let waited = tokio::time::timeout(std::time::Duration::from_millis(300), &mut next).await;
+        assert!(waited.is_err(), "a part filled beside every part in flight");
+        drop(held);
+        let (mut sink, filled) = next.await;
+        filled.unwrap();
+        assert!(sink.in_flight.len() < PARTS_IN_FLIGHT, "room was made");
+        assert_eq!(sink.buf.len(), half);
+        at += half;
+        let (s, filled) = sink.fill(bytes[at..].to_vec()).await;
+        filled.unwrap();
+        sink = s;
+        sink.settle(false).await.unwrap();
+        assert_eq!(sink.stored.len() as u64, parts);
+        let target = sink.upload.clone().unwrap();
         let stored = complete_and_read(&inner, &target, &sink.stored).await;
         assert!(stored[..] == bytes[..]);
     }

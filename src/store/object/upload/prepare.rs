@@ -38,12 +38,14 @@ pub(in crate::store::object) async fn prepare(
     // [`tree_hash::MAX_PARTS`] of them, so 78 GiB.
     let part_size = tree_hash::part_size(if plan.stream { 0 } else { plan.meta.size });
     let multipart = plan.stream || plan.meta.size > part_size;
-    // What it will hold at most: the file, or a part filling and the parts
-    // being stored. Reserved before the lease: the budget bounds how many
-    // uploads run at once (see memory.rs), and with them how many leases
-    // this server keeps fresh; those waiting hold none.
+    // What it will hold at most: the file, or the parts being stored with
+    // the one filling (a part fills only when it can be stored, so that is
+    // PARTS_IN_FLIGHT parts in all; see PartSink::fill). Reserved before
+    // the lease: the budget bounds how many uploads run at once (see
+    // memory.rs), and with them how many leases this server keeps fresh;
+    // those waiting hold none.
     let holds = if multipart {
-        part_size * (PARTS_IN_FLIGHT as u64 + 1)
+        part_size * PARTS_IN_FLIGHT as u64
     } else {
         plan.meta.size
     };
