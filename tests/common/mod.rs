@@ -253,6 +253,21 @@ pub fn client_config(addr: SocketAddr, config_dir: &Path) -> ClientConfig {
     }
 }
 
+/// Connects with `config` and asks for a listing: the client if the
+/// server served it, else the refusal. A server refuses at the handshake
+/// or, where two clients raced for its last slot, by closing a connection
+/// just made, which the client learns on its first request (the CLI asks
+/// `Client::refusal` then too).
+pub async fn admitted(config: ClientConfig) -> Result<Client, qxfer::client::ConnectError> {
+    let client = Client::connect(&config).await?;
+    match client.list("").await {
+        Ok(_) => Ok(client),
+        Err(e) => Err(client
+            .refusal()
+            .unwrap_or_else(|| panic!("neither served nor refused: {e}"))),
+    }
+}
+
 /// The server's error code and message from a client call that must have
 /// been refused by the server.
 pub fn remote_code(

@@ -9,7 +9,7 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{is_root, pattern, remote_code, tree, Backend, TestServer};
+use common::{admitted, is_root, pattern, remote_code, tree, Backend, TestServer};
 use qxfer::client::{Client, ConnectError};
 use qxfer::protocol::{encode, read_frame, ErrorCode, FileMeta, Receipt, Response};
 use qxfer::tls::Identity;
@@ -206,8 +206,8 @@ async fn connections_beyond_the_limit_are_refused_clearly_on(backend: Backend) {
     let start = Instant::now();
     let (a, b) = loop {
         let (a, b) = tokio::join!(
-            admitted(&server, dir_a.path()),
-            admitted(&server, dir_b.path())
+            admitted(server.client_config(dir_a.path())),
+            admitted(server.client_config(dir_b.path()))
         );
         if busy(&a) && busy(&b) && start.elapsed() < Duration::from_secs(5) {
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -223,18 +223,6 @@ async fn connections_beyond_the_limit_are_refused_clearly_on(backend: Backend) {
     );
     for c in [a, b].into_iter().flatten() {
         c.close().await;
-    }
-}
-
-/// A client that the server admitted: connected, and one request answered;
-/// a connection the server closed after its handshake gives the refusal.
-async fn admitted(server: &TestServer, cfg: &std::path::Path) -> Result<Client, ConnectError> {
-    let client = Client::connect(&server.client_config(cfg)).await?;
-    match client.list("").await {
-        Ok(_) => Ok(client),
-        Err(e) => Err(client
-            .refusal()
-            .unwrap_or_else(|| panic!("neither served nor refused: {e}"))),
     }
 }
 

@@ -251,15 +251,7 @@ async fn connect_many(
     for i in 0..n {
         let mut config = common::client_config(server.addr, &dirs[i % dirs.len()]);
         config.pin = Some(server.fingerprint);
-        tasks.spawn(async move {
-            let client = Client::connect(&config).await?;
-            match client.list("").await {
-                Ok(_) => Ok(client),
-                Err(e) => Err(client
-                    .refusal()
-                    .unwrap_or_else(|| panic!("a failure that is not a refusal: {e}"))),
-            }
-        });
+        tasks.spawn(common::admitted(config));
     }
     let (mut ok, mut refused) = (Vec::new(), Vec::new());
     while let Some(r) = tasks.join_next().await {

@@ -402,34 +402,32 @@ impl PartSink {
         Ok(())
     }
 
-    /// Hands every full part in the buffer to the store.
-    pub(super) async fn store_full_parts(&mut self) -> Result<(), TransferError> {
-        let Some(target) = self.upload.clone() else {
-            return Ok(());
+    /// Hands the part filling to the store once it is full (room for it
+    /// was made before it began to fill, see [`PartSink::fill`]).
+    fn store_if_full(&mut self) {
+        let full = self.buf.len() as u64 >= self.part_size;
+        let Some(target) = self.upload.as_ref().filter(|_| full).cloned() else {
+            return;
         };
-        while self.buf.len() as u64 >= self.part_size {
-            debug_assert_eq!(
-                self.buf.len() as u64,
-                self.part_size,
-                "fill stops at a part"
-            );
-            self.make_room().await?;
-            let offset = self.buf_offset;
-            self.buf_offset += self.part_size;
-            let part = self.buf.take();
-            let index = self.next_index;
-            self.next_index += 1;
-            let target = target.clone();
-            let notes = self.recorder.as_ref().map(|r| r.notes.clone());
-            self.in_flight.push_back(tokio::spawn(async move {
-                let stored = target.store(index, offset, part).await;
-                if let (Ok(record), Some(notes)) = (&stored, notes) {
-                    let _ = notes.send(Note::Stored(index, record.clone()));
-                }
-                stored
-            }));
-        }
-        Ok(())
+        debug_assert_eq!(
+            self.buf.len() as u64,
+            self.part_size,
+            "fill stops at a part"
+        );
+        debug_assert!(self.in_flight.len() < PARTS_IN_FLIGHT);
+        let offset = self.buf_offset;
+        self.buf_offset += self.part_size;
+        let part = self.buf.take();
+        let index = self.next_index;
+        self.next_index += 1;
+        let notes = self.recorder.as_ref().map(|r| r.notes.clone());
+        self.in_flight.push_back(tokio::spawn(async move {
+            let stored = target.store(index, offset, part).await;
+            if let (Ok(record), Some(notes)) = (&stored, notes) {
+                let _ = notes.send(Note::Stored(index, record.clone()));
+            }
+            stored
+        }));
     }
 }
 
@@ -473,9 +471,7 @@ impl PartSink {
             };
             let now = rest.split_to(room.min(rest.len()));
             self.buf.push(now);
-            if let Err(e) = self.store_full_parts().await {
-                return (self, Err(e));
-            }
+            self.store_if_full();
         }
         (self, Ok(()))
     }
